@@ -1,0 +1,74 @@
+"""On-disk cache of input margins, so an interrupted ``fit()`` resumes where it stopped."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from brittle.attack import AttackSettings
+
+__all__ = ["MarginCache", "model_fingerprint"]
+
+
+def _tensor_digest(h: hashlib._Hash, tensor: Tensor) -> None:
+    t = tensor.detach().cpu().contiguous()
+    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """SHA-256 over the names, shapes and bytes of every parameter and buffer."""
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        h.update(name.encode())
+        if isinstance(tensor, Tensor):
+            _tensor_digest(h, tensor)
+    return h.hexdigest()
+
+
+class MarginCache:
+    """Margins per batch, keyed by model weights, attack settings and the batch's bytes.
+
+    Each batch is one small file ``<key>-<batch digest>.pt`` written atomically,
+    so a fit killed mid-way loses at most the batch in flight.
+    """
+
+    def __init__(
+        self, directory: str | Path, model: nn.Module, settings: AttackSettings, engine: str
+    ) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        meta = json.dumps({"engine": engine, **asdict(settings)}, sort_keys=True)
+        self.key = hashlib.sha256((model_fingerprint(model) + meta).encode()).hexdigest()[:20]
+        self.hits = 0
+        self.misses = 0
+
+    def _path(self, x: Tensor) -> Path:
+        h = hashlib.sha256()
+        _tensor_digest(h, x)
+        return self.directory / f"{self.key}-{h.hexdigest()[:20]}.pt"
+
+    def get(self, x: Tensor) -> Tensor | None:
+        """Cached margins of batch ``x`` or ``None``."""
+        path = self._path(x)
+        if not path.is_file():
+            self.misses += 1
+            return None
+        margins = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(margins, Tensor) or margins.shape != (x.shape[0],):
+            self.misses += 1
+            return None
+        self.hits += 1
+        return margins
+
+    def put(self, x: Tensor, margins: Tensor) -> None:
+        """Store the margins of batch ``x``."""
+        path = self._path(x)
+        tmp = path.with_suffix(".tmp")
+        torch.save(margins.detach().cpu(), tmp)
+        tmp.replace(path)

@@ -1,0 +1,66 @@
+"""Reading batches from the many shapes a holdout comes in."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["batches", "split_batch"]
+
+_X_KEYS = ("x", "input", "inputs", "image", "images", "pixel_values", "data")
+_Y_KEYS = ("y", "label", "labels", "target", "targets")
+
+
+def split_batch(batch: Any) -> tuple[Tensor, Tensor | None]:
+    """``(x, y)`` from a batch that is ``x``, ``(x, y, ...)`` or a dict."""
+    if isinstance(batch, Tensor):
+        return batch, None
+    if isinstance(batch, Mapping):
+        x = next((batch[k] for k in _X_KEYS if k in batch), None)
+        if x is None:
+            raise ValueError(
+                f"a dict batch needs one of the keys {_X_KEYS} for the inputs. Got {sorted(batch)}."
+            )
+        y = next((batch[k] for k in _Y_KEYS if k in batch), None)
+        return _tensor(x, "inputs"), None if y is None else _tensor(y, "labels")
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
+        y = batch[1] if len(batch) > 1 else None
+        return batch[0], None if y is None else _tensor(y, "labels")
+    raise ValueError(
+        "each batch must be a tensor x, a tuple (x, y, ...) or a dict with an 'x' key. "
+        f"Got {type(batch).__name__}."
+    )
+
+
+def _tensor(value: Any, what: str) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise ValueError(f"batch {what} must be tensors. Got {type(value).__name__}.")
+    return value
+
+
+def batches(
+    data: Tensor | Iterable[Any], batch_size: int = 128, limit: int | None = None
+) -> Iterator[tuple[Tensor, Tensor | None]]:
+    """Yield ``(x, y)`` batches from a tensor (sliced) or a loader (as it batches).
+
+    Stops after ``limit`` samples when given, cutting the last batch.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive. Got {batch_size}.")
+    if isinstance(data, Tensor):
+        source: Iterable[Any] = torch.split(data[:limit] if limit is not None else data, batch_size)
+    else:
+        source = data
+    seen = 0
+    for batch in source:
+        x, y = split_batch(batch)
+        if limit is not None:
+            if seen >= limit:
+                return
+            x, y = x[: limit - seen], None if y is None else y[: limit - seen]
+        seen += x.shape[0]
+        if x.shape[0]:
+            yield x, y

@@ -1,0 +1,118 @@
+"""Finding a classifier's last linear layer and capturing its input in the forward pass."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["HeadCapture", "capture_head", "discover_head", "resolve_head", "model_output"]
+
+NO_HEAD_HINT = (
+    "Pass head='<module name>' naming the nn.Linear that produces the logits, "
+    "for example brittle.wrap(model, head='fc')."
+)
+
+
+@dataclass
+class HeadCapture:
+    """Input and output of the head recorded during one forward pass."""
+
+    features: Tensor | None = None
+    output: Tensor | None = None
+    calls: int = 0
+
+    def hook(self, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
+        self.features = args[0]
+        self.output = output
+        self.calls += 1
+
+
+@dataclass
+class _Probe:
+    """Every 2-D ``nn.Linear`` output of one forward pass, in call order."""
+
+    records: list[tuple[str, Tensor, Tensor]] = field(default_factory=list)
+
+    def hook(self, name: str) -> Any:
+        def record(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
+            if isinstance(output, Tensor) and output.dim() == 2:
+                self.records.append((name, args[0], output))
+
+        return record
+
+
+def model_output(output: Any) -> Tensor:
+    """Check that a model returned a ``(batch, classes)`` logit tensor."""
+    if not isinstance(output, Tensor) or output.dim() != 2:
+        got = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
+        raise ValueError(f"the model must return logits of shape (batch, classes). Got {got}.")
+    return output
+
+
+def resolve_head(model: nn.Module, name: str) -> nn.Linear:
+    """The ``nn.Linear`` called ``name`` inside ``model``, or a ``ValueError``."""
+    try:
+        module = model.get_submodule(name)
+    except AttributeError as err:
+        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        raise ValueError(
+            f"the model has no module named {name!r}. Its nn.Linear modules are {linears}."
+        ) from err
+    if not isinstance(module, nn.Linear):
+        raise ValueError(
+            f"head {name!r} must be an nn.Linear. Got {type(module).__name__}. {NO_HEAD_HINT}"
+        )
+    return module
+
+
+@contextmanager
+def capture_head(head: nn.Module | None) -> Iterator[HeadCapture]:
+    """Record the head's input and output while the block runs; the hook is removed after."""
+    capture = HeadCapture()
+    if head is None:
+        yield capture
+        return
+    handle = head.register_forward_hook(capture.hook)
+    try:
+        yield capture
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def _probe_linears(model: nn.Module) -> Iterator[_Probe]:
+    probe = _Probe()
+    handles = [
+        module.register_forward_hook(probe.hook(name))
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear)
+    ]
+    try:
+        yield probe
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def discover_head(model: nn.Module, x: Tensor) -> tuple[Tensor, str | None, HeadCapture]:
+    """Run ``model(x)`` once and find the ``nn.Linear`` whose output equals the logits.
+
+    Returns:
+        The logits, the head's module name (``None`` when no linear layer produced
+        the logits) and the head's captured input and output from the same pass.
+    """
+    with _probe_linears(model) as probe:
+        logits = model_output(model(x))
+    capture = HeadCapture()
+    name = None
+    for rec_name, features, output in reversed(probe.records):
+        if output.shape == logits.shape and torch.equal(output, logits):
+            name = rec_name
+            capture = HeadCapture(features=features, output=output, calls=1)
+            break
+    return logits, name, capture

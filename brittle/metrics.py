@@ -1,0 +1,184 @@
+"""Consistency and detection metrics between a score and the input margin.
+
+Thin, tested wrappers over scipy (Kendall tau, bootstrap) and scikit-learn
+(ROC and precision-recall), with brittle's conventions: a *lower* score means
+*more* brittle, and the positive class is "non-robust" (input margin <= eps).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from numpy.typing import ArrayLike
+from scipy import stats
+from sklearn import metrics as skm
+
+__all__ = [
+    "ScoreMetrics",
+    "kendall_tau",
+    "kendall_tau_ci",
+    "nonrobust",
+    "detection_metrics",
+    "fpr_at_tpr",
+    "score_metrics",
+]
+
+
+@dataclass(frozen=True)
+class ScoreMetrics:
+    """How well one score ranks input margins and detects non-robust samples.
+
+    Attributes:
+        tau: Kendall tau-b between score and input margin (1 = same ranking).
+        tau_ci: Bootstrap 95 % interval of ``tau``.
+        auroc: Area under the ROC curve for detecting non-robust samples.
+        aupr: Average precision for the same task.
+        fpr_at_tpr: False-positive rate at the target true-positive rate.
+        n: Number of samples the figures come from.
+    """
+
+    tau: float
+    tau_ci: tuple[float, float]
+    auroc: float
+    aupr: float
+    fpr_at_tpr: float
+    n: int
+
+    def to_dict(self) -> dict[str, object]:
+        """Plain dictionary (NaN kept as ``None``)."""
+        out = asdict(self)
+        out["tau_ci"] = list(self.tau_ci)
+        return {k: _none_if_nan(v) for k, v in out.items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> ScoreMetrics:
+        """Inverse of :meth:`to_dict`."""
+        values = {k: (math.nan if v is None else v) for k, v in data.items()}
+        lo, hi = data["tau_ci"]  # type: ignore[misc]
+        values["tau_ci"] = (_nan_if_none(lo), _nan_if_none(hi))
+        return cls(**values)  # type: ignore[arg-type]
+
+
+def _none_if_nan(value: object) -> object:
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, list):
+        return [_none_if_nan(v) for v in value]
+    return value
+
+
+def _nan_if_none(value: object) -> float:
+    return math.nan if value is None else float(value)  # type: ignore[arg-type]
+
+
+def _pair(score: ArrayLike, margin: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    s = np.asarray(score, dtype=np.float64).ravel()
+    m = np.asarray(margin, dtype=np.float64).ravel()
+    if s.shape != m.shape:
+        raise ValueError(f"score and margin must have the same length. Got {s.size} and {m.size}.")
+    return s, m
+
+
+def kendall_tau(score: ArrayLike, margin: ArrayLike) -> float:
+    """Kendall tau-b between a score and the input margin (scipy).
+
+    Censored margins (``inf``) rank above every finite one and tie with each other.
+
+    Example:
+        >>> from brittle.functional import kendall_tau
+        >>> kendall_tau([0.1, 0.2, 0.3, 0.4], [1.0, 2.0, 4.0, float("inf")])
+        1.0
+    """
+    s, m = _pair(score, margin)
+    if s.size < 2:
+        return math.nan
+    return float(stats.kendalltau(s, m).statistic)
+
+
+def kendall_tau_ci(
+    score: ArrayLike,
+    margin: ArrayLike,
+    *,
+    confidence: float = 0.95,
+    n_resamples: int = 1000,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of :func:`kendall_tau` over paired resamples (scipy)."""
+    s, m = _pair(score, margin)
+    if s.size < 3 or np.unique(s).size < 2 or np.unique(m).size < 2:
+        return (math.nan, math.nan)
+
+    def statistic(a: np.ndarray, b: np.ndarray) -> float:
+        return float(stats.kendalltau(a, b).statistic)
+
+    result = stats.bootstrap(
+        (s, m),
+        statistic,
+        paired=True,
+        vectorized=False,
+        n_resamples=n_resamples,
+        confidence_level=confidence,
+        method="percentile",
+        rng=np.random.default_rng(seed),
+    )
+    return (float(result.confidence_interval.low), float(result.confidence_interval.high))
+
+
+def nonrobust(margin: ArrayLike, eps: float) -> np.ndarray:
+    """Boolean mask of non-robust samples: input margin ``<= eps``."""
+    return np.asarray(margin, dtype=np.float64) <= eps
+
+
+def fpr_at_tpr(score: ArrayLike, positive: ArrayLike, target_tpr: float) -> float:
+    """Smallest false-positive rate at which the true-positive rate reaches ``target_tpr``.
+
+    ``positive`` marks the non-robust samples; low scores are predicted positive.
+    """
+    y = np.asarray(positive, dtype=bool)
+    if y.all() or not y.any():
+        return math.nan
+    fpr, tpr, _ = skm.roc_curve(y, -np.asarray(score, dtype=np.float64))
+    return float(fpr[np.searchsorted(tpr, target_tpr, side="left")])
+
+
+def detection_metrics(
+    score: ArrayLike, margin: ArrayLike, eps: float, target_tpr: float = 0.95
+) -> tuple[float, float, float]:
+    """AUROC, AUPR (average precision) and FPR at ``target_tpr`` for non-robust detection.
+
+    Example:
+        >>> from brittle.functional import detection_metrics
+        >>> detection_metrics([0.1, 0.2, 0.8, 0.9], [0.01, 0.02, 0.5, 0.6], eps=0.1)
+        (1.0, 1.0, 0.0)
+    """
+    s, m = _pair(score, margin)
+    y = nonrobust(m, eps)
+    if y.all() or not y.any():
+        return (math.nan, math.nan, math.nan)
+    auroc = float(skm.roc_auc_score(y, -s))
+    aupr = float(skm.average_precision_score(y, -s))
+    return (auroc, aupr, fpr_at_tpr(s, y, target_tpr))
+
+
+def score_metrics(
+    score: ArrayLike,
+    margin: ArrayLike,
+    eps: float,
+    target_tpr: float = 0.95,
+    *,
+    n_resamples: int = 1000,
+    seed: int = 0,
+) -> ScoreMetrics:
+    """All figures of :class:`ScoreMetrics` for one score."""
+    s, m = _pair(score, margin)
+    auroc, aupr, fpr = detection_metrics(s, m, eps, target_tpr)
+    return ScoreMetrics(
+        tau=kendall_tau(s, m),
+        tau_ci=kendall_tau_ci(s, m, n_resamples=n_resamples, seed=seed),
+        auroc=auroc,
+        aupr=aupr,
+        fpr_at_tpr=fpr,
+        n=int(s.size),
+    )

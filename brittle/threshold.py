@@ -1,0 +1,80 @@
+"""Split-conformal thresholds with a finite-sample true-positive-rate guarantee."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+__all__ = ["conformal_threshold", "min_positives", "rates"]
+
+
+def _rank(n: int, target_tpr: float) -> int:
+    # The small slack keeps (n + 1) * 0.95 == 19.000000000000004 from rounding up to 20.
+    return math.ceil((n + 1) * target_tpr - 1e-9)
+
+
+def min_positives(target_tpr: float) -> int:
+    """Fewest non-robust calibration samples for which the guarantee can hold.
+
+    Example:
+        >>> from brittle.functional import min_positives
+        >>> min_positives(0.95), min_positives(0.9)
+        (19, 9)
+    """
+    _check_tpr(target_tpr)
+    n = 1
+    while _rank(n, target_tpr) > n:
+        n += 1
+    return n
+
+
+def _check_tpr(target_tpr: float) -> None:
+    if not 0.0 < target_tpr < 1.0:
+        raise ValueError(f"target_tpr must be in (0, 1). Got {target_tpr}.")
+
+
+def conformal_threshold(positive_scores: ArrayLike, target_tpr: float) -> float:
+    """Threshold ``t`` such that ``P(score <= t) >= target_tpr`` for a new non-robust sample.
+
+    With ``n`` non-robust calibration scores, ``t`` is the ``ceil((n + 1) * target_tpr)``-th
+    smallest. If a new non-robust sample is exchangeable with the calibration ones,
+    its rank among the ``n + 1`` is uniform, which gives the guarantee in expectation
+    over calibration sets (split conformal prediction).
+
+    Args:
+        positive_scores: Scores of the non-robust calibration samples.
+        target_tpr: Target true-positive rate in ``(0, 1)``.
+
+    Raises:
+        ValueError: with fewer than :func:`min_positives` scores, where no finite
+            threshold can keep the guarantee.
+
+    Example:
+        >>> from brittle.functional import conformal_threshold
+        >>> conformal_threshold(range(1, 20), 0.95)  # the 19th smallest of 19
+        19.0
+    """
+    _check_tpr(target_tpr)
+    scores = np.sort(np.asarray(positive_scores, dtype=np.float64).ravel())
+    if np.isnan(scores).any():
+        raise ValueError("positive_scores contain NaN.")
+    n = scores.size
+    k = _rank(n, target_tpr)
+    if k > n:
+        raise ValueError(
+            f"a threshold at TPR {target_tpr} needs at least {min_positives(target_tpr)} non-robust "
+            f"calibration samples. Got {n}: use more samples or a larger eps."
+        )
+    return float(scores[k - 1])
+
+
+def rates(score: ArrayLike, positive: ArrayLike, threshold: float) -> tuple[float, float]:
+    """True- and false-positive rates of the flag ``score <= threshold``."""
+    s = np.asarray(score, dtype=np.float64)
+    y = np.asarray(positive, dtype=bool)
+    flag = s <= threshold
+    tpr = float(flag[y].mean()) if y.any() else math.nan
+    fpr = float(flag[~y].mean()) if (~y).any() else math.nan
+    return tpr, fpr
