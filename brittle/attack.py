@@ -40,8 +40,13 @@ class AttackSettings:
             )
 
 
-Engine = Callable[[nn.Module, Tensor, Tensor, AttackSettings], Tensor]
-"""``engine(model, x, pred, settings) -> margins``: smallest verified norm per sample."""
+Engine = Callable[[nn.Module, Tensor, Tensor, AttackSettings, Tensor], Tensor]
+"""``engine(model, x, pred, settings, index) -> margins``: smallest verified norm per sample.
+
+``index`` holds each sample's position in the whole holdout, so an engine can seed
+a sample's random restarts from ``settings.seed`` and its index alone, making the
+result independent of how the holdout is batched or sharded.
+"""
 
 
 def verified_margins(
@@ -58,11 +63,15 @@ def verified_margins(
     return torch.where(flipped & inside, dist, torch.full_like(dist, math.inf))
 
 
-def _torchattacks_fab(model: nn.Module, x: Tensor, pred: Tensor, settings: AttackSettings) -> Tensor:
+def _torchattacks_fab(
+    model: nn.Module, x: Tensor, pred: Tensor, settings: AttackSettings, index: Tensor
+) -> Tensor:
     """Untargeted FAB from torchattacks, restart by restart, keeping the best per sample.
 
     ``perturb()`` is bypassed on purpose: it drops results above ``eps`` and never
     re-attacks a point already broken. Each ``attack_single_run`` is verified here.
+    Its random restarts draw for the whole batch, so unlike the first run they
+    depend on the batch's composition (``index`` is not used).
     """
     import torchattacks
 
@@ -95,14 +104,25 @@ def _check_range(x: Tensor) -> None:
 
 
 def attack_batch(
-    model: nn.Module, x: Tensor, pred: Tensor, settings: AttackSettings, engine: str = "torchattacks"
+    model: nn.Module,
+    x: Tensor,
+    pred: Tensor,
+    settings: AttackSettings,
+    engine: str = "torchattacks",
+    index: Tensor | None = None,
 ) -> Tensor:
-    """Margins of one batch, the model borrowed in eval mode with frozen parameters."""
+    """Margins of one batch, the model borrowed in eval mode with frozen parameters.
+
+    Args:
+        index: Position of each sample in the whole holdout (default ``0..B-1``).
+    """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {sorted(ENGINES)}. Got {engine!r}.")
     _check_range(x)
+    if index is None:
+        index = torch.arange(x.shape[0], device=x.device)
     with eval_mode(model), frozen(model):
-        return ENGINES[engine](model, x, pred, settings)
+        return ENGINES[engine](model, x, pred, settings, index.to(x.device))
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -157,11 +177,14 @@ def input_margins(
     device = _device(model)
     total = len(data) if isinstance(data, Tensor) else None
     out: list[Tensor] = []
+    seen = 0
     with tqdm(total=total, unit="sample", disable=not progress, desc="input margins") as bar:
         for x, _ in batches(data, batch_size):
             x = x.to(device)
             with torch.no_grad(), eval_mode(model):
                 pred = model(x).argmax(dim=1)
-            out.append(attack_batch(model, x, pred, settings, engine).cpu())
+            index = torch.arange(seen, seen + x.shape[0], device=device)
+            out.append(attack_batch(model, x, pred, settings, engine, index).cpu())
+            seen += x.shape[0]
             bar.update(x.shape[0])
     return torch.cat(out) if out else torch.empty(0)

@@ -70,7 +70,7 @@ def collect_holdout(
     total = n_samples if n_samples is not None else _length(data)
     scores: dict[str, list[Tensor]] = {}
     margins, preds, labels, feats = [], [], [], []
-    has_labels, excluded = True, 0
+    has_labels, excluded, seen = True, 0, 0
     with tqdm(total=total, unit="sample", disable=not progress, desc="fit: input margins") as bar:
         for x, y in batches(data, limit=n_samples):
             x = monitor._check_input(x.to(device))
@@ -79,13 +79,15 @@ def collect_holdout(
                 values = monitor._all_scores(run)
             keep = ~run.bad
             excluded += int((~keep).sum())
+            index = torch.arange(seen, seen + keep.numel(), device=device)[keep]
+            seen += keep.numel()
             x, pred = x[keep], run.logits.argmax(dim=1)[keep]
             if x.shape[0] == 0:
                 bar.update(int(keep.numel()))
                 continue
             cached = cache.get(x) if cache is not None else None
             if cached is None:
-                cached = attack_batch(monitor.model, x, pred, settings, engine).cpu()
+                cached = attack_batch(monitor.model, x, pred, settings, engine, index).cpu()
                 if cache is not None:
                     cache.put(x, cached)
             margins.append(cached)
