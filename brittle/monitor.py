@@ -177,6 +177,12 @@ class Monitor(nn.Module):
         return self.input_shape is not None
 
     def _adopt(self, x: Tensor, logits: Tensor, found: str | None) -> None:
+        head = self.head
+        if head is not None and head.out_features != logits.shape[1]:
+            raise ValueError(
+                f"head {self.head_name!r} has {head.out_features} outputs but the model returns "
+                f"{logits.shape[1]} logits. {NO_HEAD_HINT}"
+            )
         self.input_shape = tuple(x.shape[1:])
         self.num_classes = logits.shape[1]
         if self.head_name is None and found is not None:
@@ -234,8 +240,11 @@ class Monitor(nn.Module):
         # leak into other samples (batch statistics, attention over the batch).
         safe = torch.where(ok.view(-1, *([1] * (x.dim() - 1))), x, 0.0)
         if not self.discovered:
-            logits, found, capture = discover_head(self.model, safe)
+            with capture_head(self.head) as named:
+                logits, found, capture = discover_head(self.model, safe)
             self._adopt(x, logits, found)
+            if named.calls:  # a head given by name need not produce the logits exactly
+                capture = named
         else:
             with capture_head(self.head) as capture:
                 logits = self._call_model(safe)

@@ -1,0 +1,250 @@
+"""fit(): input margins, consistency figures against scipy and scikit-learn, thresholds."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torchattacks
+from scipy import stats
+from sklearn import metrics as skm
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+import brittle
+import brittle.functional as BF
+from brittle import attack
+from brittle.digits import DigitsSplit
+from tests.conftest import DIGITS_EPS
+
+FIT = {"n_samples": 300, "steps": 30, "progress": False}
+
+
+@pytest.fixture(scope="module")
+def fitted(robust_model: nn.Module, holdout_loader: DataLoader) -> brittle.Monitor:
+    return brittle.wrap(robust_model, eps=DIGITS_EPS).fit(holdout_loader, pseudo=False, **FIT)
+
+
+def test_fit_returns_the_monitor_with_a_threshold(fitted: brittle.Monitor) -> None:
+    report = fitted.report
+    assert fitted.is_fitted and fitted.has_threshold
+    assert report.n == 300 and report.input_margins.shape == (300,)
+    assert report.chosen == fitted.score and report.threshold == pytest.approx(float(fitted.threshold))
+    assert report.accuracy is not None and report.accuracy > 0.95
+    assert 0.0 < report.nonrobust_fraction < 1.0
+    assert set(report.metrics) == {"logit", "feature"}
+    assert report.tpr >= report.target_tpr
+
+
+def test_reported_figures_match_scipy_and_sklearn(fitted: brittle.Monitor) -> None:
+    report = fitted.report
+    cal = report.calibration
+    margins = report.input_margins[cal]
+    positive = margins <= report.eps
+    for name, m in report.metrics.items():
+        score = report.score_values[name][cal]
+        assert m.tau == pytest.approx(stats.kendalltau(score, margins).statistic, abs=1e-12)
+        assert m.tau_ci[0] <= m.tau <= m.tau_ci[1]
+        assert m.auroc == pytest.approx(skm.roc_auc_score(positive, -score))
+        assert m.aupr == pytest.approx(skm.average_precision_score(positive, -score))
+        fpr, tpr, _ = skm.roc_curve(positive, -score)
+        assert m.fpr_at_tpr == pytest.approx(fpr[tpr >= report.target_tpr].min())
+
+
+def test_flags_of_the_fitted_monitor_match_the_report(
+    fitted: brittle.Monitor, digits: DigitsSplit
+) -> None:
+    out = fitted(digits.x_holdout[:300])
+    values = fitted.report.score_values[fitted.report.chosen]
+    np.testing.assert_allclose(out.margin.detach().numpy(), values, rtol=1e-5)
+    assert torch.equal(out.flag, out.margin <= fitted.report.threshold)
+
+
+def test_margins_are_real_adversarials(robust_model: nn.Module, digits: DigitsSplit) -> None:
+    x = digits.x_holdout[:40]
+    pred = robust_model(x).argmax(1)
+    margins = brittle.input_margins(robust_model, x, steps=30)
+    # torchattacks' own FAB through its public entry point, with a budget large
+    # enough that perturb() drops nothing: the same minimum norms.
+    fab = torchattacks.FAB(robust_model, norm="Linf", eps=1.0, steps=30, n_classes=10)
+    adv = fab(x, pred)
+    flipped = robust_model(adv).argmax(1) != pred
+    reference = (adv - x).flatten(1).abs().amax(1)
+    assert flipped.all() and torch.isfinite(margins).all()
+    torch.testing.assert_close(margins, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_failed_attacks_are_censored_not_zero(robust_model: nn.Module, digits: DigitsSplit) -> None:
+    x = digits.x_holdout[:40]
+    pred = robust_model(x).argmax(1)
+    margins = brittle.input_margins(robust_model, x, steps=1)
+    # With one step FAB breaks few points; torchattacks returns x itself for the
+    # others, which a naive norm would report as margin 0.
+    assert torch.isinf(margins).any() and (margins > 0).all()
+    assert torch.isinf(attack.verified_margins(robust_model, x, x.clone(), pred, "Linf")).all()
+
+
+def test_restarts_never_make_a_margin_larger(robust_model: nn.Module, digits: DigitsSplit) -> None:
+    x = digits.x_holdout[:30]
+    one = brittle.input_margins(robust_model, x, steps=10, restarts=1)
+    three = brittle.input_margins(robust_model, x, steps=10, restarts=3)
+    assert (three <= one).all()
+
+
+def test_inputs_outside_unit_range_are_rejected(robust_model: nn.Module) -> None:
+    with pytest.raises(ValueError, match=r"inputs in \[0, 1\]"):
+        brittle.input_margins(robust_model, torch.rand(2, 1, 8, 8) * 3)
+
+
+def test_conformal_threshold_keeps_its_guarantee_by_simulation() -> None:
+    rng = np.random.default_rng(0)
+    target, n_pos, trials = 0.9, 30, 4000
+    achieved = []
+    for _ in range(trials):
+        calibration = rng.gamma(2.0, size=n_pos)
+        threshold = BF.conformal_threshold(calibration, target)
+        fresh = rng.gamma(2.0, size=200)
+        achieved.append((fresh <= threshold).mean())
+    mean = float(np.mean(achieved))
+    k = math.ceil((n_pos + 1) * target)
+    assert mean >= target - 3 * np.std(achieved) / math.sqrt(trials)
+    assert mean == pytest.approx(k / (n_pos + 1), abs=0.01)  # E[TPR] = k / (n + 1), tight
+
+
+def test_conformal_threshold_refuses_too_few_positives() -> None:
+    with pytest.raises(ValueError, match="needs at least 19 non-robust calibration samples. Got 10"):
+        BF.conformal_threshold(np.arange(10.0), 0.95)
+
+
+class _ScaledLogits(nn.Module):
+    """The robust CNN with its logits times a positive factor that depends on the input.
+
+    Decisions and input margins do not change; the logit margin's ranking does.
+    """
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self.base = base
+        self.register_buffer("direction", torch.randn(64, generator=torch.Generator().manual_seed(1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u = (x.flatten(1) - 0.3) @ self.direction / 8.0
+        return self.base(x) * torch.exp(3.0 * torch.tanh(u))[:, None]
+
+
+def test_pseudo_margin_lifts_tau_of_an_inconsistent_model(
+    robust_model: nn.Module, holdout_loader: DataLoader
+) -> None:
+    model = _ScaledLogits(robust_model)
+    monitor = brittle.wrap(model, eps=DIGITS_EPS, head="base.8", min_tau=0.9)
+    monitor.fit(holdout_loader, pseudo=True, n_samples=600, steps=20, progress=False)
+    report = monitor.report
+    metrics = report.metrics
+    assert metrics["logit"].tau < 0.45
+    assert metrics["pseudo"].tau > metrics["logit"].tau + 0.1
+    assert report.chosen in ("feature", "pseudo") and report.chosen != "logit"
+    assert "min_tau" in report.reason
+    # Trained on one part, calibrated and measured on the other.
+    assert report.calibration.sum() == 300 and report.settings["pseudo"]["n_train"] < 300
+    assert metrics["pseudo"].n == 300
+
+
+def test_resume_from_cache_recomputes_nothing(
+    standard_model: nn.Module, holdout_loader: DataLoader, tmp_path, monkeypatch
+) -> None:
+    fit = {"n_samples": 200, "steps": 10, "progress": False, "pseudo": False}
+    first = brittle.wrap(standard_model, eps=DIGITS_EPS).fit(holdout_loader, cache_dir=tmp_path, **fit)
+    assert len(list(tmp_path.glob("*.pt"))) == 2  # two batches of 100
+
+    def refuse(*args: object) -> torch.Tensor:
+        raise AssertionError("the cached margins should have been used")
+
+    monkeypatch.setitem(attack.ENGINES, "torchattacks", refuse)
+    second = brittle.wrap(standard_model, eps=DIGITS_EPS).fit(holdout_loader, cache_dir=tmp_path, **fit)
+    np.testing.assert_array_equal(first.report.input_margins, second.report.input_margins)
+    # Different attack settings must not reuse those margins.
+    with pytest.raises(AssertionError, match="cached margins"):
+        brittle.wrap(standard_model, eps=DIGITS_EPS).fit(
+            holdout_loader, cache_dir=tmp_path, **{**fit, "steps": 11}
+        )
+
+
+class _Dicts(Dataset):
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"image": self.x[i], "label": self.y[i]}
+
+
+@pytest.mark.parametrize("form", ["x", "xy", "dict", "tensor"])
+def test_loader_forms(standard_model: nn.Module, digits: DigitsSplit, form: str) -> None:
+    x, y = digits.x_holdout[:80], digits.y_holdout[:80]
+    data = {
+        "x": DataLoader(x, batch_size=40),
+        "xy": DataLoader(TensorDataset(x, y), batch_size=40),
+        "dict": DataLoader(_Dicts(x, y), batch_size=40),
+        "tensor": x,
+    }[form]
+    monitor = brittle.wrap(standard_model, eps=DIGITS_EPS)
+    report = monitor.fit(data, steps=8, pseudo=False, progress=False, target_tpr=0.8).report
+    assert report.n == 80
+    assert (report.accuracy is None) == (form in ("x", "tensor"))
+
+
+def test_unjudgeable_holdout_samples_are_excluded(standard_model: nn.Module, digits: DigitsSplit) -> None:
+    x = digits.x_holdout[:80].clone()
+    x[5, 0, 0, 0] = math.nan
+    report = brittle.wrap(standard_model, eps=DIGITS_EPS).fit(
+        x, steps=8, pseudo=False, progress=False, target_tpr=0.8
+    ).report
+    assert report.n == 79 and report.excluded == 1
+
+
+def test_fit_explains_holdouts_it_cannot_calibrate(
+    standard_model: nn.Module, digits: DigitsSplit
+) -> None:
+    x = digits.x_holdout[:60]
+    monitor = brittle.wrap(standard_model)
+    small = {"steps": 5, "progress": False, "pseudo": False}
+    with pytest.raises(ValueError, match="none of the 60 holdout samples is non-robust.*larger eps"):
+        monitor.fit(x, eps=1e-4, **small)
+    with pytest.raises(ValueError, match="all 60 holdout samples are non-robust.*smaller eps"):
+        monitor.fit(x, eps=5.0, **small)
+    with pytest.raises(ValueError, match="needs at least 200 holdout samples"):
+        monitor.fit(x, eps=DIGITS_EPS, steps=5, progress=False, pseudo=True)
+    with pytest.raises(ValueError, match="target_tpr must be in"):
+        monitor.fit(x, target_tpr=1.5)
+    with pytest.raises(ValueError, match="engine must be one of"):
+        monitor.fit(x, engine="cleverhans")
+    assert not monitor.is_fitted
+
+
+def test_report_serialises(fitted: brittle.Monitor, tmp_path) -> None:
+    report = fitted.report
+    data = json.loads(json.dumps(report.to_dict(), allow_nan=False))
+    again = brittle.ConsistencyReport.from_dict(data)
+    np.testing.assert_array_equal(again.input_margins, report.input_margins)
+    assert again.metrics == report.metrics
+    assert report.to_json(tmp_path / "r.json").is_file()
+    text = str(report)
+    assert "tau" in text and "AUROC" in text and f"chosen: {report.chosen}" in text
+
+
+def test_fit_leaves_the_model_as_it_was(robust_model: nn.Module, digits: DigitsSplit) -> None:
+    model = copy.deepcopy(robust_model).train()
+    before = copy.deepcopy(model.state_dict())
+    brittle.wrap(model, eps=DIGITS_EPS).fit(
+        digits.x_holdout[:80], steps=5, pseudo=False, progress=False, target_tpr=0.8
+    )
+    assert model.training
+    for name, param in model.named_parameters():
+        assert param.grad is None and param.requires_grad
+        assert torch.equal(param, before[name])

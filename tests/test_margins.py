@@ -1,0 +1,100 @@
+"""The functional margins against brute-force loops over class pairs."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import brittle.functional as BF
+
+NORMS = {"Linf": 1, "L2": 2, "L1": math.inf}  # threat model -> dual order of the weights
+
+
+def brute_feature_margin(logits: torch.Tensor, weight: torch.Tensor, norm: str) -> np.ndarray:
+    z, w = logits.double().numpy(), weight.double().numpy()
+    out = []
+    for row in z:
+        c = int(row.argmax())
+        out.append(
+            min(
+                (row[c] - row[j]) / np.linalg.norm(w[c] - w[j], ord=NORMS[norm])
+                for j in range(len(row))
+                if j != c
+            )
+        )
+    return np.array(out)
+
+
+def test_logit_margin_is_top1_minus_top2() -> None:
+    logits = torch.randn(50, 7)
+    expected = [sorted(row.tolist())[-1] - sorted(row.tolist())[-2] for row in logits]
+    torch.testing.assert_close(BF.logit_margin(logits), torch.tensor(expected))
+
+
+@pytest.mark.parametrize("norm", ["Linf", "L2", "L1"])
+@pytest.mark.parametrize("table", [True, False])
+def test_feature_margin_matches_pairwise_loop(norm: str, table: bool) -> None:
+    weight, logits = torch.randn(12, 20), torch.randn(40, 12)
+    pair = BF.pair_norm_table(weight, norm) if table else None  # type: ignore[arg-type]
+    got = BF.feature_margin(logits, weight, norm, pair)  # type: ignore[arg-type]
+    np.testing.assert_allclose(got.numpy(), brute_feature_margin(logits, weight, norm), rtol=1e-5)
+
+
+@pytest.mark.parametrize("norm", ["Linf", "L2", "L1"])
+def test_pair_norm_table_matches_numpy(norm: str) -> None:
+    weight = torch.randn(6, 9)
+    table = BF.pair_norm_table(weight, norm).double().numpy()  # type: ignore[arg-type]
+    w = weight.double().numpy()
+    for i, j in itertools.product(range(6), repeat=2):
+        assert table[i, j] == pytest.approx(np.linalg.norm(w[i] - w[j], ord=NORMS[norm]), rel=1e-6)
+
+
+def test_feature_margin_is_the_input_margin_of_a_linear_model() -> None:
+    # For logits = W x + b, the exact feature margin is the distance from x to the
+    # nearest decision boundary in input space; check it against the definition.
+    weight, bias = torch.randn(4, 3), torch.randn(4)
+    x = torch.randn(1, 3)
+    z = x @ weight.T + bias
+    margin = float(BF.feature_margin(z, weight, "L2"))
+    c = int(z.argmax())
+    nearest = min(
+        (float(z[0, c] - z[0, k]) / float((weight[c] - weight[k]).norm()), k)
+        for k in range(4)
+        if k != c
+    )
+    dist, k = nearest
+    direction = (weight[k] - weight[c]) / (weight[k] - weight[c]).norm()
+    step = x + (dist + 1e-4) * direction
+    assert margin == pytest.approx(dist, rel=1e-6)
+    assert int((step @ weight.T + bias).argmax()) != c
+    assert int(((x + (dist - 1e-4) * direction) @ weight.T + bias).argmax()) == c
+
+
+def test_identical_weight_rows_never_give_nan() -> None:
+    weight = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    logits = torch.tensor([[3.0, 1.0, 0.0]])  # classes 0 and 1 never meet in feature space
+    assert float(BF.feature_margin(logits, weight, "L2")) == pytest.approx(3 / math.sqrt(2))
+    tie = torch.tensor([[3.0, 3.0, 0.0]])
+    assert float(BF.feature_margin(tie, weight, "L2")) == 0.0
+
+
+def test_nan_logits_give_nan_margins() -> None:
+    logits = torch.tensor([[float("nan"), 1.0], [2.0, 1.0]])
+    weight = torch.eye(2)
+    assert torch.isnan(BF.feature_margin(logits, weight, "L2")[0])
+    assert not torch.isnan(BF.feature_margin(logits, weight, "L2")[1])
+
+
+def test_bad_shapes_raise() -> None:
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        BF.logit_margin(torch.randn(3, 1))
+    with pytest.raises(ValueError, match=r"shape \(batch, classes\)"):
+        BF.logit_margin(torch.randn(3))
+    with pytest.raises(ValueError, match=r"weight must have shape \(4, features\)"):
+        BF.feature_margin(torch.randn(2, 4), torch.randn(3, 5))
+    with pytest.raises(ValueError, match="norm must be one of"):
+        BF.pair_norm_table(torch.randn(3, 3), "L3")  # type: ignore[arg-type]

@@ -1,0 +1,202 @@
+"""brittle.wrap and Monitor: one forward pass, head discovery, flags, bad input."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import brittle
+import brittle.functional as BF
+from brittle.digits import DigitsSplit
+
+
+def _calls(module: nn.Module) -> list[int]:
+    counter = [0]
+
+    def hook(*_: object) -> None:
+        counter[0] += 1
+
+    module.register_forward_hook(hook)
+    return counter
+
+
+def test_monitor_matches_model_and_runs_it_once(standard_model: nn.Module, digits: DigitsSplit) -> None:
+    model = copy.deepcopy(standard_model)
+    calls = _calls(model)
+    monitor = brittle.wrap(model)
+    x = digits.x_holdout[:32]
+    out = monitor(x)
+    assert calls[0] == 1
+    logits = model(x)
+    torch.testing.assert_close(out.logits, logits)
+    assert torch.equal(out.pred, logits.argmax(1))
+    torch.testing.assert_close(out.margin, BF.logit_margin(logits))
+    assert out.flag is None
+    monitor(x)
+    assert calls[0] == 3  # one more call by the monitor, one by the test
+
+
+def test_head_is_found_and_feature_margin_is_exact(standard_model: nn.Module, digits: DigitsSplit) -> None:
+    monitor = brittle.wrap(standard_model, score="feature", norm="L2")
+    x = digits.x_holdout[:16]
+    out = monitor(x)
+    assert monitor.head_name == "8"
+    assert monitor.score == "feature"
+    head = standard_model[8]
+    torch.testing.assert_close(out.margin, BF.feature_margin(out.logits, head.weight, "L2"))
+    assert monitor.pair_norms.shape == (10, 10)
+    scores = monitor.scores(x)
+    assert set(scores) == {"logit", "feature"}
+    torch.testing.assert_close(scores["feature"], out.margin)
+
+
+def test_example_input_discovers_now_and_restores_mode(standard_model: nn.Module) -> None:
+    model = copy.deepcopy(standard_model).train()
+    model[0].eval()  # a mixed state must survive too
+    monitor = brittle.wrap(model, example_input=torch.rand(2, 1, 8, 8))
+    assert monitor.head_name == "8" and monitor.input_shape == (1, 8, 8)
+    assert model.training and not model[0].training and model[8].training
+
+
+def test_head_override_and_errors(standard_model: nn.Module) -> None:
+    assert brittle.wrap(standard_model, head="8").head_name == "8"
+    with pytest.raises(ValueError, match="no module named 'fc'"):
+        brittle.wrap(standard_model, head="fc")
+    with pytest.raises(ValueError, match="must be an nn.Linear"):
+        brittle.wrap(standard_model, head="0")
+    with pytest.raises(ValueError, match="has 64 outputs but the model returns 10"):
+        brittle.wrap(standard_model, head="6", example_input=torch.rand(2, 1, 8, 8))
+
+
+def _no_linear_head() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(1, 10, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+def test_model_without_linear_head() -> None:
+    x = torch.rand(4, 1, 8, 8)
+    monitor = brittle.wrap(_no_linear_head())
+    out = monitor(x)
+    assert monitor.head_name is None and monitor.available_scores == ("logit",)
+    torch.testing.assert_close(out.margin, BF.logit_margin(out.logits))
+    with pytest.raises(ValueError, match="head='<module name>'"):
+        brittle.wrap(_no_linear_head(), score="feature")(x)
+
+
+def test_linear_followed_by_a_transform_is_not_the_head() -> None:
+    class Tempered(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(5, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x) / 2.0
+
+    model = Tempered()
+    assert brittle.wrap(model, example_input=torch.rand(2, 5)).head_name is None
+    # The user can still name it: the feature margin then uses the head's own output.
+    monitor = brittle.wrap(model, head="fc", score="feature")
+    x = torch.rand(3, 5)
+    torch.testing.assert_close(monitor(x).margin, BF.feature_margin(model.fc(x), model.fc.weight))
+
+
+def test_flags_follow_the_threshold(robust_model: nn.Module, digits: DigitsSplit) -> None:
+    monitor = brittle.wrap(robust_model)
+    x = digits.x_holdout[:64]
+    margin = monitor(x).margin.detach()
+    threshold = float(margin.median())
+    monitor.set_threshold(threshold)
+    out = monitor(x)
+    assert out.flag is not None and out.flag.dtype == torch.bool
+    assert torch.equal(out.flag, margin <= threshold)
+    with pytest.raises(ValueError, match="finite number"):
+        monitor.set_threshold(math.nan)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_samples_fail_closed(robust_model: nn.Module, digits: DigitsSplit, bad: float) -> None:
+    monitor = brittle.wrap(robust_model, score="feature")
+    monitor.set_threshold(-1.0)  # nothing finite is flagged
+    x = digits.x_holdout[:6].clone()
+    clean = monitor(x)
+    x[2, 0, 3, 3] = bad
+    out = monitor(x)
+    keep = torch.tensor([True, True, False, True, True, True])
+    assert torch.isnan(out.margin[2]) and bool(out.flag[2]) and int(out.pred[2]) == -1
+    assert torch.isnan(out.logits[2]).all()
+    torch.testing.assert_close(out.margin[keep], clean.margin[keep])
+    assert not out.flag[keep].any()
+    assert torch.isnan(monitor.scores(x)["logit"][2])
+
+
+def test_wrong_shapes_and_dtypes_raise(standard_model: nn.Module) -> None:
+    monitor = brittle.wrap(standard_model, example_input=torch.rand(1, 1, 8, 8))
+    with pytest.raises(ValueError, match=r"expected \(batch, 1, 8, 8\)|shape \(batch, 1, 8, 8\)"):
+        monitor(torch.rand(2, 3, 8, 8))
+    with pytest.raises(ValueError, match=r"shape \(batch, 1, 8, 8\)"):
+        monitor(torch.rand(1, 8, 8))
+    with pytest.raises(ValueError, match="could not process an input of shape"):
+        monitor(torch.rand(2, 1, 5, 5))
+    with pytest.raises(ValueError, match="floating-point"):
+        monitor(torch.ones(2, 1, 8, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match="torch.float32"):
+        monitor(torch.rand(2, 1, 8, 8, dtype=torch.float64))
+    with pytest.raises(ValueError, match="torch.Tensor"):
+        monitor([[1.0]])  # type: ignore[arg-type]
+
+
+def test_empty_batch_gives_empty_outputs(standard_model: nn.Module) -> None:
+    monitor = brittle.wrap(standard_model, example_input=torch.rand(1, 1, 8, 8))
+    monitor.set_threshold(1.0)
+    out = monitor(torch.empty(0, 1, 8, 8))
+    assert out.logits.shape == (0, 10) and out.pred.shape == (0,)
+    assert out.margin.shape == (0,) and out.flag is not None and out.flag.shape == (0,)
+    assert monitor.scores(torch.empty(0, 1, 8, 8))["feature"].shape == (0,)
+
+
+def test_bad_arguments_raise(standard_model: nn.Module) -> None:
+    with pytest.raises(ValueError, match="norm must be one of"):
+        brittle.wrap(standard_model, norm="L3")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="eps must be a finite positive number. Got -1.0"):
+        brittle.wrap(standard_model, eps=-1)
+    with pytest.raises(ValueError, match="score must be one of"):
+        brittle.wrap(standard_model, score="margin")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        brittle.wrap(lambda x: x)  # type: ignore[arg-type]
+
+
+def test_unfitted_monitor_says_to_fit(standard_model: nn.Module) -> None:
+    monitor = brittle.wrap(standard_model, score="pseudo")
+    with pytest.raises(brittle.NotFittedError, match="fit"):
+        monitor.report
+    with pytest.raises(brittle.NotFittedError, match=r"monitor.fit\(loader\)"):
+        monitor(torch.rand(2, 1, 8, 8))
+    assert not monitor.is_fitted
+
+
+def test_model_is_never_changed(standard_model: nn.Module, digits: DigitsSplit) -> None:
+    model = copy.deepcopy(standard_model)
+    before = copy.deepcopy(model.state_dict())
+    monitor = brittle.wrap(model, score="feature")
+    out = monitor(digits.x_holdout[:8].requires_grad_())
+    out.margin.sum().backward()  # gradients flow to the input, as through the model
+    del monitor
+    monitor = brittle.wrap(model)  # re-wrap
+    monitor(digits.x_holdout[:8])
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+    for module in model.modules():
+        assert not module._forward_hooks and not module._forward_pre_hooks
+
+
+def test_state_lives_in_the_state_dict(standard_model: nn.Module) -> None:
+    monitor = brittle.wrap(standard_model, example_input=torch.rand(1, 1, 8, 8))
+    monitor.set_threshold(0.5)
+    state = monitor.state_dict()
+    assert {"threshold", "fitted", "pair_norms", "_extra_state"} <= set(state)
+    assert state["_extra_state"]["head"] == "8"
+    double = copy.deepcopy(monitor).double()
+    assert double.pair_norms.dtype == torch.float64 and double.threshold.dtype == torch.float64
