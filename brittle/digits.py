@@ -123,5 +123,9 @@ def digits_model(kind: Kind = "standard", cache_dir: str | Path | None = None) -
         return model.eval()
     model = train_digits_cnn(kind)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), path)
+    # Written under a unique name then renamed, so processes training at once
+    # (the ranks of a distributed run) never read a half-written file.
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    torch.save(model.state_dict(), tmp)
+    tmp.replace(path)
     return model

@@ -18,6 +18,7 @@ from brittle._modes import eval_mode
 from brittle.attack import ENGINES, AttackSettings, attack_batch
 from brittle.cache import MarginCache
 from brittle.data import batches
+from brittle.distributed import Shard, shard
 from brittle.head import NO_HEAD_HINT
 from brittle.metrics import ScoreMetrics, nonrobust, score_metrics
 from brittle.pseudo_train import MIN_TRAIN_SAMPLES, train_pseudo_margin
@@ -60,56 +61,73 @@ def collect_holdout(
     progress: bool = True,
     cache: MarginCache | None = None,
     keep_features: bool = True,
+    part: Shard | None = None,
 ) -> Holdout:
     """Stream the holdout once: scores, features, predictions, labels and input margins.
 
     Memory stays bounded by one batch of inputs plus the per-sample results.
-    Samples with NaN or Inf are skipped and counted in ``excluded``.
+    Samples with NaN or Inf are skipped and counted in ``excluded``. Under a
+    process group (``part``), each rank attacks only the samples it owns and the
+    margins are assembled on every rank.
     """
+    part = part or Shard()
     device = _device(monitor)
     total = n_samples if n_samples is not None else _length(data)
     scores: dict[str, list[Tensor]] = {}
-    margins, preds, labels, feats = [], [], [], []
-    has_labels, excluded, seen = True, 0, 0
-    with tqdm(total=total, unit="sample", disable=not progress, desc="fit: input margins") as bar:
+    preds, labels, feats, kept = [], [], [], []
+    attacked: list[Tensor] = []
+    margins: list[Tensor] = []
+    has_labels, seen = True, 0
+    show = progress and part.is_main
+    with tqdm(total=total, unit="sample", disable=not show, desc="fit: input margins") as bar:
         for x, y in batches(data, limit=n_samples):
             x = monitor._check_input(x.to(device))
             with torch.no_grad(), eval_mode(monitor.model):
                 run = monitor._run(x)
                 values = monitor._all_scores(run)
-            keep = ~run.bad
-            excluded += int((~keep).sum())
-            index = torch.arange(seen, seen + keep.numel(), device=device)[keep]
+            keep = (~run.bad).cpu()
+            index = torch.arange(seen, seen + keep.numel())[keep]
             seen += keep.numel()
-            x, pred = x[keep], run.logits.argmax(dim=1)[keep]
-            if x.shape[0] == 0:
-                bar.update(int(keep.numel()))
+            bar.update(int(keep.numel()))
+            if not keep.any():
                 continue
-            cached = cache.get(x) if cache is not None else None
-            if cached is None:
-                cached = attack_batch(monitor.model, x, pred, settings, engine, index).cpu()
-                if cache is not None:
-                    cache.put(x, cached)
-            margins.append(cached)
+            kept.append(index)
+            pred = run.logits.argmax(dim=1)[keep.to(device)]
+            mine = part.owns(index)
+            if mine.any():
+                x_mine = x[keep.to(device)][mine.to(device)]
+                result = cache.get(x_mine) if cache is not None else None
+                if result is None:
+                    result = attack_batch(
+                        monitor.model, x_mine, pred[mine.to(device)], settings, engine, index[mine]
+                    ).cpu()
+                    if cache is not None:
+                        cache.put(x_mine, result)
+                attacked.append(index[mine])
+                margins.append(result)
             preds.append(pred.cpu())
             for kind, value in values.items():
-                scores.setdefault(kind, []).append(value[keep].detach().cpu())
+                scores.setdefault(kind, []).append(value.detach().cpu()[keep])
             if keep_features and run.capture.features is not None:
-                feats.append(run.capture.features[keep].detach().cpu())
+                feats.append(run.capture.features.detach().cpu()[keep])
             if y is None:
                 has_labels = False
             elif has_labels:
-                labels.append(y.to("cpu")[keep.cpu()])
-            bar.update(int(keep.numel()))
-    if not margins:
+                labels.append(y.cpu()[keep])
+    part.check_same_length(seen)
+    if not kept:
         raise ValueError("the holdout yielded no usable samples (empty, or all NaN/Inf).")
+    if not attacked:  # this rank owned no sample
+        attacked, margins = [torch.empty(0, dtype=torch.long)], [torch.empty(0)]
+    full = part.assemble(seen, torch.cat(attacked), torch.cat(margins))
+    kept_index = torch.cat(kept)
     return Holdout(
         scores={k: torch.cat(v).double().numpy() for k, v in scores.items()},
-        margins=torch.cat(margins).double().numpy(),
+        margins=full[kept_index].numpy(),
         predictions=torch.cat(preds).numpy(),
         labels=torch.cat(labels).numpy() if has_labels and labels else None,
         features=torch.cat(feats) if feats else None,
-        excluded=excluded,
+        excluded=seen - kept_index.numel(),
     )
 
 
@@ -180,6 +198,7 @@ def fit_monitor(
     progress: bool = True,
     cache_dir: str | Path | None = None,
     seed: int = 0,
+    distributed: bool | None = None,
 ) -> Monitor:
     """Calibrate ``monitor`` on a holdout and return it.
 
@@ -207,6 +226,10 @@ def fit_monitor(
         progress: Show a progress bar.
         cache_dir: Directory for resumable margin caching.
         seed: Seeds attacks, splits and training.
+        distributed: Shard the attacks across the ranks of the initialised
+            torch.distributed process group (``None``: whenever one is initialised).
+            Every rank must iterate the same holdout in the same order; every rank
+            ends with the same fitted monitor.
 
     Raises:
         ValueError: if the holdout has no non-robust or no robust samples at
@@ -220,13 +243,21 @@ def fit_monitor(
     if pseudo is True and monitor.head_name is None and monitor.discovered:
         raise ValueError(f"pseudo=True needs the model's last linear layer. {NO_HEAD_HINT}")
     settings = AttackSettings(norm=monitor.norm, steps=steps, restarts=restarts, seed=seed)
+    part = shard(distributed)
     cache = MarginCache(cache_dir, monitor.model, settings, engine) if cache_dir else None
 
     monitor.pseudo = None  # a refit starts from the model's own scores
     timings: dict[str, float] = {}
     start = time.perf_counter()
     holdout = collect_holdout(
-        monitor, loader, settings, engine=engine, n_samples=n_samples, progress=progress, cache=cache
+        monitor,
+        loader,
+        settings,
+        engine=engine,
+        n_samples=n_samples,
+        progress=progress,
+        cache=cache,
+        part=part,
     )
     timings["attack"] = time.perf_counter() - start
     margins, n = holdout.margins, holdout.margins.size
@@ -269,6 +300,7 @@ def fit_monitor(
             torch.from_numpy(margins[train]),
             seed=seed,
         )
+        part.broadcast_module(net)  # identical networks on every rank, whatever the device
         monitor.pseudo = net
         with torch.no_grad():
             values = [net(f.to(device)).cpu() for f in holdout.features.split(4096)]

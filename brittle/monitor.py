@@ -401,6 +401,7 @@ class Monitor(nn.Module):
         progress: bool = True,
         cache_dir: str | Path | None = None,
         seed: int = 0,
+        distributed: bool | None = None,
     ) -> Monitor:
         """Estimate input margins on a holdout, verify consistency and pick the threshold.
 
@@ -422,6 +423,7 @@ class Monitor(nn.Module):
             progress=progress,
             cache_dir=cache_dir,
             seed=seed,
+            distributed=distributed,
         )
 
     # ---------------------------------------------------------------- state

@@ -1,0 +1,71 @@
+"""fit() and input_margins() sharded over two gloo processes on the CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import brittle
+from brittle.digits import DigitsSplit, digits_cnn
+from brittle.distributed import Shard, shard
+from tests.conftest import DIGITS_EPS
+
+FIT = {"steps": 10, "pseudo": False, "progress": False, "target_tpr": 0.9}
+
+
+def _worker(rank: int, world: int, tmp: str, n: int) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/pg", rank=rank, world_size=world)
+    try:
+        model = digits_cnn()
+        model.load_state_dict(torch.load(f"{tmp}/model.pt", weights_only=True))
+        x = torch.load(f"{tmp}/x.pt", weights_only=True)
+        monitor = brittle.wrap(model.eval(), eps=DIGITS_EPS).fit(x[:n], **FIT)
+        single = brittle.input_margins(model, x[:1], steps=5)  # rank 1 owns nothing
+        torch.save(
+            {
+                "margins": torch.from_numpy(monitor.report.input_margins),
+                "threshold": float(monitor.threshold),
+                "tau": monitor.report.metrics["logit"].tau,
+                "single": single,
+            },
+            f"{tmp}/rank{rank}.pt",
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_same_fit_as_one(
+    robust_model: nn.Module, digits: DigitsSplit, tmp_path: Path
+) -> None:
+    n = 101  # odd: uneven shards
+    torch.save(robust_model.state_dict(), tmp_path / "model.pt")
+    torch.save(digits.x_holdout[:n], tmp_path / "x.pt")
+    mp.spawn(_worker, args=(2, str(tmp_path), n), nprocs=2, join=True)
+    alone = brittle.wrap(robust_model, eps=DIGITS_EPS).fit(digits.x_holdout[:n], **FIT)
+    single = brittle.input_margins(robust_model, digits.x_holdout[:1], steps=5)
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        np.testing.assert_allclose(got["margins"].numpy(), alone.report.input_margins, rtol=1e-4)
+        assert got["threshold"] == pytest.approx(float(alone.threshold), rel=1e-4)
+        assert got["tau"] == pytest.approx(alone.report.metrics["logit"].tau, abs=1e-3)
+        torch.testing.assert_close(got["single"], single, rtol=1e-4, atol=0)
+
+
+def test_shards_cover_every_sample_once() -> None:
+    index = torch.arange(11)
+    owners = torch.stack([Shard(rank, 3).owns(index) for rank in range(3)])
+    assert torch.equal(owners.sum(0), torch.ones(11, dtype=torch.long))
+
+
+def test_without_a_process_group() -> None:
+    assert shard() == Shard(0, 1) and shard(False) == Shard(0, 1)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        shard(True)
