@@ -39,7 +39,7 @@ def load_digits_split(holdout: float = 0.4, seed: int = 0) -> DigitsSplit:
         >>> from brittle.digits import load_digits_split
         >>> split = load_digits_split()
         >>> split.x_train.shape, split.x_holdout.shape
-        (torch.Size([1079, 1, 8, 8]), torch.Size([718, 1, 8, 8]))
+        (torch.Size([1078, 1, 8, 8]), torch.Size([719, 1, 8, 8]))
     """
     from sklearn.datasets import load_digits
 
