@@ -19,6 +19,7 @@ from brittle.errors import NotFittedError
 from brittle.io import load
 from brittle.metrics import ScoreMetrics
 from brittle.monitor import Monitor, wrap
+from brittle.onnx import OnnxMonitor
 from brittle.output import MonitorOutput
 from brittle.report import ConsistencyReport
 
@@ -29,6 +30,7 @@ __all__ = [
     "load",
     "Monitor",
     "MonitorOutput",
+    "OnnxMonitor",
     "ConsistencyReport",
     "ScoreMetrics",
     "NotFittedError",

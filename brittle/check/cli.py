@@ -1,0 +1,377 @@
+"""The argument parser of ``python -m brittle.check`` and the settings it resolves to."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+import torch
+
+from brittle.check.errors import UsageError
+from brittle.norms import NORMS, Norm
+
+__all__ = ["build_parser", "parse_args", "Settings", "resolve_settings", "DEFAULT_EPS"]
+
+# Budgets used when --eps is not given: the RobustBench leaderboards' CIFAR budgets
+# (8/255 in Linf, 0.5 in L2) and the usual L1 budget of 12.
+DEFAULT_EPS: dict[str, float] = {"Linf": 8 / 255, "L2": 0.5, "L1": 12.0}
+
+_DESCRIPTION = """\
+Check whether a classifier's cheap margin scores rank its decisions as the input-space
+margin does (margin consistency), calibrate a brittle-decision flag, and write a report.
+
+Start with the built-in demo (no download; two small CNNs on scikit-learn's digits):
+
+    python -m brittle.check --demo
+
+Then your own model and data:
+
+    python -m brittle.check --model robustbench:Wong2020Fast --model-dir models \\
+        --data cifar10 --data-dir data --n 500 --out report
+    python -m brittle.check --model my_models.py:build --data holdout.npz --eps 0.03
+"""
+
+_EPILOG = """\
+exit status: 0 when the check ran (and passed --min-tau if given), 1 when the chosen
+score's Kendall tau is below --min-tau, 2 for a usage error (bad argument, missing
+file, unknown model spec, data the model cannot take), printed on one line.
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors become :class:`UsageError` (one line, exit 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        option = "arguments"
+        if message.startswith("argument "):
+            option, _, message = message[len("argument ") :].partition(": ")
+            option = option.split("/")[-1]
+        raise UsageError(option, message)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a finite positive number, got {value}")
+    return value
+
+
+def _rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {value}")
+    return value
+
+
+def _tau(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [-1, 1], got {text!r}") from None
+    if not -1.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [-1, 1], got {value}")
+    return value
+
+
+def build_parser(engines: list[str] | None = None) -> argparse.ArgumentParser:
+    """Build the parser; ``engines`` defaults to the keys of :data:`brittle.attack.ENGINES` now.
+
+    The engine list is read at call time because other modules register engines.
+    """
+    if engines is None:
+        from brittle.attack import ENGINES
+
+        engines = sorted(ENGINES)
+    parser = _Parser(
+        prog="python -m brittle.check",
+        description=_DESCRIPTION,
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    what = parser.add_argument_group("what to check")
+    what.add_argument(
+        "--demo",
+        action="store_true",
+        help="train (or load from the cache directory) a standard and a PGD-trained CNN on "
+        "scikit-learn's digits, fit a monitor for each and report both side by side. Uses "
+        "Linf eps 0.1 and fast attack settings unless --eps, --n, --steps are given; about "
+        "two minutes on 2 CPU cores.",
+    )
+    what.add_argument(
+        "--model",
+        metavar="SPEC",
+        help="the classifier: 'robustbench:NAME' (loaded with RobustBench's load_model from "
+        "--model-dir, see --dataset and --threat-model), 'path/to/file.py:factory' or "
+        "'package.module:factory' (a callable returning an nn.Module that maps inputs in "
+        "[0, 1] to logits), or 'MONITOR.pt@SPEC': a monitor saved with --save-monitor or "
+        "Monitor.save, evaluated as saved (its norm, eps, score and threshold; nothing is "
+        "refitted) on the model SPEC.",
+    )
+    what.add_argument(
+        "--data",
+        metavar="SPEC",
+        help="the holdout: 'cifar10' or 'cifar100' (RobustBench's test-set loaders, files "
+        "in --data-dir), 'digits' (scikit-learn's digits holdout), an .npz file with an "
+        "array 'x' of shape (N, C, H, W) in [0, 1] (uint8 is divided by 255) and an "
+        "optional integer array 'y', or a torchvision ImageFolder directory (one "
+        "sub-directory per class; see --image-size). Defaults to --dataset for RobustBench "
+        "models.",
+    )
+    where = parser.add_argument_group("RobustBench and file locations")
+    where.add_argument(
+        "--dataset",
+        choices=["cifar10", "cifar100", "imagenet"],
+        default="cifar10",
+        help="RobustBench dataset of a 'robustbench:NAME' model (default: cifar10).",
+    )
+    where.add_argument(
+        "--threat-model",
+        choices=["Linf", "L2"],
+        default=None,
+        help="RobustBench threat model of a 'robustbench:NAME' model (default: --norm, "
+        "else Linf). Also the default --norm.",
+    )
+    where.add_argument(
+        "--model-dir",
+        type=Path,
+        default=Path("models"),
+        metavar="DIR",
+        help="RobustBench checkpoints, read from DIR/DATASET/THREAT_MODEL/NAME.pt "
+        "(default: ./models). Nothing is downloaded: a missing file is a usage error.",
+    )
+    where.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path("data"),
+        metavar="DIR",
+        help="directory holding the CIFAR files for --data cifar10/cifar100, as torchvision "
+        "lays them out (cifar-10-batches-py/, cifar-100-python/) (default: ./data).",
+    )
+    where.add_argument(
+        "--image-size",
+        type=_positive_int,
+        default=None,
+        metavar="PX",
+        help="resize ImageFolder images to PX x PX pixels (default: keep their size, which "
+        "must then be the same for every image).",
+    )
+    fit = parser.add_argument_group("fitting the monitor")
+    fit.add_argument(
+        "--eps",
+        type=_positive_float,
+        default=None,
+        help="perturbation budget: a decision is non-robust when its input margin is <= eps "
+        "(default: 8/255 for Linf, 0.5 for L2, 12 for L1; 0.1 with --demo).",
+    )
+    fit.add_argument(
+        "--norm",
+        choices=list(NORMS),
+        default=None,
+        help="threat model of the input margin (default: --threat-model, else Linf).",
+    )
+    fit.add_argument(
+        "--n",
+        type=_positive_int,
+        default=None,
+        help="holdout size: the first N samples of --data are attacked with FAB to measure "
+        "their input margins (default: 1000; 400 with --demo). "
+        "The attack dominates the run time.",
+    )
+    fit.add_argument(
+        "--target-tpr",
+        type=_rate,
+        default=0.95,
+        help="share of non-robust decisions the flag must catch; the threshold is the "
+        "split-conformal one for this rate (default: 0.95).",
+    )
+    fit.add_argument(
+        "--steps",
+        type=_positive_int,
+        default=None,
+        help="FAB iterations per sample (default: 100; 10 with --demo). More steps give "
+        "tighter input margins.",
+    )
+    fit.add_argument(
+        "--engine",
+        choices=engines,
+        default="torchattacks" if "torchattacks" in engines else engines[0],
+        help="attack engine for the input margins, one of brittle.attack.ENGINES "
+        "(default: torchattacks).",
+    )
+    fit.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=None,
+        help="samples per batch for the attacks and forward passes (default: 128; 512 with "
+        "--demo, whose CNN is tiny).",
+    )
+    fit.add_argument(
+        "--device",
+        default=None,
+        help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda when available, else cpu).",
+    )
+    fit.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seeds the attacks, the subset choice and the pseudo-margin network (default: 0).",
+    )
+    fit.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="cache input margins here so that a rerun or an interrupted run resumes; with "
+        "--demo the trained digits models are cached here too (default: no margin cache; "
+        "demo models in the user cache directory, $BRITTLE_CACHE or ~/.cache/brittle).",
+    )
+    report = parser.add_argument_group("analyses, gate and outputs")
+    report.add_argument(
+        "--attack-subset",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="robust-accuracy estimate (the paper's Algorithm 1): a threshold is picked on N "
+        "attacked samples and robust accuracy is then estimated on the whole --data from "
+        "scores alone; PGD and FGSM examples are made for these N samples too "
+        "(default: 500; 100 with --demo; capped at --n).",
+    )
+    report.add_argument(
+        "--min-tau",
+        type=_tau,
+        default=None,
+        metavar="X",
+        help="gate for CI pipelines: exit with status 1 when the chosen score's Kendall tau "
+        "is below X (with --demo: when any model's is). Default: no gate.",
+    )
+    report.add_argument(
+        "--out",
+        type=Path,
+        default=Path("brittle-report"),
+        metavar="DIR",
+        help="write report.json, report.html and PNG plots here (default: ./brittle-report). "
+        "Plots need matplotlib: pip install brittle[plot].",
+    )
+    report.add_argument(
+        "--save-monitor",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="save the fitted monitor (Monitor.save; load it with brittle.load(PATH, model)). "
+        "With --demo, -standard and -robust are added to the file name.",
+    )
+    report.add_argument(
+        "--export-onnx",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="export the fitted monitor as one ONNX graph (logits, margin, flag). With --demo, "
+        "-standard and -robust are added to the file name.",
+    )
+    report.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="hide the progress bars (they go to stderr).",
+    )
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse ``argv`` (``sys.argv[1:]`` when ``None``); raises :class:`UsageError`.
+
+    ``--help`` still exits through ``SystemExit(0)``, as argparse does.
+    """
+    args = build_parser().parse_args(argv)
+    if args.demo and args.model is not None:
+        raise UsageError("--model", "--demo checks its own digits models; drop --model or --demo")
+    if args.demo and args.data is not None:
+        raise UsageError("--data", "--demo uses scikit-learn's digits; drop --data or --demo")
+    if not args.demo and args.model is None:
+        raise UsageError("--model", "give a model to check (or --demo for the built-in example)")
+    return args
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a check needs besides the model and the data, defaults resolved."""
+
+    eps: float
+    norm: Norm
+    n: int
+    target_tpr: float
+    steps: int
+    engine: str
+    batch_size: int
+    device: str
+    seed: int
+    cache_dir: Path | None
+    attack_subset: int
+    min_tau: float | None
+    progress: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready values."""
+        out = asdict(self)
+        out["cache_dir"] = None if self.cache_dir is None else str(self.cache_dir)
+        return out
+
+
+def _device(name: str | None) -> str:
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise UsageError("--device", f"{name!r} is not a torch device ({err})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device", f"{name!r} asked for, but CUDA is not available here")
+    return str(device)
+
+
+def resolve_settings(args: argparse.Namespace, *, demo: bool = False) -> Settings:
+    """Fill the defaults that depend on other arguments (eps by norm, demo sizes)."""
+    from brittle.digits import ROBUST_EPS
+
+    norm: Norm = args.norm or args.threat_model or "Linf"
+    if demo:
+        eps = args.eps if args.eps is not None else ROBUST_EPS
+        n = args.n if args.n is not None else 400
+        steps = args.steps if args.steps is not None else 10
+    else:
+        eps = args.eps if args.eps is not None else DEFAULT_EPS[norm]
+        n = args.n if args.n is not None else 1000
+        steps = args.steps if args.steps is not None else 100
+    return Settings(
+        eps=float(eps),
+        norm=norm,
+        n=n,
+        target_tpr=args.target_tpr,
+        steps=steps,
+        engine=args.engine,
+        batch_size=args.batch_size or (512 if demo else 128),
+        device=_device(args.device),
+        seed=args.seed,
+        cache_dir=args.cache_dir,
+        attack_subset=args.attack_subset or (100 if demo else 500),
+        min_tau=args.min_tau,
+        progress=not args.no_progress,
+    )

@@ -1,0 +1,270 @@
+"""One check of one model on one data set: fit (or load), analyse, write the outputs."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+import brittle
+from brittle.check import analyses
+from brittle.check.cli import Settings
+from brittle.check.errors import UsageError
+from brittle.check.evaluate import evaluate_saved
+from brittle.check.sources import DataSource, ModelSource, check_compatible
+from brittle.fit import PSEUDO_TRAIN_SHARE
+from brittle.functional import conformal_threshold, nonrobust
+from brittle.monitor import Monitor
+from brittle.pseudo_train import MIN_TRAIN_SAMPLES
+from brittle.report import ConsistencyReport
+
+__all__ = ["CheckResult", "run_check", "with_suffix_tag"]
+
+
+@dataclass
+class CheckResult:
+    """Everything one check produced.
+
+    Attributes:
+        name: Short name of the model in the outputs (``"standard"``, ``"model"``).
+        title: One-line description for headings.
+        report: The consistency report (fitted, or of the saved monitor).
+        payload: What ``report.json`` holds: the report plus the analyses.
+        out_dir: Directory holding this model's ``report.json`` and plots.
+        plots: The PNG files written (empty without matplotlib).
+        gate_passed: ``None`` without ``--min-tau``, else whether tau cleared it.
+
+    """
+
+    name: str
+    title: str
+    report: ConsistencyReport
+    payload: dict[str, Any]
+    out_dir: Path
+    plots: list[Path] = field(default_factory=list)
+    gate_passed: bool | None = None
+
+    @property
+    def chosen_tau(self) -> float:
+        """Kendall tau of the chosen score (NaN when undefined)."""
+        return float(self.report.metrics[self.report.chosen].tau)
+
+
+def with_suffix_tag(path: Path, tag: str) -> Path:
+    """``monitor.pt`` -> ``monitor-robust.pt``: one file per model of the demo.
+
+    Example:
+        >>> from pathlib import Path
+        >>> from brittle.check.runner import with_suffix_tag
+        >>> with_suffix_tag(Path("out/monitor.pt"), "robust").as_posix()
+        'out/monitor-robust.pt'
+
+    """
+    return path.with_name(f"{path.stem}-{tag}{path.suffix}")
+
+
+def _fit(monitor: Monitor, loader: DataLoader, settings: Settings, n: int) -> None:
+    # fit(pseudo="auto") raises when it wants the pseudo-margin network but the holdout
+    # is too small to train it; a small check should still report the other scores.
+    pseudo: bool | Literal["auto"] = (
+        "auto" if n >= math.ceil(MIN_TRAIN_SAMPLES / PSEUDO_TRAIN_SHARE) else False
+    )
+    try:
+        monitor.fit(
+            loader,
+            pseudo=pseudo,
+            target_tpr=settings.target_tpr,
+            eps=settings.eps,
+            steps=settings.steps,
+            engine=settings.engine,
+            progress=settings.progress,
+            cache_dir=settings.cache_dir,
+            seed=settings.seed,
+        )
+    except ValueError as err:
+        # fit() explains what to change (eps, more samples); name the argument for it.
+        text = str(err)
+        option = "--eps" if "eps" in text else "--n" if "samples" in text else "--data"
+        raise UsageError(option, text) from None
+
+
+def _score_thresholds(report: ConsistencyReport) -> dict[str, float]:
+    """Compute the threshold each score would get at the target TPR (the chosen one's is fitted)."""
+    mask = report.calibration
+    positive = nonrobust(report.input_margins[mask], report.eps)
+    out = {}
+    for name, values in report.score_values.items():
+        if name == report.chosen:
+            out[name] = report.threshold
+            continue
+        try:
+            out[name] = conformal_threshold(values[mask][positive], report.target_tpr)
+        except ValueError:
+            out[name] = math.nan
+    return out
+
+
+def run_check(
+    source: ModelSource,
+    data: DataSource,
+    settings: Settings,
+    out_dir: Path,
+    *,
+    name: str,
+    title: str,
+    save_monitor: Path | None = None,
+    export_onnx: Path | None = None,
+    timings: dict[str, float] | None = None,
+) -> CheckResult:
+    """Fit a monitor for ``source.model`` on ``data`` (or evaluate a saved one) and analyse it.
+
+    Writes ``out_dir/report.json`` and the plots; ``report.html`` is written by
+    the caller, which may put several models on one page.
+
+    Raises:
+        UsageError: when the data does not suit the model or the fit cannot
+            calibrate at these settings (no non-robust sample at eps, ...).
+
+    """
+    timings = dict(timings or {})
+    start = time.perf_counter()
+    model = source.model.to(settings.device).eval()
+    check_compatible(model, data, settings.device)
+    n = min(settings.n, len(data))
+    x_hold = data.x[:n]
+    tensors = (x_hold,) if data.y is None else (x_hold, data.y[:n])
+    loader = DataLoader(TensorDataset(*tensors), batch_size=settings.batch_size)
+
+    if source.monitor_path is not None:
+        try:
+            monitor = brittle.load(source.monitor_path, model)
+        except (ValueError, FileNotFoundError) as err:
+            raise UsageError("--model", str(err)) from None
+        report = evaluate_saved(monitor, loader, settings, source.monitor_path)
+    else:
+        monitor = brittle.wrap(model, norm=settings.norm, eps=settings.eps)
+        _fit(monitor, loader, settings, n)
+        report = monitor.report
+    timings["fit"] = time.perf_counter() - start
+    eps, norm = report.eps, monitor.norm
+    if report.excluded:
+        raise UsageError("--data", f"{report.excluded} holdout samples could not be judged")
+
+    start = time.perf_counter()
+    fp = analyses.forward_pass(monitor, data.x, settings.batch_size, settings.device)
+    labels_all = None if data.y is None else data.y.numpy()
+    robust_accuracy = analyses.robust_accuracy_estimate(
+        score_all=fp.score,
+        pred_all=fp.pred,
+        labels_all=labels_all,
+        margins=report.input_margins,
+        eps=eps,
+        subset_size=settings.attack_subset,
+        score_name=report.chosen,
+        seed=settings.seed,
+    )
+    mask = report.calibration
+    chosen_scores = report.score_values[report.chosen]
+    per_class = analyses.per_class_bias(
+        margins=report.input_margins[mask],
+        score=chosen_scores[mask],
+        threshold=report.threshold,
+        preds=report.predictions[mask],
+        labels=None if report.labels is None else report.labels[mask],
+        eps=eps,
+    )
+    baseline_values = analyses.baseline_scores(
+        model,
+        x_hold,
+        probs=fp.probs,
+        features=fp.features,
+        preds_all=fp.pred,
+        norm=norm,
+        batch_size=settings.batch_size,
+        device=settings.device,
+        seed=settings.seed,
+    )
+    baselines = analyses.baseline_metrics(
+        baseline_values, report.input_margins, mask, eps, report.target_tpr, seed=settings.seed
+    )
+    timings["analyses"] = time.perf_counter() - start
+    start = time.perf_counter()
+    adversarial = analyses.adversarial_flags(
+        monitor,
+        x_hold[torch.from_numpy(analyses.subset_indices(n, settings.attack_subset, settings.seed))],
+        norm=norm,
+        eps=eps,
+        batch_size=settings.batch_size,
+        device=settings.device,
+        seed=settings.seed,
+    )
+    timings["adversarial"] = time.perf_counter() - start
+
+    written: dict[str, str] = {}
+    if save_monitor is not None:
+        written["monitor"] = str(monitor.save(save_monitor))
+    if export_onnx is not None:
+        written["onnx"] = str(_export_onnx(monitor, export_onnx, x_hold[:1].to(settings.device)))
+
+    gate: dict[str, Any] | None = None
+    passed: bool | None = None
+    if settings.min_tau is not None:
+        tau = float(report.metrics[report.chosen].tau)
+        passed = bool(not math.isnan(tau) and tau >= settings.min_tau)
+        gate = {
+            "min_tau": settings.min_tau,
+            "score": report.chosen,
+            "tau": tau,
+            "passed": passed,
+        }
+    payload: dict[str, Any] = {
+        **report.to_dict(),
+        "name": name,
+        "title": title,
+        "model": source.spec,
+        "data": data.spec,
+        "n_data": len(data),
+        "score_thresholds": _score_thresholds(report),
+        "robust_accuracy_estimate": robust_accuracy,
+        "per_class": per_class,
+        "baselines": baselines,
+        "adversarial": adversarial,
+        "gate": gate,
+        "written": written,
+        "check_settings": settings.to_dict(),
+        "brittle_version": brittle.__version__,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    from brittle.check.plots import write_plots
+
+    plots = write_plots(payload, out_dir)
+    timings["plots"] = time.perf_counter() - start
+    payload["plots"] = [p.name for p in plots]
+    payload["check_timings"] = timings
+    payload = analyses.jsonable(payload)
+    (out_dir / "report.json").write_text(json.dumps(payload, indent=1, allow_nan=False))
+    return CheckResult(
+        name=name,
+        title=title,
+        report=report,
+        payload=payload,
+        out_dir=out_dir,
+        plots=plots,
+        gate_passed=passed,
+    )
+
+
+def _export_onnx(monitor: Monitor, path: Path, example: torch.Tensor) -> Path:
+    try:
+        import brittle.onnx  # noqa: F401
+    except ImportError as err:
+        raise UsageError("--export-onnx", f"ONNX export is unavailable: {err}") from None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return Path(monitor.export_onnx(path, example))

@@ -1,0 +1,402 @@
+"""Turning ``--model`` and ``--data`` specs into an ``nn.Module`` and tensors.
+
+Every failure a user can cause (a missing file, an unknown model, data of the
+wrong shape) becomes a :class:`~brittle.check.errors.UsageError` naming the
+argument, so the command prints one line instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import importlib.util
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from brittle.check.errors import UsageError
+
+__all__ = [
+    "ModelSource",
+    "DataSource",
+    "load_model",
+    "load_data",
+    "check_compatible",
+    "MODEL_FORMS",
+]
+
+MODEL_FORMS = (
+    "robustbench:NAME, path/to/file.py:factory, package.module:factory or MONITOR.pt@MODEL_SPEC"
+)
+_CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
+_RB_DATASETS = {"cifar10": "cifar10", "cifar100": "cifar100", "imagenet": "imagenet"}
+
+
+@dataclass
+class ModelSource:
+    """A loaded classifier and where it came from.
+
+    Attributes:
+        model: The classifier in eval mode, on the CPU.
+        spec: The ``--model`` text it came from.
+        monitor_path: A saved monitor to evaluate as saved, for ``MONITOR.pt@SPEC``.
+        dataset: The RobustBench dataset of a ``robustbench:`` model (default ``--data``).
+
+    """
+
+    model: nn.Module
+    spec: str
+    monitor_path: Path | None = None
+    dataset: str | None = None
+
+
+@dataclass
+class DataSource:
+    """Inputs ``(N, C, H, W)`` float32 in ``[0, 1]`` and labels ``(N,)`` or ``None``."""
+
+    x: Tensor
+    y: Tensor | None
+    spec: str
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+# ------------------------------------------------------------------- models
+def load_model(
+    spec: str,
+    *,
+    dataset: str = "cifar10",
+    threat_model: str = "Linf",
+    model_dir: Path = Path("models"),
+) -> ModelSource:
+    """Load the classifier that ``--model SPEC`` names.
+
+    Args:
+        spec: ``robustbench:NAME``, ``path/to/file.py:factory``,
+            ``package.module:factory`` or ``MONITOR.pt@SPEC``.
+        dataset: RobustBench dataset for ``robustbench:`` specs.
+        threat_model: RobustBench threat model (``"Linf"`` or ``"L2"``).
+        model_dir: RobustBench checkpoint root.
+
+    Raises:
+        UsageError: for anything wrong with the spec or the files it names.
+
+    Example:
+        >>> from brittle.check.sources import load_model
+        >>> source = load_model("brittle.digits:digits_cnn")
+        >>> type(source.model).__name__
+        'Sequential'
+
+    """
+    spec = spec.strip()
+    if "@" in spec:
+        monitor_text, _, model_spec = spec.partition("@")
+        monitor_path = Path(monitor_text)
+        if not monitor_path.is_file():
+            raise UsageError("--model", f"no saved monitor at {monitor_text!r} (in {spec!r})")
+        source = load_model(
+            model_spec, dataset=dataset, threat_model=threat_model, model_dir=model_dir
+        )
+        source.spec, source.monitor_path = spec, monitor_path
+        return source
+    if spec.startswith("robustbench:"):
+        model = _robustbench_model(spec.split(":", 1)[1], dataset, threat_model, model_dir)
+        return ModelSource(model.eval(), spec, dataset=dataset)
+    if ":" in spec:
+        where, _, factory = spec.rpartition(":")
+        module = _import_file(where) if _looks_like_file(where) else _import_module(where)
+        return ModelSource(_call_factory(module, where, factory).eval(), spec)
+    if spec.endswith(".py"):
+        raise UsageError("--model", f"name the factory in {spec!r}: --model {spec}:factory")
+    if Path(spec).is_file():
+        raise UsageError(
+            "--model",
+            f"{spec!r} is a file but not a model spec; a saved monitor holds no model weights, "
+            f"so give its model too: --model {spec}@MODEL_SPEC",
+        )
+    raise UsageError("--model", f"unknown model spec {spec!r}; expected {MODEL_FORMS}")
+
+
+def _looks_like_file(where: str) -> bool:
+    return where.endswith(".py") or "/" in where or "\\" in where
+
+
+def _import_file(where: str) -> Any:
+    path = Path(where)
+    if not path.is_file():
+        raise UsageError("--model", f"no such file: {where!r}")
+    # A name unique per path, so two model files called models.py do not clash.
+    name = f"_brittle_check_model_{abs(hash(str(path.resolve())))}"
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    if module_spec is None or module_spec.loader is None:
+        raise UsageError("--model", f"cannot import {where!r} as a Python file")
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as err:  # the user's code: any error is theirs to fix
+        del sys.modules[name]
+        raise UsageError("--model", f"importing {where!r} failed: {_first_line(err)}") from None
+    return module
+
+
+def _import_module(where: str) -> Any:
+    try:
+        return importlib.import_module(where)
+    except ImportError as err:
+        raise UsageError("--model", f"cannot import module {where!r}: {_first_line(err)}") from None
+    except Exception as err:
+        raise UsageError("--model", f"importing {where!r} failed: {_first_line(err)}") from None
+
+
+def _call_factory(module: Any, where: str, factory: str) -> nn.Module:
+    fn = getattr(module, factory, None)
+    if fn is None or not callable(fn):
+        names = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))]
+        close = difflib.get_close_matches(factory, names, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise UsageError("--model", f"{where!r} has no callable {factory!r}{hint}")
+    try:
+        model = fn()
+    except Exception as err:
+        raise UsageError("--model", f"{where}:{factory}() failed: {_first_line(err)}") from None
+    if not isinstance(model, nn.Module):
+        raise UsageError(
+            "--model",
+            f"{where}:{factory}() must return a torch.nn.Module; got {type(model).__name__}",
+        )
+    return model
+
+
+def _robustbench_model(name: str, dataset: str, threat_model: str, model_dir: Path) -> nn.Module:
+    from brittle.compat import import_robustbench
+
+    rb = import_robustbench()
+    from robustbench.model_zoo import model_dicts
+    from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
+
+    # RobustBench keys its model dicts by enums, not strings.
+    ds, tm = BenchmarkDataset(_RB_DATASETS[dataset]), ThreatModel(threat_model)
+    known = model_dicts[ds].get(tm, {})
+    if name not in known:
+        close = difflib.get_close_matches(name, list(known), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise UsageError(
+            "--model", f"RobustBench has no {dataset}/{threat_model} model {name!r}{hint}"
+        )
+    folder = Path(model_dir) / ds.value / tm.value
+    single, first_part = folder / f"{name}.pt", folder / f"{name}.pt_m0.pt"
+    if not single.is_file() and not first_part.is_file():
+        # load_model would try to download it, and this machine may be offline.
+        raise UsageError(
+            "--model-dir",
+            f"no checkpoint at {str(single)!r}; download it once with "
+            f"robustbench.utils.load_model({name!r}, model_dir=...) on a machine with internet "
+            "access, or point --model-dir at the directory holding it",
+        )
+    try:
+        model = rb.utils.load_model(name, model_dir=str(model_dir), dataset=ds, threat_model=tm)
+    except Exception as err:
+        raise UsageError(
+            "--model", f"RobustBench could not load {str(single)!r}: {_first_line(err)}"
+        ) from None
+    return model
+
+
+# --------------------------------------------------------------------- data
+def load_data(
+    spec: str, *, data_dir: Path = Path("data"), image_size: int | None = None
+) -> DataSource:
+    """Load the holdout that ``--data SPEC`` names.
+
+    Args:
+        spec: ``cifar10``, ``cifar100``, ``digits``, an ``.npz`` file or an
+            ``ImageFolder`` directory.
+        data_dir: Where the CIFAR files are.
+        image_size: Side length ImageFolder images are resized to.
+
+    Raises:
+        UsageError: for a missing file, arrays of the wrong shape or range, or an
+            unreadable image directory.
+
+    Example:
+        >>> from brittle.check.sources import load_data
+        >>> data = load_data("digits")
+        >>> tuple(data.x.shape), tuple(data.y.shape)
+        ((719, 1, 8, 8), (719,))
+
+    """
+    if spec == "digits":
+        from brittle.digits import load_digits_split
+
+        split = load_digits_split()
+        return DataSource(split.x_holdout, split.y_holdout, spec)
+    if spec == "imagenet":
+        raise UsageError(
+            "--data",
+            "for ImageNet give the validation set as an ImageFolder directory with --image-size "
+            "224 (RobustBench's own preprocessing resizes to 256 and crops the centre 224)",
+        )
+    if spec in _CIFAR_FOLDERS:
+        return _cifar(spec, Path(data_dir))
+    path = Path(spec)
+    if path.suffix == ".npz":
+        if not path.is_file():
+            raise UsageError("--data", f"no such file: {spec!r}")
+        return _npz(path, spec)
+    if path.is_dir():
+        return _image_folder(path, spec, image_size)
+    if path.exists():
+        raise UsageError("--data", f"{spec!r} is neither an .npz file nor an ImageFolder directory")
+    raise UsageError(
+        "--data",
+        f"no such file or directory: {spec!r} (expected cifar10, cifar100, digits, an .npz "
+        "file or an ImageFolder directory)",
+    )
+
+
+def _cifar(name: str, data_dir: Path) -> DataSource:
+    if not (data_dir / _CIFAR_FOLDERS[name]).is_dir():
+        # RobustBench's loaders would try to download the files, and this machine may be offline.
+        raise UsageError(
+            "--data-dir",
+            f"no {name} test set in {str(data_dir)!r} (expected {_CIFAR_FOLDERS[name]}/ inside); "
+            f"download it once with torchvision.datasets.{name.upper()}(root, download=True)",
+        )
+    from brittle.compat import import_robustbench
+
+    import_robustbench()
+    from robustbench.data import load_cifar10, load_cifar100
+
+    loader = load_cifar10 if name == "cifar10" else load_cifar100
+    try:
+        x, y = loader(n_examples=None, data_dir=str(data_dir))
+    except Exception as err:
+        raise UsageError(
+            "--data-dir", f"could not read {name} from {str(data_dir)!r}: {_first_line(err)}"
+        ) from None
+    return DataSource(x.float().contiguous(), y.long(), name)
+
+
+def _npz(path: Path, spec: str) -> DataSource:
+    try:
+        arrays = np.load(path, allow_pickle=False)
+    except Exception as err:
+        raise UsageError("--data", f"cannot read {spec!r} as .npz: {_first_line(err)}") from None
+    with arrays:
+        if "x" not in arrays.files:
+            raise UsageError("--data", f"{spec!r} has no array 'x' (it has {sorted(arrays.files)})")
+        x_np = arrays["x"]
+        y_np = arrays["y"] if "y" in arrays.files else None
+    if x_np.ndim != 4:
+        raise UsageError(
+            "--data", f"'x' in {spec!r} must have shape (N, C, H, W); got {tuple(x_np.shape)}"
+        )
+    if x_np.dtype == np.uint8:
+        x_np = x_np.astype(np.float32) / 255.0
+    if not np.issubdtype(x_np.dtype, np.floating):
+        raise UsageError(
+            "--data", f"'x' in {spec!r} must be float in [0, 1] or uint8; got {x_np.dtype}"
+        )
+    x = torch.from_numpy(np.ascontiguousarray(x_np, dtype=np.float32))
+    _check_range(x, spec)
+    y = None
+    if y_np is not None:
+        if y_np.shape != (x.shape[0],) or not np.issubdtype(y_np.dtype, np.integer):
+            raise UsageError(
+                "--data",
+                f"'y' in {spec!r} must be integers of shape ({x.shape[0]},); got "
+                f"{y_np.dtype} {tuple(y_np.shape)}",
+            )
+        y = torch.from_numpy(y_np.astype(np.int64))
+    return DataSource(x, y, spec)
+
+
+def _check_range(x: Tensor, spec: str) -> None:
+    if x.shape[0] == 0:
+        raise UsageError("--data", f"{spec!r} holds no samples")
+    if not torch.isfinite(x).all():
+        raise UsageError("--data", f"{spec!r} contains NaN or Inf values")
+    low, high = float(x.min()), float(x.max())
+    if low < 0.0 or high > 1.0:
+        raise UsageError(
+            "--data",
+            f"inputs in {spec!r} must lie in [0, 1] (normalisation belongs inside the model); "
+            f"got values in [{low:.4g}, {high:.4g}]",
+        )
+
+
+def _image_folder(path: Path, spec: str, image_size: int | None) -> DataSource:
+    from torchvision import datasets, transforms
+
+    steps: list[Any] = [transforms.Resize((image_size, image_size))] if image_size else []
+    transform = transforms.Compose([*steps, transforms.ToTensor()])
+    try:
+        folder = datasets.ImageFolder(str(path), transform=transform)
+    except (FileNotFoundError, RuntimeError) as err:
+        raise UsageError("--data", f"{spec!r} is not an ImageFolder: {_first_line(err)}") from None
+    images, labels = [], []
+    for index in range(len(folder)):
+        try:
+            image, label = folder[index]
+        except Exception as err:
+            file = folder.samples[index][0]
+            raise UsageError("--data", f"cannot read image {file!r}: {_first_line(err)}") from None
+        images.append(image)
+        labels.append(label)
+    shapes = sorted({tuple(image.shape) for image in images})
+    if len(shapes) > 1:
+        raise UsageError(
+            "--image-size",
+            f"images in {spec!r} have different sizes {shapes[:3]}; pass --image-size to resize",
+        )
+    x = torch.stack(images)
+    _check_range(x, spec)
+    return DataSource(x, torch.tensor(labels, dtype=torch.long), spec)
+
+
+# ------------------------------------------------------------------- checks
+def check_compatible(model: nn.Module, data: DataSource, device: str) -> int:
+    """Run the model on one sample; returns the number of classes.
+
+    Raises:
+        UsageError: naming ``--data`` if the model cannot take the inputs, or
+            ``--model`` if it does not return ``(batch, classes)`` logits.
+
+    """
+    sample = data.x[:1].to(device)
+    try:
+        with torch.no_grad():
+            out = model(sample)
+    except Exception as err:
+        raise UsageError(
+            "--data",
+            f"the model cannot take inputs of shape {tuple(data.x.shape[1:])} from "
+            f"{data.spec!r}: {_first_line(err)}",
+        ) from None
+    if not isinstance(out, Tensor) or out.dim() != 2:
+        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise UsageError("--model", f"the model must return logits (batch, classes); got {got}")
+    classes = int(out.shape[1])
+    if (
+        data.y is not None
+        and data.y.numel()
+        and (int(data.y.min()) < 0 or int(data.y.max()) >= classes)
+    ):
+        raise UsageError(
+            "--data",
+            f"labels in {data.spec!r} range over [{int(data.y.min())}, {int(data.y.max())}] but "
+            f"the model has {classes} classes",
+        )
+    return classes

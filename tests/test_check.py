@@ -1,0 +1,592 @@
+"""``python -m brittle.check``: the demo, every --model and --data form, exit codes, outputs."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import brittle
+from brittle.check import main
+from brittle.check.analyses import estimate_threshold, robust_accuracy_estimate
+from brittle.check.errors import UsageError
+from brittle.check.sources import load_data, load_model
+from brittle.digits import DigitsSplit, digits_model
+from brittle.report import ConsistencyReport
+
+REPO = Path(__file__).resolve().parents[1]
+# Small but real settings: every code path runs, attacks are short.
+FAST = ["--eps", "0.1", "--steps", "3", "--no-progress", "--seed", "0"]
+
+
+def run_main(argv: list[str]) -> tuple[int, str, str]:
+    """``main(argv)`` in-process, with its stdout and stderr."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in argv])
+    return code, out.getvalue(), err.getvalue()
+
+
+def read_report(out_dir: Path) -> dict[str, Any]:
+    return json.loads((out_dir / "report.json").read_text())
+
+
+# ------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    # The digits CNN's ops are too small to gain from intra-op threads, and on a busy
+    # shared machine oversubscribed threads stall them (ten times slower here).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("demo")
+    # A fresh cache holding only the trained models: the demo's margins are attacked
+    # anew every session, not read back from an earlier run's cache.
+    cache = tmp_path_factory.mktemp("demo-cache")
+    for kind in ("standard", "robust"):
+        digits_model(kind, cache_dir=model_cache)  # trains them once if the cache is empty
+        shutil.copy(model_cache / f"digits-{kind}-v1.pt", cache)
+    code, stdout, stderr = run_main(
+        [
+            "--demo",
+            "--n",
+            "300",
+            "--steps",
+            "5",
+            "--attack-subset",
+            "150",
+            "--no-progress",
+            "--cache-dir",
+            cache,
+            "--out",
+            out,
+            "--save-monitor",
+            out / "monitor.pt",
+        ]
+    )
+    return {"code": code, "stdout": stdout, "stderr": stderr, "out": out}
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> Path:
+    """A ``file.py`` with factories returning the trained digits CNNs."""
+    path = tmp_path_factory.mktemp("models") / "digits_models.py"
+    path.write_text(
+        textwrap.dedent(
+            f"""
+            import torch
+            from brittle.digits import digits_model
+
+            CACHE = {str(model_cache)!r}
+
+
+            def robust():
+                return digits_model("robust", cache_dir=CACHE)
+
+
+            def standard():
+                return digits_model("standard", cache_dir=CACHE)
+
+
+            class Gray(torch.nn.Module):
+                def forward(self, x):
+                    return x.mean(dim=1, keepdim=True)
+
+
+            def standard_rgb():
+                # ImageFolder images load as RGB; the digits CNN takes one channel.
+                return torch.nn.Sequential(Gray(), standard())
+
+
+            def not_a_model():
+                return 42
+            """
+        )
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def digits_npz(tmp_path_factory: pytest.TempPathFactory, digits: DigitsSplit) -> Path:
+    path = tmp_path_factory.mktemp("npz") / "digits.npz"
+    np.savez(path, x=digits.x_holdout[:150].numpy(), y=digits.y_holdout[:150].numpy())
+    return path
+
+
+@pytest.fixture(scope="module")
+def margin_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # Shared by the runs on the same model and holdout, so each is attacked once.
+    return tmp_path_factory.mktemp("margins")
+
+
+# ---------------------------------------------------------------------- demo
+def test_demo_reports_both_models_side_by_side(demo: dict[str, Any]) -> None:
+    assert demo["code"] == 0, demo["stderr"]
+    stdout = demo["stdout"]
+    for text in (
+        "== standard",
+        "== robust",
+        "tau",
+        "95% CI",
+        "AUROC",
+        "AUPR",
+        "FPR@95%",
+        "threshold",
+        "<- chosen",
+        "baselines",
+        "timings:",
+        "robust acc. estimate",
+    ):
+        assert text in stdout
+    header = next(line for line in stdout.splitlines() if line.strip().startswith("standard"))
+    assert header.split() == ["standard", "robust"]
+    for name in ("standard", "robust"):
+        assert (demo["out"] / name / "report.json").is_file()
+        assert (demo["out"] / f"monitor-{name}.pt").is_file()
+    index = json.loads((demo["out"] / "report.json").read_text())
+    assert index == {"models": {"standard": "standard/report.json", "robust": "robust/report.json"}}
+
+
+def test_report_json_holds_the_report_and_the_analyses(demo: dict[str, Any]) -> None:
+    payload = read_report(demo["out"] / "robust")
+    expected = {
+        "n",
+        "eps",
+        "norm",
+        "accuracy",
+        "nonrobust_fraction",
+        "censored",
+        "input_margins",
+        "score_values",
+        "metrics",
+        "chosen",
+        "reason",
+        "threshold",
+        "target_tpr",
+        "tpr",
+        "fpr",
+        "timings",
+        "settings",
+        "robust_accuracy_estimate",
+        "per_class",
+        "baselines",
+        "adversarial",
+        "plots",
+        "check_settings",
+        "check_timings",
+        "model",
+        "data",
+    }
+    assert expected <= set(payload)
+    # The file loads back as the library's own report.
+    report = ConsistencyReport.from_dict(payload)
+    assert report.n == 300 and report.eps == pytest.approx(0.1)
+    assert set(payload["baselines"]) == {"msp", "entropy", "gradnorm", "kde"}
+    for metrics in payload["baselines"].values():
+        assert -1 <= metrics["tau"] <= 1 and 0 <= metrics["auroc"] <= 1
+    classes = payload["per_class"]["classes"]
+    assert [c["class"] for c in classes] == list(range(10))
+    assert sum(c["n"] for c in classes) == int(np.sum(payload["calibration"]))
+    for key in ("nonrobust_by_margin", "nonrobust_by_flag"):
+        assert all(0 <= c[key] <= 1 for c in classes)
+    adversarial = payload["adversarial"]
+    assert adversarial["n"] == 150
+    for attack in ("pgd", "fgsm"):
+        assert 0 <= adversarial[attack]["success_rate"] <= 1
+        assert adversarial[attack]["n_successful"] >= 1
+        # Successful adversarials sit at the decision boundary: the monitor flags most.
+        assert adversarial[attack]["flagged_of_successful"] >= 0.8
+    assert 0 <= adversarial["clean_flagged"] <= 1
+
+
+def test_robust_accuracy_estimate_matches_the_attacked_figure(demo: dict[str, Any]) -> None:
+    for name in ("standard", "robust"):
+        estimate = read_report(demo["out"] / name)["robust_accuracy_estimate"]
+        assert estimate["subset_size"] == 150 and estimate["n_attacked"] == 300
+        assert estimate["n_estimated"] == 719
+        # Where the truth is known (the 300 attacked samples), within a few points.
+        assert estimate["estimate_on_attacked"] == pytest.approx(estimate["attacked_all"], abs=0.05)
+        assert estimate["estimate"] == pytest.approx(estimate["attacked_all"], abs=0.07)
+
+
+def test_html_references_plots_that_exist(demo: dict[str, Any]) -> None:
+    page = (demo["out"] / "report.html").read_text()
+    sources = re.findall(r"<img src='([^']+)'", page)
+    assert len(sources) == 8  # four plots per model
+    for src in sources:
+        assert (demo["out"] / src).is_file(), src
+        assert (demo["out"] / src).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "<script" not in page and "http" not in page
+    for text in ("standard", "robust", "Settings", "tau"):
+        assert text in page
+
+
+def test_robust_accuracy_estimate_reproduces_the_subset_figure() -> None:
+    rng = np.random.default_rng(0)
+    margins = rng.exponential(0.2, size=300)
+    score = margins * 10 + rng.normal(0, 0.05, size=300)  # nearly consistent
+    labels = rng.integers(0, 3, size=300)
+    preds = np.where(rng.random(300) < 0.9, labels, (labels + 1) % 3)
+    out = robust_accuracy_estimate(
+        score_all=score,
+        pred_all=preds,
+        labels_all=labels,
+        margins=margins[:200],
+        eps=0.1,
+        subset_size=50,
+        score_name="logit",
+    )
+    truth = float(np.mean((preds == labels) & (margins > 0.1)))
+    assert out["estimate"] == pytest.approx(truth, abs=0.05)
+    assert estimate_threshold(np.array([1.0, 2.0, 3.0]), 3) == -np.inf
+    assert estimate_threshold(np.array([1.0, 2.0, 3.0]), 0) == 3.0
+
+
+# ----------------------------------------------------- model and data forms
+def test_file_factory_on_digits_and_the_min_tau_gate(
+    model_file: Path, margin_cache: Path, tmp_path: Path
+) -> None:
+    args = [
+        "--model",
+        f"{model_file}:standard",
+        "--data",
+        "digits",
+        "--n",
+        "120",
+        "--attack-subset",
+        "40",
+        "--cache-dir",
+        margin_cache,
+        *FAST,
+    ]
+    code, stdout, stderr = run_main([*args, "--min-tau", "0.99", "--out", tmp_path / "fail"])
+    assert code == 1, stderr
+    assert "gate FAILED" in stdout and "--min-tau 0.99" in stderr
+    assert read_report(tmp_path / "fail")["gate"]["passed"] is False
+    # Same margins from the cache, a bar the model clears: exit 0.
+    code, stdout, _ = run_main([*args, "--min-tau", "0.1", "--out", tmp_path / "pass"])
+    assert code == 0 and "gate passed" in stdout
+    assert read_report(tmp_path / "pass")["gate"]["passed"] is True
+
+
+def test_package_module_factory_on_npz_without_matplotlib(
+    model_file: Path,
+    digits_npz: Path,
+    margin_cache: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.syspath_prepend(str(model_file.parent))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib fails
+    out = tmp_path / "out"
+    code, stdout, stderr = run_main(
+        [
+            "--model",
+            "digits_models:standard",
+            "--data",
+            digits_npz,
+            "--n",
+            "150",
+            "--attack-subset",
+            "50",
+            "--cache-dir",
+            margin_cache,
+            "--out",
+            out,
+            "--save-monitor",
+            tmp_path / "monitor.pt",
+            *FAST,
+        ]
+    )
+    assert code == 0, stderr
+    assert "pip install brittle[plot]" in stdout
+    payload = read_report(out)
+    assert payload["plots"] == [] and not list(out.glob("*.png"))
+    assert payload["n"] == 150 and payload["n_data"] == 150
+    assert "pip install brittle[plot]" in (out / "report.html").read_text()
+    # The saved monitor, evaluated as saved on the same data: same threshold and score.
+    saved = tmp_path / "monitor.pt"
+    code, stdout, stderr = run_main(
+        [
+            "--model",
+            f"{saved}@{model_file}:standard",
+            "--data",
+            digits_npz,
+            "--n",
+            "150",
+            "--attack-subset",
+            "50",
+            "--cache-dir",
+            margin_cache,
+            "--out",
+            tmp_path / "again",
+            *FAST,
+        ]
+    )
+    assert code == 0, stderr
+    again = read_report(tmp_path / "again")
+    assert again["threshold"] == pytest.approx(payload["threshold"])
+    assert again["chosen"] == payload["chosen"]
+    assert again["input_margins"] == payload["input_margins"]
+    assert "saved in monitor.pt" in again["reason"]
+
+
+def test_image_folder_of_pngs(model_file: Path, digits: DigitsSplit, tmp_path: Path) -> None:
+    from PIL import Image
+
+    root = tmp_path / "images"
+    for i in range(80):
+        label = int(digits.y_holdout[i])
+        folder = root / f"class_{label}"
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = (digits.x_holdout[i, 0].numpy() * 255).round().astype(np.uint8)
+        Image.fromarray(pixels, mode="L").save(folder / f"{i}.png")
+    data = load_data(str(root), image_size=8)
+    assert tuple(data.x.shape) == (80, 3, 8, 8) and data.y is not None
+    out = tmp_path / "out"
+    code, _, stderr = run_main(
+        [
+            "--model",
+            f"{model_file}:standard_rgb",
+            "--data",
+            root,
+            "--image-size",
+            "8",
+            "--n",
+            "80",
+            "--target-tpr",
+            "0.8",
+            "--attack-subset",
+            "30",
+            "--out",
+            out,
+            *FAST,
+        ]
+    )
+    assert code == 0, stderr
+    payload = read_report(out)
+    assert payload["n"] == 80 and payload["target_tpr"] == 0.8
+    # ImageFolder's class indices follow the sorted folder names, not the digits.
+    assert payload["per_class"]["by"] == "label"
+
+
+def _robustbench_checkpoint(model_dir: Path) -> nn.Module:
+    from brittle.compat import import_robustbench
+
+    import_robustbench()
+    from robustbench.model_zoo import model_dicts
+    from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
+
+    entry = model_dicts[BenchmarkDataset.cifar_10][ThreatModel.Linf]["Wong2020Fast"]
+    torch.manual_seed(0)
+    model = entry["model"]().eval()  # PreActResNet-18, random weights
+    path = model_dir / "cifar10" / "Linf" / "Wong2020Fast.pt"
+    path.parent.mkdir(parents=True)
+    torch.save({"state_dict": model.state_dict()}, path)
+    return model
+
+
+def test_robustbench_checkpoint_in_model_dir(tmp_path: Path) -> None:
+    model = _robustbench_checkpoint(tmp_path / "models")
+    source = load_model("robustbench:Wong2020Fast", model_dir=tmp_path / "models")
+    assert source.dataset == "cifar10"
+    x = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 0.5 + 0.25
+    with torch.no_grad():
+        torch.testing.assert_close(source.model(x), model(x))
+    np.savez(tmp_path / "cifar.npz", x=x.numpy())  # no labels
+    # The budget between the smallest and largest margin gives both classes.
+    margins = brittle.input_margins(model, x, steps=2, batch_size=6)
+    eps = float(margins.sort().values[2:4].mean())
+    out = tmp_path / "out"
+    code, stdout, stderr = run_main(
+        [
+            "--model",
+            "robustbench:Wong2020Fast",
+            "--model-dir",
+            tmp_path / "models",
+            "--data",
+            tmp_path / "cifar.npz",
+            "--eps",
+            eps,
+            "--steps",
+            "2",
+            "--batch-size",
+            "6",
+            "--target-tpr",
+            "0.5",
+            "--attack-subset",
+            "3",
+            "--out",
+            out,
+            "--no-progress",
+        ]
+    )
+    assert code == 0, stderr
+    payload = read_report(out)
+    assert payload["labels"] is None and payload["per_class"]["by"] == "prediction"
+    assert payload["robust_accuracy_estimate"]["quantity"] == "robust share (no labels)"
+    assert payload["input_margins"] == pytest.approx(margins.tolist(), rel=1e-5)
+
+
+def test_export_onnx_when_available(model_file: Path, margin_cache: Path, tmp_path: Path) -> None:
+    pytest.importorskip("brittle.onnx")
+    pytest.importorskip("onnxruntime")
+    path = tmp_path / "monitor.onnx"
+    code, stdout, stderr = run_main(
+        [
+            "--model",
+            f"{model_file}:standard",
+            "--data",
+            "digits",
+            "--n",
+            "120",
+            "--attack-subset",
+            "40",
+            "--cache-dir",
+            margin_cache,
+            "--out",
+            tmp_path / "out",
+            "--export-onnx",
+            path,
+            *FAST,
+        ]
+    )
+    assert code == 0, stderr
+    assert path.is_file() and f"onnx: {path}" in stdout
+
+
+# ------------------------------------------------------------ usage errors
+@pytest.mark.parametrize(
+    ("argv", "option"),
+    [
+        (["--model", "no/such/file.py:build", "--data", "digits"], "--model"),
+        (["--model", "nonsense", "--data", "digits"], "--model"),
+        (["--model", "brittle.digits:no_such_factory", "--data", "digits"], "--model"),
+        (["--model", "robustbench:NoSuchModel2099", "--data", "digits"], "--model"),
+        (["--model", "robustbench:Wong2020Fast", "--model-dir", "/nonexistent"], "--model-dir"),
+        (["--model", "brittle.digits:digits_cnn", "--data", "missing.npz"], "--data"),
+        (
+            [
+                "--model",
+                "brittle.digits:digits_cnn",
+                "--data",
+                "cifar10",
+                "--data-dir",
+                "/nonexistent",
+            ],
+            "--data-dir",
+        ),
+        (["--model", "brittle.digits:digits_cnn", "--data", "digits", "--eps", "-1"], "--eps"),
+        (["--model", "brittle.digits:digits_cnn", "--data", "digits", "--norm", "L3"], "--norm"),
+        (
+            ["--model", "brittle.digits:digits_cnn", "--data", "digits", "--engine", "nope"],
+            "--engine",
+        ),
+        (["--model", "brittle.digits:digits_cnn", "--data", "imagenet"], "--data"),
+        (["--demo", "--data", "digits"], "--data"),
+        (["--data", "digits"], "--model"),
+    ],
+)
+def test_usage_errors_exit_2_with_one_line(argv: list[str], option: str, tmp_path: Path) -> None:
+    code, stdout, stderr = run_main([*argv, "--out", tmp_path])
+    assert code == 2
+    assert stderr.count("\n") == 1 and "Traceback" not in stderr
+    assert stderr.startswith(f"brittle-check: error: {option}")
+
+
+def test_data_of_the_wrong_shape_exit_2(model_file: Path, tmp_path: Path) -> None:
+    np.savez(tmp_path / "flat.npz", x=np.zeros((5, 64), dtype=np.float32))
+    np.savez(tmp_path / "rgb.npz", x=np.zeros((5, 3, 8, 8), dtype=np.float32))
+    np.savez(tmp_path / "range.npz", x=np.full((5, 1, 8, 8), 3.0, dtype=np.float32))
+    np.savez(tmp_path / "labels.npz", x=np.zeros((5, 1, 8, 8), dtype=np.float32), y=np.zeros(4))
+    for name, needle in (
+        ("flat", "(N, C, H, W)"),
+        ("rgb", "cannot take inputs"),
+        ("range", "[0, 1]"),
+        ("labels", "'y'"),
+    ):
+        code, _, stderr = run_main(
+            [
+                "--model",
+                f"{model_file}:standard",
+                "--data",
+                tmp_path / f"{name}.npz",
+                "--out",
+                tmp_path / "out",
+            ]
+        )
+        assert code == 2, name
+        assert stderr.startswith("brittle-check: error: --data") and needle in stderr, stderr
+        assert stderr.count("\n") == 1
+
+
+def test_factory_errors_name_the_model(model_file: Path) -> None:
+    with pytest.raises(UsageError, match="must return a torch.nn.Module; got int"):
+        load_model(f"{model_file}:not_a_model")
+    with pytest.raises(UsageError, match="did you mean robust"):
+        load_model(f"{model_file}:robst")
+    with pytest.raises(UsageError, match="name the factory"):
+        load_model(str(model_file))
+    with pytest.raises(UsageError, match="holds no model weights"):
+        load_model(str(REPO / "pyproject.toml"))
+
+
+def test_help_explains_every_option() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "brittle.check", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    options = [
+        "--demo",
+        "--model",
+        "--data",
+        "--dataset",
+        "--threat-model",
+        "--model-dir",
+        "--data-dir",
+        "--image-size",
+        "--eps",
+        "--norm",
+        "--n",
+        "--target-tpr",
+        "--steps",
+        "--engine",
+        "--batch-size",
+        "--device",
+        "--seed",
+        "--cache-dir",
+        "--save-monitor",
+        "--export-onnx",
+        "--min-tau",
+        "--attack-subset",
+        "--out",
+    ]
+    for option in options:
+        assert re.search(rf"^\s+{re.escape(option)}\b", result.stdout, re.M), option
+    from brittle.attack import ENGINES
+
+    for engine in ENGINES:
+        assert engine in result.stdout
+    assert "exit status" in result.stdout

@@ -1,0 +1,212 @@
+"""ONNX export of fitted monitors: parity with PyTorch in onnxruntime, fail-closed, metadata."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+import brittle
+from brittle.digits import DigitsSplit
+from brittle.onnx import OUTPUT_NAMES, export_onnx
+
+KINDS = ("logit", "feature", "pseudo")
+DIGITS_EPS = 0.1  # the budget of the digits fixtures (tests/conftest.py)
+CPU = ["CPUExecutionProvider"]
+
+
+def _median_threshold(monitor: brittle.Monitor, x: torch.Tensor) -> None:
+    # A threshold in the middle of the scores, so that both flag values occur.
+    with torch.no_grad():
+        monitor.set_threshold(float(monitor(x).margin.median()))
+
+
+@pytest.fixture(scope="module")
+def exported(
+    robust_model: nn.Module,
+    digits: DigitsSplit,
+    holdout_loader: DataLoader,
+    tmp_path_factory: pytest.TempPathFactory,
+    request: pytest.FixtureRequest,
+) -> dict[str, tuple[brittle.Monitor, brittle.OnnxMonitor]]:
+    """One monitor per score kind, exported once for the whole module."""
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("onnx")
+    x = digits.x_holdout
+    # The pseudo-margin monitor is genuinely fitted (small attack budget). Fitting
+    # costs about a minute on 2 cores, mostly training the MLP, so the fitted state
+    # is kept in pytest's cache and reloaded with brittle.load on later runs.
+    cache = Path(request.config.cache.mkdir("brittle-onnx-fit"))
+    saved = cache / f"pseudo-monitor-{brittle.__version__}.pt"
+    pseudo = None
+    if saved.is_file():
+        try:
+            pseudo = brittle.load(saved, robust_model)
+        except (ValueError, KeyError, RuntimeError):
+            pseudo = None  # written by an older layout: fit again
+    if pseudo is None or pseudo.score != "pseudo" or not pseudo.is_fitted:
+        pseudo = brittle.wrap(robust_model, score="pseudo", eps=DIGITS_EPS).fit(
+            holdout_loader,
+            steps=15,
+            n_samples=200,
+            pseudo=True,
+            target_tpr=0.9,
+            progress=False,
+            cache_dir=cache,
+        )
+        pseudo.save(saved)
+    monitors = {"pseudo": pseudo}
+    for kind in ("logit", "feature"):
+        monitors[kind] = brittle.wrap(robust_model, score=kind, eps=DIGITS_EPS)
+        _median_threshold(monitors[kind], x[:300])
+    out = {}
+    for kind, monitor in monitors.items():
+        # The logit monitor exports from a batch of one: the batch axis must stay dynamic.
+        example = x[:1] if kind == "logit" else x[:5]
+        path = export_onnx(monitor, folder / f"{kind}.onnx", example)
+        out[kind] = (monitor, brittle.OnnxMonitor(path, providers=CPU))
+    return out
+
+
+def _assert_parity(
+    torch_out: brittle.MonitorOutput, ort_out: brittle.MonitorOutput, thr: float
+) -> None:
+    logits, pred, margin, flag = (t.detach().numpy() for t in torch_out)
+    np.testing.assert_allclose(ort_out.logits, logits, rtol=0, atol=1e-4)
+    np.testing.assert_array_equal(ort_out.pred, pred)
+    np.testing.assert_allclose(ort_out.margin, margin, rtol=1e-3, atol=1e-6)
+    # NaN margins (fail-closed rows) count as away: both sides must flag them.
+    away = ~(np.abs(margin - thr) <= 1e-3)
+    np.testing.assert_array_equal(ort_out.flag[away], flag[away])
+    assert ort_out.flag.dtype == np.bool_ and ort_out.pred.dtype == np.int64
+
+
+@pytest.mark.parametrize("batch", [1, 7, 300])
+@pytest.mark.parametrize("kind", KINDS)
+def test_parity_with_pytorch(exported: dict, digits: DigitsSplit, kind: str, batch: int) -> None:
+    monitor, served = exported[kind]
+    x = digits.x_holdout[-batch:]
+    with torch.no_grad():
+        expected = monitor(x)
+    got = served(x.numpy())
+    assert monitor.score == kind and served.score == kind
+    assert got.logits.shape == (batch, 10) and got.margin.shape == (batch,)
+    _assert_parity(expected, got, float(monitor.threshold))
+    if batch == 300:
+        assert 0 < got.flag.sum() < batch  # both decisions occur, so the flags were compared
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_non_finite_rows_fail_closed(exported: dict, digits: DigitsSplit, kind: str) -> None:
+    monitor, served = exported[kind]
+    x = digits.x_holdout[:6].clone()
+    x[1, 0, 3, 3] = math.nan
+    x[4, 0, 0, 0] = math.inf
+    got = served(x.numpy())
+    bad = np.array([False, True, False, False, True, False])
+    assert got.flag[bad].all()
+    assert np.isnan(got.margin[bad]).all() and np.isnan(got.logits[bad]).all()
+    assert (got.pred[bad] == -1).all()
+    # The other rows are exactly what a clean batch gives.
+    with torch.no_grad():
+        clean = monitor(x[~torch.from_numpy(bad)])
+    _assert_parity(clean, brittle.MonitorOutput(*(a[~bad] for a in got)), float(monitor.threshold))
+
+
+def test_metadata(exported: dict) -> None:
+    monitor, served = exported["pseudo"]
+    meta = served.metadata
+    report = monitor.report
+    assert meta["brittle_version"] == brittle.__version__
+    assert meta["score"] == "pseudo" and meta["norm"] == "Linf" and meta["fitted"] == "true"
+    assert float(meta["threshold"]) == pytest.approx(float(monitor.threshold))
+    assert served.threshold == pytest.approx(float(monitor.threshold))
+    assert float(meta["eps"]) == DIGITS_EPS
+    assert float(meta["target_tpr"]) == report.target_tpr
+    assert float(meta["tau"]) == pytest.approx(report.metrics["pseudo"].tau)
+    assert float(meta["auroc"]) == pytest.approx(report.metrics["pseudo"].auroc)
+    assert int(meta["n"]) == report.n
+    for key in ("tau_ci", "aupr", "fpr_at_tpr", "calibration_tpr", "calibration_fpr", "metrics"):
+        assert key in meta
+    # A hand-set threshold exports without a report.
+    meta = exported["feature"][1].metadata
+    assert meta["fitted"] == "false" and meta["target_tpr"] == "none" and "tau" not in meta
+
+
+def test_graph_passes_checker(exported: dict) -> None:
+    for _, served in exported.values():
+        model = onnx.load(served.path)
+        onnx.checker.check_model(model, full_check=True)
+        assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
+        assert [i.name for i in model.graph.input] == ["input"]
+        assert [o.name for o in model.graph.output] == list(OUTPUT_NAMES)
+        batch = model.graph.input[0].type.tensor_type.shape.dim[0]
+        assert batch.dim_param and not batch.HasField("dim_value")
+
+
+def test_bad_inputs_rejected(exported: dict, digits: DigitsSplit) -> None:
+    _, served = exported["logit"]
+    x = digits.x_holdout[:3].numpy()
+    with pytest.raises(ValueError, match=r"shape \(batch, 1, 8, 8\)\. Got \(3, 8, 8\)"):
+        served(x[:, 0])
+    with pytest.raises(ValueError, match=r"shape \(batch, 1, 8, 8\)\. Got \(3, 1, 8, 9\)"):
+        served(np.zeros((3, 1, 8, 9), np.float32))
+    with pytest.raises(ValueError, match="dtype float32. Got float64"):
+        served(x.astype(np.float64))
+    with pytest.raises(ValueError, match="numpy array of shape .* Got Tensor"):
+        served(torch.from_numpy(x))
+    empty = served(x[:0])
+    assert empty.logits.shape == (0, 10) and empty.flag.shape == (0,)
+
+
+def test_unfitted_and_bad_arguments(tmp_path: Path) -> None:
+    monitor = brittle.wrap(nn.Sequential(nn.Flatten(), nn.Linear(16, 3)), eps=0.1)
+    x = torch.rand(4, 1, 4, 4)
+    with pytest.raises(brittle.NotFittedError, match="fit"):
+        export_onnx(monitor, tmp_path / "m.onnx", x)
+    monitor.set_threshold(0.1)
+    with pytest.raises(ValueError, match="opset must be an integer >= 17. Got 13"):
+        monitor.export_onnx(tmp_path / "m.onnx", x, opset=13)
+    with pytest.raises(ValueError, match="at least one sample"):
+        monitor.export_onnx(tmp_path / "m.onnx", x[:0])
+    with pytest.raises(FileNotFoundError):
+        brittle.OnnxMonitor(tmp_path / "missing.onnx")
+
+
+def test_static_batch(tmp_path: Path) -> None:
+    monitor = brittle.wrap(nn.Sequential(nn.Flatten(), nn.Linear(16, 3)), score="feature", eps=0.1)
+    x = torch.rand(4, 1, 4, 4)
+    monitor(x)
+    monitor.set_threshold(0.1)
+    served = brittle.OnnxMonitor(monitor.export_onnx(tmp_path / "m.onnx", x, dynamic_batch=False))
+    assert served(x.numpy()).margin.shape == (4,)
+    with pytest.raises(ValueError, match=r"shape \(4, 1, 4, 4\)\. Got \(2, 1, 4, 4\)"):
+        served(x[:2].numpy())
+
+
+def test_torchvision_resnet18(tmp_path: Path) -> None:
+    from torchvision.models import resnet18
+
+    torch.manual_seed(0)
+    model = resnet18(num_classes=10).eval()
+    x = torch.rand(7, 3, 32, 32)
+    monitor = brittle.wrap(model, score="feature", eps=8 / 255, example_input=x[:2])
+    assert monitor.head_name == "fc"
+    _median_threshold(monitor, x)
+    model.train()  # export traces in eval mode and hands the model back as it was
+    served = brittle.OnnxMonitor(monitor.export_onnx(tmp_path / "resnet18.onnx", x[:2]))
+    assert model.training and model.layer1[0].bn1.training
+    assert not any(m._forward_hooks for m in model.modules())
+    model.eval()
+    x[3, 1, 5, 5] = math.nan
+    with torch.no_grad():
+        expected = monitor(x)
+    got = served(x.numpy())
+    assert got.flag[3] and np.isnan(got.margin[3])
+    _assert_parity(expected, got, float(monitor.threshold))
