@@ -63,8 +63,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         torch.save(digits_model("robust").state_dict(), f"{tmp}/model.pt")
         torch.save(load_digits_split().x_holdout[: args.n], f"{tmp}/x.pt")
-        print(f"input margins, PGD-trained digits CNN, n={args.n}, steps={args.steps}, "
-              f"engine={args.engine}, {os.cpu_count()} CPU cores")
+        print(
+            f"input margins, PGD-trained digits CNN, n={args.n}, steps={args.steps}, "
+            f"engine={args.engine}, {os.cpu_count()} CPU cores"
+        )
         print(f"{'processes':>9} {'seconds':>8} {'speedup':>8} {'max rel. diff':>14}")
         base_time, base = run(1, args.steps, args.engine, tmp)
         print(f"{1:>9} {base_time:8.1f} {1.0:8.2f} {0.0:14.2e}")

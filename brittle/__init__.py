@@ -5,7 +5,7 @@ pass as the logits, a margin score and a non-robust flag per sample.
 ``monitor.fit(loader)`` calibrates it offline against input margins from the
 FAB minimum-norm attack.
 
-Example:
+Examples:
     >>> import torch, brittle
     >>> monitor = brittle.wrap(torch.nn.Linear(4, 3), eps=0.1)
     >>> out = monitor(torch.rand(2, 4))

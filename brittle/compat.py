@@ -6,7 +6,7 @@ Two packaging problems stop ``import robustbench`` from working out of the box:
   brittle's dependencies pin ``setuptools<81`` for that reason.
 * ``robustbench.eval`` imports the ``autoattack`` module, but the dependency
   RobustBench installs (``pyautoattack``) ships the same code as ``pyautoattack``.
-  :func:`import_robustbench` registers that package under the old name first.
+  ``import_robustbench`` registers that package under the old name first.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def _alias_autoattack() -> None:
 def import_robustbench() -> ModuleType:
     """Import and return ``robustbench`` with the fixes above applied.
 
-    Example:
+    Examples:
         >>> from brittle.compat import import_robustbench
         >>> rb = import_robustbench()
         >>> callable(rb.utils.load_model)

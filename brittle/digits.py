@@ -35,7 +35,7 @@ class DigitsSplit(NamedTuple):
 def load_digits_split(holdout: float = 0.4, seed: int = 0) -> DigitsSplit:
     """Scikit-learn's digits, scaled to ``[0, 1]`` and split with a seeded permutation.
 
-    Example:
+    Examples:
         >>> from brittle.digits import load_digits_split
         >>> split = load_digits_split()
         >>> split.x_train.shape, split.x_holdout.shape
@@ -77,7 +77,7 @@ def train_digits_cnn(
     seed: int = 0,
     split: DigitsSplit | None = None,
 ) -> nn.Sequential:
-    """Train :func:`digits_cnn` normally or with PGD adversarial training (Linf, ``eps``).
+    """Train ``digits_cnn`` normally or with PGD adversarial training (Linf, ``eps``).
 
     Seeded and CPU-friendly (seconds for the standard model, about half a minute
     for the robust one on 2 cores). Returns the model in eval mode.

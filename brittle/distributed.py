@@ -46,7 +46,11 @@ class Shard:
 
     def _device(self, like: Tensor) -> torch.device:
         # NCCL reduces CUDA tensors only; gloo takes CPU tensors.
-        return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else like.device
+        return (
+            torch.device("cuda", torch.cuda.current_device())
+            if dist.get_backend() == "nccl"
+            else like.device
+        )
 
     def assemble(self, n: int, index: Tensor, values: Tensor) -> Tensor:
         """Every rank's ``values`` at their global ``index``, as one ``(n,)`` float64 tensor.
@@ -87,7 +91,7 @@ class Shard:
 
 
 def shard(distributed: bool | None = None) -> Shard:
-    """This process's :class:`Shard`.
+    """This process's ``Shard``.
 
     Args:
         distributed: ``None`` shards when a process group is initialised, ``True``

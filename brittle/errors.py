@@ -6,7 +6,7 @@ __all__ = ["NotFittedError"]
 class NotFittedError(RuntimeError):
     """Raised when something needs a fitted monitor and ``fit()`` has not run.
 
-    Example:
+    Examples:
         >>> import torch, brittle
         >>> monitor = brittle.wrap(torch.nn.Linear(4, 3))
         >>> try:

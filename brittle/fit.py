@@ -15,7 +15,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from brittle._modes import eval_mode
-from brittle.attack import ENGINES, AttackSettings, attack_batch
+from brittle.attack import DEFAULT_ENGINE, ENGINES, AttackSettings, attack_batch
 from brittle.cache import MarginCache
 from brittle.data import batches
 from brittle.distributed import Shard, shard
@@ -158,9 +158,7 @@ def _check_both_classes(margins: np.ndarray, eps: float) -> None:
         )
 
 
-def choose_score(
-    metrics: dict[str, ScoreMetrics], min_tau: float
-) -> tuple[ScoreKind, str]:
+def choose_score(metrics: dict[str, ScoreMetrics], min_tau: float) -> tuple[ScoreKind, str]:
     """Logit margin if its tau reaches ``min_tau``; else the score with the highest tau."""
     logit_tau = metrics["logit"].tau
     if logit_tau >= min_tau:
@@ -194,7 +192,7 @@ def fit_monitor(
     restarts: int = 1,
     pseudo: bool | Literal["auto"] = "auto",
     min_tau: float | None = None,
-    engine: str = "torchattacks",
+    engine: str = DEFAULT_ENGINE,
     progress: bool = True,
     cache_dir: str | Path | None = None,
     seed: int = 0,
@@ -222,7 +220,8 @@ def fit_monitor(
         restarts: FAB restarts per sample (the smallest verified norm is kept).
         pseudo: ``True``, ``False`` or ``"auto"``.
         min_tau: Consistency bar (defaults to the monitor's ``min_tau``).
-        engine: Attack engine for :func:`brittle.input_margins`.
+        engine: Attack engine: ``"brittle"`` (brittle's fast FAB, the default) or
+            ``"torchattacks"`` (the reference FAB).
         progress: Show a progress bar.
         cache_dir: Directory for resumable margin caching.
         seed: Seeds attacks, splits and training.
@@ -274,7 +273,9 @@ def fit_monitor(
         wants_pseudo = True
     if wants_pseudo and monitor.head_name is None:
         if pseudo is True or monitor.requested_score == "pseudo":
-            raise ValueError(f"the pseudo-margin needs the model's last linear layer. {NO_HEAD_HINT}")
+            raise ValueError(
+                f"the pseudo-margin needs the model's last linear layer. {NO_HEAD_HINT}"
+            )
         wants_pseudo = False
     timings["metrics"] = time.perf_counter() - start
 
@@ -293,7 +294,9 @@ def fit_monitor(
         calibration = np.ones(n, dtype=bool)
         calibration[train] = False
         if holdout.features is None:
-            raise RuntimeError("the head's input features were not captured during the holdout pass.")
+            raise RuntimeError(
+                "the head's input features were not captured during the holdout pass."
+            )
         device = _device(monitor)
         net, info = train_pseudo_margin(
             holdout.features[torch.from_numpy(train)].to(device),

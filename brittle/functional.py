@@ -2,9 +2,9 @@
 
 The array API of brittle, for users who already have logits or features
 (as in torchmetrics' and pytorch-ood's functional interfaces). The
-:class:`~brittle.Monitor` calls the same functions.
+``Monitor`` calls the same functions.
 
-Example:
+Examples:
     >>> import torch
     >>> import brittle.functional as BF
     >>> BF.logit_margin(torch.tensor([[1.0, 3.0, 2.5]]))

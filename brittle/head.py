@@ -27,6 +27,7 @@ class HeadCapture:
     calls: int = 0
 
     def hook(self, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
+        """Forward hook: keep the head's input and output of the latest call."""
         self.features = args[0]
         self.output = output
         self.calls += 1

@@ -49,7 +49,9 @@ def _check_head(model: nn.Module, config: dict[str, Any]) -> None:
     try:
         head = resolve_head(model, name)
     except ValueError as err:
-        raise ValueError(f"the monitor was saved for a model with a head named {name!r}: {err}") from err
+        raise ValueError(
+            f"the monitor was saved for a model with a head named {name!r}: {err}"
+        ) from err
     saved = (config["num_classes"], config["feature_dim"])
     if tuple(head.weight.shape) != saved:
         raise ValueError(
@@ -69,19 +71,19 @@ def _check_head(model: nn.Module, config: dict[str, Any]) -> None:
 
 
 def load(path: str | Path, model: nn.Module) -> Monitor:
-    """Load a monitor written by :meth:`Monitor.save` onto ``model``.
+    """Load a monitor written by ``Monitor.save`` onto ``model``.
 
     Args:
-        path: File written by :meth:`Monitor.save`.
+        path: File written by ``Monitor.save``.
         model: The same classifier the monitor was fitted for.
 
     Returns:
-        The fitted :class:`~brittle.Monitor`, on the model's device.
+        The fitted ``Monitor``, on the model's device.
 
     Raises:
         ValueError: if the file was saved for a model with another head.
 
-    Example:
+    Examples:
         >>> import tempfile, torch, brittle
         >>> model = torch.nn.Linear(4, 3)
         >>> monitor = brittle.wrap(model, example_input=torch.rand(2, 4))

@@ -1,7 +1,7 @@
 """Per-sample margin scores computed from logits and the last linear layer.
 
 Every function here is pure: tensors in, tensors out, no module state. The
-:class:`~brittle.Monitor` calls the same functions in its forward pass.
+``Monitor`` calls the same functions in its forward pass.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def logit_margin(logits: Tensor) -> Tensor:
     Returns:
         ``(B,)`` non-negative margins; 0 means a tie between the two top classes.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from brittle.functional import logit_margin
         >>> logit_margin(torch.tensor([[2.0, 5.0, 1.0], [0.0, 0.0, 3.0]]))
@@ -54,7 +54,7 @@ def pair_norm_table(weight: Tensor, norm: Norm = "Linf") -> Tensor:
         weight: ``(K, d)`` weight of the last linear layer.
         norm: Threat-model norm of the input margin.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from brittle.functional import pair_norm_table
         >>> pair_norm_table(torch.tensor([[0.0, 0.0], [3.0, 4.0]]), norm="L2")
@@ -67,13 +67,16 @@ def pair_norm_table(weight: Tensor, norm: Norm = "Linf") -> Tensor:
 
 
 def pair_norm_rows(weight: Tensor, classes: Tensor, norm: Norm = "Linf") -> Tensor:
-    """Rows ``classes`` of :func:`pair_norm_table`, without building the whole table.
+    """Rows ``classes`` of ``pair_norm_table``, without building the whole table.
 
     For heads with so many classes that a ``(K, K)`` table does not fit in memory.
     """
     w = weight.detach()
     return torch.cdist(
-        w.index_select(0, classes), w, p=dual_order(norm), compute_mode="donot_use_mm_for_euclid_dist"
+        w.index_select(0, classes),
+        w,
+        p=dual_order(norm),
+        compute_mode="donot_use_mm_for_euclid_dist",
     )
 
 
@@ -95,13 +98,13 @@ def feature_margin(
         logits: ``(B, K)`` outputs of the linear head.
         weight: ``(K, d)`` weight of the linear head.
         norm: Threat-model norm; its dual measures the weight differences.
-        pair_norms: Optional precomputed :func:`pair_norm_table` of ``weight``.
+        pair_norms: Optional precomputed ``pair_norm_table`` of ``weight``.
             With it, the cost is one gather instead of a ``(B, K, d)`` reduction.
 
     Returns:
         ``(B,)`` non-negative margins (``inf`` when no other class can be reached).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from brittle.functional import feature_margin
         >>> w = torch.tensor([[1.0, 0.0], [0.0, 1.0]])

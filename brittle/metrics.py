@@ -54,10 +54,10 @@ class ScoreMetrics:
 
     @classmethod
     def from_dict(cls, data: dict[str, object]) -> ScoreMetrics:
-        """Inverse of :meth:`to_dict`."""
+        """Inverse of ``to_dict``."""
         values = {k: (math.nan if v is None else v) for k, v in data.items()}
-        lo, hi = data["tau_ci"]  # type: ignore[misc]
-        values["tau_ci"] = (_nan_if_none(lo), _nan_if_none(hi))
+        interval: list[float | None] = list(data["tau_ci"])  # type: ignore[call-overload]
+        values["tau_ci"] = (_nan_if_none(interval[0]), _nan_if_none(interval[1]))
         return cls(**values)  # type: ignore[arg-type]
 
 
@@ -86,7 +86,7 @@ def kendall_tau(score: ArrayLike, margin: ArrayLike) -> float:
 
     Censored margins (``inf``) rank above every finite one and tie with each other.
 
-    Example:
+    Examples:
         >>> from brittle.functional import kendall_tau
         >>> kendall_tau([0.1, 0.2, 0.3, 0.4], [1.0, 2.0, 4.0, float("inf")])
         1.0
@@ -105,7 +105,7 @@ def kendall_tau_ci(
     n_resamples: int = 1000,
     seed: int = 0,
 ) -> tuple[float, float]:
-    """Percentile bootstrap interval of :func:`kendall_tau` over paired resamples (scipy)."""
+    """Percentile bootstrap interval of ``kendall_tau`` over paired resamples (scipy)."""
     s, m = _pair(score, margin)
     if s.size < 3 or np.unique(s).size < 2 or np.unique(m).size < 2:
         return (math.nan, math.nan)
@@ -148,7 +148,7 @@ def detection_metrics(
 ) -> tuple[float, float, float]:
     """AUROC, AUPR (average precision) and FPR at ``target_tpr`` for non-robust detection.
 
-    Example:
+    Examples:
         >>> from brittle.functional import detection_metrics
         >>> detection_metrics([0.1, 0.2, 0.8, 0.9], [0.01, 0.02, 0.5, 0.6], eps=0.1)
         (1.0, 1.0, 0.0)
@@ -171,7 +171,7 @@ def score_metrics(
     n_resamples: int = 1000,
     seed: int = 0,
 ) -> ScoreMetrics:
-    """All figures of :class:`ScoreMetrics` for one score."""
+    """All figures of ``ScoreMetrics`` for one score."""
     s, m = _pair(score, margin)
     auroc, aupr, fpr = detection_metrics(s, m, eps, target_tpr)
     return ScoreMetrics(

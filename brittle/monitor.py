@@ -1,4 +1,4 @@
-"""``brittle.wrap`` and the :class:`Monitor` module it returns."""
+"""``brittle.wrap`` and the ``Monitor`` module it returns."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from brittle._modes import eval_mode
+from brittle.attack import DEFAULT_ENGINE
 from brittle.errors import NotFittedError
 from brittle.head import (
     NO_HEAD_HINT,
@@ -77,7 +78,7 @@ class _Pass:
 class Monitor(nn.Module):
     """A classifier that also returns a per-sample margin and a non-robust flag.
 
-    Build it with :func:`brittle.wrap`. The wrapped model runs once per call; the
+    Build it with ``brittle.wrap``. The wrapped model runs once per call; the
     head's input (the penultimate features) is captured by a forward hook that
     lives only for the duration of the call, so the user's model is never left
     with hooks, gradients or a changed mode.
@@ -85,8 +86,8 @@ class Monitor(nn.Module):
     Args:
         model: The classifier. It must map ``(B, ...)`` inputs to ``(B, K)`` logits.
         score: ``"logit"``, ``"feature"`` (exact feature margin), ``"pseudo"``
-            (learned pseudo-margin, needs :meth:`fit`) or ``"auto"`` (logit margin
-            until :meth:`fit` picks the best consistent score).
+            (learned pseudo-margin, needs ``fit``) or ``"auto"`` (logit margin
+            until ``fit`` picks the best consistent score).
         norm: Threat model of the input margin: ``"Linf"``, ``"L2"`` or ``"L1"``.
         eps: Perturbation budget that defines a non-robust decision.
         head: Module name of the ``nn.Linear`` producing the logits. Found
@@ -94,7 +95,7 @@ class Monitor(nn.Module):
         example_input: A batch to find the head with now rather than on the first call.
         min_tau: Kendall tau the logit margin must reach for ``score="auto"`` to keep it.
 
-    Example:
+    Examples:
         >>> import torch, brittle
         >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
         >>> monitor = brittle.wrap(model, norm="L2")
@@ -152,7 +153,7 @@ class Monitor(nn.Module):
     # ------------------------------------------------------------------ head
     @property
     def head(self) -> nn.Linear | None:
-        """The ``nn.Linear`` producing the logits, or ``None`` if there is none (or not yet found)."""
+        """The ``nn.Linear`` producing the logits; ``None`` if there is none or not found yet."""
         return None if self.head_name is None else resolve_head(self.model, self.head_name)
 
     def _attach_head(self, name: str) -> None:
@@ -272,7 +273,7 @@ class Monitor(nn.Module):
 
     @property
     def score(self) -> ScoreKind:
-        """The active score kind: the requested one, or for ``"auto"`` what :meth:`fit` chose."""
+        """The active score kind: the requested one, or for ``"auto"`` what ``fit`` chose."""
         if self.requested_score != "auto":
             return self.requested_score
         return self.chosen_score or "logit"
@@ -283,13 +284,16 @@ class Monitor(nn.Module):
         if kind == "feature":
             head = self.head
             if head is None:
-                raise ValueError(f"score='feature' needs the model's last linear layer. {NO_HEAD_HINT}")
+                raise ValueError(
+                    f"score='feature' needs the model's last linear layer. {NO_HEAD_HINT}"
+                )
             self._check_capture(run.capture)
             table = self.pair_norms if self.pair_norms.numel() else None
             return feature_margin(run.capture.output, head.weight, self.norm, table)  # type: ignore[arg-type]
         if self.pseudo is None:
             raise NotFittedError(
-                "score='pseudo' needs a trained pseudo-margin network: call monitor.fit(loader) first."
+                "score='pseudo' needs a trained pseudo-margin network: "
+                "call monitor.fit(loader) first."
             )
         self._check_capture(run.capture)
         return self.pseudo(run.capture.features)
@@ -314,7 +318,7 @@ class Monitor(nn.Module):
             x: ``(B, ...)`` floating-point inputs on the model's device and dtype.
 
         Returns:
-            :class:`~brittle.MonitorOutput`. Samples with NaN or Inf get NaN logits
+            ``MonitorOutput``. Samples with NaN or Inf get NaN logits
             and margin, prediction ``-1`` and flag True; the others are unaffected.
 
         Raises:
@@ -334,9 +338,9 @@ class Monitor(nn.Module):
 
         Returns:
             ``{"logit": ..., "feature": ..., "pseudo": ...}`` with the keys in
-            :attr:`available_scores`; NaN for samples with NaN or Inf.
+            ``available_scores``; NaN for samples with NaN or Inf.
 
-        Example:
+        Examples:
             >>> import torch, brittle
             >>> monitor = brittle.wrap(torch.nn.Linear(4, 3), norm="L2")
             >>> sorted(monitor.scores(torch.rand(2, 4)))
@@ -374,15 +378,16 @@ class Monitor(nn.Module):
     # ------------------------------------------------------------------ fit
     @property
     def is_fitted(self) -> bool:
-        """Whether :meth:`fit` has run (or a fitted monitor was loaded)."""
+        """Whether ``fit`` has run (or a fitted monitor was loaded)."""
         return bool(self.fitted)
 
     @property
     def report(self) -> ConsistencyReport:
-        """The :class:`~brittle.ConsistencyReport` of the last :meth:`fit`."""
+        """The ``ConsistencyReport`` of the last ``fit``."""
         if self._report is None:
             raise NotFittedError(
-                "this monitor has no consistency report yet: call monitor.fit(holdout_loader) first."
+                "this monitor has no consistency report yet: "
+                "call monitor.fit(holdout_loader) first."
             )
         return self._report
 
@@ -397,7 +402,7 @@ class Monitor(nn.Module):
         restarts: int = 1,
         pseudo: bool | Literal["auto"] = "auto",
         min_tau: float | None = None,
-        engine: str = "torchattacks",
+        engine: str = DEFAULT_ENGINE,
         progress: bool = True,
         cache_dir: str | Path | None = None,
         seed: int = 0,
@@ -405,7 +410,7 @@ class Monitor(nn.Module):
     ) -> Monitor:
         """Estimate input margins on a holdout, verify consistency and pick the threshold.
 
-        See :func:`brittle.fit.fit_monitor` for the arguments. Returns ``self``.
+        See ``brittle.fit.fit_monitor`` for the arguments. Returns ``self``.
         """
         from brittle.fit import fit_monitor
 
@@ -446,7 +451,7 @@ class Monitor(nn.Module):
         }
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`get_extra_state` wrote (called by ``load_state_dict``)."""
+        """Restore what ``get_extra_state`` wrote (called by ``load_state_dict``)."""
         from brittle.report import ConsistencyReport
 
         if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
@@ -470,7 +475,7 @@ class Monitor(nn.Module):
         """Write the monitor's state (not the model's weights) to ``path``.
 
         The file holds tensors and plain Python values only and loads with
-        ``torch.load(path, weights_only=True)``; restore it with :func:`brittle.load`.
+        ``torch.load(path, weights_only=True)``; restore it with ``brittle.load``.
         """
         from brittle.io import save
 
@@ -486,13 +491,14 @@ class Monitor(nn.Module):
     ) -> Path:
         """Write the monitor as one ONNX graph: input -> logits, pred, margin, flag.
 
-        See :func:`brittle.onnx.export_onnx`.
+        See ``brittle.onnx.export_onnx``.
         """
         from brittle.onnx import export_onnx
 
         return export_onnx(self, path, example_input, opset=opset, dynamic_batch=dynamic_batch)
 
     def extra_repr(self) -> str:
+        """Score, norm, eps, head, threshold and whether the monitor is fitted."""
         threshold = f"{float(self.threshold):.4g}" if self._has_threshold else None
         return (
             f"score={self.score!r}, norm={self.norm!r}, eps={self.eps:.4g}, "
@@ -522,9 +528,9 @@ def wrap(
         min_tau: Kendall tau the logit margin must reach for ``score="auto"`` to keep it.
 
     Returns:
-        A :class:`Monitor`; call it like the model.
+        A ``Monitor``; call it like the model.
 
-    Example:
+    Examples:
         >>> import torch, brittle
         >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
         <torch._C.Generator object at ...>

@@ -1,10 +1,10 @@
-"""The fitted monitor as one ONNX graph, and :class:`OnnxMonitor` to serve it with onnxruntime.
+"""The fitted monitor as one ONNX graph, and ``OnnxMonitor`` to serve it with onnxruntime.
 
-:func:`export_onnx` writes ``input -> logits, pred, margin, flag`` for every
+``export_onnx`` writes ``input -> logits, pred, margin, flag`` for every
 score kind (logit margin, exact feature margin with its pair-norm table baked
 in as a constant, pseudo-margin MLP), with the fail-closed rule inside the
 graph and the calibration figures in the file's ``metadata_props``.
-:class:`OnnxMonitor` runs such a file with onnxruntime on numpy arrays; the file
+``OnnxMonitor`` runs such a file with onnxruntime on numpy arrays; the file
 itself needs nothing from brittle or PyTorch, so a server that must not import
 torch can open it with a plain ``onnxruntime.InferenceSession``
 (``examples/deploy_onnx.py``).
@@ -51,13 +51,13 @@ _ORT_DTYPES: dict[str, np.dtype[Any]] = {
 
 
 class _MonitorGraph(nn.Module):
-    """What :meth:`Monitor.forward` computes, minus the Python-side input checks.
+    """What ``Monitor.forward`` computes, minus the Python-side input checks.
 
     The checks (rank, dtype, device, empty batch) are branches on Python values
-    that a graph cannot keep; :class:`OnnxMonitor` performs them before calling
+    that a graph cannot keep; ``OnnxMonitor`` performs them before calling
     onnxruntime. Everything else goes through the monitor's own ``_run``,
     ``_score`` and ``_finish``, so the graph and the PyTorch module share one
-    functional core (:mod:`brittle.margins`, :class:`~brittle.pseudo.PseudoMargin`).
+    functional core (``brittle.margins``, ``PseudoMargin``).
     """
 
     def __init__(self, monitor: Monitor, kind: ScoreKind) -> None:
@@ -155,8 +155,8 @@ def export_onnx(
     ``onnx.checker`` and carries the calibration in ``metadata_props``.
 
     Args:
-        monitor: A :class:`~brittle.Monitor` with a threshold (fitted, or
-            :meth:`~brittle.Monitor.set_threshold` called).
+        monitor: A ``Monitor`` with a threshold (fitted, or
+            ``set_threshold`` called).
         path: Destination ``.onnx`` file; parent folders are created.
         example_input: A non-empty batch of the model's input shape, dtype and device.
         opset: ONNX opset version, at least 17 (default 18).
@@ -171,7 +171,7 @@ def export_onnx(
         ValueError: for a bad ``opset`` or ``example_input``, or a feature or
             pseudo score without a linear head.
 
-    Example:
+    Examples:
         >>> import tempfile, torch, brittle
         >>> monitor = brittle.wrap(torch.nn.Linear(8, 4), score="feature", norm="L2", eps=0.1)
         >>> monitor.set_threshold(0.2)
@@ -255,7 +255,7 @@ def _default_providers() -> list[str]:
 
 
 class OnnxMonitor:
-    """Serve a file written by :func:`export_onnx` with onnxruntime and numpy.
+    """Serve a file written by ``export_onnx`` with onnxruntime and numpy.
 
     Args:
         path: The ``.onnx`` file.
@@ -271,7 +271,7 @@ class OnnxMonitor:
         input_shape: Expected input shape, ``None`` for the dynamic batch axis.
         dtype: Expected input dtype.
 
-    Example:
+    Examples:
         >>> import tempfile, numpy as np, torch, brittle
         >>> monitor = brittle.wrap(torch.nn.Linear(8, 4), eps=0.1)
         >>> monitor.set_threshold(0.5)
@@ -364,7 +364,7 @@ class OnnxMonitor:
             x: ``(B, ...)`` array of the exported input shape and dtype.
 
         Returns:
-            :class:`~brittle.MonitorOutput` of numpy arrays; ``flag`` is bool.
+            ``MonitorOutput`` of numpy arrays; ``flag`` is bool.
 
         Raises:
             ValueError: if ``x`` is not an array of the expected rank, shape and dtype.

@@ -8,7 +8,7 @@ __all__ = ["MonitorOutput"]
 
 
 class MonitorOutput(NamedTuple):
-    """What :class:`~brittle.Monitor` (tensors) and :class:`~brittle.OnnxMonitor` (arrays) return.
+    """What ``Monitor`` (tensors) and ``OnnxMonitor`` (arrays) return.
 
     Attributes:
         logits: ``(B, K)`` model outputs, NaN rows for inputs that could not be judged.

@@ -19,12 +19,16 @@ class PseudoMargin(nn.Module):
         in_features: Size of the penultimate feature vector.
         hidden: Width of the four hidden layers.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from brittle.pseudo import PseudoMargin
         >>> PseudoMargin(16)(torch.randn(3, 16)).shape
         torch.Size([3])
     """
+
+    mean: Tensor
+    std: Tensor
+    scale: Tensor
 
     def __init__(self, in_features: int, hidden: int = 512) -> None:
         super().__init__()

@@ -47,7 +47,7 @@ def train_pseudo_margin(
     val_fraction: float = 0.2,
     seed: int = 0,
 ) -> tuple[PseudoMargin, PseudoTraining]:
-    """Fit :class:`PseudoMargin` to regress normalised input margins (MSE, Adam).
+    """Fit ``PseudoMargin`` to regress normalised input margins (MSE, Adam).
 
     Args:
         features: ``(n, d)`` penultimate features, on the device to train on.
@@ -66,7 +66,8 @@ def train_pseudo_margin(
     n = features.shape[0]
     if n < MIN_TRAIN_SAMPLES:
         raise ValueError(
-            f"the pseudo-margin network needs at least {MIN_TRAIN_SAMPLES} training samples. Got {n}."
+            f"the pseudo-margin network needs at least {MIN_TRAIN_SAMPLES} training samples. "
+            f"Got {n}."
         )
     margins = margins.to(features.device, torch.float32)
     finite = margins[torch.isfinite(margins)]

@@ -1,4 +1,4 @@
-"""The consistency report that :meth:`Monitor.fit` produces."""
+"""The consistency report that ``Monitor.fit`` produces."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def _fmt(value: float | None, spec: str = ".3f") -> str:
 
 @dataclass
 class ConsistencyReport:
-    """What :meth:`Monitor.fit` measured on the holdout.
+    """What ``Monitor.fit`` measured on the holdout.
 
     Arrays cover every attacked holdout sample in loader order. Metrics and the
     threshold come from the calibration samples (``calibration`` mask), which are
@@ -51,7 +51,7 @@ class ConsistencyReport:
         censored: Samples where the attack found no adversarial (margin ``inf``).
         input_margins: ``(n,)`` FAB input margins, ``inf`` where censored.
         score_values: Score name -> ``(n,)`` values in the same order.
-        metrics: Score name -> :class:`~brittle.ScoreMetrics` on the calibration samples.
+        metrics: Score name -> ``ScoreMetrics`` on the calibration samples.
         chosen: The score the monitor uses.
         reason: Why that score was chosen.
         threshold: Flag threshold on the chosen score.
@@ -116,7 +116,7 @@ class ConsistencyReport:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ConsistencyReport:
-        """Inverse of :meth:`to_dict`."""
+        """Inverse of ``to_dict``."""
         labels = data["labels"]
         return cls(
             n=data["n"],
@@ -143,7 +143,7 @@ class ConsistencyReport:
         )
 
     def to_json(self, path: str | Path) -> Path:
-        """Write :meth:`to_dict` as JSON to ``path``."""
+        """Write ``to_dict`` as JSON to ``path``."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.to_dict(), indent=2, allow_nan=False))

@@ -18,7 +18,7 @@ def _rank(n: int, target_tpr: float) -> int:
 def min_positives(target_tpr: float) -> int:
     """Fewest non-robust calibration samples for which the guarantee can hold.
 
-    Example:
+    Examples:
         >>> from brittle.functional import min_positives
         >>> min_positives(0.95), min_positives(0.9)
         (19, 9)
@@ -48,10 +48,10 @@ def conformal_threshold(positive_scores: ArrayLike, target_tpr: float) -> float:
         target_tpr: Target true-positive rate in ``(0, 1)``.
 
     Raises:
-        ValueError: with fewer than :func:`min_positives` scores, where no finite
+        ValueError: with fewer than ``min_positives`` scores, where no finite
             threshold can keep the guarantee.
 
-    Example:
+    Examples:
         >>> from brittle.functional import conformal_threshold
         >>> conformal_threshold(range(1, 20), 0.95)  # the 19th smallest of 19
         19.0
@@ -64,7 +64,8 @@ def conformal_threshold(positive_scores: ArrayLike, target_tpr: float) -> float:
     k = _rank(n, target_tpr)
     if k > n:
         raise ValueError(
-            f"a threshold at TPR {target_tpr} needs at least {min_positives(target_tpr)} non-robust "
+            f"a threshold at TPR {target_tpr} needs at least {min_positives(target_tpr)} "
+            "non-robust "
             f"calibration samples. Got {n}: use more samples or a larger eps."
         )
     return float(scores[k - 1])

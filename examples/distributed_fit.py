@@ -23,7 +23,9 @@ from brittle.digits import ROBUST_EPS, digits_model, load_digits_split
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True, help="directory for report.json and monitor.pt")
+    parser.add_argument(
+        "--out", type=Path, required=True, help="directory for report.json and monitor.pt"
+    )
     parser.add_argument("--samples", type=int, default=400, help="holdout samples to attack")
     parser.add_argument("--steps", type=int, default=30, help="FAB steps per restart")
     args = parser.parse_args()
@@ -36,7 +38,9 @@ def main() -> None:
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.get_world_size()))
     rank = dist.get_rank() if launched else 0
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+    device = (
+        torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+    )
 
     # Every rank reads the same holdout in the same order; fit() shards the attacks.
     model = digits_model("robust").to(device)

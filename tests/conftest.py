@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+import brittle
 from brittle.digits import DigitsSplit, digits_model, load_digits_split
 
 # Budget for the digits models: about one and a half grey levels (see brittle.digits).
@@ -21,10 +22,13 @@ def digits() -> DigitsSplit:
 
 
 @pytest.fixture(scope="session")
-def model_cache(request: pytest.FixtureRequest) -> Path:
+def model_cache(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     # pytest's cache directory keeps the trained weights between runs; a fresh
-    # clone trains them once per session (about 45 s on 2 cores).
-    return Path(request.config.cache.mkdir("brittle-digits-models"))
+    # clone (or -p no:cacheprovider) trains them once per session (about 45 s on 2 cores).
+    cache = getattr(request.config, "cache", None)
+    if cache is None:
+        return tmp_path_factory.mktemp("brittle-digits-models")
+    return Path(cache.mkdir("brittle-digits-models"))
 
 
 @pytest.fixture(scope="session")
@@ -40,6 +44,13 @@ def robust_model(model_cache: Path) -> nn.Module:
 @pytest.fixture(scope="session")
 def holdout_loader(digits: DigitsSplit) -> DataLoader:
     return DataLoader(TensorDataset(digits.x_holdout, digits.y_holdout), batch_size=100)
+
+
+@pytest.fixture(scope="session")
+def pseudo_monitor(robust_model: nn.Module, holdout_loader: DataLoader) -> brittle.Monitor:
+    """The robust CNN's monitor with a fitted pseudo-margin network (small attack budget)."""
+    monitor = brittle.wrap(robust_model, eps=DIGITS_EPS, score="pseudo")
+    return monitor.fit(holdout_loader, n_samples=240, steps=10, progress=False, target_tpr=0.9)
 
 
 @pytest.fixture(autouse=True)

@@ -21,7 +21,9 @@ def _check(model: nn.Module, x: torch.Tensor, head: str, norm: str = "L2") -> br
     assert monitor.head_name == head
     torch.testing.assert_close(out.logits, reference)
     weight = monitor.head.weight.detach()  # type: ignore[union-attr]
-    np.testing.assert_allclose(out.margin.numpy(), brute_feature_margin(reference, weight, norm), rtol=1e-4)
+    np.testing.assert_allclose(
+        out.margin.numpy(), brute_feature_margin(reference, weight, norm), rtol=1e-4
+    )
     return monitor
 
 

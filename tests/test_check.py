@@ -428,6 +428,8 @@ def test_robustbench_checkpoint_in_model_dir(tmp_path: Path) -> None:
             eps,
             "--steps",
             "2",
+            "--engine",
+            "torchattacks",  # the engine brittle.input_margins used above
             "--batch-size",
             "6",
             "--target-tpr",

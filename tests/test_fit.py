@@ -33,7 +33,9 @@ def test_fit_returns_the_monitor_with_a_threshold(fitted: brittle.Monitor) -> No
     report = fitted.report
     assert fitted.is_fitted and fitted.has_threshold
     assert report.n == 300 and report.input_margins.shape == (300,)
-    assert report.chosen == fitted.score and report.threshold == pytest.approx(float(fitted.threshold))
+    assert report.chosen == fitted.score and report.threshold == pytest.approx(
+        float(fitted.threshold)
+    )
     assert report.accuracy is not None and report.accuracy > 0.95
     assert 0.0 < report.nonrobust_fraction < 1.0
     assert set(report.metrics) == {"logit", "feature"}
@@ -116,7 +118,9 @@ def test_conformal_threshold_keeps_its_guarantee_by_simulation() -> None:
 
 
 def test_conformal_threshold_refuses_too_few_positives() -> None:
-    with pytest.raises(ValueError, match="needs at least 19 non-robust calibration samples. Got 10"):
+    with pytest.raises(
+        ValueError, match="needs at least 19 non-robust calibration samples. Got 10"
+    ):
         BF.conformal_threshold(np.arange(10.0), 0.95)
 
 
@@ -129,7 +133,9 @@ class _ScaledLogits(nn.Module):
     def __init__(self, base: nn.Module) -> None:
         super().__init__()
         self.base = base
-        self.register_buffer("direction", torch.randn(64, generator=torch.Generator().manual_seed(1)))
+        self.register_buffer(
+            "direction", torch.randn(64, generator=torch.Generator().manual_seed(1))
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         u = (x.flatten(1) - 0.3) @ self.direction / 8.0
@@ -157,14 +163,18 @@ def test_resume_from_cache_recomputes_nothing(
     standard_model: nn.Module, holdout_loader: DataLoader, tmp_path, monkeypatch
 ) -> None:
     fit = {"n_samples": 200, "steps": 10, "progress": False, "pseudo": False}
-    first = brittle.wrap(standard_model, eps=DIGITS_EPS).fit(holdout_loader, cache_dir=tmp_path, **fit)
+    first = brittle.wrap(standard_model, eps=DIGITS_EPS).fit(
+        holdout_loader, cache_dir=tmp_path, **fit
+    )
     assert len(list(tmp_path.glob("*.pt"))) == 2  # two batches of 100
 
     def refuse(*args: object) -> torch.Tensor:
         raise AssertionError("the cached margins should have been used")
 
-    monkeypatch.setitem(attack.ENGINES, "torchattacks", refuse)
-    second = brittle.wrap(standard_model, eps=DIGITS_EPS).fit(holdout_loader, cache_dir=tmp_path, **fit)
+    monkeypatch.setitem(attack.ENGINES, attack.DEFAULT_ENGINE, refuse)
+    second = brittle.wrap(standard_model, eps=DIGITS_EPS).fit(
+        holdout_loader, cache_dir=tmp_path, **fit
+    )
     np.testing.assert_array_equal(first.report.input_margins, second.report.input_margins)
     # Different attack settings must not reuse those margins.
     with pytest.raises(AssertionError, match="cached margins"):
@@ -199,12 +209,16 @@ def test_loader_forms(standard_model: nn.Module, digits: DigitsSplit, form: str)
     assert (report.accuracy is None) == (form in ("x", "tensor"))
 
 
-def test_unjudgeable_holdout_samples_are_excluded(standard_model: nn.Module, digits: DigitsSplit) -> None:
+def test_unjudgeable_holdout_samples_are_excluded(
+    standard_model: nn.Module, digits: DigitsSplit
+) -> None:
     x = digits.x_holdout[:80].clone()
     x[5, 0, 0, 0] = math.nan
-    report = brittle.wrap(standard_model, eps=DIGITS_EPS).fit(
-        x, steps=8, pseudo=False, progress=False, target_tpr=0.8
-    ).report
+    report = (
+        brittle.wrap(standard_model, eps=DIGITS_EPS)
+        .fit(x, steps=8, pseudo=False, progress=False, target_tpr=0.8)
+        .report
+    )
     assert report.n == 79 and report.excluded == 1
 
 
@@ -214,7 +228,9 @@ def test_fit_explains_holdouts_it_cannot_calibrate(
     x = digits.x_holdout[:60]
     monitor = brittle.wrap(standard_model)
     small = {"steps": 5, "progress": False, "pseudo": False}
-    with pytest.raises(ValueError, match="none of the 60 holdout samples is non-robust.*larger eps"):
+    with pytest.raises(
+        ValueError, match="none of the 60 holdout samples is non-robust.*larger eps"
+    ):
         monitor.fit(x, eps=1e-4, **small)
     with pytest.raises(ValueError, match="all 60 holdout samples are non-robust.*smaller eps"):
         monitor.fit(x, eps=5.0, **small)

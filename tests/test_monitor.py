@@ -24,7 +24,9 @@ def _calls(module: nn.Module) -> list[int]:
     return counter
 
 
-def test_monitor_matches_model_and_runs_it_once(standard_model: nn.Module, digits: DigitsSplit) -> None:
+def test_monitor_matches_model_and_runs_it_once(
+    standard_model: nn.Module, digits: DigitsSplit
+) -> None:
     model = copy.deepcopy(standard_model)
     calls = _calls(model)
     monitor = brittle.wrap(model)
@@ -40,7 +42,9 @@ def test_monitor_matches_model_and_runs_it_once(standard_model: nn.Module, digit
     assert calls[0] == 3  # one more call by the monitor, one by the test
 
 
-def test_head_is_found_and_feature_margin_is_exact(standard_model: nn.Module, digits: DigitsSplit) -> None:
+def test_head_is_found_and_feature_margin_is_exact(
+    standard_model: nn.Module, digits: DigitsSplit
+) -> None:
     monitor = brittle.wrap(standard_model, score="feature", norm="L2")
     x = digits.x_holdout[:16]
     out = monitor(x)
@@ -117,7 +121,9 @@ def test_flags_follow_the_threshold(robust_model: nn.Module, digits: DigitsSplit
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
-def test_non_finite_samples_fail_closed(robust_model: nn.Module, digits: DigitsSplit, bad: float) -> None:
+def test_non_finite_samples_fail_closed(
+    robust_model: nn.Module, digits: DigitsSplit, bad: float
+) -> None:
     monitor = brittle.wrap(robust_model, score="feature")
     monitor.set_threshold(-1.0)  # nothing finite is flagged
     x = digits.x_holdout[:6].clone()
@@ -171,7 +177,7 @@ def test_bad_arguments_raise(standard_model: nn.Module) -> None:
 def test_unfitted_monitor_says_to_fit(standard_model: nn.Module) -> None:
     monitor = brittle.wrap(standard_model, score="pseudo")
     with pytest.raises(brittle.NotFittedError, match="fit"):
-        monitor.report
+        _ = monitor.report
     with pytest.raises(brittle.NotFittedError, match=r"monitor.fit\(loader\)"):
         monitor(torch.rand(2, 1, 8, 8))
     assert not monitor.is_fitted

@@ -10,7 +10,6 @@ import onnx
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 import brittle
 from brittle.digits import DigitsSplit
@@ -31,37 +30,14 @@ def _median_threshold(monitor: brittle.Monitor, x: torch.Tensor) -> None:
 def exported(
     robust_model: nn.Module,
     digits: DigitsSplit,
-    holdout_loader: DataLoader,
     tmp_path_factory: pytest.TempPathFactory,
-    request: pytest.FixtureRequest,
+    pseudo_monitor: brittle.Monitor,
 ) -> dict[str, tuple[brittle.Monitor, brittle.OnnxMonitor]]:
     """One monitor per score kind, exported once for the whole module."""
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("onnx")
     x = digits.x_holdout
-    # The pseudo-margin monitor is genuinely fitted (small attack budget). Fitting
-    # costs about a minute on 2 cores, mostly training the MLP, so the fitted state
-    # is kept in pytest's cache and reloaded with brittle.load on later runs.
-    cache = Path(request.config.cache.mkdir("brittle-onnx-fit"))
-    saved = cache / f"pseudo-monitor-{brittle.__version__}.pt"
-    pseudo = None
-    if saved.is_file():
-        try:
-            pseudo = brittle.load(saved, robust_model)
-        except (ValueError, KeyError, RuntimeError):
-            pseudo = None  # written by an older layout: fit again
-    if pseudo is None or pseudo.score != "pseudo" or not pseudo.is_fitted:
-        pseudo = brittle.wrap(robust_model, score="pseudo", eps=DIGITS_EPS).fit(
-            holdout_loader,
-            steps=15,
-            n_samples=200,
-            pseudo=True,
-            target_tpr=0.9,
-            progress=False,
-            cache_dir=cache,
-        )
-        pseudo.save(saved)
-    monitors = {"pseudo": pseudo}
+    monitors = {"pseudo": pseudo_monitor}
     for kind in ("logit", "feature"):
         monitors[kind] = brittle.wrap(robust_model, score=kind, eps=DIGITS_EPS)
         _median_threshold(monitors[kind], x[:300])

@@ -1,6 +1,6 @@
 """``python -m brittle.check``: margin-consistency reports, a CI gate and the paper's analyses.
 
-The command fits a :class:`~brittle.Monitor` for a model on a holdout (or
+The command fits a ``Monitor`` for a model on a holdout (or
 evaluates a saved one), prints a table of every score's Kendall tau and
 detection figures next to baseline scores, and writes ``report.json``,
 ``report.html`` and plots. See ``python -m brittle.check --help``.
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     Returns:
         The exit status.
 
-    Example:
+    Examples:
         >>> from brittle.check import main
         >>> main(["--model", "no/such/models.py:build", "--data", "digits"])
         2

@@ -2,7 +2,7 @@
 
 Each function takes arrays (or a model and tensors) and returns plain,
 JSON-ready dictionaries; the metrics themselves come from
-:mod:`brittle.functional`, so every number here is computed the way ``fit()``
+``brittle.functional``, so every number here is computed the way ``fit()``
 computes its own.
 """
 
@@ -51,7 +51,7 @@ BASELINES: dict[str, str] = {
 def jsonable(value: Any) -> Any:
     """``value`` with numpy scalars made Python and NaN / inf made ``None`` (strict JSON).
 
-    Example:
+    Examples:
         >>> from brittle.check.analyses import jsonable
         >>> jsonable({"a": float("nan"), "b": [1.5, float("inf")]})
         {'a': None, 'b': [1.5, None]}
@@ -119,7 +119,7 @@ def forward_pass(monitor: nn.Module, x: Tensor, batch_size: int, device: str) ->
 def subset_indices(n: int, size: int, seed: int = 0) -> np.ndarray:
     """Sorted seeded random choice of ``min(size, n)`` of ``range(n)``: the attacked subset.
 
-    Example:
+    Examples:
         >>> from brittle.check.analyses import subset_indices
         >>> subset_indices(10, 3, seed=0).tolist()
         [2, 4, 6]
@@ -134,7 +134,7 @@ def estimate_threshold(scores: np.ndarray, robust_count: int) -> float:
     The midpoint between neighbours keeps ties and rounding from moving samples
     across; ``-inf`` when every score must count as robust.
 
-    Example:
+    Examples:
         >>> import numpy as np
         >>> from brittle.check.analyses import estimate_threshold
         >>> round(estimate_threshold(np.array([0.1, 0.4, 0.2, 0.9]), 2), 6)
@@ -166,7 +166,7 @@ def robust_accuracy_estimate(
 
     The first ``len(margins)`` samples of the data set were attacked (their input
     margins are ``margins``). A seeded random subset of ``subset_size`` of them
-    (:func:`subset_indices`)
+    (``subset_indices``)
     stands for the small attacked set of Algorithm 1. On it, the threshold ``t``
     on the score is picked so that "correct and score > t" counts exactly as many
     samples as "correct and input margin > eps", that is, so that the score-based
@@ -345,7 +345,7 @@ def baseline_scores(
     """Compute the baseline scores of the attacked samples ``x`` (the first ``len(x)`` of the data).
 
     ``probs``, ``features`` and ``preds_all`` cover the whole data set (from
-    :func:`forward_pass`); the KDE uses all of it as its reference set.
+    ``forward_pass``); the KDE uses all of it as its reference set.
     """
     n = x.shape[0]
     p = probs[:n]

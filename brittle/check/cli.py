@@ -10,6 +10,7 @@ from typing import Any, NoReturn
 
 import torch
 
+from brittle.attack import DEFAULT_ENGINE
 from brittle.check.errors import UsageError
 from brittle.norms import NORMS, Norm
 
@@ -42,7 +43,7 @@ file, unknown model spec, data the model cannot take), printed on one line.
 
 
 class _Parser(argparse.ArgumentParser):
-    """An ``ArgumentParser`` whose errors become :class:`UsageError` (one line, exit 2)."""
+    """An ``ArgumentParser`` whose errors become ``UsageError`` (one line, exit 2)."""
 
     def error(self, message: str) -> NoReturn:
         option = "arguments"
@@ -93,7 +94,7 @@ def _tau(text: str) -> float:
 
 
 def build_parser(engines: list[str] | None = None) -> argparse.ArgumentParser:
-    """Build the parser; ``engines`` defaults to the keys of :data:`brittle.attack.ENGINES` now.
+    """Build the parser; ``engines`` defaults to the keys of ``brittle.attack.ENGINES`` now.
 
     The engine list is read at call time because other modules register engines.
     """
@@ -213,9 +214,9 @@ def build_parser(engines: list[str] | None = None) -> argparse.ArgumentParser:
     fit.add_argument(
         "--engine",
         choices=engines,
-        default="torchattacks" if "torchattacks" in engines else engines[0],
-        help="attack engine for the input margins, one of brittle.attack.ENGINES "
-        "(default: torchattacks).",
+        default=DEFAULT_ENGINE if DEFAULT_ENGINE in engines else engines[0],
+        help="attack engine for the input margins, one of brittle.attack.ENGINES: 'brittle' "
+        "(brittle's fast FAB) or 'torchattacks' (the reference FAB) (default: brittle).",
     )
     fit.add_argument(
         "--batch-size",
@@ -296,7 +297,7 @@ def build_parser(engines: list[str] | None = None) -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse ``argv`` (``sys.argv[1:]`` when ``None``); raises :class:`UsageError`.
+    """Parse ``argv`` (``sys.argv[1:]`` when ``None``); raises ``UsageError``.
 
     ``--help`` still exits through ``SystemExit(0)``, as argparse does.
     """

@@ -10,7 +10,7 @@ __all__ = ["model_table", "side_by_side", "timings_text", "fmt"]
 def fmt(value: Any, spec: str = ".3f") -> str:
     """``value`` formatted with ``spec``, ``-`` for ``None``.
 
-    Example:
+    Examples:
         >>> from brittle.check.console import fmt
         >>> fmt(0.12345), fmt(None), fmt(0.5, ".0%")
         ('0.123', '-', '50%')

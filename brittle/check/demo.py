@@ -47,7 +47,7 @@ def run_demo(
 ) -> Iterator[CheckResult]:
     """Check both digits models; yields each result as soon as it is ready.
 
-    The models come from :func:`brittle.digits.digits_model`: trained on the first
+    The models come from ``brittle.digits.digits_model``: trained on the first
     run (about 10 s and 35 s on 2 CPU cores) and loaded from the cache directory
     afterwards. Each model's files go to ``out_dir/<name>/``.
     """

@@ -12,7 +12,7 @@ class UsageError(Exception):
         option: The argument at fault, as typed on the command line (``"--data"``).
         message: What is wrong with it and, where possible, how to fix it.
 
-    Example:
+    Examples:
         >>> from brittle.check.errors import UsageError
         >>> str(UsageError("--data", "no such file: 'x.npz'"))
         "--data: no such file: 'x.npz'"

@@ -1,6 +1,6 @@
 """PNG plots of a check, drawn from the ``report.json`` payload alone (matplotlib optional).
 
-matplotlib is the ``plot`` extra: without it :func:`write_plots` returns an
+matplotlib is the ``plot`` extra: without it ``write_plots`` returns an
 empty list and the command says how to get plots. Figures are drawn with
 ``matplotlib.figure.Figure`` directly, never through ``pyplot``, so the global
 backend and figure registry of the calling process are left alone.
@@ -51,7 +51,7 @@ def write_plots(payload: dict[str, Any], out_dir: Path) -> list[Path]:
         out_dir: Existing directory for the files.
 
     Returns:
-        The files written, in the order of :data:`PLOT_FILES`.
+        The files written, in the order of ``PLOT_FILES``.
 
     """
     if not plots_available():

@@ -59,7 +59,7 @@ class CheckResult:
 def with_suffix_tag(path: Path, tag: str) -> Path:
     """``monitor.pt`` -> ``monitor-robust.pt``: one file per model of the demo.
 
-    Example:
+    Examples:
         >>> from pathlib import Path
         >>> from brittle.check.runner import with_suffix_tag
         >>> with_suffix_tag(Path("out/monitor.pt"), "robust").as_posix()

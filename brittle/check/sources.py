@@ -1,7 +1,7 @@
 """Turning ``--model`` and ``--data`` specs into an ``nn.Module`` and tensors.
 
 Every failure a user can cause (a missing file, an unknown model, data of the
-wrong shape) becomes a :class:`~brittle.check.errors.UsageError` naming the
+wrong shape) becomes a ``UsageError`` naming the
 argument, so the command prints one line instead of a traceback.
 """
 
@@ -92,7 +92,7 @@ def load_model(
     Raises:
         UsageError: for anything wrong with the spec or the files it names.
 
-    Example:
+    Examples:
         >>> from brittle.check.sources import load_model
         >>> source = load_model("brittle.digits:digits_cnn")
         >>> type(source.model).__name__
@@ -230,7 +230,7 @@ def load_data(
         UsageError: for a missing file, arrays of the wrong shape or range, or an
             unreadable image directory.
 
-    Example:
+    Examples:
         >>> from brittle.check.sources import load_data
         >>> data = load_data("digits")
         >>> tuple(data.x.shape), tuple(data.y.shape)
