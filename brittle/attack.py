@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from brittle._modes import eval_mode, frozen
 from brittle.data import batches
-from brittle.norms import Norm, check_norm, per_sample_norm
+from brittle.norms import START_RADIUS, Norm, check_norm, per_sample_norm
 
 __all__ = [
     "AttackSettings",
@@ -23,10 +23,6 @@ __all__ = [
     "DEFAULT_ENGINE",
     "verified_margins",
 ]
-
-# Radius of random restarts for samples with no adversarial yet (torchattacks' own
-# defaults); samples with one restart within half their best norm so far.
-START_RADIUS = {"Linf": 0.3, "L2": 1.0, "L1": 5.0}
 
 
 @dataclass(frozen=True)

@@ -32,15 +32,13 @@ import torch
 from torch import Tensor, nn
 
 from brittle._modes import eval_mode, frozen
-from brittle.norms import Norm, check_norm, dual_order, norm_order
+from brittle.norms import START_RADIUS, Norm, check_norm, dual_order, norm_order
 
 if TYPE_CHECKING:
     from brittle.attack import AttackSettings
 
 __all__ = ["FabResult", "fab_attack"]
 
-# Radius of random restarts for samples with no adversarial yet (torchattacks' defaults).
-_START_RADIUS = {"Linf": 0.3, "L2": 1.0, "L1": 5.0}
 _MASK32 = 0xFFFFFFFF
 # Widen a sample's candidate classes when the next class's guessed distance is
 # below this many times the nearest linearised distance (gradients change en route).
@@ -164,8 +162,14 @@ def brittle_engine(
     from brittle.attack import verified_margins
 
     adv = fab_attack(
-        model, x, pred, norm=settings.norm, steps=settings.steps,
-        restarts=settings.restarts, seed=settings.seed, index=index,
+        model,
+        x,
+        pred,
+        norm=settings.norm,
+        steps=settings.steps,
+        restarts=settings.restarts,
+        seed=settings.seed,
+        index=index,
     ).adv
     return verified_margins(model, x, adv, pred, settings.norm)
 
@@ -174,8 +178,15 @@ class _Fab:
     """State of one batch under attack: flattened inputs, best adversarials so far."""
 
     def __init__(
-        self, model: nn.Module, x: Tensor, pred: Tensor, norm: Norm,
-        eta: float, beta: float, alpha_max: float, patience: int,
+        self,
+        model: nn.Module,
+        x: Tensor,
+        pred: Tensor,
+        norm: Norm,
+        eta: float,
+        beta: float,
+        alpha_max: float,
+        patience: int,
     ) -> None:
         self.model, self.norm, self.shape = model, norm, x.shape[1:]
         self.eta, self.beta, self.alpha_max, self.patience = eta, beta, alpha_max, patience
@@ -238,8 +249,18 @@ class _Fab:
             active[idx] = stale_a < self.patience
 
     def _step(
-        self, idx: Tensor, logits: Tensor, xr: Tensor, rows: Tensor, first: Tensor,
-        xa: Tensor, x0: Tensor, c: Tensor, z: Tensor, ka: Tensor, is_adv: Tensor,
+        self,
+        idx: Tensor,
+        logits: Tensor,
+        xr: Tensor,
+        rows: Tensor,
+        first: Tensor,
+        xa: Tensor,
+        x0: Tensor,
+        c: Tensor,
+        z: Tensor,
+        ka: Tensor,
+        is_adv: Tensor,
     ) -> tuple[Tensor, Tensor]:
         """FAB's projection step from ``xa``, linearising ``ka`` candidate classes per sample.
 
@@ -303,7 +324,7 @@ class _Fab:
             t = 2 * noise[..., 0] - 1
         else:  # Box-Muller: Gaussian directions, as torchattacks draws for L2 and L1
             t = torch.sqrt(-2 * torch.log(noise[..., 0])) * torch.cos(2 * math.pi * noise[..., 1])
-        radius = self.best.clamp(max=_START_RADIUS[self.norm])
+        radius = self.best.clamp(max=START_RADIUS[self.norm])
         t = t / _lp(t, self.norm).clamp_min(1e-12)[:, None]
         return (self.x0 + 0.5 * radius[:, None] * t).clamp(0, 1)
 

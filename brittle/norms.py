@@ -8,12 +8,23 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor
 
-__all__ = ["Norm", "NORMS", "check_norm", "dual_order", "norm_order", "per_sample_norm"]
+__all__ = [
+    "Norm",
+    "NORMS",
+    "START_RADIUS",
+    "check_norm",
+    "dual_order",
+    "norm_order",
+    "per_sample_norm",
+]
 
 Norm = Literal["Linf", "L2", "L1"]
 NORMS: tuple[str, ...] = get_args(Norm)
 
 _ORDER = {"Linf": math.inf, "L2": 2.0, "L1": 1.0}
+# Radius of random attack restarts for samples with no adversarial yet
+# (torchattacks' defaults); samples with one restart within half their best norm.
+START_RADIUS = {"Linf": 0.3, "L2": 1.0, "L1": 5.0}
 # The distance to a hyperplane w.x + b = 0 measured in the p-norm is |w.x + b| / ||w||_q
 # with q the dual exponent of p (1/p + 1/q = 1).
 _DUAL = {"Linf": 1.0, "L2": 2.0, "L1": math.inf}

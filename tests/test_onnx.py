@@ -186,3 +186,22 @@ def test_torchvision_resnet18(tmp_path: Path) -> None:
     got = served(x.numpy())
     assert got.flag[3] and np.isnan(got.margin[3])
     _assert_parity(expected, got, float(monitor.threshold))
+
+
+def test_robustbench_wide_resnet(tmp_path: Path) -> None:
+    from brittle.compat import import_robustbench
+
+    import_robustbench()
+    from robustbench.model_zoo.architectures.wide_resnet import WideResNet
+
+    torch.manual_seed(0)
+    # RobustBench's own WideResNet class, made small (depth 10, width 1) for CPU time.
+    model = WideResNet(depth=10, widen_factor=1, num_classes=10).eval()
+    x = torch.rand(7, 3, 32, 32)
+    monitor = brittle.wrap(model, score="feature", eps=8 / 255, example_input=x[:2])
+    assert monitor.head_name == "fc"
+    _median_threshold(monitor, x)
+    served = brittle.OnnxMonitor(monitor.export_onnx(tmp_path / "wrn.onnx", x[:2]))
+    with torch.no_grad():
+        expected = monitor(x)
+    _assert_parity(expected, served(x.numpy()), float(monitor.threshold))
