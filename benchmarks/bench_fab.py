@@ -130,24 +130,35 @@ def main() -> None:
     cases: list[tuple[str, Callable[[], tuple[nn.Module, Tensor]], int, AttackSettings]] = [
         ("digits CNN, PGD, 10 classes", _robust_digits, args.n10, settings),
         ("digits CNN, 100 classes", _hundred_class_digits, args.n100, settings),
-        ("ResNet-18 32x32, random", _resnet18, args.nresnet,
-         AttackSettings(norm=args.norm, steps=args.resnet_steps)),
+        (
+            "ResNet-18 32x32, random",
+            _resnet18,
+            args.nresnet,
+            AttackSettings(norm=args.norm, steps=args.resnet_steps),
+        ),
     ]
-    header = (f"{'model':<28} {'n':>4} {'steps':>5} {'torchattacks':>12} {'brittle':>8} "
-              f"{'speedup':>7} {'cpu':>5} {'broke ta/br':>11} {'ratio med':>9} {'p95':>6} "
-              f"{'>5%':>4}")
-    print(f"norm={args.norm} device={args.device} threads={torch.get_num_threads()} "
-          f"repeats={args.repeats} (times: medians)")
+    header = (
+        f"{'model':<28} {'n':>4} {'steps':>5} {'torchattacks':>12} {'brittle':>8} "
+        f"{'speedup':>7} {'cpu':>5} {'broke ta/br':>11} {'ratio med':>9} {'p95':>6} "
+        f"{'>5%':>4}"
+    )
+    print(
+        f"norm={args.norm} device={args.device} threads={torch.get_num_threads()} "
+        f"repeats={args.repeats} (times: medians)"
+    )
     print(header)
     print("-" * len(header))
     for name, build, n, case_settings in cases:
         model, x = build()
         model, warmup, x = model.to(args.device), x[-8:].to(args.device), x[:n].to(args.device)
         row = _compare(model, x, warmup, case_settings, args.repeats)
-        print(f"{name:<28} {n:>4} {case_settings.steps:>5} {row['ta_s']:>11.1f}s "
-              f"{row['br_s']:>7.1f}s {row['speedup']:>6.1f}x {row['cpu_speedup']:>4.1f}x "
-              f"{row['ta_broke']:>5.0%}/{row['br_broke']:<5.0%} {row['median']:>9.4f} "
-              f"{row['p95']:>6.3f} {row['worse5']:>4}", flush=True)
+        print(
+            f"{name:<28} {n:>4} {case_settings.steps:>5} {row['ta_s']:>11.1f}s "
+            f"{row['br_s']:>7.1f}s {row['speedup']:>6.1f}x {row['cpu_speedup']:>4.1f}x "
+            f"{row['ta_broke']:>5.0%}/{row['br_broke']:<5.0%} {row['median']:>9.4f} "
+            f"{row['p95']:>6.3f} {row['worse5']:>4}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":
