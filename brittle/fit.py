@@ -28,7 +28,7 @@ from brittle.threshold import conformal_threshold, min_positives, rates
 if TYPE_CHECKING:
     from brittle.monitor import Monitor, ScoreKind
 
-__all__ = ["fit_monitor", "Holdout", "collect_holdout", "choose_score"]
+__all__ = ["fit_monitor", "Holdout", "collect_holdout", "holdout_report", "choose_score"]
 
 # Share of the holdout the pseudo-margin network trains on; the rest calibrates.
 PSEUDO_TRAIN_SHARE = 0.5
@@ -128,6 +128,29 @@ def collect_holdout(
         labels=torch.cat(labels).numpy() if has_labels and labels else None,
         features=torch.cat(feats) if feats else None,
         excluded=seen - kept_index.numel(),
+    )
+
+
+def holdout_report(holdout: Holdout, *, eps: float, norm: str, **fields: Any) -> ConsistencyReport:
+    """A report on ``holdout``: the arrays and figures the holdout determines, plus ``fields``.
+
+    ``fields`` are the remaining :class:`ConsistencyReport` fields (metrics, chosen
+    score, threshold and rates, timings, calibration mask, settings).
+    """
+    margins, labels = holdout.margins, holdout.labels
+    return ConsistencyReport(
+        n=int(margins.size),
+        eps=eps,
+        norm=norm,
+        accuracy=None if labels is None else float((holdout.predictions == labels).mean()),
+        nonrobust_fraction=float(nonrobust(margins, eps).mean()),
+        censored=int(np.isinf(margins).sum()),
+        input_margins=margins,
+        score_values=holdout.scores,
+        predictions=holdout.predictions,
+        labels=labels,
+        excluded=holdout.excluded,
+        **fields,
     )
 
 
@@ -331,16 +354,10 @@ def fit_monitor(
     monitor.chosen_score = chosen
     monitor.set_threshold(threshold)
     monitor.fitted.fill_(True)
-    labels = holdout.labels
-    monitor._report = ConsistencyReport(
-        n=n,
+    monitor._report = holdout_report(
+        holdout,
         eps=eps,
         norm=monitor.norm,
-        accuracy=None if labels is None else float((holdout.predictions == labels).mean()),
-        nonrobust_fraction=float(positive.mean()),
-        censored=int(np.isinf(margins).sum()),
-        input_margins=margins,
-        score_values=holdout.scores,
         metrics=metrics,
         chosen=chosen,
         reason=reason,
@@ -349,10 +366,7 @@ def fit_monitor(
         tpr=tpr,
         fpr=fpr,
         timings=timings,
-        predictions=holdout.predictions,
-        labels=labels,
         calibration=calibration,
-        excluded=holdout.excluded,
         settings={
             "engine": engine,
             "steps": steps,

@@ -12,7 +12,7 @@ from brittle.attack import AttackSettings
 from brittle.cache import MarginCache
 from brittle.check.cli import Settings
 from brittle.check.errors import UsageError
-from brittle.fit import collect_holdout
+from brittle.fit import collect_holdout, holdout_report
 from brittle.functional import nonrobust, rates, score_metrics
 from brittle.monitor import Monitor
 from brittle.report import ConsistencyReport
@@ -56,16 +56,10 @@ def evaluate_saved(
     threshold = float(monitor.threshold)
     tpr, fpr = rates(holdout.scores[chosen], positive, threshold)
     saved_target = monitor._report.target_tpr if monitor._report is not None else None
-    labels = holdout.labels
-    return ConsistencyReport(
-        n=int(margins.size),
+    return holdout_report(
+        holdout,
         eps=eps,
         norm=monitor.norm,
-        accuracy=None if labels is None else float((holdout.predictions == labels).mean()),
-        nonrobust_fraction=float(positive.mean()),
-        censored=int(np.isinf(margins).sum()),
-        input_margins=margins,
-        score_values=holdout.scores,
         metrics=metrics,
         chosen=chosen,
         reason=f"saved in {source.name}; its score and threshold, evaluated on this data",
@@ -74,10 +68,7 @@ def evaluate_saved(
         tpr=tpr,
         fpr=fpr,
         timings=timings,
-        predictions=holdout.predictions,
-        labels=labels,
         calibration=np.ones(margins.size, dtype=bool),
-        excluded=holdout.excluded,
         settings={
             "engine": settings.engine,
             "steps": settings.steps,
