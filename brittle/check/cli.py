@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -53,44 +54,32 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(option, message)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def _checked(
+    convert: Callable[[str], Any], valid: Callable[[Any], bool], parse_msg: str, range_msg: str
+) -> Callable[[str], Any]:
+    """An argparse ``type`` that converts a value and checks its range, with two messages."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {parse_msg}, got {text!r}") from None
+        if not valid(value):
+            raise argparse.ArgumentTypeError(f"expected {range_msg}, got {value}")
+        return value
+
+    return parse
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a finite positive number, got {value}")
-    return value
-
-
-def _rate(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {value}")
-    return value
-
-
-def _tau(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [-1, 1], got {text!r}") from None
-    if not -1.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [-1, 1], got {value}")
-    return value
+_positive_int = _checked(int, lambda v: v >= 1, "a positive integer", "a positive integer")
+_positive_float = _checked(
+    float,
+    lambda v: math.isfinite(v) and v > 0,
+    "a positive number",
+    "a finite positive number",
+)
+_rate = _checked(float, lambda v: 0.0 < v < 1.0, "a number in (0, 1)", "a number in (0, 1)")
+_tau = _checked(float, lambda v: -1.0 <= v <= 1.0, "a number in [-1, 1]", "a number in [-1, 1]")
 
 
 def build_parser(engines: list[str] | None = None) -> argparse.ArgumentParser:
