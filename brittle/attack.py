@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -12,8 +10,13 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from brittle._modes import eval_mode, frozen
+from brittle.attack_settings import AttackSettings
 from brittle.data import batches
-from brittle.norms import START_RADIUS, Norm, check_norm, per_sample_norm
+from brittle.fab import brittle_engine
+from brittle.head import model_output
+from brittle.norms import Norm, check_norm
+from brittle.torchattacks_fab import torchattacks_engine
+from brittle.verify import check_unit_range, model_device, verified_margins
 
 __all__ = [
     "AttackSettings",
@@ -25,24 +28,6 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class AttackSettings:
-    """What an engine needs besides the model and the batch."""
-
-    norm: Norm = "Linf"
-    steps: int = 100
-    restarts: int = 1
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        check_norm(self.norm)
-        if self.steps < 1 or self.restarts < 1:
-            raise ValueError(
-                f"steps and restarts must be positive. Got steps={self.steps}, "
-                f"restarts={self.restarts}."
-            )
-
-
 Engine = Callable[[nn.Module, Tensor, Tensor, AttackSettings, Tensor], Tensor]
 """``engine(model, x, pred, settings, index) -> margins``: smallest verified norm per sample.
 
@@ -52,63 +37,10 @@ result independent of how the holdout is batched or sharded.
 """
 
 
-def verified_margins(model: nn.Module, x: Tensor, adv: Tensor, pred: Tensor, norm: Norm) -> Tensor:
-    """Norm of ``adv - x`` where ``adv`` really changes the prediction and stays in [0, 1].
-
-    Everything else (the attack failed, or returned ``x`` itself) is censored: ``inf``.
-    """
-    with torch.no_grad():
-        flipped = model(adv).argmax(dim=1) != pred
-    inside = ((adv >= 0) & (adv <= 1)).flatten(1).all(dim=1)
-    dist = per_sample_norm(adv - x, norm).to(torch.float32)
-    return torch.where(flipped & inside, dist, torch.full_like(dist, math.inf))
-
-
-def _torchattacks_fab(
-    model: nn.Module, x: Tensor, pred: Tensor, settings: AttackSettings, index: Tensor
-) -> Tensor:
-    """Untargeted FAB from torchattacks, restart by restart, keeping the best per sample.
-
-    ``perturb()`` is bypassed on purpose: it drops results above ``eps`` and never
-    re-attacks a point already broken. Each ``attack_single_run`` is verified here.
-    Its random restarts draw for the whole batch, so unlike the first run they
-    depend on the batch's composition (``index`` is not used).
-    """
-    import torchattacks
-
-    fab = torchattacks.FAB(
-        model,
-        norm=settings.norm,
-        steps=settings.steps,
-        n_restarts=1,
-        n_classes=pred.max().item() + 1,
-        seed=settings.seed,
-    )
-    best = torch.full((x.shape[0],), math.inf, device=x.device)
-    default = START_RADIUS[settings.norm]
-    for restart in range(settings.restarts):
-        # attack_single_run's random start has radius min(eps, ...)/2; a per-sample
-        # eps puts restarts near the best adversarial found so far.
-        fab.eps = torch.where(torch.isfinite(best), best, torch.full_like(best, default))
-        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
-            torch.manual_seed(settings.seed + restart)
-            adv = fab.attack_single_run(x, pred, use_rand_start=restart > 0)
-        best = torch.minimum(best, verified_margins(model, x, adv, pred, settings.norm))
-    return best
-
-
-ENGINES: dict[str, Engine] = {"torchattacks": _torchattacks_fab}
+ENGINES: dict[str, Engine] = {"brittle": brittle_engine, "torchattacks": torchattacks_engine}
 # fit()'s engine: brittle's own FAB (brittle.fab), measured at least as tight as
 # torchattacks' and several times faster (benchmarks/README.md).
 DEFAULT_ENGINE = "brittle"
-
-
-def _check_range(x: Tensor) -> None:
-    if x.numel() and (float(x.min()) < 0.0 or float(x.max()) > 1.0):
-        raise ValueError(
-            f"input margins are measured for inputs in [0, 1]; got values in "
-            f"[{float(x.min()):.4g}, {float(x.max()):.4g}]. Put normalisation inside the model."
-        )
 
 
 def attack_batch(
@@ -116,7 +48,7 @@ def attack_batch(
     x: Tensor,
     pred: Tensor,
     settings: AttackSettings,
-    engine: str = "torchattacks",
+    engine: str = DEFAULT_ENGINE,
     index: Tensor | None = None,
 ) -> Tensor:
     """Margins of one batch, the model borrowed in eval mode with frozen parameters.
@@ -131,16 +63,11 @@ def attack_batch(
     """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {sorted(ENGINES)}. Got {engine!r}.")
-    _check_range(x)
+    check_unit_range(x)
     if index is None:
         index = torch.arange(x.shape[0], device=x.device)
     with eval_mode(model), frozen(model):
         return ENGINES[engine](model, x, pred, settings, index.to(x.device))
-
-
-def _device(model: nn.Module) -> torch.device:
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
 
 
 def input_margins(
@@ -151,7 +78,7 @@ def input_margins(
     steps: int = 100,
     restarts: int = 1,
     batch_size: int = 128,
-    engine: str = "torchattacks",
+    engine: str = DEFAULT_ENGINE,
     progress: bool = False,
     seed: int = 0,
     distributed: bool | None = None,
@@ -169,7 +96,8 @@ def input_margins(
         steps: FAB iterations per restart.
         restarts: Attack runs per sample; the smallest verified norm is kept.
         batch_size: Batch size when ``data`` is a tensor.
-        engine: ``"torchattacks"`` (the reference FAB) or another registered engine.
+        engine: ``"brittle"`` (brittle's FAB, the default everywhere) or
+            ``"torchattacks"`` (the reference FAB).
         progress: Show a progress bar.
         seed: Seed of the random restarts (the global RNG is left untouched).
         distributed: Shard the attacks across the ranks of the initialised
@@ -193,7 +121,7 @@ def input_margins(
     from brittle.distributed import shard
 
     settings = AttackSettings(norm=check_norm(norm), steps=steps, restarts=restarts, seed=seed)
-    device = _device(model)
+    device = model_device(model)
     part = shard(distributed)
     total = len(data) if isinstance(data, Tensor) else None
     indices: list[Tensor] = []
@@ -208,7 +136,7 @@ def input_margins(
             if mine.any():
                 x = x[mine].to(device)
                 with torch.no_grad(), eval_mode(model):
-                    pred = model(x).argmax(dim=1)
+                    pred = model_output(model(x)).argmax(dim=1)
                 margins.append(attack_batch(model, x, pred, settings, engine, index[mine]).cpu())
                 indices.append(index[mine])
             bar.update(int(mine.numel()))
@@ -216,9 +144,3 @@ def input_margins(
     if not indices:
         indices, margins = [torch.empty(0, dtype=torch.long)], [torch.empty(0)]
     return part.assemble(seen, torch.cat(indices), torch.cat(margins)).to(torch.float32)
-
-
-# Registered last: brittle.fab imports this module lazily, so neither import order breaks.
-from brittle.fab import brittle_engine  # noqa: E402
-
-ENGINES["brittle"] = brittle_engine

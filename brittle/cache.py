@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from brittle.attack import AttackSettings
+from brittle.attack_settings import AttackSettings
 
 __all__ = ["MarginCache", "model_fingerprint"]
 

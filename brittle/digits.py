@@ -102,6 +102,8 @@ def train_digits_cnn(
                 optimiser.zero_grad()
                 nn.functional.cross_entropy(model(x), y).backward()
                 optimiser.step()
+        # A freshly trained model looks like a loaded one: no .grad left behind.
+        optimiser.zero_grad(set_to_none=True)
     return model.eval()
 
 

@@ -26,16 +26,16 @@ only; the model is borrowed in eval mode with frozen parameters.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from brittle._modes import eval_mode, frozen
+from brittle.attack_settings import AttackSettings
+from brittle.head import model_output
 from brittle.norms import START_RADIUS, Norm, check_norm, dual_order, norm_order
-
-if TYPE_CHECKING:
-    from brittle.attack import AttackSettings
+from brittle.verify import check_unit_range, verified_margins
 
 __all__ = ["FabResult", "fab_attack"]
 
@@ -128,17 +128,13 @@ def fab_attack(
             f"Got steps={steps}, restarts={restarts}, candidates={candidates}, "
             f"refine_steps={refine_steps}."
         )
-    if x.numel() and (float(x.min()) < 0.0 or float(x.max()) > 1.0):
-        raise ValueError(
-            f"fab_attack needs inputs in [0, 1]; got values in "
-            f"[{float(x.min()):.4g}, {float(x.max()):.4g}]. Put normalisation inside the model."
-        )
+    check_unit_range(x, "fab_attack works")
     patience = max(10, steps // 10) if patience is None else patience
     with eval_mode(model), frozen(model):
         x = x.detach()
         if pred is None:
             with torch.no_grad():
-                pred = model(x).argmax(dim=1)
+                pred = model_output(model(x)).argmax(dim=1)
         if index is None:
             index = torch.arange(x.shape[0], device=x.device)
         if x.shape[0] == 0:
@@ -158,9 +154,6 @@ def brittle_engine(
 
     Returns the verified margins (``inf`` where censored), as every engine does.
     """
-    # Imported here: brittle.attack imports this module to register the engine.
-    from brittle.attack import verified_margins
-
     adv = fab_attack(
         model,
         x,
@@ -193,7 +186,7 @@ class _Fab:
         self.x0 = x.flatten(1)
         self.pred = pred.long()
         with torch.no_grad():
-            self.num_classes = int(model(x[:1]).shape[1])
+            self.num_classes = int(model_output(model(x[:1])).shape[1])
         if self.num_classes < 2:
             raise ValueError(f"the model must output at least 2 classes. Got {self.num_classes}.")
         self.best = torch.full((x.shape[0],), math.inf, device=x.device)
@@ -203,7 +196,7 @@ class _Fab:
         self.known = torch.zeros_like(self.dual_seen, dtype=torch.bool)
 
     def _logits(self, x: Tensor) -> Tensor:
-        return self.model(x.view(-1, *self.shape))
+        return model_output(self.model(x.view(-1, *self.shape)))
 
     def run(self, start: Tensor, steps: int, candidates: int) -> None:
         """One FAB run from ``start``; updates the best adversarials found so far."""

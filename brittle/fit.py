@@ -56,7 +56,7 @@ def collect_holdout(
     data: Tensor | Iterable[Any],
     settings: AttackSettings,
     *,
-    engine: str = "torchattacks",
+    engine: str = DEFAULT_ENGINE,
     n_samples: int | None = None,
     progress: bool = True,
     cache: MarginCache | None = None,

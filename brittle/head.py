@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,11 +48,35 @@ class _Probe:
 
 
 def model_output(output: Any) -> Tensor:
-    """Check that a model returned a ``(batch, classes)`` logit tensor."""
-    if not isinstance(output, Tensor) or output.dim() != 2:
-        got = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
-        raise ValueError(f"the model must return logits of shape (batch, classes). Got {got}.")
-    return output
+    """The ``(batch, classes)`` logit tensor of a model's output.
+
+    Models return logits in several shapes: a tensor; a dict (or ``ModelOutput``)
+    with a ``"logits"`` key; an object with a ``.logits`` attribute (Hugging Face
+    ``transformers`` classifiers); a tuple or list whose first element is the
+    logits. Anything else is a ``ValueError`` that says what was received.
+
+    Examples:
+        >>> import torch
+        >>> from brittle.head import model_output
+        >>> model_output({"logits": torch.zeros(2, 3)}).shape
+        torch.Size([2, 3])
+        >>> model_output((torch.zeros(2, 3), "aux")).shape
+        torch.Size([2, 3])
+    """
+    logits = output
+    if isinstance(output, Mapping) and "logits" in output:
+        logits = output["logits"]
+    elif not isinstance(output, Tensor) and isinstance(getattr(output, "logits", None), Tensor):
+        logits = output.logits
+    elif isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        logits = output[0]
+    if not isinstance(logits, Tensor) or logits.dim() != 2:
+        got = tuple(logits.shape) if isinstance(logits, Tensor) else type(output).__name__
+        raise ValueError(
+            "the model must return logits of shape (batch, classes): a tensor, a dict with a "
+            f"'logits' key, an object with .logits, or a tuple starting with them. Got {got}."
+        )
+    return logits
 
 
 def resolve_head(model: nn.Module, name: str) -> nn.Linear:

@@ -413,7 +413,7 @@ def test_robustbench_checkpoint_in_model_dir(tmp_path: Path) -> None:
         torch.testing.assert_close(source.model(x), model(x))
     np.savez(tmp_path / "cifar.npz", x=x.numpy())  # no labels
     # The budget between the smallest and largest margin gives both classes.
-    margins = brittle.input_margins(model, x, steps=2, batch_size=6)
+    margins = brittle.input_margins(model, x, steps=2, batch_size=6, engine="torchattacks")
     eps = float(margins.sort().values[2:4].mean())
     out = tmp_path / "out"
     code, stdout, stderr = run_main(

@@ -69,7 +69,7 @@ def test_flags_of_the_fitted_monitor_match_the_report(
 def test_margins_are_real_adversarials(robust_model: nn.Module, digits: DigitsSplit) -> None:
     x = digits.x_holdout[:40]
     pred = robust_model(x).argmax(1)
-    margins = brittle.input_margins(robust_model, x, steps=30)
+    margins = brittle.input_margins(robust_model, x, steps=30, engine="torchattacks")
     # torchattacks' own FAB through its public entry point, with a budget large
     # enough that perturb() drops nothing: the same minimum norms.
     fab = torchattacks.FAB(robust_model, norm="Linf", eps=1.0, steps=30, n_classes=10)
@@ -83,7 +83,7 @@ def test_margins_are_real_adversarials(robust_model: nn.Module, digits: DigitsSp
 def test_failed_attacks_are_censored_not_zero(robust_model: nn.Module, digits: DigitsSplit) -> None:
     x = digits.x_holdout[:40]
     pred = robust_model(x).argmax(1)
-    margins = brittle.input_margins(robust_model, x, steps=1)
+    margins = brittle.input_margins(robust_model, x, steps=1, engine="torchattacks")
     # With one step FAB breaks few points; torchattacks returns x itself for the
     # others, which a naive norm would report as margin 0.
     assert torch.isinf(margins).any() and (margins > 0).all()

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import DataLoader
 
-from brittle.attack import AttackSettings
+from brittle.attack_settings import AttackSettings
 from brittle.cache import MarginCache
 from brittle.check.cli import Settings
 from brittle.check.errors import UsageError
