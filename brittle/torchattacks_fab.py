@@ -55,5 +55,7 @@ def torchattacks_engine(
         with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
             torch.manual_seed(settings.seed + restart)
             adv = fab.attack_single_run(x, pred, use_rand_start=restart > 0)
-        best = torch.minimum(best, verified_margins(model, x, adv, pred, settings.norm).to(best.dtype))
+        best = torch.minimum(
+            best, verified_margins(model, x, adv, pred, settings.norm).to(best.dtype)
+        )
     return best
