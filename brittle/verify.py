@@ -1,4 +1,4 @@
-"""Checks every attack engine shares: inputs in [0, 1], verified adversarials, the model's device."""
+"""What every attack engine shares: inputs in [0, 1], verified adversarials, the device."""
 
 from __future__ import annotations
 
