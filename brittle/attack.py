@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from brittle._modes import eval_mode, frozen
-from brittle.attack_settings import AttackSettings
+from brittle.attack_settings import DEFAULT_ENGINE, AttackSettings
 from brittle.data import batches
 from brittle.fab import brittle_engine
 from brittle.head import model_output
@@ -20,6 +20,7 @@ from brittle.verify import check_unit_range, model_device, verified_margins
 
 __all__ = [
     "AttackSettings",
+    "PassCounter",
     "input_margins",
     "attack_batch",
     "ENGINES",
@@ -38,9 +39,70 @@ result independent of how the holdout is batched or sharded.
 
 
 ENGINES: dict[str, Engine] = {"brittle": brittle_engine, "torchattacks": torchattacks_engine}
-# fit()'s engine: brittle's own FAB (brittle.fab), measured at least as tight as
-# torchattacks' and several times faster (benchmarks/README.md).
-DEFAULT_ENGINE = "brittle"
+
+
+class _CountBackward(torch.autograd.Function):
+    """Identity whose backward counts the rows a gradient reaches the input for."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, counter: PassCounter) -> Tensor:
+        ctx.counter = counter
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        ctx.counter.backward += grad.shape[0]
+        return grad, None
+
+
+class PassCounter:
+    """Forward and backward passes an attack spends, counted per input row.
+
+    ``counted(model)`` wraps a model: every row of every batch it is called on is
+    one forward pass, every row a gradient flows back to is one backward pass
+    (AttackBench's accounting of a minimum-norm attack's cost).
+
+    Examples:
+        >>> import torch
+        >>> from brittle.attack import PassCounter
+        >>> counter = PassCounter()
+        >>> model = counter.counted(torch.nn.Linear(3, 2))
+        >>> x = torch.rand(4, 3, requires_grad=True)
+        >>> _ = torch.autograd.grad(model(x).sum(), x)
+        >>> counter.forward, counter.backward
+        (4, 4)
+    """
+
+    def __init__(self) -> None:
+        self.forward = 0
+        self.backward = 0
+        self.samples = 0
+
+    def counted(self, model: nn.Module) -> nn.Module:
+        """``model`` behind a counting wrapper (the model itself is not modified)."""
+        return _Counted(model, self)
+
+    def per_sample(self) -> dict[str, float]:
+        """Forward and backward passes per attacked sample (0 before any attack)."""
+        n = max(self.samples, 1)
+        return {
+            "forward_per_sample": self.forward / n,
+            "backward_per_sample": self.backward / n,
+            "attacked": float(self.samples),
+        }
+
+
+class _Counted(nn.Module):
+    def __init__(self, model: nn.Module, counter: PassCounter) -> None:
+        super().__init__()
+        self.model = model
+        self.counter = counter
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.counter.forward += x.shape[0]
+        if x.requires_grad:
+            x = _CountBackward.apply(x, self.counter)
+        return model_output(self.model(x))
 
 
 def attack_batch(
@@ -50,6 +112,8 @@ def attack_batch(
     settings: AttackSettings,
     engine: str = DEFAULT_ENGINE,
     index: Tensor | None = None,
+    *,
+    counter: PassCounter | None = None,
 ) -> Tensor:
     """Margins of one batch, the model borrowed in eval mode with frozen parameters.
 
@@ -60,14 +124,18 @@ def attack_batch(
         settings: Norm, steps, restarts and seed.
         engine: Key of ``ENGINES``.
         index: Position of each sample in the whole holdout (default ``0..B-1``).
+        counter: Adds the forward and backward passes the engine spends.
     """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {sorted(ENGINES)}. Got {engine!r}.")
     check_unit_range(x)
     if index is None:
         index = torch.arange(x.shape[0], device=x.device)
+    target = model if counter is None else counter.counted(model)
+    if counter is not None:
+        counter.samples += x.shape[0]
     with eval_mode(model), frozen(model):
-        return ENGINES[engine](model, x, pred, settings, index.to(x.device))
+        return ENGINES[engine](target, x, pred, settings, index.to(x.device))
 
 
 def input_margins(

@@ -6,7 +6,13 @@ from dataclasses import dataclass
 
 from brittle.norms import Norm, check_norm
 
-__all__ = ["AttackSettings"]
+__all__ = ["AttackSettings", "DEFAULT_ENGINE"]
+
+# The engine of every entry point (fit, input_margins, attack_batch, the CLI):
+# brittle's own FAB (brittle.fab), measured tighter than torchattacks' and several
+# times faster (benchmarks/README.md). Kept here, beside the settings, so that the
+# serving path can name it without importing the attack libraries.
+DEFAULT_ENGINE = "brittle"
 
 
 @dataclass(frozen=True)

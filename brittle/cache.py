@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -19,6 +20,12 @@ def _tensor_digest(h: hashlib._Hash, tensor: Tensor) -> None:
     t = tensor.detach().cpu().contiguous()
     h.update(f"{t.dtype}{tuple(t.shape)}".encode())
     h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+
+def _digest(tensor: Tensor) -> str:
+    h = hashlib.sha256()
+    _tensor_digest(h, tensor)
+    return h.hexdigest()
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -47,6 +54,7 @@ class MarginCache:
         self.key = hashlib.sha256((model_fingerprint(model) + meta).encode()).hexdigest()[:20]
         self.hits = 0
         self.misses = 0
+        self.damaged = 0
 
     def _path(self, x: Tensor) -> Path:
         h = hashlib.sha256()
@@ -54,21 +62,37 @@ class MarginCache:
         return self.directory / f"{self.key}-{h.hexdigest()[:20]}.pt"
 
     def get(self, x: Tensor) -> Tensor | None:
-        """Cached margins of batch ``x`` or ``None``."""
+        """Cached margins of batch ``x``, or ``None`` when absent or damaged.
+
+        An entry that does not load, has the wrong shape or fails its checksum
+        is removed and recomputed, never trusted.
+        """
         path = self._path(x)
         if not path.is_file():
             self.misses += 1
             return None
-        margins = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(margins, Tensor) or margins.shape != (x.shape[0],):
+        try:
+            entry = torch.load(path, map_location="cpu", weights_only=True)
+            margins, digest = entry["margins"], entry["sha256"]
+            valid = (
+                isinstance(margins, Tensor)
+                and margins.shape == (x.shape[0],)
+                and digest == _digest(margins)
+            )
+        except Exception:  # a damaged file can fail in the zip, pickle or tensor layers
+            valid = False
+        if not valid:
             self.misses += 1
+            self.damaged += 1
+            path.unlink(missing_ok=True)
             return None
         self.hits += 1
         return margins
 
     def put(self, x: Tensor, margins: Tensor) -> None:
-        """Store the margins of batch ``x``."""
+        """Store the margins of batch ``x`` (written whole, then renamed into place)."""
         path = self._path(x)
-        tmp = path.with_suffix(".tmp")
-        torch.save(margins.detach().cpu(), tmp)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        margins = margins.detach().cpu()
+        torch.save({"margins": margins, "sha256": _digest(margins)}, tmp)
         tmp.replace(path)

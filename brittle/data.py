@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["batches", "split_batch"]
+__all__ = ["batches", "split_batch", "check_labels"]
 
 _X_KEYS = ("x", "input", "inputs", "image", "images", "pixel_values", "data")
 _Y_KEYS = ("y", "label", "labels", "target", "targets")
@@ -64,3 +64,32 @@ def batches(
         seen += x.shape[0]
         if x.shape[0]:
             yield x, y
+
+
+def check_labels(y: Tensor, n: int, num_classes: int) -> None:
+    """Raise ``ValueError`` unless ``y`` holds ``n`` class indices in ``[0, num_classes)``.
+
+    Called on every batch before it is attacked, so that one-hot or misaligned
+    labels fail at once instead of after the attack has been paid for.
+
+    Examples:
+        >>> import torch
+        >>> from brittle.data import check_labels
+        >>> check_labels(torch.eye(3), 3, 3)
+        Traceback (most recent call last):
+        ...
+        ValueError: labels must be class indices of shape (batch,) = (3,). Got shape (3, 3) ...
+    """
+    if y.dim() != 1 or y.shape[0] != n:
+        hint = " (one-hot? pass y.argmax(dim=1))" if y.dim() == 2 and y.shape[0] == n else ""
+        raise ValueError(
+            f"labels must be class indices of shape (batch,) = ({n},). "
+            f"Got shape {tuple(y.shape)}{hint}."
+        )
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise ValueError(f"labels must be an integer tensor of class indices. Got {y.dtype}.")
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise ValueError(
+            f"labels must lie in [0, {num_classes}) for a {num_classes}-class model. "
+            f"Got values in [{int(y.min())}, {int(y.max())}]."
+        )

@@ -15,7 +15,33 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-__all__ = ["Shard", "shard", "is_distributed"]
+__all__ = ["Shard", "shard", "is_distributed", "sample_fingerprints"]
+
+_FINGERPRINT_SEED = 7919
+# Relative difference of two ranks' batch digests that still counts as the same data
+# (the digests are float64 sums, equal bit for bit on equal data and devices).
+_DIGEST_RTOL = 1e-9
+
+
+def sample_fingerprints(x: Tensor) -> Tensor:
+    """``(B,)`` float64 content fingerprint per sample: a fixed random projection.
+
+    Two samples that differ anywhere get different fingerprints (with probability
+    one), and the cost is one read of the batch.
+
+    Examples:
+        >>> import torch
+        >>> from brittle.distributed import sample_fingerprints
+        >>> x = torch.rand(3, 4)
+        >>> bool((sample_fingerprints(x) == sample_fingerprints(x.clone())).all())
+        True
+        >>> bool(sample_fingerprints(x)[0] == sample_fingerprints(x.flip(0))[0])
+        False
+    """
+    flat = x.detach().reshape(x.shape[0], -1)
+    generator = torch.Generator().manual_seed(_FINGERPRINT_SEED)
+    weights = torch.rand(flat.shape[1], generator=generator, dtype=torch.float64) + 0.5
+    return flat.to(torch.float64) @ weights.to(flat.device)
 
 
 def is_distributed() -> bool:
@@ -66,14 +92,49 @@ class Shard:
         dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
         return buffer.cpu()
 
+    def _agree(self, digest: list[float]) -> bool:
+        """Whether every rank passed the same ``digest`` (one all-reduce of a few numbers)."""
+        values = torch.tensor(digest, dtype=torch.float64)
+        both = torch.cat((values, -values)).to(self._device(values))
+        dist.all_reduce(both, op=dist.ReduceOp.MAX)
+        both = both.cpu()
+        high, low = both[: values.numel()], -both[values.numel() :]
+        scale = torch.maximum(high.abs(), low.abs()).clamp_min(1.0)
+        return bool(((high - low).abs() <= _DIGEST_RTOL * scale).all())
+
+    def check_same_samples(self, index: Tensor, fingerprints: Tensor) -> None:
+        """Fail loudly unless every rank is reading the same batch of the same holdout.
+
+        Called for each batch before it is attacked: the ranks compare the
+        batch's position, size and a digest of its samples' fingerprints (which
+        depends on their order), so a ``DistributedSampler`` or a shuffling loader
+        is caught at the first batch, before any attack is paid for.
+        """
+        if not self.active:
+            return
+        position = (index.to(torch.float64) + 1.0).to(fingerprints.device)
+        digest = [
+            0.0,
+            float(index[0]) if index.numel() else -1.0,
+            float(index.numel()),
+            float((fingerprints * position).sum()),
+            float(fingerprints.sum()),
+        ]
+        if not self._agree(digest):
+            raise RuntimeError(
+                f"rank {self.rank} is reading other samples (or another order) than another "
+                f"rank at holdout position {int(digest[1])}. Every rank must iterate the same "
+                "holdout in the same order: do not use a DistributedSampler or shuffling for "
+                "fit(); brittle shards the attacks itself."
+            )
+
     def check_same_length(self, n: int) -> None:
         """Fail loudly when ranks streamed holdouts of different lengths."""
         if not self.active:
             return
-        counts = torch.tensor([n, -n], dtype=torch.float64)
-        counts = counts.to(self._device(counts))
-        dist.all_reduce(counts, op=dist.ReduceOp.MAX)
-        if int(counts[0]) != n or int(-counts[1]) != n:
+        # Same size and first entry as check_same_samples' digest: a rank that has
+        # finished while another still reads batches disagrees instead of hanging.
+        if not self._agree([1.0, float(n), 0.0, 0.0, 0.0]):
             raise RuntimeError(
                 f"rank {self.rank} read {n} holdout samples but another rank read a different "
                 "number. Every rank must iterate the same holdout in the same order: do not "

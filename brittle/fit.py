@@ -1,165 +1,46 @@
-"""``Monitor.fit``: input margins on a holdout, consistency, threshold, pseudo-margin."""
+"""Calibrating a monitor: input margins on a holdout, consistency, threshold, pseudo-margin.
+
+``calibrate`` is a pure step: it reads the monitor (its model, norm and scores)
+and returns a :class:`~brittle.calibration.Calibration`, which
+``Monitor.apply_calibration`` installs in one step. ``Monitor.fit`` is the two
+together.
+"""
 
 from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from brittle._modes import eval_mode
-from brittle.attack import DEFAULT_ENGINE, ENGINES, AttackSettings, attack_batch
+from brittle.attack import ENGINES
+from brittle.attack_settings import DEFAULT_ENGINE, AttackSettings
 from brittle.cache import MarginCache
-from brittle.data import batches
-from brittle.distributed import Shard, shard
+from brittle.calibration import Calibration, ScoreKind
+from brittle.distributed import shard
 from brittle.head import NO_HEAD_HINT
+from brittle.holdout import Holdout, collect_holdout, holdout_report
 from brittle.metrics import ScoreMetrics, nonrobust, score_metrics
 from brittle.pseudo_train import MIN_TRAIN_SAMPLES, train_pseudo_margin
-from brittle.report import ConsistencyReport
 from brittle.threshold import conformal_threshold, min_positives, rates
 
 if TYPE_CHECKING:
-    from brittle.monitor import Monitor, ScoreKind
+    from brittle.monitor import Monitor
 
-__all__ = ["fit_monitor", "Holdout", "collect_holdout", "holdout_report", "choose_score"]
+__all__ = ["calibrate", "choose_score", "PSEUDO_TRAIN_SHARE", "SMALL_PSEUDO_TRAINING"]
 
-# Share of the holdout the pseudo-margin network trains on; the rest calibrates.
+# Share of the holdout the pseudo-margin network trains on when no pseudo_data is given.
 PSEUDO_TRAIN_SHARE = 0.5
-
-
-@dataclass
-class Holdout:
-    """Everything ``fit()`` keeps from one streamed pass over the holdout."""
-
-    scores: dict[str, np.ndarray]
-    margins: np.ndarray
-    predictions: np.ndarray
-    labels: np.ndarray | None
-    features: Tensor | None
-    excluded: int
-
-
-def _device(monitor: Monitor) -> torch.device:
-    param = next(monitor.model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
-
-
-def collect_holdout(
-    monitor: Monitor,
-    data: Tensor | Iterable[Any],
-    settings: AttackSettings,
-    *,
-    engine: str = DEFAULT_ENGINE,
-    n_samples: int | None = None,
-    progress: bool = True,
-    cache: MarginCache | None = None,
-    keep_features: bool = True,
-    part: Shard | None = None,
-) -> Holdout:
-    """Stream the holdout once: scores, features, predictions, labels and input margins.
-
-    Memory stays bounded by one batch of inputs plus the per-sample results.
-    Samples with NaN or Inf are skipped and counted in ``excluded``. Under a
-    process group (``part``), each rank attacks only the samples it owns and the
-    margins are assembled on every rank.
-    """
-    part = part or Shard()
-    device = _device(monitor)
-    total = n_samples if n_samples is not None else _length(data)
-    scores: dict[str, list[Tensor]] = {}
-    preds, labels, feats, kept = [], [], [], []
-    attacked: list[Tensor] = []
-    margins: list[Tensor] = []
-    has_labels, seen = True, 0
-    show = progress and part.is_main
-    with tqdm(total=total, unit="sample", disable=not show, desc="fit: input margins") as bar:
-        for x, y in batches(data, limit=n_samples):
-            x = monitor._check_input(x.to(device))
-            with torch.no_grad(), eval_mode(monitor.model):
-                run = monitor._run(x)
-                values = monitor._all_scores(run)
-            keep = (~run.bad).cpu()
-            index = torch.arange(seen, seen + keep.numel())[keep]
-            seen += keep.numel()
-            bar.update(int(keep.numel()))
-            if not keep.any():
-                continue
-            kept.append(index)
-            pred = run.logits.argmax(dim=1)[keep.to(device)]
-            mine = part.owns(index)
-            if mine.any():
-                x_mine = x[keep.to(device)][mine.to(device)]
-                result = cache.get(x_mine) if cache is not None else None
-                if result is None:
-                    result = attack_batch(
-                        monitor.model, x_mine, pred[mine.to(device)], settings, engine, index[mine]
-                    ).cpu()
-                    if cache is not None:
-                        cache.put(x_mine, result)
-                attacked.append(index[mine])
-                margins.append(result)
-            preds.append(pred.cpu())
-            for kind, value in values.items():
-                scores.setdefault(kind, []).append(value.detach().cpu()[keep])
-            if keep_features and run.capture.features is not None:
-                feats.append(run.capture.features.detach().cpu()[keep])
-            if y is None:
-                has_labels = False
-            elif has_labels:
-                labels.append(y.cpu()[keep])
-    part.check_same_length(seen)
-    if not kept:
-        raise ValueError("the holdout yielded no usable samples (empty, or all NaN/Inf).")
-    if not attacked:  # this rank owned no sample
-        attacked, margins = [torch.empty(0, dtype=torch.long)], [torch.empty(0)]
-    full = part.assemble(seen, torch.cat(attacked), torch.cat(margins))
-    kept_index = torch.cat(kept)
-    return Holdout(
-        scores={k: torch.cat(v).double().numpy() for k, v in scores.items()},
-        margins=full[kept_index].numpy(),
-        predictions=torch.cat(preds).numpy(),
-        labels=torch.cat(labels).numpy() if has_labels and labels else None,
-        features=torch.cat(feats) if feats else None,
-        excluded=seen - kept_index.numel(),
-    )
-
-
-def holdout_report(holdout: Holdout, *, eps: float, norm: str, **fields: Any) -> ConsistencyReport:
-    """A report on ``holdout``: the arrays and figures the holdout determines, plus ``fields``.
-
-    ``fields`` are the remaining :class:`ConsistencyReport` fields (metrics, chosen
-    score, threshold and rates, timings, calibration mask, settings).
-    """
-    margins, labels = holdout.margins, holdout.labels
-    return ConsistencyReport(
-        n=int(margins.size),
-        eps=eps,
-        norm=norm,
-        accuracy=None if labels is None else float((holdout.predictions == labels).mean()),
-        nonrobust_fraction=float(nonrobust(margins, eps).mean()),
-        censored=int(np.isinf(margins).sum()),
-        input_margins=margins,
-        score_values=holdout.scores,
-        predictions=holdout.predictions,
-        labels=labels,
-        excluded=holdout.excluded,
-        **fields,
-    )
-
-
-def _length(data: Any) -> int | None:
-    try:
-        dataset = getattr(data, "dataset", data)
-        return len(dataset)
-    except TypeError:
-        return None
+# Below this many training samples the report warns that the pseudo-margin is
+# under-trained (the paper trains it on 5,000 training-set samples).
+SMALL_PSEUDO_TRAINING = 1000
 
 
 def _check_both_classes(margins: np.ndarray, eps: float) -> None:
@@ -181,19 +62,50 @@ def _check_both_classes(margins: np.ndarray, eps: float) -> None:
         )
 
 
+def _tau(metrics: ScoreMetrics) -> float:
+    return -math.inf if math.isnan(metrics.tau) else metrics.tau
+
+
 def choose_score(metrics: dict[str, ScoreMetrics], min_tau: float) -> tuple[ScoreKind, str]:
-    """Logit margin if its tau reaches ``min_tau``; else the score with the highest tau."""
+    """Logit margin if its tau reaches ``min_tau``; else the score with the highest tau.
+
+    A score is only ever chosen over the logit margin when its held-out tau is
+    higher; a NaN tau (a constant score, too few samples) never wins.
+
+    Examples:
+        >>> from brittle.functional import ScoreMetrics
+        >>> m = lambda tau: ScoreMetrics(tau, (tau, tau), 0.9, 0.5, 0.1, 100)
+        >>> choose_score({"logit": m(0.3), "feature": m(0.2), "pseudo": m(0.4)}, 0.5)[0]
+        'pseudo'
+        >>> choose_score({"logit": m(0.3), "pseudo": m(float("nan"))}, 0.5)[0]
+        'logit'
+    """
     logit_tau = metrics["logit"].tau
     if logit_tau >= min_tau:
         return "logit", f"logit margin tau {logit_tau:.3f} >= min_tau {min_tau:.3f}"
-    best = max(metrics, key=lambda k: -math.inf if math.isnan(metrics[k].tau) else metrics[k].tau)
+    best = max(metrics, key=lambda k: _tau(metrics[k]))
+    if best != "logit" and not _tau(metrics[best]) > _tau(metrics["logit"]):
+        best = "logit"
+    if best == "logit":
+        return "logit", (
+            f"logit margin tau {logit_tau:.3f} < min_tau {min_tau:.3f}, and no other score "
+            "ranks better on the calibration samples"
+        )
     return best, (  # type: ignore[return-value]
         f"logit margin tau {logit_tau:.3f} < min_tau {min_tau:.3f}; {best} margin has the "
         f"highest tau ({metrics[best].tau:.3f})"
     )
 
 
-def _validate(target_tpr: float, n_samples: int | None, engine: str, pseudo: object) -> None:
+def _validate(
+    monitor: Monitor,
+    *,
+    target_tpr: float,
+    n_samples: int | None,
+    engine: str,
+    pseudo: object,
+    min_tau: float,
+) -> None:
     if not 0.0 < target_tpr < 1.0:
         raise ValueError(f"target_tpr must be in (0, 1). Got {target_tpr}.")
     if n_samples is not None and n_samples < 1:
@@ -202,9 +114,66 @@ def _validate(target_tpr: float, n_samples: int | None, engine: str, pseudo: obj
         raise ValueError(f"engine must be one of {sorted(ENGINES)}. Got {engine!r}.")
     if pseudo not in (True, False, "auto"):
         raise ValueError(f"pseudo must be True, False or 'auto'. Got {pseudo!r}.")
+    if not -1.0 <= min_tau <= 1.0:
+        raise ValueError(f"min_tau must be in [-1, 1]. Got {min_tau}.")
+    param = next(monitor.model.parameters(), None)
+    if param is not None and param.dtype not in (torch.float32, torch.float64):
+        raise ValueError(
+            f"fit() needs a float32 or float64 model; this one is {param.dtype}, whose "
+            "precision is too coarse for minimum-norm attacks. Fit a float32 copy "
+            "(copy.deepcopy(model).float()), save the monitor, and load it onto this model "
+            "with brittle.load: the same model in another dtype is accepted."
+        )
+    wants_head = pseudo is True or monitor.requested_score == "pseudo"
+    if wants_head and monitor.head_name is None and monitor.discovered:
+        raise ValueError(f"the pseudo-margin needs the model's last linear layer. {NO_HEAD_HINT}")
 
 
-def fit_monitor(
+def _pseudo_split(n: int, seed: int) -> np.ndarray:
+    """Calibration mask of a holdout that also trains the pseudo-margin network."""
+    needed = math.ceil(MIN_TRAIN_SAMPLES / PSEUDO_TRAIN_SHARE)
+    if n < needed:
+        raise ValueError(
+            f"the pseudo-margin network needs at least {needed} holdout samples "
+            f"({MIN_TRAIN_SAMPLES} to train, the rest to calibrate). Got {n}: pass more "
+            "samples, pseudo_data= (samples to train it on), or pseudo=False."
+        )
+    order = np.random.default_rng(seed).permutation(n)
+    calibration = np.ones(n, dtype=bool)
+    calibration[order[: int(n * PSEUDO_TRAIN_SHARE)]] = False
+    return calibration
+
+
+def _train_pseudo(
+    features: Tensor | None, margins: np.ndarray, device: torch.device, seed: int
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    if features is None:
+        raise RuntimeError("the head's input features were not captured during the holdout pass.")
+    n = features.shape[0]
+    if n < MIN_TRAIN_SAMPLES:
+        raise ValueError(
+            f"the pseudo-margin network needs at least {MIN_TRAIN_SAMPLES} training samples. "
+            f"Got {n}: pass more pseudo_data or pseudo=False."
+        )
+    net, info = train_pseudo_margin(features.to(device), torch.from_numpy(margins), seed=seed)
+    summary: dict[str, Any] = asdict(info)
+    if n < SMALL_PSEUDO_TRAINING:
+        summary["warning"] = (
+            f"the pseudo-margin network trained on only {n} samples; its ranking is "
+            f"unreliable below about {SMALL_PSEUDO_TRAINING}. Pass pseudo_data= (the paper "
+            "uses 5,000 training-set samples)."
+        )
+        warnings.warn(summary["warning"], stacklevel=4)
+    return net, summary
+
+
+def _pseudo_scores(net: torch.nn.Module, features: Tensor, device: torch.device) -> np.ndarray:
+    with torch.no_grad():
+        values = [net(f.to(device)).cpu() for f in features.split(4096)]
+    return torch.cat(values).double().numpy()
+
+
+def calibrate(
     monitor: Monitor,
     loader: Iterable[Any] | Tensor,
     *,
@@ -214,86 +183,99 @@ def fit_monitor(
     steps: int = 100,
     restarts: int = 1,
     pseudo: bool | Literal["auto"] = "auto",
+    pseudo_data: Iterable[Any] | Tensor | None = None,
     min_tau: float | None = None,
     engine: str = DEFAULT_ENGINE,
     progress: bool = True,
     cache_dir: str | Path | None = None,
     seed: int = 0,
     distributed: bool | None = None,
-) -> Monitor:
-    """Calibrate ``monitor`` on a holdout and return it.
+) -> Calibration:
+    """Calibrate ``monitor`` on a holdout and return the calibration; the monitor is unchanged.
 
-    1. Stream the holdout once: scores, features, predictions, labels, and FAB
+    1. Check every argument, then stream the holdout once: scores, features,
+       predictions, labels (each batch checked before it is attacked), and
        input margins against the predicted class (cached in ``cache_dir``).
     2. Kendall tau with a bootstrap interval and detection metrics for each score.
     3. Train the pseudo-margin network when asked (``pseudo=True``) or needed
-       (``"auto"`` and no score reaches ``min_tau``), on a part of the holdout
+       (``"auto"`` and no score reaches ``min_tau``): on ``pseudo_data`` when
+       given (its margins computed the same way), else on a part of the holdout
        disjoint from the calibration part.
     4. Choose the score (``score="auto"``) and the split-conformal threshold at
        ``target_tpr`` on the calibration part.
 
     Args:
-        monitor: The monitor to fit (modified in place).
+        monitor: The monitor to calibrate (read, not modified).
         loader: Holdout: a tensor or a loader yielding ``x``, ``(x, y)`` or dicts,
             inputs in ``[0, 1]``.
         target_tpr: Share of non-robust decisions the flag must catch.
         eps: Budget defining non-robust (defaults to the monitor's ``eps``).
         n_samples: Use at most this many holdout samples.
-        steps: FAB iterations per restart.
-        restarts: FAB restarts per sample (the smallest verified norm is kept).
+        steps: Attack iterations per restart.
+        restarts: Attack restarts per sample (the smallest verified norm is kept).
         pseudo: ``True``, ``False`` or ``"auto"``.
+        pseudo_data: Samples to train the pseudo-margin network on (for example
+            5,000 training-set samples), never used for calibration. Without it
+            the network trains on half of the holdout.
         min_tau: Consistency bar (defaults to the monitor's ``min_tau``).
-        engine: Attack engine: ``"brittle"`` (brittle's fast FAB, the default) or
+        engine: Attack engine: ``"brittle"`` (brittle's FAB, the default) or
             ``"torchattacks"`` (the reference FAB).
         progress: Show a progress bar.
         cache_dir: Directory for resumable margin caching.
         seed: Seeds attacks, splits and training.
         distributed: Shard the attacks across the ranks of the initialised
             torch.distributed process group (``None``: whenever one is initialised).
-            Every rank must iterate the same holdout in the same order; every rank
-            ends with the same fitted monitor.
+            Every rank must iterate the same holdout in the same order (checked);
+            every rank ends with the same calibration.
 
     Raises:
-        ValueError: if the holdout has no non-robust or no robust samples at
-            ``eps``, too few for the threshold or the pseudo-margin network.
+        ValueError: for a bad argument or batch (before any attack), a model in
+            half precision, or a holdout with no non-robust or no robust samples
+            at ``eps``, too few for the threshold or the pseudo-margin network.
     """
     from brittle.monitor import _check_eps
 
-    _validate(target_tpr, n_samples, engine, pseudo)
-    eps = monitor.eps if eps is None else _check_eps(eps)
     min_tau = monitor.min_tau if min_tau is None else float(min_tau)
-    if pseudo is True and monitor.head_name is None and monitor.discovered:
-        raise ValueError(f"pseudo=True needs the model's last linear layer. {NO_HEAD_HINT}")
+    _validate(
+        monitor,
+        target_tpr=target_tpr,
+        n_samples=n_samples,
+        engine=engine,
+        pseudo=pseudo,
+        min_tau=min_tau,
+    )
+    eps = monitor.eps if eps is None else _check_eps(eps)
     settings = AttackSettings(norm=monitor.norm, steps=steps, restarts=restarts, seed=seed)
     part = shard(distributed)
     cache = MarginCache(cache_dir, monitor.model, settings, engine) if cache_dir else None
+    device = monitor.threshold.device
 
-    monitor.pseudo = None  # a refit starts from the model's own scores
+    def stream(data: Iterable[Any] | Tensor, limit: int | None, desc: str) -> Holdout:
+        return collect_holdout(
+            monitor,
+            data,
+            settings,
+            engine=engine,
+            n_samples=limit,
+            progress=progress,
+            cache=cache,
+            part=part,
+            desc=desc,
+        )
+
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    holdout = collect_holdout(
-        monitor,
-        loader,
-        settings,
-        engine=engine,
-        n_samples=n_samples,
-        progress=progress,
-        cache=cache,
-        part=part,
-    )
+    holdout = stream(loader, n_samples, "fit: input margins")
     timings["attack"] = time.perf_counter() - start
     margins, n = holdout.margins, holdout.margins.size
     _check_both_classes(margins, eps)
 
     start = time.perf_counter()
-    calibration = np.ones(n, dtype=bool)
-    metrics = {
-        k: score_metrics(v, margins, eps, target_tpr, seed=seed) for k, v in holdout.scores.items()
-    }
-    best_tau = max(m.tau for m in metrics.values())
-    wants_pseudo = pseudo is True or (pseudo == "auto" and not best_tau >= min_tau)
-    if monitor.requested_score == "pseudo":
-        wants_pseudo = True
+    scores = dict(holdout.scores)
+    metrics = {k: score_metrics(v, margins, eps, target_tpr, seed=seed) for k, v in scores.items()}
+    best_tau = max(_tau(m) for m in metrics.values())
+    wants_pseudo = pseudo is True or monitor.requested_score == "pseudo"
+    wants_pseudo |= pseudo == "auto" and not best_tau >= min_tau
     if wants_pseudo and monitor.head_name is None:
         if pseudo is True or monitor.requested_score == "pseudo":
             raise ValueError(
@@ -302,42 +284,32 @@ def fit_monitor(
         wants_pseudo = False
     timings["metrics"] = time.perf_counter() - start
 
-    pseudo_info = None
+    calibration = np.ones(n, dtype=bool)
+    net, pseudo_info = None, None
     if wants_pseudo:
         start = time.perf_counter()
-        needed = math.ceil(MIN_TRAIN_SAMPLES / PSEUDO_TRAIN_SHARE)
-        if n < needed:
-            raise ValueError(
-                f"the pseudo-margin network needs at least {needed} holdout samples "
-                f"({MIN_TRAIN_SAMPLES} to train, the rest to calibrate). Got {n}: pass more "
-                "samples or pseudo=False."
-            )
-        order = np.random.default_rng(seed).permutation(n)
-        train = np.sort(order[: int(n * PSEUDO_TRAIN_SHARE)])
-        calibration = np.ones(n, dtype=bool)
-        calibration[train] = False
-        if holdout.features is None:
-            raise RuntimeError(
-                "the head's input features were not captured during the holdout pass."
-            )
-        device = _device(monitor)
-        net, info = train_pseudo_margin(
-            holdout.features[torch.from_numpy(train)].to(device),
-            torch.from_numpy(margins[train]),
-            seed=seed,
-        )
+        if pseudo_data is not None:
+            training = stream(pseudo_data, None, "fit: pseudo-margin data")
+            timings["pseudo_attack"] = time.perf_counter() - start
+            net, pseudo_info = _train_pseudo(training.features, training.margins, device, seed)
+            pseudo_info["source"] = "pseudo_data"
+        else:
+            calibration = _pseudo_split(n, seed)
+            train = torch.from_numpy(np.flatnonzero(~calibration))
+            features = None if holdout.features is None else holdout.features[train]
+            net, pseudo_info = _train_pseudo(features, margins[~calibration], device, seed)
+            pseudo_info["source"] = "holdout split"
         part.broadcast_module(net)  # identical networks on every rank, whatever the device
-        monitor.pseudo = net
-        with torch.no_grad():
-            values = [net(f.to(device)).cpu() for f in holdout.features.split(4096)]
-        holdout.scores["pseudo"] = torch.cat(values).double().numpy()
-        pseudo_info = asdict(info)
+        if holdout.features is None:
+            raise RuntimeError("the head's input features were not captured during the pass.")
+        scores["pseudo"] = _pseudo_scores(net, holdout.features, device)
         timings["pseudo"] = time.perf_counter() - start
         _check_both_classes(margins[calibration], eps)
         metrics = {
             k: score_metrics(v[calibration], margins[calibration], eps, target_tpr, seed=seed)
-            for k, v in holdout.scores.items()
+            for k, v in scores.items()
         }
+    holdout.scores = scores
 
     if monitor.requested_score == "auto":
         chosen, reason = choose_score(metrics, min_tau)
@@ -345,16 +317,10 @@ def fit_monitor(
         chosen = monitor.requested_score
         reason = f"requested with score={chosen!r}"
     positive = nonrobust(margins, eps)
-    cal_scores = holdout.scores[chosen][calibration]
+    cal_scores = scores[chosen][calibration]
     threshold = conformal_threshold(cal_scores[positive[calibration]], target_tpr)
     tpr, fpr = rates(cal_scores, positive[calibration], threshold)
-
-    monitor.eps = eps
-    monitor.min_tau = min_tau
-    monitor.chosen_score = chosen
-    monitor.set_threshold(threshold)
-    monitor.fitted.fill_(True)
-    monitor._report = holdout_report(
+    report = holdout_report(
         holdout,
         eps=eps,
         norm=monitor.norm,
@@ -375,6 +341,9 @@ def fit_monitor(
             "min_tau": min_tau,
             "min_positives": min_positives(target_tpr),
             "pseudo": pseudo_info,
+            "passes": holdout.passes,
         },
     )
-    return monitor
+    return Calibration(
+        eps=eps, min_tau=min_tau, chosen=chosen, threshold=threshold, pseudo=net, report=report
+    )

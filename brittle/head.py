@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -10,7 +11,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["HeadCapture", "capture_head", "discover_head", "resolve_head", "model_output"]
+__all__ = [
+    "HeadCapture",
+    "capture_head",
+    "discover_head",
+    "resolve_head",
+    "model_output",
+    "NO_HEAD_HINT",
+]
 
 NO_HEAD_HINT = (
     "Pass head='<module name>' naming the nn.Linear that produces the logits, "
@@ -20,14 +28,22 @@ NO_HEAD_HINT = (
 
 @dataclass
 class HeadCapture:
-    """Input and output of the head recorded during one forward pass."""
+    """Input and output of the head recorded during one forward pass.
+
+    The hook sits on a module that other threads may be running at the same
+    time (a server's worker pool sharing one model), so it records only the
+    calls made by the thread that created the capture.
+    """
 
     features: Tensor | None = None
     output: Tensor | None = None
     calls: int = 0
+    thread: int = field(default_factory=threading.get_ident)
 
     def hook(self, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
-        """Forward hook: keep the head's input and output of the latest call."""
+        """Forward hook: keep the head's input and output of this thread's latest call."""
+        if threading.get_ident() != self.thread:
+            return
         self.features = args[0]
         self.output = output
         self.calls += 1
@@ -35,12 +51,15 @@ class HeadCapture:
 
 @dataclass
 class _Probe:
-    """Every 2-D ``nn.Linear`` output of one forward pass, in call order."""
+    """Every 2-D ``nn.Linear`` output of one forward pass, in call order (this thread's)."""
 
     records: list[tuple[str, Tensor, Tensor]] = field(default_factory=list)
+    thread: int = field(default_factory=threading.get_ident)
 
     def hook(self, name: str) -> Any:
         def record(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
+            if threading.get_ident() != self.thread:
+                return
             if isinstance(output, Tensor) and output.dim() == 2:
                 self.records.append((name, args[0], output))
 

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import pickle
+import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from brittle.head import resolve_head
-from brittle.pseudo import PseudoMargin
+from brittle.identity import check_identity, model_identity
 
 if TYPE_CHECKING:
     from brittle.monitor import Monitor
@@ -17,16 +18,29 @@ if TYPE_CHECKING:
 __all__ = ["save", "load"]
 
 _FORMAT = "brittle.monitor"
+_FORMAT_VERSION = 2
 _MODEL_PREFIX = "model."
-_EXTRA = "_extra_state"
 
 
 def save(monitor: Monitor, path: str | Path) -> Path:
-    """Write ``monitor``'s own state (everything but the model's weights) to ``path``."""
+    """Write ``monitor``'s own state (everything but the model's weights) to ``path``.
+
+    The file also identifies the model (its structure and its logits on a probe
+    batch), so that ``load`` can refuse another one. It is written under a
+    temporary name and renamed, so a crash never leaves half a file at ``path``.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v for k, v in monitor.state_dict().items() if not k.startswith(_MODEL_PREFIX)}
-    torch.save({"format": _FORMAT, "state": state}, path)
+    payload = {
+        "format": _FORMAT,
+        "version": _FORMAT_VERSION,
+        "state": state,
+        "model": model_identity(monitor.model, monitor.input_shape),
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
     return path
 
 
@@ -34,40 +48,23 @@ def _read(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no monitor file at {str(path)!r}.")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
-        raise ValueError(f"{str(path)!r} is not a monitor saved by brittle (Monitor.save).")
-    return payload["state"]
-
-
-def _check_head(model: nn.Module, config: dict[str, Any]) -> None:
-    from brittle.monitor import _fingerprint
-
-    name = config["head"]
-    if name is None:
-        return
     try:
-        head = resolve_head(model, name)
-    except ValueError as err:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as err:
         raise ValueError(
-            f"the monitor was saved for a model with a head named {name!r}: {err}"
+            f"{str(path)!r} is damaged or not a brittle monitor file: it does not load as a "
+            f"monitor saved by brittle ({type(err).__name__})."
         ) from err
-    saved = (config["num_classes"], config["feature_dim"])
-    if tuple(head.weight.shape) != saved:
+    if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
         raise ValueError(
-            f"the monitor was saved for a head {name!r} of shape {saved} (classes, features); "
-            f"this model's head has shape {tuple(head.weight.shape)}. Fit a monitor for this model."
+            f"{str(path)!r} is not a monitor saved by brittle (Monitor.save): it is damaged or "
+            "not a brittle monitor file."
         )
-    if not torch.allclose(
-        torch.tensor(_fingerprint(head.weight), dtype=torch.float64),
-        torch.tensor(config["head_fingerprint"], dtype=torch.float64),
-        rtol=1e-5,
-        atol=1e-6,
-    ):
+    if payload.get("version") != _FORMAT_VERSION:
         raise ValueError(
-            f"the monitor was saved for a model whose head {name!r} has other weights; its "
-            "threshold and pair-norm table do not apply to this model. Fit a monitor for it."
+            f"{str(path)!r} was written by another version of brittle; fit and save it again."
         )
+    return payload
 
 
 def load(path: str | Path, model: nn.Module) -> Monitor:
@@ -75,13 +72,15 @@ def load(path: str | Path, model: nn.Module) -> Monitor:
 
     Args:
         path: File written by ``Monitor.save``.
-        model: The same classifier the monitor was fitted for.
+        model: The classifier the monitor was fitted for; the same model moved to
+            another device or dtype is accepted while its outputs still match.
 
     Returns:
         The fitted ``Monitor``, on the model's device.
 
     Raises:
-        ValueError: if the file was saved for a model with another head.
+        ValueError: if the file is damaged or not a monitor file, or ``model`` is
+            not the model the monitor was fitted for.
 
     Examples:
         >>> import tempfile, torch, brittle
@@ -94,22 +93,10 @@ def load(path: str | Path, model: nn.Module) -> Monitor:
     """
     from brittle.monitor import Monitor
 
-    state = _read(path)
-    config = state[_EXTRA]
-    _check_head(model, config)
-    monitor = Monitor(model, score=config["score"], norm=config["norm"], eps=config["eps"])
-    if config["head"] is not None:
-        monitor._attach_head(config["head"])
-    if config["pseudo_features"] is not None:
-        monitor.pseudo = PseudoMargin(config["pseudo_features"])
-    param = next(model.parameters(), None)
-    if param is not None:
-        monitor.to(param.device)
-    missing, unexpected = monitor.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith(_MODEL_PREFIX)]
-    if missing or unexpected:
-        raise ValueError(
-            f"{str(path)!r} does not match this version of brittle.Monitor "
-            f"(missing {missing}, unexpected {unexpected})."
-        )
+    payload = _read(path)
+    try:
+        monitor = Monitor.from_state(model, payload["state"])
+        check_identity(model, payload["model"])
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"{str(path)!r} is damaged or not a brittle monitor file.") from err
     return monitor

@@ -134,12 +134,20 @@ def nonrobust(margin: ArrayLike, eps: float) -> np.ndarray:
 def fpr_at_tpr(score: ArrayLike, positive: ArrayLike, target_tpr: float) -> float:
     """Smallest false-positive rate at which the true-positive rate reaches ``target_tpr``.
 
-    ``positive`` marks the non-robust samples; low scores are predicted positive.
+    ``positive`` marks the non-robust samples; low scores are predicted positive
+    (the flag ``score <= t``). Exact under tied scores.
+
+    Examples:
+        >>> from brittle.functional import fpr_at_tpr
+        >>> fpr_at_tpr([0, -1, -1, 0, 1, 1, 1, 0], [0, 0, 1, 0, 0, 0, 1, 1], 0.5)
+        0.6
     """
     y = np.asarray(positive, dtype=bool)
     if y.all() or not y.any():
         return math.nan
-    fpr, tpr, _ = skm.roc_curve(y, -np.asarray(score, dtype=np.float64))
+    # Every distinct threshold is a point (drop_intermediate=False): with tied
+    # scores the dropped points can be the first to reach the target TPR.
+    fpr, tpr, _ = skm.roc_curve(y, -np.asarray(score, dtype=np.float64), drop_intermediate=False)
     return float(fpr[np.searchsorted(tpr, target_tpr, side="left")])
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
@@ -11,8 +13,10 @@ import torch
 from torch import Tensor, nn
 
 from brittle._modes import eval_mode
-from brittle.attack import DEFAULT_ENGINE
+from brittle.attack_settings import DEFAULT_ENGINE
+from brittle.calibration import Calibration, ScoreKind
 from brittle.errors import NotFittedError
+from brittle.finite import finite_rows, zero_rows
 from brittle.head import (
     NO_HEAD_HINT,
     HeadCapture,
@@ -31,16 +35,18 @@ if TYPE_CHECKING:
 
     from brittle.report import ConsistencyReport
 
-__all__ = ["Monitor", "wrap", "Score", "ScoreKind"]
+__all__ = ["Monitor", "MonitorPass", "wrap", "Score", "ScoreKind"]
 
 Score = Literal["auto", "logit", "feature", "pseudo"]
-ScoreKind = Literal["logit", "feature", "pseudo"]
 SCORES: tuple[str, ...] = get_args(Score)
+# Head discovery writes the monitor's shape state once; callers racing on the first
+# call wait here. (A module-level lock: an nn.Module holding a lock cannot be copied.)
+_DISCOVERY = threading.Lock()
 
 # Above this size the (K, K) pair-norm table is not stored; the rows needed by a
 # batch are computed from the head weight instead.
 TABLE_LIMIT_BYTES = 256 * 2**20
-_STATE_VERSION = 1
+_STATE_VERSION = 2
 
 
 def _check_eps(eps: float) -> float:
@@ -56,22 +62,34 @@ def _check_score(score: str) -> Score:
     return score  # type: ignore[return-value]
 
 
-def _fingerprint(weight: Tensor) -> list[float]:
-    """Cheap summary of the head weight that tells one trained model from another.
+@dataclass(frozen=True)
+class MonitorPass:
+    """Everything one forward pass of a monitor yields for a batch.
 
-    The position-weighted sum changes when classes are permuted.
+    Returned by ``Monitor.inspect``: the one call that fit, export, the analyses
+    and the command line share, so that each of them sees the numbers that
+    ``forward`` serves.
+
+    Attributes:
+        logits: ``(B, K)`` the model's logits (NaN rows where ``bad``).
+        features: ``(B, d)`` the head's input when asked for and available, else ``None``.
+        scores: Each available score kind's ``(B,)`` values (NaN where ``bad``).
+        bad: ``(B,)`` True for samples that could not be judged (NaN or Inf in the
+            input or the logits).
     """
-    w = weight.detach().to(torch.float64).flatten()
-    ramp = torch.linspace(-1.0, 1.0, w.numel(), dtype=torch.float64, device=w.device)
-    return [float(w.sum()), float(w.square().sum()), float((w * ramp).sum())]
+
+    logits: Tensor
+    features: Tensor | None
+    scores: dict[str, Tensor]
+    bad: Tensor
 
 
 @dataclass
-class _Pass:
-    """One forward pass of the model with everything the scores need."""
+class _Run:
+    """One forward pass of the model with what the scores need."""
 
     logits: Tensor
-    capture: HeadCapture
+    capture: HeadCapture | None
     bad: Tensor
 
 
@@ -134,10 +152,12 @@ class Monitor(nn.Module):
         self.min_tau = float(min_tau)
         self.chosen_score: ScoreKind | None = None
         self.head_name: str | None = None
+        # Whether the head's output is exactly the model's logits: then the feature
+        # margin needs the logits alone, and no hook runs in the forward pass.
+        self.head_exact = False
         self.num_classes: int | None = None
         self.feature_dim: int | None = None
         self.input_shape: tuple[int, ...] | None = None
-        self.head_fingerprint: list[float] | None = None
         self.pseudo: PseudoMargin | None = None
         self._report: ConsistencyReport | None = None
         self._has_threshold = False
@@ -148,7 +168,7 @@ class Monitor(nn.Module):
             self._attach_head(head)
         if example_input is not None:
             with torch.no_grad(), eval_mode(model):
-                self._run(self._check_input(example_input))
+                self._run(self.check_input(example_input), features=False)
 
     # ------------------------------------------------------------------ head
     @property
@@ -165,7 +185,6 @@ class Monitor(nn.Module):
             )
         self.head_name = name
         self.num_classes, self.feature_dim = head.out_features, head.in_features
-        self.head_fingerprint = _fingerprint(head.weight)
         k = head.out_features
         if k * k * head.weight.element_size() <= TABLE_LIMIT_BYTES:
             self.pair_norms = pair_norm_table(head.weight, self.norm)
@@ -177,15 +196,13 @@ class Monitor(nn.Module):
         """Whether the monitor has seen the model's input and output shapes."""
         return self.input_shape is not None
 
-    def _adopt(self, x: Tensor, logits: Tensor, found: str | None) -> None:
+    def _adopt(self, x: Tensor, logits: Tensor, found: str | None, exact: bool) -> None:
         head = self.head
         if head is not None and head.out_features != logits.shape[1]:
             raise ValueError(
                 f"head {self.head_name!r} has {head.out_features} outputs but the model returns "
                 f"{logits.shape[1]} logits. {NO_HEAD_HINT}"
             )
-        self.input_shape = tuple(x.shape[1:])
-        self.num_classes = logits.shape[1]
         if self.head_name is None and found is not None:
             self._attach_head(found)
         if self.head_name is None and self.requested_score in ("feature", "pseudo"):
@@ -193,13 +210,36 @@ class Monitor(nn.Module):
                 f"score={self.requested_score!r} needs the model's last linear layer, and no "
                 f"nn.Linear output equals the model's output. {NO_HEAD_HINT}"
             )
+        if _looks_like_probabilities(logits):
+            warnings.warn(
+                "the model's outputs look like probabilities (rows in [0, 1] summing to 1): "
+                "margins are then gaps between probabilities, not logits, and rank samples "
+                "less faithfully. Wrap the model without its final softmax.",
+                stacklevel=4,
+            )
+        self.head_exact = exact
+        self.num_classes = logits.shape[1]
+        self.input_shape = tuple(x.shape[1:])  # last: marks the discovery complete
 
     # ----------------------------------------------------------------- input
     def _expected(self) -> str:
         shape = ", ".join(str(s) for s in self.input_shape or ())
         return f"(batch, {shape})"
 
-    def _check_input(self, x: Any) -> Tensor:
+    def check_input(self, x: Any) -> Tensor:
+        """Return ``x`` if the model can take it, else raise a ``ValueError`` that says why.
+
+        Checks the type, rank, channel count, dtype and device against the model
+        (and, once the monitor has seen an input, against its shape).
+
+        Examples:
+            >>> import torch, brittle
+            >>> monitor = brittle.wrap(torch.nn.Linear(4, 3), example_input=torch.rand(1, 4))
+            >>> monitor.check_input(torch.rand(2, 4, dtype=torch.float64))
+            Traceback (most recent call last):
+            ...
+            ValueError: input must be a torch.float32 tensor on cpu like the model. ...
+        """
         if not isinstance(x, Tensor):
             raise ValueError(f"input must be a torch.Tensor. Got {type(x).__name__}.")
         expected = self._expected() if self.discovered else "(batch, ...)"
@@ -234,23 +274,46 @@ class Monitor(nn.Module):
                 f"expected {self._expected()}. ({err})"
             ) from err
 
-    def _run(self, x: Tensor) -> _Pass:
-        """One forward pass on an already checked, non-empty batch."""
-        ok = torch.isfinite(x).flatten(1).all(dim=1)
-        # Non-finite samples are zeroed before the forward pass so that they cannot
-        # leak into other samples (batch statistics, attention over the batch).
-        safe = torch.where(ok.view(-1, *([1] * (x.dim() - 1))), x, 0.0)
+    def _discover(self, x: Tensor) -> tuple[Tensor, HeadCapture]:
+        with capture_head(self.head) as named:
+            logits, found, capture = discover_head(self.model, x)
+        exact = found is not None and (self.head_name is None or found == self.head_name)
+        if named.calls:  # a head given by name need not produce the logits exactly
+            capture = named
+        self._adopt(x, logits, found, exact)
+        return logits, capture
+
+    def _needs_features(self, kind: ScoreKind) -> bool:
+        return kind == "pseudo" or (kind == "feature" and not self.head_exact)
+
+    def _run(self, x: Tensor, features: bool) -> _Run:
+        """One forward pass on an already checked, non-empty batch.
+
+        The head's forward hook is registered only when ``features`` are needed;
+        the logit margin and an exact head's feature margin need none, which
+        keeps that path free of hooks (thread-safe and ``torch.compile``-able).
+        """
+        ok = finite_rows(x)
+        safe = zero_rows(x, ok)
+        capture: HeadCapture | None = None
         if not self.discovered:
-            with capture_head(self.head) as named:
-                logits, found, capture = discover_head(self.model, safe)
-            self._adopt(x, logits, found)
-            if named.calls:  # a head given by name need not produce the logits exactly
-                capture = named
-        else:
+            with _DISCOVERY:
+                if not self.discovered:
+                    logits, capture = self._discover(safe)
+                    return _Run(logits, capture, ~(ok & torch.isfinite(logits).all(dim=1)))
+        if self.model.training:
+            warnings.warn(
+                "the wrapped model is in train mode: batch norm and dropout make every "
+                "sample's margin depend on the rest of the batch and on chance. Call "
+                "model.eval() before serving.",
+                stacklevel=3,
+            )
+        if features and self.head_name is not None:
             with capture_head(self.head) as capture:
                 logits = self._call_model(safe)
-        bad = ~(ok & torch.isfinite(logits).all(dim=1))
-        return _Pass(logits, capture, bad)
+        else:
+            logits = self._call_model(safe)
+        return _Run(logits, capture, ~(ok & torch.isfinite(logits).all(dim=1)))
 
     def _empty(self, x: Tensor) -> MonitorOutput:
         k = self.num_classes or 0
@@ -278,7 +341,7 @@ class Monitor(nn.Module):
             return self.requested_score
         return self.chosen_score or "logit"
 
-    def _score(self, kind: ScoreKind, run: _Pass) -> Tensor:
+    def _score(self, kind: ScoreKind, run: _Run) -> Tensor:
         if kind == "logit":
             return logit_margin(run.logits)
         if kind == "feature":
@@ -287,32 +350,50 @@ class Monitor(nn.Module):
                 raise ValueError(
                     f"score='feature' needs the model's last linear layer. {NO_HEAD_HINT}"
                 )
-            self._check_capture(run.capture)
             table = self.pair_norms if self.pair_norms.numel() else None
-            return feature_margin(run.capture.output, head.weight, self.norm, table)  # type: ignore[arg-type]
+            output = run.logits if self.head_exact else self._captured(run).output
+            return feature_margin(output, head.weight, self.norm, table)  # type: ignore[arg-type]
         if self.pseudo is None:
             raise NotFittedError(
                 "score='pseudo' needs a trained pseudo-margin network: "
                 "call monitor.fit(loader) first."
             )
-        self._check_capture(run.capture)
-        return self.pseudo(run.capture.features)
+        return self.pseudo(self._captured(run).features)
 
-    def _check_capture(self, capture: HeadCapture) -> None:
-        if capture.calls == 0 or capture.features is None or capture.features.dim() != 2:
+    def _captured(self, run: _Run) -> HeadCapture:
+        capture = run.capture
+        if capture is None or capture.calls == 0 or capture.features is None:
             raise RuntimeError(
                 f"head {self.head_name!r} did not receive (batch, features) inputs during the "
                 f"forward pass. {NO_HEAD_HINT}"
             )
+        if capture.features.dim() != 2:
+            raise RuntimeError(
+                f"head {self.head_name!r} received inputs of shape "
+                f"{tuple(capture.features.shape)}, not (batch, features). {NO_HEAD_HINT}"
+            )
+        return capture
 
-    def _finish(self, margin: Tensor, bad: Tensor) -> tuple[Tensor, Tensor | None]:
+    def _flag(self, margin: Tensor, bad: Tensor) -> tuple[Tensor, Tensor | None]:
         margin = margin.masked_fill(bad, math.nan)
         if not self._has_threshold:
             return margin, None
         return margin, (margin <= self.threshold) | bad
 
+    def _outputs(self, run: _Run, kind: ScoreKind) -> MonitorOutput:
+        margin, flag = self._flag(self._score(kind, run), run.bad)
+        logits = run.logits.masked_fill(run.bad[:, None], math.nan)
+        pred = run.logits.argmax(dim=1).masked_fill(run.bad, -1)
+        return MonitorOutput(logits, pred, margin, flag)
+
     def forward(self, x: Tensor) -> MonitorOutput:
         """Logits, prediction, margin and flag for a batch, from one pass of the model.
+
+        Safe to call from several threads at once: each call's numbers are its
+        own batch's. After the first call (or ``example_input=``) the forward
+        pass has no host synchronisation and, for the logit margin and an exact
+        head's feature margin, no hook: ``torch.compile(monitor, fullgraph=True)``
+        compiles it.
 
         Args:
             x: ``(B, ...)`` floating-point inputs on the model's device and dtype.
@@ -324,14 +405,48 @@ class Monitor(nn.Module):
         Raises:
             ValueError: if ``x`` has the wrong rank, channel count, dtype or device.
         """
-        x = self._check_input(x)
+        x = self.check_input(x)
         if x.shape[0] == 0:
             return self._empty(x)
-        run = self._run(x)
-        margin, flag = self._finish(self._score(self.score, run), run.bad)
+        kind = self.score
+        return self._outputs(self._run(x, features=self._needs_features(kind)), kind)
+
+    def inspect(self, x: Tensor, *, features: bool = False) -> MonitorPass:
+        """Logits, every available score and (optionally) the features, from one pass.
+
+        The public protocol behind ``fit``, ``evaluate``, the analyses and the
+        command line: the numbers are those ``forward`` serves.
+
+        Args:
+            x: ``(B, ...)`` inputs on the model's device and dtype.
+            features: Also return the head's input (needs a linear head).
+
+        Examples:
+            >>> import torch, brittle
+            >>> monitor = brittle.wrap(torch.nn.Linear(4, 3), norm="L2")
+            >>> seen = monitor.inspect(torch.rand(2, 4), features=True)
+            >>> sorted(seen.scores), tuple(seen.features.shape)
+            (['feature', 'logit'], (2, 4))
+        """
+        x = self.check_input(x)
+        kinds = self.available_scores
+        if x.shape[0] == 0:
+            k, d = self.num_classes or 0, self.feature_dim or 0
+            return MonitorPass(
+                x.new_empty(0, k),
+                x.new_empty(0, d) if features and self.head_name is not None else None,
+                {kind: x.new_empty(0) for kind in kinds},
+                torch.empty(0, dtype=torch.bool, device=x.device),
+            )
+        want = features or any(self._needs_features(kind) for kind in self.available_scores)
+        run = self._run(x, features=want)
+        kinds = self.available_scores  # the first call may have found the head
+        scores = {kind: self._score(kind, run).masked_fill(run.bad, math.nan) for kind in kinds}
+        feats = None
+        if features and self.head_name is not None:
+            feats = self._captured(run).features
         logits = run.logits.masked_fill(run.bad[:, None], math.nan)
-        pred = run.logits.argmax(dim=1).masked_fill(run.bad, -1)
-        return MonitorOutput(logits, pred, margin, flag)
+        return MonitorPass(logits, feats, scores, run.bad)
 
     def scores(self, x: Tensor) -> dict[str, Tensor]:
         """Every available score for a batch, from one pass of the model.
@@ -346,16 +461,23 @@ class Monitor(nn.Module):
             >>> sorted(monitor.scores(torch.rand(2, 4)))
             ['feature', 'logit']
         """
-        x = self._check_input(x)
-        if x.shape[0] == 0:
-            return {kind: x.new_empty(0) for kind in self.available_scores}
-        return self._all_scores(self._run(x))
+        return self.inspect(x).scores
 
-    def _all_scores(self, run: _Pass) -> dict[str, Tensor]:
-        return {
-            kind: self._score(kind, run).masked_fill(run.bad, math.nan)
-            for kind in self.available_scores
-        }
+    def graph(self) -> nn.Module:
+        """A module computing ``(logits, pred, margin, flag)`` without the Python-side checks.
+
+        What ``forward`` computes for an already checked, non-empty batch, as a
+        tuple of tensors: the form graph exporters (``torch.onnx.export``) trace.
+
+        Raises:
+            NotFittedError: if the monitor has no threshold.
+        """
+        if not self._has_threshold:
+            raise NotFittedError(
+                "the monitor's graph needs a flag threshold: call monitor.fit(holdout_loader) "
+                "(or monitor.set_threshold(value)) first."
+            )
+        return _Graph(self, self.score)
 
     # ------------------------------------------------------------- threshold
     @property
@@ -382,6 +504,11 @@ class Monitor(nn.Module):
         return bool(self.fitted)
 
     @property
+    def has_report(self) -> bool:
+        """Whether the monitor holds a consistency report (``fit`` ran, or one was loaded)."""
+        return self._report is not None
+
+    @property
     def report(self) -> ConsistencyReport:
         """The ``ConsistencyReport`` of the last ``fit``."""
         if self._report is None:
@@ -401,6 +528,7 @@ class Monitor(nn.Module):
         steps: int = 100,
         restarts: int = 1,
         pseudo: bool | Literal["auto"] = "auto",
+        pseudo_data: Iterable[Any] | Tensor | None = None,
         min_tau: float | None = None,
         engine: str = DEFAULT_ENGINE,
         progress: bool = True,
@@ -410,11 +538,14 @@ class Monitor(nn.Module):
     ) -> Monitor:
         """Estimate input margins on a holdout, verify consistency and pick the threshold.
 
-        See ``brittle.fit.fit_monitor`` for the arguments. Returns ``self``.
+        ``brittle.fit.calibrate`` computes the calibration without touching the
+        monitor, and ``apply_calibration`` installs it in one step: a fit that
+        raises or is interrupted leaves the monitor as it was. See ``calibrate``
+        for the arguments. Returns ``self``.
         """
-        from brittle.fit import fit_monitor
+        from brittle.fit import calibrate
 
-        return fit_monitor(
+        calibration = calibrate(
             self,
             loader,
             target_tpr=target_tpr,
@@ -423,12 +554,81 @@ class Monitor(nn.Module):
             steps=steps,
             restarts=restarts,
             pseudo=pseudo,
+            pseudo_data=pseudo_data,
             min_tau=min_tau,
             engine=engine,
             progress=progress,
             cache_dir=cache_dir,
             seed=seed,
             distributed=distributed,
+        )
+        self.apply_calibration(calibration)
+        return self
+
+    def apply_calibration(self, calibration: Calibration) -> None:
+        """Install a calibration from ``brittle.fit.calibrate`` (what ``fit`` does last).
+
+        Everything that can fail (moving the network to the model's device,
+        checking the values) happens before the first attribute changes.
+        """
+        threshold = float(calibration.threshold)
+        if not math.isfinite(threshold):
+            raise ValueError(f"a calibration needs a finite threshold. Got {threshold}.")
+        eps = _check_eps(calibration.eps)
+        pseudo = calibration.pseudo
+        if pseudo is not None:
+            if not isinstance(pseudo, PseudoMargin):
+                raise TypeError(f"pseudo must be a PseudoMargin. Got {type(pseudo).__name__}.")
+            pseudo = pseudo.to(self.threshold.device)
+        if calibration.chosen == "pseudo" and pseudo is None:
+            raise ValueError("a calibration that chose the pseudo-margin must carry its network.")
+        self.pseudo = pseudo
+        self.eps = eps
+        self.min_tau = float(calibration.min_tau)
+        self.chosen_score = calibration.chosen
+        self._report = calibration.report
+        self.threshold.fill_(threshold)
+        self.fitted.fill_(True)
+        self._has_threshold = True
+
+    def evaluate(
+        self,
+        loader: Iterable[Any] | Tensor,
+        *,
+        n_samples: int | None = None,
+        steps: int = 100,
+        restarts: int = 1,
+        engine: str = DEFAULT_ENGINE,
+        progress: bool = True,
+        cache_dir: str | Path | None = None,
+        seed: int = 0,
+        distributed: bool | None = None,
+        target_tpr: float | None = None,
+    ) -> ConsistencyReport:
+        """How the monitor does on new data, its score and threshold unchanged.
+
+        Measures input margins on ``loader`` and reports every score's tau and
+        detection figures, and the achieved TPR/FPR of the monitor's own flag.
+        Nothing is recalibrated and the monitor is not modified. See
+        ``brittle.evaluate.evaluate`` for the arguments.
+
+        Raises:
+            NotFittedError: if the monitor has no threshold.
+        """
+        from brittle.evaluate import evaluate
+
+        return evaluate(
+            self,
+            loader,
+            n_samples=n_samples,
+            steps=steps,
+            restarts=restarts,
+            engine=engine,
+            progress=progress,
+            cache_dir=cache_dir,
+            seed=seed,
+            distributed=distributed,
+            target_tpr=target_tpr,
         )
 
     # ---------------------------------------------------------------- state
@@ -442,34 +642,78 @@ class Monitor(nn.Module):
             "eps": self.eps,
             "min_tau": self.min_tau,
             "head": self.head_name,
+            "head_exact": self.head_exact,
             "num_classes": self.num_classes,
             "feature_dim": self.feature_dim,
             "input_shape": None if self.input_shape is None else list(self.input_shape),
-            "head_fingerprint": self.head_fingerprint,
             "pseudo_features": None if self.pseudo is None else self.pseudo.mean.numel(),
             "report": None if self._report is None else self._report.to_dict(),
         }
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         """Restore what ``get_extra_state`` wrote (called by ``load_state_dict``)."""
-        from brittle.report import ConsistencyReport
-
         if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
             raise ValueError("this state was not written by this version of brittle.Monitor.")
+        report = state["report"]
+        if report is not None:
+            from brittle.report import ConsistencyReport
+
+            report = ConsistencyReport.from_dict(report)
         self.requested_score = state["score"]
         self.chosen_score = state["chosen"]
         self.norm = state["norm"]
         self.eps = state["eps"]
         self.min_tau = state["min_tau"]
         self.head_name = state["head"]
+        self.head_exact = state["head_exact"]
         self.num_classes = state["num_classes"]
         self.feature_dim = state["feature_dim"]
         shape = state["input_shape"]
         self.input_shape = None if shape is None else tuple(shape)
-        self.head_fingerprint = state["head_fingerprint"]
-        report = state["report"]
-        self._report = None if report is None else ConsistencyReport.from_dict(report)
+        self._report = report
         self._has_threshold = bool(torch.isfinite(self.threshold))
+
+    @classmethod
+    def from_state(cls, model: nn.Module, state: dict[str, Tensor | Any]) -> Monitor:
+        """A monitor on ``model`` with the state of another's ``state_dict`` (no model keys).
+
+        Raises:
+            ValueError: if ``model`` has no head of the saved name and shape, or the
+                state does not match this version of ``Monitor``.
+        """
+        config = state.get("_extra_state")
+        if not isinstance(config, dict):
+            raise ValueError("the state holds no brittle.Monitor configuration.")
+        monitor = cls(model, score=config["score"], norm=config["norm"], eps=config["eps"])
+        name = config["head"]
+        if name is not None:
+            try:
+                head = resolve_head(model, name)
+            except ValueError as err:
+                raise ValueError(
+                    f"the monitor was saved for a model with a head named {name!r}: {err}"
+                ) from err
+            saved = (config["num_classes"], config["feature_dim"])
+            if tuple(head.weight.shape) != saved:
+                raise ValueError(
+                    f"the monitor was saved for a head {name!r} of shape {saved} (classes, "
+                    f"features); this model's head has shape {tuple(head.weight.shape)}. Fit a "
+                    "monitor for this model."
+                )
+            monitor._attach_head(name)
+        if config["pseudo_features"] is not None:
+            monitor.pseudo = PseudoMargin(config["pseudo_features"])
+        param = next(model.parameters(), None)
+        if param is not None:
+            monitor.to(param.device)
+        missing, unexpected = monitor.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith("model.")]
+        if missing or unexpected:
+            raise ValueError(
+                "the state does not match this version of brittle.Monitor "
+                f"(missing {missing}, unexpected {unexpected})."
+            )
+        return monitor
 
     def save(self, path: str | Path) -> Path:
         """Write the monitor's state (not the model's weights) to ``path``.
@@ -504,6 +748,34 @@ class Monitor(nn.Module):
             f"score={self.score!r}, norm={self.norm!r}, eps={self.eps:.4g}, "
             f"head={self.head_name!r}, threshold={threshold}, fitted={self.is_fitted}"
         )
+
+
+class _Graph(nn.Module):
+    """``Monitor.graph()``: the forward pass for a checked, non-empty batch, as a tuple."""
+
+    def __init__(self, monitor: Monitor, kind: ScoreKind) -> None:
+        super().__init__()
+        self.monitor = monitor
+        self.kind: ScoreKind = kind
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        monitor = self.monitor
+        run = monitor._run(x, features=monitor._needs_features(self.kind))
+        out = monitor._outputs(run, self.kind)
+        if out.flag is None:  # graph() checked the threshold; this keeps the type exact
+            raise NotFittedError("the monitor lost its threshold.")
+        return out.logits, out.pred, out.margin, out.flag
+
+
+def _looks_like_probabilities(logits: Tensor) -> bool:
+    """Whether every row lies in [0, 1] and sums to 1 (a softmax output)."""
+    rows = logits.detach().double()
+    finite = torch.isfinite(rows).all(dim=1)
+    if not bool(finite.any()):
+        return False
+    rows = rows[finite]
+    sums = rows.sum(dim=1)
+    return bool(((rows >= 0) & (rows <= 1)).all() and torch.allclose(sums, torch.ones_like(sums)))
 
 
 def wrap(

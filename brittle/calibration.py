@@ -1,0 +1,40 @@
+"""What ``fit()`` hands to a ``Monitor``: one calibration, applied in one step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+from torch import nn
+
+if TYPE_CHECKING:
+    from brittle.report import ConsistencyReport
+
+__all__ = ["Calibration", "ScoreKind"]
+
+ScoreKind = Literal["logit", "feature", "pseudo"]
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The outcome of calibrating a monitor on a holdout.
+
+    ``brittle.fit.calibrate`` computes it without touching the monitor;
+    ``Monitor.apply_calibration`` installs it. A fit that raises or is
+    interrupted therefore leaves the monitor exactly as it was.
+
+    Attributes:
+        eps: Budget defining a non-robust decision.
+        min_tau: Consistency bar the score choice used.
+        chosen: Score kind the flag thresholds.
+        threshold: Flag threshold on the chosen score.
+        pseudo: The trained pseudo-margin network, or ``None``.
+        report: The consistency report of the holdout.
+    """
+
+    eps: float
+    min_tau: float
+    chosen: ScoreKind
+    threshold: float
+    pseudo: nn.Module | None
+    report: ConsistencyReport

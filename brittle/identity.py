@@ -1,0 +1,99 @@
+"""Recognising the model a monitor was fitted for: its structure and its outputs on a probe.
+
+A monitor's threshold and pair-norm table belong to one trained model. Comparing
+head weights alone accepts another backbone under the same head and refuses the
+same model in half precision; comparing the model's outputs on a fixed probe
+batch does neither. The structure (every parameter's and buffer's name and
+shape) is compared first, since it needs no forward pass and names what differs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from brittle._modes import eval_mode
+from brittle.head import model_output
+
+__all__ = ["model_identity", "check_identity", "PROBE_SIZE"]
+
+PROBE_SIZE = 4
+_PROBE_SEED = 20240229
+# Largest relative difference of the probe logits that still counts as the same model:
+# float32/float64 copies on another device differ by rounding, half-precision copies
+# by their 8- or 11-bit mantissas.
+_TOLERANCE = {torch.float16: 5e-2, torch.bfloat16: 5e-2}
+_DEFAULT_TOLERANCE = 1e-3
+
+
+def _structure(model: nn.Module) -> list[list[Any]]:
+    return [
+        [name, list(t.shape)] for name, t in model.state_dict().items() if isinstance(t, Tensor)
+    ]
+
+
+def _probe(model: nn.Module, input_shape: tuple[int, ...]) -> Tensor:
+    param = next(model.parameters(), None)
+    dtype = param.dtype if param is not None else torch.float32
+    device = param.device if param is not None else torch.device("cpu")
+    generator = torch.Generator().manual_seed(_PROBE_SEED)
+    x = torch.rand(PROBE_SIZE, *input_shape, generator=generator).to(device, dtype)
+    with torch.no_grad(), eval_mode(model):
+        return model_output(model(x)).detach().to("cpu", torch.float64)
+
+
+def model_identity(model: nn.Module, input_shape: tuple[int, ...] | None) -> dict[str, Any]:
+    """Plain values that identify ``model``: its structure and its logits on a probe batch.
+
+    Args:
+        model: The classifier, left as it was (modes restored, no gradients).
+        input_shape: Shape of one input; without it only the structure is recorded.
+
+    Examples:
+        >>> import torch
+        >>> from brittle.identity import check_identity, model_identity
+        >>> model = torch.nn.Linear(4, 3)
+        >>> saved = model_identity(model, (4,))
+        >>> check_identity(model.double(), saved)  # the same model in float64
+        >>> check_identity(torch.nn.Linear(4, 3), saved)
+        Traceback (most recent call last):
+        ...
+        ValueError: the monitor was fitted for a model with other weights: ...
+    """
+    shape = None if input_shape is None else [int(s) for s in input_shape]
+    logits = None if shape is None else _probe(model, tuple(shape)).tolist()
+    return {"structure": _structure(model), "input_shape": shape, "probe_logits": logits}
+
+
+def check_identity(model: nn.Module, saved: dict[str, Any]) -> None:
+    """Raise ``ValueError`` unless ``model`` is the model ``saved`` describes.
+
+    The same model moved to another device or dtype passes as long as its
+    outputs still match within that dtype's precision.
+    """
+    structure = _structure(model)
+    if structure != saved["structure"]:
+        mine = {name: shape for name, shape in structure}
+        theirs = {name: shape for name, shape in saved["structure"]}
+        names = sorted(set(mine) | set(theirs))
+        differ = [name for name in names if mine.get(name) != theirs.get(name)][:3]
+        raise ValueError(
+            "the monitor was fitted for a model of another structure (parameters and buffers "
+            f"differ, e.g. {differ}). Fit a monitor for this model."
+        )
+    if saved["probe_logits"] is None:
+        return
+    expected = torch.tensor(saved["probe_logits"], dtype=torch.float64)
+    got = _probe(model, tuple(saved["input_shape"]))
+    param = next(model.parameters(), None)
+    tol = _TOLERANCE.get(param.dtype, _DEFAULT_TOLERANCE) if param is not None else 0.0
+    scale = float(expected.abs().max()) + 1e-6
+    worst = float((got - expected).abs().max()) / scale if got.shape == expected.shape else 1.0
+    if not worst <= tol:
+        raise ValueError(
+            "the monitor was fitted for a model with other weights: on a fixed probe batch this "
+            f"model's logits differ from the fitted model's by {worst:.2g} of their scale (tolerance "
+            f"{tol:g}). Its threshold does not apply here; fit a monitor for this model."
+        )

@@ -1,0 +1,178 @@
+"""``OnnxMonitor``: a monitor exported by ``export_onnx``, served with onnxruntime and numpy.
+
+This module imports neither torch nor anything of brittle that does, so a
+server that loads it (``python -m brittle.serve``) keeps torch out of its
+process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from brittle.output import MonitorOutput
+
+__all__ = ["OnnxMonitor", "INPUT_NAME", "OUTPUT_NAMES"]
+
+INPUT_NAME = "input"
+OUTPUT_NAMES = ("logits", "pred", "margin", "flag")
+# onnxruntime's type strings for the input dtypes a monitor can be exported with.
+_ORT_DTYPES: dict[str, np.dtype[Any]] = {
+    "tensor(float)": np.dtype(np.float32),
+    "tensor(double)": np.dtype(np.float64),
+    "tensor(float16)": np.dtype(np.float16),
+}
+
+
+def _has_nvidia_gpu() -> bool:
+    # onnxruntime-gpu lists the CUDA provider even on machines without a GPU, and
+    # asking for it there prints a loader error before falling back to the CPU.
+    gpus = Path("/proc/driver/nvidia/gpus")
+    return (gpus.is_dir() and any(gpus.iterdir())) or Path("/dev/nvidia0").exists()
+
+
+def _default_providers() -> list[str]:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if "CUDAExecutionProvider" in available and _has_nvidia_gpu():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+class OnnxMonitor:
+    """Serve a file written by ``export_onnx`` with onnxruntime and numpy.
+
+    Args:
+        path: The ``.onnx`` file.
+        providers: onnxruntime execution providers, in order of preference. By
+            default the CUDA provider when a GPU is present, else the CPU provider.
+        session_options: Optional ``onnxruntime.SessionOptions`` (threads, graph
+            optimisation level) for the session.
+
+    Attributes:
+        session: The ``onnxruntime.InferenceSession``.
+        metadata: The file's ``metadata_props`` (brittle version, score, threshold,
+            eps, norm, target TPR and, for fitted monitors, the consistency figures).
+        input_shape: Expected input shape, ``None`` for the dynamic batch axis.
+        dtype: Expected input dtype.
+
+    Examples:
+        >>> import tempfile, numpy as np, torch, brittle
+        >>> monitor = brittle.wrap(torch.nn.Linear(8, 4), eps=0.1)
+        >>> monitor.set_threshold(0.5)
+        >>> path = monitor.export_onnx(tempfile.mkdtemp() + "/m.onnx", torch.rand(2, 8))
+        >>> served = brittle.OnnxMonitor(path)
+        >>> served(np.full((1, 8), np.nan, dtype=np.float32)).flag
+        array([ True])
+        >>> served(np.zeros((1, 9), dtype=np.float32))
+        Traceback (most recent call last):
+        ...
+        ValueError: input must have shape (batch, 8). Got (1, 9).
+
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        providers: Sequence[str] | None = None,
+        *,
+        session_options: Any | None = None,
+    ) -> None:
+        import onnxruntime as ort
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no ONNX file at {str(path)!r}.")
+        if isinstance(providers, str):
+            raise ValueError(f"providers must be a list of provider names. Got {providers!r}.")
+        chosen = list(providers) if providers is not None else _default_providers()
+        self.path = path
+        self.session = ort.InferenceSession(
+            str(path), sess_options=session_options, providers=chosen
+        )
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        names = tuple(o.name for o in outputs)
+        if len(inputs) != 1 or inputs[0].name != INPUT_NAME or names != OUTPUT_NAMES:
+            raise ValueError(
+                f"{str(path)!r} is not a brittle monitor graph: expected input {INPUT_NAME!r} "
+                f"and outputs {list(OUTPUT_NAMES)}. "
+                f"Got {[i.name for i in inputs]} and {list(names)}."
+            )
+        if inputs[0].type not in _ORT_DTYPES:
+            raise ValueError(f"unsupported input type {inputs[0].type} in {str(path)!r}.")
+        self.dtype: np.dtype[Any] = _ORT_DTYPES[inputs[0].type]
+        self.input_shape: tuple[int | None, ...] = tuple(
+            d if isinstance(d, int) else None for d in inputs[0].shape
+        )
+        k = outputs[0].shape[1]
+        self.num_classes: int | None = k if isinstance(k, int) else None
+        self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
+
+    @property
+    def providers(self) -> list[str]:
+        """The execution providers the session actually uses."""
+        return list(self.session.get_providers())
+
+    @property
+    def threshold(self) -> float:
+        """Flag threshold the file was exported with."""
+        return float(self.metadata.get("threshold", "nan"))
+
+    @property
+    def score(self) -> str | None:
+        """Score kind of the ``margin`` output."""
+        return self.metadata.get("score")
+
+    def _expected(self) -> str:
+        dims = ", ".join("batch" if d is None else str(d) for d in self.input_shape)
+        return f"({dims})"
+
+    def _check(self, x: Any) -> np.ndarray:
+        expected = f"{self._expected()} {self.dtype}"
+        if not isinstance(x, np.ndarray):
+            raise ValueError(
+                f"input must be a numpy array of shape {expected}. Got {type(x).__name__}."
+            )
+        if x.dtype != self.dtype:
+            raise ValueError(f"input must have dtype {self.dtype}. Got {x.dtype}.")
+        if x.ndim != len(self.input_shape) or any(
+            want is not None and got != want
+            for got, want in zip(x.shape, self.input_shape, strict=True)
+        ):
+            raise ValueError(f"input must have shape {self._expected()}. Got {tuple(x.shape)}.")
+        return np.ascontiguousarray(x)
+
+    def __call__(self, x: np.ndarray) -> MonitorOutput:
+        """Logits, prediction, margin and flag for a batch.
+
+        Args:
+            x: ``(B, ...)`` array of the exported input shape and dtype.
+
+        Returns:
+            ``MonitorOutput`` of numpy arrays; ``flag`` is bool.
+
+        Raises:
+            ValueError: if ``x`` is not an array of the expected rank, shape and dtype.
+
+        """
+        x = self._check(x)
+        if x.shape[0] == 0:
+            k = self.num_classes or 0
+            return MonitorOutput(
+                np.empty((0, k), self.dtype),
+                np.empty(0, np.int64),
+                np.empty(0, self.dtype),
+                np.empty(0, bool),
+            )
+        logits, pred, margin, flag = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: x})
+        return MonitorOutput(logits, pred, margin, flag.astype(bool, copy=False))
+
+    def __repr__(self) -> str:
+        return (
+            f"OnnxMonitor({str(self.path)!r}, score={self.score!r}, "
+            f"threshold={self.metadata.get('threshold')}, providers={self.providers})"
+        )
