@@ -93,7 +93,8 @@ def check_identity(model: nn.Module, saved: dict[str, Any]) -> None:
     worst = float((got - expected).abs().max()) / scale if got.shape == expected.shape else 1.0
     if not worst <= tol:
         raise ValueError(
-            "the monitor was fitted for a model with other weights: on a fixed probe batch this "
-            f"model's logits differ from the fitted model's by {worst:.2g} of their scale (tolerance "
-            f"{tol:g}). Its threshold does not apply here; fit a monitor for this model."
+            "the monitor was fitted for a model with other weights: on a fixed probe batch "
+            f"this model's logits differ from the fitted model's by {worst:.2g} of their "
+            f"scale (tolerance {tol:g}). Its threshold does not apply here; fit a monitor for "
+            "this model."
         )

@@ -76,12 +76,14 @@ class MonitorPass:
         scores: Each available score kind's ``(B,)`` values (NaN where ``bad``).
         bad: ``(B,)`` True for samples that could not be judged (NaN or Inf in the
             input or the logits).
+        flag: ``(B,)`` the flag ``forward`` serves, ``None`` without a threshold.
     """
 
     logits: Tensor
     features: Tensor | None
     scores: dict[str, Tensor]
     bad: Tensor
+    flag: Tensor | None
 
 
 @dataclass
@@ -437,6 +439,7 @@ class Monitor(nn.Module):
                 x.new_empty(0, d) if features and self.head_name is not None else None,
                 {kind: x.new_empty(0) for kind in kinds},
                 torch.empty(0, dtype=torch.bool, device=x.device),
+                torch.empty(0, dtype=torch.bool, device=x.device) if self._has_threshold else None,
             )
         want = features or any(self._needs_features(kind) for kind in self.available_scores)
         run = self._run(x, features=want)
@@ -446,7 +449,8 @@ class Monitor(nn.Module):
         if features and self.head_name is not None:
             feats = self._captured(run).features
         logits = run.logits.masked_fill(run.bad[:, None], math.nan)
-        return MonitorPass(logits, feats, scores, run.bad)
+        _, flag = self._flag(scores[self.score], run.bad) if self.score in scores else (None, None)
+        return MonitorPass(logits, feats, scores, run.bad, flag)
 
     def scores(self, x: Tensor) -> dict[str, Tensor]:
         """Every available score for a batch, from one pass of the model.

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 import brittle
+from brittle.analyses import estimate_threshold, robust_accuracy_estimate
 from brittle.check import main
-from brittle.check.analyses import estimate_threshold, robust_accuracy_estimate
 from brittle.check.errors import UsageError
 from brittle.check.sources import load_data, load_model
 from brittle.digits import DigitsSplit, digits_model
@@ -255,7 +255,7 @@ def test_robust_accuracy_estimate_reproduces_the_subset_figure() -> None:
         score_name="logit",
     )
     truth = float(np.mean((preds == labels) & (margins > 0.1)))
-    assert out["estimate"] == pytest.approx(truth, abs=0.05)
+    assert out.estimate == pytest.approx(truth, abs=0.05)
     assert estimate_threshold(np.array([1.0, 2.0, 3.0]), 3) == -np.inf
     assert estimate_threshold(np.array([1.0, 2.0, 3.0]), 0) == 3.0
 

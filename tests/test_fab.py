@@ -59,7 +59,11 @@ def test_margins_as_small_as_torchattacks(
     for i in worse.tolist():
         log.warning(
             "%s %s sample %d: brittle %.4f vs torchattacks %.4f (different local boundary)",
-            kind, norm, i, float(ours[both][i]), float(reference[both][i]),
+            kind,
+            norm,
+            i,
+            float(ours[both][i]),
+            float(reference[both][i]),
         )
     assert len(worse) <= max(1, round(0.03 * int(both.sum()))), ratio[worse]
 

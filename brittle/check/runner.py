@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import brittle
-from brittle.check import analyses
+from brittle import analyses
 from brittle.check.cli import Settings
 from brittle.check.errors import UsageError
 from brittle.check.evaluate import evaluate_saved
@@ -231,10 +231,10 @@ def run_check(
         "data": data.spec,
         "n_data": len(data),
         "score_thresholds": _score_thresholds(report),
-        "robust_accuracy_estimate": robust_accuracy,
-        "per_class": per_class,
-        "baselines": baselines,
-        "adversarial": adversarial,
+        "robust_accuracy_estimate": robust_accuracy.to_dict(),
+        "per_class": per_class.to_dict(),
+        "baselines": {name: b.to_dict() for name, b in baselines.items()},
+        "adversarial": adversarial.to_dict(),
         "gate": gate,
         "written": written,
         "check_settings": settings.to_dict(),

@@ -1,27 +1,39 @@
-"""The report's extra analyses: robust accuracy, per-class bias, baselines, adversarials.
+"""The paper's analyses of a fitted monitor: robust accuracy, per-class bias, baselines, attacks.
 
-Each function takes arrays (or a model and tensors) and returns plain,
-JSON-ready dictionaries; the metrics themselves come from
+Library functions with typed results (each with ``to_dict()`` for JSON): the
+robust-accuracy estimate from a small attacked subset (Algorithm 1, appendix
+F.1), per-class robustness bias (F.2), baseline scores beside the margins (max
+softmax probability, entropy, input-gradient norm, feature density) and the
+share of PGD/FGSM examples the monitor flags. The metrics come from
 ``brittle.functional``, so every number here is computed the way ``fit()``
-computes its own.
+computes its own. ``python -m brittle.check`` renders them.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from brittle._modes import eval_mode, frozen
-from brittle.functional import conformal_threshold, kendall_tau, nonrobust, score_metrics
-from brittle.head import capture_head
+from brittle.metrics import ScoreMetrics, kendall_tau, nonrobust, score_metrics
 from brittle.norms import Norm, dual_order
+from brittle.threshold import conformal_threshold
+
+if TYPE_CHECKING:
+    from brittle.monitor import Monitor
 
 __all__ = [
+    "RobustAccuracy",
+    "PerClassBias",
+    "BaselineMetrics",
+    "AttackFlags",
+    "AdversarialFlags",
     "robust_accuracy_estimate",
     "subset_indices",
     "estimate_threshold",
@@ -52,7 +64,7 @@ def jsonable(value: Any) -> Any:
     """``value`` with numpy scalars made Python and NaN / inf made ``None`` (strict JSON).
 
     Examples:
-        >>> from brittle.check.analyses import jsonable
+        >>> from brittle.analyses import jsonable
         >>> jsonable({"a": float("nan"), "b": [1.5, float("inf")]})
         {'a': None, 'b': [1.5, None]}
 
@@ -70,6 +82,118 @@ def jsonable(value: Any) -> Any:
     if isinstance(value, (np.floating, float)):
         return float(value) if math.isfinite(value) else None
     return value
+
+
+# ------------------------------------------------------------------ results
+@dataclass(frozen=True)
+class RobustAccuracy:
+    """The robust-accuracy estimate of ``robust_accuracy_estimate`` (see there)."""
+
+    quantity: str
+    score: str
+    eps: float
+    estimate: float
+    n_estimated: int
+    estimate_on_attacked: float
+    attacked_subset: float
+    attacked_subset_stderr: float
+    subset_size: int
+    attacked_all: float
+    n_attacked: int
+    threshold: float
+    clean_accuracy: float | None
+    method: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dictionary (NaN and infinities as ``None``)."""
+        return jsonable(asdict(self))  # type: ignore[no-any-return]
+
+
+@dataclass(frozen=True)
+class PerClassBias:
+    """Per-class robustness of ``per_class_bias``.
+
+    Attributes:
+        by: ``"label"`` or ``"prediction"``: what the classes are.
+        classes: One row per class: ``class``, ``n``, ``accuracy``,
+            ``nonrobust_by_margin``, ``nonrobust_by_flag`` and ``tau``.
+        spread: Largest minus smallest non-robust share across classes.
+        most_brittle_class: The class with the largest non-robust share.
+    """
+
+    by: str
+    classes: list[dict[str, Any]]
+    spread: float
+    most_brittle_class: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dictionary."""
+        return jsonable(asdict(self))  # type: ignore[no-any-return]
+
+
+@dataclass(frozen=True)
+class BaselineMetrics:
+    """One baseline score's values and figures (``baseline_metrics``)."""
+
+    description: str
+    metrics: ScoreMetrics
+    threshold: float
+    values: np.ndarray
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dictionary: the description, the metrics' fields, threshold, values."""
+        return jsonable(  # type: ignore[no-any-return]
+            {
+                "description": self.description,
+                **self.metrics.to_dict(),
+                "threshold": self.threshold,
+                "values": self.values,
+            }
+        )
+
+
+@dataclass(frozen=True)
+class AttackFlags:
+    """How often one attack succeeded and how often the monitor flagged its examples."""
+
+    success_rate: float
+    n_successful: int
+    flagged_of_successful: float
+    flagged_of_all: float
+
+
+@dataclass(frozen=True)
+class AdversarialFlags:
+    """Share of adversarial examples at eps that the monitor flags (``adversarial_flags``).
+
+    Attributes:
+        n: Clean samples attacked.
+        eps: Attack budget.
+        norm: Threat model.
+        clean_flagged: Share of the clean samples flagged.
+        attacks: Attack name -> its figures.
+        skipped: Why no attack ran, or ``None``.
+    """
+
+    n: int
+    eps: float
+    norm: str
+    clean_flagged: float
+    attacks: dict[str, AttackFlags] = field(default_factory=dict)
+    skipped: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dictionary with one entry per attack beside the totals."""
+        if self.skipped is not None:
+            return {"skipped": self.skipped, "n": 0}
+        out: dict[str, Any] = {
+            "n": self.n,
+            "eps": self.eps,
+            "norm": self.norm,
+            "clean_flagged": self.clean_flagged,
+        }
+        out.update({name: asdict(flags) for name, flags in self.attacks.items()})
+        return jsonable(out)  # type: ignore[no-any-return]
 
 
 # ------------------------------------------------------------ forward pass
@@ -95,20 +219,21 @@ class ForwardPass:
         self.features = features
 
 
-def forward_pass(monitor: nn.Module, x: Tensor, batch_size: int, device: str) -> ForwardPass:
+def forward_pass(monitor: Monitor, x: Tensor, batch_size: int, device: str) -> ForwardPass:
     """Run a fitted monitor over ``x`` once: scores, flags, predictions, softmax, features."""
     scores, flags, preds, probs, feats = [], [], [], [], []
-    head = getattr(monitor, "head", None)
+    kind = monitor.score
     with torch.no_grad():
         for batch in x.split(batch_size):
-            with capture_head(head) as capture:
-                out = monitor(batch.to(device))
-            scores.append(out.margin.cpu())
-            flags.append(out.flag.cpu())
-            preds.append(out.pred.cpu())
-            probs.append(torch.softmax(out.logits, dim=1).cpu())
-            if capture.features is not None and capture.features.dim() == 2:
-                feats.append(capture.features.detach().float().cpu())
+            seen = monitor.inspect(batch.to(device), features=monitor.head is not None)
+            if seen.flag is None:
+                raise ValueError("forward_pass needs a monitor with a threshold.")
+            scores.append(seen.scores[kind].cpu())
+            flags.append(seen.flag.cpu())
+            preds.append(seen.logits.argmax(dim=1).masked_fill(seen.bad, -1).cpu())
+            probs.append(torch.softmax(seen.logits, dim=1).cpu())
+            if seen.features is not None:
+                feats.append(seen.features.detach().float().cpu())
     features = torch.cat(feats) if feats and len(feats) == len(scores) else None
     return ForwardPass(
         torch.cat(scores), torch.cat(flags), torch.cat(preds), torch.cat(probs), features
@@ -120,7 +245,7 @@ def subset_indices(n: int, size: int, seed: int = 0) -> np.ndarray:
     """Sorted seeded random choice of ``min(size, n)`` of ``range(n)``: the attacked subset.
 
     Examples:
-        >>> from brittle.check.analyses import subset_indices
+        >>> from brittle.analyses import subset_indices
         >>> subset_indices(10, 3, seed=0).tolist()
         [2, 4, 6]
 
@@ -136,7 +261,7 @@ def estimate_threshold(scores: np.ndarray, robust_count: int) -> float:
 
     Examples:
         >>> import numpy as np
-        >>> from brittle.check.analyses import estimate_threshold
+        >>> from brittle.analyses import estimate_threshold
         >>> round(estimate_threshold(np.array([0.1, 0.4, 0.2, 0.9]), 2), 6)
         0.3
 
@@ -161,7 +286,7 @@ def robust_accuracy_estimate(
     subset_size: int,
     score_name: str,
     seed: int = 0,
-) -> dict[str, Any]:
+) -> RobustAccuracy:
     """Robust accuracy of the whole data set from an attacked subset (the paper's Algorithm 1).
 
     The first ``len(margins)`` samples of the data set were attacked (their input
@@ -180,7 +305,7 @@ def robust_accuracy_estimate(
     robust *share* of decisions instead.
 
     Returns:
-        A dictionary with the estimate, the attacked figure on the subset it came
+        ``RobustAccuracy``: the estimate, the attacked figure on the subset it came
         from, the attacked figure on all attacked samples (for comparison) and the
         threshold.
 
@@ -197,24 +322,22 @@ def robust_accuracy_estimate(
     # NaN scores (inputs the monitor cannot judge) compare False: never counted robust.
     robust_estimated = correct_all & (score_all > threshold)
     m_fig = float(robust_attacked[subset].mean()) if m else math.nan
-    return jsonable(
-        {
-            "quantity": "robust accuracy" if labels_all is not None else "robust share (no labels)",
-            "score": score_name,
-            "eps": eps,
-            "estimate": float(robust_estimated.mean()),
-            "n_estimated": n_all,
-            # The same estimate restricted to the attacked samples, where the truth is known.
-            "estimate_on_attacked": float(robust_estimated[:n_attacked].mean()),
-            "attacked_subset": m_fig,
-            "attacked_subset_stderr": math.sqrt(m_fig * (1 - m_fig) / m) if m else math.nan,
-            "subset_size": m,
-            "attacked_all": float(robust_attacked.mean()),
-            "n_attacked": n_attacked,
-            "threshold": threshold,
-            "clean_accuracy": None if labels_all is None else float(correct_all.mean()),
-            "method": "threshold matched on the attacked subset (Algorithm 1), then scores only",
-        }
+    return RobustAccuracy(
+        quantity="robust accuracy" if labels_all is not None else "robust share (no labels)",
+        score=score_name,
+        eps=eps,
+        estimate=float(robust_estimated.mean()),
+        n_estimated=n_all,
+        # The same estimate restricted to the attacked samples, where the truth is known.
+        estimate_on_attacked=float(robust_estimated[:n_attacked].mean()),
+        attacked_subset=m_fig,
+        attacked_subset_stderr=math.sqrt(m_fig * (1 - m_fig) / m) if m else math.nan,
+        subset_size=m,
+        attacked_all=float(robust_attacked.mean()),
+        n_attacked=n_attacked,
+        threshold=threshold,
+        clean_accuracy=None if labels_all is None else float(correct_all.mean()),
+        method="threshold matched on the attacked subset (Algorithm 1), then scores only",
     )
 
 
@@ -227,7 +350,7 @@ def per_class_bias(
     preds: np.ndarray,
     labels: np.ndarray | None,
     eps: float,
-) -> dict[str, Any]:
+) -> PerClassBias:
     """Per class: share non-robust by input margin and by the flag, and the class's tau.
 
     Classes are the labels when there are labels, else the predictions.
@@ -252,13 +375,11 @@ def per_class_bias(
         )
         shares.append(float(positive[mask].mean()))
     worst = rows[int(np.argmax(shares))]
-    return jsonable(
-        {
-            "by": "label" if labels is not None else "prediction",
-            "classes": rows,
-            "spread": max(shares) - min(shares),
-            "most_brittle_class": worst["class"],
-        }
+    return PerClassBias(
+        by="label" if labels is not None else "prediction",
+        classes=jsonable(rows),
+        spread=max(shares) - min(shares),
+        most_brittle_class=int(worst["class"]),
     )
 
 
@@ -367,9 +488,9 @@ def baseline_metrics(
     eps: float,
     target_tpr: float,
     seed: int = 0,
-) -> dict[str, Any]:
+) -> dict[str, BaselineMetrics]:
     """Tau (with interval), AUROC, AUPR and FPR@TPR of each baseline on the ``mask`` samples."""
-    out: dict[str, Any] = {}
+    out: dict[str, BaselineMetrics] = {}
     positive = nonrobust(margins[mask], eps)
     for name, values in scores.items():
         # Fewer bootstrap resamples than fit() uses: four more scores would otherwise
@@ -381,13 +502,8 @@ def baseline_metrics(
             threshold = conformal_threshold(values[mask][positive], target_tpr)
         except ValueError:
             threshold = math.nan
-        out[name] = {
-            "description": BASELINES[name],
-            **metrics.to_dict(),
-            "threshold": threshold,
-            "values": values,
-        }
-    return jsonable(out)
+        out[name] = BaselineMetrics(BASELINES[name], metrics, threshold, values)
+    return out
 
 
 # ----------------------------------------------------------- adversarials
@@ -413,7 +529,7 @@ def _attacks(model: nn.Module, norm: Norm, eps: float, steps: int) -> dict[str, 
 
 
 def adversarial_flags(
-    monitor: nn.Module,
+    monitor: Monitor,
     x: Tensor,
     *,
     norm: Norm,
@@ -423,22 +539,23 @@ def adversarial_flags(
     steps: int = 10,
     seed: int = 0,
     attacks: dict[str, Callable[[Tensor, Tensor], Tensor]] | None = None,
-) -> dict[str, Any]:
+) -> AdversarialFlags:
     """Share of torchattacks PGD and FGSM examples at ``eps`` that the fitted monitor flags.
 
     The attacks target the model's *predicted* class, so a successful example is
     one whose prediction changed. For L2 the FGSM entry is the fast gradient
     method (one PGD-L2 step of size eps); torchattacks has neither for L1.
     """
-    model: nn.Module = monitor.model  # type: ignore[assignment]
+    model = monitor.model
     attacks = attacks if attacks is not None else _attacks(model, norm, eps, steps)
     if not attacks:
-        return {"skipped": f"torchattacks has no PGD or FGSM for the {norm} norm", "n": 0}
+        skipped = f"torchattacks has no PGD or FGSM for the {norm} norm"
+        return AdversarialFlags(0, eps, norm, math.nan, skipped=skipped)
     batches = [batch.to(device) for batch in x.split(batch_size)]
     with torch.no_grad():
         clean = [monitor(batch) for batch in batches]
-    results: dict[str, Any] = {"n": int(x.shape[0]), "eps": eps, "norm": norm}
-    results["clean_flagged"] = float(torch.cat([c.flag.cpu() for c in clean]).float().mean())
+    clean_flagged = float(torch.cat([c.flag.cpu() for c in clean]).float().mean())
+    results: dict[str, AttackFlags] = {}
     # PGD's random start draws from the global generators: fork them, so that the
     # result is seeded and the caller's random state is left as it was.
     devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
@@ -456,10 +573,10 @@ def adversarial_flags(
                 success.append((after.pred != before.pred).cpu())
                 flagged.append(after.flag.cpu())
         hit, flag = torch.cat(success), torch.cat(flagged)
-        results[name] = {
-            "success_rate": float(hit.float().mean()),
-            "n_successful": int(hit.sum()),
-            "flagged_of_successful": float(flag[hit].float().mean()) if hit.any() else math.nan,
-            "flagged_of_all": float(flag.float().mean()),
-        }
-    return jsonable(results)
+        results[name] = AttackFlags(
+            success_rate=float(hit.float().mean()),
+            n_successful=int(hit.sum()),
+            flagged_of_successful=float(flag[hit].float().mean()) if hit.any() else math.nan,
+            flagged_of_all=float(flag.float().mean()),
+        )
+    return AdversarialFlags(int(x.shape[0]), eps, norm, clean_flagged, results)
