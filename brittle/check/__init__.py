@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Iterator
 
-from brittle.check.cli import Settings, parse_args, resolve_settings
+from brittle.check.cli import Settings, check_paths, parse_args, resolve_settings
 from brittle.check.errors import UsageError
 from brittle.check.runner import CheckResult
 
@@ -26,7 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command with ``argv`` (``sys.argv[1:]`` when ``None``); returns the exit status.
 
     0: the check ran (and cleared ``--min-tau`` if given); 1: the chosen score's
-    tau is below ``--min-tau``; 2: a usage error, printed on one line to stderr.
+    tau is below ``--min-tau``, and nothing else; 2: a usage or setup error, 3: the
+    check itself failed; errors are printed on one line to stderr, without a
+    traceback (``BRITTLE_DEBUG=1`` shows it).
 
     Args:
         argv: Command-line arguments, without the program name.
@@ -43,12 +46,25 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
         settings = resolve_settings(args, demo=args.demo)
+        check_paths(args)
         return _run(args, settings)
     except SystemExit as done:  # --help ends here, as argparse intends
         return done.code if isinstance(done.code, int) else 0
     except UsageError as err:
         print(f"brittle-check: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("brittle-check: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # exit 1 is the gate's alone: a crash must not read as one
+        if os.environ.get("BRITTLE_DEBUG"):
+            raise
+        print(
+            f"brittle-check: error: the check failed: {type(err).__name__}: {err} "
+            "(BRITTLE_DEBUG=1 shows the traceback)",
+            file=sys.stderr,
+        )
+        return 3
 
 
 def _run(args: argparse.Namespace, settings: Settings) -> int:
@@ -101,18 +117,28 @@ def _results(args: argparse.Namespace, settings: Settings) -> Iterator[CheckResu
         )
         return
     start = time.perf_counter()
-    source = load_model(
-        args.model,
-        dataset=args.dataset,
-        threat_model=args.threat_model or ("L2" if settings.norm == "L2" else "Linf"),
-        model_dir=args.model_dir,
-    )
+    try:
+        source = load_model(
+            args.model,
+            dataset=args.dataset,
+            threat_model=args.threat_model or ("L2" if settings.norm == "L2" else "Linf"),
+            model_dir=args.model_dir,
+        )
+    except UsageError:
+        raise
+    except Exception as err:  # a factory that raises is a setup error, not a failed check
+        raise UsageError("--model", f"could not build {args.model!r}: {err}") from None
     data_spec = args.data or source.dataset
     if data_spec is None:
         raise UsageError(
             "--data", "give the holdout: cifar10, cifar100, digits, an .npz file or an image folder"
         )
-    data = load_data(data_spec, data_dir=args.data_dir, image_size=args.image_size)
+    try:
+        data = load_data(data_spec, data_dir=args.data_dir, image_size=args.image_size)
+    except UsageError:
+        raise
+    except Exception as err:
+        raise UsageError("--data", f"could not read {str(data_spec)!r}: {err}") from None
     yield run_check(
         source,
         data,

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
+import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -15,7 +17,14 @@ from brittle.attack import DEFAULT_ENGINE
 from brittle.check.errors import UsageError
 from brittle.norms import NORMS, Norm
 
-__all__ = ["build_parser", "parse_args", "Settings", "resolve_settings", "DEFAULT_EPS"]
+__all__ = [
+    "build_parser",
+    "parse_args",
+    "Settings",
+    "resolve_settings",
+    "check_paths",
+    "DEFAULT_EPS",
+]
 
 # Budgets used when --eps is not given: the RobustBench leaderboards' CIFAR budgets
 # (8/255 in Linf, 0.5 in L2) and the usual L1 budget of 12.
@@ -38,8 +47,10 @@ Then your own model and data:
 
 _EPILOG = """\
 exit status: 0 when the check ran (and passed --min-tau if given), 1 when the chosen
-score's Kendall tau is below --min-tau, 2 for a usage error (bad argument, missing
-file, unknown model spec, data the model cannot take), printed on one line.
+score's Kendall tau is below --min-tau (and only then), 2 for a usage or setup error
+(bad argument, missing or unwritable file, unknown model spec, data the model cannot
+take), 3 when the check itself failed; errors are printed on one line. Every path is
+checked before any work starts.
 """
 
 
@@ -365,3 +376,43 @@ def resolve_settings(args: argparse.Namespace, *, demo: bool = False) -> Setting
         min_tau=args.min_tau,
         progress=not args.no_progress,
     )
+
+
+def _writable_dir(option: str, directory: Path) -> None:
+    if directory.exists() and not directory.is_dir():
+        raise UsageError(option, f"{str(directory)!r} exists and is not a directory")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".brittle-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise UsageError(option, f"cannot write to {str(directory)!r} ({err.strerror})") from None
+
+
+def _writable_file(option: str, path: Path) -> None:
+    if path.is_dir():
+        raise UsageError(option, f"{str(path)!r} is a directory; give a file path")
+    _writable_dir(option, path.parent if str(path.parent) else Path("."))
+
+
+def check_paths(args: argparse.Namespace) -> None:
+    """Check every output path (and the ONNX exporter) before any work starts.
+
+    A typo in ``--out`` should cost a second, not a whole fit.
+
+    Raises:
+        UsageError: naming the option and what is wrong with its path.
+    """
+    _writable_dir("--out", args.out)
+    if args.cache_dir is not None:
+        _writable_dir("--cache-dir", args.cache_dir)
+    if args.save_monitor is not None:
+        _writable_file("--save-monitor", args.save_monitor)
+    if args.export_onnx is not None:
+        _writable_file("--export-onnx", args.export_onnx)
+        missing = [m for m in ("onnx", "onnxscript") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise UsageError(
+                "--export-onnx", f"ONNX export needs {' and '.join(missing)}: pip install them"
+            )
