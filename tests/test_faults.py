@@ -1,0 +1,171 @@
+"""Failures leave the user's objects as they were: refits, bad labels, killed fits, damaged caches."""
+
+from __future__ import annotations
+
+import copy
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import brittle
+import brittle.holdout
+from brittle.cache import MarginCache
+from brittle.digits import DigitsSplit
+from tests.conftest import DIGITS_EPS
+
+FIT = {"steps": 10, "progress": False, "target_tpr": 0.9}
+
+
+def _snapshot(monitor: brittle.Monitor) -> dict[str, object]:
+    return {
+        "state": {k: v.clone() for k, v in monitor.state_dict().items() if isinstance(v, torch.Tensor)},
+        "extra": copy.deepcopy(monitor.get_extra_state()),
+        "eps": monitor.eps,
+        "score": monitor.score,
+        "pseudo": None if monitor.pseudo is None else copy.deepcopy(monitor.pseudo.state_dict()),
+        "report": monitor.report.to_dict(),
+    }
+
+
+def _same(a: dict[str, object], b: dict[str, object]) -> None:
+    assert a["state"].keys() == b["state"].keys()
+    for key in a["state"]:
+        assert torch.equal(a["state"][key], b["state"][key]), key
+    assert a["extra"] == b["extra"] and a["eps"] == b["eps"] and a["score"] == b["score"]
+    assert a["report"] == b["report"]
+    assert (a["pseudo"] is None) == (b["pseudo"] is None)
+
+
+def _interrupted(loader: DataLoader, after: int) -> Iterator[object]:
+    for i, batch in enumerate(loader):
+        if i == after:
+            raise KeyboardInterrupt
+        yield batch
+
+
+def test_a_failed_refit_leaves_the_monitor_as_it_was(
+    pseudo_monitor: brittle.Monitor, holdout_loader: DataLoader
+) -> None:
+    monitor = copy.deepcopy(pseudo_monitor)
+    before = _snapshot(monitor)
+    with pytest.raises(ValueError, match="none of the"):
+        monitor.fit(holdout_loader, n_samples=60, eps=1e-6, **FIT)  # no non-robust sample
+    _same(before, _snapshot(monitor))
+    with pytest.raises(KeyboardInterrupt):
+        monitor.fit(_interrupted(holdout_loader, after=1), eps=0.5, **FIT)
+    _same(before, _snapshot(monitor))
+    assert monitor.is_fitted and monitor.pseudo is not None
+    x = torch.rand(4, 1, 8, 8)
+    torch.testing.assert_close(monitor(x).margin, pseudo_monitor(x).margin)
+
+
+def test_bad_labels_fail_before_any_attack(
+    standard_model: nn.Module, digits: DigitsSplit, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = []
+    real = brittle.holdout.attack_batch
+    monkeypatch.setattr(
+        brittle.holdout, "attack_batch", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    x, y = digits.x_holdout[:40], digits.y_holdout[:40]
+    monitor = brittle.wrap(standard_model, eps=DIGITS_EPS)
+    one_hot = DataLoader(TensorDataset(x, nn.functional.one_hot(y, 10).float()), batch_size=20)
+    with pytest.raises(ValueError, match="one-hot"):
+        monitor.fit(one_hot, **FIT)
+    short = [(x[:20], y[:10])]
+    with pytest.raises(ValueError, match=r"shape \(batch,\) = \(20,\)"):
+        monitor.fit(short, **FIT)
+    with pytest.raises(ValueError, match=r"in \[0, 10\)"):
+        monitor.fit([(x[:20], y[:20] + 10)], **FIT)
+    assert calls == [] and not monitor.is_fitted
+
+
+def test_half_precision_models_are_refused_with_the_way_out(standard_model: nn.Module) -> None:
+    monitor = brittle.wrap(copy.deepcopy(standard_model).to(torch.bfloat16))
+    with pytest.raises(ValueError, match=r"float32 copy .*brittle.load"):
+        monitor.fit(torch.rand(8, 1, 8, 8, dtype=torch.bfloat16), **FIT)
+    assert not monitor.is_fitted
+
+
+_KILLED_FIT = """
+import sys, torch, brittle
+from brittle.digits import digits_model
+model = digits_model("robust", cache_dir=sys.argv[1])
+x = torch.load(sys.argv[2], weights_only=True)
+print("ready", flush=True)
+brittle.wrap(model, eps=0.1).fit(
+    [x[i : i + 10] for i in range(0, len(x), 10)],
+    steps=30, progress=False, cache_dir=sys.argv[3], target_tpr=0.8,
+)
+print("finished", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_a_killed_fit_resumes_from_its_cache_with_identical_margins(
+    robust_model: nn.Module, digits: DigitsSplit, model_cache: Path, tmp_path: Path
+) -> None:
+    x = digits.x_holdout[:120]
+    torch.save(x, tmp_path / "x.pt")
+    cache = tmp_path / "cache"
+    script = tmp_path / "fit.py"
+    script.write_text(textwrap.dedent(_KILLED_FIT))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(model_cache), str(tmp_path / "x.pt"), str(cache)],
+        stdout=subprocess.PIPE,
+        env=env,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and len(list(cache.glob("*.pt"))) < 3:
+            assert proc.poll() is None, "the fit ended before it could be killed"
+            time.sleep(0.05)
+        done = len(list(cache.glob("*.pt")))
+        assert done >= 3
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    assert len(list(cache.glob("*.pt"))) < 12, "the fit finished before the kill"
+    batches = [x[i : i + 10] for i in range(0, len(x), 10)]
+    fit = {"steps": 30, "progress": False, "target_tpr": 0.8}
+    resumed = brittle.wrap(robust_model, eps=0.1).fit(batches, cache_dir=cache, **fit)
+    fresh = brittle.wrap(robust_model, eps=0.1).fit(batches, **fit)
+    np.testing.assert_array_equal(resumed.report.input_margins, fresh.report.input_margins)
+
+
+def test_a_damaged_cache_entry_is_recomputed_never_trusted(
+    robust_model: nn.Module, digits: DigitsSplit, tmp_path: Path
+) -> None:
+    from brittle.attack_settings import AttackSettings
+
+    x = digits.x_holdout[:10]
+    cache = MarginCache(tmp_path, robust_model, AttackSettings(steps=5), "brittle")
+    margins = torch.linspace(0.1, 1.0, 10, dtype=torch.float64)
+    cache.put(x, margins)
+    torch.testing.assert_close(cache.get(x), margins)
+    (entry,) = tmp_path.glob("*.pt")
+    data = bytearray(entry.read_bytes())
+    # Flip bytes inside the stored tensor: the file still loads, the checksum does not match.
+    start = bytes(data).find(margins.numpy().tobytes()[:8])
+    assert start > 0
+    data[start : start + 8] = np.float64(0.0).tobytes()
+    entry.write_bytes(bytes(data))
+    assert cache.get(x) is None and cache.damaged == 1 and not entry.exists()
+    cache.put(x, margins)
+    entry.write_bytes(entry.read_bytes()[:50])  # truncated
+    assert cache.get(x) is None and cache.damaged == 2
