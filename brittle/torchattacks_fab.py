@@ -16,14 +16,20 @@ __all__ = ["torchattacks_engine"]
 
 
 class _Logits(nn.Module):
-    """The model with its output reduced to the logit tensor (dicts, tuples, ``.logits``)."""
+    """The model as torchattacks needs it: logits only, float32 in and out.
 
-    def __init__(self, model: nn.Module) -> None:
+    The output is reduced to the logit tensor (dicts, tuples, ``.logits``), and
+    since torchattacks' FAB casts its inputs to float32, a float64 model gets
+    them back in its own dtype (the adversarials are verified in that dtype).
+    """
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype) -> None:
         super().__init__()
         self.model = model
+        self.dtype = dtype
 
     def forward(self, x: Tensor) -> Tensor:
-        return model_output(self.model(x))
+        return model_output(self.model(x.to(self.dtype))).to(x.dtype)
 
 
 def torchattacks_engine(
@@ -39,7 +45,7 @@ def torchattacks_engine(
     import torchattacks
 
     fab = torchattacks.FAB(
-        _Logits(model),
+        _Logits(model, x.dtype),
         norm=settings.norm,
         steps=settings.steps,
         n_restarts=1,
@@ -54,7 +60,7 @@ def torchattacks_engine(
         fab.eps = torch.where(torch.isfinite(best), best, torch.full_like(best, default))
         with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
             torch.manual_seed(settings.seed + restart)
-            adv = fab.attack_single_run(x, pred, use_rand_start=restart > 0)
+            adv = fab.attack_single_run(x, pred, use_rand_start=restart > 0).to(x.dtype)
         best = torch.minimum(
             best, verified_margins(model, x, adv, pred, settings.norm).to(best.dtype)
         )

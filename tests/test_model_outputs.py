@@ -1,0 +1,114 @@
+"""The forms models return their logits in, the models people use, and what misuse warns."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import nn
+
+import brittle
+import brittle.functional as BF
+from brittle.digits import DigitsSplit
+from tests.conftest import DIGITS_EPS
+
+
+class _Dict(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"logits": self.model(x), "aux": x.mean()}
+
+
+class _Tuple(_Dict):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        return self.model(x), x.mean()
+
+
+@dataclass
+class _Out:
+    logits: torch.Tensor
+
+
+class _Attr(_Dict):
+    def forward(self, x: torch.Tensor) -> _Out:  # type: ignore[override]
+        return _Out(self.model(x))
+
+
+@pytest.mark.parametrize("form", [_Dict, _Tuple, _Attr])
+def test_dict_tuple_and_attribute_outputs(
+    standard_model: nn.Module, digits: DigitsSplit, form: type[nn.Module], tmp_path
+) -> None:
+    model = form(standard_model).eval()
+    x = digits.x_holdout[:60]
+    monitor = brittle.wrap(model, score="feature", norm="L2", eps=0.5)
+    out = monitor(x)
+    assert monitor.head_name == "model.8"
+    logits = standard_model(x)
+    torch.testing.assert_close(out.logits, logits)
+    head = standard_model[8]
+    torch.testing.assert_close(out.margin, BF.feature_margin(logits, head.weight, "L2"))
+    margins = brittle.input_margins(model, x[:8], norm="L2", steps=10)
+    reference = brittle.input_margins(standard_model, x[:8], norm="L2", steps=10)
+    torch.testing.assert_close(margins, reference)
+    monitor.fit(x, steps=5, progress=False, target_tpr=0.5, pseudo=False, eps=float(margins.median()))
+    path = monitor.export_onnx(tmp_path / "m.onnx", x[:2])
+    served = brittle.OnnxMonitor(path)(x[:5].numpy())
+    torch.testing.assert_close(torch.from_numpy(served.margin), monitor(x[:5]).margin, rtol=1e-4, atol=1e-6)
+
+
+def test_a_transformers_image_classifier_built_from_a_config(digits: DigitsSplit) -> None:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ViTConfig(
+        image_size=8,
+        patch_size=4,
+        num_channels=1,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=10,
+    )
+    torch.manual_seed(0)
+    model = transformers.ViTForImageClassification(config).eval()
+    x = digits.x_holdout[:16]
+    monitor = brittle.wrap(model, score="feature", norm="Linf")
+    out = monitor(x)
+    assert monitor.head_name == "classifier"
+    logits = model(pixel_values=x).logits
+    torch.testing.assert_close(out.logits, logits)
+    torch.testing.assert_close(
+        out.margin, BF.feature_margin(logits, model.classifier.weight, "Linf")
+    )
+    margins = brittle.input_margins(model, x[:4], steps=10)
+    assert torch.isfinite(margins).all() and (margins > 0).all()
+
+
+def test_float64_models_fit_with_both_engines(robust_model: nn.Module, digits: DigitsSplit) -> None:
+    model = copy.deepcopy(robust_model).double()
+    x = digits.x_holdout[:80]  # float32 data: fit casts batches to the model's dtype
+    for engine in ("torchattacks", "brittle"):
+        monitor = brittle.wrap(model, eps=DIGITS_EPS)
+        monitor.fit(x, steps=10, progress=False, target_tpr=0.8, pseudo=False, engine=engine)
+        assert monitor.is_fitted and monitor(x.double()).margin.dtype == torch.float64
+        margins = monitor.report.input_margins
+        reference = brittle.input_margins(robust_model, x, steps=10, engine=engine).numpy()
+        assert abs(float(torch.tensor(margins).median()) - float(torch.tensor(reference).median())) < 1e-3
+
+
+def test_a_softmax_output_warns(standard_model: nn.Module) -> None:
+    model = nn.Sequential(copy.deepcopy(standard_model), nn.Softmax(dim=1))
+    with pytest.warns(UserWarning, match="look like probabilities"):
+        brittle.wrap(model)(torch.rand(4, 1, 8, 8))
+
+
+def test_a_model_in_train_mode_warns(standard_model: nn.Module) -> None:
+    model = copy.deepcopy(standard_model)
+    monitor = brittle.wrap(model, example_input=torch.rand(2, 1, 8, 8))
+    model.train()
+    with pytest.warns(UserWarning, match="train mode"):
+        monitor(torch.rand(4, 1, 8, 8))
