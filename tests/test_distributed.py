@@ -10,10 +10,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import brittle
 from brittle.digits import DigitsSplit, digits_cnn
-from brittle.distributed import Shard, shard
+from brittle.distributed import Shard, sample_fingerprints, shard
 from tests.conftest import DIGITS_EPS
 
 FIT = {"steps": 10, "pseudo": False, "progress": False, "target_tpr": 0.9}
@@ -57,6 +58,48 @@ def test_two_processes_give_the_same_fit_as_one(
         assert got["threshold"] == pytest.approx(float(alone.threshold), rel=1e-4)
         assert got["tau"] == pytest.approx(alone.report.metrics["logit"].tau, abs=1e-3)
         torch.testing.assert_close(got["single"], single, rtol=1e-4, atol=0)
+
+
+def _sampler_worker(rank: int, world: int, tmp: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/pg", rank=rank, world_size=world)
+    try:
+        model = digits_cnn()
+        model.load_state_dict(torch.load(f"{tmp}/model.pt", weights_only=True))
+        x = torch.load(f"{tmp}/x.pt", weights_only=True)
+        # The misuse the docs warn about: each rank reads its own half of the holdout.
+        sampler = DistributedSampler(TensorDataset(x), num_replicas=world, rank=rank, shuffle=False)
+        loader = DataLoader(TensorDataset(x), batch_size=10, sampler=sampler)
+        try:
+            brittle.wrap(model.eval(), eps=DIGITS_EPS).fit(loader, **FIT)
+            outcome = "fitted"
+        except RuntimeError as err:
+            outcome = str(err)
+        Path(f"{tmp}/rank{rank}.txt").write_text(outcome)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ranks_reading_different_samples_are_caught_before_attacking(
+    robust_model: nn.Module, digits: DigitsSplit, tmp_path: Path
+) -> None:
+    torch.save(robust_model.state_dict(), tmp_path / "model.pt")
+    torch.save(digits.x_holdout[:40], tmp_path / "x.pt")
+    mp.spawn(_sampler_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        text = (tmp_path / f"rank{rank}.txt").read_text()
+        assert "other samples" in text and "holdout position 0" in text
+
+
+def test_fingerprints_tell_samples_and_order_apart(digits: DigitsSplit) -> None:
+    x = digits.x_holdout[:20]
+    fp = sample_fingerprints(x)
+    assert torch.equal(fp, sample_fingerprints(x.clone()))
+    assert torch.unique(fp).numel() == 20
+    tweaked = x.clone()
+    tweaked[5, 0, 3, 3] += 1 / 16  # one grey level in one pixel
+    assert (sample_fingerprints(tweaked) != fp).sum() == 1
 
 
 def test_shards_cover_every_sample_once() -> None:

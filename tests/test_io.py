@@ -67,3 +67,37 @@ def test_loading_a_file_that_is_not_a_monitor(standard_model: nn.Module, tmp_pat
         brittle.load(tmp_path / "other.pt", standard_model)
     with pytest.raises(FileNotFoundError, match="no monitor file"):
         brittle.load(tmp_path / "missing.pt", standard_model)
+
+
+def test_load_recognises_the_whole_model(standard_model: nn.Module, tmp_path) -> None:
+    monitor = brittle.wrap(standard_model, score="feature", example_input=torch.rand(2, 1, 8, 8))
+    monitor.set_threshold(0.3)
+    path = monitor.save(tmp_path / "m.pt")
+    other_backbone = copy.deepcopy(standard_model)
+    with torch.no_grad():
+        other_backbone[0].weight.mul_(1.5)  # same head weights, another model
+    with pytest.raises(ValueError, match="other weights"):
+        brittle.load(path, other_backbone)
+    wider = nn.Sequential(*copy.deepcopy(standard_model), nn.Linear(10, 10))
+    with pytest.raises(ValueError, match="another structure"):
+        brittle.load(path, wider)
+    # The same model in another dtype is the same model: its outputs still match.
+    for dtype in (torch.float64, torch.bfloat16):
+        moved = copy.deepcopy(standard_model).to(dtype)
+        loaded = brittle.load(path, moved)
+        x = torch.rand(3, 1, 8, 8, dtype=dtype)
+        torch.testing.assert_close(
+            loaded(x).margin.float(), monitor(x.float()).margin, rtol=0.05, atol=0.05
+        )
+
+
+def test_truncated_and_foreign_files_say_damaged(standard_model: nn.Module, tmp_path) -> None:
+    monitor = brittle.wrap(standard_model, example_input=torch.rand(2, 1, 8, 8))
+    monitor.set_threshold(0.3)
+    path = monitor.save(tmp_path / "m.pt")
+    data = path.read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    (tmp_path / "text.pt").write_text("not a monitor")
+    for name in ("cut.pt", "text.pt"):
+        with pytest.raises(ValueError, match="damaged or not a brittle monitor file"):
+            brittle.load(tmp_path / name, standard_model)

@@ -1,0 +1,65 @@
+"""Detection metrics against brute force, with tied and quantised scores; score choice."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import brittle.functional as BF
+from brittle.fit import choose_score
+
+
+def _brute_fpr(score: np.ndarray, positive: np.ndarray, target: float) -> float:
+    """Smallest FPR over every threshold t (flag: score <= t) whose TPR reaches target."""
+    best = math.inf
+    for t in np.unique(score):
+        flag = score <= t
+        if flag[positive].mean() >= target:
+            best = min(best, flag[~positive].mean())
+    return best
+
+
+def test_fpr_at_tpr_with_ties_matches_brute_force() -> None:
+    score = np.array([0, -1, -1, 0, 1, 1, 1, 0], dtype=float)
+    positive = np.array([0, 0, 1, 0, 0, 0, 1, 1], dtype=bool)
+    assert BF.fpr_at_tpr(score, positive, 0.5) == pytest.approx(0.6)
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        n = int(rng.integers(5, 60))
+        levels = int(rng.integers(2, 8))  # heavily quantised scores: many ties
+        score = rng.integers(0, levels, size=n).astype(float)
+        positive = rng.random(n) < 0.4
+        if positive.all() or not positive.any():
+            continue
+        target = float(rng.choice([0.5, 0.8, 0.9, 0.95]))
+        got = BF.fpr_at_tpr(score, positive, target)
+        assert got == pytest.approx(_brute_fpr(score, positive, target)), trial
+
+
+def test_detection_metrics_with_ties_match_brute_force() -> None:
+    rng = np.random.default_rng(1)
+    margins = rng.exponential(0.2, size=200)
+    score = np.round(margins * 5 + rng.normal(0, 0.3, 200))  # quantised
+    auroc, _, fpr = BF.detection_metrics(score, margins, eps=0.1, target_tpr=0.9)
+    positive = margins <= 0.1
+    pos, neg = score[positive], score[~positive]
+    # AUROC: P(positive scores lower than negative) with ties counted half.
+    pairs = (pos[:, None] < neg[None, :]).mean() + 0.5 * (pos[:, None] == neg[None, :]).mean()
+    assert auroc == pytest.approx(pairs)
+    assert fpr == pytest.approx(_brute_fpr(score, positive, 0.9))
+
+
+def _m(tau: float) -> BF.ScoreMetrics:
+    return BF.ScoreMetrics(tau, (tau, tau), 0.9, 0.5, 0.1, 100)
+
+
+def test_score_choice_never_prefers_a_lower_or_nan_tau() -> None:
+    assert choose_score({"logit": _m(0.6), "pseudo": _m(0.9)}, 0.5)[0] == "logit"
+    assert choose_score({"logit": _m(0.3), "pseudo": _m(0.2)}, 0.5)[0] == "logit"
+    assert choose_score({"logit": _m(0.3), "feature": _m(0.35)}, 0.5)[0] == "feature"
+    assert choose_score({"logit": _m(0.3), "pseudo": _m(math.nan)}, 0.5)[0] == "logit"
+    chosen, reason = choose_score({"logit": _m(math.nan), "feature": _m(0.1)}, 0.5)
+    assert chosen == "feature" and "highest tau" in reason
+    assert choose_score({"logit": _m(math.nan), "feature": _m(math.nan)}, 0.5)[0] == "logit"
