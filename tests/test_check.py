@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -592,3 +593,71 @@ def test_help_explains_every_option() -> None:
     for engine in ENGINES:
         assert engine in result.stdout
     assert "exit status" in result.stdout
+
+
+def test_setup_errors_exit_2_before_any_work(model_file: Path, tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    (tmp_path / "raises.py").write_text("def build():\n    raise RuntimeError('no weights here')\n")
+    base = ["--model", f"{model_file}:standard", "--data", "digits", "--n", "60", *FAST]
+    cases = [
+        (base + ["--out", tmp_path / "file"], "--out"),
+        (base + ["--out", tmp_path / "file" / "sub"], "--out"),
+        (base + ["--out", tmp_path / "o", "--save-monitor", tmp_path], "--save-monitor"),
+        (
+            base + ["--out", tmp_path / "o", "--export-onnx", tmp_path / "file" / "m.onnx"],
+            "--export-onnx",
+        ),
+        (base + ["--out", tmp_path / "o", "--cache-dir", tmp_path / "file"], "--cache-dir"),
+        (
+            [
+                "--model",
+                f"{tmp_path / 'raises.py'}:build",
+                "--data",
+                "digits",
+                "--out",
+                tmp_path / "o",
+            ],
+            "--model",
+        ),
+    ]
+    for argv, option in cases:
+        start = time.perf_counter()
+        code, stdout, stderr = run_main(argv)
+        assert code == 2, (option, stderr)
+        assert stderr.startswith(f"brittle-check: error: {option}"), stderr
+        assert stderr.count("\n") == 1 and "Traceback" not in stderr
+        assert time.perf_counter() - start < 20, "the path was checked only after the work"
+    assert "no weights here" in run_main(cases[-1][0])[2]
+
+
+def test_a_crash_during_the_check_is_not_the_gate(model_file: Path, tmp_path: Path) -> None:
+    (tmp_path / "bad.py").write_text(
+        "import torch\n"
+        "class Bad(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.fc = torch.nn.Linear(64, 10)\n"
+        "        self.calls = 0\n"
+        "    def forward(self, x):\n"
+        "        self.calls += 1\n"
+        "        if self.calls > 3:\n"
+        "            raise ArithmeticError('model broke mid-way')\n"
+        "        return self.fc(x.flatten(1))\n"
+        "def build():\n"
+        "    return Bad()\n"
+    )
+    code, _, stderr = run_main(
+        [
+            "--model",
+            f"{tmp_path / 'bad.py'}:build",
+            "--data",
+            "digits",
+            "--n",
+            "60",
+            "--out",
+            tmp_path / "o",
+            *FAST,
+        ]
+    )
+    assert code == 3 and "model broke mid-way" in stderr
+    assert stderr.count("\n") == 1 and "Traceback" not in stderr

@@ -105,7 +105,9 @@ def test_threads_racing_on_the_first_call(standard_model: nn.Module, digits: Dig
 
 
 @pytest.mark.parametrize("score", ["logit", "feature"])
-def test_compiles_with_fullgraph(standard_model: nn.Module, digits: DigitsSplit, score: str) -> None:
+def test_compiles_with_fullgraph(
+    standard_model: nn.Module, digits: DigitsSplit, score: str
+) -> None:
     monitor = brittle.wrap(standard_model, score=score, eps=0.1, example_input=digits.x_holdout[:2])
     monitor.set_threshold(0.5)
     torch._dynamo.reset()

@@ -29,7 +29,9 @@ FIT = {"steps": 10, "progress": False, "target_tpr": 0.9}
 
 def _snapshot(monitor: brittle.Monitor) -> dict[str, object]:
     return {
-        "state": {k: v.clone() for k, v in monitor.state_dict().items() if isinstance(v, torch.Tensor)},
+        "state": {
+            k: v.clone() for k, v in monitor.state_dict().items() if isinstance(v, torch.Tensor)
+        },
         "extra": copy.deepcopy(monitor.get_extra_state()),
         "eps": monitor.eps,
         "score": monitor.score,

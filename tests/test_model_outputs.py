@@ -55,10 +55,14 @@ def test_dict_tuple_and_attribute_outputs(
     margins = brittle.input_margins(model, x[:8], norm="L2", steps=10)
     reference = brittle.input_margins(standard_model, x[:8], norm="L2", steps=10)
     torch.testing.assert_close(margins, reference)
-    monitor.fit(x, steps=5, progress=False, target_tpr=0.5, pseudo=False, eps=float(margins.median()))
+    monitor.fit(
+        x, steps=5, progress=False, target_tpr=0.5, pseudo=False, eps=float(margins.median())
+    )
     path = monitor.export_onnx(tmp_path / "m.onnx", x[:2])
     served = brittle.OnnxMonitor(path)(x[:5].numpy())
-    torch.testing.assert_close(torch.from_numpy(served.margin), monitor(x[:5]).margin, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        torch.from_numpy(served.margin), monitor(x[:5]).margin, rtol=1e-4, atol=1e-6
+    )
 
 
 def test_a_transformers_image_classifier_built_from_a_config(digits: DigitsSplit) -> None:
@@ -97,7 +101,10 @@ def test_float64_models_fit_with_both_engines(robust_model: nn.Module, digits: D
         assert monitor.is_fitted and monitor(x.double()).margin.dtype == torch.float64
         margins = monitor.report.input_margins
         reference = brittle.input_margins(robust_model, x, steps=10, engine=engine).numpy()
-        assert abs(float(torch.tensor(margins).median()) - float(torch.tensor(reference).median())) < 1e-3
+        assert (
+            abs(float(torch.tensor(margins).median()) - float(torch.tensor(reference).median()))
+            < 1e-3
+        )
 
 
 def test_a_softmax_output_warns(standard_model: nn.Module) -> None:
