@@ -2,7 +2,8 @@
 
 Part 1: a bare torchvision ResNet-18 forward against the wrapped monitor's forward
 (logit margin, exact feature margin) at 10 classes (32x32 inputs) and 1000 classes
-(224x224 inputs), batch 64. Targets: logit-margin overhead <= 3 %, feature <= 5 %.
+(160x160 inputs), batch 64, one thread. Targets: logit-margin overhead <= 1 %,
+feature <= 1.5 % (the floor is a top-2 over the logits plus one read of the input).
 A few percent of a forward pass is within the noise of a shared CPU, so the table
 also shows the noise floor (bare against bare) and the monitor's own work timed
 alone (the same monitor around the model's head on fixed features, minus the head),
@@ -62,7 +63,7 @@ def forward_overhead(num_classes: int, size: int, batch: int, repeats: int) -> l
     # so the monitor's own work (input check, zeroing, hook, margin, flag) is also
     # timed alone: the same monitor around the head on fixed features, minus the
     # head itself. That difference over the bare forward is the overhead.
-    head_only = _HeadOnly(model.fc, captured[0].clone())
+    head_only = _HeadOnly(model.fc, captured[0].clone()).eval()
     variants: dict[str, Callable[[], object]] = {"bare": _timed(model, x)}
     for kind in ("logit", "feature"):
         for name, net in ((kind, model), (f"{kind} work", head_only)):
@@ -75,7 +76,7 @@ def forward_overhead(num_classes: int, size: int, batch: int, repeats: int) -> l
     med = {name: cpu for name, (cpu, _) in interleaved(variants, repeats).items()}
     noise = 100.0 * (med["bare again"] / med["bare"] - 1.0)
     rows = []
-    for kind, target in (("logit", 3.0), ("feature", 5.0)):
+    for kind, target in (("logit", 1.0), ("feature", 1.5)):
         end_to_end = 100.0 * (med[kind] / med["bare"] - 1.0)
         work = med[f"{kind} work"] - med["head alone"]
         over = 100.0 * work / med["bare"]
@@ -83,7 +84,7 @@ def forward_overhead(num_classes: int, size: int, batch: int, repeats: int) -> l
         rows.append(
             f"| ResNet-18, {num_classes} classes, {size}x{size} | {kind} | "
             f"{1e3 * med['bare']:.1f} | {1e3 * med[kind]:.1f} | {end_to_end:+.2f} % | "
-            f"{noise:+.2f} % | {1e3 * work:.2f} | {over:.2f} % | <= {target:.0f} % {verdict} |"
+            f"{noise:+.2f} % | {1e3 * work:.2f} | {over:.2f} % | <= {target:g} % {verdict} |"
         )
     return rows
 
@@ -194,7 +195,7 @@ def forward_table(args: argparse.Namespace) -> None:
         "| overhead (work / bare) | target |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
-    for num_classes, size, repeats in ((10, 32, 3 * args.repeats), (1000, 224, args.repeats)):
+    for num_classes, size, repeats in ((10, 32, 3 * args.repeats), (1000, 160, args.repeats)):
         for row in forward_overhead(num_classes, size, args.batch, repeats):
             print(row, flush=True)
 

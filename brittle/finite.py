@@ -11,8 +11,13 @@ __all__ = ["finite_rows", "zero_rows"]
 def finite_rows(x: Tensor) -> Tensor:
     """``(B,)`` mask of the samples whose values are all finite.
 
-    One pass of ``aminmax`` over the batch: NaN propagates to both extremes and
-    an infinity shows in one of them, so no input-sized temporary is written.
+    A sample is finite when the sum of its values is: NaN propagates through the
+    sum, an infinity shows in it, and opposite infinities give NaN. One
+    vectorised read of the batch and no input-sized temporary (``isfinite(x)``
+    writes one and then reduces it, about 25 times slower on a CPU). A sample
+    whose finite values are so large that their sum overflows (beyond about
+    1e38 in float32) is treated as non-finite: it fails closed. Half-precision
+    inputs are summed in float32, so that ordinary images cannot overflow.
 
     Examples:
         >>> import torch
@@ -20,8 +25,9 @@ def finite_rows(x: Tensor) -> Tensor:
         >>> finite_rows(torch.tensor([[0.0, 1.0], [float("nan"), 0.0], [0.0, -float("inf")]]))
         tensor([ True, False, False])
     """
-    low, high = torch.aminmax(x.reshape(x.shape[0], -1), dim=1)
-    return torch.isfinite(low) & torch.isfinite(high)
+    flat = x.reshape(x.shape[0], -1)
+    wide = torch.float32 if flat.element_size() < 4 else None
+    return torch.isfinite(flat.sum(dim=1, dtype=wide))
 
 
 def zero_rows(x: Tensor, ok: Tensor) -> Tensor:
