@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from brittle.attack import input_margins
     from brittle.calibration import Calibration
     from brittle.errors import NotFittedError
-    from brittle.io import load
+    from brittle.loading import load
     from brittle.metrics import ScoreMetrics
     from brittle.monitor import Monitor, MonitorPass, wrap
     from brittle.onnx_monitor import OnnxMonitor
@@ -44,7 +44,7 @@ _WHERE = {
     "wrap": "brittle.monitor",
     "Monitor": "brittle.monitor",
     "MonitorPass": "brittle.monitor",
-    "load": "brittle.io",
+    "load": "brittle.loading",
     "MonitorOutput": "brittle.output",
     "NotFittedError": "brittle.errors",
     "Calibration": "brittle.calibration",

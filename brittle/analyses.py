@@ -26,7 +26,7 @@ from brittle.norms import Norm, dual_order
 from brittle.threshold import conformal_threshold
 
 if TYPE_CHECKING:
-    from brittle.monitor import Monitor
+    from brittle.protocol import MonitorProtocol
 
 __all__ = [
     "RobustAccuracy",
@@ -219,7 +219,7 @@ class ForwardPass:
         self.features = features
 
 
-def forward_pass(monitor: Monitor, x: Tensor, batch_size: int, device: str) -> ForwardPass:
+def forward_pass(monitor: MonitorProtocol, x: Tensor, batch_size: int, device: str) -> ForwardPass:
     """Run a fitted monitor over ``x`` once: scores, flags, predictions, softmax, features."""
     scores, flags, preds, probs, feats = [], [], [], [], []
     kind = monitor.score
@@ -529,7 +529,7 @@ def _attacks(model: nn.Module, norm: Norm, eps: float, steps: int) -> dict[str, 
 
 
 def adversarial_flags(
-    monitor: Monitor,
+    monitor: MonitorProtocol,
     x: Tensor,
     *,
     norm: Norm,

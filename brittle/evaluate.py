@@ -22,13 +22,13 @@ from brittle.report import ConsistencyReport
 from brittle.threshold import rates
 
 if TYPE_CHECKING:
-    from brittle.monitor import Monitor
+    from brittle.protocol import MonitorProtocol
 
 __all__ = ["evaluate"]
 
 
 def evaluate(
-    monitor: Monitor,
+    monitor: MonitorProtocol,
     loader: Iterable[Any] | Tensor,
     *,
     n_samples: int | None = None,

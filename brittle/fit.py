@@ -28,11 +28,12 @@ from brittle.distributed import shard
 from brittle.head import NO_HEAD_HINT
 from brittle.holdout import Holdout, collect_holdout, holdout_report
 from brittle.metrics import ScoreMetrics, nonrobust, score_metrics
+from brittle.norms import check_eps
 from brittle.pseudo_train import MIN_TRAIN_SAMPLES, train_pseudo_margin
 from brittle.threshold import conformal_threshold, min_positives, rates
 
 if TYPE_CHECKING:
-    from brittle.monitor import Monitor
+    from brittle.protocol import MonitorProtocol
 
 __all__ = ["calibrate", "choose_score", "PSEUDO_TRAIN_SHARE", "SMALL_PSEUDO_TRAINING"]
 
@@ -98,7 +99,7 @@ def choose_score(metrics: dict[str, ScoreMetrics], min_tau: float) -> tuple[Scor
 
 
 def _validate(
-    monitor: Monitor,
+    monitor: MonitorProtocol,
     *,
     target_tpr: float,
     n_samples: int | None,
@@ -174,7 +175,7 @@ def _pseudo_scores(net: torch.nn.Module, features: Tensor, device: torch.device)
 
 
 def calibrate(
-    monitor: Monitor,
+    monitor: MonitorProtocol,
     loader: Iterable[Any] | Tensor,
     *,
     target_tpr: float = 0.95,
@@ -233,8 +234,6 @@ def calibrate(
             half precision, or a holdout with no non-robust or no robust samples
             at ``eps``, too few for the threshold or the pseudo-margin network.
     """
-    from brittle.monitor import _check_eps
-
     min_tau = monitor.min_tau if min_tau is None else float(min_tau)
     _validate(
         monitor,
@@ -244,7 +243,7 @@ def calibrate(
         pseudo=pseudo,
         min_tau=min_tau,
     )
-    eps = monitor.eps if eps is None else _check_eps(eps)
+    eps = monitor.eps if eps is None else check_eps(eps)
     settings = AttackSettings(norm=monitor.norm, steps=steps, restarts=restarts, seed=seed)
     part = shard(distributed)
     cache = MarginCache(cache_dir, monitor.model, settings, engine) if cache_dir else None

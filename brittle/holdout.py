@@ -22,7 +22,7 @@ from brittle.metrics import nonrobust
 from brittle.report import ConsistencyReport
 
 if TYPE_CHECKING:
-    from brittle.monitor import Monitor
+    from brittle.protocol import MonitorProtocol
 
 __all__ = ["Holdout", "collect_holdout", "holdout_report"]
 
@@ -61,7 +61,7 @@ def _length(data: Any) -> int | None:
 
 
 def collect_holdout(
-    monitor: Monitor,
+    monitor: MonitorProtocol,
     data: Tensor | Iterable[Any],
     settings: AttackSettings,
     *,

@@ -1,4 +1,7 @@
-"""Saving a fitted monitor without the model, and loading it back onto a model."""
+"""The monitor file: writing a monitor's state without the model, reading it back.
+
+``brittle.load`` (in ``brittle.loading``) puts what ``read`` returns back onto a model.
+"""
 
 from __future__ import annotations
 
@@ -8,21 +11,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
 
-from brittle.identity import check_identity, model_identity
+from brittle.identity import model_identity
 
 if TYPE_CHECKING:
-    from brittle.monitor import Monitor
+    from brittle.protocol import MonitorProtocol
 
-__all__ = ["save", "load"]
+__all__ = ["save", "read"]
 
 _FORMAT = "brittle.monitor"
 _FORMAT_VERSION = 2
 _MODEL_PREFIX = "model."
 
 
-def save(monitor: Monitor, path: str | Path) -> Path:
+def save(monitor: MonitorProtocol, path: str | Path) -> Path:
     """Write ``monitor``'s own state (everything but the model's weights) to ``path``.
 
     The file also identifies the model (its structure and its logits on a probe
@@ -44,7 +46,13 @@ def save(monitor: Monitor, path: str | Path) -> Path:
     return path
 
 
-def _read(path: str | Path) -> dict[str, Any]:
+def read(path: str | Path) -> dict[str, Any]:
+    """The payload of a monitor file: its format, state and model identity.
+
+    Raises:
+        FileNotFoundError: if there is no file at ``path``.
+        ValueError: if the file is damaged, foreign or of another format version.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no monitor file at {str(path)!r}.")
@@ -65,38 +73,3 @@ def _read(path: str | Path) -> dict[str, Any]:
             f"{str(path)!r} was written by another version of brittle; fit and save it again."
         )
     return payload
-
-
-def load(path: str | Path, model: nn.Module) -> Monitor:
-    """Load a monitor written by ``Monitor.save`` onto ``model``.
-
-    Args:
-        path: File written by ``Monitor.save``.
-        model: The classifier the monitor was fitted for; the same model moved to
-            another device or dtype is accepted while its outputs still match.
-
-    Returns:
-        The fitted ``Monitor``, on the model's device.
-
-    Raises:
-        ValueError: if the file is damaged or not a monitor file, or ``model`` is
-            not the model the monitor was fitted for.
-
-    Examples:
-        >>> import tempfile, torch, brittle
-        >>> model = torch.nn.Linear(4, 3)
-        >>> monitor = brittle.wrap(model, example_input=torch.rand(2, 4))
-        >>> monitor.set_threshold(0.25)
-        >>> path = monitor.save(tempfile.mkdtemp() + "/monitor.pt")
-        >>> brittle.load(path, model).threshold
-        tensor(0.2500)
-    """
-    from brittle.monitor import Monitor
-
-    payload = _read(path)
-    try:
-        monitor = Monitor.from_state(model, payload["state"])
-        check_identity(model, payload["model"])
-    except (KeyError, TypeError) as err:
-        raise ValueError(f"{str(path)!r} is damaged or not a brittle monitor file.") from err
-    return monitor

@@ -26,8 +26,8 @@ from brittle.head import (
     resolve_head,
 )
 from brittle.margins import feature_margin, logit_margin, pair_norm_table
-from brittle.norms import Norm, check_norm
-from brittle.output import MonitorOutput
+from brittle.norms import Norm, check_eps, check_norm
+from brittle.output import MonitorOutput, MonitorPass
 from brittle.pseudo import PseudoMargin
 
 if TYPE_CHECKING:
@@ -49,41 +49,10 @@ TABLE_LIMIT_BYTES = 256 * 2**20
 _STATE_VERSION = 2
 
 
-def _check_eps(eps: float) -> float:
-    eps = float(eps)
-    if not math.isfinite(eps) or eps <= 0:
-        raise ValueError(f"eps must be a finite positive number. Got {eps}.")
-    return eps
-
-
 def _check_score(score: str) -> Score:
     if score not in SCORES:
         raise ValueError(f"score must be one of {SCORES}. Got {score!r}.")
     return score  # type: ignore[return-value]
-
-
-@dataclass(frozen=True)
-class MonitorPass:
-    """Everything one forward pass of a monitor yields for a batch.
-
-    Returned by ``Monitor.inspect``: the one call that fit, export, the analyses
-    and the command line share, so that each of them sees the numbers that
-    ``forward`` serves.
-
-    Attributes:
-        logits: ``(B, K)`` the model's logits (NaN rows where ``bad``).
-        features: ``(B, d)`` the head's input when asked for and available, else ``None``.
-        scores: Each available score kind's ``(B,)`` values (NaN where ``bad``).
-        bad: ``(B,)`` True for samples that could not be judged (NaN or Inf in the
-            input or the logits).
-        flag: ``(B,)`` the flag ``forward`` serves, ``None`` without a threshold.
-    """
-
-    logits: Tensor
-    features: Tensor | None
-    scores: dict[str, Tensor]
-    bad: Tensor
-    flag: Tensor | None
 
 
 @dataclass
@@ -149,7 +118,7 @@ class Monitor(nn.Module):
             raise TypeError(f"model must be a torch.nn.Module. Got {type(model).__name__}.")
         self.model = model
         self.norm: Norm = check_norm(norm)
-        self.eps = _check_eps(eps)
+        self.eps = check_eps(eps)
         self.requested_score: Score = _check_score(score)
         self.min_tau = float(min_tau)
         self.chosen_score: ScoreKind | None = None
@@ -578,7 +547,7 @@ class Monitor(nn.Module):
         threshold = float(calibration.threshold)
         if not math.isfinite(threshold):
             raise ValueError(f"a calibration needs a finite threshold. Got {threshold}.")
-        eps = _check_eps(calibration.eps)
+        eps = check_eps(calibration.eps)
         pseudo = calibration.pseudo
         if pseudo is not None:
             if not isinstance(pseudo, PseudoMargin):

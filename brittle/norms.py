@@ -13,6 +13,7 @@ __all__ = [
     "NORMS",
     "START_RADIUS",
     "check_norm",
+    "check_eps",
     "dual_order",
     "norm_order",
     "per_sample_norm",
@@ -35,6 +36,14 @@ def check_norm(norm: str) -> Norm:
     if norm not in _ORDER:
         raise ValueError(f"norm must be one of {NORMS}. Got {norm!r}.")
     return norm  # type: ignore[return-value]
+
+
+def check_eps(eps: float) -> float:
+    """Return ``eps`` as a float if it is a finite positive budget, else raise ``ValueError``."""
+    eps = float(eps)
+    if not math.isfinite(eps) or eps <= 0:
+        raise ValueError(f"eps must be a finite positive number. Got {eps}.")
+    return eps
 
 
 def norm_order(norm: Norm) -> float:

@@ -30,7 +30,8 @@ from brittle.head import NO_HEAD_HINT
 from brittle.onnx_monitor import INPUT_NAME, OUTPUT_NAMES, OnnxMonitor
 
 if TYPE_CHECKING:
-    from brittle.monitor import Monitor, ScoreKind
+    from brittle.calibration import ScoreKind
+    from brittle.protocol import MonitorProtocol
 
 __all__ = ["export_onnx", "OnnxMonitor", "INPUT_NAME", "OUTPUT_NAMES", "DEFAULT_OPSET"]
 
@@ -52,7 +53,7 @@ def _fmt(value: float | None) -> str:
     return "none" if value is None or not math.isfinite(value) else repr(float(value))
 
 
-def _metadata(monitor: Monitor, kind: ScoreKind) -> dict[str, str]:
+def _metadata(monitor: MonitorProtocol, kind: ScoreKind) -> dict[str, str]:
     """Build the string key/value pairs stored in the file's ``metadata_props``."""
     from brittle import __version__
 
@@ -100,7 +101,7 @@ def _metadata(monitor: Monitor, kind: ScoreKind) -> dict[str, str]:
 
 
 def export_onnx(
-    monitor: Monitor,
+    monitor: MonitorProtocol,
     path: str | Path,
     example_input: Tensor,
     *,

@@ -1,10 +1,14 @@
-"""The named tuple a monitor returns."""
+"""What a monitor returns: ``MonitorOutput`` per call, ``MonitorPass`` from ``inspect``."""
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-__all__ = ["MonitorOutput"]
+if TYPE_CHECKING:  # this module stays free of torch: OnnxMonitor returns MonitorOutput too
+    from torch import Tensor
+
+__all__ = ["MonitorOutput", "MonitorPass"]
 
 
 class MonitorOutput(NamedTuple):
@@ -23,3 +27,27 @@ class MonitorOutput(NamedTuple):
     pred: Any
     margin: Any
     flag: Any | None
+
+
+@dataclass(frozen=True)
+class MonitorPass:
+    """Everything one forward pass of a monitor yields for a batch.
+
+    Returned by ``Monitor.inspect``: the one call that fit, export, the analyses
+    and the command line share, so that each of them sees the numbers that
+    ``forward`` serves.
+
+    Attributes:
+        logits: ``(B, K)`` the model's logits (NaN rows where ``bad``).
+        features: ``(B, d)`` the head's input when asked for and available, else ``None``.
+        scores: Each available score kind's ``(B,)`` values (NaN where ``bad``).
+        bad: ``(B,)`` True for samples that could not be judged (NaN or Inf in the
+            input or the logits).
+        flag: ``(B,)`` the flag ``forward`` serves, ``None`` without a threshold.
+    """
+
+    logits: Tensor
+    features: Tensor | None
+    scores: dict[str, Tensor]
+    bad: Tensor
+    flag: Tensor | None

@@ -1,4 +1,4 @@
-"""Failures leave the user's objects as they were: refits, bad labels, killed fits, damaged caches."""
+"""Failures leave the user's objects as they were: refits, labels, killed fits, damaged caches."""
 
 from __future__ import annotations
 

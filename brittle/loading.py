@@ -1,0 +1,46 @@
+"""``brittle.load``: a saved monitor back onto the model it was fitted for."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from brittle.identity import check_identity
+from brittle.io import read
+from brittle.monitor import Monitor
+
+__all__ = ["load"]
+
+
+def load(path: str | Path, model: nn.Module) -> Monitor:
+    """Load a monitor written by ``Monitor.save`` onto ``model``.
+
+    Args:
+        path: File written by ``Monitor.save``.
+        model: The classifier the monitor was fitted for; the same model moved to
+            another device or dtype is accepted while its outputs still match.
+
+    Returns:
+        The fitted ``Monitor``, on the model's device.
+
+    Raises:
+        ValueError: if the file is damaged or not a monitor file, or ``model`` is
+            not the model the monitor was fitted for.
+
+    Examples:
+        >>> import tempfile, torch, brittle
+        >>> model = torch.nn.Linear(4, 3)
+        >>> monitor = brittle.wrap(model, example_input=torch.rand(2, 4))
+        >>> monitor.set_threshold(0.25)
+        >>> path = monitor.save(tempfile.mkdtemp() + "/monitor.pt")
+        >>> brittle.load(path, model).threshold
+        tensor(0.2500)
+    """
+    payload = read(path)
+    try:
+        monitor = Monitor.from_state(model, payload["state"])
+        check_identity(model, payload["model"])
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"{str(path)!r} is damaged or not a brittle monitor file.") from err
+    return monitor

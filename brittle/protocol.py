@@ -1,0 +1,69 @@
+"""What the offline steps read from a monitor: the protocol ``brittle.Monitor`` implements.
+
+``fit``, ``evaluate``, saving, ONNX export and the analyses are written against
+this protocol rather than the ``Monitor`` class, so that they sit below it in
+the import graph: ``Monitor`` calls down into them, nothing calls back up.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from torch import Tensor, nn
+
+    from brittle.calibration import ScoreKind
+    from brittle.norms import Norm
+    from brittle.output import MonitorOutput, MonitorPass
+    from brittle.report import ConsistencyReport
+
+__all__ = ["MonitorProtocol"]
+
+
+class MonitorProtocol(Protocol):
+    """The public face of a ``brittle.Monitor`` that the offline steps use."""
+
+    model: nn.Module
+    norm: Norm
+    eps: float
+    min_tau: float
+    requested_score: str
+    head_name: str | None
+    num_classes: int | None
+    input_shape: tuple[int, ...] | None
+    pseudo: nn.Module | None
+    threshold: Tensor
+    pair_norms: Tensor
+
+    @property
+    def score(self) -> ScoreKind: ...
+
+    @property
+    def head(self) -> nn.Linear | None: ...
+
+    @property
+    def discovered(self) -> bool: ...
+
+    @property
+    def has_threshold(self) -> bool: ...
+
+    @property
+    def is_fitted(self) -> bool: ...
+
+    @property
+    def has_report(self) -> bool: ...
+
+    @property
+    def report(self) -> ConsistencyReport: ...
+
+    def check_input(self, x: Any) -> Tensor: ...
+
+    def inspect(self, x: Tensor, *, features: bool = False) -> MonitorPass: ...
+
+    def graph(self) -> nn.Module: ...
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> Mapping[str, Any]: ...
+
+    def __call__(self, x: Tensor) -> MonitorOutput: ...
