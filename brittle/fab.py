@@ -138,7 +138,7 @@ def fab_attack(
         if index is None:
             index = torch.arange(x.shape[0], device=x.device)
         if x.shape[0] == 0:
-            return FabResult(x.clone(), torch.empty(0, device=x.device))
+            return FabResult(x.clone(), torch.empty(0, device=x.device, dtype=x.dtype))
         attack = _Fab(model, x, pred.to(x.device), norm, eta, beta, alpha_max, patience)
         for restart in range(restarts):
             start = attack.x0 if restart == 0 else attack.random_start(seed, index, restart)
@@ -189,7 +189,7 @@ class _Fab:
             self.num_classes = int(model_output(model(x[:1])).shape[1])
         if self.num_classes < 2:
             raise ValueError(f"the model must output at least 2 classes. Got {self.num_classes}.")
-        self.best = torch.full((x.shape[0],), math.inf, device=x.device)
+        self.best = torch.full((x.shape[0],), math.inf, device=x.device, dtype=x.dtype)
         self.best_adv = self.x0.clone()
         # Dual norm of grad(f_j - f_c) last seen per sample and class, to rank candidates.
         self.dual_seen = self.x0.new_zeros(x.shape[0], self.num_classes)
