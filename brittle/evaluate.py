@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from brittle.attack import ENGINES
@@ -16,6 +15,7 @@ from brittle.attack_settings import DEFAULT_ENGINE, AttackSettings
 from brittle.cache import MarginCache
 from brittle.distributed import shard
 from brittle.errors import NotFittedError
+from brittle.fit import pseudo_scores
 from brittle.holdout import collect_holdout, holdout_report
 from brittle.metrics import nonrobust, score_metrics
 from brittle.report import ConsistencyReport
@@ -94,9 +94,8 @@ def evaluate(
     # The holdout pass keeps the model's own scores; the pseudo-margin is the monitor's.
     scores = dict(holdout.scores)
     if monitor.pseudo is not None and holdout.features is not None:
-        with torch.no_grad():
-            values = monitor.pseudo(holdout.features.to(monitor.threshold.device)).cpu()
-        scores["pseudo"] = values.double().numpy()
+        device = monitor.threshold.device
+        scores["pseudo"] = pseudo_scores(monitor.pseudo, holdout.features, holdout.logits, device)
     holdout.scores = scores
     metrics = {k: score_metrics(v, margins, eps, target_tpr, seed=seed) for k, v in scores.items()}
     timings["metrics"] = time.perf_counter() - start

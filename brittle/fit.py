@@ -35,7 +35,13 @@ from brittle.threshold import conformal_threshold, min_positives, rates
 if TYPE_CHECKING:
     from brittle.protocol import MonitorProtocol
 
-__all__ = ["calibrate", "choose_score", "PSEUDO_TRAIN_SHARE", "SMALL_PSEUDO_TRAINING"]
+__all__ = [
+    "calibrate",
+    "choose_score",
+    "pseudo_scores",
+    "PSEUDO_TRAIN_SHARE",
+    "SMALL_PSEUDO_TRAINING",
+]
 
 # Share of the holdout the pseudo-margin network trains on when no pseudo_data is given.
 PSEUDO_TRAIN_SHARE = 0.5
@@ -146,7 +152,11 @@ def _pseudo_split(n: int, seed: int) -> np.ndarray:
 
 
 def _train_pseudo(
-    features: Tensor | None, margins: np.ndarray, device: torch.device, seed: int
+    features: Tensor | None,
+    logits: Tensor,
+    margins: np.ndarray,
+    device: torch.device,
+    seed: int,
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
     if features is None:
         raise RuntimeError("the head's input features were not captured during the holdout pass.")
@@ -156,7 +166,9 @@ def _train_pseudo(
             f"the pseudo-margin network needs at least {MIN_TRAIN_SAMPLES} training samples. "
             f"Got {n}: pass more pseudo_data or pseudo=False."
         )
-    net, info = train_pseudo_margin(features.to(device), torch.from_numpy(margins), seed=seed)
+    net, info = train_pseudo_margin(
+        features.to(device), logits.to(device), torch.from_numpy(margins), seed=seed
+    )
     summary: dict[str, Any] = asdict(info)
     if n < SMALL_PSEUDO_TRAINING:
         summary["warning"] = (
@@ -168,9 +180,15 @@ def _train_pseudo(
     return net, summary
 
 
-def _pseudo_scores(net: torch.nn.Module, features: Tensor, device: torch.device) -> np.ndarray:
+def pseudo_scores(
+    net: torch.nn.Module, features: Tensor, logits: Tensor, device: torch.device
+) -> np.ndarray:
+    """The pseudo-margin network's scores of stored features and logits, in chunks."""
     with torch.no_grad():
-        values = [net(f.to(device)).cpu() for f in features.split(4096)]
+        values = [
+            net(f.to(device), z.to(device)).cpu()
+            for f, z in zip(features.split(4096), logits.split(4096), strict=True)
+        ]
     return torch.cat(values).double().numpy()
 
 
@@ -290,18 +308,22 @@ def calibrate(
         if pseudo_data is not None:
             training = stream(pseudo_data, None, "fit: pseudo-margin data")
             timings["pseudo_attack"] = time.perf_counter() - start
-            net, pseudo_info = _train_pseudo(training.features, training.margins, device, seed)
+            net, pseudo_info = _train_pseudo(
+                training.features, training.logits, training.margins, device, seed
+            )
             pseudo_info["source"] = "pseudo_data"
         else:
             calibration = _pseudo_split(n, seed)
             train = torch.from_numpy(np.flatnonzero(~calibration))
             features = None if holdout.features is None else holdout.features[train]
-            net, pseudo_info = _train_pseudo(features, margins[~calibration], device, seed)
+            net, pseudo_info = _train_pseudo(
+                features, holdout.logits[train], margins[~calibration], device, seed
+            )
             pseudo_info["source"] = "holdout split"
         part.broadcast_module(net)  # identical networks on every rank, whatever the device
         if holdout.features is None:
             raise RuntimeError("the head's input features were not captured during the pass.")
-        scores["pseudo"] = _pseudo_scores(net, holdout.features, device)
+        scores["pseudo"] = pseudo_scores(net, holdout.features, holdout.logits, device)
         timings["pseudo"] = time.perf_counter() - start
         _check_both_classes(margins[calibration], eps)
         metrics = {

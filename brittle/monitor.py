@@ -329,7 +329,7 @@ class Monitor(nn.Module):
                 "score='pseudo' needs a trained pseudo-margin network: "
                 "call monitor.fit(loader) first."
             )
-        return self.pseudo(self._captured(run).features)
+        return self.pseudo(self._captured(run).features, run.logits)
 
     def _captured(self, run: _Run) -> HeadCapture:
         capture = run.capture
@@ -619,7 +619,7 @@ class Monitor(nn.Module):
             "num_classes": self.num_classes,
             "feature_dim": self.feature_dim,
             "input_shape": None if self.input_shape is None else list(self.input_shape),
-            "pseudo_features": None if self.pseudo is None else self.pseudo.mean.numel(),
+            "pseudo_features": None if self.pseudo is None else self.pseudo.in_features,
             "report": None if self._report is None else self._report.to_dict(),
         }
 
@@ -675,7 +675,7 @@ class Monitor(nn.Module):
                 )
             monitor._attach_head(name)
         if config["pseudo_features"] is not None:
-            monitor.pseudo = PseudoMargin(config["pseudo_features"])
+            monitor.pseudo = PseudoMargin(config["pseudo_features"], config["num_classes"])
         param = next(model.parameters(), None)
         if param is not None:
             monitor.to(param.device)

@@ -1,4 +1,4 @@
-"""Seeded, session-scoped fixtures: scikit-learn's digits and two trained CNNs."""
+"""Seeded, session-scoped fixtures: scikit-learn's digits and three trained CNNs."""
 
 from __future__ import annotations
 
@@ -39,6 +39,12 @@ def standard_model(model_cache: Path) -> nn.Module:
 @pytest.fixture(scope="session")
 def robust_model(model_cache: Path) -> nn.Module:
     return digits_model("robust", cache_dir=model_cache)
+
+
+@pytest.fixture(scope="session")
+def certified_model(model_cache: Path) -> nn.Module:
+    """The IBP-trained CNN: weakly margin-consistent (see brittle.digits.CERTIFIED_EPS)."""
+    return digits_model("certified", cache_dir=model_cache)
 
 
 @pytest.fixture(scope="session")

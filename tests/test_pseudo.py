@@ -1,0 +1,236 @@
+"""The pseudo-margin network: ranking-targeted training lifts a weakly consistent model."""
+
+from __future__ import annotations
+
+import io
+from typing import NamedTuple
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+import brittle
+from brittle.digits import DigitsSplit
+from brittle.margins import logit_margin
+from brittle.metrics import kendall_tau
+from brittle.pseudo import PseudoMargin, rank_to_margin
+from brittle.pseudo_train import (
+    MIN_TRAIN_SAMPLES,
+    PseudoTraining,
+    rank_targets,
+    train_pseudo_margin,
+)
+
+# FAB steps for the test's input margins: few, to keep the session short on 2 cores;
+# the same budget on both splits, so the comparison between scores is fair.
+STEPS = 10
+# Holdout samples the taus are measured on (of 719): enough for a tau within about
+# +-0.03, fewer attacks.
+HOLDOUT = 400
+# Shorter early stopping than fit()'s defaults (150 epochs, patience 20), for time.
+EPOCHS, PATIENCE = 60, 10
+
+
+class Split(NamedTuple):
+    features: Tensor
+    logits: Tensor
+    margins: Tensor
+
+
+class WeakModel(NamedTuple):
+    train: Split
+    holdout: Split
+
+
+def _features_and_logits(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    seen: list[Tensor] = []
+    handle = head.register_forward_hook(lambda _m, args, _out: seen.append(args[0]))
+    try:
+        with torch.no_grad():
+            logits = model(x)
+    finally:
+        handle.remove()
+    return seen[0], logits
+
+
+def _split(model: nn.Module, x: Tensor) -> Split:
+    features, logits = _features_and_logits(model, x)
+    return Split(features, logits, brittle.input_margins(model, x, norm="Linf", steps=STEPS))
+
+
+@pytest.fixture(scope="session")
+def weak(certified_model: nn.Module, digits: DigitsSplit) -> WeakModel:
+    """Features, logits and input margins of the IBP model on both digits splits."""
+    return WeakModel(
+        _split(certified_model, digits.x_train),
+        _split(certified_model, digits.x_holdout[:HOLDOUT]),
+    )
+
+
+@pytest.fixture(scope="session")
+def trained(weak: WeakModel) -> tuple[PseudoMargin, PseudoTraining]:
+    train = weak.train
+    return train_pseudo_margin(
+        train.features, train.logits, train.margins, max_epochs=EPOCHS, patience=PATIENCE
+    )
+
+
+def _synthetic(n: int = 200, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    features, logits = torch.randn(n, 8, generator=g), torch.randn(n, 3, generator=g)
+    margins = (features[:, 0] + 0.3 * logits.max(dim=1).values).exp()
+    margins[:10] = torch.inf  # censored: the most robust
+    return features, logits, margins
+
+
+def test_certified_model_is_weakly_consistent(weak: WeakModel) -> None:
+    tau = kendall_tau(logit_margin(weak.holdout.logits).numpy(), weak.holdout.margins.numpy())
+    # The paper's weak models: 0.28 and 0.43; the standard and robust digits CNNs: ~0.7.
+    assert tau < 0.45
+
+
+def test_pseudo_margin_lifts_the_weak_model_on_the_holdout(
+    weak: WeakModel, trained: tuple[PseudoMargin, PseudoTraining]
+) -> None:
+    net, info = trained
+    with torch.no_grad():
+        pseudo = net(weak.holdout.features, weak.holdout.logits)
+    margins = weak.holdout.margins.numpy()
+    logit_tau = kendall_tau(logit_margin(weak.holdout.logits).numpy(), margins)
+    pseudo_tau = kendall_tau(pseudo.numpy(), margins)
+    assert pseudo_tau >= logit_tau + 0.05, (logit_tau, pseudo_tau)
+    assert (info.n_train, info.n_val) == (862, 216)
+    assert 1 <= info.best_epoch <= info.epochs
+    assert info.val_tau > logit_tau
+
+
+def test_score_is_in_margin_units_and_ranks_as_the_network(
+    weak: WeakModel, trained: tuple[PseudoMargin, PseudoTraining]
+) -> None:
+    net, _ = trained
+    with torch.no_grad():
+        rank = net.rank(weak.holdout.features, weak.holdout.logits)
+        score = net(weak.holdout.features, weak.holdout.logits)
+    assert kendall_tau(score.numpy(), rank.numpy()) == pytest.approx(1.0)
+    finite = weak.train.margins[torch.isfinite(weak.train.margins)]
+    assert float(score.min()) >= float(finite.min()) - 1e-6
+    assert float(score.max()) <= 1.25 * float(finite.max()) + 1e-3
+
+
+def test_rank_to_margin_interpolates_and_is_increasing() -> None:
+    knots = torch.tensor([0.0, 1.0, 3.0])
+    values = rank_to_margin(torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0]), knots)
+    torch.testing.assert_close(values, torch.tensor([0.0, 0.5, 1.0, 2.0, 3.0]))
+
+
+def test_rank_targets_match_scipy_average_ranks() -> None:
+    from scipy import stats
+
+    margins = torch.tensor([0.2, 0.1, torch.inf, 0.2, torch.inf])
+    expected = (stats.rankdata(margins.numpy()) - 0.5) / 5
+    torch.testing.assert_close(rank_targets(margins), torch.tensor(expected, dtype=torch.float32))
+
+
+def test_state_dict_loads_with_weights_only() -> None:
+    features, logits, margins = _synthetic()
+    net, _ = train_pseudo_margin(features, logits, margins, hidden=16, max_epochs=3)
+    buffer = io.BytesIO()
+    torch.save(net.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = PseudoMargin(8, 3, hidden=16)
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(features, logits), net(features, logits))
+
+
+def test_training_is_seeded_and_leaves_the_global_rng_alone() -> None:
+    features, logits, margins = _synthetic()
+    state = torch.random.get_rng_state()
+    first, info = train_pseudo_margin(features, logits, margins, hidden=16, max_epochs=5, seed=3)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    second, again = train_pseudo_margin(features, logits, margins, hidden=16, max_epochs=5, seed=3)
+    assert info == again
+    with torch.no_grad():
+        torch.testing.assert_close(first(features, logits), second(features, logits))
+
+
+@pytest.mark.parametrize("loss", ["rank", "pairwise", "both"])
+def test_every_loss_learns_a_ranking(loss: str) -> None:
+    features, logits, margins = _synthetic(300)
+    _, info = train_pseudo_margin(
+        features,
+        logits,
+        margins,
+        hidden=32,
+        max_epochs=20,
+        loss=loss,  # type: ignore[arg-type]
+    )
+    assert info.loss == loss
+    assert info.val_tau > 0.5
+
+
+def test_default_network_is_five_dense_layers_of_512() -> None:
+    net = PseudoMargin(64, 10)
+    linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
+    assert [m.out_features for m in linears] == [512, 512, 512, 512, 1]
+    assert linears[0].in_features == 64 + 10
+    assert isinstance(net.net[-1], nn.Sigmoid)
+
+
+def test_bad_arguments_are_named() -> None:
+    features, logits, margins = _synthetic()
+    with pytest.raises(ValueError, match=f"at least {MIN_TRAIN_SAMPLES}"):
+        train_pseudo_margin(features[:50], logits[:50], margins[:50])
+    with pytest.raises(ValueError, match="same samples"):
+        train_pseudo_margin(features, logits[:-1], margins)
+    with pytest.raises(ValueError, match="loss must be one of"):
+        train_pseudo_margin(features, logits, margins, loss="mse")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="num_classes at least 2"):
+        PseudoMargin(8, 1)
+    with pytest.raises(ValueError, match=r"logits must have shape \(batch, 3\)"):
+        PseudoMargin(8, 3)(features, logits[:, :2])
+
+
+def test_exports_to_onnx() -> None:
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    features, logits, margins = _synthetic()
+    net, _ = train_pseudo_margin(features, logits, margins, hidden=16, max_epochs=2)
+    program = torch.onnx.export(net, (features[:4], logits[:4]), dynamo=True, verbose=False)
+    assert program is not None
+    buffer = io.BytesIO()
+    program.save(buffer)  # type: ignore[arg-type]
+    session = ort.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    (out,) = session.run(None, {names[0]: features[:4].numpy(), names[1]: logits[:4].numpy()})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(out), net(features[:4], logits[:4]))
+
+
+@pytest.mark.slow
+def test_fit_with_pseudo_data_lifts_the_weak_model(
+    certified_model: nn.Module, digits: DigitsSplit
+) -> None:
+    # The paper's protocol through the public API: the network trains on training-set
+    # samples (pseudo_data), and the threshold and every figure come from the holdout.
+    monitor = brittle.wrap(certified_model, eps=0.1)
+    train = list(zip(digits.x_train.split(256), digits.y_train.split(256), strict=True))
+    monitor.fit(
+        digits.x_holdout[:HOLDOUT],
+        pseudo=True,
+        pseudo_data=train,
+        steps=STEPS,
+        progress=False,
+        target_tpr=0.9,
+    )
+    report = monitor.report
+    assert report.settings["pseudo"]["source"] == "pseudo_data"
+    assert report.settings["pseudo"]["n_train"] + report.settings["pseudo"]["n_val"] == 1078
+    assert report.calibration.all() and report.n == HOLDOUT  # calibrated on all of the holdout
+    logit, pseudo = report.metrics["logit"].tau, report.metrics["pseudo"].tau
+    assert pseudo >= logit + 0.05, (logit, pseudo)
+    assert monitor.score == "pseudo" and report.chosen == "pseudo"
+    x = digits.x_holdout[:5]
+    seen = monitor.inspect(x)
+    torch.testing.assert_close(monitor(x).margin, seen.scores["pseudo"])
