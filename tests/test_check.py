@@ -190,6 +190,7 @@ def test_report_json_holds_the_report_and_the_analyses(demo: dict[str, Any]) -> 
         "per_class",
         "baselines",
         "adversarial",
+        "adaptive",
         "plots",
         "check_settings",
         "check_timings",
@@ -216,6 +217,13 @@ def test_report_json_holds_the_report_and_the_analyses(demo: dict[str, Any]) -> 
         # Successful adversarials sit at the decision boundary: the monitor flags most.
         assert adversarial[attack]["flagged_of_successful"] >= 0.8
     assert 0 <= adversarial["clean_flagged"] <= 1
+    # The attacks that know the monitor run on the same samples, at the monitor's eps.
+    adaptive = payload["adaptive"]
+    assert adaptive["n"] == 150 and adaptive["eps"] == pytest.approx(payload["eps"])
+    assert set(adaptive["attacks"]) == {"pgd", "adaptive_pgd", "cw"}
+    for outcome in adaptive["attacks"].values():
+        assert 0 <= outcome["n_flagged"] <= outcome["n_successful"] <= outcome["n_changed"] <= 150
+    assert adaptive["attacks"]["adaptive_pgd"]["n_successful"] >= 1
 
 
 def test_robust_accuracy_estimate_matches_the_attacked_figure(demo: dict[str, Any]) -> None:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["model_table", "side_by_side", "timings_text", "fmt"]
+__all__ = ["ADAPTIVE_NAMES", "model_table", "side_by_side", "timings_text", "fmt"]
+
+# How the console and the HTML page name the attacks of ``brittle.adaptive``.
+ADAPTIVE_NAMES = {"pgd": "PGD", "adaptive_pgd": "adaptive PGD", "cw": "Carlini-Wagner L2"}
 
 
 def fmt(value: Any, spec: str = ".3f") -> str:
@@ -77,6 +80,7 @@ def model_table(payload: dict[str, Any]) -> str:
             f"  adversarial examples at eps flagged: {', '.join(parts)} "
             f"(clean inputs flagged {fmt(adv['clean_flagged'], '.1%')})"
         )
+    lines.extend(_adaptive_lines(payload.get("adaptive")))
     pc = payload["per_class"]
     worst = next(r for r in pc["classes"] if r["class"] == pc["most_brittle_class"])
     lines.append(
@@ -140,6 +144,20 @@ def side_by_side(payloads: list[dict[str, Any]]) -> str:
                 for p in payloads
             ],
         )
+    for attack in ("adaptive_pgd", "cw"):
+        add(
+            f"{ADAPTIVE_NAMES[attack]} flagged",
+            [
+                fmt(
+                    (p.get("adaptive") or {})
+                    .get("attacks", {})
+                    .get(attack, {})
+                    .get("flagged_of_successful"),
+                    ".1%",
+                )
+                for p in payloads
+            ],
+        )
     add("time", [f"{sum(p['check_timings'].values()):.0f}s" for p in payloads])
     width = max(len(label) for label, _ in rows) + 2
     header = " " * width + "".join(f"{p['name']:>16}" for p in payloads)
@@ -153,3 +171,18 @@ def _best_baseline(payload: dict[str, Any]) -> str:
         return "-"
     auroc, name = max(scored)
     return f"{auroc:.3f} {name}"
+
+
+def _adaptive_lines(adaptive: dict[str, Any] | None) -> list[str]:
+    """One line on what an attacker who knows the monitor achieves."""
+    if not adaptive:
+        return []
+    if "skipped" in adaptive:
+        return [f"  adaptive attacks: {adaptive['skipped']}"]
+    parts = [
+        f"{ADAPTIVE_NAMES[name]} {fmt(outcome['flagged_of_successful'], '.1%')} of "
+        f"{outcome['n_successful']} successful"
+        for name, outcome in adaptive["attacks"].items()
+        if name in ADAPTIVE_NAMES
+    ]
+    return [f"  attacks that know the monitor, flagged: {', '.join(parts)} (docs/security.md)"]

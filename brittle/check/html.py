@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from brittle.check.console import fmt, timings_text
+from brittle.check.console import ADAPTIVE_NAMES, fmt, timings_text
 from brittle.check.plots import PLOT_FILES, PLOT_HINT
 
 __all__ = ["write_html"]
@@ -85,6 +85,16 @@ def _facts(p: dict[str, Any]) -> str:
                     f"{name.upper()} examples flagged",
                     f"{fmt(adv[name]['flagged_of_successful'], '.1%')} of "
                     f"{adv[name]['n_successful']} successful",
+                )
+            )
+    adaptive = p.get("adaptive") or {}
+    for name, outcome in adaptive.get("attacks", {}).items():
+        if name in ADAPTIVE_NAMES and name != "pgd":
+            facts.append(
+                (
+                    f"{ADAPTIVE_NAMES[name]} (knows the monitor) flagged",
+                    f"{fmt(outcome['flagged_of_successful'], '.1%')} of "
+                    f"{outcome['n_successful']} successful",
                 )
             )
     if p.get("gate"):

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import brittle
 from brittle import analyses
+from brittle.adaptive import adaptive_attacks
 from brittle.check.cli import Settings
 from brittle.check.errors import UsageError
 from brittle.check.evaluate import evaluate_saved
@@ -195,9 +196,12 @@ def run_check(
     )
     timings["analyses"] = time.perf_counter() - start
     start = time.perf_counter()
+    attacked = x_hold[
+        torch.from_numpy(analyses.subset_indices(n, settings.attack_subset, settings.seed))
+    ]
     adversarial = analyses.adversarial_flags(
         monitor,
-        x_hold[torch.from_numpy(analyses.subset_indices(n, settings.attack_subset, settings.seed))],
+        attacked,
         norm=norm,
         eps=eps,
         batch_size=settings.batch_size,
@@ -205,6 +209,9 @@ def run_check(
         seed=settings.seed,
     )
     timings["adversarial"] = time.perf_counter() - start
+    start = time.perf_counter()
+    adaptive = _adaptive(monitor, attacked.to(settings.device), settings)
+    timings["adaptive"] = time.perf_counter() - start
 
     written: dict[str, str] = {}
     if save_monitor is not None:
@@ -235,6 +242,7 @@ def run_check(
         "per_class": per_class.to_dict(),
         "baselines": {name: b.to_dict() for name, b in baselines.items()},
         "adversarial": adversarial.to_dict(),
+        "adaptive": adaptive,
         "gate": gate,
         "written": written,
         "check_settings": settings.to_dict(),
@@ -259,6 +267,14 @@ def run_check(
         plots=plots,
         gate_passed=passed,
     )
+
+
+def _adaptive(monitor: Monitor, x: torch.Tensor, settings: Settings) -> dict[str, Any]:
+    """What an attacker who knows the monitor achieves (``brittle.adaptive``), as JSON."""
+    if monitor.norm not in ("Linf", "L2"):
+        return {"skipped": f"the adaptive attacks support Linf and L2, not {monitor.norm}"}
+    result = adaptive_attacks(monitor, x, batch_size=settings.batch_size, seed=settings.seed)
+    return result.to_dict()
 
 
 def _export_onnx(monitor: Monitor, path: Path, example: torch.Tensor) -> Path:
