@@ -122,7 +122,7 @@ class Telemetry:
         >>> import torch, brittle
         >>> monitor = brittle.wrap(torch.nn.Linear(4, 3), eps=0.1)
         >>> monitor.set_threshold(0.2)
-        >>> telemetry = brittle.Telemetry.from_monitor(monitor)
+        >>> telemetry = brittle.Telemetry.from_monitor(monitor, warn=False)
         >>> out = telemetry.observe(monitor(torch.rand(8, 4)))
         >>> snap = telemetry.snapshot()
         >>> snap.samples, snap.flagged == int(out.flag.sum()), snap.rejected
