@@ -199,7 +199,15 @@ class FlagRateAlarm:
                 self._ring[:] = new[-n:]
                 self._pos, self._seen = 0, n
                 self._flagged = int(self._ring.sum())
-            elif m:
+            elif m <= 8:  # a few samples per request: plain Python beats numpy's call overhead
+                ring, pos = self._ring, self._pos
+                for value in new.tolist():
+                    self._flagged += value - bool(ring[pos])
+                    ring[pos] = value
+                    pos = pos + 1 if pos + 1 < n else 0
+                self._pos = pos
+                self._seen = min(n, self._seen + m)
+            else:
                 slots = (self._pos + np.arange(m)) % n
                 self._flagged += int(new.sum()) - int(self._ring[slots].sum())
                 self._ring[slots] = new

@@ -155,10 +155,10 @@ class OnnxMonitor:
         return f"({dims})"
 
     def _check(self, x: Any) -> np.ndarray:
-        expected = f"{self._expected()} {self.dtype}"
         if not isinstance(x, np.ndarray):
             raise ValueError(
-                f"input must be a numpy array of shape {expected}. Got {type(x).__name__}."
+                f"input must be a numpy array of shape {self._expected()} {self.dtype}. "
+                f"Got {type(x).__name__}."
             )
         if x.dtype != self.dtype:
             raise ValueError(f"input must have dtype {self.dtype}. Got {x.dtype}.")

@@ -217,15 +217,15 @@ class Telemetry:
                 "telemetry needs flags: the monitor has no threshold; call monitor.fit(holdout) "
                 "or monitor.set_threshold(value) first."
             )
-        margin = _numpy(output.margin).astype(np.float64, copy=False).reshape(-1)
+        margin = _numpy(output.margin).reshape(-1)
         flag = _numpy(output.flag).astype(bool, copy=False).reshape(-1)
         finite = np.isfinite(margin)
-        good = margin[finite]
+        good = margin if finite.all() else margin[finite]
         counts = np.bincount(
             np.searchsorted(self._bounds, good, side="left"), minlength=len(self.bounds) + 1
         )
-        n, flagged, rejected = margin.size, int(flag.sum()), margin.size - good.size
-        total = float(good.sum())
+        n, flagged, rejected = margin.size, int(np.count_nonzero(flag)), margin.size - good.size
+        total = float(good.sum(dtype=np.float64))
         with self._lock:
             self._samples += n
             self._flagged += flagged

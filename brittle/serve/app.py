@@ -48,13 +48,13 @@ def _batch(monitor: OnnxMonitor, body: bytes, max_batch: int) -> tuple[np.ndarra
         raise HTTPException(
             413, f"a batch of {len(inputs)} samples exceeds this server's limit of {max_batch}."
         )
-    shape = ", ".join("batch" if d is None else str(d) for d in monitor.input_shape)
     if not inputs:
         return np.empty((0, *monitor.input_shape[1:]), dtype=monitor.dtype), want_logits
     try:
         x = np.asarray(inputs, dtype=monitor.dtype)
     except (ValueError, TypeError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        shape = ", ".join("batch" if d is None else str(d) for d in monitor.input_shape)
         raise HTTPException(
             422, f"inputs must be nested lists of numbers of shape ({shape}): {reason}."
         ) from err
