@@ -36,6 +36,8 @@ DEFAULT_FALSE_ALARM = 1e-3
 # The reference rate used is at least this: a holdout on which nothing was flagged
 # must not make one flagged request an alarm.
 MIN_REFERENCE_RATE = 1e-3
+# Batches up to this size update the window in plain Python (cheaper than numpy calls).
+_SHORT = 16
 
 
 def binomial_sf(k: int, n: int, p: float) -> float:
@@ -192,22 +194,31 @@ class FlagRateAlarm:
 
     def update(self, flags: Any) -> AlarmState:
         """Push a batch of flags (oldest first) into the window; returns the new state."""
-        new = np.asarray(flags, dtype=bool).reshape(-1)
-        m, n = new.size, self.window
+        n = self.window
+        # One request's few flags: plain Python beats numpy's per-call overhead.
+        new: np.ndarray | None = None
+        values: list[Any] | None = None
+        if isinstance(flags, list) and len(flags) <= _SHORT and len(flags) < n:
+            values = flags
+        else:
+            new = np.asarray(flags, dtype=bool).reshape(-1)
+            if new.size <= _SHORT and new.size < n:
+                values = new.tolist()
         with self._lock:
-            if m >= n:
-                self._ring[:] = new[-n:]
-                self._pos, self._seen = 0, n
-                self._flagged = int(self._ring.sum())
-            elif m <= 8:  # a few samples per request: plain Python beats numpy's call overhead
+            if values is not None:
                 ring, pos = self._ring, self._pos
-                for value in new.tolist():
-                    self._flagged += value - bool(ring[pos])
+                for value in values:
+                    self._flagged += bool(value) - bool(ring[pos])
                     ring[pos] = value
                     pos = pos + 1 if pos + 1 < n else 0
                 self._pos = pos
-                self._seen = min(n, self._seen + m)
-            else:
+                self._seen = min(n, self._seen + len(values))
+            elif new is not None and new.size >= n:
+                self._ring[:] = new[-n:]
+                self._pos, self._seen = 0, n
+                self._flagged = int(self._ring.sum())
+            elif new is not None:
+                m = new.size
                 slots = (self._pos + np.arange(m)) % n
                 self._flagged += int(new.sum()) - int(self._ring[slots].sum())
                 self._ring[slots] = new

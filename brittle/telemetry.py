@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import threading
 import warnings
+from bisect import bisect_left
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +32,8 @@ __all__ = ["Telemetry", "TelemetrySnapshot", "margin_buckets", "BUCKET_QUANTILES
 # Quantiles of the calibration margins that bound the histogram's buckets: fine in
 # the lower tail, where the threshold and a shift toward brittle inputs show.
 BUCKET_QUANTILES = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 0.99)
+# Up to this many samples an output is counted in plain Python (see Telemetry.observe).
+_SMALL_BATCH = 16
 # Multiples of the threshold that bound the buckets when no calibration margins are known.
 _THRESHOLD_MULTIPLES = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 4.0, 8.0)
 
@@ -157,7 +160,7 @@ class Telemetry:
         self._samples = 0
         self._flagged = 0
         self._rejected = 0
-        self._counts = np.zeros(len(bounds) + 1, dtype=np.int64)
+        self._counts = [0] * (len(bounds) + 1)
         self._sum = 0.0
 
     @classmethod
@@ -219,21 +222,37 @@ class Telemetry:
             )
         margin = _numpy(output.margin).reshape(-1)
         flag = _numpy(output.flag).astype(bool, copy=False).reshape(-1)
-        finite = np.isfinite(margin)
-        good = margin if finite.all() else margin[finite]
-        counts = np.bincount(
-            np.searchsorted(self._bounds, good, side="left"), minlength=len(self.bounds) + 1
-        )
-        n, flagged, rejected = margin.size, int(np.count_nonzero(flag)), margin.size - good.size
-        total = float(good.sum(dtype=np.float64))
+        n = margin.size
+        if n <= _SMALL_BATCH:
+            # A few samples per request (the serving case): numpy's per-call overhead
+            # would cost more than the counting.
+            flags = flag.tolist()
+            counts, total, rejected = [0] * (len(self.bounds) + 1), 0.0, 0
+            for value in margin.tolist():
+                if math.isfinite(value):
+                    counts[bisect_left(self.bounds, value)] += 1
+                    total += value
+                else:
+                    rejected += 1
+            flagged = sum(flags)
+        else:
+            flags = flag
+            finite = np.isfinite(margin)
+            good = margin if finite.all() else margin[finite]
+            found = np.bincount(
+                np.searchsorted(self._bounds, good, side="left"), minlength=len(self.bounds) + 1
+            )
+            counts = found.tolist()
+            flagged, rejected = int(np.count_nonzero(flag)), n - good.size
+            total = float(good.sum(dtype=np.float64))
         with self._lock:
             self._samples += n
             self._flagged += flagged
             self._rejected += rejected
-            self._counts += counts
+            self._counts = [a + b for a, b in zip(self._counts, counts, strict=True)]
             self._sum += total
             if self.alarm is not None:
-                self.alarm.update(flag)
+                self.alarm.update(flags)
         return output
 
     def snapshot(self) -> TelemetrySnapshot:
@@ -244,7 +263,7 @@ class Telemetry:
                 flagged=self._flagged,
                 rejected=self._rejected,
                 bounds=self.bounds,
-                bucket_counts=tuple(int(c) for c in self._counts),
+                bucket_counts=tuple(self._counts),
                 margin_sum=self._sum,
                 alarm=None if self.alarm is None else self.alarm.state,
             )
