@@ -70,7 +70,7 @@ def serve_bare(path: str, port: int, provider: str, threads: int) -> None:
             x = np.asarray(json.loads(body)["inputs"], dtype=np.float32)
         except (ValueError, KeyError, TypeError) as err:
             raise HTTPException(422, str(err)) from err
-        (logits,) = session.run(None, {"input": x})
+        logits = session.run(None, {"input": x})[0]
         return JSONResponse({"pred": logits.argmax(axis=1).tolist()})
 
     @app.post("/predict")
