@@ -49,7 +49,8 @@ def _batch(monitor: OnnxMonitor, body: bytes, max_batch: int) -> tuple[np.ndarra
             413, f"a batch of {len(inputs)} samples exceeds this server's limit of {max_batch}."
         )
     if not inputs:
-        return np.empty((0, *monitor.input_shape[1:]), dtype=monitor.dtype), want_logits
+        empty = tuple(d or 0 for d in monitor.input_shape[1:])  # a dynamic axis of 0 is fine
+        return np.empty((0, *empty), dtype=monitor.dtype), want_logits
     try:
         x = np.asarray(inputs, dtype=monitor.dtype)
     except (ValueError, TypeError) as err:
@@ -113,11 +114,11 @@ def create_app(
             out = monitor(x)
         except ValueError as err:  # shape or rank: OnnxMonitor names what it expects
             raise HTTPException(422, str(err)) from err
-        telemetry.observe(out)
+        telemetry.observe(out)  # raises without flags; an exported monitor always has them
         content: dict[str, Any] = {
             "pred": out.pred.tolist(),
             "margin": _floats(out.margin),
-            "flag": out.flag.tolist(),
+            "flag": np.asarray(out.flag).tolist(),
             "threshold": monitor.threshold,
         }
         if want_logits:
