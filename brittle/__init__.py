@@ -9,8 +9,8 @@ Names are imported on first use: ``import brittle`` loads nothing heavy, the
 serving path (``wrap`` and a forward pass) loads torch and brittle's own small
 modules only, and scipy, scikit-learn, tqdm and the attack and ONNX libraries
 load where the offline work starts (``fit``, ``input_margins``, export). A
-server of an exported monitor (``brittle.OnnxMonitor``, ``python -m
-brittle.serve``) never imports torch.
+server of an exported monitor (``brittle.OnnxMonitor``, ``brittle.Telemetry``,
+``python -m brittle.serve``) never imports torch.
 
 Examples:
     >>> import torch, brittle
@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from brittle import functional
+    from brittle.alarm import FlagRateAlarm
     from brittle.attack import input_margins
     from brittle.calibration import Calibration
     from brittle.errors import NotFittedError
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
     from brittle.onnx_monitor import OnnxMonitor
     from brittle.output import MonitorOutput
     from brittle.report import ConsistencyReport
+    from brittle.telemetry import Telemetry
 
 __version__ = "0.1.0"
 
@@ -52,6 +54,8 @@ _WHERE = {
     "ConsistencyReport": "brittle.report",
     "ScoreMetrics": "brittle.metrics",
     "input_margins": "brittle.attack",
+    "Telemetry": "brittle.telemetry",
+    "FlagRateAlarm": "brittle.alarm",
 }
 _SUBMODULES = ("functional", "analyses", "onnx", "fit", "evaluate", "fab", "attack", "digits")
 
@@ -62,6 +66,8 @@ __all__ = [
     "MonitorPass",
     "MonitorOutput",
     "OnnxMonitor",
+    "Telemetry",
+    "FlagRateAlarm",
     "Calibration",
     "ConsistencyReport",
     "ScoreMetrics",

@@ -30,6 +30,10 @@ class Calibration:
         threshold: Flag threshold on the chosen score.
         pseudo: The trained pseudo-margin network, or ``None``.
         report: The consistency report of the holdout.
+        reference_flag_rate: Share of the calibration samples the monitor flags: the
+            reference of the flag-rate alarm (``brittle.alarm``). ``None`` if unknown.
+        margin_buckets: Histogram bucket bounds from the calibration samples' scores
+            (``brittle.telemetry.margin_buckets``). ``None`` if unknown.
     """
 
     eps: float
@@ -38,3 +42,5 @@ class Calibration:
     threshold: float
     pseudo: nn.Module | None
     report: ConsistencyReport
+    reference_flag_rate: float | None = None
+    margin_buckets: tuple[float, ...] | None = None

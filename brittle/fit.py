@@ -30,6 +30,7 @@ from brittle.holdout import Holdout, collect_holdout, holdout_report
 from brittle.metrics import ScoreMetrics, nonrobust, score_metrics
 from brittle.norms import check_eps
 from brittle.pseudo_train import MIN_TRAIN_SAMPLES, train_pseudo_margin
+from brittle.telemetry import margin_buckets
 from brittle.threshold import conformal_threshold, min_positives, rates
 
 if TYPE_CHECKING:
@@ -341,6 +342,8 @@ def calibrate(
     cal_scores = scores[chosen][calibration]
     threshold = conformal_threshold(cal_scores[positive[calibration]], target_tpr)
     tpr, fpr = rates(cal_scores, positive[calibration], threshold)
+    # The flag-rate alarm's reference: what the served flag does on these samples.
+    reference_flag_rate = float(np.mean((cal_scores <= threshold) | ~np.isfinite(cal_scores)))
     report = holdout_report(
         holdout,
         eps=eps,
@@ -366,5 +369,12 @@ def calibrate(
         },
     )
     return Calibration(
-        eps=eps, min_tau=min_tau, chosen=chosen, threshold=threshold, pseudo=net, report=report
+        eps=eps,
+        min_tau=min_tau,
+        chosen=chosen,
+        threshold=threshold,
+        pseudo=net,
+        report=report,
+        reference_flag_rate=reference_flag_rate,
+        margin_buckets=margin_buckets(cal_scores, threshold),
     )

@@ -132,6 +132,10 @@ class Monitor(nn.Module):
         self.pseudo: PseudoMargin | None = None
         self._report: ConsistencyReport | None = None
         self._has_threshold = False
+        # From fit(): the calibration samples' flag rate (the flag-rate alarm's
+        # reference) and margin histogram bounds (brittle.Telemetry).
+        self.reference_flag_rate: float | None = None
+        self.margin_buckets: tuple[float, ...] | None = None
         self.register_buffer("threshold", torch.tensor(math.nan))
         self.register_buffer("fitted", torch.tensor(False))
         self.register_buffer("pair_norms", torch.empty(0, 0))
@@ -469,6 +473,9 @@ class Monitor(nn.Module):
             raise ValueError(f"threshold must be a finite number. Got {threshold}.")
         self.threshold.fill_(value)
         self._has_threshold = True
+        # The holdout's flag rate and margin quantiles belonged to the old threshold.
+        self.reference_flag_rate = None
+        self.margin_buckets = None
 
     # ------------------------------------------------------------------ fit
     @property
@@ -563,6 +570,10 @@ class Monitor(nn.Module):
         self.threshold.fill_(threshold)
         self.fitted.fill_(True)
         self._has_threshold = True
+        rate = calibration.reference_flag_rate
+        self.reference_flag_rate = None if rate is None else float(rate)
+        buckets = calibration.margin_buckets
+        self.margin_buckets = None if buckets is None else tuple(float(b) for b in buckets)
 
     def evaluate(
         self,
@@ -621,6 +632,8 @@ class Monitor(nn.Module):
             "input_shape": None if self.input_shape is None else list(self.input_shape),
             "pseudo_features": None if self.pseudo is None else self.pseudo.in_features,
             "report": None if self._report is None else self._report.to_dict(),
+            "reference_flag_rate": self.reference_flag_rate,
+            "margin_buckets": None if self.margin_buckets is None else list(self.margin_buckets),
         }
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
@@ -645,6 +658,10 @@ class Monitor(nn.Module):
         self.input_shape = None if shape is None else tuple(shape)
         self._report = report
         self._has_threshold = bool(torch.isfinite(self.threshold))
+        # Absent from files saved before the flag-rate alarm: Telemetry then says so.
+        rate, buckets = state.get("reference_flag_rate"), state.get("margin_buckets")
+        self.reference_flag_rate = None if rate is None else float(rate)
+        self.margin_buckets = None if buckets is None else tuple(float(b) for b in buckets)
 
     @classmethod
     def from_state(cls, model: nn.Module, state: dict[str, Tensor | Any]) -> Monitor:

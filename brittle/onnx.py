@@ -68,6 +68,12 @@ def _metadata(monitor: MonitorProtocol, kind: ScoreKind) -> dict[str, str]:
         "fitted": str(monitor.is_fitted).lower(),
         "target_tpr": "none",
     }
+    # The flag-rate alarm's reference and the margin histogram's bounds (brittle.Telemetry).
+    # Read with getattr: MonitorProtocol (brittle.protocol) does not declare them.
+    rate = getattr(monitor, "reference_flag_rate", None)
+    buckets = getattr(monitor, "margin_buckets", None)
+    meta["reference_flag_rate"] = _fmt(rate)
+    meta["margin_buckets"] = "none" if buckets is None else json.dumps([float(b) for b in buckets])
     # A threshold set by hand (set_threshold) is exportable and has no report to describe.
     if not monitor.has_report:
         return meta

@@ -7,6 +7,8 @@ process.
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -123,6 +125,27 @@ class OnnxMonitor:
         return float(self.metadata.get("threshold", "nan"))
 
     @property
+    def has_threshold(self) -> bool:
+        """Whether the file carries a finite flag threshold."""
+        return math.isfinite(self.threshold)
+
+    @property
+    def reference_flag_rate(self) -> float | None:
+        """The calibration holdout's flag rate (the flag-rate alarm's reference), if known.
+
+        ``None`` for files exported with a hand-set threshold or by a brittle older
+        than the alarm.
+        """
+        value = self.metadata.get("reference_flag_rate", "none")
+        return None if value == "none" else float(value)
+
+    @property
+    def margin_buckets(self) -> tuple[float, ...] | None:
+        """Margin histogram bounds from the calibration holdout (``Telemetry``), if known."""
+        value = self.metadata.get("margin_buckets", "none")
+        return None if value == "none" else tuple(float(b) for b in json.loads(value))
+
+    @property
     def score(self) -> str | None:
         """Score kind of the ``margin`` output."""
         return self.metadata.get("score")
@@ -132,10 +155,10 @@ class OnnxMonitor:
         return f"({dims})"
 
     def _check(self, x: Any) -> np.ndarray:
-        expected = f"{self._expected()} {self.dtype}"
         if not isinstance(x, np.ndarray):
             raise ValueError(
-                f"input must be a numpy array of shape {expected}. Got {type(x).__name__}."
+                f"input must be a numpy array of shape {self._expected()} {self.dtype}. "
+                f"Got {type(x).__name__}."
             )
         if x.dtype != self.dtype:
             raise ValueError(f"input must have dtype {self.dtype}. Got {x.dtype}.")

@@ -28,6 +28,7 @@ TESTED = {
     "deploy_onnx.py",
     "cli_npz.py",
     "robustbench_model.py",
+    "fastapi_app.py",
 }
 
 
@@ -136,6 +137,16 @@ def test_deploy_onnx(tmp_path: Path, brittle_cache: Path) -> None:
     assert "torch imported by the server: False" in out
     served = out[out.index("sample  pred  margin  brittle") :].splitlines()[1:7]
     assert served[2].split()[1:] == ["-1", "nan", "True"]  # the NaN request fails closed
+
+
+@pytest.mark.slow
+def test_fastapi_app(tmp_path: Path, brittle_cache: Path) -> None:
+    script = _example("fastapi_app.py", "fastapi", "prometheus_client")
+    lines = _run([str(script)], tmp_path, brittle_cache).stdout.splitlines()
+    assert lines[0].startswith("clean: 519 digits") and lines[0].endswith("alarm False")
+    assert lines[1].startswith("washed-out: 519 digits") and lines[1].endswith("alarm True")
+    assert "brittle_samples_total 1038.0" in lines and "brittle_flag_rate_alarm 1.0" in lines
+    assert "digits_requests_total 66.0" in lines
 
 
 @pytest.mark.slow

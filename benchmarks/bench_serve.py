@@ -1,0 +1,308 @@
+"""The price of monitoring in the serving stack: ``python -m brittle.serve`` against a bare server.
+
+Two HTTP servers of the same model on 127.0.0.1, each in its own process, with the
+same stack (uvicorn, FastAPI, JSON bodies ``{"inputs": [...]}``, onnxruntime with
+the same provider and threads):
+
+- **bare**: the model alone exported to ONNX; answers ``pred``;
+- **monitor**: ``python -m brittle.serve`` on the monitor's ONNX file; answers
+  ``pred``, ``margin`` and ``flag`` and counts every sample into its telemetry
+  (counters, margin histogram, flag-rate alarm) behind ``/metrics``.
+
+Closed-loop clients (``--clients`` threads, one keep-alive connection each) send
+pre-encoded requests for ``--seconds`` per round; rounds alternate bare and
+monitor (``--rounds`` each), and the table gives the median round's requests per
+second and the p50/p99 latency of all requests. The throughput loss is
+``1 - rps(monitor) / rps(bare)`` (target <= 5 %). On a CPU shared with the clients
+and with other jobs, wall-clock throughput swings with what else runs, so the
+table also gives each server's own CPU time per request (``/proc/PID/stat``) and
+the capacity loss ``1 - cpu(bare) / cpu(monitor)``: the throughput loss of a
+server whose cores are its own and saturated. Models: the PGD-trained digits
+CNN (fitted monitor, logit margin) and a torchvision ResNet-18 (random weights,
+10 classes, ``--size`` pixels, exact feature margin), at batch 1 and 16.
+
+Run: python benchmarks/bench_serve.py [--quick] [--provider cpu|cuda] [--clients 4]
+"""
+
+# No ``from __future__ import annotations``: FastAPI reads the bare server's route
+# annotations at run time, and that server imports its types inside a function.
+import argparse
+import http.client
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve()
+PROVIDERS = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+
+
+# ---------------------------------------------------------------- bare server
+def serve_bare(path: str, port: int, provider: str, threads: int) -> None:
+    """The bare model behind the same stack as ``brittle.serve``: JSON in, ``pred`` out."""
+    import onnxruntime as ort
+    import uvicorn
+    from fastapi import FastAPI, HTTPException, Request
+    from fastapi.responses import JSONResponse
+    from starlette.concurrency import run_in_threadpool
+
+    options = ort.SessionOptions()
+    if threads > 0:
+        options.intra_op_num_threads = threads
+    session = ort.InferenceSession(path, sess_options=options, providers=PROVIDERS[provider])
+    app = FastAPI()
+
+    def judge(body: bytes) -> JSONResponse:
+        try:
+            x = np.asarray(json.loads(body)["inputs"], dtype=np.float32)
+        except (ValueError, KeyError, TypeError) as err:
+            raise HTTPException(422, str(err)) from err
+        logits = session.run(None, {"input": x})[0]
+        return JSONResponse({"pred": logits.argmax(axis=1).tolist()})
+
+    @app.post("/predict")
+    async def predict(request: Request) -> JSONResponse:
+        return await run_in_threadpool(judge, await request.body())
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+
+
+# ------------------------------------------------------------------- models
+def build_models(folder: Path, size: int) -> dict[str, dict[str, Any]]:
+    """Export each model bare and monitored; returns paths and an example input each."""
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+    from torchvision.models import resnet18
+
+    import brittle
+    from brittle.digits import ROBUST_EPS, digits_model, load_digits_split
+
+    def bare(model: torch.nn.Module, x: torch.Tensor, path: Path) -> Path:
+        torch.onnx.export(
+            model,
+            (x,),
+            path,
+            dynamo=True,
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_shapes=({0: torch.export.Dim("batch")},),
+            verbose=False,
+        )
+        return path
+
+    torch.manual_seed(0)
+    split = load_digits_split()
+    digits = digits_model("robust")
+    monitor = brittle.wrap(digits, score="logit", eps=ROBUST_EPS)
+    holdout = DataLoader(TensorDataset(split.x_holdout, split.y_holdout), batch_size=100)
+    monitor.fit(holdout, n_samples=200, steps=10, pseudo=False, progress=False)
+    x = split.x_holdout[:2]
+    models = {
+        "digits CNN (8x8, logit margin)": {
+            "bare": bare(digits, x, folder / "digits-bare.onnx"),
+            "monitor": monitor.export_onnx(folder / "digits-monitor.onnx", x),
+            "x": split.x_holdout[200:216].numpy(),
+        }
+    }
+    net = resnet18(num_classes=10).eval()
+    x = torch.rand(16, 3, size, size)
+    monitor = brittle.wrap(net, score="feature", eps=8 / 255, example_input=x[:2])
+    with torch.no_grad():
+        margins = monitor(x).margin.numpy()
+    monitor.set_threshold(float(np.median(margins)))
+    # Random weights have no holdout to calibrate on: a reference rate and buckets from
+    # these inputs switch the telemetry's alarm on, which is what its cost needs.
+    monitor.reference_flag_rate = 0.5
+    monitor.margin_buckets = tuple(
+        sorted({float(f"{m:.4g}") for m in np.quantile(margins, 0.1 * np.arange(1, 10))})
+    )
+    models[f"ResNet-18 ({size}x{size}, 10 classes, feature margin)"] = {
+        "bare": bare(net, x[:2], folder / "resnet-bare.onnx"),
+        "monitor": monitor.export_onnx(folder / "resnet-monitor.onnx", x[:2]),
+        "x": x.numpy(),
+    }
+    return models
+
+
+# ------------------------------------------------------------------ harness
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start(command: list[str], port: int) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {proc.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("GET", "/healthz")
+            if conn.getresponse().status == 200:
+                return proc
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"server on port {port} did not start")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    os.kill(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process so far (Linux ``/proc``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def load(port: int, body: bytes, clients: int, seconds: float) -> tuple[float, list[float]]:
+    """Requests per second and per-request latencies of closed-loop clients."""
+    latencies: list[list[float]] = [[] for _ in range(clients)]
+    start_at = time.perf_counter() + 0.1
+    stop_at = start_at + seconds
+
+    def client(i: int) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        headers = {"Content-Type": "application/json"}
+        while time.perf_counter() < start_at:
+            time.sleep(0.001)
+        while (t0 := time.perf_counter()) < stop_at:
+            conn.request("POST", "/predict", body, headers)
+            response = conn.getresponse()
+            response.read()
+            if response.status != 200:
+                raise RuntimeError(f"status {response.status}")
+            latencies[i].append(time.perf_counter() - t0)
+        conn.close()
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=seconds + 120)
+    done = [v for per in latencies for v in per]
+    return len(done) / (time.perf_counter() - start_at), done
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--provider", choices=sorted(PROVIDERS), default="cpu")
+    parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--seconds", type=float, default=5.0, help="per round")
+    parser.add_argument("--rounds", type=int, default=5, help="per variant, interleaved")
+    parser.add_argument("--size", type=int, default=32, help="ResNet-18 input size")
+    parser.add_argument("--quick", action="store_true", help="2 rounds of 2 s")
+    parser.add_argument("--bare-server", nargs=2, metavar=("ONNX", "PORT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.bare_server:
+        serve_bare(args.bare_server[0], int(args.bare_server[1]), args.provider, args.threads)
+        return
+    if args.quick:
+        args.seconds, args.rounds = 2.0, 2
+
+    import onnxruntime as ort
+
+    folder = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    models = build_models(folder, args.size)
+    print(
+        f"onnxruntime {ort.__version__} ({args.provider}, {args.threads} intra-op thread(s) per "
+        f"server), {args.clients} closed-loop clients, {args.rounds} interleaved rounds of "
+        f"{args.seconds:g} s per variant\n"
+    )
+    print(
+        "| model | batch | variant | requests/s | samples/s | p50 ms | p99 ms "
+        "| throughput loss vs bare | server CPU ms/request | capacity loss vs bare (CPU) |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    common = ["--provider", args.provider, "--threads", str(args.threads)]
+    for name, spec in models.items():
+        ports = {"bare": free_port(), "monitor": free_port()}
+        servers = {
+            "bare": start(
+                [
+                    sys.executable,
+                    str(HERE),
+                    "--bare-server",
+                    str(spec["bare"]),
+                    str(ports["bare"]),
+                    *common,
+                ],
+                ports["bare"],
+            ),
+            "monitor": start(
+                [
+                    sys.executable,
+                    "-m",
+                    "brittle.serve",
+                    str(spec["monitor"]),
+                    "--port",
+                    str(ports["monitor"]),
+                    "--max-batch",
+                    "16",
+                    *common,
+                ],
+                ports["monitor"],
+            ),
+        }
+        try:
+            for batch in (1, 16):
+                inputs = np.round(spec["x"][:batch].astype(np.float64), 4).tolist()
+                body = json.dumps({"inputs": inputs}).encode()
+                rps: dict[str, list[float]] = {"bare": [], "monitor": []}
+                cpu: dict[str, list[float]] = {"bare": [], "monitor": []}
+                lat: dict[str, list[float]] = {"bare": [], "monitor": []}
+                for variant in ("bare", "monitor"):  # warm-up
+                    load(ports[variant], body, args.clients, 0.5)
+                for _ in range(args.rounds):
+                    for variant in ("bare", "monitor"):
+                        pid = servers[variant].pid
+                        before = cpu_seconds(pid)
+                        r, latencies = load(ports[variant], body, args.clients, args.seconds)
+                        cpu[variant].append((cpu_seconds(pid) - before) / len(latencies))
+                        rps[variant].append(r)
+                        lat[variant].extend(latencies)
+                base_rps = statistics.median(rps["bare"])
+                base_cpu = statistics.median(cpu["bare"])
+                for variant in ("bare", "monitor"):
+                    r, c = statistics.median(rps[variant]), statistics.median(cpu[variant])
+                    p50, p99 = np.percentile(lat[variant], [50, 99]) * 1e3
+                    loss = "-" if variant == "bare" else f"{100 * (1 - r / base_rps):+.1f} %"
+                    capacity = "-" if variant == "bare" else f"{100 * (1 - base_cpu / c):+.1f} %"
+                    print(
+                        f"| {name} | {batch} | {variant} | {r:.1f} | {r * batch:.0f} | "
+                        f"{p50:.2f} | {p99:.2f} | {loss} | {1e3 * c:.3f} | {capacity} |",
+                        flush=True,
+                    )
+        finally:
+            for proc in servers.values():
+                stop(proc)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,177 @@
+"""Telemetry of torch and ONNX monitors, and the reference flag rate that fit() stores."""
+
+from __future__ import annotations
+
+import math
+import threading
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import brittle
+from brittle.digits import DigitsSplit
+from brittle.telemetry import Telemetry, margin_buckets
+
+DIGITS_EPS = 0.1
+CALIBRATION = 200
+
+
+@pytest.fixture(scope="module")
+def fitted(robust_model: nn.Module, digits: DigitsSplit) -> brittle.Monitor:
+    """A logit-margin monitor: every holdout sample calibrates (no pseudo-margin split)."""
+    torch.manual_seed(0)
+    holdout = DataLoader(TensorDataset(digits.x_holdout, digits.y_holdout), batch_size=100)
+    monitor = brittle.wrap(robust_model, score="logit", eps=DIGITS_EPS)
+    return monitor.fit(holdout, n_samples=CALIBRATION, steps=10, pseudo=False, progress=False)
+
+
+@pytest.fixture(scope="module")
+def served(
+    fitted: brittle.Monitor, digits: DigitsSplit, tmp_path_factory: pytest.TempPathFactory
+) -> brittle.OnnxMonitor:
+    path = fitted.export_onnx(tmp_path_factory.mktemp("telemetry") / "m.onnx", digits.x_holdout[:2])
+    return brittle.OnnxMonitor(path, ["CPUExecutionProvider"])
+
+
+def test_fit_stores_the_holdout_flag_rate(fitted: brittle.Monitor, digits: DigitsSplit) -> None:
+    with torch.no_grad():
+        out = fitted(digits.x_holdout[:CALIBRATION])
+    assert fitted.reference_flag_rate == pytest.approx(int(out.flag.sum()) / CALIBRATION, abs=1e-12)
+    assert 0 < fitted.reference_flag_rate < 1
+    buckets = fitted.margin_buckets
+    assert buckets == margin_buckets(out.margin.numpy(), float(fitted.threshold))
+    assert list(buckets) == sorted(set(buckets)) and len(buckets) >= 8
+    assert float(f"{float(fitted.threshold):.4g}") in buckets
+
+
+def test_pseudo_monitor_rate_comes_from_its_calibration_part(
+    pseudo_monitor: brittle.Monitor,
+) -> None:
+    rate, report = pseudo_monitor.reference_flag_rate, pseudo_monitor.report
+    assert rate is not None and 0 < rate < 1
+    # The flag's rate on the calibration part, from the report's own figures.
+    positive = report.nonrobust_fraction
+    assert rate == pytest.approx(report.tpr * positive + report.fpr * (1 - positive), abs=0.15)
+
+
+def test_saved_and_exported_with_the_monitor(
+    fitted: brittle.Monitor, served: brittle.OnnxMonitor, robust_model: nn.Module, tmp_path: Path
+) -> None:
+    loaded = brittle.load(fitted.save(tmp_path / "m.pt"), robust_model)
+    assert loaded.reference_flag_rate == fitted.reference_flag_rate
+    assert loaded.margin_buckets == fitted.margin_buckets
+    assert served.reference_flag_rate == fitted.reference_flag_rate
+    assert served.margin_buckets == fitted.margin_buckets
+    assert served.has_threshold
+
+
+def test_file_without_reference_rate_loads_and_says_why_there_is_no_alarm(
+    fitted: brittle.Monitor, robust_model: nn.Module, tmp_path: Path
+) -> None:
+    # A file saved by a brittle older than the alarm: same format, without the two keys.
+    path = fitted.save(tmp_path / "old.pt")
+    payload = torch.load(path, weights_only=True)
+    for key in ("reference_flag_rate", "margin_buckets"):
+        del payload["state"]["_extra_state"][key]
+    torch.save(payload, path)
+    old = brittle.load(path, robust_model)
+    assert old.reference_flag_rate is None and old.margin_buckets is None
+    assert float(old.threshold) == float(fitted.threshold)
+    with pytest.warns(UserWarning, match="alarm unavailable.*refit it with monitor.fit"):
+        telemetry = Telemetry.from_monitor(old)
+    assert telemetry.alarm is None and "refit" in (telemetry.alarm_unavailable or "")
+    # Buckets then bracket the threshold.
+    assert float(f"{float(old.threshold):.4g}") in telemetry.bounds
+
+
+def test_set_threshold_drops_the_reference(robust_model: nn.Module) -> None:
+    monitor = brittle.wrap(robust_model, eps=DIGITS_EPS)
+    monitor.reference_flag_rate, monitor.margin_buckets = 0.2, (0.1, 0.2)
+    monitor.set_threshold(1.0)
+    assert monitor.reference_flag_rate is None and monitor.margin_buckets is None
+
+
+def _check_histogram(telemetry: Telemetry, margins: np.ndarray) -> None:
+    snap = telemetry.snapshot()
+    finite = margins[np.isfinite(margins)]
+    for le, count in snap.cumulative_buckets:
+        assert count == int((finite <= le).sum()), le
+    assert snap.margin_sum == pytest.approx(float(finite.sum()), rel=1e-6)
+
+
+def test_counts_and_histogram_torch_and_onnx(
+    fitted: brittle.Monitor, served: brittle.OnnxMonitor, digits: DigitsSplit
+) -> None:
+    x = digits.x_holdout[CALIBRATION:].clone()
+    x[3, 0, 1, 1] = math.nan
+    x[7, 0, 0, 0] = math.inf
+    for monitor, run in ((fitted, lambda b: fitted(b)), (served, lambda b: served(b.numpy()))):
+        telemetry = Telemetry.from_monitor(monitor)
+        flags, margins = [], []
+        with torch.no_grad():
+            for batch in x.split(37):
+                out = telemetry.observe(run(batch))
+                flags.append(np.asarray(out.flag))
+                margins.append(np.asarray(out.margin, dtype=np.float64))
+        snap = telemetry.snapshot()
+        assert snap.samples == len(x) and snap.rejected == 2
+        assert snap.flagged == int(np.concatenate(flags).sum())
+        _check_histogram(telemetry, np.concatenate(margins))
+        assert snap.alarm is not None and snap.alarm.seen == min(len(x), snap.alarm.window)
+
+
+def test_concurrent_observers(fitted: brittle.Monitor, digits: DigitsSplit) -> None:
+    telemetry = Telemetry.from_monitor(fitted, window=50_000)
+    x = digits.x_holdout
+    totals = {"samples": 0, "flagged": 0}
+    lock = threading.Lock()
+    snapshots = []
+
+    def serve(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        for _ in range(30):
+            i = int(rng.integers(0, len(x) - 16))
+            with torch.no_grad():
+                out = telemetry.observe(fitted(x[i : i + int(rng.integers(1, 16))]))
+            with lock:
+                totals["samples"] += out.flag.numel()
+                totals["flagged"] += int(out.flag.sum())
+            snapshots.append(telemetry.snapshot())
+
+    threads = [threading.Thread(target=serve, args=(s,)) for s in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    snap = telemetry.snapshot()
+    assert snap.samples == totals["samples"] and snap.flagged == totals["flagged"]
+    assert snap.alarm is not None and snap.alarm.seen == snap.samples
+    assert snap.alarm.flagged == snap.flagged
+    # Every snapshot taken while others observed is whole: no half-counted batch.
+    for s in snapshots:
+        assert sum(s.bucket_counts) + s.rejected == s.samples
+        assert s.alarm is not None and s.alarm.seen == s.samples
+
+
+def test_observe_needs_flags_and_buckets_are_checked() -> None:
+    monitor = brittle.wrap(nn.Linear(4, 3), eps=0.1)
+    with pytest.raises(ValueError, match="telemetry needs flags"):
+        Telemetry([0.0, 1.0]).observe(monitor(torch.rand(2, 4)))
+    with pytest.raises(ValueError, match="strictly increasing"):
+        Telemetry([1.0, 0.5])
+    with pytest.raises(ValueError, match="finite numbers"):
+        Telemetry([])
+
+
+def test_fitted_monitor_gets_an_alarm_without_warning(fitted: brittle.Monitor) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        telemetry = brittle.Telemetry.from_monitor(fitted, window=400, false_alarm=1e-4)
+    alarm = telemetry.alarm
+    assert alarm is not None and alarm.window == 400 and alarm.false_alarm == 1e-4
+    assert alarm.reference_rate == pytest.approx(max(fitted.reference_flag_rate, 1e-3))
