@@ -1,6 +1,9 @@
 """``create_app``: the FastAPI app of ``python -m brittle.serve`` around an ``OnnxMonitor``.
 
-The request path is onnxruntime and numpy only: nothing here imports torch.
+The request path is onnxruntime and numpy only: nothing here imports torch. The
+body is read raw and decoded by ``json`` and ``numpy.asarray`` rather than by a
+pydantic model: validating a batch of images float by float would cost more
+than the model.
 """
 
 from __future__ import annotations
