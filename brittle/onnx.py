@@ -69,9 +69,7 @@ def _metadata(monitor: MonitorProtocol, kind: ScoreKind) -> dict[str, str]:
         "target_tpr": "none",
     }
     # The flag-rate alarm's reference and the margin histogram's bounds (brittle.Telemetry).
-    # Read with getattr: MonitorProtocol (brittle.protocol) does not declare them.
-    rate = getattr(monitor, "reference_flag_rate", None)
-    buckets = getattr(monitor, "margin_buckets", None)
+    rate, buckets = monitor.reference_flag_rate, monitor.margin_buckets
     meta["reference_flag_rate"] = _fmt(rate)
     meta["margin_buckets"] = "none" if buckets is None else json.dumps([float(b) for b in buckets])
     # A threshold set by hand (set_threshold) is exportable and has no report to describe.

@@ -36,6 +36,8 @@ class MonitorProtocol(Protocol):
     pseudo: nn.Module | None
     threshold: Tensor
     pair_norms: Tensor
+    reference_flag_rate: float | None
+    margin_buckets: tuple[float, ...] | None
 
     @property
     def score(self) -> ScoreKind: ...
