@@ -18,9 +18,10 @@ and APGD-based minimum-norm attacks):
   sample, whose forward pass also serves as the label check of the step;
 * a sample leaves a run once the run's own best norm has stopped improving
   (patience counted per run, so that every restart gets its chance);
-* after each run, a short FMN-style walk along the boundary
+* after the runs, a short FMN-style walk along the boundary
   (``brittle.fab_refine.boundary_walk``, one forward and one backward pass per
-  step whatever the number of classes) slides the best adversarial towards x;
+  step whatever the number of classes) slides every run's adversarial towards
+  x, all runs in one batch;
 * ``targeted`` extra runs each linearise one runner-up class only (the nearest
   by guessed distance other than the best adversarial's class): FAB commits to
   one boundary early, and the nearest one is often another class's;
@@ -58,7 +59,7 @@ _WIDEN_SLACK = 2.0
 _IMPROVE_RTOL = 1e-3
 # Classes linearised at the very first step, whatever ``candidates`` is.
 _FIRST_WIDTH = 10
-# Default patience: the boundary walk after each run recovers the small late
+# Default patience: the boundary walk after the runs recovers the small late
 # improvements of FAB far more cheaply than more FAB steps would.
 _PATIENCE = 3
 
@@ -121,7 +122,8 @@ def fab_attack(
         targeted: Runs from ``x`` after the untargeted ones, each linearising a single
             runner-up class: the ``i``-th nearest by guessed distance, skipping the
             class of the best adversarial so far.
-        walk_steps: Steps of the boundary walk after each run (0: none).
+        walk_steps: Steps of the boundary walk (0: none), taken after all runs by every
+            run's adversarial at once; the nearest point seen is kept.
 
     Returns:
         ``FabResult`` with the best adversarial and its norm per sample.
@@ -163,10 +165,9 @@ def fab_attack(
         for restart in range(restarts):
             start = attack.x0 if restart == 0 else attack.random_start(seed, index, restart)
             attack.run(start, steps, candidates)
-            attack.walk(walk_steps)
         for rank in range(min(targeted, attack.num_classes - 2)):
             attack.run(attack.x0, steps, candidates, attack.runner_up(rank))
-            attack.walk(walk_steps)
+        attack.walk(walk_steps)
         attack.refine(refine_steps)
         return FabResult(attack.best_adv.view_as(x).clone(), attack.best.clone())
 
@@ -208,6 +209,8 @@ class _Fab:
         self.model, self.norm, self.shape = model, norm, x.shape[1:]
         self.eta, self.beta, self.alpha_max, self.patience = eta, beta, alpha_max, patience
         self.target: Tensor | None = None
+        # (adversarial, norm) of each run since the last walk, inf where none.
+        self.runs: list[tuple[Tensor, Tensor]] = []
         self.x0 = x.flatten(1)
         self.pred = pred.long()
         with torch.no_grad():
@@ -242,6 +245,8 @@ class _Fab:
         # Patience counts against this run's own best, so that a restart is not cut
         # short by an earlier run's result: it stops when it stops improving itself.
         run_best = torch.full_like(self.best, math.inf)
+        run_adv = self.x0.clone()
+        self.runs.append((run_adv, run_best))
         for step in range(steps + 1):
             idx = active.nonzero().squeeze(1)
             if idx.numel() == 0:
@@ -264,7 +269,9 @@ class _Fab:
             progress = is_adv & (dist < (1 - _IMPROVE_RTOL) * own)
             self.best[idx] = torch.where(better, dist, best)
             self.best_adv[idx[better]] = xa[better]
-            run_best[idx] = torch.where(is_adv, torch.minimum(dist, own), own)
+            nearer = is_adv & (dist < own)
+            run_best[idx] = torch.where(nearer, dist, own)
+            run_adv[idx[nearer]] = xa[nearer]
             found = torch.isfinite(run_best[idx])
             stale_a = torch.where(progress | ~found, 0, stale[idx] + 1)
             stale[idx] = stale_a
@@ -370,15 +377,31 @@ class _Fab:
         return guess.argsort(dim=1)[:, rank]
 
     def walk(self, steps: int) -> None:
-        """Slide each best adversarial along the boundary towards x0 (``boundary_walk``)."""
-        idx = torch.isfinite(self.best).nonzero().squeeze(1)
-        if idx.numel() == 0 or steps == 0:
+        """Slide every run's adversarial along the boundary towards x0 (``boundary_walk``).
+
+        The runs' adversarials walk together, one batch of up to ``runs x B`` rows:
+        each run may have ended on another boundary, and the walk decides which is
+        nearer; one batch keeps the number of sequential steps at ``steps``.
+        """
+        if not self.runs or steps == 0:
             return
-        x0, pred = self.x0[idx], self.pred[idx]
-        adv, dist = boundary_walk(self._logits, x0, self.best_adv[idx], pred, self.norm, steps)
-        better = dist < self.best[idx]
-        self.best_adv[idx[better]] = adv[better]
-        self.best[idx[better]] = dist[better]
+        n = self.x0.shape[0]
+        advs = torch.cat([adv for adv, _ in self.runs])
+        dists = torch.cat([dist for _, dist in self.runs])
+        rows = torch.isfinite(dists).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            return
+        sample = rows % n
+        adv, dist = boundary_walk(
+            self._logits, self.x0[sample], advs[rows], self.pred[sample], self.norm, steps
+        )
+        dists[rows], advs[rows] = dist, adv
+        nearest, run = dists.view(-1, n).min(dim=0)
+        better = nearest < self.best
+        chosen = advs.view(-1, n, advs.shape[1])[run, torch.arange(n, device=advs.device)]
+        self.best_adv[better] = chosen[better]
+        self.best[better] = nearest[better]
+        self.runs.clear()
 
     def refine(self, steps: int) -> None:
         """Shrink each adversarial along its ray from x0 by bisection, keeping only adversarials."""
