@@ -42,10 +42,10 @@ def _one_thread() -> Iterator[None]:
 @pytest.mark.parametrize(
     ("kind", "norm", "within", "p90"),
     [
-        # Measured (48 samples): 0.875 / 1.014, 0.938 / 1.007, 0.854 / 1.021.
-        ("robust", "Linf", 0.83, 1.025),
+        # Measured (48 samples): 0.917 / 1.007, 0.917 / 1.008, 0.833 / 1.025.
+        ("robust", "Linf", 0.85, 1.02),
         ("robust", "L2", 0.85, 1.02),
-        ("standard", "L1", 0.8, 1.04),
+        ("standard", "L1", 0.78, 1.04),
     ],
 )
 def test_as_tight_as_the_best_reference(
