@@ -107,8 +107,9 @@ def fab_attack(
         pred: ``(B,)`` class to move away from; the model's prediction when ``None``.
         norm: ``"Linf"``, ``"L2"`` or ``"L1"``.
         steps: FAB iterations per restart.
-        restarts: Untargeted runs per sample; the first starts at ``x``, later ones at
-            a random point within half the best norm so far. The smallest norm is kept.
+        restarts: Untargeted runs per sample; the first starts at ``x``, later ones
+            (after the targeted runs and the walk) at a random point within half the
+            best norm so far. The smallest norm is kept.
         seed: Seed of the random restarts.
         index: ``(B,)`` global position of each sample (default ``0..B-1``); a
             sample's restarts depend on ``(seed, index)`` only.
@@ -162,13 +163,18 @@ def fab_attack(
         if x.shape[0] == 0:
             return FabResult(x.clone(), torch.empty(0, device=x.device, dtype=x.dtype))
         attack = _Fab(model, x, pred.to(x.device), norm, eta, beta, alpha_max, patience)
-        for restart in range(restarts):
-            start = attack.x0 if restart == 0 else attack.random_start(seed, index, restart)
-            attack.run(start, steps, candidates)
+        attack.run(attack.x0, steps, candidates)
         for rank in range(min(targeted, attack.num_classes - 2)):
             attack.run(attack.x0, steps, candidates, attack.runner_up(rank))
         attack.walk(walk_steps)
         attack.refine(refine_steps)
+        # Random restarts come last and only ever lower a margin: the runs above are
+        # the same whatever ``restarts`` is, so more restarts never give a larger one.
+        for restart in range(1, restarts):
+            attack.run(attack.random_start(seed, index, restart), steps, candidates)
+        if restarts > 1:
+            attack.walk(walk_steps)
+            attack.refine(refine_steps)
         return FabResult(attack.best_adv.view_as(x).clone(), attack.best.clone())
 
 

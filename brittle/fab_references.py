@@ -143,7 +143,7 @@ def reference_margins(
         ...     _ = model.weight.copy_(torch.eye(2))
         ...     _ = model.bias.zero_()
         >>> x = torch.tensor([[0.7, 0.3]])
-        >>> margin = reference_margins("adv-lib FMN", model, x, torch.tensor([0]), "L2", steps=100)
+        >>> margin = reference_margins("adv-lib DDN", model, x, torch.tensor([0]), "L2", steps=100)
         >>> round(float(margin), 2)  # the boundary x0 == x1 is 0.4 / sqrt(2) away
         0.28
     """
