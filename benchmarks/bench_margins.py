@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import math
 import sys
 import time
 import types
@@ -122,7 +123,7 @@ def _case(kind: str, norm: str, n: int, device: torch.device, quick: bool) -> di
         ratio = row["margins"] / best
         row["found"] = int(torch.isfinite(row["margins"]).sum())
         row["within"] = float((ratio <= 1.01).double().mean())
-        row["p90"] = float(ratio.nan_to_num(nan=1.0).quantile(0.9))
+        row["p90"] = float(ratio.nan_to_num(nan=1.0, posinf=math.inf).quantile(0.9))
         row["dtau"] = kendalltau(logit_margin, row["margins"].numpy()).statistic - tau_best
         row["speedup"] = ta_cpu / max(row["cpu"], 1e-9)
     return rows
@@ -149,7 +150,11 @@ def _plot(results: dict[tuple[str, str], dict[str, dict]], path: Path) -> None:
         ax.set_xlabel("forward + backward passes per sample")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("share within 1 % of the references' best")
-    handles, labels = axes[0].get_legend_handles_labels()
+    legend: dict[str, object] = {}
+    for ax in axes:  # every attack once, whichever panels it appears in (DDN: L2 only)
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            legend.setdefault(label, handle)
+    handles, labels = list(legend.values()), list(legend)
     fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
