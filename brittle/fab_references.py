@@ -25,10 +25,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from brittle.attack_settings import AttackSettings
 from brittle.head import model_output
 from brittle.norms import START_RADIUS, Norm
-from brittle.torchattacks_fab import torchattacks_engine
 from brittle.verify import verified_margins
 
 __all__ = ["REFERENCES", "reference_margins", "best_reference_margins"]
@@ -105,7 +103,13 @@ def _autoattack_fab(model: nn.Module, x: Tensor, pred: Tensor, norm: Norm, steps
 
 
 def _torchattacks_fab(model: nn.Module, x: Tensor, pred: Tensor, norm: Norm, steps: int) -> Tensor:
-    raise NotImplementedError  # margins come from the engine directly, see reference_margins
+    import torchattacks
+
+    with torch.no_grad():
+        num_classes = int(model(x[:1]).shape[1])
+    fab = torchattacks.FAB(model, norm=norm, steps=steps, n_classes=num_classes, seed=0)
+    # attack_single_run, not forward(): forward() keeps only results below eps.
+    return fab.attack_single_run(x, pred, use_rand_start=False)
 
 
 REFERENCES: dict[str, tuple[Callable[..., Tensor], int, tuple[str, ...]]] = {
@@ -153,10 +157,6 @@ def reference_margins(
     if norm not in norms:
         raise ValueError(f"{name} does not support {norm!r}; it supports {norms}.")
     steps = default_steps if steps is None else steps
-    if name == "torchattacks FAB":
-        settings = AttackSettings(norm=norm, steps=steps)
-        index = torch.arange(len(x), device=x.device)
-        return torchattacks_engine(model, x, pred, settings, index).double()
     wrapped = _Float32Logits(model, x.dtype)
     adv = runner(wrapped, x.float(), pred, norm, steps).detach().to(x.dtype)
     return verified_margins(model, x, adv, pred, norm)
