@@ -62,6 +62,8 @@ _FIRST_WIDTH = 10
 # Default patience: the boundary walk after the runs recovers the small late
 # improvements of FAB far more cheaply than more FAB steps would.
 _PATIENCE = 3
+# Default length of the boundary walk (at most ``steps``: a small budget stays small).
+_WALK_STEPS = 20
 
 
 class FabResult(NamedTuple):
@@ -94,7 +96,7 @@ def fab_attack(
     beta: float = 0.9,
     alpha_max: float = 0.1,
     targeted: int = 1,
-    walk_steps: int = 20,
+    walk_steps: int | None = None,
 ) -> FabResult:
     """Untargeted minimum-norm FAB attack against ``pred`` (default: the model's prediction).
 
@@ -123,8 +125,9 @@ def fab_attack(
         targeted: Runs from ``x`` after the untargeted ones, each linearising a single
             runner-up class: the ``i``-th nearest by guessed distance, skipping the
             class of the best adversarial so far.
-        walk_steps: Steps of the boundary walk (0: none), taken after all runs by every
-            run's adversarial at once; the nearest point seen is kept.
+        walk_steps: Steps of the boundary walk (0: none; default ``min(20, steps)``),
+            taken after the runs by every run's adversarial at once; the nearest
+            point seen is kept.
 
     Returns:
         ``FabResult`` with the best adversarial and its norm per sample.
@@ -144,6 +147,7 @@ def fab_attack(
 
     """
     norm = check_norm(norm)
+    walk_steps = min(_WALK_STEPS, steps) if walk_steps is None else walk_steps
     if steps < 1 or restarts < 1 or candidates < 1 or min(refine_steps, targeted, walk_steps) < 0:
         raise ValueError(
             f"steps, restarts and candidates must be positive and refine_steps, targeted and "

@@ -145,7 +145,7 @@ def test_bad_arguments() -> None:
 
 def test_fit_reports_passes_per_sample(pseudo_monitor: brittle.Monitor) -> None:
     # pseudo_monitor was fitted with steps=10: at most 11 label checks per run (the
-    # first linearising up to 9 classes), two runs, a 20-step walk of each run's
+    # first linearising up to 9 classes), two runs, a 10-step walk of each run's
     # adversarial, 10 bisection steps and a few single checks.
     passes = pseudo_monitor.report.settings["passes_per_sample"]
     assert set(passes) == {"forward", "backward"}
