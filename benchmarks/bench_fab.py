@@ -10,8 +10,10 @@ broke, and how many of those brittle finds more than 5 % larger.
 Models: the PGD-trained digits CNN (10 classes); the same network with a
 100-class head (digit x 10 + a k-means sub-cluster of the digit, trained in
 seconds); a CIFAR-shaped torchvision ResNet-18 with random weights (timing).
+With ``--device cuda`` also ResNet-18 at 100 classes and at 1000 classes
+(64x64 inputs), random weights (timing).
 
-Run: ``python benchmarks/bench_fab.py [--norm Linf] [--device cpu]``
+Run: ``python benchmarks/bench_fab.py [--norm Linf] [--device cpu|cuda] [--quick]``
 """
 
 from __future__ import annotations
@@ -62,14 +64,17 @@ def _hundred_class_digits(seed: int = 0) -> tuple[nn.Module, Tensor]:
     return model.eval(), split.x_holdout
 
 
-def _resnet18() -> tuple[nn.Module, Tensor]:
-    import torchvision
+def _resnet18(num_classes: int = 10, size: int = 32) -> Callable[[], tuple[nn.Module, Tensor]]:
+    def build() -> tuple[nn.Module, Tensor]:
+        import torchvision
 
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = torchvision.models.resnet18(num_classes=10).eval()
-        x = torch.rand(64, 3, 32, 32)
-    return model, x
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            model = torchvision.models.resnet18(num_classes=num_classes).eval()
+            x = torch.rand(72, 3, size, size)
+        return model, x
+
+    return build
 
 
 def _compare(
@@ -122,21 +127,30 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="timed runs; medians shown")
     parser.add_argument("--threads", type=int, default=None, help="PyTorch CPU threads")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--quick", action="store_true", help="a quarter of the samples, half the ResNet steps"
+    )
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    cuda = args.device.startswith("cuda")
+    if args.quick:
+        args.n10, args.n100 = max(8, args.n10 // 4), max(8, args.n100 // 4)
+        args.nresnet, args.resnet_steps = max(4, args.nresnet // 2), max(5, args.resnet_steps // 2)
+    nresnet = args.nresnet * (4 if cuda else 1)
 
     settings = AttackSettings(norm=args.norm, steps=args.steps)
+    resnet = AttackSettings(norm=args.norm, steps=args.resnet_steps)
     cases: list[tuple[str, Callable[[], tuple[nn.Module, Tensor]], int, AttackSettings]] = [
         ("digits CNN, PGD, 10 classes", _robust_digits, args.n10, settings),
         ("digits CNN, 100 classes", _hundred_class_digits, args.n100, settings),
-        (
-            "ResNet-18 32x32, random",
-            _resnet18,
-            args.nresnet,
-            AttackSettings(norm=args.norm, steps=args.resnet_steps),
-        ),
+        ("ResNet-18 32x32, random", _resnet18(10), nresnet, resnet),
     ]
+    if cuda:  # torchattacks takes one backward pass per class and step: GPU only
+        cases += [
+            ("ResNet-18 32x32, 100 cl.", _resnet18(100), nresnet, resnet),
+            ("ResNet-18 64x64, 1000 cl.", _resnet18(1000, 64), max(4, nresnet // 2), resnet),
+        ]
     header = (
         f"{'model':<28} {'n':>4} {'steps':>5} {'torchattacks':>12} {'brittle':>8} "
         f"{'speedup':>7} {'cpu':>5} {'broke ta/br':>11} {'ratio med':>9} {'p95':>6} "

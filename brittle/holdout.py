@@ -164,9 +164,19 @@ def holdout_report(holdout: Holdout, *, eps: float, norm: str, **fields: Any) ->
     """A report on ``holdout``: the arrays and figures the holdout determines, plus ``fields``.
 
     ``fields`` are the remaining :class:`ConsistencyReport` fields (metrics, chosen
-    score, threshold and rates, timings, calibration mask, settings).
+    score, threshold and rates, timings, calibration mask, settings). The settings
+    gain ``passes_per_sample``: the attack's forward and backward passes per attacked
+    sample (AttackBench's measure of an attack's cost).
     """
     margins, labels = holdout.margins, holdout.labels
+    passes = holdout.passes
+    fields["settings"] = {
+        **fields.get("settings", {}),
+        "passes_per_sample": {
+            "forward": float(passes.get("forward_per_sample", 0.0)),
+            "backward": float(passes.get("backward_per_sample", 0.0)),
+        },
+    }
     return ConsistencyReport(
         n=int(margins.size),
         eps=eps,

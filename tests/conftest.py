@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,18 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import brittle
 from brittle.digits import DigitsSplit, digits_model, load_digits_split
+
+# adv-lib (a reference attack library of tests/test_references.py) imports visdom
+# for its logger only; visdom's sdist no longer builds, so it is installed without
+# it and an empty stand-in module is registered here. Using it raises.
+if importlib.util.find_spec("visdom") is None:
+    _visdom = types.ModuleType("visdom")
+
+    def _no_visdom(*args: object, **kwargs: object) -> None:
+        raise ImportError("visdom is not installed (tests/conftest.py registers a stand-in).")
+
+    _visdom.Visdom = _no_visdom  # type: ignore[attr-defined]
+    sys.modules["visdom"] = _visdom
 
 # Budget for the digits models: about one and a half grey levels (see brittle.digits).
 DIGITS_EPS = 0.1

@@ -141,3 +141,12 @@ def test_bad_arguments() -> None:
         fab_attack(model, torch.rand(2, 4), norm="L3")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="at least 2 classes"):
         fab_attack(nn.Linear(4, 1), torch.rand(2, 4))
+
+
+def test_fit_reports_passes_per_sample(pseudo_monitor: brittle.Monitor) -> None:
+    # pseudo_monitor was fitted with steps=10: at most 11 label checks per run (the
+    # first linearising up to 9 classes), two runs, a 10-step walk of each run's
+    # adversarial, 10 bisection steps and a few single checks.
+    passes = pseudo_monitor.report.settings["passes_per_sample"]
+    assert set(passes) == {"forward", "backward"}
+    assert 0 < passes["backward"] < passes["forward"] < 150
