@@ -6,13 +6,17 @@ from dataclasses import dataclass
 
 from brittle.norms import Norm, check_norm
 
-__all__ = ["AttackSettings", "DEFAULT_ENGINE"]
+__all__ = ["AttackSettings", "DEFAULT_ENGINE", "ENGINE_VERSIONS"]
 
 # The engine of every entry point (fit, input_margins, attack_batch, the CLI):
 # brittle's own FAB (brittle.fab), measured tighter than torchattacks' and several
 # times faster (benchmarks/README.md). Kept here, beside the settings, so that the
 # serving path can name it without importing the attack libraries.
 DEFAULT_ENGINE = "brittle"
+# Raised when an engine's margins change for the same settings, so that margin
+# caches written by an earlier version are recomputed rather than reused.
+# brittle 2: per-run patience, targeted run on the runner-up, boundary walk.
+ENGINE_VERSIONS = {"brittle": 2, "torchattacks": 1}
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from brittle.attack_settings import AttackSettings
+from brittle.attack_settings import ENGINE_VERSIONS, AttackSettings
 
 __all__ = ["MarginCache", "model_fingerprint"]
 
@@ -50,7 +50,10 @@ class MarginCache:
     ) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        meta = json.dumps({"engine": engine, **asdict(settings)}, sort_keys=True)
+        version = ENGINE_VERSIONS.get(engine, 0)
+        meta = json.dumps(
+            {"engine": engine, "engine_version": version, **asdict(settings)}, sort_keys=True
+        )
         self.key = hashlib.sha256((model_fingerprint(model) + meta).encode()).hexdigest()[:20]
         self.hits = 0
         self.misses = 0

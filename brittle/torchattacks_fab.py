@@ -44,12 +44,15 @@ def torchattacks_engine(
     """
     import torchattacks
 
+    logits = _Logits(model, x.dtype)
+    with torch.no_grad():  # every class of the model, not only the predicted ones
+        n_classes = int(logits(x[:1]).shape[1])
     fab = torchattacks.FAB(
-        _Logits(model, x.dtype),
+        logits,
         norm=settings.norm,
         steps=settings.steps,
         n_restarts=1,
-        n_classes=pred.max().item() + 1,
+        n_classes=n_classes,
         seed=settings.seed,
     )
     best = torch.full((x.shape[0],), math.inf, device=x.device)

@@ -150,3 +150,16 @@ def test_fit_reports_passes_per_sample(pseudo_monitor: brittle.Monitor) -> None:
     passes = pseudo_monitor.report.settings["passes_per_sample"]
     assert set(passes) == {"forward", "backward"}
     assert 0 < passes["backward"] < passes["forward"] < 150
+
+
+@pytest.mark.parametrize("engine", ["brittle", "torchattacks"])
+def test_a_class_no_sample_predicts_can_hold_the_nearest_boundary(engine: str) -> None:
+    # z0 = x0, z1 = x1, z2 = 0.55: class 2 wins nowhere in this batch, yet its
+    # boundary is the nearest for both samples (L2: 0.05 and 0.15; class 0/1: 0.14, 0.28).
+    model = nn.Linear(2, 3)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]))
+        model.bias.copy_(torch.tensor([0.0, 0.0, 0.55]))
+    x = torch.tensor([[0.6, 0.4], [0.3, 0.7]])
+    margins = brittle.input_margins(model, x, norm="L2", steps=30, engine=engine)
+    torch.testing.assert_close(margins, torch.tensor([0.05, 0.15]), atol=1e-3, rtol=0)

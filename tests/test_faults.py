@@ -171,3 +171,12 @@ def test_a_damaged_cache_entry_is_recomputed_never_trusted(
     cache.put(x, margins)
     entry.write_bytes(entry.read_bytes()[:50])  # truncated
     assert cache.get(x) is None and cache.damaged == 2
+
+
+def test_margins_cached_by_an_earlier_engine_version_are_not_reused(
+    robust_model: nn.Module, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = brittle.attack.AttackSettings(steps=5)
+    current = MarginCache(tmp_path, robust_model, settings, "brittle").key
+    monkeypatch.setitem(brittle.cache.ENGINE_VERSIONS, "brittle", 1)
+    assert MarginCache(tmp_path, robust_model, settings, "brittle").key != current
