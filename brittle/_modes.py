@@ -7,7 +7,35 @@ from contextlib import contextmanager
 
 from torch import nn
 
-__all__ = ["eval_mode", "frozen"]
+__all__ = ["eval_mode", "frozen", "changes_in_train_mode"]
+
+# Layers whose output depends on train mode: batch statistics or random masks.
+_MODE_DEPENDENT = (
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.SyncBatchNorm,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+)
+
+
+def changes_in_train_mode(model: nn.Module) -> bool:
+    """Whether some batch-norm or dropout layer of ``model`` is in train mode.
+
+    Examples:
+        >>> from torch import nn
+        >>> from brittle._modes import changes_in_train_mode
+        >>> changes_in_train_mode(nn.Sequential(nn.Linear(2, 2), nn.Dropout()).train())
+        True
+        >>> changes_in_train_mode(nn.Sequential(nn.Linear(2, 2), nn.ReLU()).train())
+        False
+    """
+    return any(m.training and isinstance(m, _MODE_DEPENDENT) for m in model.modules())
 
 
 @contextmanager

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 import torch
 from torch import Tensor, nn
 
-from brittle._modes import eval_mode
+from brittle._modes import changes_in_train_mode, eval_mode
 from brittle.attack_settings import DEFAULT_ENGINE
 from brittle.calibration import Calibration, ScoreKind
 from brittle.errors import NotFittedError
@@ -276,7 +276,7 @@ class Monitor(nn.Module):
                 if not self.discovered:
                     logits, capture = self._discover(safe)
                     return _Run(logits, capture, ~(ok & torch.isfinite(logits).all(dim=1)))
-        if self.model.training:
+        if self.model.training and changes_in_train_mode(self.model):
             warnings.warn(
                 "the wrapped model is in train mode: batch norm and dropout make every "
                 "sample's margin depend on the rest of the batch and on chance. Call "

@@ -147,7 +147,8 @@ def test_pseudo_margin_lifts_tau_of_an_inconsistent_model(
 ) -> None:
     model = _ScaledLogits(robust_model)
     monitor = brittle.wrap(model, eps=DIGITS_EPS, head="base.8", min_tau=0.9)
-    monitor.fit(holdout_loader, pseudo=True, n_samples=600, steps=20, progress=False)
+    with pytest.warns(UserWarning, match="trained on only 300 samples"):
+        monitor.fit(holdout_loader, pseudo=True, n_samples=600, steps=20, progress=False)
     report = monitor.report
     metrics = report.metrics
     assert metrics["logit"].tau < 0.45

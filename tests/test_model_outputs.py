@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass
 
 import pytest
@@ -114,8 +115,17 @@ def test_a_softmax_output_warns(standard_model: nn.Module) -> None:
 
 
 def test_a_model_in_train_mode_warns(standard_model: nn.Module) -> None:
-    model = copy.deepcopy(standard_model)
+    model = nn.Sequential(copy.deepcopy(standard_model), nn.Dropout(0.1))
     monitor = brittle.wrap(model, example_input=torch.rand(2, 1, 8, 8))
     model.train()
     with pytest.warns(UserWarning, match="train mode"):
+        monitor(torch.rand(4, 1, 8, 8))
+
+
+def test_train_mode_without_batch_norm_or_dropout_is_quiet(standard_model: nn.Module) -> None:
+    model = copy.deepcopy(standard_model)
+    monitor = brittle.wrap(model, example_input=torch.rand(2, 1, 8, 8))
+    model.train()  # no layer of the digits CNN changes with the mode
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         monitor(torch.rand(4, 1, 8, 8))
