@@ -4,10 +4,20 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any, Protocol
 
 from torch import nn
 
 __all__ = ["eval_mode", "frozen", "changes_in_train_mode"]
+
+
+class _HasModules(Protocol):
+    """An ``nn.Module``, or a protocol of one (``brittle.protocol.MonitorProtocol``)."""
+
+    def modules(self) -> Iterator[nn.Module]: ...
+
+    def eval(self) -> Any: ...
+
 
 # Layers whose output depends on train mode: batch statistics or random masks.
 _MODE_DEPENDENT = (
@@ -39,7 +49,7 @@ def changes_in_train_mode(model: nn.Module) -> bool:
 
 
 @contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+def eval_mode(model: _HasModules) -> Iterator[_HasModules]:
     """Put every submodule in eval mode, then restore each one's own flag.
 
     Restoring per submodule (not ``model.train(previous)``) keeps mixed states

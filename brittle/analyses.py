@@ -26,6 +26,7 @@ from brittle.norms import Norm, dual_order
 from brittle.threshold import conformal_threshold
 
 if TYPE_CHECKING:
+    from brittle.output import MonitorOutput
     from brittle.protocol import MonitorProtocol
 
 __all__ = [
@@ -106,7 +107,7 @@ class RobustAccuracy:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dictionary (NaN and infinities as ``None``)."""
-        return jsonable(asdict(self))  # type: ignore[no-any-return]
+        return jsonable(asdict(self))
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,7 @@ class PerClassBias:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dictionary."""
-        return jsonable(asdict(self))  # type: ignore[no-any-return]
+        return jsonable(asdict(self))
 
 
 @dataclass(frozen=True)
@@ -142,7 +143,7 @@ class BaselineMetrics:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dictionary: the description, the metrics' fields, threshold, values."""
-        return jsonable(  # type: ignore[no-any-return]
+        return jsonable(
             {
                 "description": self.description,
                 **self.metrics.to_dict(),
@@ -193,7 +194,7 @@ class AdversarialFlags:
             "clean_flagged": self.clean_flagged,
         }
         out.update({name: asdict(flags) for name, flags in self.attacks.items()})
-        return jsonable(out)  # type: ignore[no-any-return]
+        return jsonable(out)
 
 
 # ------------------------------------------------------------ forward pass
@@ -546,6 +547,8 @@ def adversarial_flags(
     one whose prediction changed. For L2 the FGSM entry is the fast gradient
     method (one PGD-L2 step of size eps); torchattacks has neither for L1.
     """
+    if not monitor.has_threshold:
+        raise ValueError("adversarial_flags needs a monitor with a threshold: fit it first.")
     model = monitor.model
     attacks = attacks if attacks is not None else _attacks(model, norm, eps, steps)
     if not attacks:
@@ -554,7 +557,7 @@ def adversarial_flags(
     batches = [batch.to(device) for batch in x.split(batch_size)]
     with torch.no_grad():
         clean = [monitor(batch) for batch in batches]
-    clean_flagged = float(torch.cat([c.flag.cpu() for c in clean]).float().mean())
+    clean_flagged = float(torch.cat([_flags(c) for c in clean]).float().mean())
     results: dict[str, AttackFlags] = {}
     # PGD's random start draws from the global generators: fork them, so that the
     # result is seeded and the caller's random state is left as it was.
@@ -571,7 +574,7 @@ def adversarial_flags(
                 with torch.no_grad():
                     after = monitor(adv)
                 success.append((after.pred != before.pred).cpu())
-                flagged.append(after.flag.cpu())
+                flagged.append(_flags(after))
         hit, flag = torch.cat(success), torch.cat(flagged)
         results[name] = AttackFlags(
             success_rate=float(hit.float().mean()),
@@ -580,3 +583,10 @@ def adversarial_flags(
             flagged_of_all=float(flag.float().mean()),
         )
     return AdversarialFlags(int(x.shape[0]), eps, norm, clean_flagged, results)
+
+
+def _flags(output: MonitorOutput) -> Tensor:
+    """The output's flags on the CPU (a monitor with a threshold always has them)."""
+    if output.flag is None:
+        raise ValueError("the monitor has no threshold, so it gives no flags.")
+    return output.flag.cpu()

@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
 import torch
@@ -336,7 +336,7 @@ def calibrate(
     if monitor.requested_score == "auto":
         chosen, reason = choose_score(metrics, min_tau)
     else:
-        chosen = monitor.requested_score
+        chosen = cast(ScoreKind, monitor.requested_score)  # not "auto" here
         reason = f"requested with score={chosen!r}"
     positive = nonrobust(margins, eps)
     cal_scores = scores[chosen][calibration]

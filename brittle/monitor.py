@@ -417,7 +417,9 @@ class Monitor(nn.Module):
         want = features or any(self._needs_features(kind) for kind in self.available_scores)
         run = self._run(x, features=want)
         kinds = self.available_scores  # the first call may have found the head
-        scores = {kind: self._score(kind, run).masked_fill(run.bad, math.nan) for kind in kinds}
+        scores: dict[str, Tensor] = {
+            kind: self._score(kind, run).masked_fill(run.bad, math.nan) for kind in kinds
+        }
         feats = None
         if features and self.head_name is not None:
             feats = self._captured(run).features

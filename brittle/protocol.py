@@ -7,10 +7,10 @@ the import graph: ``Monitor`` calls down into them, nothing calls back up.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Iterator, Mapping
 
     from torch import Tensor, nn
 
@@ -29,15 +29,19 @@ class MonitorProtocol(Protocol):
     norm: Norm
     eps: float
     min_tau: float
-    requested_score: str
     head_name: str | None
     num_classes: int | None
     input_shape: tuple[int, ...] | None
-    pseudo: nn.Module | None
     threshold: Tensor
     pair_norms: Tensor
     reference_flag_rate: float | None
     margin_buckets: tuple[float, ...] | None
+
+    @property
+    def requested_score(self) -> Literal["auto", "logit", "feature", "pseudo"]: ...
+
+    @property
+    def pseudo(self) -> nn.Module | None: ...
 
     @property
     def score(self) -> ScoreKind: ...
@@ -67,5 +71,9 @@ class MonitorProtocol(Protocol):
     def graph(self) -> nn.Module: ...
 
     def state_dict(self, *args: Any, **kwargs: Any) -> Mapping[str, Any]: ...
+
+    def modules(self) -> Iterator[nn.Module]: ...
+
+    def eval(self) -> Any: ...
 
     def __call__(self, x: Tensor) -> MonitorOutput: ...
