@@ -33,8 +33,9 @@ import torch
 from torch import Tensor, nn
 
 from brittle._modes import eval_mode, frozen
-from brittle.head import model_output
+from brittle.head import LogitsModel
 from brittle.norms import Norm, check_norm, per_sample_norm
+from brittle.verify import model_device
 
 if TYPE_CHECKING:
     from brittle.monitor import Monitor
@@ -138,17 +139,11 @@ class AdaptiveResult:
 @contextmanager
 def _borrowed(monitor: nn.Module, seed: int) -> Iterator[None]:
     """Monitor in eval mode with frozen parameters and a forked, seeded RNG."""
-    devices = [monitor_device(monitor).index or 0] if monitor_device(monitor).type == "cuda" else []
+    device = model_device(monitor)
+    devices = [device.index or 0] if device.type == "cuda" else []
     with eval_mode(monitor), frozen(monitor), torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield
-
-
-def monitor_device(monitor: nn.Module) -> torch.device:
-    """Device of the monitor's first parameter or buffer (CPU when it has none)."""
-    for tensor in (*monitor.parameters(), *monitor.buffers()):
-        return tensor.device
-    return torch.device("cpu")
 
 
 def _settings(monitor: Monitor, eps: float | None, norm: str | None) -> tuple[float, Norm]:
@@ -280,23 +275,12 @@ def adaptive_pgd(
     return best.detach(), success
 
 
-class _Logits(nn.Module):
-    """The model with its output reduced to a logits tensor (for torchattacks)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: Tensor) -> Tensor:
-        return model_output(self.model(x))
-
-
 def _torchattacks(
     name: str, model: nn.Module, eps: float, norm: Norm, steps: int, cw: tuple[float, float, float]
 ) -> Any:
     import torchattacks
 
-    wrapped = _Logits(model)
+    wrapped = LogitsModel(model)
     if name == "pgd":
         alpha = max(2.5 * eps / steps, eps / 10)
         cls = torchattacks.PGD if norm == "Linf" else torchattacks.PGDL2

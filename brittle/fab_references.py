@@ -25,7 +25,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from brittle.head import model_output
+from brittle.head import LogitsModel
 from brittle.norms import START_RADIUS, Norm
 from brittle.verify import verified_margins
 
@@ -46,17 +46,6 @@ def _stub_visdom() -> None:
 
     stub.Visdom = Visdom  # type: ignore[attr-defined]
     sys.modules["visdom"] = stub
-
-
-class _Float32Logits(nn.Module):
-    """The model as the reference libraries need it: float32 logits of float32 inputs."""
-
-    def __init__(self, model: nn.Module, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.model, self.dtype = model, dtype
-
-    def forward(self, x: Tensor) -> Tensor:
-        return model_output(self.model(x.to(self.dtype))).float()
 
 
 def _adv_lib_fmn(model: nn.Module, x: Tensor, pred: Tensor, norm: Norm, steps: int) -> Tensor:
@@ -157,7 +146,7 @@ def reference_margins(
     if norm not in norms:
         raise ValueError(f"{name} does not support {norm!r}; it supports {norms}.")
     steps = default_steps if steps is None else steps
-    wrapped = _Float32Logits(model, x.dtype)
+    wrapped = LogitsModel(model, x.dtype)  # float32 in and out, as the libraries expect
     adv = runner(wrapped, x.float(), pred, norm, steps).detach().to(x.dtype)
     return verified_margins(model, x, adv, pred, norm)
 

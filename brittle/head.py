@@ -17,6 +17,7 @@ __all__ = [
     "discover_head",
     "resolve_head",
     "model_output",
+    "LogitsModel",
     "NO_HEAD_HINT",
 ]
 
@@ -96,6 +97,36 @@ def model_output(output: Any) -> Tensor:
             f"'logits' key, an object with .logits, or a tuple starting with them. Got {got}."
         )
     return logits
+
+
+class LogitsModel(nn.Module):
+    """The model as attack libraries need it: a logits tensor in the input's dtype.
+
+    The output is reduced to the logit tensor (``model_output``). Libraries that
+    cast their inputs to float32 (torchattacks, adv-lib, AutoAttack) would feed a
+    float64 model the wrong dtype: with ``dtype`` set, inputs are cast to it
+    before the model, and the logits back to the dtype the library sent.
+
+    Args:
+        model: The classifier.
+        dtype: The model's input dtype; ``None`` passes inputs unchanged.
+
+    Examples:
+        >>> import torch
+        >>> from brittle.head import LogitsModel
+        >>> model = torch.nn.Linear(3, 2).double()
+        >>> LogitsModel(model, torch.float64)(torch.rand(4, 3)).dtype
+        torch.float32
+    """
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.model, self.dtype = model, dtype
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits of ``x``, in ``x``'s dtype."""
+        inputs = x if self.dtype is None else x.to(self.dtype)
+        return model_output(self.model(inputs)).to(x.dtype)
 
 
 def resolve_head(model: nn.Module, name: str) -> nn.Linear:

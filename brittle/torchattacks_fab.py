@@ -8,28 +8,11 @@ import torch
 from torch import Tensor, nn
 
 from brittle.attack_settings import AttackSettings
-from brittle.head import model_output
+from brittle.head import LogitsModel
 from brittle.norms import START_RADIUS
 from brittle.verify import verified_margins
 
 __all__ = ["torchattacks_engine"]
-
-
-class _Logits(nn.Module):
-    """The model as torchattacks needs it: logits only, float32 in and out.
-
-    The output is reduced to the logit tensor (dicts, tuples, ``.logits``), and
-    since torchattacks' FAB casts its inputs to float32, a float64 model gets
-    them back in its own dtype (the adversarials are verified in that dtype).
-    """
-
-    def __init__(self, model: nn.Module, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.model = model
-        self.dtype = dtype
-
-    def forward(self, x: Tensor) -> Tensor:
-        return model_output(self.model(x.to(self.dtype))).to(x.dtype)
 
 
 def torchattacks_engine(
@@ -44,7 +27,8 @@ def torchattacks_engine(
     """
     import torchattacks
 
-    logits = _Logits(model, x.dtype)
+    # torchattacks' FAB casts its inputs to float32; a float64 model gets its own dtype.
+    logits = LogitsModel(model, x.dtype)
     with torch.no_grad():  # every class of the model, not only the predicted ones
         n_classes = int(logits(x[:1]).shape[1])
     fab = torchattacks.FAB(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -32,9 +33,9 @@ def check_unit_range(x: Tensor, what: str = "input margins are measured") -> Non
 
 
 def model_device(model: nn.Module) -> torch.device:
-    """Device of the model's first parameter (the CPU for a model without parameters)."""
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
+    """Device of the model's first parameter, else of its first buffer, else the CPU."""
+    tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
 
 
 def verified_margins(model: nn.Module, x: Tensor, adv: Tensor, pred: Tensor, norm: Norm) -> Tensor:
