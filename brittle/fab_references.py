@@ -25,6 +25,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from brittle._modes import eval_mode, frozen
 from brittle.head import LogitsModel
 from brittle.norms import START_RADIUS, Norm
 from brittle.verify import verified_margins
@@ -147,7 +148,9 @@ def reference_margins(
         raise ValueError(f"{name} does not support {norm!r}; it supports {norms}.")
     steps = default_steps if steps is None else steps
     wrapped = LogitsModel(model, x.dtype)  # float32 in and out, as the libraries expect
-    adv = runner(wrapped, x.float(), pred, norm, steps).detach().to(x.dtype)
+    # Borrowed like every engine's model: no .grad written, modes handed back.
+    with eval_mode(model), frozen(model):
+        adv = runner(wrapped, x.float(), pred, norm, steps).detach().to(x.dtype)
     return verified_margins(model, x, adv, pred, norm)
 
 

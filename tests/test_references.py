@@ -122,3 +122,16 @@ def test_reference_names_and_norms() -> None:
         reference_margins("nope", nn.Linear(2, 2), torch.rand(1, 2), torch.tensor([0]), "L2")
     with pytest.raises(ValueError, match="supports"):
         reference_margins("adv-lib DDN", nn.Linear(2, 2), torch.rand(1, 2), torch.tensor([0]), "L1")
+
+
+def test_reference_attacks_leave_the_model_untouched(
+    standard_model: nn.Module, digits: DigitsSplit
+) -> None:
+    x = digits.x_holdout[:4]
+    with torch.no_grad():
+        pred = standard_model(x).argmax(1)
+    for name, (_, _, norms) in REFERENCES.items():
+        reference_margins(name, standard_model, x, pred, norms[0], steps=3)
+        # No .grad left on the parameters (a later attack or training step would see it).
+        assert all(p.grad is None and p.requires_grad for p in standard_model.parameters()), name
+        assert not standard_model.training, name
