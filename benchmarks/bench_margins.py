@@ -19,11 +19,8 @@ Run: ``python benchmarks/bench_margins.py [--n 200] [--device cpu|cuda] [--quick
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
-import sys
 import time
-import types
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,22 +28,13 @@ import torch
 from scipy.stats import kendalltau
 from torch import Tensor, nn
 
-# adv-lib imports visdom for its logger only; visdom is not installed (its source
-# release no longer builds), so an empty stand-in is registered before adv-lib loads.
-if importlib.util.find_spec("visdom") is None:
-    _visdom = types.ModuleType("visdom")
-
-    def _no_visdom(*args: object, **kwargs: object) -> None:
-        raise ImportError("visdom is not installed (benchmarks/bench_margins.py stands in).")
-
-    _visdom.Visdom = _no_visdom  # type: ignore[attr-defined]
-    sys.modules["visdom"] = _visdom
-
-from brittle.attack import PassCounter  # noqa: E402
-from brittle.digits import digits_model, load_digits_split  # noqa: E402
-from brittle.fab import fab_attack  # noqa: E402
-from brittle.fab_references import REFERENCES, reference_margins  # noqa: E402
-from brittle.verify import verified_margins  # noqa: E402
+# adv-lib imports visdom for its logger only; the runners of brittle.fab_references
+# register a stand-in where visdom is missing (its source release no longer builds).
+from brittle.attack import PassCounter
+from brittle.digits import digits_model, load_digits_split
+from brittle.fab import fab_attack
+from brittle.fab_references import REFERENCES, reference_margins
+from brittle.verify import verified_margins
 
 # brittle's engine at a few budgets: fab_attack keyword arguments. "default" is
 # what fit() and input_margins() run (100 steps, one restart).

@@ -30,12 +30,12 @@ from brittle.head import LogitsModel
 from brittle.norms import START_RADIUS, Norm
 from brittle.verify import verified_margins
 
-__all__ = ["REFERENCES", "reference_margins", "best_reference_margins"]
+__all__ = ["REFERENCES", "reference_margins", "best_reference_margins", "stub_visdom"]
 
 _P = {"Linf": math.inf, "L2": 2.0, "L1": 1.0}
 
 
-def _stub_visdom() -> None:
+def stub_visdom() -> None:
     """Let ``adv_lib.attacks`` import without visdom (only its logger uses it)."""
     if "visdom" in sys.modules or importlib.util.find_spec("visdom") is not None:
         return
@@ -50,14 +50,14 @@ def _stub_visdom() -> None:
 
 
 def _adv_lib_fmn(model: nn.Module, x: Tensor, pred: Tensor, norm: Norm, steps: int) -> Tensor:
-    _stub_visdom()
+    stub_visdom()
     from adv_lib.attacks import fmn
 
     return fmn(model, x, pred, norm=_P[norm], steps=steps)
 
 
 def _adv_lib_ddn(model: nn.Module, x: Tensor, pred: Tensor, norm: Norm, steps: int) -> Tensor:
-    _stub_visdom()
+    stub_visdom()
     from adv_lib.attacks import ddn
 
     if norm != "L2":
@@ -66,7 +66,7 @@ def _adv_lib_ddn(model: nn.Module, x: Tensor, pred: Tensor, norm: Norm, steps: i
 
 
 def _adv_lib_fab(model: nn.Module, x: Tensor, pred: Tensor, norm: Norm, steps: int) -> Tensor:
-    _stub_visdom()
+    stub_visdom()
     from adv_lib.attacks import fab
 
     return fab(model, x, pred, norm=_P[norm], n_iter=steps, ε=START_RADIUS[norm], restarts=3)

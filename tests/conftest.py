@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-import types
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,18 +12,27 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import brittle
 from brittle.digits import DigitsSplit, digits_model, load_digits_split
+from brittle.fab_references import stub_visdom
 
 # adv-lib (a reference attack library of tests/test_references.py) imports visdom
 # for its logger only; visdom's sdist no longer builds, so it is installed without
-# it and an empty stand-in module is registered here. Using it raises.
-if importlib.util.find_spec("visdom") is None:
-    _visdom = types.ModuleType("visdom")
+# it and an empty stand-in module is registered here (brittle.fab_references's
+# stub_visdom: using the stand-in raises).
+stub_visdom()
 
-    def _no_visdom(*args: object, **kwargs: object) -> None:
-        raise ImportError("visdom is not installed (tests/conftest.py registers a stand-in).")
 
-    _visdom.Visdom = _no_visdom  # type: ignore[attr-defined]
-    sys.modules["visdom"] = _visdom
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One PyTorch thread for a module of attacks (``pytest.mark.usefixtures``).
+
+    FAB is thousands of small tensor ops; on a shared 2-core machine two OpenMP
+    threads spin-waiting for each other made such a module over 10x slower.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 # Budget for the digits models: about one and a half grey levels (see brittle.digits).
 DIGITS_EPS = 0.1

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -18,14 +17,7 @@ from brittle.norms import per_sample_norm
 log = logging.getLogger(__name__)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # FAB is thousands of small tensor ops; on a shared 2-core machine two OpenMP
-    # threads spin-waiting for each other made this file over 10x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _pred(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
