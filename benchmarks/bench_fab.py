@@ -1,7 +1,7 @@
 """brittle's FAB engine against torchattacks' FAB: same model, same samples, one run.
 
 For each model both engines attack the same samples with the same settings
-through :func:`brittle.attack.attack_batch`; the table gives wall time, the
+through :func:`brittle.attacks.attack.attack_batch`; the table gives wall time, the
 speedup (wall clock, and CPU time of this process, which is steadier when
 other jobs share the CPU), the share of samples each engine broke, the median
 and 95th percentile of (brittle margin / torchattacks margin) over samples both
@@ -28,7 +28,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from brittle.attack import AttackSettings, attack_batch
+from brittle.attacks.attack import AttackSettings, attack_batch
 from brittle.digits import digits_model, load_digits_split
 
 

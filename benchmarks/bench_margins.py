@@ -1,11 +1,11 @@
 """How tight brittle's input margins are, and what they cost: an AttackBench-style table.
 
 On the digits CNNs (standard and PGD-trained), for each norm, every reference
-minimum-norm attack of ``brittle.fab_references`` (adv-lib FMN, DDN and FAB,
+minimum-norm attack of ``brittle.attacks.fab_references`` (adv-lib FMN, DDN and FAB,
 torchattacks' FAB, AutoAttack's FAB) and brittle's engine at a few budgets
 attack the same test images. The per-sample best is the smallest verified
 margin any reference found. For each attack the table gives forward and backward
-passes per sample (``brittle.attack.PassCounter``), CPU seconds, the samples
+passes per sample (``brittle.attacks.attack.PassCounter``), CPU seconds, the samples
 broken, the share of margins within 1 % of the per-sample best, the 90th
 percentile of the ratio to the best, Kendall tau of the logit margin against
 the attack's margins minus tau against the best margins, and the CPU-time
@@ -28,13 +28,13 @@ import torch
 from scipy.stats import kendalltau
 from torch import Tensor, nn
 
-# adv-lib imports visdom for its logger only; the runners of brittle.fab_references
+# adv-lib imports visdom for its logger only; the runners of brittle.attacks.fab_references
 # register a stand-in where visdom is missing (its source release no longer builds).
-from brittle.attack import PassCounter
+from brittle.attacks.attack import PassCounter
+from brittle.attacks.fab import fab_attack
+from brittle.attacks.fab_references import REFERENCES, reference_margins
+from brittle.attacks.verify import verified_margins
 from brittle.digits import digits_model, load_digits_split
-from brittle.fab import fab_attack
-from brittle.fab_references import REFERENCES, reference_margins
-from brittle.verify import verified_margins
 
 # brittle's engine at a few budgets: fab_attack keyword arguments. "default" is
 # what fit() and input_margins() run (100 steps, one restart).

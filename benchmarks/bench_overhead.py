@@ -35,7 +35,7 @@ from torchvision.models import resnet18
 
 import brittle
 import brittle.functional as BF
-from brittle.norms import Norm, dual_order
+from brittle.scores.norms import Norm, dual_order
 
 
 class _HeadOnly(nn.Module):

@@ -22,22 +22,23 @@ Examples:
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from brittle.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from brittle import functional
-    from brittle.alarm import FlagRateAlarm
-    from brittle.attack import input_margins
-    from brittle.calibration import Calibration
+    from brittle.attacks.attack import input_margins
+    from brittle.calibrate.calibration import Calibration
+    from brittle.calibrate.metrics import ScoreMetrics
+    from brittle.calibrate.report import ConsistencyReport
+    from brittle.deploy.alarm import FlagRateAlarm
+    from brittle.deploy.onnx_monitor import OnnxMonitor
+    from brittle.deploy.telemetry import Telemetry
     from brittle.errors import NotFittedError
     from brittle.loading import load
-    from brittle.metrics import ScoreMetrics
     from brittle.monitor import Monitor, MonitorPass, wrap
-    from brittle.onnx_monitor import OnnxMonitor
     from brittle.output import MonitorOutput
-    from brittle.report import ConsistencyReport
-    from brittle.telemetry import Telemetry
 
 __version__ = "0.1.0"
 
@@ -49,16 +50,14 @@ _WHERE = {
     "load": "brittle.loading",
     "MonitorOutput": "brittle.output",
     "NotFittedError": "brittle.errors",
-    "Calibration": "brittle.calibration",
-    "OnnxMonitor": "brittle.onnx_monitor",
-    "ConsistencyReport": "brittle.report",
-    "ScoreMetrics": "brittle.metrics",
-    "input_margins": "brittle.attack",
-    "Telemetry": "brittle.telemetry",
-    "FlagRateAlarm": "brittle.alarm",
+    "Calibration": "brittle.calibrate.calibration",
+    "OnnxMonitor": "brittle.deploy.onnx_monitor",
+    "ConsistencyReport": "brittle.calibrate.report",
+    "ScoreMetrics": "brittle.calibrate.metrics",
+    "input_margins": "brittle.attacks.attack",
+    "Telemetry": "brittle.deploy.telemetry",
+    "FlagRateAlarm": "brittle.deploy.alarm",
 }
-_SUBMODULES = ("functional", "analyses", "onnx", "fit", "evaluate", "fab", "attack", "digits")
-
 __all__ = [
     "wrap",
     "load",
@@ -78,16 +77,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _WHERE:
-        value = getattr(importlib.import_module(_WHERE[name]), name)
-    elif name in _SUBMODULES:
-        value = importlib.import_module(f"brittle.{name}")
-    else:
-        raise AttributeError(f"module 'brittle' has no attribute {name!r}")
-    globals()[name] = value  # later look-ups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__) | set(_SUBMODULES))
+__getattr__, __dir__ = lazy_exports(__name__, _WHERE)

@@ -11,8 +11,7 @@ Examples:
     tensor([0.5000])
 """
 
-from brittle.margins import feature_margin, logit_margin, pair_norm_rows, pair_norm_table
-from brittle.metrics import (
+from brittle.calibrate.metrics import (
     ScoreMetrics,
     detection_metrics,
     fpr_at_tpr,
@@ -21,7 +20,8 @@ from brittle.metrics import (
     nonrobust,
     score_metrics,
 )
-from brittle.threshold import conformal_threshold, min_positives, rates
+from brittle.calibrate.threshold import conformal_threshold, min_positives, rates
+from brittle.scores.margins import feature_margin, logit_margin, pair_norm_rows, pair_norm_table
 
 __all__ = [
     "logit_margin",

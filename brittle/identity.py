@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from brittle._modes import eval_mode
-from brittle.head import model_output
+from brittle.scores.head import model_output
 
 __all__ = ["model_identity", "check_identity", "PROBE_SIZE"]
 

@@ -13,11 +13,12 @@ import torch
 from torch import Tensor, nn
 
 from brittle._modes import changes_in_train_mode, eval_mode
-from brittle.attack_settings import DEFAULT_ENGINE
-from brittle.calibration import Calibration, ScoreKind
+from brittle.attacks.settings import DEFAULT_ENGINE
+from brittle.calibrate.calibration import Calibration, ScoreKind
 from brittle.errors import NotFittedError
-from brittle.finite import finite_rows, zero_rows
-from brittle.head import (
+from brittle.output import MonitorOutput, MonitorPass
+from brittle.scores.finite import finite_rows, zero_rows
+from brittle.scores.head import (
     NO_HEAD_HINT,
     HeadCapture,
     capture_head,
@@ -25,15 +26,14 @@ from brittle.head import (
     model_output,
     resolve_head,
 )
-from brittle.margins import feature_margin, logit_margin, pair_norm_table
-from brittle.norms import Norm, check_eps, check_norm
-from brittle.output import MonitorOutput, MonitorPass
-from brittle.pseudo import PseudoMargin
+from brittle.scores.margins import feature_margin, logit_margin, pair_norm_table
+from brittle.scores.norms import Norm, check_eps, check_norm
+from brittle.scores.pseudo import PseudoMargin
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
-    from brittle.report import ConsistencyReport
+    from brittle.calibrate.report import ConsistencyReport
 
 __all__ = ["Monitor", "MonitorPass", "wrap", "Score", "ScoreKind"]
 
@@ -520,12 +520,12 @@ class Monitor(nn.Module):
     ) -> Monitor:
         """Estimate input margins on a holdout, verify consistency and pick the threshold.
 
-        ``brittle.fit.calibrate`` computes the calibration without touching the
+        ``brittle.calibrate.fit.calibrate`` computes the calibration without touching the
         monitor, and ``apply_calibration`` installs it in one step: a fit that
         raises or is interrupted leaves the monitor as it was. See ``calibrate``
         for the arguments. Returns ``self``.
         """
-        from brittle.fit import calibrate
+        from brittle.calibrate.fit import calibrate
 
         calibration = calibrate(
             self,
@@ -548,7 +548,7 @@ class Monitor(nn.Module):
         return self
 
     def apply_calibration(self, calibration: Calibration) -> None:
-        """Install a calibration from ``brittle.fit.calibrate`` (what ``fit`` does last).
+        """Install a calibration from ``brittle.calibrate.fit.calibrate`` (what ``fit`` does last).
 
         Everything that can fail (moving the network to the model's device,
         checking the values) happens before the first attribute changes.
@@ -596,12 +596,12 @@ class Monitor(nn.Module):
         Measures input margins on ``loader`` and reports every score's tau and
         detection figures, and the achieved TPR/FPR of the monitor's own flag.
         Nothing is recalibrated and the monitor is not modified. See
-        ``brittle.evaluate.evaluate`` for the arguments.
+        ``brittle.calibrate.evaluate.evaluate`` for the arguments.
 
         Raises:
             NotFittedError: if the monitor has no threshold.
         """
-        from brittle.evaluate import evaluate
+        from brittle.calibrate.evaluate import evaluate
 
         return evaluate(
             self,
@@ -644,7 +644,7 @@ class Monitor(nn.Module):
             raise ValueError("this state was not written by this version of brittle.Monitor.")
         report = state["report"]
         if report is not None:
-            from brittle.report import ConsistencyReport
+            from brittle.calibrate.report import ConsistencyReport
 
             report = ConsistencyReport.from_dict(report)
         self.requested_score = state["score"]
@@ -727,9 +727,9 @@ class Monitor(nn.Module):
     ) -> Path:
         """Write the monitor as one ONNX graph: input -> logits, pred, margin, flag.
 
-        See ``brittle.onnx.export_onnx``.
+        See ``brittle.deploy.onnx.export_onnx``.
         """
-        from brittle.onnx import export_onnx
+        from brittle.deploy.onnx import export_onnx
 
         return export_onnx(self, path, example_input, opset=opset, dynamic_batch=dynamic_batch)
 

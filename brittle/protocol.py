@@ -14,10 +14,10 @@ if TYPE_CHECKING:
 
     from torch import Tensor, nn
 
-    from brittle.calibration import ScoreKind
-    from brittle.norms import Norm
+    from brittle.calibrate.calibration import ScoreKind
+    from brittle.calibrate.report import ConsistencyReport
     from brittle.output import MonitorOutput, MonitorPass
-    from brittle.report import ConsistencyReport
+    from brittle.scores.norms import Norm
 
 __all__ = ["MonitorProtocol"]
 

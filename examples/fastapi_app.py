@@ -24,8 +24,8 @@ from pydantic import BaseModel
 from torch.utils.data import DataLoader, TensorDataset
 
 import brittle
+from brittle.deploy.serve.metrics import TelemetryCollector
 from brittle.digits import ROBUST_EPS, digits_model, load_digits_split
-from brittle.serve.metrics import TelemetryCollector
 
 
 class Images(BaseModel):

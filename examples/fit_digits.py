@@ -14,7 +14,7 @@ import time
 from torch.utils.data import DataLoader, TensorDataset
 
 import brittle
-from brittle.attack import DEFAULT_ENGINE, ENGINES
+from brittle.attacks.attack import DEFAULT_ENGINE, ENGINES
 from brittle.digits import ROBUST_EPS, digits_model, load_digits_split
 
 

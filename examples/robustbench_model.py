@@ -34,7 +34,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import brittle
-from brittle.attack import DEFAULT_ENGINE, ENGINES
+from brittle.attacks.attack import DEFAULT_ENGINE, ENGINES
 from brittle.compat import import_robustbench
 
 # RobustBench's CIFAR budgets: 8/255 in Linf, 0.5 in L2.

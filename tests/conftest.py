@@ -11,12 +11,12 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import brittle
+from brittle.attacks.fab_references import stub_visdom
 from brittle.digits import DigitsSplit, digits_model, load_digits_split
-from brittle.fab_references import stub_visdom
 
 # adv-lib (a reference attack library of tests/test_references.py) imports visdom
 # for its logger only; visdom's sdist no longer builds, so it is installed without
-# it and an empty stand-in module is registered here (brittle.fab_references's
+# it and an empty stand-in module is registered here (brittle.attacks.fab_references's
 # stub_visdom: using the stand-in raises).
 stub_visdom()
 

@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 import brittle
-from brittle.adaptive import ATTACKS, AttackOutcome, adaptive_attacks, adaptive_pgd
+from brittle.attacks.adaptive import ATTACKS, AttackOutcome, adaptive_attacks, adaptive_pgd
 from brittle.digits import DigitsSplit
-from brittle.margins import logit_margin
-from brittle.norms import per_sample_norm
+from brittle.scores.margins import logit_margin
+from brittle.scores.norms import per_sample_norm
 
 EPS = {"Linf": 0.1, "L2": 0.5}
 N = 32

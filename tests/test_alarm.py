@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy.stats import binom
 
-from brittle.alarm import FlagRateAlarm, binomial_sf, critical_count
+from brittle.deploy.alarm import FlagRateAlarm, binomial_sf, critical_count
 
 
 @pytest.mark.parametrize("n", [1, 10, 100, 1000, 5000])

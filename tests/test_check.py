@@ -21,12 +21,12 @@ import torch
 from torch import nn
 
 import brittle
-from brittle.analyses import estimate_threshold, robust_accuracy_estimate
+from brittle.calibrate.analyses import estimate_threshold, robust_accuracy_estimate
+from brittle.calibrate.report import ConsistencyReport
 from brittle.check import main
 from brittle.check.errors import UsageError
 from brittle.check.sources import load_data, load_model
 from brittle.digits import DigitsSplit, digits_model
-from brittle.report import ConsistencyReport
 
 REPO = Path(__file__).resolve().parents[1]
 # Small but real settings: every code path runs, attacks are short.
@@ -458,7 +458,7 @@ def test_robustbench_checkpoint_in_model_dir(tmp_path: Path) -> None:
 
 
 def test_export_onnx_when_available(model_file: Path, margin_cache: Path, tmp_path: Path) -> None:
-    pytest.importorskip("brittle.onnx")
+    pytest.importorskip("brittle.deploy.onnx")
     pytest.importorskip("onnxruntime")
     path = tmp_path / "monitor.onnx"
     code, stdout, stderr = run_main(
@@ -596,7 +596,7 @@ def test_help_explains_every_option() -> None:
     ]
     for option in options:
         assert re.search(rf"^\s+{re.escape(option)}\b", result.stdout, re.M), option
-    from brittle.attack import ENGINES
+    from brittle.attacks.attack import ENGINES
 
     for engine in ENGINES:
         assert engine in result.stdout

@@ -13,8 +13,8 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import brittle
+from brittle.attacks.distributed import Shard, sample_fingerprints, shard
 from brittle.digits import DigitsSplit, digits_cnn
-from brittle.distributed import Shard, sample_fingerprints, shard
 from tests.conftest import DIGITS_EPS
 
 FIT = {"steps": 10, "pseudo": False, "progress": False, "target_tpr": 0.9}

@@ -130,7 +130,7 @@ def test_distributed_fit_on_two_processes(tmp_path: Path, brittle_cache: Path) -
 
 @pytest.mark.slow
 def test_deploy_onnx(tmp_path: Path, brittle_cache: Path) -> None:
-    script = _example("deploy_onnx.py", "brittle.onnx", "onnxruntime")
+    script = _example("deploy_onnx.py", "brittle.deploy.onnx", "onnxruntime")
     args = [str(script), "--cache-dir", str(brittle_cache / "brittle"), "--out", str(tmp_path)]
     out = _run(args, tmp_path, brittle_cache).stdout
     assert (tmp_path / "digits-monitor.onnx").is_file()

@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 import brittle
-from brittle.attack import ENGINES, AttackSettings, attack_batch
+from brittle.attacks.attack import ENGINES, AttackSettings, attack_batch
+from brittle.attacks.fab import fab_attack
 from brittle.digits import DigitsSplit
-from brittle.fab import fab_attack
-from brittle.norms import per_sample_norm
+from brittle.scores.norms import per_sample_norm
 
 log = logging.getLogger(__name__)
 

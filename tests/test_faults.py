@@ -19,8 +19,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import brittle
-import brittle.holdout
-from brittle.cache import MarginCache
+import brittle.calibrate.holdout
+from brittle.calibrate.cache import MarginCache
 from brittle.digits import DigitsSplit
 from tests.conftest import DIGITS_EPS
 
@@ -76,9 +76,9 @@ def test_bad_labels_fail_before_any_attack(
     standard_model: nn.Module, digits: DigitsSplit, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls = []
-    real = brittle.holdout.attack_batch
+    real = brittle.calibrate.holdout.attack_batch
     monkeypatch.setattr(
-        brittle.holdout, "attack_batch", lambda *a, **k: calls.append(1) or real(*a, **k)
+        brittle.calibrate.holdout, "attack_batch", lambda *a, **k: calls.append(1) or real(*a, **k)
     )
     x, y = digits.x_holdout[:40], digits.y_holdout[:40]
     monitor = brittle.wrap(standard_model, eps=DIGITS_EPS)
@@ -153,7 +153,7 @@ def test_a_killed_fit_resumes_from_its_cache_with_identical_margins(
 def test_a_damaged_cache_entry_is_recomputed_never_trusted(
     robust_model: nn.Module, digits: DigitsSplit, tmp_path: Path
 ) -> None:
-    from brittle.attack_settings import AttackSettings
+    from brittle.attacks.settings import AttackSettings
 
     x = digits.x_holdout[:10]
     cache = MarginCache(tmp_path, robust_model, AttackSettings(steps=5), "brittle")
@@ -176,7 +176,7 @@ def test_a_damaged_cache_entry_is_recomputed_never_trusted(
 def test_margins_cached_by_an_earlier_engine_version_are_not_reused(
     robust_model: nn.Module, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    settings = brittle.attack.AttackSettings(steps=5)
+    settings = brittle.attacks.attack.AttackSettings(steps=5)
     current = MarginCache(tmp_path, robust_model, settings, "brittle").key
-    monkeypatch.setitem(brittle.cache.ENGINE_VERSIONS, "brittle", 1)
+    monkeypatch.setitem(brittle.calibrate.cache.ENGINE_VERSIONS, "brittle", 1)
     assert MarginCache(tmp_path, robust_model, settings, "brittle").key != current

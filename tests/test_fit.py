@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import brittle
 import brittle.functional as BF
-from brittle import attack
+from brittle.attacks import attack
 from brittle.digits import DigitsSplit
 from tests.conftest import DIGITS_EPS
 

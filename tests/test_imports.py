@@ -32,7 +32,15 @@ def test_serving_path_loads_no_offline_library() -> None:
     )
     assert "brittle.monitor" in loaded
     assert not loaded & set(HEAVY), loaded & set(HEAVY)
-    assert not {"brittle.attack", "brittle.fit", "brittle.metrics", "brittle.report"} & loaded
+    assert (
+        not {
+            "brittle.attacks.attack",
+            "brittle.calibrate.fit",
+            "brittle.calibrate.metrics",
+            "brittle.calibrate.report",
+        }
+        & loaded
+    )
 
 
 def test_import_brittle_alone_loads_nothing_heavy() -> None:
@@ -41,5 +49,5 @@ def test_import_brittle_alone_loads_nothing_heavy() -> None:
 
 
 def test_onnx_monitor_needs_no_torch() -> None:
-    loaded = _loaded("import brittle.onnx_monitor")
+    loaded = _loaded("import brittle.deploy.onnx_monitor")
     assert "torch" not in loaded and "numpy" in loaded

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import brittle.functional as BF
-from brittle.fit import choose_score
+from brittle.calibrate.fit import choose_score
 
 
 def _brute_fpr(score: np.ndarray, positive: np.ndarray, target: float) -> float:

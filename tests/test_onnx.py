@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 import brittle
+from brittle.deploy.onnx import OUTPUT_NAMES, export_onnx
 from brittle.digits import DigitsSplit
-from brittle.onnx import OUTPUT_NAMES, export_onnx
 
 KINDS = ("logit", "feature", "pseudo")
 DIGITS_EPS = 0.1  # the budget of the digits fixtures (tests/conftest.py)

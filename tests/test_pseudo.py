@@ -10,16 +10,16 @@ import torch
 from torch import Tensor, nn
 
 import brittle
-from brittle.digits import DigitsSplit
-from brittle.margins import logit_margin
-from brittle.metrics import kendall_tau
-from brittle.pseudo import PseudoMargin, rank_to_margin
-from brittle.pseudo_train import (
+from brittle.calibrate.metrics import kendall_tau
+from brittle.calibrate.pseudo_train import (
     MIN_TRAIN_SAMPLES,
     PseudoTraining,
     rank_targets,
     train_pseudo_margin,
 )
+from brittle.digits import DigitsSplit
+from brittle.scores.margins import logit_margin
+from brittle.scores.pseudo import PseudoMargin, rank_to_margin
 
 # FAB steps for the test's input margins: few, to keep the session short on 2 cores;
 # the same budget on both splits, so the comparison between scores is fair.

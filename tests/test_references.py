@@ -1,6 +1,6 @@
 """brittle's margins against the per-sample best of strong minimum-norm attacks.
 
-The references (``brittle.fab_references``): adv-lib's FMN, DDN and FAB,
+The references (``brittle.attacks.fab_references``): adv-lib's FMN, DDN and FAB,
 torchattacks' FAB and AutoAttack's FAB, on the digits CNNs, with budgets cut
 down to keep this file to well under a minute; and the exact distance on linear
 models, where the nearest boundary is known in closed form.
@@ -12,10 +12,10 @@ import pytest
 import torch
 from torch import nn
 
-from brittle.attack import ENGINES, AttackSettings, attack_batch
+from brittle.attacks.attack import ENGINES, AttackSettings, attack_batch
+from brittle.attacks.fab import fab_attack
+from brittle.attacks.fab_references import REFERENCES, best_reference_margins, reference_margins
 from brittle.digits import DigitsSplit
-from brittle.fab import fab_attack
-from brittle.fab_references import REFERENCES, best_reference_margins, reference_margins
 from brittle.functional import feature_margin
 
 # Shortened reference budgets (the benchmark, benchmarks/bench_margins.py, runs them in full).

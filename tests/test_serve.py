@@ -283,7 +283,7 @@ def test_old_file_serves_without_alarm(tmp_path: Path) -> None:
     """A monitor without a reference rate (hand-set threshold): served, alarm unavailable."""
     from fastapi.testclient import TestClient
 
-    from brittle.serve.app import create_app
+    from brittle.deploy.serve.app import create_app
 
     monitor = brittle.wrap(nn.Sequential(nn.Flatten(), nn.Linear(16, 3)), eps=0.1)
     monitor.set_threshold(0.1)

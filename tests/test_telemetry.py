@@ -14,8 +14,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import brittle
+from brittle.deploy.telemetry import Telemetry, margin_buckets
 from brittle.digits import DigitsSplit
-from brittle.telemetry import Telemetry, margin_buckets
 
 DIGITS_EPS = 0.1
 CALIBRATION = 200

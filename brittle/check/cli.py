@@ -13,9 +13,9 @@ from typing import Any, NoReturn
 
 import torch
 
-from brittle.attack import DEFAULT_ENGINE
+from brittle.attacks.attack import DEFAULT_ENGINE
 from brittle.check.errors import UsageError
-from brittle.norms import NORMS, Norm
+from brittle.scores.norms import NORMS, Norm
 
 __all__ = [
     "build_parser",
@@ -94,12 +94,12 @@ _tau = _checked(float, lambda v: -1.0 <= v <= 1.0, "a number in [-1, 1]", "a num
 
 
 def build_parser(engines: list[str] | None = None) -> argparse.ArgumentParser:
-    """Build the parser; ``engines`` defaults to the keys of ``brittle.attack.ENGINES`` now.
+    """Build the parser; ``engines`` defaults to the keys of ``brittle.attacks.attack.ENGINES`` now.
 
     The engine list is read at call time because other modules register engines.
     """
     if engines is None:
-        from brittle.attack import ENGINES
+        from brittle.attacks.attack import ENGINES
 
         engines = sorted(ENGINES)
     parser = _Parser(
@@ -215,8 +215,8 @@ def build_parser(engines: list[str] | None = None) -> argparse.ArgumentParser:
         "--engine",
         choices=engines,
         default=DEFAULT_ENGINE if DEFAULT_ENGINE in engines else engines[0],
-        help="attack engine for the input margins, one of brittle.attack.ENGINES: 'brittle' "
-        "(brittle's fast FAB) or 'torchattacks' (the reference FAB) (default: brittle).",
+        help="attack engine for the input margins, one of brittle.attacks.attack.ENGINES: "
+        "'brittle' (brittle's fast FAB) or 'torchattacks' (the reference FAB) (default: brittle).",
     )
     fit.add_argument(
         "--batch-size",

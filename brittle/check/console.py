@@ -6,7 +6,7 @@ from typing import Any
 
 __all__ = ["ADAPTIVE_NAMES", "model_table", "side_by_side", "timings_text", "fmt"]
 
-# How the console and the HTML page name the attacks of ``brittle.adaptive``.
+# How the console and the HTML page name the attacks of ``brittle.attacks.adaptive``.
 ADAPTIVE_NAMES = {"pgd": "PGD", "adaptive_pgd": "adaptive PGD", "cw": "Carlini-Wagner L2"}
 
 

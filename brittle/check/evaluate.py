@@ -6,10 +6,10 @@ from pathlib import Path
 
 from torch.utils.data import DataLoader
 
+from brittle.calibrate.report import ConsistencyReport
 from brittle.check.cli import Settings
 from brittle.check.errors import UsageError
 from brittle.monitor import Monitor
-from brittle.report import ConsistencyReport
 
 __all__ = ["evaluate_saved"]
 

@@ -13,17 +13,17 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import brittle
-from brittle import analyses
-from brittle.adaptive import adaptive_attacks
+from brittle.attacks.adaptive import adaptive_attacks
+from brittle.calibrate import analyses
+from brittle.calibrate.fit import PSEUDO_TRAIN_SHARE
+from brittle.calibrate.pseudo_train import MIN_TRAIN_SAMPLES
+from brittle.calibrate.report import ConsistencyReport
 from brittle.check.cli import Settings
 from brittle.check.errors import UsageError
 from brittle.check.evaluate import evaluate_saved
 from brittle.check.sources import DataSource, ModelSource, check_compatible
-from brittle.fit import PSEUDO_TRAIN_SHARE
 from brittle.functional import conformal_threshold, nonrobust
 from brittle.monitor import Monitor
-from brittle.pseudo_train import MIN_TRAIN_SAMPLES
-from brittle.report import ConsistencyReport
 
 __all__ = ["CheckResult", "run_check", "with_suffix_tag"]
 
@@ -270,7 +270,7 @@ def run_check(
 
 
 def _adaptive(monitor: Monitor, x: torch.Tensor, settings: Settings) -> dict[str, Any]:
-    """What an attacker who knows the monitor achieves (``brittle.adaptive``), as JSON."""
+    """What an attacker who knows the monitor achieves (``brittle.attacks.adaptive``), as JSON."""
     if monitor.norm not in ("Linf", "L2"):
         return {"skipped": f"the adaptive attacks support Linf and L2, not {monitor.norm}"}
     result = adaptive_attacks(monitor, x, batch_size=settings.batch_size, seed=settings.seed)
@@ -279,7 +279,7 @@ def _adaptive(monitor: Monitor, x: torch.Tensor, settings: Settings) -> dict[str
 
 def _export_onnx(monitor: Monitor, path: Path, example: torch.Tensor) -> Path:
     try:
-        import brittle.onnx  # noqa: F401
+        import brittle.deploy.onnx  # noqa: F401
     except ImportError as err:
         raise UsageError("--export-onnx", f"ONNX export is unavailable: {err}") from None
     path.parent.mkdir(parents=True, exist_ok=True)

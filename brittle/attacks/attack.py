@@ -1,0 +1,214 @@
+"""Input-space margins from minimum-norm attacks (FAB), with verified adversarials."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from brittle._modes import eval_mode, frozen
+from brittle.attacks.fab import brittle_engine
+from brittle.attacks.settings import DEFAULT_ENGINE, AttackSettings
+from brittle.attacks.torchattacks_fab import torchattacks_engine
+from brittle.attacks.verify import check_unit_range, model_device, verified_margins
+from brittle.data import batches
+from brittle.scores.head import model_output
+from brittle.scores.norms import Norm, check_norm
+
+__all__ = [
+    "AttackSettings",
+    "PassCounter",
+    "input_margins",
+    "attack_batch",
+    "ENGINES",
+    "DEFAULT_ENGINE",
+    "verified_margins",
+]
+
+
+Engine = Callable[[nn.Module, Tensor, Tensor, AttackSettings, Tensor], Tensor]
+"""``engine(model, x, pred, settings, index) -> margins``: smallest verified norm per sample.
+
+``index`` holds each sample's position in the whole holdout, so an engine can seed
+a sample's random restarts from ``settings.seed`` and its index alone, making the
+result independent of how the holdout is batched or sharded.
+"""
+
+
+ENGINES: dict[str, Engine] = {"brittle": brittle_engine, "torchattacks": torchattacks_engine}
+
+
+class _CountBackward(torch.autograd.Function):
+    """Identity whose backward counts the rows a gradient reaches the input for."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, counter: PassCounter) -> Tensor:
+        ctx.counter = counter
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        ctx.counter.backward += grad.shape[0]
+        return grad, None
+
+
+class PassCounter:
+    """Forward and backward passes an attack spends, counted per input row.
+
+    ``counted(model)`` wraps a model: every row of every batch it is called on is
+    one forward pass, every row a gradient flows back to is one backward pass
+    (AttackBench's accounting of a minimum-norm attack's cost).
+
+    Examples:
+        >>> import torch
+        >>> from brittle.attacks.attack import PassCounter
+        >>> counter = PassCounter()
+        >>> model = counter.counted(torch.nn.Linear(3, 2))
+        >>> x = torch.rand(4, 3, requires_grad=True)
+        >>> _ = torch.autograd.grad(model(x).sum(), x)
+        >>> counter.forward, counter.backward
+        (4, 4)
+    """
+
+    def __init__(self) -> None:
+        self.forward = 0
+        self.backward = 0
+        self.samples = 0
+
+    def counted(self, model: nn.Module) -> nn.Module:
+        """``model`` behind a counting wrapper (the model itself is not modified)."""
+        return _Counted(model, self)
+
+    def per_sample(self) -> dict[str, float]:
+        """Forward and backward passes per attacked sample (0 before any attack)."""
+        n = max(self.samples, 1)
+        return {
+            "forward_per_sample": self.forward / n,
+            "backward_per_sample": self.backward / n,
+            "attacked": float(self.samples),
+        }
+
+
+class _Counted(nn.Module):
+    def __init__(self, model: nn.Module, counter: PassCounter) -> None:
+        super().__init__()
+        self.model = model
+        self.counter = counter
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.counter.forward += x.shape[0]
+        if x.requires_grad:
+            x = _CountBackward.apply(x, self.counter)
+        return model_output(self.model(x))
+
+
+def attack_batch(
+    model: nn.Module,
+    x: Tensor,
+    pred: Tensor,
+    settings: AttackSettings,
+    engine: str = DEFAULT_ENGINE,
+    index: Tensor | None = None,
+    *,
+    counter: PassCounter | None = None,
+) -> Tensor:
+    """Margins of one batch, the model borrowed in eval mode with frozen parameters.
+
+    Args:
+        model: Classifier on inputs in ``[0, 1]``.
+        x: The batch, on the model's device.
+        pred: Predicted class of each sample (the attack's untargeted label).
+        settings: Norm, steps, restarts and seed.
+        engine: Key of ``ENGINES``.
+        index: Position of each sample in the whole holdout (default ``0..B-1``).
+        counter: Adds the forward and backward passes the engine spends.
+    """
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {sorted(ENGINES)}. Got {engine!r}.")
+    check_unit_range(x)
+    if index is None:
+        index = torch.arange(x.shape[0], device=x.device)
+    target = model if counter is None else counter.counted(model)
+    if counter is not None:
+        counter.samples += x.shape[0]
+    with eval_mode(model), frozen(model):
+        return ENGINES[engine](target, x, pred, settings, index.to(x.device))
+
+
+def input_margins(
+    model: nn.Module,
+    data: Tensor | Iterable[Any],
+    *,
+    norm: Norm = "Linf",
+    steps: int = 100,
+    restarts: int = 1,
+    batch_size: int = 128,
+    engine: str = DEFAULT_ENGINE,
+    progress: bool = False,
+    seed: int = 0,
+    distributed: bool | None = None,
+) -> Tensor:
+    """Per-sample input-space margin estimated with the FAB minimum-norm attack.
+
+    The attack is untargeted against the model's *predicted* class, so every
+    sample (misclassified ones too) gets a margin. The result is an upper bound
+    on the true margin: the norm of a verified adversarial example.
+
+    Args:
+        model: Classifier on inputs in ``[0, 1]`` (normalisation inside the model).
+        data: A tensor of inputs, or a loader yielding ``x``, ``(x, y)`` or dicts.
+        norm: ``"Linf"``, ``"L2"`` or ``"L1"``.
+        steps: FAB iterations per restart.
+        restarts: Attack runs per sample; the smallest verified norm is kept.
+        batch_size: Batch size when ``data`` is a tensor.
+        engine: ``"brittle"`` (brittle's FAB, the default everywhere) or
+            ``"torchattacks"`` (the reference FAB).
+        progress: Show a progress bar.
+        seed: Seed of the random restarts (the global RNG is left untouched).
+        distributed: Shard the attacks across the ranks of the initialised
+            torch.distributed process group (``None``: whenever one is initialised).
+            Every rank must pass the same data; every rank gets all margins.
+
+    Returns:
+        ``(N,)`` float32 tensor on the CPU; ``inf`` where no adversarial was found.
+
+    Examples:
+        >>> import torch, brittle
+        >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
+        >>> with torch.no_grad():
+        ...     _ = model[1].weight.copy_(torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0]]))
+        ...     _ = model[1].bias.zero_()
+        >>> x = torch.tensor([[0.6, 0.2, 0.5, 0.5]])
+        >>> margin = brittle.input_margins(model, x, norm="Linf", steps=20)
+        >>> round(float(margin), 2)  # the boundary x0 == x1 is 0.2 away in Linf
+        0.2
+    """
+    from brittle.attacks.distributed import shard
+
+    settings = AttackSettings(norm=check_norm(norm), steps=steps, restarts=restarts, seed=seed)
+    device = model_device(model)
+    part = shard(distributed)
+    total = len(data) if isinstance(data, Tensor) else None
+    indices: list[Tensor] = []
+    margins: list[Tensor] = []
+    seen = 0
+    show = progress and part.is_main
+    with tqdm(total=total, unit="sample", disable=not show, desc="input margins") as bar:
+        for x, _ in batches(data, batch_size):
+            index = torch.arange(seen, seen + x.shape[0])
+            seen += x.shape[0]
+            mine = part.owns(index)
+            if mine.any():
+                x = x[mine].to(device)
+                with torch.no_grad(), eval_mode(model):
+                    pred = model_output(model(x)).argmax(dim=1)
+                margins.append(attack_batch(model, x, pred, settings, engine, index[mine]).cpu())
+                indices.append(index[mine])
+            bar.update(int(mine.numel()))
+    part.check_same_length(seen)
+    if not indices:
+        indices, margins = [torch.empty(0, dtype=torch.long)], [torch.empty(0)]
+    return part.assemble(seen, torch.cat(indices), torch.cat(margins)).to(torch.float32)

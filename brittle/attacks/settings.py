@@ -1,0 +1,37 @@
+"""What an attack engine needs besides the model and the batch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from brittle.scores.norms import Norm, check_norm
+
+__all__ = ["AttackSettings", "DEFAULT_ENGINE", "ENGINE_VERSIONS"]
+
+# The engine of every entry point (fit, input_margins, attack_batch, the CLI):
+# brittle's own FAB (brittle.attacks.fab), measured tighter than torchattacks' and several
+# times faster (benchmarks/README.md). Kept here, beside the settings, so that the
+# serving path can name it without importing the attack libraries.
+DEFAULT_ENGINE = "brittle"
+# Raised when an engine's margins change for the same settings, so that margin
+# caches written by an earlier version are recomputed rather than reused.
+# brittle 2: per-run patience, targeted run on the runner-up, boundary walk.
+ENGINE_VERSIONS = {"brittle": 2, "torchattacks": 1}
+
+
+@dataclass(frozen=True)
+class AttackSettings:
+    """What an engine needs besides the model and the batch."""
+
+    norm: Norm = "Linf"
+    steps: int = 100
+    restarts: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_norm(self.norm)
+        if self.steps < 1 or self.restarts < 1:
+            raise ValueError(
+                f"steps and restarts must be positive. Got steps={self.steps}, "
+                f"restarts={self.restarts}."
+            )

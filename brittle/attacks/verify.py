@@ -1,0 +1,51 @@
+"""What every attack engine shares: inputs in [0, 1], verified adversarials, the device."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+from torch import Tensor, nn
+
+from brittle.scores.head import model_output
+from brittle.scores.norms import Norm, per_sample_norm
+
+__all__ = ["verified_margins", "check_unit_range", "model_device"]
+
+
+def check_unit_range(x: Tensor, what: str = "input margins are measured") -> None:
+    """Raise ``ValueError`` unless every value of ``x`` lies in ``[0, 1]``.
+
+    Examples:
+        >>> import torch
+        >>> from brittle.attacks.verify import check_unit_range
+        >>> check_unit_range(torch.tensor([0.0, 2.0]))
+        Traceback (most recent call last):
+        ...
+        ValueError: input margins are measured for inputs in [0, 1]; got values in [0, 2]. ...
+    """
+    if x.numel() and (float(x.min()) < 0.0 or float(x.max()) > 1.0):
+        raise ValueError(
+            f"{what} for inputs in [0, 1]; got values in "
+            f"[{float(x.min()):.4g}, {float(x.max()):.4g}]. Put normalisation inside the model."
+        )
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Device of the model's first parameter, else of its first buffer, else the CPU."""
+    tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+def verified_margins(model: nn.Module, x: Tensor, adv: Tensor, pred: Tensor, norm: Norm) -> Tensor:
+    """Norm of ``adv - x`` where ``adv`` really changes the prediction and stays in [0, 1].
+
+    Everything else (the attack failed, or returned ``x`` itself) is censored: ``inf``.
+    The norm is computed in the inputs' own precision and returned as float64.
+    """
+    with torch.no_grad():
+        flipped = model_output(model(adv)).argmax(dim=1) != pred
+    inside = ((adv >= 0) & (adv <= 1)).flatten(1).all(dim=1)
+    dist = per_sample_norm(adv - x, norm).to(torch.float64)
+    return torch.where(flipped & inside, dist, torch.full_like(dist, math.inf))

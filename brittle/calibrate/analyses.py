@@ -1,0 +1,592 @@
+"""The paper's analyses of a fitted monitor: robust accuracy, per-class bias, baselines, attacks.
+
+Library functions with typed results (each with ``to_dict()`` for JSON): the
+robust-accuracy estimate from a small attacked subset (Algorithm 1, appendix
+F.1), per-class robustness bias (F.2), baseline scores beside the margins (max
+softmax probability, entropy, input-gradient norm, feature density) and the
+share of PGD/FGSM examples the monitor flags. The metrics come from
+``brittle.functional``, so every number here is computed the way ``fit()``
+computes its own. ``python -m brittle.check`` renders them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from brittle._modes import eval_mode, frozen
+from brittle.calibrate.metrics import ScoreMetrics, kendall_tau, nonrobust, score_metrics
+from brittle.calibrate.threshold import conformal_threshold
+from brittle.scores.norms import Norm, dual_order
+
+if TYPE_CHECKING:
+    from brittle.output import MonitorOutput
+    from brittle.protocol import MonitorProtocol
+
+__all__ = [
+    "RobustAccuracy",
+    "PerClassBias",
+    "BaselineMetrics",
+    "AttackFlags",
+    "AdversarialFlags",
+    "robust_accuracy_estimate",
+    "subset_indices",
+    "estimate_threshold",
+    "per_class_bias",
+    "BASELINES",
+    "baseline_scores",
+    "kde_scores",
+    "baseline_metrics",
+    "adversarial_flags",
+    "forward_pass",
+    "ForwardPass",
+    "jsonable",
+]
+
+# What each baseline score is, and why its sign is what it is: brittle's convention is
+# that a *lower* score means a *more* brittle decision.
+BASELINES: dict[str, str] = {
+    "msp": "maximum softmax probability",
+    "entropy": "negative entropy of the softmax (low = uncertain)",
+    "gradnorm": "negative dual norm of the input gradient of the cross-entropy at the "
+    "predicted class (low = steep loss)",
+    "kde": "log kernel density of the penultimate features under the predicted class "
+    "(Feinman et al. 2017; low = atypical)",
+}
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` with numpy scalars made Python and NaN / inf made ``None`` (strict JSON).
+
+    Examples:
+        >>> from brittle.calibrate.analyses import jsonable
+        >>> jsonable({"a": float("nan"), "b": [1.5, float("inf")]})
+        {'a': None, 'b': [1.5, None]}
+
+    """
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return jsonable(value.tolist())
+    if isinstance(value, (np.bool_, bool)):
+        return bool(value)
+    if isinstance(value, (np.integer, int)):
+        return int(value)
+    if isinstance(value, (np.floating, float)):
+        return float(value) if math.isfinite(value) else None
+    return value
+
+
+# ------------------------------------------------------------------ results
+@dataclass(frozen=True)
+class RobustAccuracy:
+    """The robust-accuracy estimate of ``robust_accuracy_estimate`` (see there)."""
+
+    quantity: str
+    score: str
+    eps: float
+    estimate: float
+    n_estimated: int
+    estimate_on_attacked: float
+    attacked_subset: float
+    attacked_subset_stderr: float
+    subset_size: int
+    attacked_all: float
+    n_attacked: int
+    threshold: float
+    clean_accuracy: float | None
+    method: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dictionary (NaN and infinities as ``None``)."""
+        return jsonable(asdict(self))
+
+
+@dataclass(frozen=True)
+class PerClassBias:
+    """Per-class robustness of ``per_class_bias``.
+
+    Attributes:
+        by: ``"label"`` or ``"prediction"``: what the classes are.
+        classes: One row per class: ``class``, ``n``, ``accuracy``,
+            ``nonrobust_by_margin``, ``nonrobust_by_flag`` and ``tau``.
+        spread: Largest minus smallest non-robust share across classes.
+        most_brittle_class: The class with the largest non-robust share.
+    """
+
+    by: str
+    classes: list[dict[str, Any]]
+    spread: float
+    most_brittle_class: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dictionary."""
+        return jsonable(asdict(self))
+
+
+@dataclass(frozen=True)
+class BaselineMetrics:
+    """One baseline score's values and figures (``baseline_metrics``)."""
+
+    description: str
+    metrics: ScoreMetrics
+    threshold: float
+    values: np.ndarray
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dictionary: the description, the metrics' fields, threshold, values."""
+        return jsonable(
+            {
+                "description": self.description,
+                **self.metrics.to_dict(),
+                "threshold": self.threshold,
+                "values": self.values,
+            }
+        )
+
+
+@dataclass(frozen=True)
+class AttackFlags:
+    """How often one attack succeeded and how often the monitor flagged its examples."""
+
+    success_rate: float
+    n_successful: int
+    flagged_of_successful: float
+    flagged_of_all: float
+
+
+@dataclass(frozen=True)
+class AdversarialFlags:
+    """Share of adversarial examples at eps that the monitor flags (``adversarial_flags``).
+
+    Attributes:
+        n: Clean samples attacked.
+        eps: Attack budget.
+        norm: Threat model.
+        clean_flagged: Share of the clean samples flagged.
+        attacks: Attack name -> its figures.
+        skipped: Why no attack ran, or ``None``.
+    """
+
+    n: int
+    eps: float
+    norm: str
+    clean_flagged: float
+    attacks: dict[str, AttackFlags] = field(default_factory=dict)
+    skipped: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dictionary with one entry per attack beside the totals."""
+        if self.skipped is not None:
+            return {"skipped": self.skipped, "n": 0}
+        out: dict[str, Any] = {
+            "n": self.n,
+            "eps": self.eps,
+            "norm": self.norm,
+            "clean_flagged": self.clean_flagged,
+        }
+        out.update({name: asdict(flags) for name, flags in self.attacks.items()})
+        return jsonable(out)
+
+
+# ------------------------------------------------------------ forward pass
+class ForwardPass:
+    """Per-sample results of one pass of a fitted monitor over the whole data set.
+
+    Attributes:
+        score: ``(N,)`` the monitor's active score (NaN for samples it cannot judge).
+        flag: ``(N,)`` the monitor's flag.
+        pred: ``(N,)`` predicted classes.
+        probs: ``(N, K)`` softmax probabilities.
+        features: ``(N, d)`` the head's input, or ``None`` without a linear head.
+
+    """
+
+    def __init__(
+        self, score: Tensor, flag: Tensor, pred: Tensor, probs: Tensor, features: Tensor | None
+    ) -> None:
+        self.score = score.double().numpy()
+        self.flag = flag.numpy()
+        self.pred = pred.numpy()
+        self.probs = probs.double().numpy()
+        self.features = features
+
+
+def forward_pass(monitor: MonitorProtocol, x: Tensor, batch_size: int, device: str) -> ForwardPass:
+    """Run a fitted monitor over ``x`` once: scores, flags, predictions, softmax, features."""
+    scores, flags, preds, probs, feats = [], [], [], [], []
+    kind = monitor.score
+    with torch.no_grad():
+        for batch in x.split(batch_size):
+            seen = monitor.inspect(batch.to(device), features=monitor.head is not None)
+            if seen.flag is None:
+                raise ValueError("forward_pass needs a monitor with a threshold.")
+            scores.append(seen.scores[kind].cpu())
+            flags.append(seen.flag.cpu())
+            preds.append(seen.logits.argmax(dim=1).masked_fill(seen.bad, -1).cpu())
+            probs.append(torch.softmax(seen.logits, dim=1).cpu())
+            if seen.features is not None:
+                feats.append(seen.features.detach().float().cpu())
+    features = torch.cat(feats) if feats and len(feats) == len(scores) else None
+    return ForwardPass(
+        torch.cat(scores), torch.cat(flags), torch.cat(preds), torch.cat(probs), features
+    )
+
+
+# ------------------------------------------------------ robust accuracy
+def subset_indices(n: int, size: int, seed: int = 0) -> np.ndarray:
+    """Sorted seeded random choice of ``min(size, n)`` of ``range(n)``: the attacked subset.
+
+    Examples:
+        >>> from brittle.calibrate.analyses import subset_indices
+        >>> subset_indices(10, 3, seed=0).tolist()
+        [2, 4, 6]
+
+    """
+    return np.sort(np.random.default_rng(seed).permutation(n)[: min(int(size), n)])
+
+
+def estimate_threshold(scores: np.ndarray, robust_count: int) -> float:
+    """Threshold with exactly ``robust_count`` of ``scores`` strictly above it.
+
+    The midpoint between neighbours keeps ties and rounding from moving samples
+    across; ``-inf`` when every score must count as robust.
+
+    Examples:
+        >>> import numpy as np
+        >>> from brittle.calibrate.analyses import estimate_threshold
+        >>> round(estimate_threshold(np.array([0.1, 0.4, 0.2, 0.9]), 2), 6)
+        0.3
+
+    """
+    s = np.sort(np.asarray(scores, dtype=np.float64))
+    s = s[~np.isnan(s)]
+    k = s.size - int(robust_count)  # samples at or below the threshold
+    if k <= 0:
+        return -math.inf
+    if k >= s.size:
+        return float(s[-1])
+    return float((s[k - 1] + s[k]) / 2.0)
+
+
+def robust_accuracy_estimate(
+    *,
+    score_all: np.ndarray,
+    pred_all: np.ndarray,
+    labels_all: np.ndarray | None,
+    margins: np.ndarray,
+    eps: float,
+    subset_size: int,
+    score_name: str,
+    seed: int = 0,
+) -> RobustAccuracy:
+    """Robust accuracy of the whole data set from an attacked subset (the paper's Algorithm 1).
+
+    The first ``len(margins)`` samples of the data set were attacked (their input
+    margins are ``margins``). A seeded random subset of ``subset_size`` of them
+    (``subset_indices``)
+    stands for the small attacked set of Algorithm 1. On it, the threshold ``t``
+    on the score is picked so that "correct and score > t" counts exactly as many
+    samples as "correct and input margin > eps", that is, so that the score-based
+    figure reproduces the attacked one on the subset. Robust accuracy on the whole
+    data set is then estimated from scores alone as the share of samples that are
+    correct and score above ``t``. Matching counts, rather than maximising
+    detection accuracy, is what makes the estimate unbiased when the score ranks
+    samples as the input margin does (margin consistency).
+
+    Without labels every prediction counts as correct, and the figures are the
+    robust *share* of decisions instead.
+
+    Returns:
+        ``RobustAccuracy``: the estimate, the attacked figure on the subset it came
+        from, the attacked figure on all attacked samples (for comparison) and the
+        threshold.
+
+    """
+    n_all, n_attacked = int(score_all.size), int(margins.size)
+    subset = subset_indices(n_attacked, subset_size, seed)
+    m = int(subset.size)
+    correct_all = np.ones(n_all, dtype=bool) if labels_all is None else pred_all == labels_all
+    robust_attacked = correct_all[:n_attacked] & ~nonrobust(margins, eps)
+    correct_sub = correct_all[subset]
+    threshold = estimate_threshold(
+        score_all[subset][correct_sub], int(robust_attacked[subset].sum())
+    )
+    # NaN scores (inputs the monitor cannot judge) compare False: never counted robust.
+    robust_estimated = correct_all & (score_all > threshold)
+    m_fig = float(robust_attacked[subset].mean()) if m else math.nan
+    return RobustAccuracy(
+        quantity="robust accuracy" if labels_all is not None else "robust share (no labels)",
+        score=score_name,
+        eps=eps,
+        estimate=float(robust_estimated.mean()),
+        n_estimated=n_all,
+        # The same estimate restricted to the attacked samples, where the truth is known.
+        estimate_on_attacked=float(robust_estimated[:n_attacked].mean()),
+        attacked_subset=m_fig,
+        attacked_subset_stderr=math.sqrt(m_fig * (1 - m_fig) / m) if m else math.nan,
+        subset_size=m,
+        attacked_all=float(robust_attacked.mean()),
+        n_attacked=n_attacked,
+        threshold=threshold,
+        clean_accuracy=None if labels_all is None else float(correct_all.mean()),
+        method="threshold matched on the attacked subset (Algorithm 1), then scores only",
+    )
+
+
+# ---------------------------------------------------------- per-class bias
+def per_class_bias(
+    *,
+    margins: np.ndarray,
+    score: np.ndarray,
+    threshold: float,
+    preds: np.ndarray,
+    labels: np.ndarray | None,
+    eps: float,
+) -> PerClassBias:
+    """Per class: share non-robust by input margin and by the flag, and the class's tau.
+
+    Classes are the labels when there are labels, else the predictions.
+    """
+    classes = labels if labels is not None else preds
+    positive = nonrobust(margins, eps)
+    flagged = ~(score > threshold)  # NaN scores are flagged, as the monitor does
+    rows: list[dict[str, Any]] = []
+    shares: list[float] = []
+    for c in np.unique(classes):
+        mask = classes == c
+        tau = kendall_tau(score[mask], margins[mask]) if mask.sum() >= 3 else math.nan
+        rows.append(
+            {
+                "class": int(c),
+                "n": int(mask.sum()),
+                "accuracy": None if labels is None else float((preds[mask] == c).mean()),
+                "nonrobust_by_margin": float(positive[mask].mean()),
+                "nonrobust_by_flag": float(flagged[mask].mean()),
+                "tau": tau,
+            }
+        )
+        shares.append(float(positive[mask].mean()))
+    worst = rows[int(np.argmax(shares))]
+    return PerClassBias(
+        by="label" if labels is not None else "prediction",
+        classes=jsonable(rows),
+        spread=max(shares) - min(shares),
+        most_brittle_class=int(worst["class"]),
+    )
+
+
+# --------------------------------------------------------------- baselines
+def _input_gradient_norm(
+    model: nn.Module, x: Tensor, norm: Norm, batch_size: int, device: str
+) -> np.ndarray:
+    """Dual norm of d CE(f(x), argmax f(x)) / dx per sample, via ``torch.autograd.grad``.
+
+    The model is borrowed in eval mode with frozen parameters, so no ``.grad`` is
+    written into it and no parameter gradient is computed.
+    """
+    out = []
+    with eval_mode(model), frozen(model):
+        for batch in x.split(batch_size):
+            inputs = batch.to(device).detach().requires_grad_(True)
+            logits = model(inputs)
+            # Summed loss: each sample's gradient is its own (eval mode, no batch statistics).
+            loss = nn.functional.cross_entropy(logits, logits.argmax(dim=1), reduction="sum")
+            (grad,) = torch.autograd.grad(loss, inputs)
+            out.append(torch.linalg.vector_norm(grad.flatten(1), ord=dual_order(norm), dim=1).cpu())
+    return torch.cat(out).double().numpy()
+
+
+def kde_scores(
+    features: Tensor,
+    preds: np.ndarray,
+    query: np.ndarray,
+    *,
+    max_reference: int = 5000,
+    seed: int = 0,
+) -> np.ndarray:
+    """Log Gaussian-kernel density of ``features[query]`` under their predicted class.
+
+    The reference set is the whole data set's features grouped by predicted class
+    (at most ``max_reference`` of them, drawn with ``seed``); a query sample is left
+    out of its own density. The bandwidth is the median pairwise distance of the
+    reference features (the median heuristic), one for all classes, as Feinman et
+    al. use one bandwidth per data set.
+    """
+    feats = features.double()
+    n = feats.shape[0]
+    rng = np.random.default_rng(seed)
+    reference = np.sort(rng.permutation(n)[:max_reference])
+    ref = feats[torch.from_numpy(reference)]
+    probe = ref[torch.from_numpy(rng.permutation(ref.shape[0])[:1000])]
+    dist = torch.cdist(probe, probe)
+    sigma = float(dist[dist > 0].median()) if (dist > 0).any() else 1.0
+    ref_pred = preds[reference]
+    out = np.empty(query.size, dtype=np.float64)
+    for c in np.unique(preds[query]):
+        rows = query[preds[query] == c]
+        members = reference[ref_pred == c]
+        if members.size == 0:
+            out[np.isin(query, rows)] = -math.inf
+            continue
+        d2 = torch.cdist(feats[torch.from_numpy(rows)], feats[torch.from_numpy(members)]).square()
+        logk = -d2 / (2 * sigma**2)
+        same = torch.from_numpy(rows[:, None] == members[None, :])
+        logk = logk.masked_fill(same, -math.inf)  # leave-one-out
+        count = (~same).sum(dim=1).clamp(min=1).double()
+        density = (torch.logsumexp(logk, dim=1) - count.log()).numpy()
+        out[np.searchsorted(query, rows)] = density
+    finite = np.isfinite(out)
+    # A class with no other member has no density; rank it below everything seen.
+    if not finite.all():
+        floor = out[finite].min() - 1.0 if finite.any() else 0.0
+        out[~finite] = floor
+    return out
+
+
+def baseline_scores(
+    model: nn.Module,
+    x: Tensor,
+    *,
+    probs: np.ndarray,
+    features: Tensor | None,
+    preds_all: np.ndarray,
+    norm: Norm,
+    batch_size: int,
+    device: str,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """Compute the baseline scores of the attacked samples ``x`` (the first ``len(x)`` of the data).
+
+    ``probs``, ``features`` and ``preds_all`` cover the whole data set (from
+    ``forward_pass``); the KDE uses all of it as its reference set.
+    """
+    n = x.shape[0]
+    p = probs[:n]
+    entropy = -(p * np.log(np.clip(p, 1e-300, None))).sum(axis=1)
+    out = {
+        "msp": p.max(axis=1),
+        "entropy": -entropy,
+        "gradnorm": -_input_gradient_norm(model, x, norm, batch_size, device),
+    }
+    if features is not None:
+        out["kde"] = kde_scores(features, preds_all, np.arange(n), seed=seed)
+    return out
+
+
+def baseline_metrics(
+    scores: dict[str, np.ndarray],
+    margins: np.ndarray,
+    mask: np.ndarray,
+    eps: float,
+    target_tpr: float,
+    seed: int = 0,
+) -> dict[str, BaselineMetrics]:
+    """Tau (with interval), AUROC, AUPR and FPR@TPR of each baseline on the ``mask`` samples."""
+    out: dict[str, BaselineMetrics] = {}
+    positive = nonrobust(margins[mask], eps)
+    for name, values in scores.items():
+        # Fewer bootstrap resamples than fit() uses: four more scores would otherwise
+        # double the time of the analyses, and these intervals only give context.
+        metrics = score_metrics(
+            values[mask], margins[mask], eps, target_tpr, n_resamples=500, seed=seed
+        )
+        try:
+            threshold = conformal_threshold(values[mask][positive], target_tpr)
+        except ValueError:
+            threshold = math.nan
+        out[name] = BaselineMetrics(BASELINES[name], metrics, threshold, values)
+    return out
+
+
+# ----------------------------------------------------------- adversarials
+def _attacks(model: nn.Module, norm: Norm, eps: float, steps: int) -> dict[str, Any]:
+    import torchattacks
+
+    if norm == "Linf":
+        return {
+            "pgd": torchattacks.PGD(
+                model, eps=eps, alpha=2.5 * eps / steps, steps=steps, random_start=True
+            ),
+            "fgsm": torchattacks.FGSM(model, eps=eps),
+        }
+    if norm == "L2":
+        # torchattacks has no L2 FGSM; one full-size PGD-L2 step is the L2 fast gradient method.
+        return {
+            "pgd": torchattacks.PGDL2(
+                model, eps=eps, alpha=2.5 * eps / steps, steps=steps, random_start=True
+            ),
+            "fgsm": torchattacks.PGDL2(model, eps=eps, alpha=eps, steps=1, random_start=False),
+        }
+    return {}
+
+
+def adversarial_flags(
+    monitor: MonitorProtocol,
+    x: Tensor,
+    *,
+    norm: Norm,
+    eps: float,
+    batch_size: int,
+    device: str,
+    steps: int = 10,
+    seed: int = 0,
+    attacks: dict[str, Callable[[Tensor, Tensor], Tensor]] | None = None,
+) -> AdversarialFlags:
+    """Share of torchattacks PGD and FGSM examples at ``eps`` that the fitted monitor flags.
+
+    The attacks target the model's *predicted* class, so a successful example is
+    one whose prediction changed. For L2 the FGSM entry is the fast gradient
+    method (one PGD-L2 step of size eps); torchattacks has neither for L1.
+    """
+    if not monitor.has_threshold:
+        raise ValueError("adversarial_flags needs a monitor with a threshold: fit it first.")
+    model = monitor.model
+    attacks = attacks if attacks is not None else _attacks(model, norm, eps, steps)
+    if not attacks:
+        skipped = f"torchattacks has no PGD or FGSM for the {norm} norm"
+        return AdversarialFlags(0, eps, norm, math.nan, skipped=skipped)
+    batches = [batch.to(device) for batch in x.split(batch_size)]
+    with torch.no_grad():
+        clean = [monitor(batch) for batch in batches]
+    clean_flagged = float(torch.cat([_flags(c) for c in clean]).float().mean())
+    results: dict[str, AttackFlags] = {}
+    # PGD's random start draws from the global generators: fork them, so that the
+    # result is seeded and the caller's random state is left as it was.
+    devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
+    for name, attack in attacks.items():
+        success, flagged = [], []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            for batch, before in zip(batches, clean, strict=True):
+                # The model is borrowed with frozen parameters: torchattacks differentiates
+                # with respect to the input only and writes no .grad into the model.
+                with eval_mode(model), frozen(model):
+                    adv = attack(batch, before.pred)
+                with torch.no_grad():
+                    after = monitor(adv)
+                success.append((after.pred != before.pred).cpu())
+                flagged.append(_flags(after))
+        hit, flag = torch.cat(success), torch.cat(flagged)
+        results[name] = AttackFlags(
+            success_rate=float(hit.float().mean()),
+            n_successful=int(hit.sum()),
+            flagged_of_successful=float(flag[hit].float().mean()) if hit.any() else math.nan,
+            flagged_of_all=float(flag.float().mean()),
+        )
+    return AdversarialFlags(int(x.shape[0]), eps, norm, clean_flagged, results)
+
+
+def _flags(output: MonitorOutput) -> Tensor:
+    """The output's flags on the CPU (a monitor with a threshold always has them)."""
+    if output.flag is None:
+        raise ValueError("the monitor has no threshold, so it gives no flags.")
+    return output.flag.cpu()

@@ -1,0 +1,193 @@
+"""One streamed pass over a holdout: scores, features, labels and input margins."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from brittle._modes import eval_mode
+from brittle.attacks.attack import PassCounter, attack_batch
+from brittle.attacks.distributed import Shard, sample_fingerprints
+from brittle.attacks.settings import DEFAULT_ENGINE, AttackSettings
+from brittle.calibrate.cache import MarginCache
+from brittle.calibrate.metrics import nonrobust
+from brittle.calibrate.report import ConsistencyReport
+from brittle.data import batches, check_labels
+
+if TYPE_CHECKING:
+    from brittle.protocol import MonitorProtocol
+
+__all__ = ["Holdout", "collect_holdout", "holdout_report"]
+
+
+@dataclass
+class Holdout:
+    """Everything one streamed pass over a holdout keeps.
+
+    Attributes:
+        scores: The model's own scores (logit, feature) per kept sample.
+        margins: ``(n,)`` input margins, ``inf`` where censored.
+        predictions: ``(n,)`` predicted classes.
+        labels: ``(n,)`` labels, ``None`` when the data has none.
+        features: ``(n, d)`` the head's input, ``None`` without a linear head.
+        logits: ``(n, K)`` the model's logits.
+        excluded: Samples skipped because they contain NaN or Inf.
+        passes: Forward and backward passes per attacked sample, and the time spent.
+    """
+
+    scores: dict[str, np.ndarray]
+    margins: np.ndarray
+    predictions: np.ndarray
+    labels: np.ndarray | None
+    features: Tensor | None
+    logits: Tensor
+    excluded: int
+    passes: dict[str, float]
+
+
+def _length(data: Any) -> int | None:
+    try:
+        dataset = getattr(data, "dataset", data)
+        return len(dataset)
+    except TypeError:
+        return None
+
+
+def collect_holdout(
+    monitor: MonitorProtocol,
+    data: Tensor | Iterable[Any],
+    settings: AttackSettings,
+    *,
+    engine: str = DEFAULT_ENGINE,
+    n_samples: int | None = None,
+    progress: bool = True,
+    cache: MarginCache | None = None,
+    keep_features: bool = True,
+    part: Shard | None = None,
+    desc: str = "fit: input margins",
+) -> Holdout:
+    """Stream ``data`` once: the model's scores, features, predictions, labels and margins.
+
+    Memory stays bounded by one batch of inputs plus the per-sample results.
+    Every batch is checked (inputs, labels and, under a process group, that all
+    ranks hold the same samples in the same order) *before* it is attacked.
+    Samples with NaN or Inf are skipped and counted in ``excluded``. Under a
+    process group (``part``), each rank attacks only the samples it owns and the
+    margins are assembled on every rank.
+    """
+    part = part or Shard()
+    param = next(monitor.model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None else torch.float32
+    total = n_samples if n_samples is not None else _length(data)
+    scores: dict[str, list[Tensor]] = {}
+    preds, labels, feats, logits, kept = [], [], [], [], []
+    attacked: list[Tensor] = []
+    margins: list[Tensor] = []
+    counter = PassCounter()
+    has_labels, seen = True, 0
+    show = progress and part.is_main
+    start = time.perf_counter()
+    with tqdm(total=total, unit="sample", disable=not show, desc=desc) as bar:
+        for x, y in batches(data, limit=n_samples):
+            x = monitor.check_input(x.to(device=device, dtype=dtype))
+            index = torch.arange(seen, seen + x.shape[0])
+            part.check_same_samples(index, sample_fingerprints(x))
+            with torch.no_grad(), eval_mode(monitor.model):
+                view = monitor.inspect(x, features=keep_features)
+            if y is not None:
+                check_labels(y, x.shape[0], view.logits.shape[1])
+            keep = (~view.bad).cpu()
+            index = index[keep]
+            seen += keep.numel()
+            bar.update(int(keep.numel()))
+            if not keep.any():
+                continue
+            kept.append(index)
+            pred = view.logits.argmax(dim=1)[keep.to(device)]
+            mine = part.owns(index)
+            if mine.any():
+                x_mine = x[keep.to(device)][mine.to(device)]
+                result = cache.get(x_mine) if cache is not None else None
+                if result is None:
+                    result = attack_batch(
+                        monitor.model,
+                        x_mine,
+                        pred[mine.to(device)],
+                        settings,
+                        engine,
+                        index[mine],
+                        counter=counter,
+                    ).cpu()
+                    if cache is not None:
+                        cache.put(x_mine, result)
+                attacked.append(index[mine])
+                margins.append(result.double())
+            preds.append(pred.cpu())
+            logits.append(view.logits.detach().cpu()[keep])
+            for kind, value in view.scores.items():
+                if kind != "pseudo":  # a refit starts from the model's own scores
+                    scores.setdefault(kind, []).append(value.detach().cpu()[keep])
+            if view.features is not None:
+                feats.append(view.features.detach().cpu()[keep])
+            if y is None:
+                has_labels = False
+            elif has_labels:
+                labels.append(y.cpu()[keep])
+    part.check_same_length(seen)
+    if not kept:
+        raise ValueError("the holdout yielded no usable samples (empty, or all NaN/Inf).")
+    if not attacked:  # this rank owned no sample
+        attacked, margins = [torch.empty(0, dtype=torch.long)], [torch.empty(0)]
+    full = part.assemble(seen, torch.cat(attacked), torch.cat(margins))
+    kept_index = torch.cat(kept)
+    return Holdout(
+        scores={k: torch.cat(v).double().numpy() for k, v in scores.items()},
+        margins=full[kept_index].numpy(),
+        predictions=torch.cat(preds).numpy(),
+        labels=torch.cat(labels).numpy() if has_labels and labels else None,
+        features=torch.cat(feats) if feats else None,
+        logits=torch.cat(logits),
+        excluded=seen - kept_index.numel(),
+        passes={**counter.per_sample(), "attack_seconds": time.perf_counter() - start},
+    )
+
+
+def holdout_report(holdout: Holdout, *, eps: float, norm: str, **fields: Any) -> ConsistencyReport:
+    """A report on ``holdout``: the arrays and figures the holdout determines, plus ``fields``.
+
+    ``fields`` are the remaining :class:`ConsistencyReport` fields (metrics, chosen
+    score, threshold and rates, timings, calibration mask, settings). The settings
+    gain ``passes_per_sample``: the attack's forward and backward passes per attacked
+    sample (AttackBench's measure of an attack's cost).
+    """
+    margins, labels = holdout.margins, holdout.labels
+    passes = holdout.passes
+    fields["settings"] = {
+        **fields.get("settings", {}),
+        "passes_per_sample": {
+            "forward": float(passes.get("forward_per_sample", 0.0)),
+            "backward": float(passes.get("backward_per_sample", 0.0)),
+        },
+    }
+    return ConsistencyReport(
+        n=int(margins.size),
+        eps=eps,
+        norm=norm,
+        accuracy=None if labels is None else float((holdout.predictions == labels).mean()),
+        nonrobust_fraction=float(nonrobust(margins, eps).mean()),
+        censored=int(np.isinf(margins).sum()),
+        input_margins=margins,
+        score_values=holdout.scores,
+        predictions=holdout.predictions,
+        labels=labels,
+        excluded=holdout.excluded,
+        **fields,
+    )

@@ -1,0 +1,241 @@
+"""Training the pseudo-margin network for ranking: its job is Kendall tau.
+
+What matters for the monitor is how the score *ranks* samples, so the network
+is trained and selected for ranking:
+
+- inputs are standardised penultimate features beside the standardised,
+  descending-sorted logits (the logit margin and its neighbours are then one
+  linear layer away);
+- the regression target is the rank of each input margin, normalised to
+  ``(0, 1)`` (censored margins, ``inf``, tie at the top), so a long tail of
+  large or loose margins does not dominate the loss;
+- a pairwise logistic ranking loss (RankNet) on the pre-sigmoid scores of
+  every pair in a mini-batch sits beside that regression;
+- the epoch kept is the one with the best Kendall tau on a held-out
+  validation split.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from scipy import stats
+from torch import Tensor
+
+from brittle.calibrate.metrics import kendall_tau
+from brittle.scores.pseudo import QUANTILES, PseudoMargin
+
+__all__ = ["PseudoTraining", "train_pseudo_margin", "rank_targets", "MIN_TRAIN_SAMPLES"]
+
+# Fewest samples the network trains on (80 % fit, 20 % early-stopping validation).
+MIN_TRAIN_SAMPLES = 100
+
+Loss = Literal["rank", "pairwise", "both"]
+_LOSSES: tuple[str, ...] = ("rank", "pairwise", "both")
+
+
+@dataclass(frozen=True)
+class PseudoTraining:
+    """How the pseudo-margin network was trained.
+
+    Attributes:
+        n_train: Samples the network was fitted on.
+        n_val: Samples held out for early stopping.
+        epochs: Epochs run.
+        best_epoch: Epoch whose weights were kept (best validation tau).
+        val_tau: Kendall tau between the kept network's score and the input
+            margin on the validation samples.
+        loss: The training loss (``"rank"``, ``"pairwise"`` or ``"both"``).
+    """
+
+    n_train: int
+    n_val: int
+    epochs: int
+    best_epoch: int
+    val_tau: float
+    loss: str
+
+
+def rank_targets(margins: Tensor) -> Tensor:
+    """Input margins replaced by their normalised ranks in ``(0, 1)``.
+
+    Ties (censored margins, ``inf``, among them) share their average rank.
+
+    Examples:
+        >>> import torch
+        >>> from brittle.calibrate.pseudo_train import rank_targets
+        >>> rank_targets(torch.tensor([0.3, 0.1, float("inf"), float("inf")]))
+        tensor([0.3750, 0.1250, 0.7500, 0.7500])
+    """
+    ranks = stats.rankdata(margins.detach().cpu().double().numpy(), method="average")
+    return torch.from_numpy((ranks - 0.5) / len(ranks)).to(margins.device, torch.float32)
+
+
+def _quantiles(margins: Tensor) -> Tensor:
+    """Strictly increasing knots of the training margins' quantile function."""
+    finite = margins[torch.isfinite(margins)]
+    top = float(finite.max()) if finite.numel() else 1.0
+    top = top if top > 0 else 1.0
+    # Censored samples are the most robust: place them above every finite margin.
+    values = margins.nan_to_num(nan=0.0, posinf=1.25 * top).double()
+    knots = torch.quantile(values, torch.linspace(0.0, 1.0, QUANTILES + 1, dtype=torch.float64))
+    # Flat stretches (ties) would merge distinct ranks; a tiny slope keeps the map
+    # strictly increasing, so it never changes the network's ranking.
+    slope = 1e-6 * max(float(knots[-1] - knots[0]), 1e-6)
+    knots = knots.cummax(dim=0).values + slope * torch.arange(QUANTILES + 1, dtype=torch.float64)
+    return knots.float()
+
+
+def _pairwise_loss(logits: Tensor, target: Tensor) -> Tensor:
+    """RankNet: mean ``softplus(-(s_i - s_j))`` over the batch pairs with ``t_i > t_j``."""
+    above = target[:, None] > target[None, :]
+    if not above.any():
+        return logits.sum() * 0.0
+    gaps = logits[:, None] - logits[None, :]
+    return torch.nn.functional.softplus(-gaps[above]).mean()
+
+
+def train_pseudo_margin(
+    features: Tensor,
+    logits: Tensor,
+    margins: Tensor,
+    *,
+    seed: int = 0,
+    hidden: int = 512,
+    loss: Loss = "both",
+    lr: float = 1e-3,
+    weight_decay: float = 1e-4,
+    batch_size: int = 128,
+    max_epochs: int = 150,
+    patience: int = 20,
+    val_fraction: float = 0.2,
+) -> tuple[PseudoMargin, PseudoTraining]:
+    """Fit a ``PseudoMargin`` network to rank input margins (Adam, early stopping on tau).
+
+    A seeded ``val_fraction`` of the samples is held out; the network fits the
+    rest and the weights of the epoch with the best validation Kendall tau
+    (``brittle.calibrate.metrics.kendall_tau``) are kept. The global RNG is left untouched.
+
+    Args:
+        features: ``(n, d)`` inputs of the model's last linear layer, on the
+            device to train on.
+        logits: ``(n, K)`` model outputs for the same samples.
+        margins: ``(n,)`` input margins, ``inf`` where censored (most robust).
+        seed: Seeds the split, the initialisation and the shuffling.
+        hidden: Width of the hidden layers.
+        loss: ``"rank"`` (MSE to the normalised ranks), ``"pairwise"`` (RankNet)
+            or ``"both"`` (their sum).
+        lr: Adam learning rate.
+        weight_decay: Adam's L2 penalty.
+        batch_size: Mini-batch size.
+        max_epochs: Upper bound on epochs.
+        patience: Epochs without a better validation tau before stopping.
+        val_fraction: Share of the samples held out for early stopping.
+
+    Returns:
+        The network (weights of the best validation epoch, eval mode) and a summary.
+
+    Raises:
+        ValueError: On mismatched shapes, fewer than ``MIN_TRAIN_SAMPLES``
+            samples, or an unknown ``loss``.
+
+    Examples:
+        >>> import torch
+        >>> from brittle.calibrate.pseudo_train import train_pseudo_margin
+        >>> g = torch.Generator().manual_seed(0)
+        >>> features, logits = torch.randn(200, 8, generator=g), torch.randn(200, 3, generator=g)
+        >>> margins = features[:, 0].exp()  # the first feature decides the margin
+        >>> net, info = train_pseudo_margin(features, logits, margins, hidden=32, max_epochs=30)
+        >>> info.n_train, info.n_val, info.val_tau > 0.5
+        (160, 40, True)
+    """
+    n = features.shape[0]
+    if features.dim() != 2 or logits.dim() != 2 or margins.dim() != 1:
+        raise ValueError(
+            "features, logits and margins must have shapes (n, d), (n, K) and (n,). "
+            f"Got {tuple(features.shape)}, {tuple(logits.shape)} and {tuple(margins.shape)}."
+        )
+    if logits.shape[0] != n or margins.shape[0] != n:
+        raise ValueError(
+            "features, logits and margins must describe the same samples. "
+            f"Got {n}, {logits.shape[0]} and {margins.shape[0]} rows."
+        )
+    if n < MIN_TRAIN_SAMPLES:
+        raise ValueError(
+            f"the pseudo-margin network needs at least {MIN_TRAIN_SAMPLES} training samples. "
+            f"Got {n}."
+        )
+    if loss not in _LOSSES:
+        raise ValueError(f"loss must be one of {_LOSSES}. Got {loss!r}.")
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1). Got {val_fraction}.")
+    device = features.device
+    features = features.detach().float()
+    logits = logits.detach().to(device, torch.float32)
+    margins = margins.detach().to(device, torch.float32)
+
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n, generator=generator).to(device)
+    n_val = max(2, int(round(n * val_fraction)))
+    val, train = order[:n_val], order[n_val:]
+    target = rank_targets(margins[train])
+    val_margins = margins[val].cpu().double().numpy()
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = PseudoMargin(features.shape[1], logits.shape[1], hidden).to(device)
+    ordered = logits[train].sort(dim=1, descending=True).values
+    net.feature_mean.copy_(features[train].mean(dim=0))
+    net.feature_std.copy_(features[train].std(dim=0).nan_to_num(1.0).clamp_min(1e-6))
+    net.logit_mean.copy_(ordered.mean(dim=0))
+    net.logit_std.copy_(ordered.std(dim=0).nan_to_num(1.0).clamp_min(1e-6))
+    net.quantiles.copy_(_quantiles(margins[train]).to(device))
+    inputs_train = net.inputs(features[train], logits[train])
+    inputs_val = net.inputs(features[val], logits[val])
+    body, squash = net.net[:-1], net.net[-1]
+    optimiser = torch.optim.Adam(net.net.parameters(), lr=lr, weight_decay=weight_decay)
+
+    def validation_tau() -> float:
+        net.eval()
+        with torch.no_grad():
+            score = squash(body(inputs_val)).squeeze(1).cpu().double().numpy()
+        tau = kendall_tau(score, val_margins)
+        return tau if math.isfinite(tau) else -1.0
+
+    best_state, best_tau, best_epoch, epoch = copy.deepcopy(net.state_dict()), -math.inf, 0, 0
+    for epoch in range(1, max_epochs + 1):
+        net.train()
+        shuffled = torch.randperm(train.numel(), generator=generator).to(device)
+        for idx in shuffled.split(batch_size):
+            raw = body(inputs_train[idx]).squeeze(1)
+            value = raw.new_zeros(())
+            if loss in ("rank", "both"):
+                value = value + torch.nn.functional.mse_loss(squash(raw), target[idx])
+            if loss in ("pairwise", "both"):
+                value = value + _pairwise_loss(raw, target[idx])
+            optimiser.zero_grad()
+            value.backward()
+            optimiser.step()
+        tau = validation_tau()
+        if tau > best_tau:
+            best_state, best_tau, best_epoch = copy.deepcopy(net.state_dict()), tau, epoch
+        elif epoch - best_epoch >= patience:
+            break
+    net.load_state_dict(best_state)
+    net.eval()
+    # Kendall tau of the margin-unit score equals the rank estimate's (strictly
+    # increasing map), so best_tau is the tau of what the monitor will use.
+    info = PseudoTraining(
+        n_train=int(train.numel()),
+        n_val=int(n_val),
+        epochs=epoch,
+        best_epoch=best_epoch,
+        val_tau=float(np.float64(best_tau)),
+        loss=loss,
+    )
+    return net, info

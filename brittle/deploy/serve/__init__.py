@@ -1,0 +1,20 @@
+"""``python -m brittle.serve MONITOR.onnx``: an exported monitor over HTTP, with metrics.
+
+Install with ``pip install "brittle[serve]"`` (FastAPI, uvicorn, prometheus-client).
+The server runs the ONNX file with onnxruntime (``brittle.OnnxMonitor``) and
+never imports torch. Endpoints:
+
+- ``POST /predict`` with ``{"inputs": [...]}`` (a batch of nested lists; add
+  ``"logits": true`` for the logits) answers ``pred``, ``margin`` and ``flag`` per
+  sample;
+- ``GET /metrics``: Prometheus text format (``brittle_samples_total``,
+  ``brittle_flagged_total``, ``brittle_rejected_total``, the ``brittle_margin``
+  histogram, the ``brittle_flag_rate_alarm`` gauge, ...);
+- ``GET /healthz``.
+
+``brittle.deploy.serve.app.create_app`` builds the same app in Python, and
+``brittle.deploy.serve.metrics.TelemetryCollector`` exposes a ``brittle.Telemetry`` in a
+user's own ``prometheus_client`` registry (``examples/fastapi_app.py``).
+"""
+
+__all__: list[str] = []

@@ -1,0 +1,106 @@
+"""``TelemetryCollector``: a ``brittle.Telemetry`` as Prometheus metrics.
+
+A custom collector for ``prometheus_client``: on each scrape it reads one
+snapshot of the telemetry, so the counters, the histogram and the alarm gauge
+always describe the same set of samples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from brittle.deploy.telemetry import Telemetry
+
+__all__ = ["TelemetryCollector"]
+
+
+def _le(bound: float) -> str:
+    return "+Inf" if bound == float("inf") else repr(float(bound))
+
+
+class TelemetryCollector(Collector):
+    """Expose a ``Telemetry`` through a ``prometheus_client`` registry.
+
+    Metrics (``prefix`` defaults to ``brittle``): ``_samples_total``,
+    ``_flagged_total``, ``_rejected_total`` (counters), ``_margin`` (histogram, bucket
+    bounds from the calibration margins), ``_flag_rate_alarm`` (gauge, 0 or 1),
+    ``_flag_rate_alarm_available`` (gauge, 0 when the monitor has no reference
+    rate), ``_window_flag_rate``, ``_reference_flag_rate`` (gauges) and
+    ``_flag_rate_alarm_critical`` (flags in a full window at which the alarm fires).
+
+    Args:
+        telemetry: The telemetry to expose.
+        prefix: Metric name prefix.
+
+    Examples:
+        >>> from prometheus_client import CollectorRegistry, generate_latest
+        >>> from brittle import Telemetry
+        >>> registry = CollectorRegistry()
+        >>> registry.register(TelemetryCollector(Telemetry([0.1, 1.0], reference_flag_rate=0.1)))
+        >>> b"brittle_flag_rate_alarm 0.0" in generate_latest(registry)
+        True
+    """
+
+    def __init__(self, telemetry: Telemetry, prefix: str = "brittle") -> None:
+        self.telemetry = telemetry
+        self.prefix = prefix
+
+    def collect(self) -> Iterator[Metric]:
+        """One consistent snapshot of the telemetry as metric families."""
+        p = self.prefix
+        snap = self.telemetry.snapshot()
+        yield CounterMetricFamily(f"{p}_samples", "Samples the monitor judged.", snap.samples)
+        yield CounterMetricFamily(
+            f"{p}_flagged",
+            "Samples flagged brittle (non-robust), rejected samples included.",
+            snap.flagged,
+        )
+        yield CounterMetricFamily(
+            f"{p}_rejected", "Samples with NaN or Inf (flagged, margin NaN).", snap.rejected
+        )
+        yield HistogramMetricFamily(
+            f"{p}_margin",
+            "Margin score of the judged samples (lower is more brittle); buckets from the "
+            "calibration holdout's margins.",
+            buckets=[(_le(le), count) for le, count in snap.cumulative_buckets],
+            sum_value=snap.margin_sum,
+        )
+        alarm = snap.alarm
+        yield GaugeMetricFamily(
+            f"{p}_flag_rate_alarm",
+            "1 while the flag rate of the sliding window is significantly above the "
+            "calibration holdout's.",
+            float(alarm is not None and alarm.firing),
+        )
+        yield GaugeMetricFamily(
+            f"{p}_flag_rate_alarm_available",
+            "1 when the monitor carries a reference flag rate, so the alarm can fire.",
+            float(alarm is not None),
+        )
+        if alarm is not None:
+            yield GaugeMetricFamily(
+                f"{p}_window_flag_rate",
+                "Flag rate of the alarm's sliding window (NaN before the first sample).",
+                alarm.rate,
+            )
+            yield GaugeMetricFamily(
+                f"{p}_window_samples", "Samples in the alarm's sliding window.", alarm.seen
+            )
+            yield GaugeMetricFamily(
+                f"{p}_reference_flag_rate",
+                "Flag rate on the calibration holdout (with the alarm's floor).",
+                alarm.reference_rate,
+            )
+            yield GaugeMetricFamily(
+                f"{p}_flag_rate_alarm_critical",
+                "Flags in a full window at which the alarm fires.",
+                alarm.critical,
+            )

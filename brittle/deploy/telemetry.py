@@ -1,0 +1,276 @@
+"""Production telemetry of a monitor: counts, a margin histogram and the flag-rate alarm.
+
+``Telemetry`` watches the outputs of a torch ``Monitor`` or an ``OnnxMonitor``
+(the caller hands it each ``MonitorOutput``; ``Monitor.forward`` itself stays
+free of Python-side state, so it still compiles with ``fullgraph=True``). It
+counts samples, flagged samples and rejected ones (NaN or Inf inputs), keeps a
+histogram of margins whose bucket bounds come from the calibration holdout's
+margins, and feeds the flags to a ``FlagRateAlarm`` against the holdout's flag
+rate. ``python -m brittle.serve`` exposes a snapshot as Prometheus metrics.
+
+This module needs numpy only (no torch, no prometheus-client), so it serves an
+``OnnxMonitor`` in a process that never imports torch.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import warnings
+from bisect import bisect_left
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from brittle.deploy.alarm import DEFAULT_FALSE_ALARM, DEFAULT_WINDOW, AlarmState, FlagRateAlarm
+from brittle.output import MonitorOutput
+
+__all__ = ["Telemetry", "TelemetrySnapshot", "margin_buckets", "BUCKET_QUANTILES"]
+
+# Quantiles of the calibration margins that bound the histogram's buckets: fine in
+# the lower tail, where the threshold and a shift toward brittle inputs show.
+BUCKET_QUANTILES = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 0.99)
+# Up to this many samples an output is counted in plain Python (see Telemetry.observe).
+_SMALL_BATCH = 16
+# Multiples of the threshold that bound the buckets when no calibration margins are known.
+_THRESHOLD_MULTIPLES = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 4.0, 8.0)
+
+
+def margin_buckets(margins: Any, threshold: float | None = None) -> tuple[float, ...]:
+    """Histogram bucket bounds from calibration margins: quantiles, plus the threshold.
+
+    Bounds are rounded to four significant digits (they become Prometheus ``le``
+    labels) and deduplicated; non-finite margins are ignored.
+
+    Args:
+        margins: The calibration holdout's scores of the active score kind.
+        threshold: The flag threshold, added as a bound so the histogram splits there.
+
+    Examples:
+        >>> import numpy as np
+        >>> margin_buckets(np.linspace(0.0, 1.0, 101), threshold=0.123)
+        (0.01, 0.02, 0.05, 0.1, 0.123, 0.2, 0.3, 0.5, 0.7, 0.9, 0.99)
+    """
+    values = np.asarray(margins, dtype=np.float64).reshape(-1)
+    values = values[np.isfinite(values)]
+    bounds = [float(v) for v in np.quantile(values, BUCKET_QUANTILES)] if values.size else []
+    if threshold is not None and math.isfinite(threshold):
+        bounds.append(float(threshold))
+    return tuple(sorted({float(f"{b:.4g}") for b in bounds}))
+
+
+def _fallback_buckets(threshold: float | None) -> tuple[float, ...]:
+    if threshold is None or not math.isfinite(threshold):
+        return (0.0,)
+    if threshold <= 0:
+        return (float(threshold),)
+    return tuple(float(f"{threshold * m:.4g}") for m in _THRESHOLD_MULTIPLES)
+
+
+def _numpy(value: Any) -> np.ndarray:
+    # A torch tensor (on any device) without importing torch here.
+    if hasattr(value, "detach"):
+        value = value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+@dataclass(frozen=True)
+class TelemetrySnapshot:
+    """What a ``Telemetry`` has counted, read under one lock so the figures agree.
+
+    Attributes:
+        samples: Samples observed.
+        flagged: Samples flagged (brittle decisions and rejected samples).
+        rejected: Samples that could not be judged (NaN or Inf: margin NaN).
+        bounds: The histogram's bucket upper bounds (``le``), ascending.
+        bucket_counts: Margins per bucket, not cumulative; one more than ``bounds``
+            (the last is the ``+Inf`` bucket). Rejected samples are not in it.
+        margin_sum: Sum of the finite margins.
+        alarm: The alarm's state, ``None`` when the alarm is unavailable.
+    """
+
+    samples: int
+    flagged: int
+    rejected: int
+    bounds: tuple[float, ...]
+    bucket_counts: tuple[int, ...]
+    margin_sum: float
+    alarm: AlarmState | None
+
+    @property
+    def cumulative_buckets(self) -> list[tuple[float, int]]:
+        """``(le, count of margins <= le)`` pairs, ending with ``(inf, all finite margins)``."""
+        counts = np.cumsum(self.bucket_counts)
+        return [(b, int(c)) for b, c in zip((*self.bounds, math.inf), counts, strict=True)]
+
+
+class Telemetry:
+    """Thread-safe counters, margin histogram and flag-rate alarm for a monitor's outputs.
+
+    Build it with ``Telemetry.from_monitor(monitor)`` and pass every output to
+    ``observe``. Concurrent callers may observe at once: each batch is counted
+    whole, and a snapshot never sees half a batch.
+
+    Args:
+        buckets: Histogram bucket upper bounds (ascending, finite).
+        reference_flag_rate: The monitor's flag rate on its calibration holdout;
+            ``None`` leaves the alarm unavailable.
+        window: Samples in the alarm's sliding window.
+        false_alarm: Level of the alarm's test (see ``FlagRateAlarm``).
+        unavailable: Why the alarm is unavailable, when ``reference_flag_rate`` is ``None``.
+
+    Examples:
+        >>> import torch, brittle
+        >>> monitor = brittle.wrap(torch.nn.Linear(4, 3), eps=0.1)
+        >>> monitor.set_threshold(0.2)
+        >>> telemetry = brittle.Telemetry.from_monitor(monitor, warn=False)
+        >>> out = telemetry.observe(monitor(torch.rand(8, 4)))
+        >>> snap = telemetry.snapshot()
+        >>> snap.samples, snap.flagged == int(out.flag.sum()), snap.rejected
+        (8, True, 0)
+        >>> telemetry.alarm is None  # no holdout flag rate without fit()
+        True
+    """
+
+    def __init__(
+        self,
+        buckets: Sequence[float],
+        *,
+        reference_flag_rate: float | None = None,
+        window: int = DEFAULT_WINDOW,
+        false_alarm: float = DEFAULT_FALSE_ALARM,
+        unavailable: str | None = None,
+    ) -> None:
+        bounds = tuple(float(b) for b in buckets)
+        if not bounds or not all(math.isfinite(b) for b in bounds):
+            raise ValueError(f"buckets must be finite numbers, at least one. Got {bounds}.")
+        if any(b >= c for b, c in zip(bounds, bounds[1:], strict=False)):
+            raise ValueError(f"buckets must be strictly increasing. Got {bounds}.")
+        self.bounds = bounds
+        self._bounds = np.asarray(bounds, dtype=np.float64)
+        self.alarm: FlagRateAlarm | None = None
+        self.alarm_unavailable: str | None = None
+        if reference_flag_rate is None:
+            self.alarm_unavailable = unavailable or "no reference flag rate was given."
+        else:
+            self.alarm = FlagRateAlarm(reference_flag_rate, window=window, false_alarm=false_alarm)
+        self._lock = threading.Lock()
+        self._samples = 0
+        self._flagged = 0
+        self._rejected = 0
+        self._counts = [0] * (len(bounds) + 1)
+        self._sum = 0.0
+
+    @classmethod
+    def from_monitor(
+        cls,
+        monitor: Any,
+        *,
+        window: int = DEFAULT_WINDOW,
+        false_alarm: float = DEFAULT_FALSE_ALARM,
+        warn: bool = True,
+    ) -> Telemetry:
+        """Telemetry for a ``Monitor`` or an ``OnnxMonitor``, calibrated by its ``fit``.
+
+        The buckets are the monitor's ``margin_buckets`` (quantiles of the
+        calibration margins); the alarm's reference is its ``reference_flag_rate``.
+        A monitor without them (a hand-set threshold, a file saved by an older
+        brittle) gets buckets around its threshold and no alarm, with a warning
+        that says how to get one.
+
+        Args:
+            monitor: A ``brittle.Monitor`` or ``brittle.OnnxMonitor`` with a threshold.
+            window: Samples in the alarm's sliding window.
+            false_alarm: Level of the alarm's test.
+            warn: Warn when the alarm is unavailable.
+        """
+        threshold = float(monitor.threshold) if monitor.has_threshold else None
+        buckets = monitor.margin_buckets or _fallback_buckets(threshold)
+        rate = monitor.reference_flag_rate
+        unavailable = None
+        if rate is None:
+            unavailable = (
+                "the monitor carries no reference flag rate (its threshold was set by hand, or "
+                "it was fitted by a brittle older than the alarm): refit it with "
+                "monitor.fit(holdout) and save or export it again to get the flag-rate alarm."
+            )
+            if warn:
+                warnings.warn(f"flag-rate alarm unavailable: {unavailable}", stacklevel=2)
+        return cls(
+            buckets,
+            reference_flag_rate=rate,
+            window=window,
+            false_alarm=false_alarm,
+            unavailable=unavailable,
+        )
+
+    def observe(self, output: MonitorOutput) -> MonitorOutput:
+        """Count one batch's output and return it unchanged.
+
+        Args:
+            output: What the monitor returned (tensors on any device, or arrays).
+
+        Raises:
+            ValueError: if the output has no flags (the monitor has no threshold).
+        """
+        if output.flag is None:
+            raise ValueError(
+                "telemetry needs flags: the monitor has no threshold; call monitor.fit(holdout) "
+                "or monitor.set_threshold(value) first."
+            )
+        margin = _numpy(output.margin).reshape(-1)
+        flag = _numpy(output.flag).astype(bool, copy=False).reshape(-1)
+        n = margin.size
+        if n <= _SMALL_BATCH:
+            # A few samples per request (the serving case): numpy's per-call overhead
+            # would cost more than the counting.
+            flags = flag.tolist()
+            counts, total, rejected = [0] * (len(self.bounds) + 1), 0.0, 0
+            for value in margin.tolist():
+                if math.isfinite(value):
+                    counts[bisect_left(self.bounds, value)] += 1
+                    total += value
+                else:
+                    rejected += 1
+            flagged = sum(flags)
+        else:
+            flags = flag
+            finite = np.isfinite(margin)
+            good = margin if finite.all() else margin[finite]
+            found = np.bincount(
+                np.searchsorted(self._bounds, good, side="left"), minlength=len(self.bounds) + 1
+            )
+            counts = found.tolist()
+            flagged, rejected = int(np.count_nonzero(flag)), n - good.size
+            total = float(good.sum(dtype=np.float64))
+        with self._lock:
+            self._samples += n
+            self._flagged += flagged
+            self._rejected += rejected
+            self._counts = [a + b for a, b in zip(self._counts, counts, strict=True)]
+            self._sum += total
+            if self.alarm is not None:
+                self.alarm.update(flags)
+        return output
+
+    def snapshot(self) -> TelemetrySnapshot:
+        """The counts, histogram and alarm state, consistent with each other."""
+        with self._lock:
+            return TelemetrySnapshot(
+                samples=self._samples,
+                flagged=self._flagged,
+                rejected=self._rejected,
+                bounds=self.bounds,
+                bucket_counts=tuple(self._counts),
+                margin_sum=self._sum,
+                alarm=None if self.alarm is None else self.alarm.state,
+            )
+
+    def __repr__(self) -> str:
+        snap = self.snapshot()
+        return (
+            f"Telemetry(samples={snap.samples}, flagged={snap.flagged}, "
+            f"rejected={snap.rejected}, alarm={self.alarm!r})"
+        )

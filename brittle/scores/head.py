@@ -1,0 +1,193 @@
+"""Finding a classifier's last linear layer and capturing its input in the forward pass."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "HeadCapture",
+    "capture_head",
+    "discover_head",
+    "resolve_head",
+    "model_output",
+    "LogitsModel",
+    "NO_HEAD_HINT",
+]
+
+NO_HEAD_HINT = (
+    "Pass head='<module name>' naming the nn.Linear that produces the logits, "
+    "for example brittle.wrap(model, head='fc')."
+)
+
+
+@dataclass
+class HeadCapture:
+    """Input and output of the head recorded during one forward pass.
+
+    The hook sits on a module that other threads may be running at the same
+    time (a server's worker pool sharing one model), so it records only the
+    calls made by the thread that created the capture.
+    """
+
+    features: Tensor | None = None
+    output: Tensor | None = None
+    calls: int = 0
+    thread: int = field(default_factory=threading.get_ident)
+
+    def hook(self, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
+        """Forward hook: keep the head's input and output of this thread's latest call."""
+        if threading.get_ident() != self.thread:
+            return
+        self.features = args[0]
+        self.output = output
+        self.calls += 1
+
+
+@dataclass
+class _Probe:
+    """Every 2-D ``nn.Linear`` output of one forward pass, in call order (this thread's)."""
+
+    records: list[tuple[str, Tensor, Tensor]] = field(default_factory=list)
+    thread: int = field(default_factory=threading.get_ident)
+
+    def hook(self, name: str) -> Any:
+        def record(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
+            if threading.get_ident() != self.thread:
+                return
+            if isinstance(output, Tensor) and output.dim() == 2:
+                self.records.append((name, args[0], output))
+
+        return record
+
+
+def model_output(output: Any) -> Tensor:
+    """The ``(batch, classes)`` logit tensor of a model's output.
+
+    Models return logits in several shapes: a tensor; a dict (or ``ModelOutput``)
+    with a ``"logits"`` key; an object with a ``.logits`` attribute (Hugging Face
+    ``transformers`` classifiers); a tuple or list whose first element is the
+    logits. Anything else is a ``ValueError`` that says what was received.
+
+    Examples:
+        >>> import torch
+        >>> from brittle.scores.head import model_output
+        >>> model_output({"logits": torch.zeros(2, 3)}).shape
+        torch.Size([2, 3])
+        >>> model_output((torch.zeros(2, 3), "aux")).shape
+        torch.Size([2, 3])
+    """
+    logits = output
+    if isinstance(output, Mapping) and "logits" in output:
+        logits = output["logits"]
+    elif not isinstance(output, Tensor) and isinstance(getattr(output, "logits", None), Tensor):
+        logits = output.logits
+    elif isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        logits = output[0]
+    if not isinstance(logits, Tensor) or logits.dim() != 2:
+        got = tuple(logits.shape) if isinstance(logits, Tensor) else type(output).__name__
+        raise ValueError(
+            "the model must return logits of shape (batch, classes): a tensor, a dict with a "
+            f"'logits' key, an object with .logits, or a tuple starting with them. Got {got}."
+        )
+    return logits
+
+
+class LogitsModel(nn.Module):
+    """The model as attack libraries need it: a logits tensor in the input's dtype.
+
+    The output is reduced to the logit tensor (``model_output``). Libraries that
+    cast their inputs to float32 (torchattacks, adv-lib, AutoAttack) would feed a
+    float64 model the wrong dtype: with ``dtype`` set, inputs are cast to it
+    before the model, and the logits back to the dtype the library sent.
+
+    Args:
+        model: The classifier.
+        dtype: The model's input dtype; ``None`` passes inputs unchanged.
+
+    Examples:
+        >>> import torch
+        >>> from brittle.scores.head import LogitsModel
+        >>> model = torch.nn.Linear(3, 2).double()
+        >>> LogitsModel(model, torch.float64)(torch.rand(4, 3)).dtype
+        torch.float32
+    """
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.model, self.dtype = model, dtype
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits of ``x``, in ``x``'s dtype."""
+        inputs = x if self.dtype is None else x.to(self.dtype)
+        return model_output(self.model(inputs)).to(x.dtype)
+
+
+def resolve_head(model: nn.Module, name: str) -> nn.Linear:
+    """The ``nn.Linear`` called ``name`` inside ``model``, or a ``ValueError``."""
+    try:
+        module = model.get_submodule(name)
+    except AttributeError as err:
+        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        raise ValueError(
+            f"the model has no module named {name!r}. Its nn.Linear modules are {linears}."
+        ) from err
+    if not isinstance(module, nn.Linear):
+        raise ValueError(
+            f"head {name!r} must be an nn.Linear. Got {type(module).__name__}. {NO_HEAD_HINT}"
+        )
+    return module
+
+
+@contextmanager
+def capture_head(head: nn.Module | None) -> Iterator[HeadCapture]:
+    """Record the head's input and output while the block runs; the hook is removed after."""
+    capture = HeadCapture()
+    if head is None:
+        yield capture
+        return
+    handle = head.register_forward_hook(capture.hook)
+    try:
+        yield capture
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def _probe_linears(model: nn.Module) -> Iterator[_Probe]:
+    probe = _Probe()
+    handles = [
+        module.register_forward_hook(probe.hook(name))
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear)
+    ]
+    try:
+        yield probe
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def discover_head(model: nn.Module, x: Tensor) -> tuple[Tensor, str | None, HeadCapture]:
+    """Run ``model(x)`` once and find the ``nn.Linear`` whose output equals the logits.
+
+    Returns:
+        The logits, the head's module name (``None`` when no linear layer produced
+        the logits) and the head's captured input and output from the same pass.
+    """
+    with _probe_linears(model) as probe:
+        logits = model_output(model(x))
+    capture = HeadCapture()
+    name = None
+    for rec_name, features, output in reversed(probe.records):
+        if output.shape == logits.shape and torch.equal(output, logits):
+            name = rec_name
+            capture = HeadCapture(features=features, output=output, calls=1)
+            break
+    return logits, name, capture
