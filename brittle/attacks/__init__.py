@@ -18,10 +18,10 @@ if TYPE_CHECKING:
     from brittle.attacks.distributed import Shard, is_distributed, sample_fingerprints, shard
     from brittle.attacks.fab import FabResult, fab_attack
     from brittle.attacks.fab_references import REFERENCES, best_reference_margins, reference_margins
-    from brittle.attacks.fab_refine import boundary_walk
     from brittle.attacks.settings import DEFAULT_ENGINE, AttackSettings
     from brittle.attacks.torchattacks_fab import torchattacks_engine
     from brittle.attacks.verify import verified_margins
+    from brittle.attacks.walk import boundary_walk
 
 _WHERE = {
     "input_margins": "brittle.attacks.attack",
@@ -32,7 +32,7 @@ _WHERE = {
     "DEFAULT_ENGINE": "brittle.attacks.settings",
     "fab_attack": "brittle.attacks.fab",
     "FabResult": "brittle.attacks.fab",
-    "boundary_walk": "brittle.attacks.fab_refine",
+    "boundary_walk": "brittle.attacks.walk",
     "torchattacks_engine": "brittle.attacks.torchattacks_fab",
     "REFERENCES": "brittle.attacks.fab_references",
     "reference_margins": "brittle.attacks.fab_references",

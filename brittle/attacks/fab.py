@@ -19,7 +19,7 @@ and APGD-based minimum-norm attacks):
 * a sample leaves a run once the run's own best norm has stopped improving
   (patience counted per run, so that every restart gets its chance);
 * after the runs, a short FMN-style walk along the boundary
-  (``brittle.attacks.fab_refine.boundary_walk``, one forward and one backward pass per
+  (``brittle.attacks.walk.boundary_walk``, one forward and one backward pass per
   step whatever the number of classes) slides every run's adversarial towards
   x, all runs in one batch;
 * ``targeted`` extra runs each linearise one runner-up class only (the nearest
@@ -42,9 +42,9 @@ import torch
 from torch import Tensor, nn
 
 from brittle._modes import eval_mode, frozen
-from brittle.attacks.fab_refine import boundary_walk
 from brittle.attacks.settings import AttackSettings
 from brittle.attacks.verify import check_unit_range, verified_margins
+from brittle.attacks.walk import boundary_walk
 from brittle.scores.head import model_output
 from brittle.scores.norms import START_RADIUS, Norm, check_norm, dual_order, norm_order
 

@@ -54,7 +54,7 @@ def boundary_walk(
 
     Examples:
         >>> import torch
-        >>> from brittle.attacks.fab_refine import boundary_walk
+        >>> from brittle.attacks.walk import boundary_walk
         >>> model = torch.nn.Linear(2, 2)
         >>> with torch.no_grad():
         ...     _ = model.weight.copy_(torch.eye(2))
