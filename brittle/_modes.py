@@ -1,4 +1,4 @@
-"""Context managers that borrow a user's model and hand it back unchanged."""
+"""Context managers that borrow a user's model or torch's random state and hand it back."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Protocol
 
+import torch
 from torch import nn
 
-__all__ = ["eval_mode", "frozen", "changes_in_train_mode"]
+__all__ = ["eval_mode", "frozen", "changes_in_train_mode", "seeded"]
 
 
 class _HasModules(Protocol):
@@ -79,3 +80,48 @@ def frozen(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for param, requires_grad in flags:
             param.requires_grad_(requires_grad)
+
+
+def _cuda_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+@contextmanager
+def seeded(seed: int, *devices: torch.device | str) -> Iterator[None]:
+    """Seed torch's generators of the CPU and ``devices`` for a block, then restore them.
+
+    ``torch.manual_seed`` reseeds the generator of every CUDA device, while
+    ``torch.random.fork_rng`` restores only the devices it forked: together they
+    would leave the other devices' random state changed. Here exactly the forked
+    generators are seeded, so the caller's random state is the same after the block
+    on any host. Only CUDA devices in ``devices`` are forked; others use the CPU's.
+
+    Args:
+        seed: The seed of every generator the block draws from.
+        devices: Devices whose generators the block uses besides the CPU's.
+
+    Examples:
+        >>> import torch
+        >>> state = torch.get_rng_state()
+        >>> with seeded(0):
+        ...     a = torch.rand(2)
+        >>> with seeded(0, "cpu"):
+        ...     b = torch.rand(2)
+        >>> bool(torch.equal(a, b)), bool(torch.equal(torch.get_rng_state(), state))
+        (True, True)
+    """
+    cuda = sorted(
+        {
+            torch.device(d).index
+            if torch.device(d).index is not None
+            else torch.cuda.current_device()
+            for d in devices
+            if torch.device(d).type == "cuda"
+        }
+    )
+    with torch.random.fork_rng(devices=cuda):
+        torch.random.default_generator.manual_seed(seed)
+        for index in cuda:
+            with torch.cuda.device(index):
+                torch.cuda.manual_seed(seed)
+        yield

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from brittle._modes import seeded
+
 __all__ = [
     "DigitsSplit",
     "load_digits_split",
@@ -205,8 +207,7 @@ def train_digits_cnn(
     if not eps > 0:
         raise ValueError(f"eps must be strictly positive. Got {eps}.")
     split = split or load_digits_split()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         model = digits_cnn()
         optimiser = torch.optim.Adam(model.parameters(), lr=2e-3)
         pgd = torchattacks.PGD(model, eps=eps, alpha=eps / 4, steps=7, random_start=True)

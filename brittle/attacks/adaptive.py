@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from brittle._modes import eval_mode, frozen
+from brittle._modes import eval_mode, frozen, seeded
 from brittle.attacks.verify import model_device
 from brittle.scores.head import LogitsModel
 from brittle.scores.norms import Norm, check_norm, per_sample_norm
@@ -139,10 +139,7 @@ class AdaptiveResult:
 @contextmanager
 def _borrowed(monitor: nn.Module, seed: int) -> Iterator[None]:
     """Monitor in eval mode with frozen parameters and a forked, seeded RNG."""
-    device = model_device(monitor)
-    devices = [device.index or 0] if device.type == "cuda" else []
-    with eval_mode(monitor), frozen(monitor), torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
+    with eval_mode(monitor), frozen(monitor), seeded(seed, model_device(monitor)):
         yield
 
 

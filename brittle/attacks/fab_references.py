@@ -25,7 +25,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from brittle._modes import eval_mode, frozen
+from brittle._modes import eval_mode, frozen, seeded
 from brittle.attacks.verify import verified_margins
 from brittle.scores.head import LogitsModel
 from brittle.scores.norms import START_RADIUS, Norm
@@ -82,8 +82,7 @@ def _autoattack_fab(model: nn.Module, x: Tensor, pred: Tensor, norm: Norm, steps
     for restart in range(3):
         radius = torch.where(torch.isfinite(best), best, torch.full_like(best, START_RADIUS[norm]))
         fab.eps = radius.cpu()  # per sample: its random start lies within half of it
-        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
-            torch.manual_seed(restart)
+        with seeded(restart, x.device):
             adv = fab.attack_single_run(x, pred, use_rand_start=restart > 0)
         margin = verified_margins(model, x, adv, pred, norm).to(best.dtype)
         better = margin < best

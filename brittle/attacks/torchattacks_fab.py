@@ -7,6 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from brittle._modes import seeded
 from brittle.attacks.settings import AttackSettings
 from brittle.attacks.verify import verified_margins
 from brittle.scores.head import LogitsModel
@@ -45,8 +46,7 @@ def torchattacks_engine(
         # attack_single_run's random start has radius min(eps, ...)/2; a per-sample
         # eps puts restarts near the best adversarial found so far.
         fab.eps = torch.where(torch.isfinite(best), best, torch.full_like(best, default))
-        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
-            torch.manual_seed(settings.seed + restart)
+        with seeded(settings.seed + restart, x.device):
             adv = fab.attack_single_run(x, pred, use_rand_start=restart > 0).to(x.dtype)
         best = torch.minimum(
             best, verified_margins(model, x, adv, pred, settings.norm).to(best.dtype)

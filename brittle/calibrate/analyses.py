@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from brittle._modes import eval_mode, frozen
+from brittle._modes import eval_mode, frozen, seeded
 from brittle.calibrate.metrics import ScoreMetrics, kendall_tau, nonrobust, score_metrics
 from brittle.calibrate.threshold import conformal_threshold
 from brittle.scores.norms import Norm, dual_order
@@ -559,13 +559,11 @@ def adversarial_flags(
         clean = [monitor(batch) for batch in batches]
     clean_flagged = float(torch.cat([_flags(c) for c in clean]).float().mean())
     results: dict[str, AttackFlags] = {}
-    # PGD's random start draws from the global generators: fork them, so that the
-    # result is seeded and the caller's random state is left as it was.
-    devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
+    # PGD's random start draws from the global generators: seed them for the block
+    # only, so that the result is seeded and the caller's random state is left as it was.
     for name, attack in attacks.items():
         success, flagged = [], []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
+        with seeded(seed, device):
             for batch, before in zip(batches, clean, strict=True):
                 # The model is borrowed with frozen parameters: torchattacks differentiates
                 # with respect to the input only and writes no .grad into the model.

@@ -27,6 +27,7 @@ import torch
 from scipy import stats
 from torch import Tensor
 
+from brittle._modes import seeded
 from brittle.calibrate.metrics import kendall_tau
 from brittle.scores.pseudo import QUANTILES, PseudoMargin
 
@@ -186,8 +187,7 @@ def train_pseudo_margin(
     target = rank_targets(margins[train])
     val_margins = margins[val].cpu().double().numpy()
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         net = PseudoMargin(features.shape[1], logits.shape[1], hidden).to(device)
     ordered = logits[train].sort(dim=1, descending=True).values
     net.feature_mean.copy_(features[train].mean(dim=0))
