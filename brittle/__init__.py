@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from brittle.deploy.alarm import FlagRateAlarm
     from brittle.deploy.onnx_monitor import OnnxMonitor
     from brittle.deploy.telemetry import Telemetry
-    from brittle.errors import NotFittedError
+    from brittle.errors import CalibrationError, NotFittedError
     from brittle.loading import load
     from brittle.monitor import Monitor, MonitorPass, wrap
     from brittle.output import MonitorOutput
@@ -50,6 +50,7 @@ _WHERE = {
     "load": "brittle.loading",
     "MonitorOutput": "brittle.output",
     "NotFittedError": "brittle.errors",
+    "CalibrationError": "brittle.errors",
     "Calibration": "brittle.calibrate.calibration",
     "OnnxMonitor": "brittle.deploy.onnx_monitor",
     "ConsistencyReport": "brittle.calibrate.report",
@@ -71,6 +72,7 @@ __all__ = [
     "ConsistencyReport",
     "ScoreMetrics",
     "NotFittedError",
+    "CalibrationError",
     "input_margins",
     "functional",
     "__version__",

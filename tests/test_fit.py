@@ -265,3 +265,19 @@ def test_fit_leaves_the_model_as_it_was(robust_model: nn.Module, digits: DigitsS
     for name, param in model.named_parameters():
         assert param.grad is None and param.requires_grad
         assert torch.equal(param, before[name])
+
+
+def test_calibration_errors_name_the_argument_to_change(
+    standard_model: nn.Module, digits: DigitsSplit
+) -> None:
+    x = digits.x_holdout[:60]
+    monitor = brittle.wrap(standard_model)
+    small = {"steps": 5, "progress": False}
+    for eps, pseudo, blame in [(1e-4, False, "eps"), (5.0, False, "eps"), (0.1, True, "n_samples")]:
+        with pytest.raises(brittle.CalibrationError) as caught:
+            monitor.fit(x, eps=eps, pseudo=pseudo, **small)
+        assert caught.value.blame == blame
+    with pytest.raises(brittle.CalibrationError) as caught:
+        brittle.functional.conformal_threshold([0.1, 0.2], 0.95)
+    assert caught.value.blame == "eps"
+    assert not monitor.is_fitted

@@ -30,6 +30,7 @@ from brittle.calibrate.metrics import ScoreMetrics, nonrobust, score_metrics
 from brittle.calibrate.pseudo_train import MIN_TRAIN_SAMPLES, train_pseudo_margin
 from brittle.calibrate.threshold import conformal_threshold, min_positives, rates
 from brittle.deploy.telemetry import margin_buckets
+from brittle.errors import CalibrationError
 from brittle.scores.head import NO_HEAD_HINT
 from brittle.scores.norms import check_eps
 
@@ -57,16 +58,18 @@ def _check_both_classes(margins: np.ndarray, eps: float) -> None:
     if not positive.any():
         finite = margins[np.isfinite(margins)]
         smallest = f"{finite.min():.4g}" if finite.size else "inf (no adversarial found)"
-        raise ValueError(
+        raise CalibrationError(
             f"none of the {n} holdout samples is non-robust at eps={eps:.4g} (smallest input "
             f"margin {smallest}), so no threshold can be calibrated. Use a larger eps, more "
-            "samples, or more attack steps."
+            "samples, or more attack steps.",
+            blame="eps",
         )
     if positive.all():
-        raise ValueError(
+        raise CalibrationError(
             f"all {n} holdout samples are non-robust at eps={eps:.4g} (largest input margin "
             f"{margins.max():.4g}), so robust and brittle decisions cannot be told apart. Use a "
-            "smaller eps or more samples."
+            "smaller eps or more samples.",
+            blame="eps",
         )
 
 
@@ -141,10 +144,11 @@ def _pseudo_split(n: int, seed: int) -> np.ndarray:
     """Calibration mask of a holdout that also trains the pseudo-margin network."""
     needed = math.ceil(MIN_TRAIN_SAMPLES / PSEUDO_TRAIN_SHARE)
     if n < needed:
-        raise ValueError(
+        raise CalibrationError(
             f"the pseudo-margin network needs at least {needed} holdout samples "
             f"({MIN_TRAIN_SAMPLES} to train, the rest to calibrate). Got {n}: pass more "
-            "samples, pseudo_data= (samples to train it on), or pseudo=False."
+            "samples, pseudo_data= (samples to train it on), or pseudo=False.",
+            blame="n_samples",
         )
     order = np.random.default_rng(seed).permutation(n)
     calibration = np.ones(n, dtype=bool)
@@ -163,9 +167,10 @@ def _train_pseudo(
         raise RuntimeError("the head's input features were not captured during the holdout pass.")
     n = features.shape[0]
     if n < MIN_TRAIN_SAMPLES:
-        raise ValueError(
+        raise CalibrationError(
             f"the pseudo-margin network needs at least {MIN_TRAIN_SAMPLES} training samples. "
-            f"Got {n}: pass more pseudo_data or pseudo=False."
+            f"Got {n}: pass more pseudo_data or pseudo=False.",
+            blame="n_samples",
         )
     net, info = train_pseudo_margin(
         features.to(device), logits.to(device), torch.from_numpy(margins), seed=seed

@@ -7,6 +7,8 @@ import math
 import numpy as np
 from numpy.typing import ArrayLike
 
+from brittle.errors import CalibrationError
+
 __all__ = ["conformal_threshold", "min_positives", "rates"]
 
 
@@ -63,10 +65,11 @@ def conformal_threshold(positive_scores: ArrayLike, target_tpr: float) -> float:
     n = scores.size
     k = _rank(n, target_tpr)
     if k > n:
-        raise ValueError(
+        raise CalibrationError(
             f"a threshold at TPR {target_tpr} needs at least {min_positives(target_tpr)} "
             "non-robust "
-            f"calibration samples. Got {n}: use more samples or a larger eps."
+            f"calibration samples. Got {n}: use more samples or a larger eps.",
+            blame="eps",
         )
     return float(scores[k - 1])
 

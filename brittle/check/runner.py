@@ -22,6 +22,7 @@ from brittle.check.cli import Settings
 from brittle.check.errors import UsageError
 from brittle.check.evaluate import evaluate_saved
 from brittle.check.sources import DataSource, ModelSource, check_compatible
+from brittle.errors import Blame, CalibrationError
 from brittle.functional import conformal_threshold, nonrobust
 from brittle.monitor import Monitor
 
@@ -88,11 +89,15 @@ def _fit(monitor: Monitor, loader: DataLoader, settings: Settings, n: int) -> No
             cache_dir=settings.cache_dir,
             seed=settings.seed,
         )
+    except CalibrationError as err:
+        # fit() explains what to change and names the argument; point at its option.
+        raise UsageError(_OPTION_OF[err.blame], str(err)) from None
     except ValueError as err:
-        # fit() explains what to change (eps, more samples); name the argument for it.
-        text = str(err)
-        option = "--eps" if "eps" in text else "--n" if "samples" in text else "--data"
-        raise UsageError(option, text) from None
+        raise UsageError("--data", str(err)) from None
+
+
+# The command line's option for each argument of fit() that a CalibrationError blames.
+_OPTION_OF: dict[Blame, str] = {"eps": "--eps", "n_samples": "--n"}
 
 
 def _score_thresholds(report: ConsistencyReport) -> dict[str, float]:
