@@ -33,6 +33,8 @@ import torch
 from torch import Tensor, nn
 
 from brittle._modes import eval_mode, frozen, seeded
+from brittle.attacks.ball import project_ball, steepest
+from brittle.attacks.pgd import pgd_step_size, torchattacks_pgd
 from brittle.attacks.verify import model_device
 from brittle.scores.head import LogitsModel
 from brittle.scores.norms import Norm, check_norm, per_sample_norm
@@ -155,21 +157,7 @@ def _settings(monitor: Monitor, eps: float | None, norm: str | None) -> tuple[fl
 
 def _project(x: Tensor, x_adv: Tensor, eps: float, norm: Norm) -> Tensor:
     """Nearest point to ``x_adv`` in the eps-ball around ``x``, then clipped to ``[0, 1]``."""
-    delta = x_adv - x
-    if norm == "Linf":
-        delta = delta.clamp(-eps, eps)
-    else:
-        size = per_sample_norm(delta, norm).clamp_min(1e-12)
-        factor = (eps / size).clamp(max=1.0).view(-1, *([1] * (x.dim() - 1)))
-        delta = delta * factor
-    return (x + delta).clamp(0.0, 1.0)
-
-
-def _step(grad: Tensor, alpha: float, norm: Norm) -> Tensor:
-    if norm == "Linf":
-        return alpha * grad.sign()
-    size = per_sample_norm(grad, norm).clamp_min(1e-12).view(-1, *([1] * (grad.dim() - 1)))
-    return alpha * grad / size
+    return (x + project_ball(x_adv - x, eps, norm)).clamp(0.0, 1.0)
 
 
 def _random_start(x: Tensor, eps: float, norm: Norm) -> Tensor:
@@ -233,7 +221,7 @@ def adaptive_pgd(
     eps, norm_ = _settings(monitor, eps, norm)
     if steps < 1:
         raise ValueError(f"steps must be a positive integer. Got {steps}.")
-    alpha = float(alpha) if alpha is not None else max(2.5 * eps / steps, eps / 10)
+    alpha = float(alpha) if alpha is not None else pgd_step_size(eps, steps)
     x = x.detach()
     with _borrowed(monitor, seed):
         with torch.no_grad():
@@ -268,7 +256,7 @@ def adaptive_pgd(
                     objective = wrong
                 (grad,) = torch.autograd.grad(objective.sum(), x_adv)
                 with torch.no_grad():
-                    x_adv = _project(x, x_adv + _step(grad, alpha, norm_), eps, norm_)
+                    x_adv = _project(x, x_adv + alpha * steepest(grad, norm_), eps, norm_)
     return best.detach(), success
 
 
@@ -279,9 +267,7 @@ def _torchattacks(
 
     wrapped = LogitsModel(model)
     if name == "pgd":
-        alpha = max(2.5 * eps / steps, eps / 10)
-        cls = torchattacks.PGD if norm == "Linf" else torchattacks.PGDL2
-        return cls(wrapped, eps=eps, alpha=alpha, steps=steps, random_start=True)
+        return torchattacks_pgd(wrapped, norm, eps, steps)
     c, kappa, lr = cw
     return torchattacks.CW(wrapped, c=c, kappa=kappa, steps=steps, lr=lr)
 

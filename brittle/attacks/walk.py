@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from brittle.attacks.ball import project_ball, steepest
 from brittle.scores.norms import Norm, norm_order
 
 __all__ = ["boundary_walk"]
@@ -91,40 +92,7 @@ def boundary_walk(
         best_adv = torch.where(better[:, None], point, best_adv)
         # FMN's budget: shrink while adversarial (never above the best), grow while not.
         eps = torch.where(is_adv, torch.minimum(eps * (1 - g_rate), best), eps * (1 + g_rate))
-        delta = delta - (a_rate * eps)[:, None] * _steepest(grad, norm)
-        delta = _project_ball(delta, eps, norm)
+        delta = delta - (a_rate * eps)[:, None] * steepest(grad, norm)
+        delta = project_ball(delta, eps, norm)
         delta = (x0 + delta).clamp(0, 1) - x0
     return best_adv, best
-
-
-def _steepest(grad: Tensor, norm: Norm) -> Tensor:
-    """Unit step (in ``norm``) along which ``grad`` grows fastest."""
-    if norm == "Linf":
-        return grad.sign()
-    if norm == "L2":
-        return grad / torch.linalg.vector_norm(grad, dim=1, keepdim=True).clamp_min(1e-12)
-    return grad / grad.abs().sum(dim=1, keepdim=True).clamp_min(1e-12)
-
-
-def _project_ball(delta: Tensor, eps: Tensor, norm: Norm) -> Tensor:
-    """Euclidean projection of each row of ``delta`` onto the ``norm`` ball of radius ``eps``."""
-    if norm == "Linf":
-        return torch.maximum(torch.minimum(delta, eps[:, None]), -eps[:, None])
-    if norm == "L2":
-        length = torch.linalg.vector_norm(delta, dim=1)
-        return delta * (eps / length.clamp_min(1e-12)).clamp(max=1)[:, None]
-    return _project_l1_ball(delta, eps)
-
-
-def _project_l1_ball(delta: Tensor, eps: Tensor) -> Tensor:
-    """Duchi et al.'s sort-based projection onto the L1 ball (rows already inside are kept)."""
-    mag = delta.abs()
-    inside = mag.sum(dim=1) <= eps
-    sorted_mag = mag.sort(dim=1, descending=True).values
-    cums = sorted_mag.cumsum(dim=1) - eps[:, None]
-    ks = torch.arange(1, delta.shape[1] + 1, device=delta.device, dtype=delta.dtype)
-    cond = sorted_mag - cums / ks > 0
-    count = cond.sum(dim=1, keepdim=True).clamp_min(1)
-    theta = cums.gather(1, count - 1) / count.to(delta.dtype)
-    shrunk = delta.sign() * (mag - theta).clamp_min(0)
-    return torch.where(inside[:, None], delta, shrunk)

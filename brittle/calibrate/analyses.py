@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from brittle._modes import eval_mode, frozen, seeded
+from brittle.attacks.pgd import torchattacks_fgsm, torchattacks_pgd
 from brittle.calibrate.metrics import ScoreMetrics, kendall_tau, nonrobust, score_metrics
 from brittle.calibrate.threshold import conformal_threshold
 from brittle.scores.norms import Norm, dual_order
@@ -509,24 +510,12 @@ def baseline_metrics(
 
 # ----------------------------------------------------------- adversarials
 def _attacks(model: nn.Module, norm: Norm, eps: float, steps: int) -> dict[str, Any]:
-    import torchattacks
-
-    if norm == "Linf":
-        return {
-            "pgd": torchattacks.PGD(
-                model, eps=eps, alpha=2.5 * eps / steps, steps=steps, random_start=True
-            ),
-            "fgsm": torchattacks.FGSM(model, eps=eps),
-        }
-    if norm == "L2":
-        # torchattacks has no L2 FGSM; one full-size PGD-L2 step is the L2 fast gradient method.
-        return {
-            "pgd": torchattacks.PGDL2(
-                model, eps=eps, alpha=2.5 * eps / steps, steps=steps, random_start=True
-            ),
-            "fgsm": torchattacks.PGDL2(model, eps=eps, alpha=eps, steps=1, random_start=False),
-        }
-    return {}
+    if norm not in ("Linf", "L2"):
+        return {}
+    return {
+        "pgd": torchattacks_pgd(model, norm, eps, steps),
+        "fgsm": torchattacks_fgsm(model, norm, eps),
+    }
 
 
 def adversarial_flags(
