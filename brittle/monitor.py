@@ -595,7 +595,7 @@ class Monitor(nn.Module):
 
         Measures input margins on ``loader`` and reports every score's tau and
         detection figures, and the achieved TPR/FPR of the monitor's own flag.
-        Nothing is recalibrated and the monitor is not modified. See
+        Nothing is recalibrated: score, threshold and report stay as they are. See
         ``brittle.calibrate.evaluate.evaluate`` for the arguments.
 
         Raises:

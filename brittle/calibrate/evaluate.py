@@ -46,7 +46,8 @@ def evaluate(
     The question a CI job asks of a monitor already deployed: input margins are
     measured on the new data with the monitor's norm, and the report gives every
     score's tau and detection figures there and the TPR/FPR of the monitor's own
-    flag. The monitor is not modified.
+    flag. The monitor's calibration is not modified (a monitor that has not yet
+    seen an input discovers its head on the first batch, as any forward pass does).
 
     Args:
         monitor: A monitor with a threshold (fitted, loaded, or ``set_threshold``).

@@ -230,7 +230,9 @@ def calibrate(
        ``target_tpr`` on the calibration part.
 
     Args:
-        monitor: The monitor to calibrate (read, not modified).
+        monitor: The monitor to calibrate. Its calibration is not modified; a
+            monitor that has not yet seen an input discovers its head and input
+            shape on the first holdout batch, as its first forward pass would.
         loader: Holdout: a tensor or a loader yielding ``x``, ``(x, y)`` or dicts,
             inputs in ``[0, 1]``.
         target_tpr: Share of non-robust decisions the flag must catch.
