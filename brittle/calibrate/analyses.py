@@ -255,26 +255,40 @@ def subset_indices(n: int, size: int, seed: int = 0) -> np.ndarray:
 
 
 def estimate_threshold(scores: np.ndarray, robust_count: int) -> float:
-    """Threshold with exactly ``robust_count`` of ``scores`` strictly above it.
+    """Threshold that leaves as close to ``robust_count`` of ``scores`` strictly above it as ties allow.
 
-    The midpoint between neighbours keeps ties and rounding from moving samples
-    across; ``-inf`` when every score must count as robust.
+    Without a tie at the boundary exactly ``robust_count`` scores lie above. A
+    tie can only move all its members together: the threshold then leaves the
+    achievable count nearest ``robust_count`` above, the smaller one when two
+    are equally near (the estimate errs toward brittle). The midpoint between
+    neighbours keeps rounding from moving samples across; ``-inf`` puts every
+    score above. NaN scores are ignored.
 
     Examples:
         >>> import numpy as np
         >>> from brittle.calibrate.analyses import estimate_threshold
         >>> round(estimate_threshold(np.array([0.1, 0.4, 0.2, 0.9]), 2), 6)
         0.3
+        >>> estimate_threshold(np.array([0.1, 0.5, 0.5, 0.5, 0.9]), 3)  # 4 above is nearest
+        0.3
 
     """
     s = np.sort(np.asarray(scores, dtype=np.float64))
     s = s[~np.isnan(s)]
-    k = s.size - int(robust_count)  # samples at or below the threshold
-    if k <= 0:
+    if s.size == 0 or int(robust_count) >= s.size:
         return -math.inf
-    if k >= s.size:
-        return float(s[-1])
-    return float((s[k - 1] + s[k]) / 2.0)
+    values, counts = np.unique(s, return_counts=True)
+    # above[j]: scores strictly above a threshold placed just below values[j]
+    # (j = len(values): at the largest value, nothing above).
+    above = np.concatenate([s.size - np.cumsum(counts) + counts, [0]])
+    distance = np.abs(above - int(robust_count))
+    # Ties in distance: the later index leaves fewer above.
+    j = int(np.flatnonzero(distance == distance.min())[-1])
+    if j == 0:
+        return -math.inf
+    if j == values.size:
+        return float(values[-1])
+    return float((values[j - 1] + values[j]) / 2.0)
 
 
 def robust_accuracy_estimate(

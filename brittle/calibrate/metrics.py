@@ -105,25 +105,41 @@ def kendall_tau_ci(
     n_resamples: int = 1000,
     seed: int = 0,
 ) -> tuple[float, float]:
-    """Percentile bootstrap interval of ``kendall_tau`` over paired resamples (scipy)."""
+    """Percentile bootstrap interval of ``kendall_tau`` over paired resamples.
+
+    A resample in which the score or the margin is constant has no tau (scipy
+    returns NaN); it is drawn again, so the interval is that of the bootstrap
+    distribution given a defined tau rather than NaN. When fewer than half of
+    ``n_resamples`` draws are defined the interval is ``(nan, nan)``.
+
+    Examples:
+        >>> from brittle.functional import kendall_tau_ci
+        >>> low, high = kendall_tau_ci([1, 2, 3, 4, 5, 6], [1, 1, 1, 1, 1, 2], n_resamples=200)
+        >>> -1.0 <= low <= high <= 1.0
+        True
+    """
     s, m = _pair(score, margin)
     if s.size < 3 or np.unique(s).size < 2 or np.unique(m).size < 2:
         return (math.nan, math.nan)
-
-    def statistic(a: np.ndarray, b: np.ndarray) -> float:
-        return float(stats.kendalltau(a, b).statistic)
-
-    result = stats.bootstrap(
-        (s, m),
-        statistic,
-        paired=True,
-        vectorized=False,
-        n_resamples=n_resamples,
-        confidence_level=confidence,
-        method="percentile",
-        rng=np.random.default_rng(seed),
-    )
-    return (float(result.confidence_interval.low), float(result.confidence_interval.high))
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1). Got {confidence}.")
+    rng = np.random.default_rng(seed)
+    taus: list[float] = []
+    # Each round draws what is still missing; two draws per missing one bound the work
+    # when most resamples are degenerate.
+    for _ in range(2):
+        missing = n_resamples - len(taus)
+        for rows in rng.integers(0, s.size, size=(missing, s.size)):
+            tau = stats.kendalltau(s[rows], m[rows]).statistic
+            if math.isfinite(tau):
+                taus.append(float(tau))
+        if len(taus) == n_resamples:
+            break
+    if len(taus) < n_resamples / 2:
+        return (math.nan, math.nan)
+    alpha = (1.0 - confidence) / 2.0
+    low, high = np.quantile(np.asarray(taus), [alpha, 1.0 - alpha])
+    return (float(low), float(high))
 
 
 def nonrobust(margin: ArrayLike, eps: float) -> np.ndarray:
