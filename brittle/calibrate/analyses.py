@@ -255,7 +255,7 @@ def subset_indices(n: int, size: int, seed: int = 0) -> np.ndarray:
 
 
 def estimate_threshold(scores: np.ndarray, robust_count: int) -> float:
-    """Threshold that leaves as close to ``robust_count`` of ``scores`` strictly above it as ties allow.
+    """Threshold leaving as near ``robust_count`` of ``scores`` above it as ties allow.
 
     Without a tie at the boundary exactly ``robust_count`` scores lie above. A
     tie can only move all its members together: the threshold then leaves the
