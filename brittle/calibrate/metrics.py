@@ -23,6 +23,8 @@ __all__ = [
     "detection_metrics",
     "fpr_at_tpr",
     "score_metrics",
+    "clopper_pearson",
+    "wilson_interval",
 ]
 
 
@@ -206,3 +208,47 @@ def score_metrics(
         fpr_at_tpr=fpr,
         n=int(s.size),
     )
+
+
+def _check_count(k: int, n: int, confidence: float) -> None:
+    if n < 0 or not 0 <= k <= max(n, 0):
+        raise ValueError(f"need 0 <= k <= n. Got k={k}, n={n}.")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1). Got {confidence}.")
+
+
+def clopper_pearson(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Exact two-sided (Clopper-Pearson) interval of a rate: ``k`` successes in ``n`` trials.
+
+    Beta quantiles (scipy); ``(nan, nan)`` when ``n == 0``.
+
+    Examples:
+        >>> from brittle.functional import clopper_pearson
+        >>> [round(v, 4) for v in clopper_pearson(19, 19)]
+        [0.8235, 1.0]
+    """
+    _check_count(k, n, confidence)
+    if n == 0:
+        return (math.nan, math.nan)
+    alpha = 1.0 - confidence
+    low = 0.0 if k == 0 else float(stats.beta.ppf(alpha / 2, k, n - k + 1))
+    high = 1.0 if k == n else float(stats.beta.ppf(1 - alpha / 2, k + 1, n - k))
+    return (low, high)
+
+
+def wilson_interval(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a rate: ``k`` successes in ``n`` trials.
+
+    Examples:
+        >>> from brittle.functional import wilson_interval
+        >>> [round(v, 4) for v in wilson_interval(15, 50)]
+        [0.191, 0.4375]
+    """
+    _check_count(k, n, confidence)
+    if n == 0:
+        return (math.nan, math.nan)
+    z = float(stats.norm.ppf(1 - (1.0 - confidence) / 2))
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))

@@ -57,7 +57,7 @@ def margin_buckets(margins: Any, threshold: float | None = None) -> tuple[float,
     """
     values = np.asarray(margins, dtype=np.float64).reshape(-1)
     values = values[np.isfinite(values)]
-    quantiles = np.quantile(values, BUCKET_QUANTILES) if values.size else []
+    quantiles = np.quantile(values, BUCKET_QUANTILES) if values.size else np.empty(0)
     bounds = {float(f"{v:.4g}") for v in quantiles}
     if threshold is not None and math.isfinite(threshold):
         bounds.add(float(threshold))
