@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from brittle.calibrate.analyses import estimate_threshold
+from brittle.calibrate.analyses import (
+    PerClassBias,
+    RobustAccuracy,
+    estimate_threshold,
+    per_class_bias,
+    robust_accuracy_estimate,
+    subset_indices,
+)
 from brittle.calibrate.metrics import kendall_tau_ci
 from brittle.deploy import alarm
 from brittle.deploy.telemetry import margin_buckets
@@ -100,3 +107,80 @@ def test_margin_buckets_split_exactly_at_the_threshold() -> None:
     assert threshold in buckets
     # The bucket le=threshold counts exactly the samples the flag (margin <= t) marks.
     assert (margins <= buckets[buckets.index(threshold)]).sum() == 124
+
+
+# ---------------------------------------------------------------- per_class_bias
+def _per_class(rng: np.random.Generator, shares: list[float], n: int = 50) -> PerClassBias:
+    classes = np.repeat(np.arange(len(shares)), n)
+    positive = rng.random(classes.size) < np.asarray(shares)[classes]
+    margins = np.where(positive, 0.05, 0.5)
+    score = margins + rng.normal(0, 0.1, classes.size)
+    return per_class_bias(
+        margins=margins, score=score, threshold=0.2, preds=classes, labels=classes, eps=0.1
+    )
+
+
+def test_per_class_bias_is_reported_only_when_significant() -> None:
+    rng = np.random.default_rng(0)
+    alike = [_per_class(rng, [0.3] * 10) for _ in range(400)]
+    # No real bias: the spread is large (mean 0.20 in the review) but the test stays
+    # at its level 0.05. Over seeds 0-4 (400 runs each) the false-alarm share was
+    # 0.043-0.073 and the mean spread 0.195-0.202.
+    assert np.mean([b.spread for b in alike]) > 0.15
+    assert np.mean([b.significant for b in alike]) <= 0.09
+    biased = [_per_class(rng, [0.3] * 9 + [0.7]) for _ in range(100)]
+    # One class at 0.7 against nine at 0.3, 50 samples each: detected in 0.97-1.0 of
+    # 100 runs over seeds 0-4.
+    assert np.mean([b.significant for b in biased]) >= 0.9
+
+
+def test_per_class_bias_matches_scipy_and_wilson() -> None:
+    out = _per_class(np.random.default_rng(1), [0.2, 0.5, 0.35])
+    table = np.array(
+        [
+            [r["n"] * r["nonrobust_by_margin"], r["n"] * (1 - r["nonrobust_by_margin"])]
+            for r in out.classes
+        ]
+    ).round()
+    expected = stats.chi2_contingency(table, correction=False)
+    assert out.p_value == pytest.approx(expected.pvalue, rel=1e-12)
+    assert out.chi2 == pytest.approx(expected.statistic, rel=1e-12)
+    for row in out.classes:
+        k = round(row["n"] * row["nonrobust_by_margin"])
+        ci = stats.binomtest(k, row["n"]).proportion_ci(method="wilson")
+        assert row["nonrobust_ci"] == pytest.approx([ci.low, ci.high], abs=1e-12)
+
+
+# ------------------------------------------------------ robust_accuracy_estimate
+def test_robust_accuracy_is_judged_outside_its_subset() -> None:
+    rng = np.random.default_rng(0)
+    n = 400
+    margins = rng.exponential(0.2, size=n)
+    unrelated = rng.random(n)  # a score that knows nothing of the margins
+    labels = rng.integers(0, 3, size=n)
+
+    def estimate(subset: int) -> RobustAccuracy:
+        return robust_accuracy_estimate(
+            score_all=unrelated,
+            pred_all=labels,
+            labels_all=labels,
+            margins=margins,
+            eps=0.1,
+            subset_size=subset,
+            score_name="unrelated",
+        )
+
+    # A subset of every attacked sample leaves nothing to judge on: no figure, rather
+    # than one equal to the attacked figure by construction.
+    whole = estimate(n)
+    assert whole.n_held_out == 0 and math.isnan(whole.estimate_held_out)
+    part = estimate(100)
+    outside = np.ones(n, dtype=bool)
+    outside[subset_indices(n, 100)] = False
+    robust = margins > 0.1
+    assert part.n_held_out == 300
+    assert part.attacked_held_out == pytest.approx(robust[outside].mean())
+    assert part.estimate_held_out == pytest.approx((unrelated > part.threshold)[outside].mean())
+    k = int(robust[outside].sum())
+    ci = stats.binomtest(k, 300).proportion_ci(method="exact")
+    assert part.attacked_held_out_ci == pytest.approx((ci.low, ci.high), abs=1e-12)
