@@ -6,7 +6,6 @@ import contextlib
 import io
 import json
 import re
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -26,7 +25,7 @@ from brittle.calibrate.report import ConsistencyReport
 from brittle.check import main
 from brittle.check.errors import UsageError
 from brittle.check.sources import load_data, load_model
-from brittle.digits import DigitsSplit, digits_model
+from brittle.digits import DigitsSplit
 
 REPO = Path(__file__).resolve().parents[1]
 # Small but real settings: every code path runs, attacks are short.
@@ -59,12 +58,8 @@ def _one_thread() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("demo")
-    # A fresh cache holding only the trained models: the demo's margins are attacked
-    # anew every session, not read back from an earlier run's cache.
+    # A fresh margin cache: the demo's margins are attacked anew every session.
     cache = tmp_path_factory.mktemp("demo-cache")
-    for kind in ("standard", "robust"):
-        digits_model(kind, cache_dir=model_cache)  # trains them once if the cache is empty
-        shutil.copy(model_cache / f"digits-{kind}-v1.pt", cache)
     code, stdout, stderr = run_main(
         [
             "--demo",
