@@ -376,6 +376,9 @@ def calibrate(
                 features, holdout.logits[train], margins[parts.train], device, seed
             )
             pseudo_info["source"] = "holdout split"
+        # val_tau picked the epoch, so it is an in-sample (optimistic) figure; the
+        # report's metrics["pseudo"] come from calibration samples the network never saw.
+        pseudo_info["val_tau_is"] = "best epoch on its own validation split (optimistic)"
         part.broadcast_module(net)  # identical networks on every rank, whatever the device
         if holdout.features is None:
             raise RuntimeError("the head's input features were not captured during the pass.")
