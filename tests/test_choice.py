@@ -9,6 +9,7 @@ import pytest
 from scipy import stats
 
 from brittle.calibrate.metrics import clopper_pearson, nonrobust, wilson_interval
+from brittle.calibrate.report import ConsistencyReport
 from brittle.calibrate.split import CHOICE_SHARE, choose_and_threshold, split_holdout
 
 # Three equally good scores: a standard normal Z sets the input margin exp(Z), and
@@ -114,3 +115,47 @@ def test_wilson_interval_matches_scipy_binomtest(n: int) -> None:
         low, high = wilson_interval(k, n)
         assert low == pytest.approx(expected.low, abs=1e-12), (k, n)
         assert high == pytest.approx(expected.high, abs=1e-12), (k, n)
+
+
+def _old_report_dict() -> dict[str, object]:
+    """A report as saved before the choice samples and the exact intervals."""
+    metrics = {"tau": 0.5, "tau_ci": [0.4, 0.6], "auroc": 0.9, "aupr": 0.8, "fpr_at_tpr": 0.2}
+    return {
+        "n": 4,
+        "eps": 0.1,
+        "norm": "Linf",
+        "accuracy": None,
+        "nonrobust_fraction": 0.5,
+        "censored": 0,
+        "input_margins": [0.05, 0.08, 0.3, None],
+        "score_values": {"logit": [0.1, 0.2, 0.9, 1.2]},
+        "metrics": {"logit": {**metrics, "n": 4}},
+        "chosen": "logit",
+        "reason": "requested with score='logit'",
+        "threshold": 0.2,
+        "target_tpr": 0.5,
+        "tpr": 1.0,
+        "fpr": 0.0,
+        "timings": {},
+        "predictions": [0, 1, 0, 1],
+        "labels": None,
+        "calibration": [True, True, True, True],
+    }
+
+
+def test_an_old_report_loads_with_a_warning_and_a_new_one_round_trips() -> None:
+    with pytest.warns(UserWarning, match="before brittle reported exact TPR/FPR intervals"):
+        old = ConsistencyReport.from_dict(_old_report_dict())
+    assert math.isnan(old.tpr_ci[0]) and old.n_choice == 0 and old.n_calibration == 4
+    new = _old_report_dict()
+    new.update(
+        tpr_ci=list(clopper_pearson(2, 2)),
+        fpr_ci=list(clopper_pearson(0, 2)),
+        choice=[False, False, False, False],
+    )
+    report = ConsistencyReport.from_dict(new)
+    again = report.to_dict()
+    assert again["tpr_ci"] == list(clopper_pearson(2, 2))
+    assert again["fpr_ci"] == list(clopper_pearson(0, 2))
+    assert (again["n_calibration"], again["n_choice"]) == (4, 0)
+    assert "guarantee: expected TPR on new exchangeable samples >= 50%" in str(report)
