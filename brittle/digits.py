@@ -2,13 +2,15 @@
 
 The 1,797 8x8 digit images ship inside scikit-learn. A standard CNN, a
 PGD-trained one (torchattacks' PGD) and a certifiably trained one (interval
-bound propagation) train in seconds on a CPU; the tests, the examples and
-``python -m brittle.check --demo`` use them.
+bound propagation) train in seconds on a CPU. Their weights ship with the
+package (``digits_model``), so the tests, the examples and
+``python -m brittle.check --demo`` give the same figures on every machine.
 """
 
 from __future__ import annotations
 
-import os
+import hashlib
+import io
 from pathlib import Path
 from typing import Literal, NamedTuple
 
@@ -25,6 +27,8 @@ __all__ = [
     "interval_bounds",
     "train_digits_cnn",
     "digits_model",
+    "shipped_model_path",
+    "MODEL_SHA256",
 ]
 
 Kind = Literal["standard", "robust", "certified"]
@@ -196,8 +200,6 @@ def train_digits_cnn(
         >>> model.training
         False
     """
-    import torchattacks
-
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}. Got {kind!r}.")
     if eps is None:
@@ -207,6 +209,19 @@ def train_digits_cnn(
     if not eps > 0:
         raise ValueError(f"eps must be strictly positive. Got {eps}.")
     split = split or load_digits_split()
+    threads = torch.get_num_threads()
+    # One thread: a parallel reduction sums in an order that depends on the thread
+    # count, and the weights would differ from machine to machine.
+    torch.set_num_threads(1)
+    try:
+        return _train(kind, epochs=epochs, eps=eps, seed=seed, split=split)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(kind: str, *, epochs: int, eps: float, seed: int, split: DigitsSplit) -> nn.Sequential:
+    import torchattacks
+
     with seeded(seed):
         model = digits_cnn()
         optimiser = torch.optim.Adam(model.parameters(), lr=2e-3)
@@ -237,27 +252,55 @@ def train_digits_cnn(
     return model.eval()
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("BRITTLE_CACHE") or os.environ.get("XDG_CACHE_HOME")
-    return Path(root) / "brittle" if root else Path.home() / ".cache" / "brittle"
+# The shipped weights: train_digits_cnn(kind) with the defaults (seed 0, one thread),
+# saved as float32 state_dicts. Their digests make a damaged install fail loudly
+# instead of giving other figures.
+MODEL_SHA256 = {
+    "standard": "d133510b6257b9b5fe03bca03fdd8bc2331800fac9f39d8a4752e84fa648d49a",
+    "robust": "8451c944dad64eaec70ec386fd54f33d5585e8df3b82f7d17288f1d5ba61dff3",
+    "certified": "d76e5e62ea8de1a2e886a64c67b8395ece80b57cfe94b81c72a4913102760877",
+}
+
+
+def shipped_model_path(kind: Kind) -> Path:
+    """Where the weights of ``digits_model(kind)`` ship inside the package."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}. Got {kind!r}.")
+    return Path(__file__).parent / "models" / f"digits-{kind}.pt"
 
 
 def digits_model(kind: Kind = "standard", cache_dir: str | Path | None = None) -> nn.Sequential:
-    """A trained digits CNN, loaded from ``cache_dir`` or trained and cached there.
+    """The trained digits CNN that ships with brittle, in eval mode.
 
-    The cache holds a plain ``state_dict`` (loaded with ``weights_only=True``).
+    The weights are a plain ``state_dict`` in the package (``brittle/models``),
+    loaded with ``weights_only=True`` after a sha256 check, so every machine gets
+    the same model and nothing trains. ``train_digits_cnn(kind)`` made them.
+
+    Args:
+        kind: ``"standard"``, ``"robust"`` or ``"certified"``.
+        cache_dir: Not used: the weights ship with the package. Accepted so that
+            calls written when the models were trained into a cache still work.
+
+    Raises:
+        RuntimeError: when the shipped file is missing or its digest differs.
+
+    Examples:
+        >>> from brittle.digits import digits_model
+        >>> digits_model("robust")[-1]
+        Linear(in_features=64, out_features=10, bias=True)
     """
-    path = Path(cache_dir) if cache_dir is not None else _cache_dir()
-    path = path / f"digits-{kind}-v1.pt"
+    del cache_dir  # kept for callers of the cached version
+    path = shipped_model_path(kind)
+    if not path.is_file():
+        raise RuntimeError(f"the digits model {kind!r} is missing from the install ({path}).")
+    data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != MODEL_SHA256[kind]:
+        raise RuntimeError(
+            f"the digits model file {path} is damaged: sha256 {digest[:12]}..., expected "
+            f"{MODEL_SHA256[kind][:12]}.... Reinstall brittle."
+        )
     model = digits_cnn()
-    if path.is_file():
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        return model.eval()
-    model = train_digits_cnn(kind)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Written under a unique name then renamed, so processes training at once
-    # (the ranks of a distributed run) never read a half-written file.
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    torch.save(model.state_dict(), tmp)
-    tmp.replace(path)
-    return model
+    state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    return model.eval()

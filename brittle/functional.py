@@ -13,12 +13,14 @@ Examples:
 
 from brittle.calibrate.metrics import (
     ScoreMetrics,
+    clopper_pearson,
     detection_metrics,
     fpr_at_tpr,
     kendall_tau,
     kendall_tau_ci,
     nonrobust,
     score_metrics,
+    wilson_interval,
 )
 from brittle.calibrate.threshold import conformal_threshold, min_positives, rates
 from brittle.scores.margins import feature_margin, logit_margin, pair_norm_rows, pair_norm_table
@@ -35,6 +37,8 @@ __all__ = [
     "fpr_at_tpr",
     "score_metrics",
     "ScoreMetrics",
+    "clopper_pearson",
+    "wilson_interval",
     "conformal_threshold",
     "min_positives",
     "rates",

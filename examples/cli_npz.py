@@ -31,7 +31,7 @@ from torch import nn
 
 
 def robust_digits() -> nn.Module:
-    """The PGD-trained digits CNN (trained on first use, then loaded from the cache)."""
+    """The PGD-trained digits CNN (its weights ship with brittle)."""
     from brittle.digits import digits_model
 
     return digits_model("robust")

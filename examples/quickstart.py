@@ -1,7 +1,7 @@
 """Quickstart: wrap a digits classifier, calibrate it once, read margins and flags.
 
 Runs on a CPU in well under a minute with no download: scikit-learn ships the
-digits, and the small CNN trains on first use (cached in ~/.cache/brittle).
+digits, and the small CNN's weights ship with brittle.
 
     python examples/quickstart.py
 """
@@ -17,7 +17,7 @@ from brittle.digits import ROBUST_EPS, digits_model, load_digits_split
 
 def main() -> None:
     split = load_digits_split()
-    model = digits_model("robust")  # PGD-trained CNN; trains once, then loads from the cache
+    model = digits_model("robust")  # PGD-trained CNN; its weights ship with brittle
 
     # One nn.Module: the model's logits plus a margin and a brittle flag per sample.
     monitor = brittle.wrap(model, norm="Linf", eps=ROBUST_EPS)

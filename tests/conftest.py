@@ -45,8 +45,8 @@ def digits() -> DigitsSplit:
 
 @pytest.fixture(scope="session")
 def model_cache(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    # pytest's cache directory keeps the trained weights between runs; a fresh
-    # clone (or -p no:cacheprovider) trains them once per session (about 45 s on 2 cores).
+    # A scratch directory for tests that want one; the digits models themselves ship
+    # with brittle (digits_model ignores cache_dir and trains nothing).
     cache = getattr(request.config, "cache", None)
     if cache is None:
         return tmp_path_factory.mktemp("brittle-digits-models")

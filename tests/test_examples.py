@@ -1,8 +1,8 @@
 """Every script in examples/ runs to completion, so none of them rots.
 
 Each example runs as a subprocess, one thread per process, on small settings
-where its command line has them. The trained digits CNNs come from the test
-session's model cache (through ``BRITTLE_CACHE``), so no example trains a model.
+where its command line has them. The digits CNNs ship with brittle, so no example
+trains a model.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -39,12 +38,9 @@ def brittle_cache(
     standard_model: nn.Module,
     robust_model: nn.Module,
 ) -> Path:
-    """A ``BRITTLE_CACHE`` root whose ``brittle/`` holds the session's trained digits CNNs."""
+    """An empty ``BRITTLE_CACHE`` root: the digits CNNs ship with brittle, nothing trains."""
     root = tmp_path_factory.mktemp("brittle-cache")
     (root / "brittle").mkdir()
-    for kind in ("standard", "robust"):
-        name = f"digits-{kind}-v1.pt"
-        shutil.copy(model_cache / name, root / "brittle" / name)
     return root
 
 

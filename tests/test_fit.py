@@ -148,16 +148,21 @@ def test_pseudo_margin_lifts_tau_of_an_inconsistent_model(
     model = _ScaledLogits(robust_model)
     monitor = brittle.wrap(model, eps=DIGITS_EPS, head="base.8", min_tau=0.9)
     with pytest.warns(UserWarning, match="trained on only 300 samples"):
-        monitor.fit(holdout_loader, pseudo=True, n_samples=600, steps=20, progress=False)
+        monitor.fit(
+            holdout_loader, pseudo=True, n_samples=600, steps=20, progress=False, target_tpr=0.9
+        )
     report = monitor.report
     metrics = report.metrics
     assert metrics["logit"].tau < 0.45
     assert metrics["pseudo"].tau > metrics["logit"].tau + 0.1
     assert report.chosen in ("feature", "pseudo") and report.chosen != "logit"
     assert "min_tau" in report.reason
-    # Trained on one part, calibrated and measured on the other.
-    assert report.calibration.sum() == 300 and report.settings["pseudo"]["n_train"] < 300
-    assert metrics["pseudo"].n == 300
+    # Chosen on one part (30 %), trained on another (50 %), calibrated and measured on
+    # the rest: three disjoint parts.
+    assert report.choice is not None and report.n_choice == 180
+    assert report.calibration.sum() == 120 and report.settings["pseudo"]["n_train"] < 300
+    assert not (report.choice & report.calibration).any()
+    assert metrics["pseudo"].n == 120
 
 
 def test_resume_from_cache_recomputes_nothing(

@@ -113,9 +113,18 @@ REFERENCES: dict[str, tuple[Callable[..., Tensor], int, tuple[str, ...]]] = {
 
 
 def reference_margins(
-    name: str, model: nn.Module, x: Tensor, pred: Tensor, norm: Norm, steps: int | None = None
+    name: str,
+    model: nn.Module,
+    x: Tensor,
+    pred: Tensor,
+    norm: Norm,
+    steps: int | None = None,
+    seed: int = 0,
 ) -> Tensor:
     """Verified margins of one reference attack (``inf`` where it failed).
+
+    Seeded: the random starts and restarts are drawn from a seeded fork of the
+    global generators, so the margins do not depend on the caller's random state.
 
     Args:
         name: A key of ``REFERENCES``.
@@ -124,6 +133,7 @@ def reference_margins(
         pred: ``(B,)`` the class to move away from.
         norm: ``"Linf"``, ``"L2"`` or ``"L1"``.
         steps: Iterations (default: the budget listed in ``REFERENCES``).
+        seed: Seeds the attack's random starts.
 
     Returns:
         ``(B,)`` float64 margins.
@@ -148,7 +158,7 @@ def reference_margins(
     steps = default_steps if steps is None else steps
     wrapped = LogitsModel(model, x.dtype)  # float32 in and out, as the libraries expect
     # Borrowed like every engine's model: no .grad written, modes handed back.
-    with eval_mode(model), frozen(model):
+    with eval_mode(model), frozen(model), seeded(seed, x.device):
         adv = runner(wrapped, x.float(), pred, norm, steps).detach().to(x.dtype)
     return verified_margins(model, x, adv, pred, norm)
 
@@ -160,14 +170,20 @@ def best_reference_margins(
     norm: Norm,
     names: tuple[str, ...] | None = None,
     steps: dict[str, int] | None = None,
+    seed: int = 0,
 ) -> dict[str, Tensor]:
     """Margins of every reference attack that supports ``norm``, and their per-sample best.
+
+    Each attack is seeded with ``seed`` (see ``reference_margins``).
 
     Returns:
         ``{name: margins}`` for each attack run, plus ``"best"``: the per-sample minimum.
     """
     names = names or tuple(n for n, (_, _, norms) in REFERENCES.items() if norm in norms)
     steps = steps or {}
-    out = {name: reference_margins(name, model, x, pred, norm, steps.get(name)) for name in names}
+    out = {
+        name: reference_margins(name, model, x, pred, norm, steps.get(name), seed=seed)
+        for name in names
+    }
     out["best"] = torch.stack(list(out.values())).amin(dim=0)
     return out

@@ -24,12 +24,14 @@ if TYPE_CHECKING:
     from brittle.calibrate.holdout import Holdout, collect_holdout
     from brittle.calibrate.metrics import (
         ScoreMetrics,
+        clopper_pearson,
         detection_metrics,
         fpr_at_tpr,
         kendall_tau,
         kendall_tau_ci,
         nonrobust,
         score_metrics,
+        wilson_interval,
     )
     from brittle.calibrate.pseudo_train import PseudoTraining, train_pseudo_margin
     from brittle.calibrate.report import ConsistencyReport
@@ -50,6 +52,8 @@ _WHERE = {
     "detection_metrics": "brittle.calibrate.metrics",
     "fpr_at_tpr": "brittle.calibrate.metrics",
     "score_metrics": "brittle.calibrate.metrics",
+    "clopper_pearson": "brittle.calibrate.metrics",
+    "wilson_interval": "brittle.calibrate.metrics",
     "conformal_threshold": "brittle.calibrate.threshold",
     "min_positives": "brittle.calibrate.threshold",
     "rates": "brittle.calibrate.threshold",
@@ -77,6 +81,8 @@ __all__ = [
     "detection_metrics",
     "fpr_at_tpr",
     "score_metrics",
+    "clopper_pearson",
+    "wilson_interval",
     "conformal_threshold",
     "min_positives",
     "rates",

@@ -18,11 +18,19 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from scipy import stats
 from torch import Tensor, nn
 
 from brittle._modes import eval_mode, frozen, seeded
 from brittle.attacks.pgd import torchattacks_fgsm, torchattacks_pgd
-from brittle.calibrate.metrics import ScoreMetrics, kendall_tau, nonrobust, score_metrics
+from brittle.calibrate.metrics import (
+    ScoreMetrics,
+    clopper_pearson,
+    kendall_tau,
+    nonrobust,
+    score_metrics,
+    wilson_interval,
+)
 from brittle.calibrate.threshold import conformal_threshold
 from brittle.scores.norms import Norm, dual_order
 
@@ -96,9 +104,12 @@ class RobustAccuracy:
     eps: float
     estimate: float
     n_estimated: int
-    estimate_on_attacked: float
+    estimate_held_out: float
+    attacked_held_out: float
+    attacked_held_out_ci: tuple[float, float]
+    n_held_out: int
     attacked_subset: float
-    attacked_subset_stderr: float
+    attacked_subset_ci: tuple[float, float]
     subset_size: int
     attacked_all: float
     n_attacked: int
@@ -118,15 +129,26 @@ class PerClassBias:
     Attributes:
         by: ``"label"`` or ``"prediction"``: what the classes are.
         classes: One row per class: ``class``, ``n``, ``accuracy``,
-            ``nonrobust_by_margin``, ``nonrobust_by_flag`` and ``tau``.
-        spread: Largest minus smallest non-robust share across classes.
+            ``nonrobust_by_margin`` with its 95 % Wilson interval
+            ``nonrobust_ci``, ``nonrobust_by_flag`` and ``tau``.
+        spread: Largest minus smallest non-robust share across classes. With
+            few samples per class it is large even when every class is alike.
         most_brittle_class: The class with the largest non-robust share.
+        chi2: Chi-square statistic of homogeneity of the non-robust share across classes.
+        p_value: Its p-value (scipy's ``chi2_contingency``); NaN when untestable.
+        significant: Whether ``p_value < level``: only then do the classes differ
+            in robustness beyond chance, and is the spread reported as a bias.
+        level: The test's significance level.
     """
 
     by: str
     classes: list[dict[str, Any]]
     spread: float
     most_brittle_class: int
+    chi2: float = math.nan
+    p_value: float = math.nan
+    significant: bool = False
+    level: float = 0.05
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dictionary."""
@@ -256,26 +278,40 @@ def subset_indices(n: int, size: int, seed: int = 0) -> np.ndarray:
 
 
 def estimate_threshold(scores: np.ndarray, robust_count: int) -> float:
-    """Threshold with exactly ``robust_count`` of ``scores`` strictly above it.
+    """Threshold leaving as near ``robust_count`` of ``scores`` above it as ties allow.
 
-    The midpoint between neighbours keeps ties and rounding from moving samples
-    across; ``-inf`` when every score must count as robust.
+    Without a tie at the boundary exactly ``robust_count`` scores lie above. A
+    tie can only move all its members together: the threshold then leaves the
+    achievable count nearest ``robust_count`` above, the smaller one when two
+    are equally near (the estimate errs toward brittle). The midpoint between
+    neighbours keeps rounding from moving samples across; ``-inf`` puts every
+    score above. NaN scores are ignored.
 
     Examples:
         >>> import numpy as np
         >>> from brittle.calibrate.analyses import estimate_threshold
         >>> round(estimate_threshold(np.array([0.1, 0.4, 0.2, 0.9]), 2), 6)
         0.3
+        >>> estimate_threshold(np.array([0.1, 0.5, 0.5, 0.5, 0.9]), 3)  # 4 above is nearest
+        0.3
 
     """
     s = np.sort(np.asarray(scores, dtype=np.float64))
     s = s[~np.isnan(s)]
-    k = s.size - int(robust_count)  # samples at or below the threshold
-    if k <= 0:
+    if s.size == 0 or int(robust_count) >= s.size:
         return -math.inf
-    if k >= s.size:
-        return float(s[-1])
-    return float((s[k - 1] + s[k]) / 2.0)
+    values, counts = np.unique(s, return_counts=True)
+    # above[j]: scores strictly above a threshold placed just below values[j]
+    # (j = len(values): at the largest value, nothing above).
+    above = np.concatenate([s.size - np.cumsum(counts) + counts, [0]])
+    distance = np.abs(above - int(robust_count))
+    # Ties in distance: the later index leaves fewer above.
+    j = int(np.flatnonzero(distance == distance.min())[-1])
+    if j == 0:
+        return -math.inf
+    if j == values.size:
+        return float(values[-1])
+    return float((values[j - 1] + values[j]) / 2.0)
 
 
 def robust_accuracy_estimate(
@@ -307,9 +343,11 @@ def robust_accuracy_estimate(
     robust *share* of decisions instead.
 
     Returns:
-        ``RobustAccuracy``: the estimate, the attacked figure on the subset it came
-        from, the attacked figure on all attacked samples (for comparison) and the
-        threshold.
+        ``RobustAccuracy``: the estimate; the attacked figure on the subset it came
+        from (with a Clopper-Pearson interval); the estimate and the attacked figure
+        on the attacked samples *outside* the subset (``*_held_out``, NaN when the
+        subset holds every attacked sample), where the estimate is judged; the
+        attacked figure on all attacked samples; and the threshold.
 
     """
     n_all, n_attacked = int(score_all.size), int(margins.size)
@@ -323,23 +361,34 @@ def robust_accuracy_estimate(
     )
     # NaN scores (inputs the monitor cannot judge) compare False: never counted robust.
     robust_estimated = correct_all & (score_all > threshold)
-    m_fig = float(robust_attacked[subset].mean()) if m else math.nan
+    # The estimate is judged where the truth is known and the threshold was not matched:
+    # on the subset itself it reproduces the attacked figure by construction.
+    held_out = np.ones(n_attacked, dtype=bool)
+    held_out[subset] = False
+    n_held = int(held_out.sum())
+    k_held = int(robust_attacked[held_out].sum())
+    k_sub = int(robust_attacked[subset].sum())
     return RobustAccuracy(
         quantity="robust accuracy" if labels_all is not None else "robust share (no labels)",
         score=score_name,
         eps=eps,
         estimate=float(robust_estimated.mean()),
         n_estimated=n_all,
-        # The same estimate restricted to the attacked samples, where the truth is known.
-        estimate_on_attacked=float(robust_estimated[:n_attacked].mean()),
-        attacked_subset=m_fig,
-        attacked_subset_stderr=math.sqrt(m_fig * (1 - m_fig) / m) if m else math.nan,
+        estimate_held_out=float(robust_estimated[:n_attacked][held_out].mean())
+        if n_held
+        else math.nan,
+        attacked_held_out=k_held / n_held if n_held else math.nan,
+        attacked_held_out_ci=clopper_pearson(k_held, n_held),
+        n_held_out=n_held,
+        attacked_subset=k_sub / m if m else math.nan,
+        attacked_subset_ci=clopper_pearson(k_sub, m),
         subset_size=m,
         attacked_all=float(robust_attacked.mean()),
         n_attacked=n_attacked,
         threshold=threshold,
         clean_accuracy=None if labels_all is None else float(correct_all.mean()),
-        method="threshold matched on the attacked subset (Algorithm 1), then scores only",
+        method="threshold matched on the attacked subset (Algorithm 1), then scores only; "
+        "judged on the attacked samples outside the subset",
     )
 
 
@@ -352,37 +401,61 @@ def per_class_bias(
     preds: np.ndarray,
     labels: np.ndarray | None,
     eps: float,
+    level: float = 0.05,
 ) -> PerClassBias:
     """Per class: share non-robust by input margin and by the flag, and the class's tau.
 
-    Classes are the labels when there are labels, else the predictions.
+    Classes are the labels when there are labels, else the predictions. Whether
+    the classes differ is a chi-square test of homogeneity of the non-robust
+    share (scipy's ``chi2_contingency`` on the classes x {robust, non-robust}
+    table); each class's share has a 95 % Wilson interval.
     """
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1). Got {level}.")
     classes = labels if labels is not None else preds
     positive = nonrobust(margins, eps)
     flagged = ~(score > threshold)  # NaN scores are flagged, as the monitor does
     rows: list[dict[str, Any]] = []
     shares: list[float] = []
+    table = []
     for c in np.unique(classes):
         mask = classes == c
         tau = kendall_tau(score[mask], margins[mask]) if mask.sum() >= 3 else math.nan
+        k, n = int(positive[mask].sum()), int(mask.sum())
         rows.append(
             {
                 "class": int(c),
-                "n": int(mask.sum()),
+                "n": n,
                 "accuracy": None if labels is None else float((preds[mask] == c).mean()),
-                "nonrobust_by_margin": float(positive[mask].mean()),
+                "nonrobust_by_margin": k / n,
+                "nonrobust_ci": list(wilson_interval(k, n)),
                 "nonrobust_by_flag": float(flagged[mask].mean()),
                 "tau": tau,
             }
         )
-        shares.append(float(positive[mask].mean()))
+        shares.append(k / n)
+        table.append([k, n - k])
     worst = rows[int(np.argmax(shares))]
+    chi2, p_value = _homogeneity(np.asarray(table))
     return PerClassBias(
         by="label" if labels is not None else "prediction",
         classes=jsonable(rows),
         spread=max(shares) - min(shares),
         most_brittle_class=int(worst["class"]),
+        chi2=chi2,
+        p_value=p_value,
+        significant=bool(p_value < level),
+        level=level,
     )
+
+
+def _homogeneity(table: np.ndarray) -> tuple[float, float]:
+    """Chi-square statistic and p-value of equal shares across rows; NaN when untestable."""
+    # One class, or a column of zeros (no sample, or every one, non-robust): nothing to test.
+    if table.shape[0] < 2 or (table.sum(axis=0) == 0).any():
+        return math.nan, math.nan
+    result = stats.chi2_contingency(table, correction=False)
+    return float(result.statistic), float(result.pvalue)
 
 
 # --------------------------------------------------------------- baselines

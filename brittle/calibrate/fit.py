@@ -26,9 +26,16 @@ from brittle.attacks.settings import DEFAULT_ENGINE, AttackSettings
 from brittle.calibrate.cache import MarginCache
 from brittle.calibrate.calibration import Calibration, ScoreKind
 from brittle.calibrate.holdout import Holdout, collect_holdout, holdout_report
-from brittle.calibrate.metrics import ScoreMetrics, nonrobust, score_metrics
+from brittle.calibrate.metrics import (
+    ScoreMetrics,
+    clopper_pearson,
+    kendall_tau,
+    nonrobust,
+    score_metrics,
+)
 from brittle.calibrate.pseudo_train import MIN_TRAIN_SAMPLES, train_pseudo_margin
-from brittle.calibrate.threshold import conformal_threshold, min_positives, rates
+from brittle.calibrate.split import CHOICE_SHARE, choose_and_threshold, choose_by_tau, split_holdout
+from brittle.calibrate.threshold import min_positives, rates
 from brittle.deploy.telemetry import margin_buckets
 from brittle.errors import CalibrationError
 from brittle.scores.head import NO_HEAD_HINT
@@ -73,15 +80,12 @@ def _check_both_classes(margins: np.ndarray, eps: float) -> None:
         )
 
 
-def _tau(metrics: ScoreMetrics) -> float:
-    return -math.inf if math.isnan(metrics.tau) else metrics.tau
-
-
 def choose_score(metrics: dict[str, ScoreMetrics], min_tau: float) -> tuple[ScoreKind, str]:
     """Logit margin if its tau reaches ``min_tau``; else the score with the highest tau.
 
-    A score is only ever chosen over the logit margin when its held-out tau is
-    higher; a NaN tau (a constant score, too few samples) never wins.
+    ``split.choose_by_tau`` on the metrics' taus: a score is only ever chosen over
+    the logit margin when its tau is higher; a NaN tau never wins. ``fit`` makes
+    this choice on choice samples apart from the calibration samples.
 
     Examples:
         >>> from brittle.functional import ScoreMetrics
@@ -91,21 +95,8 @@ def choose_score(metrics: dict[str, ScoreMetrics], min_tau: float) -> tuple[Scor
         >>> choose_score({"logit": m(0.3), "pseudo": m(float("nan"))}, 0.5)[0]
         'logit'
     """
-    logit_tau = metrics["logit"].tau
-    if logit_tau >= min_tau:
-        return "logit", f"logit margin tau {logit_tau:.3f} >= min_tau {min_tau:.3f}"
-    best = max(metrics, key=lambda k: _tau(metrics[k]))
-    if best != "logit" and not _tau(metrics[best]) > _tau(metrics["logit"]):
-        best = "logit"
-    if best == "logit":
-        return "logit", (
-            f"logit margin tau {logit_tau:.3f} < min_tau {min_tau:.3f}, and no other score "
-            "ranks better on the calibration samples"
-        )
-    return best, (  # type: ignore[return-value]
-        f"logit margin tau {logit_tau:.3f} < min_tau {min_tau:.3f}; {best} margin has the "
-        f"highest tau ({metrics[best].tau:.3f})"
-    )
+    chosen, reason = choose_by_tau({k: m.tau for k, m in metrics.items()}, min_tau)
+    return cast(ScoreKind, chosen), reason
 
 
 def _validate(
@@ -140,20 +131,49 @@ def _validate(
         raise ValueError(f"the pseudo-margin needs the model's last linear layer. {NO_HEAD_HINT}")
 
 
-def _pseudo_split(n: int, seed: int) -> np.ndarray:
-    """Calibration mask of a holdout that also trains the pseudo-margin network."""
+def _pseudo_plan(
+    monitor: MonitorProtocol,
+    pseudo: object,
+    *,
+    choice_taus: dict[str, float],
+    min_tau: float,
+    n: int,
+    has_data: bool,
+) -> tuple[bool, str | None]:
+    """Whether to train the pseudo-margin network, and a note when ``"auto"`` wanted it but can't.
+
+    ``pseudo="auto"`` trains it only when the score is chosen automatically (a
+    fixed score never uses it) and no score reaches ``min_tau`` on the choice
+    samples. Only then is the holdout split for it.
+    """
     needed = math.ceil(MIN_TRAIN_SAMPLES / PSEUDO_TRAIN_SHARE)
-    if n < needed:
-        raise CalibrationError(
-            f"the pseudo-margin network needs at least {needed} holdout samples "
-            f"({MIN_TRAIN_SAMPLES} to train, the rest to calibrate). Got {n}: pass more "
-            "samples, pseudo_data= (samples to train it on), or pseudo=False.",
-            blame="n_samples",
+    if pseudo is True or monitor.requested_score == "pseudo":
+        if monitor.head_name is None:
+            raise ValueError(
+                f"the pseudo-margin needs the model's last linear layer. {NO_HEAD_HINT}"
+            )
+        if not has_data and n < needed:
+            raise CalibrationError(
+                f"the pseudo-margin network needs at least {needed} holdout samples "
+                f"({MIN_TRAIN_SAMPLES} to train, the rest to choose and calibrate). Got {n}: "
+                "pass more samples, pseudo_data= (samples to train it on), or pseudo=False.",
+                blame="n_samples",
+            )
+        return True, None
+    if pseudo != "auto" or monitor.requested_score != "auto" or not choice_taus:
+        return False, None
+    best = max((t for t in choice_taus.values() if not math.isnan(t)), default=math.nan)
+    if best >= min_tau:
+        return False, None
+    why = f"no score reaches min_tau {min_tau:.3f} on the choice samples (best {best:.3f})"
+    if monitor.head_name is None:
+        return False, f"the pseudo-margin would have been tried ({why}) but needs a linear head"
+    if not has_data and n < needed:
+        return False, (
+            f"the pseudo-margin would have been tried ({why}) but needs {needed} holdout "
+            f"samples, got {n}: pass pseudo_data= or more samples"
         )
-    order = np.random.default_rng(seed).permutation(n)
-    calibration = np.ones(n, dtype=bool)
-    calibration[order[: int(n * PSEUDO_TRAIN_SHARE)]] = False
-    return calibration
+    return True, None
 
 
 def _train_pseudo(
@@ -198,6 +218,16 @@ def pseudo_scores(
     return torch.cat(values).double().numpy()
 
 
+def _split_hint(message: str, choice: np.ndarray, train: np.ndarray) -> str:
+    """``message`` plus where the holdout's other samples went, when some did."""
+    uses = []
+    if choice.any():
+        uses.append(f"{int(choice.sum())} chose the score (score='auto'; fix score= to skip)")
+    if train.any():
+        uses.append(f"{int(train.sum())} trained the pseudo-margin (pass pseudo_data= to skip)")
+    return message if not uses else f"{message} Of the holdout, " + " and ".join(uses) + "."
+
+
 def calibrate(
     monitor: MonitorProtocol,
     loader: Iterable[Any] | Tensor,
@@ -221,13 +251,24 @@ def calibrate(
     1. Check every argument, then stream the holdout once: scores, features,
        predictions, labels (each batch checked before it is attacked), and
        input margins against the predicted class (cached in ``cache_dir``).
-    2. Kendall tau with a bootstrap interval and detection metrics for each score.
+    2. With ``score="auto"`` and several candidate scores, set apart a seeded
+       ``CHOICE_SHARE`` of the holdout: the *choice* samples. The score is chosen
+       on them alone (and ``pseudo="auto"`` decides there whether the
+       pseudo-margin is worth training), so the threshold below keeps its
+       guarantee for the chosen score. A fixed score needs no choice samples.
     3. Train the pseudo-margin network when asked (``pseudo=True``) or needed
-       (``"auto"`` and no score reaches ``min_tau``): on ``pseudo_data`` when
-       given (its margins computed the same way), else on a part of the holdout
-       disjoint from the calibration part.
-    4. Choose the score (``score="auto"``) and the split-conformal threshold at
-       ``target_tpr`` on the calibration part.
+       (``"auto"``, the score chosen automatically, and no score reaching
+       ``min_tau`` on the choice samples): on ``pseudo_data`` when given (its
+       margins computed the same way), else on a part of the holdout
+       (``PSEUDO_TRAIN_SHARE``) that neither the choice nor the threshold uses.
+       Only then is the holdout split for it; when ``"auto"`` wanted it but
+       cannot train it (no head, too few samples), the report says so.
+    4. On the remaining *calibration* samples: the split-conformal threshold at
+       ``target_tpr``, Kendall tau with a bootstrap interval and detection metrics
+       of every score, and the achieved TPR and FPR with exact (Clopper-Pearson)
+       95 % intervals. The threshold's guarantee: the expected TPR on new
+       non-robust samples exchangeable with the calibration ones is at least
+       ``target_tpr``.
 
     Args:
         monitor: The monitor to calibrate. Its calibration is not modified; a
@@ -243,7 +284,7 @@ def calibrate(
         pseudo: ``True``, ``False`` or ``"auto"``.
         pseudo_data: Samples to train the pseudo-margin network on (for example
             5,000 training-set samples), never used for calibration. Without it
-            the network trains on half of the holdout.
+            the network trains on half of the holdout (``PSEUDO_TRAIN_SHARE``).
         min_tau: Consistency bar (defaults to the monitor's ``min_tau``).
         engine: Attack engine: ``"brittle"`` (brittle's FAB, the default) or
             ``"torchattacks"`` (the reference FAB).
@@ -297,20 +338,35 @@ def calibrate(
 
     start = time.perf_counter()
     scores = dict(holdout.scores)
-    metrics = {k: score_metrics(v, margins, eps, target_tpr, seed=seed) for k, v in scores.items()}
-    best_tau = max(_tau(m) for m in metrics.values())
-    wants_pseudo = pseudo is True or monitor.requested_score == "pseudo"
-    wants_pseudo |= pseudo == "auto" and not best_tau >= min_tau
-    if wants_pseudo and monitor.head_name is None:
-        if pseudo is True or monitor.requested_score == "pseudo":
-            raise ValueError(
-                f"the pseudo-margin needs the model's last linear layer. {NO_HEAD_HINT}"
-            )
-        wants_pseudo = False
+    # Several candidate scores: the automatic choice is made on samples of its own,
+    # so that the threshold keeps its split-conformal guarantee for the chosen score.
+    choosing = monitor.requested_score == "auto" and (
+        len(scores) > 1 or (pseudo is not False and monitor.head_name is not None)
+    )
+    choice_share = CHOICE_SHARE if choosing else 0.0
+    choice = split_holdout(n, choice_share=choice_share, train_share=0.0, seed=seed).choice
+    choice_taus = {k: kendall_tau(v[choice], margins[choice]) for k, v in scores.items()}
+    wants_pseudo, pseudo_note = _pseudo_plan(
+        monitor,
+        pseudo,
+        choice_taus=choice_taus if choosing else {},
+        min_tau=min_tau,
+        n=n,
+        has_data=pseudo_data is not None,
+    )
+    from_holdout = wants_pseudo and pseudo_data is None
+    parts = split_holdout(
+        n,
+        choice_share=choice_share,
+        train_share=PSEUDO_TRAIN_SHARE if from_holdout else 0.0,
+        seed=seed,
+    )
     timings["metrics"] = time.perf_counter() - start
 
-    calibration = np.ones(n, dtype=bool)
-    net, pseudo_info = None, None
+    net, pseudo_info = (
+        None,
+        None if pseudo_note is None else {"trained": False, "note": pseudo_note},
+    )
     if wants_pseudo:
         start = time.perf_counter()
         if pseudo_data is not None:
@@ -321,34 +377,51 @@ def calibrate(
             )
             pseudo_info["source"] = "pseudo_data"
         else:
-            calibration = _pseudo_split(n, seed)
-            train = torch.from_numpy(np.flatnonzero(~calibration))
+            train = torch.from_numpy(np.flatnonzero(parts.train))
             features = None if holdout.features is None else holdout.features[train]
             net, pseudo_info = _train_pseudo(
-                features, holdout.logits[train], margins[~calibration], device, seed
+                features, holdout.logits[train], margins[parts.train], device, seed
             )
             pseudo_info["source"] = "holdout split"
+        # val_tau picked the epoch, so it is an in-sample (optimistic) figure; the
+        # report's metrics["pseudo"] come from calibration samples the network never saw.
+        pseudo_info["val_tau_is"] = "best epoch on its own validation split (optimistic)"
         part.broadcast_module(net)  # identical networks on every rank, whatever the device
         if holdout.features is None:
             raise RuntimeError("the head's input features were not captured during the pass.")
         scores["pseudo"] = pseudo_scores(net, holdout.features, holdout.logits, device)
         timings["pseudo"] = time.perf_counter() - start
-        _check_both_classes(margins[calibration], eps)
-        metrics = {
-            k: score_metrics(v[calibration], margins[calibration], eps, target_tpr, seed=seed)
-            for k, v in scores.items()
-        }
     holdout.scores = scores
+    calibration = parts.calibration
+    _check_both_classes(margins[calibration], eps)
 
-    if monitor.requested_score == "auto":
-        chosen, reason = choose_score(metrics, min_tau)
-    else:
-        chosen = cast(ScoreKind, monitor.requested_score)  # not "auto" here
-        reason = f"requested with score={chosen!r}"
-    positive = nonrobust(margins, eps)
+    start = time.perf_counter()
+    candidates = scores if monitor.requested_score == "auto" else None
+    requested = cast(ScoreKind, monitor.requested_score)
+    try:
+        outcome = choose_and_threshold(
+            candidates if candidates is not None else {requested: scores[requested]},
+            margins,
+            eps=eps,
+            target_tpr=target_tpr,
+            min_tau=min_tau,
+            choice=parts.choice if choosing else None,
+            calibration=calibration,
+        )
+    except ValueError as err:
+        raise ValueError(_split_hint(str(err), parts.choice, parts.train)) from None
+    chosen, threshold = cast(ScoreKind, outcome.chosen), outcome.threshold
+    metrics = {
+        k: score_metrics(v[calibration], margins[calibration], eps, target_tpr, seed=seed)
+        for k, v in scores.items()
+    }
+    timings["metrics"] += time.perf_counter() - start
+    positive = nonrobust(margins[calibration], eps)
     cal_scores = scores[chosen][calibration]
-    threshold = conformal_threshold(cal_scores[positive[calibration]], target_tpr)
-    tpr, fpr = rates(cal_scores, positive[calibration], threshold)
+    tpr, fpr = rates(cal_scores, positive, threshold)
+    flagged = cal_scores <= threshold
+    tpr_ci = clopper_pearson(int(flagged[positive].sum()), int(positive.sum()))
+    fpr_ci = clopper_pearson(int(flagged[~positive].sum()), int((~positive).sum()))
     # The flag-rate alarm's reference: what the served flag does on these samples.
     reference_flag_rate = float(np.mean((cal_scores <= threshold) | ~np.isfinite(cal_scores)))
     report = holdout_report(
@@ -357,13 +430,16 @@ def calibrate(
         norm=monitor.norm,
         metrics=metrics,
         chosen=chosen,
-        reason=reason,
+        reason=outcome.reason,
         threshold=threshold,
         target_tpr=target_tpr,
         tpr=tpr,
         fpr=fpr,
+        tpr_ci=tpr_ci,
+        fpr_ci=fpr_ci,
         timings=timings,
         calibration=calibration,
+        choice=parts.choice,
         settings={
             "engine": engine,
             "steps": steps,
@@ -371,6 +447,7 @@ def calibrate(
             "seed": seed,
             "min_tau": min_tau,
             "min_positives": min_positives(target_tpr),
+            "choice_share": choice_share,
             "pseudo": pseudo_info,
             "passes": holdout.passes,
         },

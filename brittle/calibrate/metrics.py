@@ -23,6 +23,8 @@ __all__ = [
     "detection_metrics",
     "fpr_at_tpr",
     "score_metrics",
+    "clopper_pearson",
+    "wilson_interval",
 ]
 
 
@@ -105,25 +107,41 @@ def kendall_tau_ci(
     n_resamples: int = 1000,
     seed: int = 0,
 ) -> tuple[float, float]:
-    """Percentile bootstrap interval of ``kendall_tau`` over paired resamples (scipy)."""
+    """Percentile bootstrap interval of ``kendall_tau`` over paired resamples.
+
+    A resample in which the score or the margin is constant has no tau (scipy
+    returns NaN); it is drawn again, so the interval is that of the bootstrap
+    distribution given a defined tau rather than NaN. When fewer than half of
+    ``n_resamples`` draws are defined the interval is ``(nan, nan)``.
+
+    Examples:
+        >>> from brittle.functional import kendall_tau_ci
+        >>> low, high = kendall_tau_ci([1, 2, 3, 4, 5, 6], [1, 1, 1, 1, 1, 2], n_resamples=200)
+        >>> -1.0 <= low <= high <= 1.0
+        True
+    """
     s, m = _pair(score, margin)
     if s.size < 3 or np.unique(s).size < 2 or np.unique(m).size < 2:
         return (math.nan, math.nan)
-
-    def statistic(a: np.ndarray, b: np.ndarray) -> float:
-        return float(stats.kendalltau(a, b).statistic)
-
-    result = stats.bootstrap(
-        (s, m),
-        statistic,
-        paired=True,
-        vectorized=False,
-        n_resamples=n_resamples,
-        confidence_level=confidence,
-        method="percentile",
-        rng=np.random.default_rng(seed),
-    )
-    return (float(result.confidence_interval.low), float(result.confidence_interval.high))
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1). Got {confidence}.")
+    rng = np.random.default_rng(seed)
+    taus: list[float] = []
+    # Each round draws what is still missing; two draws per missing one bound the work
+    # when most resamples are degenerate.
+    for _ in range(2):
+        missing = n_resamples - len(taus)
+        for rows in rng.integers(0, s.size, size=(missing, s.size)):
+            tau = stats.kendalltau(s[rows], m[rows]).statistic
+            if math.isfinite(tau):
+                taus.append(float(tau))
+        if len(taus) == n_resamples:
+            break
+    if len(taus) < n_resamples / 2:
+        return (math.nan, math.nan)
+    alpha = (1.0 - confidence) / 2.0
+    low, high = np.quantile(np.asarray(taus), [alpha, 1.0 - alpha])
+    return (float(low), float(high))
 
 
 def nonrobust(margin: ArrayLike, eps: float) -> np.ndarray:
@@ -190,3 +208,47 @@ def score_metrics(
         fpr_at_tpr=fpr,
         n=int(s.size),
     )
+
+
+def _check_count(k: int, n: int, confidence: float) -> None:
+    if n < 0 or not 0 <= k <= max(n, 0):
+        raise ValueError(f"need 0 <= k <= n. Got k={k}, n={n}.")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1). Got {confidence}.")
+
+
+def clopper_pearson(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Exact two-sided (Clopper-Pearson) interval of a rate: ``k`` successes in ``n`` trials.
+
+    Beta quantiles (scipy); ``(nan, nan)`` when ``n == 0``.
+
+    Examples:
+        >>> from brittle.functional import clopper_pearson
+        >>> [round(v, 4) for v in clopper_pearson(19, 19)]
+        [0.8235, 1.0]
+    """
+    _check_count(k, n, confidence)
+    if n == 0:
+        return (math.nan, math.nan)
+    alpha = 1.0 - confidence
+    low = 0.0 if k == 0 else float(stats.beta.ppf(alpha / 2, k, n - k + 1))
+    high = 1.0 if k == n else float(stats.beta.ppf(1 - alpha / 2, k + 1, n - k))
+    return (low, high)
+
+
+def wilson_interval(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a rate: ``k`` successes in ``n`` trials.
+
+    Examples:
+        >>> from brittle.functional import wilson_interval
+        >>> [round(v, 4) for v in wilson_interval(15, 50)]
+        [0.191, 0.4375]
+    """
+    _check_count(k, n, confidence)
+    if n == 0:
+        return (math.nan, math.nan)
+    z = float(stats.norm.ppf(1 - (1.0 - confidence) / 2))
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))

@@ -50,7 +50,10 @@ class PseudoTraining:
         epochs: Epochs run.
         best_epoch: Epoch whose weights were kept (best validation tau).
         val_tau: Kendall tau between the kept network's score and the input
-            margin on the validation samples.
+            margin on the validation samples. Those samples chose the epoch, so
+            it is the best of up to ``epochs`` figures: optimistic, not an
+            out-of-sample estimate (``fit`` reports the pseudo-margin's tau on
+            calibration samples it never saw).
         loss: The training loss (``"rank"``, ``"pairwise"`` or ``"both"``).
     """
 

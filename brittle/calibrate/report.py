@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,19 +29,43 @@ def _scores_from_list(values: list[float | None]) -> np.ndarray:
     return np.array([math.nan if v is None else v for v in values], dtype=np.float64)
 
 
+def _interval_to_list(interval: tuple[float, float]) -> list[float | None]:
+    return [float(v) if math.isfinite(v) else None for v in interval]
+
+
+def _interval_from_list(values: list[float | None] | None) -> tuple[float, float]:
+    if values is None:
+        return (math.nan, math.nan)
+    low, high = (math.nan if v is None else float(v) for v in values)
+    return (low, high)
+
+
 def _fmt(value: float | None, spec: str = ".3f") -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     return format(value, spec)
 
 
+def _fmt_ci(interval: tuple[float, float]) -> str:
+    return f"[{_fmt(interval[0], '.1%')}, {_fmt(interval[1], '.1%')}]"
+
+
 @dataclass
 class ConsistencyReport:
     """What ``Monitor.fit`` measured on the holdout.
 
-    Arrays cover every attacked holdout sample in loader order. Metrics and the
-    threshold come from the calibration samples (``calibration`` mask), which are
-    disjoint from the samples the pseudo-margin network trained on.
+    Arrays cover every attacked holdout sample in loader order. The holdout is
+    divided into disjoint parts: the *choice* samples (``choice`` mask; only with
+    ``score="auto"`` and several candidate scores) on which the score was chosen,
+    the samples the pseudo-margin network trained on (when it trained on the
+    holdout), and the *calibration* samples (``calibration`` mask). The metrics,
+    the threshold, and the achieved TPR and FPR all come from the calibration
+    samples, which no choice and no training has seen: for the chosen score they
+    are out-of-sample. The threshold's guarantee (split conformal): the expected
+    TPR on new non-robust samples exchangeable with the calibration ones is at
+    least ``target_tpr``. The achieved TPR on the calibration samples is at least
+    the target by construction; ``tpr_ci`` says how far the TPR of this
+    threshold can lie from it.
 
     Attributes:
         n: Number of attacked holdout samples.
@@ -58,10 +83,14 @@ class ConsistencyReport:
         target_tpr: Target true-positive rate of the threshold.
         tpr: Achieved true-positive rate on the calibration samples.
         fpr: Achieved false-positive rate on the calibration samples.
+        tpr_ci: Two-sided 95 % Clopper-Pearson interval of the TPR.
+        fpr_ci: Two-sided 95 % Clopper-Pearson interval of the FPR.
         timings: Seconds spent per phase.
         predictions: ``(n,)`` predicted classes.
         labels: ``(n,)`` labels, ``None`` when the loader had none.
         calibration: ``(n,)`` booleans, True for calibration samples.
+        choice: ``(n,)`` booleans, True for the samples the score was chosen on
+            (all False when the score was fixed or had no rival).
         excluded: Holdout samples skipped because they contain NaN or Inf.
         settings: Attack and fit settings (engine, steps, restarts, seed, ...).
     """
@@ -87,6 +116,19 @@ class ConsistencyReport:
     calibration: np.ndarray
     excluded: int = 0
     settings: dict[str, Any] = field(default_factory=dict)
+    tpr_ci: tuple[float, float] = (math.nan, math.nan)
+    fpr_ci: tuple[float, float] = (math.nan, math.nan)
+    choice: np.ndarray | None = None
+
+    @property
+    def n_calibration(self) -> int:
+        """Samples the threshold and every reported figure come from."""
+        return int(self.calibration.sum())
+
+    @property
+    def n_choice(self) -> int:
+        """Samples the score was chosen on (0 when it was fixed)."""
+        return 0 if self.choice is None else int(self.choice.sum())
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dictionary; censored margins and NaN scores become ``None``."""
@@ -106,18 +148,30 @@ class ConsistencyReport:
             "target_tpr": self.target_tpr,
             "tpr": self.tpr,
             "fpr": self.fpr,
+            "tpr_ci": _interval_to_list(self.tpr_ci),
+            "fpr_ci": _interval_to_list(self.fpr_ci),
+            "n_calibration": self.n_calibration,
+            "n_choice": self.n_choice,
             "timings": dict(self.timings),
             "predictions": [int(p) for p in self.predictions],
             "labels": None if self.labels is None else [int(v) for v in self.labels],
             "calibration": [bool(c) for c in self.calibration],
+            "choice": None if self.choice is None else [bool(c) for c in self.choice],
             "excluded": self.excluded,
             "settings": dict(self.settings),
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ConsistencyReport:
-        """Inverse of ``to_dict``."""
+        """Inverse of ``to_dict``; a report saved before the intervals loads with a warning."""
         labels = data["labels"]
+        if "tpr_ci" not in data:
+            warnings.warn(
+                "this report was saved before brittle reported exact TPR/FPR intervals and "
+                "the choice samples; they are missing (NaN). Fit again to get them.",
+                stacklevel=2,
+            )
+        choice = data.get("choice")
         return cls(
             n=data["n"],
             eps=data["eps"],
@@ -140,6 +194,9 @@ class ConsistencyReport:
             calibration=np.asarray(data["calibration"], dtype=bool),
             excluded=data.get("excluded", 0),
             settings=dict(data.get("settings", {})),
+            tpr_ci=_interval_from_list(data.get("tpr_ci")),
+            fpr_ci=_interval_from_list(data.get("fpr_ci")),
+            choice=None if choice is None else np.asarray(choice, dtype=bool),
         )
 
     def to_json(self, path: str | Path) -> Path:
@@ -151,10 +208,13 @@ class ConsistencyReport:
 
     def __str__(self) -> str:
         acc = "-" if self.accuracy is None else f"{self.accuracy:.1%}"
+        split = f"calibration samples {self.n_calibration}"
+        if self.n_choice:
+            split += f", choice samples {self.n_choice}"
         lines = [
             f"brittle consistency report: n={self.n}, norm={self.norm}, eps={self.eps:.4g}",
             f"accuracy {acc}, non-robust {self.nonrobust_fraction:.1%}, "
-            f"censored {self.censored}, calibration samples {int(self.calibration.sum())}",
+            f"censored {self.censored}, {split}",
             "",
             f"{'score':<10}{'tau':>7}  {'95% CI':<15}{'AUROC':>7}{'AUPR':>7}"
             f"{'FPR@' + format(self.target_tpr, '.0%'):>9}",
@@ -169,8 +229,10 @@ class ConsistencyReport:
         lines += [
             "",
             f"chosen: {self.chosen} ({self.reason})",
-            f"threshold {self.threshold:.4g}: TPR {self.tpr:.1%}, FPR {self.fpr:.1%} "
-            f"(target TPR {self.target_tpr:.0%})",
+            f"threshold {self.threshold:.4g} on the {self.n_calibration} calibration samples: "
+            f"TPR {self.tpr:.1%} {_fmt_ci(self.tpr_ci)}, FPR {self.fpr:.1%} "
+            f"{_fmt_ci(self.fpr_ci)} (exact 95% intervals)",
+            f"guarantee: expected TPR on new exchangeable samples >= {self.target_tpr:.0%}",
             "timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.timings.items()),
         ]
         return "\n".join(lines)

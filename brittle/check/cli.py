@@ -241,9 +241,8 @@ def build_parser(engines: list[str] | None = None) -> argparse.ArgumentParser:
         type=Path,
         default=None,
         metavar="DIR",
-        help="cache input margins here so that a rerun or an interrupted run resumes; with "
-        "--demo the trained digits models are cached here too (default: no margin cache; "
-        "demo models in the user cache directory, $BRITTLE_CACHE or ~/.cache/brittle).",
+        help="cache input margins here so that a rerun or an interrupted run resumes "
+        "(default: no margin cache).",
     )
     report = parser.add_argument_group("analyses, gate and outputs")
     report.add_argument(

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["ADAPTIVE_NAMES", "model_table", "side_by_side", "timings_text", "fmt"]
+__all__ = [
+    "ADAPTIVE_NAMES",
+    "model_table",
+    "side_by_side",
+    "timings_text",
+    "fmt",
+    "flag_text",
+    "robust_accuracy_text",
+    "per_class_text",
+]
 
 # How the console and the HTML page name the attacks of ``brittle.attacks.adaptive``.
 ADAPTIVE_NAMES = {"pgd": "PGD", "adaptive_pgd": "adaptive PGD", "cw": "Carlini-Wagner L2"}
@@ -22,6 +31,98 @@ def fmt(value: Any, spec: str = ".3f") -> str:
     if value is None:
         return "-"
     return format(value, spec)
+
+
+def flag_text(payload: dict[str, Any]) -> str:
+    """The flag's rates with exact intervals, and which samples they come from.
+
+    Examples:
+        >>> from brittle.check.console import flag_text
+        >>> text = flag_text({"threshold": 0.25, "tpr": 0.95, "tpr_ci": [0.83, 0.99],
+        ...     "fpr": 0.1, "fpr_ci": [0.05, 0.17], "n_calibration": 140, "n_choice": 60,
+        ...     "target_tpr": 0.9})
+        >>> import textwrap
+        >>> print(textwrap.fill(text, 88))
+        score <= 0.25: TPR 95.0% [83.0%, 99.0%], FPR 10.0% [5.0%, 17.0%] on the 140
+        calibration samples (exact 95% intervals; the score was chosen on 60 other samples);
+        guarantee: expected TPR on new exchangeable samples >= 90%
+    """
+    low, high = payload.get("tpr_ci") or (None, None)
+    f_low, f_high = payload.get("fpr_ci") or (None, None)
+    n_cal, n_choice = payload.get("n_calibration"), payload.get("n_choice") or 0
+    where = f"the {n_cal} calibration samples" if n_cal is not None else "the calibration samples"
+    source = f"; the score was chosen on {n_choice} other samples" if n_choice else ""
+    return (
+        f"score <= {payload['threshold']:.4g}: TPR {fmt(payload['tpr'], '.1%')} "
+        f"[{fmt(low, '.1%')}, {fmt(high, '.1%')}], FPR {fmt(payload['fpr'], '.1%')} "
+        f"[{fmt(f_low, '.1%')}, {fmt(f_high, '.1%')}] on {where} (exact 95% intervals"
+        f"{source}); guarantee: expected TPR on new exchangeable samples >= "
+        f"{payload['target_tpr']:.0%}"
+    )
+
+
+def _interval(values: Any) -> str:
+    low, high = values or (None, None)
+    return f"[{fmt(low, '.1%')}, {fmt(high, '.1%')}]"
+
+
+def robust_accuracy_text(ra: dict[str, Any]) -> str:
+    """The robust-accuracy estimate, judged on attacked samples outside its subset.
+
+    Examples:
+        >>> from brittle.check.console import robust_accuracy_text
+        >>> text = robust_accuracy_text({"quantity": "robust accuracy", "estimate": 0.6,
+        ...     "n_estimated": 1000, "subset_size": 50, "attacked_subset": 0.62,
+        ...     "attacked_subset_ci": [0.47, 0.75], "n_held_out": 150,
+        ...     "estimate_held_out": 0.58, "attacked_held_out": 0.6,
+        ...     "attacked_held_out_ci": [0.52, 0.68]})
+        >>> import textwrap
+        >>> print(textwrap.fill(text, 88))
+        robust accuracy at eps: estimate 60.0% on all 1000 samples from 50 attacked (62.0%
+        [47.0%, 75.0%] on them); on 150 other attacked samples: estimated 58.0%, attacked
+        60.0% [52.0%, 68.0%]
+    """
+    text = (
+        f"{ra['quantity']} at eps: estimate {fmt(ra['estimate'], '.1%')} on all "
+        f"{ra['n_estimated']} samples from {ra['subset_size']} attacked "
+        f"({fmt(ra['attacked_subset'], '.1%')} {_interval(ra.get('attacked_subset_ci'))} on them)"
+    )
+    if not ra.get("n_held_out"):
+        return text + "; no attacked sample outside the subset to judge it on"
+    return text + (
+        f"; on {ra['n_held_out']} other attacked samples: estimated "
+        f"{fmt(ra['estimate_held_out'], '.1%')}, attacked {fmt(ra['attacked_held_out'], '.1%')} "
+        f"{_interval(ra.get('attacked_held_out_ci'))}"
+    )
+
+
+def per_class_text(pc: dict[str, Any]) -> str:
+    """Per-class robustness: a bias only when the chi-square test finds one.
+
+    Examples:
+        >>> from brittle.check.console import per_class_text
+        >>> row = {"class": 3, "nonrobust_by_margin": 0.4, "nonrobust_ci": [0.28, 0.54],
+        ...     "nonrobust_by_flag": 0.42, "tau": 0.61}
+        >>> text = per_class_text({"by": "label", "classes": [row], "most_brittle_class": 3,
+        ...     "spread": 0.2, "p_value": 0.31, "significant": False, "level": 0.05})
+        >>> import textwrap
+        >>> print(textwrap.fill(text, 88))
+        per class (label): no significant difference in the non-robust share (chi-square
+        p=0.31, spread 20.0%)
+    """
+    p_value = fmt(pc.get("p_value"), ".2g")
+    if not pc.get("significant"):
+        return (
+            f"per class ({pc['by']}): no significant difference in the non-robust share "
+            f"(chi-square p={p_value}, spread {fmt(pc['spread'], '.1%')})"
+        )
+    worst = next(r for r in pc["classes"] if r["class"] == pc["most_brittle_class"])
+    return (
+        f"per class ({pc['by']}): robustness bias (chi-square p={p_value}); most brittle "
+        f"class {worst['class']}: {fmt(worst['nonrobust_by_margin'], '.1%')} "
+        f"{_interval(worst.get('nonrobust_ci'))} by margin, "
+        f"{fmt(worst['nonrobust_by_flag'], '.1%')} flagged, tau {fmt(worst['tau'], '.2f')}"
+    )
 
 
 def _row(name: str, m: dict[str, Any], threshold: Any, mark: str) -> str:
@@ -54,18 +155,9 @@ def model_table(payload: dict[str, Any]) -> str:
     lines += [
         "",
         f"  chosen: {payload['chosen']} ({payload['reason']})",
-        f"  flag = score <= {payload['threshold']:.4g}: TPR {fmt(payload['tpr'], '.1%')}, "
-        f"FPR {fmt(payload['fpr'], '.1%')} on the calibration samples "
-        f"(target TPR {payload['target_tpr']:.0%})",
+        f"  flag = {flag_text(payload)}",
     ]
-    ra = payload["robust_accuracy_estimate"]
-    lines.append(
-        f"  {ra['quantity']} at eps: estimate {fmt(ra['estimate'], '.1%')} on all "
-        f"{ra['n_estimated']} samples from {ra['subset_size']} attacked "
-        f"({fmt(ra['attacked_subset'], '.1%')} on that subset; on all {ra['n_attacked']} "
-        f"attacked: {fmt(ra['attacked_all'], '.1%')}, "
-        f"estimated {fmt(ra['estimate_on_attacked'], '.1%')})"
-    )
+    lines.append(f"  {robust_accuracy_text(payload['robust_accuracy_estimate'])}")
     adv = payload["adversarial"]
     if "skipped" in adv:
         lines.append(f"  adversarial examples: {adv['skipped']}")
@@ -81,13 +173,7 @@ def model_table(payload: dict[str, Any]) -> str:
             f"(clean inputs flagged {fmt(adv['clean_flagged'], '.1%')})"
         )
     lines.extend(_adaptive_lines(payload.get("adaptive")))
-    pc = payload["per_class"]
-    worst = next(r for r in pc["classes"] if r["class"] == pc["most_brittle_class"])
-    lines.append(
-        f"  per class ({pc['by']}): non-robust share spread {fmt(pc['spread'], '.1%')}; most "
-        f"brittle class {worst['class']}: {fmt(worst['nonrobust_by_margin'], '.1%')} by margin, "
-        f"{fmt(worst['nonrobust_by_flag'], '.1%')} flagged, tau {fmt(worst['tau'], '.2f')}"
-    )
+    lines.append(f"  {per_class_text(payload['per_class'])}")
     gate = payload.get("gate")
     if gate:
         verdict = "passed" if gate["passed"] else "FAILED"

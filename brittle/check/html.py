@@ -13,7 +13,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-from brittle.check.console import ADAPTIVE_NAMES, fmt, timings_text
+from brittle.check.console import (
+    ADAPTIVE_NAMES,
+    flag_text,
+    fmt,
+    per_class_text,
+    robust_accuracy_text,
+    timings_text,
+)
 from brittle.check.plots import PLOT_FILES, PLOT_HINT
 
 __all__ = ["write_html"]
@@ -66,17 +73,9 @@ def _facts(p: dict[str, Any]) -> str:
         ("clean accuracy", fmt(p["accuracy"], ".1%")),
         ("non-robust at eps", fmt(p["nonrobust_fraction"], ".1%")),
         ("chosen score", f"{p['chosen']}: {p['reason']}"),
-        (
-            "flag",
-            f"score <= {p['threshold']:.4g}: TPR {fmt(p['tpr'], '.1%')}, "
-            f"FPR {fmt(p['fpr'], '.1%')}",
-        ),
-        (
-            f"{ra['quantity']}",
-            f"estimate {fmt(ra['estimate'], '.1%')} from {ra['subset_size']} "
-            f"attacked ({fmt(ra['attacked_subset'], '.1%')} on them; "
-            f"{fmt(ra['attacked_all'], '.1%')} on all {ra['n_attacked']} attacked)",
-        ),
+        ("flag", flag_text(p)),
+        (f"{ra['quantity']}", robust_accuracy_text(ra).split(": ", 1)[1]),
+        ("per class", per_class_text(p["per_class"]).split(": ", 1)[1]),
     ]
     for name in ("pgd", "fgsm"):
         if name in adv:

@@ -7,7 +7,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -15,8 +15,6 @@ from torch.utils.data import DataLoader, TensorDataset
 import brittle
 from brittle.attacks.adaptive import adaptive_attacks
 from brittle.calibrate import analyses
-from brittle.calibrate.fit import PSEUDO_TRAIN_SHARE
-from brittle.calibrate.pseudo_train import MIN_TRAIN_SAMPLES
 from brittle.calibrate.report import ConsistencyReport
 from brittle.check.cli import Settings
 from brittle.check.errors import UsageError
@@ -72,15 +70,10 @@ def with_suffix_tag(path: Path, tag: str) -> Path:
 
 
 def _fit(monitor: Monitor, loader: DataLoader, settings: Settings, n: int) -> None:
-    # fit(pseudo="auto") raises when it wants the pseudo-margin network but the holdout
-    # is too small to train it; a small check should still report the other scores.
-    pseudo: bool | Literal["auto"] = (
-        "auto" if n >= math.ceil(MIN_TRAIN_SAMPLES / PSEUDO_TRAIN_SHARE) else False
-    )
     try:
         monitor.fit(
             loader,
-            pseudo=pseudo,
+            pseudo="auto",  # trained only when needed and the holdout is large enough
             target_tpr=settings.target_tpr,
             eps=settings.eps,
             steps=settings.steps,

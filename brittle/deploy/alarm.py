@@ -71,7 +71,9 @@ def binomial_sf(k: int, n: int, p: float) -> float:
             log_n - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * log_p + (n - i) * log_q
         )
         total += term
-        if i > n * p and term < total * 1e-17:
+        # Past the mean each term is smaller than the last: once one adds nothing, or
+        # underflows to 0 with nothing summed yet (a tail below 1e-308), none will.
+        if i > n * p and term <= total * 1e-17:
             break
         i += 1
     return min(total, 1.0)
