@@ -73,9 +73,6 @@ OLD_REFERENCE_WARNING = (
 # Largest up + down for references whose ratio needs no finer grid: the number of
 # Markov states, and so the start-up cost, grows with it.
 _RESOLUTION = 32
-# The statistic is held at most this many thresholds: after a shift ends the
-# alarm clears in about as many clean samples as it took to fire.
-_CEILING = 2
 
 
 class UndetectableRiseError(ValueError):
@@ -347,7 +344,7 @@ class AlarmState:
     """A consistent snapshot of a ``FlagRateAlarm``.
 
     Attributes:
-        firing: Whether the statistic is at or above the threshold.
+        firing: On since the statistic reached the threshold, until it is back at zero.
         statistic: The CUSUM statistic, in nats of log-likelihood ratio.
         threshold: The statistic at which the alarm fires, in nats.
         samples: Samples seen since construction or ``reset``.
@@ -404,9 +401,12 @@ class FlagRateAlarm:
     a bare rate is taken as exact (with a floor of ``MIN_REFERENCE_RATE``).
 
     Batches of any size: the result equals feeding the samples one by one.
-    Safe to update from several threads at once. While firing, the statistic is
-    held at most twice the threshold, so the alarm clears soon after a shift
-    ends; ``reset()`` clears it at once.
+    Safe to update from several threads at once. The alarm switches on when the
+    statistic reaches the threshold (one *episode*) and off when it is back at
+    zero, so a shift that hovers about the threshold is one episode, not many;
+    while firing the statistic is held at the threshold, so the alarm clears
+    in about ``threshold / down`` clean samples once a shift ends. ``reset()``
+    clears it at once.
 
     Args:
         reference: ``(flagged, n)``: how many of the ``n`` calibration samples the
@@ -455,8 +455,8 @@ class FlagRateAlarm:
         self.design = design_cusum(design_rate, self.run_length, self.odds_ratio)
         self._up, self._down = self.design.up, self.design.down
         self._threshold = self.design.threshold
-        self._ceiling = _CEILING * self._threshold
         self._lock = threading.Lock()
+        self._firing = False
         self._statistic = 0
         self._samples = 0
         self._flagged = 0
@@ -495,18 +495,22 @@ class FlagRateAlarm:
     def update(self, flags: Any) -> AlarmState:
         """Push a batch of flags (oldest first), one CUSUM step each; returns the new state."""
         values = flags if isinstance(flags, list) else np.asarray(flags, bool).ravel().tolist()
-        up, down, threshold, ceiling = self._up, self._down, self._threshold, self._ceiling
+        up, down, threshold = self._up, self._down, self._threshold
         with self._lock:
-            statistic, episodes, flagged = self._statistic, self._episodes, 0
+            statistic, firing = self._statistic, self._firing
+            episodes, flagged = self._episodes, 0
             for value in values:
-                before = statistic >= threshold
                 if value:
                     flagged += 1
-                    statistic = min(statistic + up, ceiling)
+                    # Held at the threshold: evidence beyond it would only delay the clear.
+                    statistic = min(statistic + up, threshold)
                 else:
                     statistic = max(statistic - down, 0)
-                episodes += statistic >= threshold and not before
-            self._statistic, self._episodes = statistic, episodes
+                if statistic >= threshold and not firing:
+                    firing, episodes = True, episodes + 1
+                elif statistic == 0:
+                    firing = False
+            self._statistic, self._firing, self._episodes = statistic, firing, episodes
             self._samples += len(values)
             self._flagged += flagged
             return self._state()
@@ -515,6 +519,7 @@ class FlagRateAlarm:
         """Clear the statistic and counts (after an incident, or a deliberate change of traffic)."""
         with self._lock:
             self._statistic = self._samples = self._flagged = 0
+            self._firing = False
 
     @property
     def state(self) -> AlarmState:
@@ -529,7 +534,7 @@ class FlagRateAlarm:
 
     def _state(self) -> AlarmState:
         return AlarmState(
-            firing=self._statistic >= self._threshold,
+            firing=self._firing,
             statistic=self._statistic * self.design.nats,
             threshold=self._threshold * self.design.nats,
             samples=self._samples,
