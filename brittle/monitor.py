@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from brittle._modes import changes_in_train_mode, eval_mode
 from brittle.attacks.settings import DEFAULT_ENGINE
 from brittle.calibrate.calibration import Calibration, ScoreKind
+from brittle.deploy.alarm import OLD_REFERENCE_WARNING
 from brittle.errors import NotFittedError
 from brittle.output import MonitorOutput, MonitorPass
 from brittle.scores.finite import finite_rows, zero_rows
@@ -135,6 +136,8 @@ class Monitor(nn.Module):
         # From fit(): the calibration samples' flag rate (the flag-rate alarm's
         # reference) and margin histogram bounds (brittle.Telemetry).
         self.reference_flag_rate: float | None = None
+        # (flagged, accepted) calibration samples: the alarm bounds the rate from them.
+        self.reference_counts: tuple[int, int] | None = None
         self.margin_buckets: tuple[float, ...] | None = None
         self.register_buffer("threshold", torch.tensor(math.nan))
         self.register_buffer("fitted", torch.tensor(False))
@@ -477,6 +480,7 @@ class Monitor(nn.Module):
         self._has_threshold = True
         # The holdout's flag rate and margin quantiles belonged to the old threshold.
         self.reference_flag_rate = None
+        self.reference_counts = None
         self.margin_buckets = None
 
     # ------------------------------------------------------------------ fit
@@ -574,6 +578,8 @@ class Monitor(nn.Module):
         self._has_threshold = True
         rate = calibration.reference_flag_rate
         self.reference_flag_rate = None if rate is None else float(rate)
+        counts = calibration.reference_counts
+        self.reference_counts = None if counts is None else (int(counts[0]), int(counts[1]))
         buckets = calibration.margin_buckets
         self.margin_buckets = None if buckets is None else tuple(float(b) for b in buckets)
 
@@ -635,6 +641,9 @@ class Monitor(nn.Module):
             "pseudo_features": None if self.pseudo is None else self.pseudo.in_features,
             "report": None if self._report is None else self._report.to_dict(),
             "reference_flag_rate": self.reference_flag_rate,
+            "reference_counts": None
+            if self.reference_counts is None
+            else list(self.reference_counts),
             "margin_buckets": None if self.margin_buckets is None else list(self.margin_buckets),
         }
 
@@ -664,6 +673,10 @@ class Monitor(nn.Module):
         rate, buckets = state.get("reference_flag_rate"), state.get("margin_buckets")
         self.reference_flag_rate = None if rate is None else float(rate)
         self.margin_buckets = None if buckets is None else tuple(float(b) for b in buckets)
+        counts = state.get("reference_counts")
+        self.reference_counts = None if counts is None else (int(counts[0]), int(counts[1]))
+        if rate is not None and counts is None:
+            warnings.warn(OLD_REFERENCE_WARNING, UserWarning, stacklevel=2)
 
     @classmethod
     def from_state(cls, model: nn.Module, state: dict[str, Tensor | Any]) -> Monitor:

@@ -35,6 +35,7 @@ class MonitorProtocol(Protocol):
     threshold: Tensor
     pair_norms: Tensor
     reference_flag_rate: float | None
+    reference_counts: tuple[int, int] | None
     margin_buckets: tuple[float, ...] | None
 
     @property

@@ -32,9 +32,9 @@ class Images(BaseModel):
     images: list[list[list[float]]]  # a batch of 8x8 grey images in [0, 1]
 
 
-def build_app(monitor: brittle.Monitor, window: int = 200) -> FastAPI:
+def build_app(monitor: brittle.Monitor, run_length: float = 10**6) -> FastAPI:
     """Your app: its own route and metric, with brittle's telemetry beside them."""
-    telemetry = brittle.Telemetry.from_monitor(monitor, window=window, false_alarm=1e-3)
+    telemetry = brittle.Telemetry.from_monitor(monitor, run_length=run_length)
     registry = CollectorRegistry()  # the app's own registry, not the global one
     registry.register(TelemetryCollector(telemetry))
     requests = Counter("digits_requests", "Classification requests.", registry=registry)
@@ -81,8 +81,8 @@ def demo(app: FastAPI, digits: torch.Tensor) -> None:
             answer = client.post("/classify", json={"images": batch[:, 0].tolist()}).json()
             flagged += sum(answer["brittle"])
         print(f"{name}: {len(images)} digits, {flagged} flagged, alarm {answer['alarm']}")
-    wanted = ("brittle_samples_total", "brittle_flagged_total", "brittle_window_flag_rate")
-    wanted += ("brittle_reference_flag_rate", "brittle_flag_rate_alarm ", "digits_requests_total")
+    wanted = ("brittle_samples_total", "brittle_flagged_total", "brittle_reference_flag_rate")
+    wanted += ("brittle_flag_rate_alarm ", "brittle_alarm_episodes_total", "digits_requests_total")
     for line in client.get("/metrics").text.splitlines():
         if line.startswith(wanted):
             print(line)

@@ -3,7 +3,8 @@
 One server serves the whole module (starting one costs seconds): the tests run in
 file order and keep a tally of what the responses flagged, which ``/metrics`` must
 equal. The clean digits are the holdout samples the monitor was not calibrated on;
-the washed-out ones (``x * 0.3 + 0.35``, low contrast) have small margins.
+the washed-out ones (``x * 0.3 + 0.35``, low contrast) have small margins. One
+test starts a fresh server of its own, to see the alarm fire from a cold start.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +38,7 @@ from brittle.digits import DigitsSplit
 
 DIGITS_EPS = 0.1
 CALIBRATION = 240  # holdout samples the monitor is fitted on; the rest is clean traffic
-WINDOW = 300
+RUN_LENGTH = 10**6  # the alarm's promise: expected clean samples between false alarms
 TIMEOUT = 30.0  # seconds, for every request
 # Runs the server as ``python -m brittle.serve`` does; a thread writes whether torch
 # was ever imported to a file, which the test reads after the requests.
@@ -113,14 +115,14 @@ class Server:
         self.tally["flagged"] += sum(response["flag"])
 
 
-@pytest.fixture(scope="module")
-def server(onnx_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+@contextmanager
+def _serve(onnx_path: Path, report: Path) -> Iterator[Server]:
+    """``python -m brittle.serve`` in a subprocess, until the block ends (SIGTERM)."""
     port = _free_port()
-    report = tmp_path_factory.mktemp("serve-report") / "modules.txt"
     args = [
         str(onnx_path),
-        *("--port", str(port), "--max-batch", "32", "--window", str(WINDOW)),
-        *("--false-alarm", "1e-3", "--provider", "cpu", "--threads", "1"),
+        *("--port", str(port), "--max-batch", "32", "--run-length", str(RUN_LENGTH)),
+        *("--provider", "cpu", "--threads", "1"),
     ]
     proc = subprocess.Popen(
         [sys.executable, "-c", LAUNCH, str(report), *args],
@@ -153,6 +155,12 @@ def server(onnx_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
                 proc.wait(timeout=30)
 
 
+@pytest.fixture(scope="module")
+def server(onnx_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    with _serve(onnx_path, tmp_path_factory.mktemp("serve-report") / "modules.txt") as served:
+        yield served
+
+
 def test_healthz(server: Server, onnx_path: Path) -> None:
     status, body = _request(f"{server.url}/healthz")
     assert status == 200 and body["status"] == "ok" and body["model"] == onnx_path.name
@@ -177,10 +185,34 @@ def test_concurrent_clean_traffic(server: Server, digits: DigitsSplit) -> None:
     assert metrics["brittle_rejected_total"] == 0
     assert metrics['brittle_margin_bucket{le="+Inf"}'] == metrics["brittle_margin_count"] == len(x)
     # Clean digits flag at about the holdout's rate: no alarm.
-    assert metrics["brittle_window_samples"] == WINDOW
     assert metrics["brittle_flag_rate_alarm"] == 0
+    assert metrics["brittle_alarm_episodes_total"] == 0
     rate = server.tally["flagged"] / server.tally["samples"]
     assert rate < 2 * metrics["brittle_reference_flag_rate"]
+
+
+def test_silent_on_5000_clean_digits(server: Server, digits: DigitsSplit) -> None:
+    """Digits drawn like the holdout (resampled from those it was not fitted on): no alarm.
+
+    The episode counter sees every switch-on, so it checks the alarm after every
+    sample, as a scrape at any moment would.
+    """
+    pool = digits.x_holdout[CALIBRATION:].numpy()
+    x = pool[np.random.default_rng(0).integers(0, len(pool), size=5000)]
+    with ThreadPoolExecutor(max_workers=4) as pool_:
+        answers = list(
+            pool_.map(lambda b: _predict(server.url, b.tolist()), np.array_split(x, 160))
+        )
+    for status, body in answers:
+        assert status == 200, body
+        server.count(body)
+    metrics = _metrics(server.url)
+    assert metrics["brittle_samples_total"] == server.tally["samples"]
+    assert metrics["brittle_alarm_episodes_total"] == 0
+    assert metrics["brittle_flag_rate_alarm"] == 0
+    assert (
+        metrics["brittle_flag_rate_alarm_statistic"] < metrics["brittle_flag_rate_alarm_threshold"]
+    )
 
 
 def test_margin_histogram_buckets_from_calibration(server: Server) -> None:
@@ -208,6 +240,22 @@ def test_logits_on_request_and_nan_row(server: Server, digits: DigitsSplit) -> N
     after = _metrics(server.url)
     assert after["brittle_rejected_total"] == before["brittle_rejected_total"] + 1
     assert after["brittle_samples_total"] == server.tally["samples"]
+
+
+def test_nan_rows_are_rejected_and_leave_the_alarm_alone(server: Server) -> None:
+    """Two requests of 32 all-NaN rows: 64 rejected samples, the alarm's statistic unmoved."""
+    before = _metrics(server.url)
+    rows = [[[[math.nan] * 8] * 8]] * 32
+    for _ in range(2):
+        status, body = _predict(server.url, rows)
+        assert status == 200, body
+        assert all(body["flag"]) and body["margin"] == [None] * 32
+        server.count(body)
+    after = _metrics(server.url)
+    assert after["brittle_rejected_total"] == before["brittle_rejected_total"] + 64
+    assert after["brittle_flag_rate_alarm"] == before["brittle_flag_rate_alarm"] == 0
+    assert after["brittle_flag_rate_alarm_statistic"] == before["brittle_flag_rate_alarm_statistic"]
+    assert after["brittle_alarm_episodes_total"] == 0
 
 
 @pytest.mark.parametrize(
@@ -252,8 +300,31 @@ def test_alarm_fires_on_washed_out_digits(server: Server, digits: DigitsSplit) -
     metrics = _metrics(server.url)
     assert metrics["brittle_samples_total"] == server.tally["samples"]
     assert metrics["brittle_flagged_total"] == server.tally["flagged"]
-    assert metrics["brittle_window_flag_rate"] > 0.9
     assert metrics["brittle_flag_rate_alarm"] == 1
+    assert (
+        metrics["brittle_flag_rate_alarm_statistic"] >= metrics["brittle_flag_rate_alarm_threshold"]
+    )
+    assert metrics["brittle_alarm_episodes_total"] == 1
+
+
+def test_fresh_server_fires_within_30_flagged_samples(
+    onnx_path: Path, digits: DigitsSplit, tmp_path: Path
+) -> None:
+    """No warm-up: a cold server alarms within 30 samples of a stream that is all flagged."""
+    served = brittle.OnnxMonitor(onnx_path, ["CPUExecutionProvider"])
+    washed = (digits.x_holdout[CALIBRATION:] * 0.3 + 0.35).numpy()
+    flagged = washed[served(washed).flag][:30]
+    assert len(flagged) == 30 and served.reference_counts is not None
+    assert served.reference_flag_rate is not None and served.reference_flag_rate <= 0.3
+    with _serve(onnx_path, tmp_path / "modules.txt") as fresh:
+        fired_at = None
+        for i in range(30):
+            status, body = _predict(fresh.url, flagged[i : i + 1].tolist())
+            assert status == 200 and body["flag"] == [True]
+            if _metrics(fresh.url)["brittle_flag_rate_alarm"] == 1:
+                fired_at = i + 1
+                break
+    assert fired_at is not None and fired_at <= 30
 
 
 def test_no_torch_in_the_server_and_sigterm_stops_it(server: Server) -> None:
@@ -265,7 +336,7 @@ def test_no_torch_in_the_server_and_sigterm_stops_it(server: Server) -> None:
     assert server.proc.wait(timeout=30) in (0, -signal.SIGTERM)
     out, err = server.proc.communicate(timeout=30)
     assert "brittle.serve: digits.onnx on http://127.0.0.1:" in out
-    assert "fires at" in out and "Traceback" not in err
+    assert "fires at" in out and "run length 1e+06" in out and "Traceback" not in err
 
 
 def test_missing_file_exits_with_a_message(tmp_path: Path) -> None:

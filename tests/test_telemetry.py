@@ -41,6 +41,7 @@ def served(
 def test_fit_stores_the_holdout_flag_rate(fitted: brittle.Monitor, digits: DigitsSplit) -> None:
     with torch.no_grad():
         out = fitted(digits.x_holdout[:CALIBRATION])
+    assert fitted.reference_counts == (int(out.flag.sum()), CALIBRATION)
     assert fitted.reference_flag_rate == pytest.approx(int(out.flag.sum()) / CALIBRATION, abs=1e-12)
     assert 0 < fitted.reference_flag_rate < 1
     buckets = fitted.margin_buckets
@@ -54,6 +55,8 @@ def test_pseudo_monitor_rate_comes_from_its_calibration_part(
 ) -> None:
     rate, report = pseudo_monitor.reference_flag_rate, pseudo_monitor.report
     assert rate is not None and 0 < rate < 1
+    counts = pseudo_monitor.reference_counts
+    assert counts is not None and counts[1] == report.n and rate == counts[0] / counts[1]
     # The flag's rate on the calibration part, from the report's own figures.
     positive = report.nonrobust_fraction
     assert rate == pytest.approx(report.tpr * positive + report.fpr * (1 - positive), abs=0.15)
@@ -64,8 +67,10 @@ def test_saved_and_exported_with_the_monitor(
 ) -> None:
     loaded = brittle.load(fitted.save(tmp_path / "m.pt"), robust_model)
     assert loaded.reference_flag_rate == fitted.reference_flag_rate
+    assert loaded.reference_counts == fitted.reference_counts is not None
     assert loaded.margin_buckets == fitted.margin_buckets
     assert served.reference_flag_rate == fitted.reference_flag_rate
+    assert served.reference_counts == fitted.reference_counts
     assert served.margin_buckets == fitted.margin_buckets
     assert served.has_threshold
 
@@ -76,7 +81,7 @@ def test_file_without_reference_rate_loads_and_says_why_there_is_no_alarm(
     # A file saved by a brittle older than the alarm: same format, without the two keys.
     path = fitted.save(tmp_path / "old.pt")
     payload = torch.load(path, weights_only=True)
-    for key in ("reference_flag_rate", "margin_buckets"):
+    for key in ("reference_flag_rate", "reference_counts", "margin_buckets"):
         del payload["state"]["_extra_state"][key]
     torch.save(payload, path)
     old = brittle.load(path, robust_model)
@@ -92,8 +97,37 @@ def test_file_without_reference_rate_loads_and_says_why_there_is_no_alarm(
 def test_set_threshold_drops_the_reference(robust_model: nn.Module) -> None:
     monitor = brittle.wrap(robust_model, eps=DIGITS_EPS)
     monitor.reference_flag_rate, monitor.margin_buckets = 0.2, (0.1, 0.2)
+    monitor.reference_counts = (40, 200)
     monitor.set_threshold(1.0)
     assert monitor.reference_flag_rate is None and monitor.margin_buckets is None
+    assert monitor.reference_counts is None
+
+
+def test_file_with_the_rate_but_no_counts_loads_with_a_warning(
+    fitted: brittle.Monitor, digits: DigitsSplit, robust_model: nn.Module, tmp_path: Path
+) -> None:
+    """Saved or exported before the counts were stored: the alarm takes the rate as exact."""
+    path = fitted.save(tmp_path / "old.pt")
+    payload = torch.load(path, weights_only=True)
+    del payload["state"]["_extra_state"]["reference_counts"]
+    torch.save(payload, path)
+    with pytest.warns(UserWarning, match="stored the holdout's flag rate but not its counts"):
+        old = brittle.load(path, robust_model)
+    assert old.reference_counts is None and old.reference_flag_rate == fitted.reference_flag_rate
+    alarm = Telemetry.from_monitor(old).alarm
+    assert alarm is not None and alarm.design.rate == old.reference_flag_rate
+    # The same for an ONNX file whose metadata lacks the counts.
+    import onnx
+
+    onnx_path = fitted.export_onnx(tmp_path / "old.onnx", digits.x_holdout[:2])
+    graph = onnx.load(str(onnx_path))
+    kept = [p for p in graph.metadata_props if p.key != "reference_counts"]
+    del graph.metadata_props[:]
+    graph.metadata_props.extend(kept)
+    onnx.save(graph, str(onnx_path))
+    with pytest.warns(UserWarning, match="not its counts"):
+        served = brittle.OnnxMonitor(onnx_path, ["CPUExecutionProvider"])
+    assert served.reference_counts is None and served.reference_flag_rate is not None
 
 
 def _check_histogram(telemetry: Telemetry, margins: np.ndarray) -> None:
@@ -122,11 +156,14 @@ def test_counts_and_histogram_torch_and_onnx(
         assert snap.samples == len(x) and snap.rejected == 2
         assert snap.flagged == int(np.concatenate(flags).sum())
         _check_histogram(telemetry, np.concatenate(margins))
-        assert snap.alarm is not None and snap.alarm.seen == min(len(x), snap.alarm.window)
+        # The two rejected samples (flagged, margin NaN) never reach the alarm.
+        accepted = ~np.isnan(np.concatenate(margins))
+        assert snap.alarm is not None and snap.alarm.samples == len(x) - 2
+        assert snap.alarm.flagged == int(np.concatenate(flags)[accepted].sum())
 
 
 def test_concurrent_observers(fitted: brittle.Monitor, digits: DigitsSplit) -> None:
-    telemetry = Telemetry.from_monitor(fitted, window=50_000)
+    telemetry = Telemetry.from_monitor(fitted)
     x = digits.x_holdout
     totals = {"samples": 0, "flagged": 0}
     lock = threading.Lock()
@@ -150,12 +187,12 @@ def test_concurrent_observers(fitted: brittle.Monitor, digits: DigitsSplit) -> N
         t.join(timeout=120)
     snap = telemetry.snapshot()
     assert snap.samples == totals["samples"] and snap.flagged == totals["flagged"]
-    assert snap.alarm is not None and snap.alarm.seen == snap.samples
+    assert snap.alarm is not None and snap.alarm.samples == snap.samples
     assert snap.alarm.flagged == snap.flagged
     # Every snapshot taken while others observed is whole: no half-counted batch.
     for s in snapshots:
         assert sum(s.bucket_counts) + s.rejected == s.samples
-        assert s.alarm is not None and s.alarm.seen == s.samples
+        assert s.alarm is not None and s.alarm.samples == s.samples
 
 
 def test_observe_needs_flags_and_buckets_are_checked() -> None:
@@ -171,7 +208,41 @@ def test_observe_needs_flags_and_buckets_are_checked() -> None:
 def test_fitted_monitor_gets_an_alarm_without_warning(fitted: brittle.Monitor) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        telemetry = brittle.Telemetry.from_monitor(fitted, window=400, false_alarm=1e-4)
+        telemetry = brittle.Telemetry.from_monitor(fitted, run_length=1e5)
     alarm = telemetry.alarm
-    assert alarm is not None and alarm.window == 400 and alarm.false_alarm == 1e-4
-    assert alarm.reference_rate == pytest.approx(max(fitted.reference_flag_rate, 1e-3))
+    assert alarm is not None and alarm.run_length == 1e5
+    assert alarm.reference_counts == fitted.reference_counts
+    assert alarm.reference_rate == fitted.reference_flag_rate < alarm.design.rate
+
+
+def test_rejected_rows_do_not_move_the_alarm() -> None:
+    """A burst of NaN rows is counted as rejected; the alarm's statistic stays where it was."""
+    telemetry = Telemetry([0.5, 1.0], reference=(20, 200), run_length=1e4)
+    nan_rows = brittle.MonitorOutput(
+        logits=np.full((64, 3), np.nan),
+        pred=np.full(64, -1),
+        margin=np.full(64, np.nan),
+        flag=np.ones(64, dtype=bool),
+    )
+    for size in (64, 5):  # numpy's path and the small-request path
+        out = brittle.MonitorOutput(
+            logits=nan_rows.logits[:size],
+            pred=nan_rows.pred[:size],
+            margin=nan_rows.margin[:size],
+            flag=nan_rows.flag[:size],
+        )
+        telemetry.observe(out)
+    snap = telemetry.snapshot()
+    assert snap.rejected == snap.flagged == snap.samples == 69
+    assert snap.alarm is not None and snap.alarm.samples == 0 and snap.alarm.statistic == 0
+    assert not snap.alarm.firing
+
+
+def test_too_high_a_reference_leaves_the_alarm_unavailable() -> None:
+    class Flagging:
+        has_threshold, threshold, margin_buckets = True, 1.0, (0.5, 1.0)
+        reference_counts, reference_flag_rate = (398, 400), 0.995
+
+    with pytest.warns(UserWarning, match="alarm unavailable.*no rise to detect"):
+        telemetry = Telemetry.from_monitor(Flagging())
+    assert telemetry.alarm is None and "no rise to detect" in (telemetry.alarm_unavailable or "")

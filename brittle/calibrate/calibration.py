@@ -32,6 +32,9 @@ class Calibration:
         report: The consistency report of the holdout.
         reference_flag_rate: Share of the calibration samples the monitor flags: the
             reference of the flag-rate alarm (``brittle.deploy.alarm``). ``None`` if unknown.
+        reference_counts: ``(flagged, n)``: the flagged calibration samples and all
+            those the monitor accepted (margin not NaN), whose ratio is
+            ``reference_flag_rate``; the alarm bounds the rate from them. ``None`` if unknown.
         margin_buckets: Histogram bucket bounds from the calibration samples' scores
             (``brittle.deploy.telemetry.margin_buckets``). ``None`` if unknown.
     """
@@ -43,4 +46,5 @@ class Calibration:
     pseudo: nn.Module | None
     report: ConsistencyReport
     reference_flag_rate: float | None = None
+    reference_counts: tuple[int, int] | None = None
     margin_buckets: tuple[float, ...] | None = None

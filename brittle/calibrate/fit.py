@@ -423,7 +423,14 @@ def calibrate(
     tpr_ci = clopper_pearson(int(flagged[positive].sum()), int(positive.sum()))
     fpr_ci = clopper_pearson(int(flagged[~positive].sum()), int((~positive).sum()))
     # The flag-rate alarm's reference: what the served flag does on these samples.
-    reference_flag_rate = float(np.mean((cal_scores <= threshold) | ~np.isfinite(cal_scores)))
+    # A NaN score is the monitor's fail-closed mark (rejected, not judged): the
+    # alarm never sees such samples in production, so they are not counted here.
+    accepted = ~np.isnan(cal_scores)
+    reference_counts = (
+        int(np.count_nonzero(cal_scores[accepted] <= threshold)),
+        int(accepted.sum()),
+    )
+    reference_flag_rate = reference_counts[0] / reference_counts[1]
     report = holdout_report(
         holdout,
         eps=eps,
@@ -460,5 +467,6 @@ def calibrate(
         pseudo=net,
         report=report,
         reference_flag_rate=reference_flag_rate,
+        reference_counts=reference_counts,
         margin_buckets=margin_buckets(cal_scores, threshold),
     )

@@ -1,15 +1,28 @@
-"""The flag-rate alarm: a one-sided binomial test of a sliding window against the holdout.
+"""The flag-rate alarm: a Bernoulli CUSUM whose run length is promised despite a finite holdout.
 
-``fit()`` stores the monitor's flag rate on its calibration holdout (the
-*reference rate*). In production the alarm keeps the flags of the last
-``window`` samples; it fires when their count is so high that a stream flagged
-at the reference rate would reach it with probability at most ``false_alarm``:
-a shift toward brittle inputs (noise, low contrast, a new camera, an attack
+``fit()`` stores how many of its calibration samples the monitor flagged, and
+out of how many (the *reference*). In production every accepted sample is one
+step of a cumulative sum of log-likelihood ratios between an out-of-control
+flag rate ``p1`` (the reference's odds times ``odds_ratio``) and the in-control
+rate ``p0``; the alarm fires while the sum is at or above a threshold ``h``. A
+shift toward brittle inputs (noise, low contrast, a new camera, an attack
 campaign) raises the share of small margins long before anyone reads single
-flags.
+flags; there is no warm-up window, so a stream that is all flagged fires within
+tens of samples.
 
-The maths is a hand-written binomial tail (``math.lgamma``), so the serving
-path stays free of scipy; the tests check it against ``scipy.stats.binom.sf``.
+The promise is in the user's units: ``run_length``, the expected number of
+clean samples before a false alarm (as alibi-detect's ``ert``). The reference
+rate is an estimate, so the chart is designed at its one-sided Clopper-Pearson
+upper bound: with probability at least ``confidence`` over the holdout the
+true rate is below it, and since the run length falls as the rate rises, the
+in-control run length is then at least the promise (a guaranteed conditional
+performance chart, Gandy and Kvaløy 2013).
+
+The statistic runs on an integer scale (Reynolds and Stoumbos 1999): a flag
+adds ``up``, a clean sample takes ``down`` away, the threshold is an integer,
+and the run length is computed exactly from the Markov chain of that integer
+statistic. Plain ``math`` and numpy only, so the serving path needs no scipy;
+the tests check the maths against scipy and brute-force simulation.
 """
 
 from __future__ import annotations
@@ -17,6 +30,8 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass
+from fractions import Fraction
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -24,27 +39,54 @@ import numpy as np
 __all__ = [
     "FlagRateAlarm",
     "AlarmState",
+    "CusumDesign",
     "binomial_sf",
     "critical_count",
-    "DEFAULT_WINDOW",
-    "DEFAULT_FALSE_ALARM",
+    "upper_rate",
+    "cusum_increments",
+    "cusum_run_length",
+    "cusum_threshold",
+    "design_cusum",
+    "DEFAULT_RUN_LENGTH",
+    "DEFAULT_CONFIDENCE",
+    "DEFAULT_ODDS_RATIO",
     "MIN_REFERENCE_RATE",
+    "MAX_REFERENCE_RATE",
+    "OLD_REFERENCE_WARNING",
+    "UndetectableRiseError",
 ]
 
-DEFAULT_WINDOW = 1000
-DEFAULT_FALSE_ALARM = 1e-3
-# The reference rate used is at least this: a holdout on which nothing was flagged
-# must not make one flagged request an alarm.
+DEFAULT_RUN_LENGTH = 10**6
+DEFAULT_CONFIDENCE = 0.9
+DEFAULT_ODDS_RATIO = 2.0
+# The design rate is at least this: a reference on which nothing was flagged
+# (given as a rate, with no count to bound it) must not make one flag an alarm.
 MIN_REFERENCE_RATE = 1e-3
-# Batches up to this size update the window in plain Python (cheaper than numpy calls).
-_SHORT = 16
+# Above this design rate a rise is too small to detect within any useful delay.
+MAX_REFERENCE_RATE = 0.95
+# Said when a file carries the holdout's flag rate but not its counts.
+OLD_REFERENCE_WARNING = (
+    "this monitor was saved by a brittle that stored the holdout's flag rate but not its "
+    "counts: the flag-rate alarm takes that rate as exact, so its false-alarm promise does "
+    "not count the holdout's noise. Refit with monitor.fit(holdout) and save or export again."
+)
+# Largest up + down for references whose ratio needs no finer grid: the number of
+# Markov states, and so the start-up cost, grows with it.
+_RESOLUTION = 32
+
+
+class UndetectableRiseError(ValueError):
+    """The reference flag rate is so high that no rise above it can be told from noise.
+
+    ``Telemetry`` then serves without the alarm and says why.
+    """
 
 
 def binomial_sf(k: int, n: int, p: float) -> float:
     """``P(X >= k)`` for ``X ~ Binomial(n, p)``: the one-sided p-value of ``k`` flags in ``n``.
 
     Sums the upper tail term by term from ``k`` in log space (``math.lgamma``);
-    exact to floating-point rounding for the window sizes an alarm uses.
+    exact to floating-point rounding for the sizes an alarm uses.
 
     Examples:
         >>> round(binomial_sf(3, 10, 0.1), 6)
@@ -83,7 +125,8 @@ def critical_count(n: int, p: float, level: float) -> int:
     """Smallest ``k`` with ``binomial_sf(k, n, p) <= level``; ``n + 1`` if none.
 
     A window of ``n`` samples with at least this many flags rejects, at ``level``,
-    the hypothesis that the stream is flagged at rate ``p``.
+    the hypothesis that the stream is flagged at rate ``p`` (the sliding-window
+    test that ``benchmarks/bench_alarm.py`` compares the CUSUM with).
 
     Examples:
         >>> critical_count(100, 0.05, 0.001)
@@ -101,138 +144,384 @@ def critical_count(n: int, p: float, level: float) -> int:
     return low
 
 
+def upper_rate(flagged: int, n: int, confidence: float = DEFAULT_CONFIDENCE) -> float:
+    """One-sided Clopper-Pearson upper bound on a rate seen as ``flagged`` of ``n``.
+
+    The ``p`` at which ``P(Binomial(n, p) <= flagged) = 1 - confidence``: for
+    every true rate, the bound is at least that rate with probability at least
+    ``confidence``. Equals ``scipy.stats.beta.ppf(confidence, flagged + 1, n - flagged)``.
+
+    Examples:
+        >>> round(upper_rate(0, 100, 0.9), 6)  # 1 - 0.1 ** (1 / 100)
+        0.022763
+        >>> upper_rate(5, 5)
+        1.0
+    """
+    if n < 1 or not 0 <= flagged <= n:
+        raise ValueError(f"need n >= 1 and 0 <= flagged <= n. Got flagged={flagged}, n={n}.")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1). Got {confidence}.")
+    if flagged == n:
+        return 1.0
+    alpha = 1.0 - confidence
+    # Invariant: P(X <= flagged) > alpha at low, <= alpha at high; the cdf falls as p rises.
+    low, high = flagged / n, 1.0
+    for _ in range(60):
+        mid = 0.5 * (low + high)
+        if 1.0 - binomial_sf(flagged + 1, n, mid) > alpha:
+            low = mid
+        else:
+            high = mid
+    return high
+
+
+def cusum_increments(
+    p0: float, odds_ratio: float = DEFAULT_ODDS_RATIO, resolution: int = _RESOLUTION
+) -> tuple[int, int]:
+    """Integer steps ``(up, down)`` of a Bernoulli CUSUM of ``p0`` against odds ``odds_ratio`` x.
+
+    The log-likelihood ratio of one sample is ``log(odds_ratio) * (x - gamma)``
+    with ``gamma = log((1 - p0) / (1 - p1)) / log(odds_ratio)``; on the integer
+    scale a flag adds ``up`` and a clean sample takes ``down`` away, with
+    ``down / (up + down)`` the closest fraction to ``gamma`` whose denominator is
+    at most ``resolution`` (or about ``1 / gamma`` for a rare flag, so that
+    ``down`` is never rounded to zero).
+
+    Examples:
+        >>> cusum_increments(0.1)  # p1 = 0.2 / 1.1; gamma = 0.1375
+        (25, 4)
+    """
+    if not 0.0 < p0 < 1.0:
+        raise ValueError(f"p0 must be in (0, 1). Got {p0}.")
+    if not odds_ratio > 1.0:
+        raise ValueError(f"odds_ratio must be above 1. Got {odds_ratio}.")
+    p1 = odds_ratio * p0 / (1.0 - p0 + odds_ratio * p0)
+    gamma = math.log((1.0 - p0) / (1.0 - p1)) / math.log(odds_ratio)
+    limit = max(resolution, round(1.0 / gamma))
+    fraction = Fraction(gamma).limit_denominator(limit)
+    down = max(fraction.numerator, 1)
+    return max(fraction.denominator - down, 1), down
+
+
+@lru_cache(maxsize=4096)
+def cusum_run_length(up: int, down: int, threshold: int, p: float) -> float:
+    """Expected samples until the integer CUSUM first reaches ``threshold``, from zero.
+
+    The statistic ``C`` starts at 0 and becomes ``max(0, C + up)`` after a
+    flag (probability ``p``) and ``max(0, C - down)`` after a clean sample; the
+    run length ends at the first ``C >= threshold``. Exact: it solves
+    ``(I - Q) L = 1`` for the Markov chain of the states ``0 .. threshold - 1``
+    by banded Gaussian elimination (``I - Q`` is an M-matrix, so no pivoting is
+    needed), in ``O(threshold * up * down)``.
+
+    Examples:
+        >>> cusum_run_length(1, 1, 1, 0.5)  # the first flag: geometric, mean 1 / p
+        2.0
+        >>> round(cusum_run_length(1, 1, 2, 0.5), 6)  # two flags in a row: 1/p + 1/p**2
+        6.0
+    """
+    if up < 1 or down < 1 or threshold < 1:
+        raise ValueError(f"up, down and threshold must be >= 1. Got {up}, {down}, {threshold}.")
+    if not 0.0 < p <= 1.0:
+        raise ValueError(f"p must be in (0, 1]. Got {p}.")
+    size, q = threshold, 1.0 - p
+    # Row i of I - Q in band storage: column j sits at band[i, j - i + down].
+    band = np.zeros((size, up + down + 1))
+    band[:, down] = 1.0
+    rows = np.arange(size)
+    stay = rows + up < size
+    band[rows[stay], down + up] -= p
+    # A clean sample lands on max(0, i - down): columns 0 .. i-1 are all inside the band.
+    band[rows, down - (rows - np.maximum(rows - down, 0))] -= q
+    rhs = np.ones(size)
+    span = np.arange(up + 1)
+    for k in range(size - 1):
+        below = np.arange(k + 1, min(k + down, size - 1) + 1)
+        offset = down - (below - k)
+        factors = band[below, offset] / band[k, down]
+        band[below[:, None], offset[:, None] + span] -= (
+            factors[:, None] * band[k, down : down + up + 1]
+        )
+        rhs[below] -= factors * rhs[k]
+    result = np.zeros(size + up)
+    for k in range(size - 1, -1, -1):
+        ahead = band[k, down + 1 : down + up + 1] @ result[k + 1 : k + up + 1]
+        result[k] = (rhs[k] - ahead) / band[k, down]
+    value = float(result[0])
+    # Past about 1e15 samples the solve loses every digit (and may turn negative):
+    # such a run length exceeds any promise, which is all the threshold search asks.
+    return value if 0.0 < value < 1e15 else math.inf
+
+
+def cusum_threshold(up: int, down: int, p: float, run_length: float) -> int:
+    """Smallest integer threshold whose run length at flag rate ``p`` is at least ``run_length``.
+
+    The run length grows with the threshold, about exponentially, so the search
+    doubles to bracket the answer and then bisects on the logarithm.
+
+    Examples:
+        >>> h = cusum_threshold(25, 4, 0.1, 1e4)
+        >>> cusum_run_length(25, 4, h - 1, 0.1) < 1e4 <= cusum_run_length(25, 4, h, 0.1)
+        True
+    """
+    if not run_length >= 1.0:
+        raise ValueError(f"run_length must be at least 1. Got {run_length}.")
+    if cusum_run_length(up, down, 1, p) >= run_length:
+        return 1
+    # Invariant: run length < run_length at low, >= run_length at high.
+    low, high = 1, 2
+    while cusum_run_length(up, down, high, p) < run_length:
+        low, high = high, 2 * high
+    while high - low > 1:
+        # Interpolate log run length between the ends (nearly linear in the
+        # threshold), kept strictly inside so that every step shrinks the bracket.
+        a, b = (
+            math.log(cusum_run_length(up, down, low, p)),
+            math.log(cusum_run_length(up, down, high, p)),
+        )
+        guess = low + (math.log(run_length) - a) / (b - a) * (high - low)
+        mid = min(max(round(guess), low + 1), high - 1)
+        if cusum_run_length(up, down, mid, p) < run_length:
+            low = mid
+        else:
+            high = mid
+    return high
+
+
+@dataclass(frozen=True)
+class CusumDesign:
+    """A Bernoulli CUSUM chart: its integer steps and threshold, and what they were set for.
+
+    Attributes:
+        up: Added to the statistic by a flagged sample.
+        down: Taken from the statistic by a clean sample.
+        threshold: The alarm fires while the statistic is at least this.
+        rate: The flag rate the chart was designed at (the reference's upper bound).
+        run_length: Expected clean samples to a false alarm at ``rate`` (at least the promise).
+        nats: Log-likelihood ratio per unit of the integer statistic.
+    """
+
+    up: int
+    down: int
+    threshold: int
+    rate: float
+    run_length: float
+    nats: float
+
+
+def design_cusum(
+    rate: float,
+    run_length: float = DEFAULT_RUN_LENGTH,
+    odds_ratio: float = DEFAULT_ODDS_RATIO,
+) -> CusumDesign:
+    """The chart for an in-control flag rate ``rate``: steps, then the smallest threshold.
+
+    Raises:
+        UndetectableRiseError: if ``rate`` is above ``MAX_REFERENCE_RATE``.
+
+    Examples:
+        >>> d = design_cusum(0.1, run_length=1e4)
+        >>> (d.up, d.down), d.run_length >= 1e4
+        ((25, 4), True)
+    """
+    if not 0.0 < rate <= MAX_REFERENCE_RATE:
+        raise UndetectableRiseError(
+            f"the design flag rate must be in (0, {MAX_REFERENCE_RATE}]. Got {rate:.4g}: a "
+            "monitor that flags almost everything on its holdout leaves no rise to detect."
+        )
+    up, down = cusum_increments(rate, odds_ratio)
+    threshold = cusum_threshold(up, down, rate, run_length)
+    return CusumDesign(
+        up=up,
+        down=down,
+        threshold=threshold,
+        rate=rate,
+        run_length=cusum_run_length(up, down, threshold, rate),
+        nats=math.log(odds_ratio) / (up + down),
+    )
+
+
 @dataclass(frozen=True)
 class AlarmState:
     """A consistent snapshot of a ``FlagRateAlarm``.
 
     Attributes:
-        firing: Whether the window's flag count reached the critical count.
-        flagged: Flags among the samples in the window.
-        seen: Samples in the window (at most ``window``).
-        window: The window size.
-        reference_rate: The rate the test is against (after the floor).
-        critical: Flags in a full window at which the alarm fires.
+        firing: On since the statistic reached the threshold, until it is back at zero.
+        statistic: The CUSUM statistic, in nats of log-likelihood ratio.
+        threshold: The statistic at which the alarm fires, in nats.
+        samples: Samples seen since construction or ``reset``.
+        flagged: Flagged samples among them.
+        episodes: Times the alarm switched on (off to on) since construction.
+        reference_rate: The holdout's flag rate (``flagged / n`` of the reference).
+        design_rate: The rate the chart was designed at (its upper bound).
+        run_length: The promised expected clean samples between false alarms.
     """
 
     firing: bool
+    statistic: float
+    threshold: float
+    samples: int
     flagged: int
-    seen: int
-    window: int
+    episodes: int
     reference_rate: float
-    critical: int
+    design_rate: float
+    run_length: float
 
     @property
     def rate(self) -> float:
-        """The window's flag rate (NaN before the first sample)."""
-        return self.flagged / self.seen if self.seen else math.nan
+        """The flag rate since construction or ``reset`` (NaN before the first sample)."""
+        return self.flagged / self.samples if self.samples else math.nan
 
-    @property
-    def p_value(self) -> float:
-        """``P(X >= flagged)`` for ``X ~ Binomial(seen, reference_rate)``."""
-        return binomial_sf(self.flagged, self.seen, self.reference_rate)
+
+def _reference(reference: Any) -> tuple[int, int] | float:
+    if isinstance(reference, tuple | list) and len(reference) == 2:
+        flagged, n = reference
+        if any(isinstance(v, bool) or int(v) != v for v in (flagged, n)):
+            raise ValueError(f"reference counts must be integers. Got {tuple(reference)}.")
+        if not 0 <= flagged <= n or n < 1:
+            raise ValueError(
+                f"reference must be (flagged, n) with 0 <= flagged <= n and n >= 1. Got "
+                f"{tuple(reference)}."
+            )
+        return int(flagged), int(n)
+    rate = float(reference)
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"a reference rate must be in [0, 1). Got {reference}.")
+    return rate
 
 
 class FlagRateAlarm:
-    """Fires when the flag rate of the last ``window`` samples is significantly above reference.
+    """Fires when the stream's flag rate has risen above the holdout's: a Bernoulli CUSUM.
 
-    A one-sided binomial test: with ``k`` flags among the last ``window``
-    samples it fires when ``P(Binomial(window, p0) >= k) <= false_alarm``, with
-    ``p0 = max(reference_rate, min_reference)``. The critical count is computed
-    once, so a check is one comparison. It stays silent until the window is full.
+    Each sample is one step: the statistic gains ``up`` for a flag, loses
+    ``down`` for a clean sample, never drops below zero, and the alarm fires
+    while it is at or above the threshold. The threshold is set at
+    construction so that a stream flagged at the design rate runs
+    ``run_length`` samples on average before the first alarm; the design rate
+    is the reference's ``confidence`` upper bound, so with that probability
+    over the holdout the promise holds for the true rate. A reference given as
+    a bare rate is taken as exact (with a floor of ``MIN_REFERENCE_RATE``).
 
-    ``false_alarm`` is the probability that one check on a full window of traffic
-    flagged at the reference rate fires (at most; the binomial is discrete). The
-    alarm is checked after every update, and overlapping windows are correlated,
-    so over a long clean stream expect about ``false_alarm`` times the number of
-    disjoint windows seen, not times the number of checks.
-
-    Safe to update from several threads at once.
+    Batches of any size: the result equals feeding the samples one by one.
+    Safe to update from several threads at once. The alarm switches on when the
+    statistic reaches the threshold (one *episode*) and off when it is back at
+    zero, so a shift that hovers about the threshold is one episode, not many;
+    while firing the statistic is held at the threshold, so the alarm clears
+    in about ``threshold / down`` clean samples once a shift ends. ``reset()``
+    clears it at once.
 
     Args:
-        reference_rate: The monitor's flag rate on the calibration holdout
-            (``monitor.reference_flag_rate``).
-        window: Number of most recent samples tested.
-        false_alarm: Level of the test (probability that a clean full window fires).
-        min_reference: Floor on the reference rate.
+        reference: ``(flagged, n)``: how many of the ``n`` calibration samples the
+            monitor flagged (``monitor.reference_counts``); or a rate taken as exact.
+        run_length: Promised expected number of clean samples between false alarms.
+        confidence: Probability over the holdout that the promise holds.
+        odds_ratio: The rise the chart is tuned to detect fastest (odds of a flag
+            multiplied by this).
 
     Examples:
         >>> import numpy as np
-        >>> alarm = FlagRateAlarm(0.1, window=100, false_alarm=1e-3)
-        >>> alarm.critical
-        21
-        >>> alarm.update(np.zeros(100, dtype=bool)).firing
+        >>> alarm = FlagRateAlarm(reference=(60, 400), run_length=10**6)
+        >>> alarm.update(np.zeros(1000, dtype=bool)).firing
         False
-        >>> alarm.update(np.ones(30, dtype=bool)).firing
-        True
+        >>> state = alarm.update(np.ones(30, dtype=bool))
+        >>> state.firing, state.statistic >= state.threshold, state.episodes
+        (True, True, 1)
     """
 
     def __init__(
         self,
-        reference_rate: float,
+        reference: tuple[int, int] | float,
         *,
-        window: int = DEFAULT_WINDOW,
-        false_alarm: float = DEFAULT_FALSE_ALARM,
-        min_reference: float = MIN_REFERENCE_RATE,
+        run_length: float = DEFAULT_RUN_LENGTH,
+        confidence: float = DEFAULT_CONFIDENCE,
+        odds_ratio: float = DEFAULT_ODDS_RATIO,
     ) -> None:
-        rate = float(reference_rate)
-        if not 0.0 <= rate <= 1.0:
-            raise ValueError(f"reference_rate must be in [0, 1]. Got {reference_rate}.")
-        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-            raise ValueError(f"window must be a positive integer. Got {window!r}.")
-        if not 0.0 < false_alarm < 1.0:
-            raise ValueError(f"false_alarm must be in (0, 1). Got {false_alarm}.")
-        if not 0.0 <= min_reference < 1.0:
-            raise ValueError(f"min_reference must be in [0, 1). Got {min_reference}.")
-        self.window = window
-        self.false_alarm = float(false_alarm)
-        self.observed_reference = rate
-        self.reference_rate = max(rate, min_reference)
-        self.critical = critical_count(window, self.reference_rate, self.false_alarm)
-        self._ring = np.zeros(window, dtype=bool)
-        self._pos = 0
-        self._seen = 0
-        self._flagged = 0
+        if isinstance(run_length, bool) or not float(run_length) >= 1.0:
+            raise ValueError(f"run_length must be a number of samples >= 1. Got {run_length!r}.")
+        if not 0.0 < confidence < 1.0:
+            raise ValueError(f"confidence must be in (0, 1). Got {confidence}.")
+        if not float(odds_ratio) > 1.0:
+            raise ValueError(f"odds_ratio must be above 1. Got {odds_ratio}.")
+        ref = _reference(reference)
+        if isinstance(ref, tuple):
+            self.reference_counts: tuple[int, int] | None = ref
+            self.reference_rate = ref[0] / ref[1]
+            design_rate = upper_rate(ref[0], ref[1], confidence)
+        else:
+            self.reference_counts = None
+            self.reference_rate = ref
+            design_rate = max(ref, MIN_REFERENCE_RATE)
+        self.run_length = float(run_length)
+        self.confidence = float(confidence)
+        self.odds_ratio = float(odds_ratio)
+        self.design = design_cusum(design_rate, self.run_length, self.odds_ratio)
+        self._up, self._down = self.design.up, self.design.down
+        self._threshold = self.design.threshold
         self._lock = threading.Lock()
+        self._firing = False
+        self._statistic = 0
+        self._samples = 0
+        self._flagged = 0
+        self._episodes = 0
+
+    @classmethod
+    def from_monitor(
+        cls,
+        monitor: Any,
+        *,
+        run_length: float = DEFAULT_RUN_LENGTH,
+        confidence: float = DEFAULT_CONFIDENCE,
+        odds_ratio: float = DEFAULT_ODDS_RATIO,
+    ) -> FlagRateAlarm:
+        """The alarm of a fitted ``Monitor`` or ``OnnxMonitor``, against its holdout's counts.
+
+        Raises:
+            ValueError: if the monitor carries no reference (a hand-set threshold);
+                refit it with ``monitor.fit(holdout)``.
+        """
+        counts = getattr(monitor, "reference_counts", None)
+        rate = getattr(monitor, "reference_flag_rate", None)
+        reference: tuple[int, int] | float
+        if counts is not None:
+            reference = (int(counts[0]), int(counts[1]))
+        elif rate is not None:
+            # A file from before the counts were stored (it warned when loaded).
+            reference = float(rate)
+        else:
+            raise ValueError(
+                "the monitor carries no reference flag rate (its threshold was set by hand): "
+                "fit it with monitor.fit(holdout) to get the flag-rate alarm."
+            )
+        return cls(reference, run_length=run_length, confidence=confidence, odds_ratio=odds_ratio)
 
     def update(self, flags: Any) -> AlarmState:
-        """Push a batch of flags (oldest first) into the window; returns the new state."""
-        n = self.window
-        # One request's few flags: plain Python beats numpy's per-call overhead.
-        new: np.ndarray | None = None
-        values: list[Any] | None = None
-        if isinstance(flags, list) and len(flags) <= _SHORT and len(flags) < n:
-            values = flags
-        else:
-            new = np.asarray(flags, dtype=bool).reshape(-1)
-            if new.size <= _SHORT and new.size < n:
-                values = new.tolist()
+        """Push a batch of flags (oldest first), one CUSUM step each; returns the new state."""
+        values = flags if isinstance(flags, list) else np.asarray(flags, bool).ravel().tolist()
+        up, down, threshold = self._up, self._down, self._threshold
         with self._lock:
-            if values is not None:
-                ring, pos = self._ring, self._pos
-                for value in values:
-                    self._flagged += bool(value) - bool(ring[pos])
-                    ring[pos] = value
-                    pos = pos + 1 if pos + 1 < n else 0
-                self._pos = pos
-                self._seen = min(n, self._seen + len(values))
-            elif new is not None and new.size >= n:
-                self._ring[:] = new[-n:]
-                self._pos, self._seen = 0, n
-                self._flagged = int(self._ring.sum())
-            elif new is not None:
-                m = new.size
-                slots = (self._pos + np.arange(m)) % n
-                self._flagged += int(new.sum()) - int(self._ring[slots].sum())
-                self._ring[slots] = new
-                self._pos = (self._pos + m) % n
-                self._seen = min(n, self._seen + m)
+            statistic, firing = self._statistic, self._firing
+            episodes, flagged = self._episodes, 0
+            for value in values:
+                if value:
+                    flagged += 1
+                    # Held at the threshold: evidence beyond it would only delay the clear.
+                    statistic = min(statistic + up, threshold)
+                else:
+                    statistic = max(statistic - down, 0)
+                if statistic >= threshold and not firing:
+                    firing, episodes = True, episodes + 1
+                elif statistic == 0:
+                    firing = False
+            self._statistic, self._firing, self._episodes = statistic, firing, episodes
+            self._samples += len(values)
+            self._flagged += flagged
             return self._state()
 
     def reset(self) -> None:
-        """Empty the window (after an incident is handled, or a deliberate change of traffic)."""
+        """Clear the statistic and counts (after an incident, or a deliberate change of traffic)."""
         with self._lock:
-            self._ring[:] = False
-            self._pos = self._seen = self._flagged = 0
+            self._statistic = self._samples = self._flagged = 0
+            self._firing = False
 
     @property
     def state(self) -> AlarmState:
@@ -246,18 +535,21 @@ class FlagRateAlarm:
         return self.state.firing
 
     def _state(self) -> AlarmState:
-        full = self._seen == self.window
         return AlarmState(
-            firing=full and self._flagged >= self.critical,
+            firing=self._firing,
+            statistic=self._statistic * self.design.nats,
+            threshold=self._threshold * self.design.nats,
+            samples=self._samples,
             flagged=self._flagged,
-            seen=self._seen,
-            window=self.window,
+            episodes=self._episodes,
             reference_rate=self.reference_rate,
-            critical=self.critical,
+            design_rate=self.design.rate,
+            run_length=self.run_length,
         )
 
     def __repr__(self) -> str:
+        d = self.design
         return (
-            f"FlagRateAlarm(reference_rate={self.reference_rate:.4g}, window={self.window}, "
-            f"false_alarm={self.false_alarm:g}, critical={self.critical})"
+            f"FlagRateAlarm(reference_rate={self.reference_rate:.4g}, design_rate={d.rate:.4g}, "
+            f"run_length={self.run_length:g}, threshold={self._threshold * d.nats:.4g} nats)"
         )

@@ -71,6 +71,8 @@ def _metadata(monitor: MonitorProtocol, kind: ScoreKind) -> dict[str, str]:
     # The flag-rate alarm's reference and the margin histogram's bounds (brittle.Telemetry).
     rate, buckets = monitor.reference_flag_rate, monitor.margin_buckets
     meta["reference_flag_rate"] = _fmt(rate)
+    counts = monitor.reference_counts
+    meta["reference_counts"] = "none" if counts is None else json.dumps([int(c) for c in counts])
     meta["margin_buckets"] = "none" if buckets is None else json.dumps([float(b) for b in buckets])
     # A threshold set by hand (set_threshold) is exportable and has no report to describe.
     if not monitor.has_report:

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from brittle.deploy.alarm import OLD_REFERENCE_WARNING
 from brittle.output import MonitorOutput
 
 __all__ = ["OnnxMonitor", "INPUT_NAME", "OUTPUT_NAMES"]
@@ -113,6 +115,8 @@ class OnnxMonitor:
         k = outputs[0].shape[1]
         self.num_classes: int | None = k if isinstance(k, int) else None
         self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
+        if self.reference_flag_rate is not None and self.reference_counts is None:
+            warnings.warn(OLD_REFERENCE_WARNING, UserWarning, stacklevel=2)
 
     @property
     def providers(self) -> list[str]:
@@ -138,6 +142,19 @@ class OnnxMonitor:
         """
         value = self.metadata.get("reference_flag_rate", "none")
         return None if value == "none" else float(value)
+
+    @property
+    def reference_counts(self) -> tuple[int, int] | None:
+        """``(flagged, n)`` calibration samples behind ``reference_flag_rate``, if known.
+
+        ``None`` for files exported with a hand-set threshold or by a brittle that
+        stored the rate alone (such a file warns when opened).
+        """
+        value = self.metadata.get("reference_counts", "none")
+        if value == "none":
+            return None
+        flagged, n = json.loads(value)
+        return int(flagged), int(n)
 
     @property
     def margin_buckets(self) -> tuple[float, ...] | None:

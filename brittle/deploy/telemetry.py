@@ -5,8 +5,11 @@
 free of Python-side state, so it still compiles with ``fullgraph=True``). It
 counts samples, flagged samples and rejected ones (NaN or Inf inputs), keeps a
 histogram of margins whose bucket bounds come from the calibration holdout's
-margins, and feeds the flags to a ``FlagRateAlarm`` against the holdout's flag
-rate. ``python -m brittle.serve`` exposes a snapshot as Prometheus metrics.
+margins, and feeds the flags of the accepted samples to a ``FlagRateAlarm``
+against the holdout's flagged count. A rejected sample (margin NaN: the
+monitor's fail-closed mark for an input it cannot judge) is counted apart and
+never reaches the alarm, so a burst of bad requests does not look like a shift
+toward brittle inputs. ``python -m brittle.serve`` exposes a snapshot as Prometheus metrics.
 
 This module needs numpy only (no torch, no prometheus-client), so it serves an
 ``OnnxMonitor`` in a process that never imports torch.
@@ -24,7 +27,12 @@ from typing import Any
 
 import numpy as np
 
-from brittle.deploy.alarm import DEFAULT_FALSE_ALARM, DEFAULT_WINDOW, AlarmState, FlagRateAlarm
+from brittle.deploy.alarm import (
+    DEFAULT_RUN_LENGTH,
+    AlarmState,
+    FlagRateAlarm,
+    UndetectableRiseError,
+)
 from brittle.output import MonitorOutput
 
 __all__ = ["Telemetry", "TelemetrySnapshot", "margin_buckets", "BUCKET_QUANTILES"]
@@ -90,7 +98,8 @@ class TelemetrySnapshot:
     Attributes:
         samples: Samples observed.
         flagged: Samples flagged (brittle decisions and rejected samples).
-        rejected: Samples that could not be judged (NaN or Inf: margin NaN).
+        rejected: Samples that could not be judged (NaN or Inf: margin NaN); they
+            are flagged here but do not feed the alarm.
         bounds: The histogram's bucket upper bounds (``le``), ascending.
         bucket_counts: Margins per bucket, not cumulative; one more than ``bounds``
             (the last is the ``+Inf`` bucket). Rejected samples are not in it.
@@ -122,11 +131,11 @@ class Telemetry:
 
     Args:
         buckets: Histogram bucket upper bounds (ascending, finite).
-        reference_flag_rate: The monitor's flag rate on its calibration holdout;
-            ``None`` leaves the alarm unavailable.
-        window: Samples in the alarm's sliding window.
-        false_alarm: Level of the alarm's test (see ``FlagRateAlarm``).
-        unavailable: Why the alarm is unavailable, when ``reference_flag_rate`` is ``None``.
+        reference: ``(flagged, n)`` of the monitor's calibration holdout (or a rate
+            taken as exact; see ``FlagRateAlarm``); ``None`` leaves the alarm unavailable.
+        run_length: The alarm's promised expected clean samples between false alarms.
+        unavailable: Why the alarm is unavailable, when ``reference`` is ``None``.
+        alarm: An alarm built by the caller, used instead of one from ``reference``.
 
     Examples:
         >>> import torch, brittle
@@ -145,10 +154,10 @@ class Telemetry:
         self,
         buckets: Sequence[float],
         *,
-        reference_flag_rate: float | None = None,
-        window: int = DEFAULT_WINDOW,
-        false_alarm: float = DEFAULT_FALSE_ALARM,
+        reference: tuple[int, int] | float | None = None,
+        run_length: float = DEFAULT_RUN_LENGTH,
         unavailable: str | None = None,
+        alarm: FlagRateAlarm | None = None,
     ) -> None:
         bounds = tuple(float(b) for b in buckets)
         if not bounds or not all(math.isfinite(b) for b in bounds):
@@ -157,12 +166,12 @@ class Telemetry:
             raise ValueError(f"buckets must be strictly increasing. Got {bounds}.")
         self.bounds = bounds
         self._bounds = np.asarray(bounds, dtype=np.float64)
-        self.alarm: FlagRateAlarm | None = None
+        self.alarm: FlagRateAlarm | None = alarm
         self.alarm_unavailable: str | None = None
-        if reference_flag_rate is None:
+        if alarm is None and reference is None:
             self.alarm_unavailable = unavailable or "no reference flag rate was given."
-        else:
-            self.alarm = FlagRateAlarm(reference_flag_rate, window=window, false_alarm=false_alarm)
+        elif alarm is None and reference is not None:
+            self.alarm = FlagRateAlarm(reference, run_length=run_length)
         self._lock = threading.Lock()
         self._samples = 0
         self._flagged = 0
@@ -175,43 +184,45 @@ class Telemetry:
         cls,
         monitor: Any,
         *,
-        window: int = DEFAULT_WINDOW,
-        false_alarm: float = DEFAULT_FALSE_ALARM,
+        run_length: float = DEFAULT_RUN_LENGTH,
         warn: bool = True,
     ) -> Telemetry:
         """Telemetry for a ``Monitor`` or an ``OnnxMonitor``, calibrated by its ``fit``.
 
         The buckets are the monitor's ``margin_buckets`` (quantiles of the
-        calibration margins); the alarm's reference is its ``reference_flag_rate``.
+        calibration margins); the alarm's reference is its ``reference_counts``
+        (or, for a file that stored the rate alone, its ``reference_flag_rate``).
         A monitor without them (a hand-set threshold, a file saved by an older
         brittle) gets buckets around its threshold and no alarm, with a warning
-        that says how to get one.
+        that says how to get one; so does one whose holdout flag rate is too high
+        for a rise to be detected.
 
         Args:
             monitor: A ``brittle.Monitor`` or ``brittle.OnnxMonitor`` with a threshold.
-            window: Samples in the alarm's sliding window.
-            false_alarm: Level of the alarm's test.
+            run_length: The alarm's promised expected clean samples between false alarms.
             warn: Warn when the alarm is unavailable.
         """
         threshold = float(monitor.threshold) if monitor.has_threshold else None
         buckets = monitor.margin_buckets or _fallback_buckets(threshold)
+        counts = getattr(monitor, "reference_counts", None)
         rate = monitor.reference_flag_rate
+        reference: tuple[int, int] | float | None = rate if counts is None else tuple(counts)
         unavailable = None
-        if rate is None:
+        if reference is None:
             unavailable = (
                 "the monitor carries no reference flag rate (its threshold was set by hand, or "
                 "it was fitted by a brittle older than the alarm): refit it with "
                 "monitor.fit(holdout) and save or export it again to get the flag-rate alarm."
             )
-            if warn:
-                warnings.warn(f"flag-rate alarm unavailable: {unavailable}", stacklevel=2)
-        return cls(
-            buckets,
-            reference_flag_rate=rate,
-            window=window,
-            false_alarm=false_alarm,
-            unavailable=unavailable,
-        )
+        alarm = None
+        if reference is not None:
+            try:
+                alarm = FlagRateAlarm(reference, run_length=run_length)
+            except UndetectableRiseError as err:
+                unavailable = str(err)
+        if unavailable is not None and warn:
+            warnings.warn(f"flag-rate alarm unavailable: {unavailable}", stacklevel=2)
+        return cls(buckets, alarm=alarm, unavailable=unavailable)
 
     def observe(self, output: MonitorOutput) -> MonitorOutput:
         """Count one batch's output and return it unchanged.
@@ -234,16 +245,20 @@ class Telemetry:
             # A few samples per request (the serving case): numpy's per-call overhead
             # would cost more than the counting.
             flags = flag.tolist()
+            margins = margin.tolist()
             counts, total, rejected = [0] * (len(self.bounds) + 1), 0.0, 0
-            for value in margin.tolist():
+            for value in margins:
                 if math.isfinite(value):
                     counts[bisect_left(self.bounds, value)] += 1
                     total += value
                 else:
                     rejected += 1
             flagged = sum(flags)
+            # A NaN margin (v != v) marks a rejected sample: it never reaches the alarm.
+            accepted: Any = flags
+            if rejected:
+                accepted = [f for f, v in zip(flags, margins, strict=True) if v == v]
         else:
-            flags = flag
             finite = np.isfinite(margin)
             good = margin if finite.all() else margin[finite]
             found = np.bincount(
@@ -252,6 +267,7 @@ class Telemetry:
             counts = found.tolist()
             flagged, rejected = int(np.count_nonzero(flag)), n - good.size
             total = float(good.sum(dtype=np.float64))
+            accepted = flag if finite.all() else flag[~np.isnan(margin)]
         with self._lock:
             self._samples += n
             self._flagged += flagged
@@ -259,7 +275,7 @@ class Telemetry:
             self._counts = [a + b for a, b in zip(self._counts, counts, strict=True)]
             self._sum += total
             if self.alarm is not None:
-                self.alarm.update(flags)
+                self.alarm.update(accepted)
         return output
 
     def snapshot(self) -> TelemetrySnapshot:

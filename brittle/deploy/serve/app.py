@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.concurrency import run_in_threadpool
 
-from brittle.deploy.alarm import DEFAULT_FALSE_ALARM, DEFAULT_WINDOW
+from brittle.deploy.alarm import DEFAULT_RUN_LENGTH
 from brittle.deploy.onnx_monitor import OnnxMonitor
 from brittle.deploy.serve.metrics import TelemetryCollector
 from brittle.deploy.telemetry import Telemetry
@@ -70,8 +70,7 @@ def create_app(
     *,
     max_batch: int = DEFAULT_MAX_BATCH,
     telemetry: Telemetry | None = None,
-    window: int = DEFAULT_WINDOW,
-    false_alarm: float = DEFAULT_FALSE_ALARM,
+    run_length: float = DEFAULT_RUN_LENGTH,
 ) -> FastAPI:
     """A FastAPI app serving ``monitor`` with ``/predict``, ``/metrics`` and ``/healthz``.
 
@@ -79,9 +78,9 @@ def create_app(
         monitor: The exported monitor, opened with ``brittle.OnnxMonitor``.
         max_batch: Largest batch one request may send (larger ones get 413).
         telemetry: Telemetry to count into; by default
-            ``Telemetry.from_monitor(monitor, window=window, false_alarm=false_alarm)``.
-        window: Samples in the flag-rate alarm's sliding window.
-        false_alarm: Level of the flag-rate alarm's test.
+            ``Telemetry.from_monitor(monitor, run_length=run_length)``.
+        run_length: The flag-rate alarm's promised expected clean samples between
+            false alarms.
 
     Returns:
         The app; its ``state`` holds ``monitor``, ``telemetry`` and ``registry`` (its own
@@ -105,7 +104,7 @@ def create_app(
     if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
         raise ValueError(f"max_batch must be a positive integer. Got {max_batch!r}.")
     if telemetry is None:
-        telemetry = Telemetry.from_monitor(monitor, window=window, false_alarm=false_alarm)
+        telemetry = Telemetry.from_monitor(monitor, run_length=run_length)
     registry = CollectorRegistry(auto_describe=True)
     registry.register(TelemetryCollector(telemetry))
     app = FastAPI(title="brittle monitor", version=_version())

@@ -7,7 +7,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 
-from brittle.deploy.alarm import DEFAULT_FALSE_ALARM, DEFAULT_WINDOW
+from brittle.deploy.alarm import DEFAULT_RUN_LENGTH
 
 __all__ = ["main", "build_parser", "PROVIDERS"]
 
@@ -31,17 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-batch", type=int, default=64, help="largest batch per request (default 64)"
     )
     parser.add_argument(
-        "--window",
-        type=int,
-        default=DEFAULT_WINDOW,
-        help=f"samples in the flag-rate alarm's window (default {DEFAULT_WINDOW})",
-    )
-    parser.add_argument(
-        "--false-alarm",
+        "--run-length",
         type=float,
-        default=DEFAULT_FALSE_ALARM,
-        help="probability that a full window of clean traffic fires the alarm "
-        f"(default {DEFAULT_FALSE_ALARM:g})",
+        default=DEFAULT_RUN_LENGTH,
+        help="expected clean samples between false alarms of the flag-rate alarm, promised "
+        f"with probability 0.9 over the calibration holdout (default {DEFAULT_RUN_LENGTH:g})",
     )
     parser.add_argument(
         "--provider",
@@ -74,9 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         monitor = OnnxMonitor(args.monitor, providers, session_options=options)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            telemetry = Telemetry.from_monitor(
-                monitor, window=args.window, false_alarm=args.false_alarm
-            )
+            telemetry = Telemetry.from_monitor(monitor, run_length=args.run_length)
         app = create_app(monitor, max_batch=args.max_batch, telemetry=telemetry)
     except (FileNotFoundError, ValueError) as err:
         print(f"python -m brittle.serve: error: {err}", file=sys.stderr)
@@ -87,8 +79,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     alarm_text = (
         "alarm unavailable"
         if alarm is None
-        else f"alarm: reference flag rate {alarm.reference_rate:.4g}, window {alarm.window}, "
-        f"fires at {alarm.critical} flags (false alarm {alarm.false_alarm:g})"
+        else f"alarm: reference flag rate {alarm.reference_rate:.4g}, designed at "
+        f"{alarm.design.rate:.4g}, fires at {alarm.state.threshold:.4g} nats, run length "
+        f"{alarm.run_length:g}"
     )
     print(
         f"brittle.serve: {monitor.path.name} on http://{args.host}:{args.port} "

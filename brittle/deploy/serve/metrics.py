@@ -33,8 +33,11 @@ class TelemetryCollector(Collector):
     ``_flagged_total``, ``_rejected_total`` (counters), ``_margin`` (histogram, bucket
     bounds from the calibration margins), ``_flag_rate_alarm`` (gauge, 0 or 1),
     ``_flag_rate_alarm_available`` (gauge, 0 when the monitor has no reference
-    rate), ``_window_flag_rate``, ``_reference_flag_rate`` (gauges) and
-    ``_flag_rate_alarm_critical`` (flags in a full window at which the alarm fires).
+    rate), ``_flag_rate_alarm_statistic`` and ``_flag_rate_alarm_threshold``
+    (gauges: the CUSUM statistic and the value at which it fires, in nats),
+    ``_alarm_episodes_total`` (counter: times the alarm switched on),
+    ``_reference_flag_rate`` and ``_alarm_design_flag_rate`` (gauges: the holdout's
+    flag rate and the upper bound the alarm was designed at).
 
     Args:
         telemetry: The telemetry to expose.
@@ -44,7 +47,7 @@ class TelemetryCollector(Collector):
         >>> from prometheus_client import CollectorRegistry, generate_latest
         >>> from brittle import Telemetry
         >>> registry = CollectorRegistry()
-        >>> registry.register(TelemetryCollector(Telemetry([0.1, 1.0], reference_flag_rate=0.1)))
+        >>> registry.register(TelemetryCollector(Telemetry([0.1, 1.0], reference=(40, 400))))
         >>> b"brittle_flag_rate_alarm 0.0" in generate_latest(registry)
         True
     """
@@ -76,8 +79,8 @@ class TelemetryCollector(Collector):
         alarm = snap.alarm
         yield GaugeMetricFamily(
             f"{p}_flag_rate_alarm",
-            "1 while the flag rate of the sliding window is significantly above the "
-            "calibration holdout's.",
+            "1 while the flag-rate CUSUM is at or above its threshold: the flag rate of the "
+            "accepted samples has risen above the calibration holdout's.",
             float(alarm is not None and alarm.firing),
         )
         yield GaugeMetricFamily(
@@ -85,22 +88,30 @@ class TelemetryCollector(Collector):
             "1 when the monitor carries a reference flag rate, so the alarm can fire.",
             float(alarm is not None),
         )
+        yield CounterMetricFamily(
+            f"{p}_alarm_episodes",
+            "Times the flag-rate alarm switched on (off to on).",
+            0 if alarm is None else alarm.episodes,
+        )
         if alarm is not None:
             yield GaugeMetricFamily(
-                f"{p}_window_flag_rate",
-                "Flag rate of the alarm's sliding window (NaN before the first sample).",
-                alarm.rate,
+                f"{p}_flag_rate_alarm_statistic",
+                "The flag-rate CUSUM statistic (log-likelihood ratio, nats) over the accepted "
+                "samples.",
+                alarm.statistic,
             )
             yield GaugeMetricFamily(
-                f"{p}_window_samples", "Samples in the alarm's sliding window.", alarm.seen
+                f"{p}_flag_rate_alarm_threshold",
+                "The statistic at which the flag-rate alarm fires (nats).",
+                alarm.threshold,
             )
             yield GaugeMetricFamily(
                 f"{p}_reference_flag_rate",
-                "Flag rate on the calibration holdout (with the alarm's floor).",
+                "Flag rate on the calibration holdout (flagged / accepted samples).",
                 alarm.reference_rate,
             )
             yield GaugeMetricFamily(
-                f"{p}_flag_rate_alarm_critical",
-                "Flags in a full window at which the alarm fires.",
-                alarm.critical,
+                f"{p}_alarm_design_flag_rate",
+                "The flag rate the alarm was designed at: the holdout rate's upper bound.",
+                alarm.design_rate,
             )

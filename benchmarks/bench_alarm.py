@@ -1,0 +1,274 @@
+"""The flag-rate alarm's promise and delay: the CUSUM against the sliding window and alibi-detect.
+
+Part 1, the promise over holdouts. For each true flag rate ``p0`` in {0.05,
+0.15, 0.3} and calibration size ``m`` in {200, 400, 1,000, 5,000}, draw
+``--holdouts`` holdouts as ``Binomial(m, p0)`` flagged counts, build
+``FlagRateAlarm((k, m), run_length=PROMISE)`` for each, and compute its exact
+mean run length on clean traffic at ``p0`` (the Markov chain of
+``brittle.deploy.alarm.cusum_run_length``: exact, so no stream is simulated).
+Reported: the share of holdouts whose run length is at least the promise
+(target >= 0.9) and the median run length over the promise (target <= 3 for
+m >= 1,000), for the default odds ratio 2 and for 4 (tuned to a larger rise).
+The CPU time of the slowest construction (the server's start-up) is printed too.
+
+Part 2, the delay. For the median holdout (``k = p0 * m``, ``m = 1,000``), the
+median number of samples from a fresh detector to its first alarm after the
+flag rate moves to 1.5x p0, 2x p0 and 1.0:
+
+- the CUSUM: exact, from the distribution of the Markov chain;
+- today's sliding window (1,000 samples), its critical count set for the same
+  run length at the true ``p0`` (a generous reference: exact, where the CUSUM
+  pays for the holdout's noise), counted on a 2x10^7-sample clean stream;
+  its delay by simulation (``--streams`` streams);
+- alibi-detect's ``FETDriftOnline`` (``ert=PROMISE``, windows 20 and 100,
+  ``x_ref`` the holdout's flags), fed one sample at a time (``--fet-streams``
+  streams, cut at ``--fet-cap`` samples).
+
+alibi-detect is not a dependency of brittle: install it in a venv of its own.
+
+    python3 -m venv /work/venvs/alarm
+    /work/venvs/alarm/bin/pip install alibi-detect numpy scipy matplotlib
+    PYTHONPATH=. nice /work/venvs/alarm/bin/python benchmarks/bench_alarm.py
+    python benchmarks/bench_alarm.py --no-fet     # without alibi-detect
+
+``--plot`` writes docs/img/alarm_run_length.png and docs/img/alarm_delay.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+
+from brittle.deploy.alarm import FlagRateAlarm, binomial_sf, critical_count, cusum_run_length
+
+PROMISE = 100_000
+P0S = (0.05, 0.15, 0.3)
+MS = (200, 400, 1000, 5000)
+SHIFTS = (1.5, 2.0, None)  # None: every sample flagged
+DELAY_M = 1000
+WINDOW = 1000
+
+
+def promise_table(holdouts: int, odds_ratio: float, seed: int) -> list[dict[str, float]]:
+    """Share of holdouts keeping the promise and median run length / promise, per (p0, m)."""
+    rows = []
+    for p0 in P0S:
+        for m in MS:
+            flagged = np.random.default_rng(seed).binomial(m, p0, size=holdouts)
+            run_length, slowest = {}, 0.0
+            for k in np.unique(flagged).tolist():
+                start = time.process_time()
+                design = FlagRateAlarm((k, m), run_length=PROMISE, odds_ratio=odds_ratio).design
+                slowest = max(slowest, time.process_time() - start)
+                run_length[k] = cusum_run_length(design.up, design.down, design.threshold, p0)
+            arl = np.array([run_length[k] for k in flagged.tolist()])
+            rows.append(
+                {
+                    "p0": p0,
+                    "m": m,
+                    "share": float((arl >= PROMISE).mean()),
+                    "median": float(np.median(arl) / PROMISE),
+                    "startup": slowest,
+                }
+            )
+    return rows
+
+
+def cusum_median_delay(alarm: FlagRateAlarm, p: float, cap: int = 10**6) -> int:
+    """Median samples from zero to the first alarm at flag rate ``p``: the chain's distribution."""
+    d = alarm.design
+    states = np.arange(d.threshold)
+    down = np.maximum(states - d.down, 0)
+    up = states + d.up
+    stay = up < d.threshold
+    mass, fired = np.zeros(d.threshold), 0.0
+    mass[0] = 1.0
+    for t in range(1, cap + 1):
+        new = np.bincount(down, weights=mass * (1 - p), minlength=d.threshold)
+        new += np.bincount(up[stay], weights=mass[stay] * p, minlength=d.threshold)
+        fired += p * mass[~stay].sum()
+        mass = new
+        if fired >= 0.5:
+            return t
+    return cap
+
+
+def window_critical(p0: float, seed: int, length: int = 2 * 10**7) -> int:
+    """Smallest critical count whose clean run length (episodes on a long stream) is the promise."""
+    rng = np.random.default_rng(seed)
+    counts = np.empty(length - WINDOW + 1, dtype=np.int32)
+    total = np.concatenate([[0], np.cumsum(rng.random(length) < p0, dtype=np.int32)])
+    counts[:] = total[WINDOW:] - total[:-WINDOW]
+    # Start from the binomial test at level window / promise (the old docs' reading).
+    k = critical_count(WINDOW, p0, WINDOW / PROMISE)
+    while True:
+        on = counts >= k
+        episodes = int(on[0]) + int(np.count_nonzero(on[1:] & ~on[:-1]))
+        if episodes == 0 or len(counts) / episodes >= PROMISE:
+            return k
+        k += 1
+
+
+def window_median_delay(critical: int, p: float, streams: int, seed: int) -> float:
+    """Median first time t >= WINDOW at which the last WINDOW samples hold ``critical`` flags."""
+    rng = np.random.default_rng(seed)
+    horizon = WINDOW * 20
+    delays = []
+    for _ in range(streams):
+        flags = rng.random(horizon) < p
+        total = np.concatenate([[0], np.cumsum(flags)])
+        hits = np.flatnonzero(total[WINDOW:] - total[:-WINDOW] >= critical)
+        delays.append(hits[0] + WINDOW if hits.size else horizon)
+    return float(np.median(delays))
+
+
+def fet_median_delays(
+    p0: float, flagged: int, shifts: list[float], streams: int, cap: int, seed: int
+) -> list[float]:
+    """alibi-detect's FETDriftOnline on the same holdout: median delay at each shifted rate."""
+    from alibi_detect.cd import FETDriftOnline
+
+    rng = np.random.default_rng(seed)
+    x_ref = np.zeros(DELAY_M)
+    x_ref[:flagged] = 1.0
+    rng.shuffle(x_ref)
+    start = time.process_time()
+    detector = FETDriftOnline(
+        x_ref,
+        ert=PROMISE,
+        window_sizes=[20, 100],
+        n_bootstraps=120_000,
+        alternative="greater",
+        verbose=False,
+    )
+    print(f"  FETDriftOnline configured in {time.process_time() - start:.0f} s CPU", flush=True)
+    out = []
+    for p in shifts:
+        delays = []
+        for _ in range(streams):
+            detector.reset_state()
+            t = cap
+            for i in range(1, cap + 1):
+                x = np.array([float(rng.random() < p)])
+                if detector.predict(x)["data"]["is_drift"]:
+                    t = i
+                    break
+            delays.append(t)
+        out.append(float(np.median(delays)))
+    return out
+
+
+def _plot(tables: dict[float, list[dict[str, float]]], delays: list[dict], folder: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for odds, rows in tables.items():
+        for p0 in P0S:
+            sel = [r for r in rows if r["p0"] == p0]
+            style = "-" if odds == 2.0 else "--"
+            label = f"p0={p0}, odds ratio {odds:g}"
+            axes[0].plot(
+                [r["m"] for r in sel], [r["share"] for r in sel], style, marker="o", label=label
+            )
+            axes[1].plot(
+                [r["m"] for r in sel], [r["median"] for r in sel], style, marker="o", label=label
+            )
+    axes[0].axhline(0.9, color="k", lw=0.8)
+    axes[0].set(
+        xscale="log", xlabel="calibration samples m", ylabel="share of holdouts with ARL >= promise"
+    )
+    axes[1].axhline(3, color="k", lw=0.8)
+    axes[1].set(
+        xscale="log", yscale="log", xlabel="calibration samples m", ylabel="median ARL / promise"
+    )
+    axes[1].legend(fontsize=7)
+    fig.suptitle(f"Flag-rate CUSUM, promise {PROMISE:,} samples, 90 % Clopper-Pearson design")
+    fig.tight_layout()
+    fig.savefig(folder / "alarm_run_length.png", dpi=110)
+
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    names = [k for k in ("cusum", "window", "fet") if any(k in d for d in delays)]
+    labels = [f"p0={d['p0']}, {d['shift']}" for d in delays]
+    x = np.arange(len(delays))
+    for i, name in enumerate(names):
+        ax.bar(x + (i - 1) * 0.27, [d.get(name, np.nan) for d in delays], 0.27, label=name)
+    ax.set_xticks(x, labels, rotation=30, ha="right", fontsize=8)
+    ax.set(yscale="log", ylabel="median delay (samples)", title=f"Delay to alarm, m={DELAY_M}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(folder / "alarm_delay.png", dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--holdouts", type=int, default=500)
+    parser.add_argument("--streams", type=int, default=400, help="sliding-window streams")
+    parser.add_argument("--fet-streams", type=int, default=30)
+    parser.add_argument("--fet-cap", type=int, default=5000)
+    parser.add_argument("--no-fet", action="store_true", help="skip alibi-detect")
+    parser.add_argument("--plot", action="store_true", help="write docs/img/alarm_*.png")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    tables = {}
+    for odds in (2.0, 4.0):
+        tables[odds] = promise_table(args.holdouts, odds, args.seed)
+        print(f"\nPromise {PROMISE:,} samples, odds ratio {odds:g}, {args.holdouts} holdouts")
+        print("| p0 | m | share ARL >= promise | median ARL / promise | slowest start-up (CPU s) |")
+        print("|---|---|---|---|---|")
+        for r in tables[odds]:
+            print(
+                f"| {r['p0']} | {r['m']:,} | {r['share']:.3f} | {r['median']:.2f} | "
+                f"{r['startup']:.3f} |",
+                flush=True,
+            )
+
+    delays: list[dict] = []
+    print(
+        f"\nMedian delay (samples) from a fresh detector, holdout {DELAY_M:,} at its median count"
+    )
+    print("| p0 | shift to | CUSUM (odds 2) | CUSUM (odds 4) | window 1,000 | FETDriftOnline |")
+    print("|---|---|---|---|---|---|")
+    for p0 in P0S:
+        k = round(p0 * DELAY_M)
+        alarms = {
+            o: FlagRateAlarm((k, DELAY_M), run_length=PROMISE, odds_ratio=o) for o in (2.0, 4.0)
+        }
+        critical = window_critical(p0, args.seed)
+        rates = [min(f * p0, 1.0) if f else 1.0 for f in SHIFTS]
+        fet = (
+            [np.nan] * len(rates)
+            if args.no_fet
+            else fet_median_delays(p0, k, rates, args.fet_streams, args.fet_cap, args.seed)
+        )
+        for f, p, fet_delay in zip(SHIFTS, rates, fet, strict=True):
+            row = {
+                "p0": p0,
+                "shift": "all flagged" if f is None else f"{f:g}x p0",
+                "cusum": cusum_median_delay(alarms[2.0], p),
+                "cusum4": cusum_median_delay(alarms[4.0], p),
+                "window": window_median_delay(critical, p, args.streams, args.seed),
+                "fet": fet_delay,
+            }
+            delays.append(row)
+            print(
+                f"| {p0} | {row['shift']} | {row['cusum']} | {row['cusum4']} | "
+                f"{row['window']:.0f} | {row['fet']:.0f} |",
+                flush=True,
+            )
+        tail = binomial_sf(critical, WINDOW, p0)
+        print(f"  (window: fires at {critical} flags of {WINDOW}, per-check level {tail:.2g})")
+    if args.plot:
+        folder = Path(__file__).resolve().parents[1] / "docs" / "img"
+        _plot(tables, delays, folder)
+        print(f"plots written to {folder}")
+
+
+if __name__ == "__main__":
+    main()
