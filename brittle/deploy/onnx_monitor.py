@@ -93,9 +93,16 @@ class OnnxMonitor:
             raise ValueError(f"providers must be a list of provider names. Got {providers!r}.")
         chosen = list(providers) if providers is not None else _default_providers()
         self.path = path
-        self.session = ort.InferenceSession(
-            str(path), sess_options=session_options, providers=chosen
-        )
+        try:
+            self.session = ort.InferenceSession(
+                str(path), sess_options=session_options, providers=chosen
+            )
+        except Exception as err:  # onnxruntime's own exception types, one per failure
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            raise ValueError(
+                f"{str(path)!r} is not a readable ONNX file (empty, truncated or damaged): "
+                f"onnxruntime says {first}"
+            ) from err
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         names = tuple(o.name for o in outputs)
         if len(inputs) != 1 or inputs[0].name != INPUT_NAME or names != OUTPUT_NAMES:
@@ -144,6 +151,19 @@ class OnnxMonitor:
         """Margin histogram bounds from the calibration holdout (``Telemetry``), if known."""
         value = self.metadata.get("margin_buckets", "none")
         return None if value == "none" else tuple(float(b) for b in json.loads(value))
+
+    @property
+    def input_domain(self) -> tuple[float, float] | None:
+        """The input values the graph accepts, ``(low, high)``; outside them it rejects.
+
+        ``None`` for files exported before the monitor recorded its holdout's input
+        range, or from a monitor that was never fitted.
+        """
+        value = self.metadata.get("input_domain", "none")
+        if value == "none":
+            return None
+        low, high = (float(b) for b in json.loads(value))
+        return low, high
 
     @property
     def score(self) -> str | None:

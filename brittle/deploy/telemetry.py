@@ -19,12 +19,13 @@ import threading
 import warnings
 from bisect import bisect_left
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from brittle.deploy.alarm import DEFAULT_FALSE_ALARM, DEFAULT_WINDOW, AlarmState, FlagRateAlarm
+from brittle.deploy.rejects import REASONS, Reason, reject_reasons
 from brittle.output import MonitorOutput
 
 __all__ = ["Telemetry", "TelemetrySnapshot", "margin_buckets", "BUCKET_QUANTILES"]
@@ -83,12 +84,14 @@ class TelemetrySnapshot:
     Attributes:
         samples: Samples observed.
         flagged: Samples flagged (brittle decisions and rejected samples).
-        rejected: Samples that could not be judged (NaN or Inf: margin NaN).
+        rejected: Samples that could not be judged (NaN, Inf or outside the input
+            domain: margin NaN).
         bounds: The histogram's bucket upper bounds (``le``), ascending.
         bucket_counts: Margins per bucket, not cumulative; one more than ``bounds``
             (the last is the ``+Inf`` bucket). Rejected samples are not in it.
         margin_sum: Sum of the finite margins.
         alarm: The alarm's state, ``None`` when the alarm is unavailable.
+        rejected_by_reason: ``rejected`` split by reason (``brittle.deploy.rejects``).
     """
 
     samples: int
@@ -98,6 +101,7 @@ class TelemetrySnapshot:
     bucket_counts: tuple[int, ...]
     margin_sum: float
     alarm: AlarmState | None
+    rejected_by_reason: dict[Reason, int] = field(default_factory=lambda: dict.fromkeys(REASONS, 0))
 
     @property
     def cumulative_buckets(self) -> list[tuple[float, int]]:
@@ -120,6 +124,8 @@ class Telemetry:
         window: Samples in the alarm's sliding window.
         false_alarm: Level of the alarm's test (see ``FlagRateAlarm``).
         unavailable: Why the alarm is unavailable, when ``reference_flag_rate`` is ``None``.
+        domain: The monitor's accepted ``(low, high)`` input values, to tell a sample
+            rejected for leaving them from one rejected for NaN or Inf.
 
     Examples:
         >>> import torch, brittle
@@ -142,6 +148,7 @@ class Telemetry:
         window: int = DEFAULT_WINDOW,
         false_alarm: float = DEFAULT_FALSE_ALARM,
         unavailable: str | None = None,
+        domain: tuple[float, float] | None = None,
     ) -> None:
         bounds = tuple(float(b) for b in buckets)
         if not bounds or not all(math.isfinite(b) for b in bounds):
@@ -162,6 +169,8 @@ class Telemetry:
         self._rejected = 0
         self._counts = [0] * (len(bounds) + 1)
         self._sum = 0.0
+        self.domain = domain
+        self._reasons = dict.fromkeys(REASONS, 0)
 
     @classmethod
     def from_monitor(
@@ -204,13 +213,17 @@ class Telemetry:
             window=window,
             false_alarm=false_alarm,
             unavailable=unavailable,
+            domain=getattr(monitor, "input_domain", None),
         )
 
-    def observe(self, output: MonitorOutput) -> MonitorOutput:
+    def observe(self, output: MonitorOutput, inputs: Any = None) -> MonitorOutput:
         """Count one batch's output and return it unchanged.
 
         Args:
             output: What the monitor returned (tensors on any device, or arrays).
+            inputs: The batch the output is for; with it, each rejected sample is
+                counted under its reason (NaN, Inf, outside the domain), else under
+                ``"other"``. Only rejected rows are read.
 
         Raises:
             ValueError: if the output has no flags (the monitor has no threshold).
@@ -245,12 +258,21 @@ class Telemetry:
             counts = found.tolist()
             flagged, rejected = int(np.count_nonzero(flag)), n - good.size
             total = float(good.sum(dtype=np.float64))
+        reasons: list[Reason] = []
+        if rejected:
+            if inputs is None:
+                reasons = ["other"] * rejected
+            else:
+                rows = _numpy(inputs)[~np.isfinite(margin)]
+                reasons = reject_reasons(rows, self.domain)
         with self._lock:
             self._samples += n
             self._flagged += flagged
             self._rejected += rejected
             self._counts = [a + b for a, b in zip(self._counts, counts, strict=True)]
             self._sum += total
+            for reason in reasons:
+                self._reasons[reason] += 1
             if self.alarm is not None:
                 self.alarm.update(flags)
         return output
@@ -266,6 +288,7 @@ class Telemetry:
                 bucket_counts=tuple(self._counts),
                 margin_sum=self._sum,
                 alarm=None if self.alarm is None else self.alarm.state,
+                rejected_by_reason=dict(self._reasons),
             )
 
     def __repr__(self) -> str:
