@@ -38,14 +38,14 @@ def reject_reasons(rows: Any, domain: tuple[float, float] | None = None) -> list
     """
     flat = np.asarray(rows, dtype=np.float64)
     flat = flat.reshape(flat.shape[0], -1)
-    has_nan: np.ndarray = np.isnan(flat).any(axis=1)
-    has_inf = np.isinf(flat).any(axis=1)
+    has_nan = np.asarray(np.isnan(flat).any(axis=1), dtype=bool)
+    has_inf = np.asarray(np.isinf(flat).any(axis=1), dtype=bool)
     outside = np.zeros_like(has_nan)
     if domain is not None and all(math.isfinite(b) for b in domain):
         with np.errstate(invalid="ignore"):  # NaN rows are named by has_nan already
-            outside = np.any((flat < domain[0]) | (flat > domain[1]), axis=1)
+            outside = np.asarray(np.any((flat < domain[0]) | (flat > domain[1]), axis=1))
     reasons: list[Reason] = []
-    for nan, inf, out in zip(list(has_nan), list(has_inf), list(outside), strict=True):
+    for nan, inf, out in zip(has_nan.tolist(), has_inf.tolist(), outside.tolist(), strict=True):
         reasons.append("nan" if nan else "inf" if inf else "out_of_domain" if out else "other")
     return reasons
 
