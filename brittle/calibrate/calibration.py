@@ -34,6 +34,8 @@ class Calibration:
             reference of the flag-rate alarm (``brittle.deploy.alarm``). ``None`` if unknown.
         margin_buckets: Histogram bucket bounds from the calibration samples' scores
             (``brittle.deploy.telemetry.margin_buckets``). ``None`` if unknown.
+        input_range: Smallest and largest input value of the holdout: the monitor
+            rejects samples outside it (with a tolerance). ``None`` if unknown.
     """
 
     eps: float
@@ -44,3 +46,4 @@ class Calibration:
     report: ConsistencyReport
     reference_flag_rate: float | None = None
     margin_buckets: tuple[float, ...] | None = None
+    input_range: tuple[float, float] | None = None

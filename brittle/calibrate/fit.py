@@ -377,4 +377,5 @@ def calibrate(
         report=report,
         reference_flag_rate=reference_flag_rate,
         margin_buckets=margin_buckets(cal_scores, threshold),
+        input_range=holdout.input_range,
     )

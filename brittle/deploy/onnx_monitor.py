@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -120,6 +121,13 @@ class OnnxMonitor:
         k = outputs[0].shape[1]
         self.num_classes: int | None = k if isinstance(k, int) else None
         self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
+        if self.metadata.get("fitted") == "true" and "input_domain" not in self.metadata:
+            warnings.warn(
+                f"{path.name} was exported without an input domain (by an older brittle): "
+                "inputs far outside the holdout's range are judged instead of rejected. Refit "
+                "the monitor and export it again.",
+                stacklevel=2,
+            )
 
     @property
     def providers(self) -> list[str]:
