@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Path, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
@@ -35,12 +35,13 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     400: schemas.error_response("error", "Malformed request (one line, never the input)."),
     404: schemas.error_response("error", "No model of that name."),
     413: schemas.error_response("error", "Body or batch larger than this server's limit."),
-    422: schemas.error_response("error", "Values that are not numbers of the input's shape."),
 }
 
 
 def _error(err: BadRequest) -> JSONResponse:
-    return JSONResponse({"error": err.detail}, status_code=err.status)
+    # The protocol answers every malformed request with 400.
+    status = 400 if err.status == 422 else err.status
+    return JSONResponse({"error": err.detail}, status_code=status)
 
 
 def _values(array: np.ndarray) -> list[Any]:
@@ -78,7 +79,7 @@ def _tensor(
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
     ):
         raise BadRequest(400, "the tensor's shape must be a list of non-negative integers.")
-    if datatype not in schemas.DATATYPES or datatype == "BOOL":
+    if not isinstance(datatype, str) or datatype not in schemas.DATATYPES or datatype == "BOOL":
         raise BadRequest(400, "the tensor's datatype must be a numeric Open Inference datatype.")
     if shape and shape[0] > max_batch:
         raise BadRequest(413, f"a batch exceeds this server's limit of {max_batch}.")
@@ -87,7 +88,12 @@ def _tensor(
     parameters = tensor.get("parameters") or {}
     size = parameters.get("binary_data_size") if isinstance(parameters, dict) else None
     if size is not None:
-        if "data" in tensor or size != count * dtype.itemsize or size != len(binary):
+        if (
+            not isinstance(size, int)
+            or "data" in tensor
+            or size != count * dtype.itemsize
+            or size != len(binary)
+        ):
             raise BadRequest(400, "the binary tensor data do not match its shape and datatype.")
         values = np.frombuffer(binary, dtype=dtype)
     else:
@@ -146,6 +152,9 @@ def add_open_inference_routes(
         ],
     }
 
+    # The one model's name as an enum: clients (and fuzzers) see which name exists.
+    model_name = Path(json_schema_extra={"enum": [name]})
+
     def known(model: str) -> None:
         if model != name:
             raise BadRequest(404, f"no model of that name; this server serves {name!r}.")
@@ -165,8 +174,12 @@ def add_open_inference_routes(
         """Open Inference Protocol: server metadata."""
         return {"name": "brittle", "version": version, "extensions": ["binary_tensor_data"]}
 
-    @app.get("/v2/models/{model}", tags=["open inference"], responses={404: _ERRORS[404]})
-    def model_metadata(model: str) -> Response:
+    @app.get(
+        "/v2/models/{model}",
+        tags=["open inference"],
+        responses={404: _ERRORS[404]},
+    )
+    def model_metadata(model: str = model_name) -> Response:
         """Open Inference Protocol: the model's input and output tensors."""
         try:
             known(model)
@@ -180,7 +193,7 @@ def add_open_inference_routes(
         tags=["open inference"],
         responses={404: _ERRORS[404]},
     )
-    def model_ready(model: str) -> Response:
+    def model_ready(model: str = model_name) -> Response:
         """Open Inference Protocol: the model is ready."""
         try:
             known(model)
@@ -216,7 +229,7 @@ def add_open_inference_routes(
     @app.post(
         "/v2/models/{model}/infer",
         tags=["open inference"],
-        openapi_extra=schemas.json_body(schemas.infer_request()),
+        openapi_extra=schemas.json_body(schemas.infer_request(list(OUTPUT_NAMES))),
         responses={
             200: {
                 "description": "The outputs logits, pred, margin and flag.",
@@ -225,7 +238,7 @@ def add_open_inference_routes(
             **_ERRORS,
         },
     )
-    async def infer(model: str, request: Request) -> Response:
+    async def infer(request: Request, model: str = model_name) -> Response:
         """Open Inference Protocol: logits, pred, margin and flag for the ``input`` tensor."""
         try:
             known(model)

@@ -49,11 +49,14 @@ _NUMBER_OR_NULL = {"anyOf": [{"type": "number"}, {"type": "null"}]}
 def sample_schema(dims: tuple[int | None, ...]) -> dict[str, Any]:
     """Nested arrays of numbers of the given shape (``None``: any length).
 
+    ``null`` stands for NaN (JSON has none), as in the responses: such a sample is
+    rejected (flag true, margin null), not the request.
+
     Examples:
         >>> sample_schema((2,))
-        {'type': 'array', 'items': {'type': 'number'}, 'minItems': 2, 'maxItems': 2}
+        {'type': 'array', 'items': {'type': ['number', 'null']}, 'minItems': 2, 'maxItems': 2}
     """
-    schema: dict[str, Any] = {"type": "number"}
+    schema: dict[str, Any] = {"type": ["number", "null"]}
     for d in reversed(dims):
         schema = {"type": "array", "items": schema}
         if d is not None:
@@ -119,22 +122,30 @@ def error_response(key: str, description: str) -> dict[str, Any]:
     }
 
 
-def _tensor(shape_items: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+def _tensor(
+    shape_items: dict[str, Any], data: dict[str, Any], names: list[str], datatypes: list[str]
+) -> dict[str, Any]:
     return {
         "type": "object",
         "required": ["name", "shape", "datatype", "data"],
         "properties": {
-            "name": {"type": "string"},
+            "name": {"type": "string", "enum": names},
             "shape": {"type": "array", "items": shape_items},
-            "datatype": {"type": "string"},
+            "datatype": {"type": "string", "enum": datatypes},
             "parameters": {"type": "object"},
             "data": data,
         },
     }
 
 
-def infer_request() -> dict[str, Any]:
-    """An Open Inference Protocol (KServe v2) inference request with JSON tensors."""
+def infer_request(outputs: list[str]) -> dict[str, Any]:
+    """An Open Inference Protocol (KServe v2) inference request with JSON tensors.
+
+    The tensor's ``data`` must hold exactly as many numbers as its ``shape`` says,
+    row-major, flat or nested; JSON Schema cannot state that, the server answers
+    400 otherwise.
+    """
+    numeric = [k for k in DATATYPES if k != "BOOL"]
     return {
         "type": "object",
         "required": ["inputs"],
@@ -148,6 +159,8 @@ def infer_request() -> dict[str, Any]:
                 "items": _tensor(
                     {"type": "integer", "minimum": 0},
                     {"type": "array", "description": "Row-major values, flat or nested."},
+                    ["input"],
+                    numeric,
                 ),
             },
             "outputs": {
@@ -155,7 +168,10 @@ def infer_request() -> dict[str, Any]:
                 "items": {
                     "type": "object",
                     "required": ["name"],
-                    "properties": {"name": {"type": "string"}, "parameters": {"type": "object"}},
+                    "properties": {
+                        "name": {"type": "string", "enum": outputs},
+                        "parameters": {"type": "object"},
+                    },
                 },
             },
         },
@@ -176,6 +192,8 @@ def infer_response() -> dict[str, Any]:
                 "items": _tensor(
                     {"type": "integer"},
                     {"type": "array", "items": {"anyOf": [_NUMBER_OR_NULL, {"type": "boolean"}]}},
+                    ["logits", "pred", "margin", "flag"],
+                    list(DATATYPES),
                 ),
             },
         },
