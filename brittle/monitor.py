@@ -17,7 +17,7 @@ from brittle.attacks.settings import DEFAULT_ENGINE
 from brittle.calibrate.calibration import Calibration, ScoreKind
 from brittle.errors import NotFittedError
 from brittle.output import MonitorOutput, MonitorPass
-from brittle.scores.finite import domain_bounds, finite_rows, in_domain_rows, zero_rows
+from brittle.scores.finite import domain_bounds, nonfinite_rows, rejected_rows, zero_rows
 from brittle.scores.head import (
     NO_HEAD_HINT,
     HeadCapture,
@@ -274,16 +274,14 @@ class Monitor(nn.Module):
         keeps that path free of hooks (thread-safe and ``torch.compile``-able).
         With ``domain`` (and a fitted domain), samples outside it are rejected.
         """
-        ok = finite_rows(x)
-        if domain and self._has_domain:
-            ok = ok & in_domain_rows(x, self.domain)
-        safe = zero_rows(x, ok)
+        rejected = rejected_rows(x, self.domain if domain and self._has_domain else None)
+        safe = zero_rows(x, ~rejected)
         capture: HeadCapture | None = None
         if not self.discovered:
             with _DISCOVERY:
                 if not self.discovered:
                     logits, capture = self._discover(safe)
-                    return _Run(logits, capture, ~(ok & torch.isfinite(logits).all(dim=1)))
+                    return _Run(logits, capture, rejected | nonfinite_rows(logits))
         if self.model.training and changes_in_train_mode(self.model):
             warnings.warn(
                 "the wrapped model is in train mode: batch norm and dropout make every "
@@ -296,7 +294,7 @@ class Monitor(nn.Module):
                 logits = self._call_model(safe)
         else:
             logits = self._call_model(safe)
-        return _Run(logits, capture, ~(ok & torch.isfinite(logits).all(dim=1)))
+        return _Run(logits, capture, rejected | nonfinite_rows(logits))
 
     def _empty(self, x: Tensor) -> MonitorOutput:
         k = self.num_classes or 0
