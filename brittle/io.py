@@ -1,44 +1,112 @@
 """The monitor file: writing a monitor's state without the model, reading it back.
 
 ``brittle.load`` (in ``brittle.loading``) puts what ``read`` returns back onto a model.
+The file carries a SHA-256 checksum of everything it holds (every tensor's bytes,
+every plain value), so that a file altered by a single byte is called damaged
+instead of loading a wrong threshold.
 """
 
 from __future__ import annotations
 
+import hashlib
+import math
 import pickle
+import warnings
 import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import Tensor
 
 from brittle.identity import model_identity
 
 if TYPE_CHECKING:
     from brittle.protocol import MonitorProtocol
 
-__all__ = ["save", "read"]
+__all__ = ["save", "read", "checksum"]
 
 _FORMAT = "brittle.monitor"
 _FORMAT_VERSION = 2
 _MODEL_PREFIX = "model."
 
 
+def _digest(h: Any, value: Any) -> None:
+    # A canonical byte stream: type tags, sorted keys, each tensor's dtype, shape and
+    # raw bytes (repr() would abbreviate a large tensor), repr() of plain values
+    # (exact for floats).
+    if isinstance(value, Tensor):
+        t = value.detach().to("cpu").contiguous()
+        h.update(f"T{t.dtype}{list(t.shape)}:".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(value, dict):
+        h.update(f"D{len(value)}:".encode())
+        for key in sorted(value, key=repr):
+            _digest(h, key)
+            _digest(h, value[key])
+    elif isinstance(value, (list, tuple)):
+        h.update(f"L{len(value)}:".encode())
+        for item in value:
+            _digest(h, item)
+    else:
+        text = repr(value)
+        h.update(f"V{len(text)}:{text}".encode())
+
+
+def checksum(state: dict[str, Any], model: dict[str, Any]) -> str:
+    """SHA-256 (hex) of a monitor file's state and model identity, byte for byte.
+
+    Examples:
+        >>> import torch
+        >>> a = checksum({"threshold": torch.tensor(0.25)}, {})
+        >>> a == checksum({"threshold": torch.tensor(0.25)}, {})
+        True
+        >>> a == checksum({"threshold": torch.tensor(1.0)}, {})
+        False
+    """
+    h = hashlib.sha256()
+    _digest(h, {"state": state, "model": model})
+    return h.hexdigest()
+
+
+def _check_savable(monitor: MonitorProtocol) -> None:
+    if monitor.input_shape is None:
+        raise ValueError(
+            "this monitor has never seen an input, so its file could not recognise the model "
+            "it belongs to (no probe logits). Call monitor(batch) once, or wrap with "
+            "example_input=batch, before saving."
+        )
+    threshold = float(monitor.threshold)
+    if monitor.is_fitted and not math.isfinite(threshold):
+        raise ValueError(
+            f"this fitted monitor has a non-finite threshold ({threshold}); it would flag "
+            "nothing. Fit it again (monitor.fit(holdout)) before saving."
+        )
+
+
 def save(monitor: MonitorProtocol, path: str | Path) -> Path:
     """Write ``monitor``'s own state (everything but the model's weights) to ``path``.
 
     The file also identifies the model (its structure and its logits on a probe
-    batch), so that ``load`` can refuse another one. It is written under a
-    temporary name and renamed, so a crash never leaves half a file at ``path``.
+    batch), so that ``load`` can refuse another one, and carries a checksum of
+    all it holds. It is written under a temporary name and renamed, so a crash
+    never leaves half a file at ``path``.
+
+    Raises:
+        ValueError: if the monitor has never seen an input (nothing would identify
+            its model), or is fitted with a non-finite threshold.
     """
+    _check_savable(monitor)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v for k, v in monitor.state_dict().items() if not k.startswith(_MODEL_PREFIX)}
+    model = model_identity(monitor.model, monitor.input_shape)
     payload = {
         "format": _FORMAT,
         "version": _FORMAT_VERSION,
         "state": state,
-        "model": model_identity(monitor.model, monitor.input_shape),
+        "model": model,
+        "checksum": checksum(state, model),
     }
     tmp = path.with_name(path.name + ".tmp")
     torch.save(payload, tmp)
@@ -71,5 +139,19 @@ def read(path: str | Path) -> dict[str, Any]:
     if payload.get("version") != _FORMAT_VERSION:
         raise ValueError(
             f"{str(path)!r} was written by another version of brittle; fit and save it again."
+        )
+    saved = payload.get("checksum")
+    if saved is None:
+        warnings.warn(
+            f"{str(path)!r} carries no checksum (saved by an older brittle), so damage to it "
+            "cannot be detected; save the monitor again to add one.",
+            stacklevel=3,
+        )
+    elif not isinstance(payload.get("state"), dict) or saved != checksum(
+        payload["state"], payload.get("model", {})
+    ):
+        raise ValueError(
+            f"{str(path)!r} is damaged: its contents do not match the checksum written with "
+            "them. Save the monitor again from its source."
         )
     return payload

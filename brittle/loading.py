@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from torch import nn
@@ -25,7 +26,8 @@ def load(path: str | Path, model: nn.Module) -> Monitor:
         The fitted ``Monitor``, on the model's device.
 
     Raises:
-        ValueError: if the file is damaged or not a monitor file, or ``model`` is
+        ValueError: if the file is damaged (its checksum differs) or not a monitor
+            file, holds a fitted monitor without a finite threshold, or ``model`` is
             not the model the monitor was fitted for.
 
     Examples:
@@ -43,4 +45,12 @@ def load(path: str | Path, model: nn.Module) -> Monitor:
         check_identity(model, payload["model"])
     except (KeyError, TypeError) as err:
         raise ValueError(f"{str(path)!r} is damaged or not a brittle monitor file.") from err
+    threshold = float(monitor.threshold)
+    # NaN marks "no threshold yet"; a fitted monitor without a finite one, or an
+    # infinite one, would silently flag nothing (or everything).
+    if math.isinf(threshold) or (monitor.is_fitted and not math.isfinite(threshold)):
+        raise ValueError(
+            f"{str(path)!r} holds a fitted monitor with a non-finite threshold ({threshold}): "
+            "it cannot judge anything. Fit and save the monitor again."
+        )
     return monitor

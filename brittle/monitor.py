@@ -18,7 +18,7 @@ from brittle.calibrate.calibration import Calibration, ScoreKind
 from brittle.deploy.alarm import OLD_REFERENCE_WARNING
 from brittle.errors import NotFittedError
 from brittle.output import MonitorOutput, MonitorPass
-from brittle.scores.finite import finite_rows, zero_rows
+from brittle.scores.finite import domain_bounds, nonfinite_rows, rejected_rows, zero_rows
 from brittle.scores.head import (
     NO_HEAD_HINT,
     HeadCapture,
@@ -102,6 +102,7 @@ class Monitor(nn.Module):
     threshold: Tensor
     fitted: Tensor
     pair_norms: Tensor
+    domain: Tensor
 
     def __init__(
         self,
@@ -142,6 +143,10 @@ class Monitor(nn.Module):
         self.register_buffer("threshold", torch.tensor(math.nan))
         self.register_buffer("fitted", torch.tensor(False))
         self.register_buffer("pair_norms", torch.empty(0, 0))
+        # The accepted input values (low, high) from fit(): the holdout's range with a
+        # tolerance. NaN until fitted; samples outside are rejected like NaN ones.
+        self.register_buffer("domain", torch.full((2,), math.nan))
+        self._has_domain = False
         if head is not None:
             self._attach_head(head)
         if example_input is not None:
@@ -264,21 +269,22 @@ class Monitor(nn.Module):
     def _needs_features(self, kind: ScoreKind) -> bool:
         return kind == "pseudo" or (kind == "feature" and not self.head_exact)
 
-    def _run(self, x: Tensor, features: bool) -> _Run:
+    def _run(self, x: Tensor, features: bool, domain: bool = True) -> _Run:
         """One forward pass on an already checked, non-empty batch.
 
         The head's forward hook is registered only when ``features`` are needed;
         the logit margin and an exact head's feature margin need none, which
         keeps that path free of hooks (thread-safe and ``torch.compile``-able).
+        With ``domain`` (and a fitted domain), samples outside it are rejected.
         """
-        ok = finite_rows(x)
-        safe = zero_rows(x, ok)
+        rejected = rejected_rows(x, self.domain if domain and self._has_domain else None)
+        safe = zero_rows(x, ~rejected)
         capture: HeadCapture | None = None
         if not self.discovered:
             with _DISCOVERY:
                 if not self.discovered:
                     logits, capture = self._discover(safe)
-                    return _Run(logits, capture, ~(ok & torch.isfinite(logits).all(dim=1)))
+                    return _Run(logits, capture, rejected | nonfinite_rows(logits))
         if self.model.training and changes_in_train_mode(self.model):
             warnings.warn(
                 "the wrapped model is in train mode: batch norm and dropout make every "
@@ -291,7 +297,7 @@ class Monitor(nn.Module):
                 logits = self._call_model(safe)
         else:
             logits = self._call_model(safe)
-        return _Run(logits, capture, ~(ok & torch.isfinite(logits).all(dim=1)))
+        return _Run(logits, capture, rejected | nonfinite_rows(logits))
 
     def _empty(self, x: Tensor) -> MonitorOutput:
         k = self.num_classes or 0
@@ -377,8 +383,9 @@ class Monitor(nn.Module):
             x: ``(B, ...)`` floating-point inputs on the model's device and dtype.
 
         Returns:
-            ``MonitorOutput``. Samples with NaN or Inf get NaN logits
-            and margin, prediction ``-1`` and flag True; the others are unaffected.
+            ``MonitorOutput``. Samples with NaN or Inf, or (once fitted) with values
+            outside the input domain (``input_domain``), get NaN logits and margin,
+            prediction ``-1`` and flag True; the others are unaffected.
 
         Raises:
             ValueError: if ``x`` has the wrong rank, channel count, dtype or device.
@@ -389,7 +396,7 @@ class Monitor(nn.Module):
         kind = self.score
         return self._outputs(self._run(x, features=self._needs_features(kind)), kind)
 
-    def inspect(self, x: Tensor, *, features: bool = False) -> MonitorPass:
+    def inspect(self, x: Tensor, *, features: bool = False, domain: bool = True) -> MonitorPass:
         """Logits, every available score and (optionally) the features, from one pass.
 
         The public protocol behind ``fit``, ``evaluate``, the analyses and the
@@ -398,6 +405,9 @@ class Monitor(nn.Module):
         Args:
             x: ``(B, ...)`` inputs on the model's device and dtype.
             features: Also return the head's input (needs a linear head).
+            domain: Reject samples outside the fitted input domain, as ``forward``
+                does. ``fit`` passes ``False``: a refit measures the new holdout's
+                range instead of clipping it to the old one.
 
         Examples:
             >>> import torch, brittle
@@ -418,7 +428,7 @@ class Monitor(nn.Module):
                 torch.empty(0, dtype=torch.bool, device=x.device) if self._has_threshold else None,
             )
         want = features or any(self._needs_features(kind) for kind in self.available_scores)
-        run = self._run(x, features=want)
+        run = self._run(x, features=want, domain=domain)
         kinds = self.available_scores  # the first call may have found the head
         scores: dict[str, Tensor] = {
             kind: self._score(kind, run).masked_fill(run.bad, math.nan) for kind in kinds
@@ -460,6 +470,19 @@ class Monitor(nn.Module):
                 "(or monitor.set_threshold(value)) first."
             )
         return _Graph(self, self.score)
+
+    @property
+    def input_domain(self) -> tuple[float, float] | None:
+        """The input values the monitor judges, ``(low, high)``; ``None`` before ``fit``.
+
+        ``fit`` records the holdout's range and widens it by
+        ``brittle.scores.finite.DOMAIN_TOLERANCE`` of its width on each side; a sample
+        with any value outside is rejected (margin NaN, flag True).
+        """
+        if not self._has_domain:
+            return None
+        low, high = self.domain.tolist()
+        return float(low), float(high)
 
     # ------------------------------------------------------------- threshold
     @property
@@ -568,6 +591,8 @@ class Monitor(nn.Module):
             pseudo = pseudo.to(self.threshold.device)
         if calibration.chosen == "pseudo" and pseudo is None:
             raise ValueError("a calibration that chose the pseudo-margin must carry its network.")
+        span = calibration.input_range
+        bounds = None if span is None else domain_bounds(float(span[0]), float(span[1]))
         self.pseudo = pseudo
         self.eps = eps
         self.min_tau = float(calibration.min_tau)
@@ -582,6 +607,11 @@ class Monitor(nn.Module):
         self.reference_counts = None if counts is None else (int(counts[0]), int(counts[1]))
         buckets = calibration.margin_buckets
         self.margin_buckets = None if buckets is None else tuple(float(b) for b in buckets)
+        if bounds is None:
+            self.domain.fill_(math.nan)
+        else:
+            self.domain.copy_(torch.tensor(bounds, dtype=self.domain.dtype))
+        self._has_domain = bounds is not None
 
     def evaluate(
         self,
@@ -677,6 +707,34 @@ class Monitor(nn.Module):
         self.reference_counts = None if counts is None else (int(counts[0]), int(counts[1]))
         if rate is not None and counts is None:
             warnings.warn(OLD_REFERENCE_WARNING, UserWarning, stacklevel=2)
+        self._has_domain = bool(torch.isfinite(self.domain).all())
+
+    def _load_from_state_dict(
+        self,
+        state_dict: Any,
+        prefix: str,
+        local_metadata: Any,
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        key = prefix + "domain"
+        if key in missing_keys:
+            # Saved before the monitor recorded its input domain: still usable.
+            missing_keys.remove(key)
+            self.domain.fill_(math.nan)
+            self._has_domain = False
+            if bool(self.fitted):
+                warnings.warn(
+                    "this monitor was saved without an input domain (by an older brittle): "
+                    "inputs far outside the holdout's range are judged instead of rejected. "
+                    "Refit it with monitor.fit(holdout) and save it again.",
+                    stacklevel=2,
+                )
 
     @classmethod
     def from_state(cls, model: nn.Module, state: dict[str, Tensor | Any]) -> Monitor:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import math
+import struct
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ from torch import nn
 
 import brittle
 from brittle.digits import DigitsSplit, digits_cnn
+from brittle.io import checksum
 
 
 @pytest.fixture(scope="module")
@@ -101,3 +104,78 @@ def test_truncated_and_foreign_files_say_damaged(standard_model: nn.Module, tmp_
     for name in ("cut.pt", "text.pt"):
         with pytest.raises(ValueError, match="damaged or not a brittle monitor file"):
             brittle.load(tmp_path / name, standard_model)
+
+
+def _threshold_offset(path, value: float) -> int:
+    """Where the threshold's four bytes lie in the file (torch.save stores them raw)."""
+    data = path.read_bytes()
+    raw = struct.pack("<f", value)
+    assert data.count(raw) == 1, "the threshold's bytes should be unique in the file"
+    return data.index(raw)
+
+
+def test_a_flipped_byte_in_the_threshold_says_damaged(standard_model: nn.Module, tmp_path) -> None:
+    monitor = brittle.wrap(standard_model, example_input=torch.rand(2, 1, 8, 8))
+    monitor.set_threshold(0.2534)
+    path = monitor.save(tmp_path / "m.pt")
+    data = bytearray(path.read_bytes())
+    at = _threshold_offset(path, 0.2534)
+    data[at + 3] ^= 0x01  # the float's top byte: 0.2534 becomes another threshold
+    flipped = tmp_path / "flipped.pt"
+    flipped.write_bytes(bytes(data))
+    # The file still loads as a torch file: only the checksum sees the change.
+    changed = torch.load(flipped, weights_only=True)["state"]["threshold"]
+    assert float(changed) != pytest.approx(0.2534)
+    with pytest.raises(ValueError, match="damaged"):
+        brittle.load(flipped, standard_model)
+    assert float(brittle.load(path, standard_model).threshold) == pytest.approx(0.2534)
+
+
+def test_a_file_without_checksum_loads_with_a_warning(standard_model: nn.Module, tmp_path) -> None:
+    monitor = brittle.wrap(standard_model, example_input=torch.rand(2, 1, 8, 8))
+    monitor.set_threshold(0.3)
+    path = monitor.save(tmp_path / "m.pt")
+    payload = torch.load(path, weights_only=True)
+    del payload["checksum"]  # as an older brittle wrote it
+    torch.save(payload, path)
+    with pytest.warns(UserWarning, match="no checksum"):
+        loaded = brittle.load(path, standard_model)
+    assert float(loaded.threshold) == pytest.approx(0.3)
+
+
+def test_save_refuses_a_monitor_that_never_saw_an_input(
+    standard_model: nn.Module, tmp_path
+) -> None:
+    monitor = brittle.wrap(standard_model)
+    monitor.set_threshold(0.3)
+    with pytest.raises(ValueError, match="never seen an input.*example_input"):
+        monitor.save(tmp_path / "m.pt")
+    assert not (tmp_path / "m.pt").exists()
+    monitor(torch.rand(2, 1, 8, 8))
+    path = monitor.save(tmp_path / "m.pt")
+    # The file now records probe logits, so another model with the same structure
+    # is refused.
+    other = copy.deepcopy(standard_model)
+    with torch.no_grad():
+        other[0].weight.mul_(1.5)
+    with pytest.raises(ValueError, match="other weights"):
+        brittle.load(path, other)
+
+
+def test_a_fitted_monitor_without_finite_threshold_is_refused(
+    standard_model: nn.Module, tmp_path
+) -> None:
+    monitor = brittle.wrap(standard_model, example_input=torch.rand(2, 1, 8, 8))
+    monitor.set_threshold(0.3)
+    monitor.fitted.fill_(True)
+    path = monitor.save(tmp_path / "m.pt")
+    # Rewrite the file with a NaN threshold and a valid checksum: only the value is wrong.
+    payload = torch.load(path, weights_only=True)
+    payload["state"]["threshold"] = torch.tensor(math.nan)
+    payload["checksum"] = checksum(payload["state"], payload["model"])
+    torch.save(payload, path)
+    with pytest.raises(ValueError, match="non-finite threshold"):
+        brittle.load(path, standard_model)
+    monitor.threshold.fill_(math.inf)
+    with pytest.raises(ValueError, match="non-finite threshold"):
+        monitor.save(tmp_path / "inf.pt")

@@ -37,6 +37,8 @@ class Calibration:
             ``reference_flag_rate``; the alarm bounds the rate from them. ``None`` if unknown.
         margin_buckets: Histogram bucket bounds from the calibration samples' scores
             (``brittle.deploy.telemetry.margin_buckets``). ``None`` if unknown.
+        input_range: Smallest and largest input value of the holdout: the monitor
+            rejects samples outside it (with a tolerance). ``None`` if unknown.
     """
 
     eps: float
@@ -48,3 +50,4 @@ class Calibration:
     reference_flag_rate: float | None = None
     reference_counts: tuple[int, int] | None = None
     margin_buckets: tuple[float, ...] | None = None
+    input_range: tuple[float, float] | None = None

@@ -469,4 +469,5 @@ def calibrate(
         reference_flag_rate=reference_flag_rate,
         reference_counts=reference_counts,
         margin_buckets=margin_buckets(cal_scores, threshold),
+        input_range=holdout.input_range,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ class Holdout:
         logits: ``(n, K)`` the model's logits.
         excluded: Samples skipped because they contain NaN or Inf.
         passes: Forward and backward passes per attacked sample, and the time spent.
+        input_range: Smallest and largest input value of the kept samples.
     """
 
     scores: dict[str, np.ndarray]
@@ -50,6 +52,7 @@ class Holdout:
     logits: Tensor
     excluded: int
     passes: dict[str, float]
+    input_range: tuple[float, float] | None = None
 
 
 def _length(data: Any) -> int | None:
@@ -93,6 +96,7 @@ def collect_holdout(
     margins: list[Tensor] = []
     counter = PassCounter()
     has_labels, seen = True, 0
+    low, high = math.inf, -math.inf
     show = progress and part.is_main
     start = time.perf_counter()
     with tqdm(total=total, unit="sample", disable=not show, desc=desc) as bar:
@@ -101,7 +105,7 @@ def collect_holdout(
             index = torch.arange(seen, seen + x.shape[0])
             part.check_same_samples(index, sample_fingerprints(x))
             with torch.no_grad(), eval_mode(monitor.model):
-                view = monitor.inspect(x, features=keep_features)
+                view = monitor.inspect(x, features=keep_features, domain=False)
             if y is not None:
                 check_labels(y, x.shape[0], view.logits.shape[1])
             keep = (~view.bad).cpu()
@@ -111,6 +115,9 @@ def collect_holdout(
             if not keep.any():
                 continue
             kept.append(index)
+            inside = x[keep.to(device)]
+            low = min(low, float(inside.min()))
+            high = max(high, float(inside.max()))
             pred = view.logits.argmax(dim=1)[keep.to(device)]
             mine = part.owns(index)
             if mine.any():
@@ -157,6 +164,7 @@ def collect_holdout(
         logits=torch.cat(logits),
         excluded=seen - kept_index.numel(),
         passes={**counter.per_sample(), "attack_seconds": time.perf_counter() - start},
+        input_range=(low, high),
     )
 
 

@@ -74,6 +74,9 @@ def _metadata(monitor: MonitorProtocol, kind: ScoreKind) -> dict[str, str]:
     counts = monitor.reference_counts
     meta["reference_counts"] = "none" if counts is None else json.dumps([int(c) for c in counts])
     meta["margin_buckets"] = "none" if buckets is None else json.dumps([float(b) for b in buckets])
+    # The accepted input values; the graph rejects samples outside them (fail-closed).
+    domain = monitor.input_domain
+    meta["input_domain"] = "none" if domain is None else json.dumps([float(b) for b in domain])
     # A threshold set by hand (set_threshold) is exportable and has no report to describe.
     if not monitor.has_report:
         return meta
@@ -120,7 +123,8 @@ def export_onnx(
     ``(batch, K)``, ``pred`` ``(batch,)`` int64 (``-1`` where the input could not
     be judged), ``margin`` ``(batch,)`` of the active score kind and ``flag``
     ``(batch,)`` bool. A sample containing NaN or Inf gets NaN logits and margin
-    and flag True inside the graph, as in PyTorch. The file passes
+    and flag True inside the graph, as in PyTorch; so does a sample with values
+    outside the monitor's fitted input domain (``input_domain``). The file passes
     ``onnx.checker`` and carries the calibration in ``metadata_props``.
 
     Args:

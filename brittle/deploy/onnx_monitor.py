@@ -95,9 +95,16 @@ class OnnxMonitor:
             raise ValueError(f"providers must be a list of provider names. Got {providers!r}.")
         chosen = list(providers) if providers is not None else _default_providers()
         self.path = path
-        self.session = ort.InferenceSession(
-            str(path), sess_options=session_options, providers=chosen
-        )
+        try:
+            self.session = ort.InferenceSession(
+                str(path), sess_options=session_options, providers=chosen
+            )
+        except Exception as err:  # onnxruntime's own exception types, one per failure
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            raise ValueError(
+                f"{str(path)!r} is not a readable ONNX file (empty, truncated or damaged): "
+                f"onnxruntime says {first}"
+            ) from err
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         names = tuple(o.name for o in outputs)
         if len(inputs) != 1 or inputs[0].name != INPUT_NAME or names != OUTPUT_NAMES:
@@ -117,6 +124,13 @@ class OnnxMonitor:
         self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
         if self.reference_flag_rate is not None and self.reference_counts is None:
             warnings.warn(OLD_REFERENCE_WARNING, UserWarning, stacklevel=2)
+        if self.metadata.get("fitted") == "true" and "input_domain" not in self.metadata:
+            warnings.warn(
+                f"{path.name} was exported without an input domain (by an older brittle): "
+                "inputs far outside the holdout's range are judged instead of rejected. Refit "
+                "the monitor and export it again.",
+                stacklevel=2,
+            )
 
     @property
     def providers(self) -> list[str]:
@@ -161,6 +175,19 @@ class OnnxMonitor:
         """Margin histogram bounds from the calibration holdout (``Telemetry``), if known."""
         value = self.metadata.get("margin_buckets", "none")
         return None if value == "none" else tuple(float(b) for b in json.loads(value))
+
+    @property
+    def input_domain(self) -> tuple[float, float] | None:
+        """The input values the graph accepts, ``(low, high)``; outside them it rejects.
+
+        ``None`` for files exported before the monitor recorded its holdout's input
+        range, or from a monitor that was never fitted.
+        """
+        value = self.metadata.get("input_domain", "none")
+        if value == "none":
+            return None
+        low, high = (float(b) for b in json.loads(value))
+        return low, high
 
     @property
     def score(self) -> str | None:

@@ -22,7 +22,7 @@ import threading
 import warnings
 from bisect import bisect_left
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -33,6 +33,7 @@ from brittle.deploy.alarm import (
     FlagRateAlarm,
     UndetectableRiseError,
 )
+from brittle.deploy.rejects import REASONS, Reason, reject_reasons
 from brittle.output import MonitorOutput
 
 __all__ = ["Telemetry", "TelemetrySnapshot", "margin_buckets", "BUCKET_QUANTILES"]
@@ -49,10 +50,8 @@ _THRESHOLD_MULTIPLES = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 4.0, 8.0)
 def margin_buckets(margins: Any, threshold: float | None = None) -> tuple[float, ...]:
     """Histogram bucket bounds from calibration margins: quantiles, plus the threshold.
 
-    The quantile bounds are rounded to four significant digits (they become
-    Prometheus ``le`` labels); the threshold is kept exact, so that the bucket
-    ``le=threshold`` counts exactly the flagged samples. Non-finite margins are
-    ignored.
+    Bounds are rounded to four significant digits (they become Prometheus ``le``
+    labels) and deduplicated; non-finite margins are ignored.
 
     Args:
         margins: The calibration holdout's scores of the active score kind.
@@ -65,11 +64,10 @@ def margin_buckets(margins: Any, threshold: float | None = None) -> tuple[float,
     """
     values = np.asarray(margins, dtype=np.float64).reshape(-1)
     values = values[np.isfinite(values)]
-    quantiles = np.quantile(values, BUCKET_QUANTILES) if values.size else np.empty(0)
-    bounds = {float(f"{v:.4g}") for v in quantiles}
+    bounds = [float(v) for v in np.quantile(values, BUCKET_QUANTILES)] if values.size else []
     if threshold is not None and math.isfinite(threshold):
-        bounds.add(float(threshold))
-    return tuple(sorted(bounds))
+        bounds.append(float(threshold))
+    return tuple(sorted({float(f"{b:.4g}") for b in bounds}))
 
 
 def _fallback_buckets(threshold: float | None) -> tuple[float, ...]:
@@ -77,11 +75,7 @@ def _fallback_buckets(threshold: float | None) -> tuple[float, ...]:
         return (0.0,)
     if threshold <= 0:
         return (float(threshold),)
-    # The threshold itself stays exact (see margin_buckets).
-    return tuple(
-        float(threshold) if m == 1.0 else float(f"{threshold * m:.4g}")
-        for m in _THRESHOLD_MULTIPLES
-    )
+    return tuple(float(f"{threshold * m:.4g}") for m in _THRESHOLD_MULTIPLES)
 
 
 def _numpy(value: Any) -> np.ndarray:
@@ -98,13 +92,14 @@ class TelemetrySnapshot:
     Attributes:
         samples: Samples observed.
         flagged: Samples flagged (brittle decisions and rejected samples).
-        rejected: Samples that could not be judged (NaN or Inf: margin NaN); they
-            are flagged here but do not feed the alarm.
+        rejected: Samples that could not be judged (NaN, Inf or outside the input
+            domain: margin NaN); they are flagged here but do not feed the alarm.
         bounds: The histogram's bucket upper bounds (``le``), ascending.
         bucket_counts: Margins per bucket, not cumulative; one more than ``bounds``
             (the last is the ``+Inf`` bucket). Rejected samples are not in it.
         margin_sum: Sum of the finite margins.
         alarm: The alarm's state, ``None`` when the alarm is unavailable.
+        rejected_by_reason: ``rejected`` split by reason (``brittle.deploy.rejects``).
     """
 
     samples: int
@@ -114,6 +109,7 @@ class TelemetrySnapshot:
     bucket_counts: tuple[int, ...]
     margin_sum: float
     alarm: AlarmState | None
+    rejected_by_reason: dict[Reason, int] = field(default_factory=lambda: dict.fromkeys(REASONS, 0))
 
     @property
     def cumulative_buckets(self) -> list[tuple[float, int]]:
@@ -136,6 +132,8 @@ class Telemetry:
         run_length: The alarm's promised expected clean samples between false alarms.
         unavailable: Why the alarm is unavailable, when ``reference`` is ``None``.
         alarm: An alarm built by the caller, used instead of one from ``reference``.
+        domain: The monitor's accepted ``(low, high)`` input values, to tell a sample
+            rejected for leaving them from one rejected for NaN or Inf.
 
     Examples:
         >>> import torch, brittle
@@ -158,6 +156,7 @@ class Telemetry:
         run_length: float = DEFAULT_RUN_LENGTH,
         unavailable: str | None = None,
         alarm: FlagRateAlarm | None = None,
+        domain: tuple[float, float] | None = None,
     ) -> None:
         bounds = tuple(float(b) for b in buckets)
         if not bounds or not all(math.isfinite(b) for b in bounds):
@@ -178,6 +177,8 @@ class Telemetry:
         self._rejected = 0
         self._counts = [0] * (len(bounds) + 1)
         self._sum = 0.0
+        self.domain = domain
+        self._reasons = dict.fromkeys(REASONS, 0)
 
     @classmethod
     def from_monitor(
@@ -222,13 +223,21 @@ class Telemetry:
                 unavailable = str(err)
         if unavailable is not None and warn:
             warnings.warn(f"flag-rate alarm unavailable: {unavailable}", stacklevel=2)
-        return cls(buckets, alarm=alarm, unavailable=unavailable)
+        return cls(
+            buckets,
+            alarm=alarm,
+            unavailable=unavailable,
+            domain=getattr(monitor, "input_domain", None),
+        )
 
-    def observe(self, output: MonitorOutput) -> MonitorOutput:
+    def observe(self, output: MonitorOutput, inputs: Any = None) -> MonitorOutput:
         """Count one batch's output and return it unchanged.
 
         Args:
             output: What the monitor returned (tensors on any device, or arrays).
+            inputs: The batch the output is for; with it, each rejected sample is
+                counted under its reason (NaN, Inf, outside the domain), else under
+                ``"other"``. Only rejected rows are read.
 
         Raises:
             ValueError: if the output has no flags (the monitor has no threshold).
@@ -268,12 +277,21 @@ class Telemetry:
             flagged, rejected = int(np.count_nonzero(flag)), n - good.size
             total = float(good.sum(dtype=np.float64))
             accepted = flag if finite.all() else flag[~np.isnan(margin)]
+        reasons: list[Reason] = []
+        if rejected:
+            if inputs is None:
+                reasons = ["other"] * rejected
+            else:
+                rows = _numpy(inputs)[~np.isfinite(margin)]
+                reasons = reject_reasons(rows, self.domain)
         with self._lock:
             self._samples += n
             self._flagged += flagged
             self._rejected += rejected
             self._counts = [a + b for a, b in zip(self._counts, counts, strict=True)]
             self._sum += total
+            for reason in reasons:
+                self._reasons[reason] += 1
             if self.alarm is not None:
                 self.alarm.update(accepted)
         return output
@@ -289,6 +307,7 @@ class Telemetry:
                 bucket_counts=tuple(self._counts),
                 margin_sum=self._sum,
                 alarm=None if self.alarm is None else self.alarm.state,
+                rejected_by_reason=dict(self._reasons),
             )
 
     def __repr__(self) -> str:

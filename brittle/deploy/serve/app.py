@@ -1,32 +1,43 @@
 """``create_app``: the FastAPI app of ``python -m brittle.serve`` around an ``OnnxMonitor``.
 
 The request path is onnxruntime and numpy only: nothing here imports torch. The
-body is read raw and decoded by ``json`` and ``numpy.asarray`` rather than by a
-pydantic model: validating a batch of images float by float would cost more
-than the model.
+body is read raw, within a byte limit, and decoded by ``json`` and
+``numpy.asarray`` rather than by a pydantic model: validating a batch of images
+float by float would cost more than the model. The schemas in ``/openapi.json``
+document the contract without enforcing it float by float.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI, HTTPException, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.concurrency import run_in_threadpool
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from brittle.deploy.alarm import DEFAULT_RUN_LENGTH
 from brittle.deploy.onnx_monitor import OnnxMonitor
-from brittle.deploy.serve.metrics import TelemetryCollector
+from brittle.deploy.serve import schemas
+from brittle.deploy.serve.body import BadRequest, body_limit, decode_json, read_body, to_batch
+from brittle.deploy.serve.metrics import RequestCounter, TelemetryCollector
+from brittle.deploy.serve.oip import add_open_inference_routes
 from brittle.deploy.telemetry import Telemetry
+from brittle.output import MonitorOutput
 
 __all__ = ["create_app", "DEFAULT_MAX_BATCH"]
 
 DEFAULT_MAX_BATCH = 64
+_PREDICT_KEYS = frozenset({"inputs", "logits"})
+_PREDICT_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: schemas.error_response("detail", "The body is not JSON (one line, never the input)."),
+    413: schemas.error_response("detail", "Body or batch larger than this server's limit."),
+    422: schemas.error_response("detail", "Inputs that are not numbers of the model's shape."),
+}
 
 
 def _floats(values: np.ndarray) -> list[Any]:
@@ -34,57 +45,100 @@ def _floats(values: np.ndarray) -> list[Any]:
     return [v if math.isfinite(v) else None for v in values.tolist()]
 
 
-def _batch(monitor: OnnxMonitor, body: bytes, max_batch: int) -> tuple[np.ndarray, bool]:
+def _predict_batch(monitor: OnnxMonitor, body: bytes, max_batch: int) -> tuple[np.ndarray, bool]:
     """The request's inputs as an array, and whether it asks for logits; 4xx otherwise."""
-    try:
-        payload = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as err:
-        raise HTTPException(400, f"the body is not valid JSON: {err}.") from err
+    payload = decode_json(body)
     if not isinstance(payload, dict) or "inputs" not in payload:
-        raise HTTPException(422, 'the body must be a JSON object {"inputs": [...]}.')
+        raise BadRequest(422, 'the body must be a JSON object {"inputs": [...]}.')
+    if not payload.keys() <= _PREDICT_KEYS:
+        raise BadRequest(422, 'the body may hold only "inputs" and "logits".')
     inputs, want_logits = payload["inputs"], payload.get("logits", False)
     if not isinstance(want_logits, bool):
-        raise HTTPException(422, f"logits must be true or false. Got {want_logits!r}.")
+        raise BadRequest(422, "logits must be true or false.")
     if not isinstance(inputs, list):
-        raise HTTPException(422, f"inputs must be a list (a batch). Got {type(inputs).__name__}.")
+        raise BadRequest(422, "inputs must be a list (a batch).")
     if len(inputs) > max_batch:
-        raise HTTPException(
+        raise BadRequest(
             413, f"a batch of {len(inputs)} samples exceeds this server's limit of {max_batch}."
         )
+    # numpy converts "0.5" and true to numbers without a word. With only the two
+    # keys allowed, every string and boolean literal of the body is known: two
+    # quotes per key and one literal for "logits". Counting bytes runs at memory
+    # speed, where a walk over the values would cost more than the model.
+    if body.count(b'"') != 2 * len(payload):
+        raise BadRequest(422, "inputs must be numbers: strings are not numbers.")
+    if body.count(b"true") + body.count(b"false") != int("logits" in payload):
+        raise BadRequest(422, "inputs must be numbers: booleans are not numbers.")
     if not inputs:
         empty = tuple(d or 0 for d in monitor.input_shape[1:])  # a dynamic axis of 0 is fine
         return np.empty((0, *empty), dtype=monitor.dtype), want_logits
-    try:
-        x = np.asarray(inputs, dtype=monitor.dtype)
-    except (ValueError, TypeError) as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        shape = ", ".join("batch" if d is None else str(d) for d in monitor.input_shape)
-        raise HTTPException(
-            422, f"inputs must be nested lists of numbers of shape ({shape}): {reason}."
-        ) from err
-    return x, want_logits
+    return to_batch(inputs, monitor.dtype, monitor.input_shape), want_logits
+
+
+class _CountResponses:
+    """ASGI middleware: every response's status code into a ``RequestCounter``."""
+
+    def __init__(self, app: ASGIApp, counter: RequestCounter) -> None:
+        self.app = app
+        self.counter = counter
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def counted(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                self.counter.count(int(message["status"]))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counted)
+        except Exception:
+            if not started:  # the server's error handler answers 500 outside this one
+                self.counter.count(500)
+            raise
 
 
 def create_app(
     monitor: OnnxMonitor,
     *,
     max_batch: int = DEFAULT_MAX_BATCH,
+    max_body: int | None = None,
     telemetry: Telemetry | None = None,
     run_length: float = DEFAULT_RUN_LENGTH,
 ) -> FastAPI:
-    """A FastAPI app serving ``monitor`` with ``/predict``, ``/metrics`` and ``/healthz``.
+    """A FastAPI app serving ``monitor``: ``/predict``, the Open Inference Protocol, metrics.
+
+    Routes: ``POST /predict``; the Open Inference Protocol (KServe v2) under ``/v2``
+    (``brittle.deploy.serve.oip``); ``GET /metrics`` (Prometheus text);
+    ``GET``/``HEAD /healthz``. A body larger than ``max_body`` bytes gets 413 before
+    it is parsed; parsing and the model run in a worker thread, so the health
+    routes answer while a request is being refused or judged. Every malformed
+    body gets a one-line 4xx that never quotes the input.
 
     Args:
-        monitor: The exported monitor, opened with ``brittle.OnnxMonitor``.
+        monitor: The exported monitor, opened with ``brittle.OnnxMonitor``; it must
+            carry a finite threshold.
         max_batch: Largest batch one request may send (larger ones get 413).
+        max_body: Largest body in bytes; by default ``max_batch`` samples of JSON
+            numbers (``brittle.deploy.serve.body.body_limit``).
         telemetry: Telemetry to count into; by default
             ``Telemetry.from_monitor(monitor, run_length=run_length)``.
         run_length: The flag-rate alarm's promised expected clean samples between
             false alarms.
 
     Returns:
-        The app; its ``state`` holds ``monitor``, ``telemetry`` and ``registry`` (its own
+        The app; its ``state`` holds ``monitor``, ``telemetry``, ``requests`` (the
+        ``RequestCounter``) and ``registry`` (its own
         ``prometheus_client.CollectorRegistry``, so several apps never share metrics).
+
+    Raises:
+        ValueError: if the monitor has no finite threshold (nothing it serves could
+            be judged), or for a bad ``max_batch`` or ``max_body``.
 
     Examples:
         >>> import tempfile, torch, brittle
@@ -103,53 +157,96 @@ def create_app(
     """
     if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
         raise ValueError(f"max_batch must be a positive integer. Got {max_batch!r}.")
+    if max_body is None:
+        max_body = body_limit(monitor.input_shape, max_batch)
+    if isinstance(max_body, bool) or not isinstance(max_body, int) or max_body < 1:
+        raise ValueError(f"max_body must be a positive number of bytes. Got {max_body!r}.")
+    if not monitor.has_threshold:
+        raise ValueError(
+            f"{monitor.path.name} carries no finite flag threshold, so nothing it serves could "
+            "be judged: export a fitted monitor (monitor.fit(holdout), then export_onnx)."
+        )
     if telemetry is None:
         telemetry = Telemetry.from_monitor(monitor, run_length=run_length)
+    requests = RequestCounter()
     registry = CollectorRegistry(auto_describe=True)
     registry.register(TelemetryCollector(telemetry))
-    app = FastAPI(title="brittle monitor", version=_version())
+    registry.register(requests)
+    version = _version()
+    app = FastAPI(title="brittle monitor", version=version)
+    app.add_middleware(_CountResponses, counter=requests)
     app.state.monitor, app.state.telemetry, app.state.registry = monitor, telemetry, registry
+    app.state.requests = requests
+    threshold = monitor.threshold
 
-    def judge(body: bytes) -> JSONResponse:
-        x, want_logits = _batch(monitor, body, max_batch)
+    def judge(x: np.ndarray) -> MonitorOutput:
         try:
             out = monitor(x)
         except ValueError as err:  # shape or rank: OnnxMonitor names what it expects
-            raise HTTPException(422, str(err)) from err
-        telemetry.observe(out)  # raises without flags; an exported monitor always has them
+            raise BadRequest(422, str(err)) from err
+        return telemetry.observe(out, x)
+
+    def predict_body(body: bytes) -> JSONResponse:
+        x, want_logits = _predict_batch(monitor, body, max_batch)
+        out = judge(x)
         content: dict[str, Any] = {
             "pred": out.pred.tolist(),
             "margin": _floats(out.margin),
             "flag": np.asarray(out.flag).tolist(),
-            "threshold": monitor.threshold,
+            "threshold": threshold,
         }
         if want_logits:
             content["logits"] = [_floats(row) for row in out.logits]
         return JSONResponse(content)
 
-    @app.post("/predict")
-    async def predict(request: Request) -> JSONResponse:
+    @app.post(
+        "/predict",
+        openapi_extra=schemas.json_body(schemas.predict_request(monitor.input_shape, max_batch)),
+        responses={
+            200: {
+                "description": "Pred, margin (null where rejected) and flag per sample.",
+                "content": {"application/json": {"schema": schemas.predict_response()}},
+            },
+            **_PREDICT_ERRORS,
+        },
+    )
+    async def predict(request: Request) -> Response:
         """Pred, margin and flag for each sample of ``{"inputs": [...]}``."""
-        body = await request.body()
-        return await run_in_threadpool(judge, body)
+        try:
+            body = await read_body(request.headers, request.stream(), max_body)
+            return await run_in_threadpool(predict_body, body)
+        except BadRequest as err:
+            return JSONResponse({"detail": err.detail}, status_code=err.status)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses=schemas.PROMETHEUS_TEXT)
     def metrics() -> Response:
         """Prometheus text format."""
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/healthz")
+    health = {
+        "status": "ok",
+        "model": monitor.path.name,
+        "providers": monitor.providers,
+        "score": monitor.score,
+        "threshold": threshold,
+        "input_domain": None if monitor.input_domain is None else list(monitor.input_domain),
+        "alarm_available": telemetry.alarm is not None,
+    }
+
+    @app.api_route("/healthz", methods=["GET", "HEAD"])
     def healthz() -> dict[str, Any]:
         """Liveness, and what is served."""
-        return {
-            "status": "ok",
-            "model": monitor.path.name,
-            "providers": monitor.providers,
-            "score": monitor.score,
-            "threshold": monitor.threshold,
-            "alarm_available": telemetry.alarm is not None,
-        }
+        return health
 
+    add_open_inference_routes(
+        app,
+        monitor,
+        judge,
+        name=monitor.path.stem,
+        version=version,
+        max_batch=max_batch,
+        max_body=max_body,
+    )
     return app
 
 

@@ -1,11 +1,18 @@
-"""The command line of ``python -m brittle.serve``."""
+"""The command line of ``python -m brittle.serve``.
+
+Every start-up failure (a bad argument, a file that does not open or carries no
+finite threshold, a port in use) is one line on stderr and exit status 2; SIGTERM
+shuts the server down gracefully with exit status 0, as an orchestrator expects.
+"""
 
 from __future__ import annotations
 
 import argparse
+import socket
 import sys
 import warnings
 from collections.abc import Sequence
+from typing import NoReturn
 
 from brittle.deploy.alarm import DEFAULT_RUN_LENGTH
 
@@ -17,18 +24,55 @@ PROVIDERS = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line (argparse adds the usage)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _port(text: str) -> int:
+    value = _count(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0 to 65535. Got {value}.")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number. Got {text[:40]!r}.") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative number. Got {value}.")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = _count(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number. Got {value}.")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``python -m brittle.serve``."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m brittle.serve",
-        description="Serve a monitor exported with Monitor.export_onnx: POST /predict, "
-        "GET /metrics (Prometheus), GET /healthz.",
+        description="Serve a monitor exported with Monitor.export_onnx: POST /predict, the "
+        "Open Inference Protocol (KServe v2) under /v2, GET /metrics (Prometheus), GET /healthz.",
     )
     parser.add_argument("monitor", help="the .onnx file written by Monitor.export_onnx")
     parser.add_argument("--host", default="127.0.0.1", help="interface (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    parser.add_argument("--port", type=_port, default=8000, help="port (default 8000)")
     parser.add_argument(
-        "--max-batch", type=int, default=64, help="largest batch per request (default 64)"
+        "--max-batch", type=_positive, default=64, help="largest batch per request (default 64)"
+    )
+    parser.add_argument(
+        "--max-body",
+        type=_positive,
+        default=None,
+        help="largest request body in bytes (default: --max-batch samples of JSON numbers)",
     )
     parser.add_argument(
         "--run-length",
@@ -44,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="onnxruntime execution provider (default: CUDA when a GPU is present)",
     )
     parser.add_argument(
-        "--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its default)"
+        "--threads", type=_count, default=0, help="onnxruntime intra-op threads (0: its default)"
     )
     parser.add_argument("--log-level", default="warning", help="uvicorn's log level")
     return parser
@@ -58,6 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from brittle.deploy.onnx_monitor import OnnxMonitor
     from brittle.deploy.serve.app import create_app
+    from brittle.deploy.serve.server import Server
     from brittle.deploy.telemetry import Telemetry
 
     options = ort.SessionOptions()
@@ -69,9 +114,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             telemetry = Telemetry.from_monitor(monitor, run_length=args.run_length)
-        app = create_app(monitor, max_batch=args.max_batch, telemetry=telemetry)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"python -m brittle.serve: error: {err}", file=sys.stderr)
+        app = create_app(
+            monitor, max_batch=args.max_batch, max_body=args.max_body, telemetry=telemetry
+        )
+        # Bound here, before the banner: a port in use is a start-up error like any other.
+        sock = _bind(args.host, args.port)
+    except (FileNotFoundError, ValueError, OSError) as err:
+        print(f"python -m brittle.serve: error: {_one_line(err)}", file=sys.stderr)
         return 2
     for warning in caught:
         print(f"python -m brittle.serve: warning: {warning.message}", file=sys.stderr)
@@ -83,11 +132,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{alarm.design.rate:.4g}, fires at {alarm.state.threshold:.4g} nats, run length "
         f"{alarm.run_length:g}"
     )
+    port = sock.getsockname()[1]
     print(
-        f"brittle.serve: {monitor.path.name} on http://{args.host}:{args.port} "
+        f"brittle.serve: {monitor.path.name} on http://{args.host}:{port} "
         f"({', '.join(monitor.providers)}; score {monitor.score}, threshold "
         f"{monitor.threshold:.4g}; {alarm_text})",
         flush=True,
     )
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    config = uvicorn.Config(app, log_level=args.log_level)
+    Server(config).run(sockets=[sock])
     return 0
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip() or type(err).__name__
+    return text.splitlines()[0][:300]
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as err:
+        raise OSError(f"cannot resolve host {host[:80]!r}: {err.strerror}.") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as err:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {err.strerror}.") from None
+    sock.set_inheritable(True)
+    return sock

@@ -7,6 +7,7 @@ always describe the same set of samples.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 
 from prometheus_client.core import (
@@ -19,18 +20,57 @@ from prometheus_client.registry import Collector
 
 from brittle.deploy.telemetry import Telemetry
 
-__all__ = ["TelemetryCollector"]
+__all__ = ["TelemetryCollector", "RequestCounter"]
 
 
 def _le(bound: float) -> str:
     return "+Inf" if bound == float("inf") else repr(float(bound))
 
 
+class RequestCounter(Collector):
+    """HTTP responses by status code, as ``<prefix>_requests_total{code="..."}``.
+
+    The server's middleware calls ``count`` once per response, 4xx and 5xx
+    included, so an operator sees rejected requests as well as judged samples.
+
+    Examples:
+        >>> from prometheus_client import CollectorRegistry, generate_latest
+        >>> counter = RequestCounter()
+        >>> counter.count(200); counter.count(413)
+        >>> registry = CollectorRegistry()
+        >>> registry.register(counter)
+        >>> b'brittle_requests_total{code="413"} 1.0' in generate_latest(registry)
+        True
+    """
+
+    def __init__(self, prefix: str = "brittle") -> None:
+        self.prefix = prefix
+        self._lock = threading.Lock()
+        self._counts: dict[int, int] = {}
+
+    def count(self, code: int) -> None:
+        """Count one response with status ``code``."""
+        with self._lock:
+            self._counts[code] = self._counts.get(code, 0) + 1
+
+    def collect(self) -> Iterator[Metric]:
+        """The counts by status code."""
+        with self._lock:
+            counts = sorted(self._counts.items())
+        family = CounterMetricFamily(
+            f"{self.prefix}_requests", "HTTP responses by status code.", labels=["code"]
+        )
+        for code, n in counts:
+            family.add_metric([str(code)], n)
+        yield family
+
+
 class TelemetryCollector(Collector):
     """Expose a ``Telemetry`` through a ``prometheus_client`` registry.
 
     Metrics (``prefix`` defaults to ``brittle``): ``_samples_total``,
-    ``_flagged_total``, ``_rejected_total`` (counters), ``_margin`` (histogram, bucket
+    ``_flagged_total``, ``_rejected_total{reason}`` (counters; reasons ``nan``, ``inf``,
+    ``out_of_domain`` and ``other``), ``_margin`` (histogram, bucket
     bounds from the calibration margins), ``_flag_rate_alarm`` (gauge, 0 or 1),
     ``_flag_rate_alarm_available`` (gauge, 0 when the monitor has no reference
     rate), ``_flag_rate_alarm_statistic`` and ``_flag_rate_alarm_threshold``
@@ -66,9 +106,15 @@ class TelemetryCollector(Collector):
             "Samples flagged brittle (non-robust), rejected samples included.",
             snap.flagged,
         )
-        yield CounterMetricFamily(
-            f"{p}_rejected", "Samples with NaN or Inf (flagged, margin NaN).", snap.rejected
+        rejected = CounterMetricFamily(
+            f"{p}_rejected",
+            "Samples that could not be judged (flagged, margin NaN), by reason: NaN or Inf "
+            "in the input, outside the input domain the monitor was fitted on, or other.",
+            labels=["reason"],
         )
+        for reason, n in snap.rejected_by_reason.items():
+            rejected.add_metric([reason], n)
+        yield rejected
         yield HistogramMetricFamily(
             f"{p}_margin",
             "Margin score of the judged samples (lower is more brittle); buckets from the "

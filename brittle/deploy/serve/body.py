@@ -1,0 +1,125 @@
+"""A request body read within a byte limit and turned into a batch, or a short 4xx.
+
+No request may stall the server or make it echo the client's data: the body's
+bytes are counted against a limit before anything parses them (Content-Length
+first, then while streaming), and every refusal is a ``BadRequest`` whose detail
+is one line of at most ``MAX_DETAIL`` characters that never quotes the input.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import AsyncIterator
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "BadRequest",
+    "MAX_DETAIL",
+    "DEFAULT_MAX_BODY",
+    "BYTES_PER_VALUE",
+    "body_limit",
+    "read_body",
+    "decode_json",
+    "to_batch",
+]
+
+MAX_DETAIL = 200
+# Limit of a body when the input shape has dynamic axes besides the batch.
+DEFAULT_MAX_BODY = 64 * 2**20
+# JSON bytes one input value may take: "-0.12345678901234567e-300, " is 27 characters.
+BYTES_PER_VALUE = 32
+# Room for the JSON around the values (keys, brackets, a Open Inference Protocol header).
+_ENVELOPE = 64 * 2**10
+
+
+class BadRequest(Exception):
+    """A request refused with ``status`` and a one-line ``detail`` (at most ``MAX_DETAIL``)."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        line = detail.splitlines()[0] if detail else "bad request."
+        if len(line) > MAX_DETAIL:
+            line = line[: MAX_DETAIL - 3] + "..."
+        super().__init__(line)
+        self.status = status
+        self.detail = line
+
+
+def body_limit(input_shape: tuple[int | None, ...], max_batch: int) -> int:
+    """Bytes a body may hold: ``max_batch`` samples of JSON numbers, plus an envelope.
+
+    Examples:
+        >>> body_limit((None, 1, 8, 8), 64)
+        196608
+        >>> body_limit((None, 3, None, None), 64) == DEFAULT_MAX_BODY
+        True
+    """
+    sample = input_shape[1:]
+    if any(d is None for d in sample):
+        return DEFAULT_MAX_BODY
+    return max_batch * math.prod(d or 0 for d in sample) * BYTES_PER_VALUE + _ENVELOPE
+
+
+def _too_large(limit: int) -> BadRequest:
+    return BadRequest(413, f"the body exceeds this server's limit of {limit} bytes.")
+
+
+async def read_body(headers: Any, stream: AsyncIterator[bytes], limit: int) -> bytes:
+    """The body's bytes, refused with 413 as soon as it is known to exceed ``limit``.
+
+    A body announced larger than the limit is refused before a byte of it is read;
+    one without a Content-Length (chunked) is counted while it streams in.
+    """
+    length = headers.get("content-length")
+    if length is not None:
+        if not length.isdigit():
+            raise BadRequest(400, "the Content-Length header is not a byte count.")
+        if int(length) > limit:
+            raise _too_large(limit)
+    chunks, total = [], 0
+    async for chunk in stream:
+        total += len(chunk)
+        if total > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def decode_json(body: bytes) -> Any:
+    """The body as JSON; 400 for anything else, nesting too deep included."""
+    try:
+        return json.loads(body)
+    except RecursionError as err:
+        raise BadRequest(
+            400, "the body is not valid JSON for this server: nested too deeply."
+        ) from err
+    except json.JSONDecodeError as err:
+        raise BadRequest(400, f"the body is not valid JSON: {err.msg} at byte {err.pos}.") from err
+    except (ValueError, UnicodeDecodeError) as err:
+        raise BadRequest(400, "the body is not valid JSON: it is not UTF-8 text.") from err
+
+
+def _shape_text(input_shape: tuple[int | None, ...]) -> str:
+    return "(" + ", ".join("batch" if d is None else str(d) for d in input_shape) + ")"
+
+
+def to_batch(values: Any, dtype: np.dtype[Any], input_shape: tuple[int | None, ...]) -> np.ndarray:
+    """Nested lists of numbers as an array of ``dtype``; 422 for anything else.
+
+    The caller has made sure that no string or boolean is among the values
+    (numpy would convert ``"0.5"`` and ``true`` silently). Numbers beyond the
+    dtype's range become infinities, which the monitor rejects fail-closed;
+    integers beyond any float's range are refused.
+    """
+    expected = f"inputs must be nested lists of numbers of shape {_shape_text(input_shape)}"
+    try:
+        with np.errstate(over="ignore"):  # overflow to Inf is meant: the monitor rejects it
+            return np.asarray(values, dtype=dtype)
+    except OverflowError as err:
+        raise BadRequest(422, f"{expected}: a number is too large for {dtype}.") from err
+    except RecursionError as err:
+        raise BadRequest(422, f"{expected}: they nest too deeply.") from err
+    except (ValueError, TypeError) as err:
+        raise BadRequest(422, f"{expected}.") from err

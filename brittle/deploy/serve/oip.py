@@ -1,0 +1,248 @@
+"""The Open Inference Protocol (KServe v2) REST endpoints beside ``/predict``.
+
+``/v2/health/live``, ``/v2/health/ready``, ``/v2`` (server metadata),
+``/v2/models/{name}``, ``/v2/models/{name}/ready`` and
+``/v2/models/{name}/infer``, so that KServe, Triton (``tritonclient.http``) and
+MLServer clients talk to the monitor. The model takes one tensor ``input`` and
+answers ``logits``, ``pred``, ``margin`` (NaN, as JSON ``null``, where a sample
+was rejected) and ``flag``. Inputs come as JSON tensors or with the binary tensor
+extension (``Inference-Header-Content-Length``); outputs are always JSON.
+Errors follow the protocol: ``{"error": "one line"}``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Path, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from brittle.deploy.onnx_monitor import INPUT_NAME, OUTPUT_NAMES, OnnxMonitor
+from brittle.deploy.serve import schemas
+from brittle.deploy.serve.body import BadRequest, decode_json, read_body, to_batch
+from brittle.output import MonitorOutput
+
+__all__ = ["add_open_inference_routes", "MODEL_VERSION"]
+
+MODEL_VERSION = "1"
+_BINARY_HEADER = "inference-header-content-length"
+_NUMPY_TO_DATATYPE = {np.dtype(v): k for k, v in schemas.DATATYPES.items()}
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: schemas.error_response("error", "Malformed request (one line, never the input)."),
+    404: schemas.error_response("error", "No model of that name."),
+    413: schemas.error_response("error", "Body or batch larger than this server's limit."),
+}
+
+
+def _error(err: BadRequest) -> JSONResponse:
+    # The protocol answers every malformed request with 400.
+    status = 400 if err.status == 422 else err.status
+    return JSONResponse({"error": err.detail}, status_code=status)
+
+
+def _values(array: np.ndarray) -> list[Any]:
+    flat = array.reshape(-1)
+    if flat.dtype.kind != "f":
+        return flat.tolist()
+    # JSON has no NaN: a sample that could not be judged gets null.
+    return [v if math.isfinite(v) else None for v in flat.tolist()]
+
+
+def _split_binary(request_headers: Any, body: bytes) -> tuple[bytes, bytes]:
+    header = request_headers.get(_BINARY_HEADER)
+    if header is None:
+        return body, b""
+    if not header.isdigit() or int(header) > len(body):
+        raise BadRequest(400, f"the {_BINARY_HEADER} header does not fit the body.")
+    n = int(header)
+    return body[:n], body[n:]
+
+
+def _tensor(
+    request: Any, binary: bytes, monitor: OnnxMonitor, max_batch: int
+) -> tuple[np.ndarray, dict[str, Any] | None]:
+    """The request's input tensor as an array of the model's dtype, and its outputs spec."""
+    if not isinstance(request, dict) or not isinstance(request.get("inputs"), list):
+        raise BadRequest(400, 'the body must be a JSON object {"inputs": [tensor]}.')
+    inputs = request["inputs"]
+    if len(inputs) != 1 or not isinstance(inputs[0], dict):
+        raise BadRequest(400, f"the model takes exactly one input tensor, {INPUT_NAME!r}.")
+    tensor = inputs[0]
+    if tensor.get("name") != INPUT_NAME:
+        raise BadRequest(400, f"the model's input tensor is named {INPUT_NAME!r}.")
+    shape, datatype = tensor.get("shape"), tensor.get("datatype")
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
+        raise BadRequest(400, "the tensor's shape must be a list of non-negative integers.")
+    if not isinstance(datatype, str) or datatype not in schemas.DATATYPES or datatype == "BOOL":
+        raise BadRequest(400, "the tensor's datatype must be a numeric Open Inference datatype.")
+    if shape and shape[0] > max_batch:
+        raise BadRequest(413, f"a batch exceeds this server's limit of {max_batch}.")
+    dtype = np.dtype(schemas.DATATYPES[datatype])
+    count = math.prod(shape)
+    parameters = tensor.get("parameters") or {}
+    size = parameters.get("binary_data_size") if isinstance(parameters, dict) else None
+    if size is not None:
+        if (
+            not isinstance(size, int)
+            or "data" in tensor
+            or size != count * dtype.itemsize
+            or size != len(binary)
+        ):
+            raise BadRequest(400, "the binary tensor data do not match its shape and datatype.")
+        values = np.frombuffer(binary, dtype=dtype)
+    else:
+        data = tensor.get("data")
+        if not isinstance(data, list):
+            raise BadRequest(400, "the tensor needs its data as a JSON array.")
+        # Inferring the dtype first tells numbers from strings and booleans, which
+        # numpy would otherwise convert silently.
+        found = to_batch(data, np.dtype(object), (None,)) if data else np.empty(0, dtype)
+        kinds = {type(v) for v in found.reshape(-1).tolist()}
+        if not kinds <= {int, float}:
+            raise BadRequest(400, "the tensor's data must be numbers (not strings or booleans).")
+        values = to_batch(found.reshape(-1).tolist(), dtype, (None,))
+    if values.size != count:
+        raise BadRequest(400, "the tensor's data do not fill its shape.")
+    with np.errstate(over="ignore", invalid="ignore"):  # out of range: Inf, rejected
+        x = values.reshape(shape).astype(monitor.dtype, copy=False)
+    outputs = request.get("outputs")
+    if outputs is None:
+        return x, None
+    if not isinstance(outputs, list) or not all(
+        isinstance(o, dict) and o.get("name") in OUTPUT_NAMES for o in outputs
+    ):
+        raise BadRequest(400, f"requested outputs must be among {list(OUTPUT_NAMES)}.")
+    return x, {o["name"]: o for o in outputs}
+
+
+def add_open_inference_routes(
+    app: FastAPI,
+    monitor: OnnxMonitor,
+    judge: Callable[[np.ndarray], MonitorOutput],
+    *,
+    name: str,
+    version: str,
+    max_batch: int,
+    max_body: int,
+) -> None:
+    """Add the Open Inference Protocol routes for ``monitor`` served as model ``name``.
+
+    ``judge`` is the function ``/predict`` uses (monitor, telemetry), so both
+    protocols give the same numbers and feed the same metrics.
+    """
+    tensor_shape = [-1 if d is None else d for d in monitor.input_shape]
+    datatype = _NUMPY_TO_DATATYPE[monitor.dtype]
+    k = monitor.num_classes or -1
+    metadata = {
+        "name": name,
+        "versions": [MODEL_VERSION],
+        "platform": "onnxruntime_onnx",
+        "inputs": [{"name": INPUT_NAME, "datatype": datatype, "shape": tensor_shape}],
+        "outputs": [
+            {"name": "logits", "datatype": datatype, "shape": [-1, k]},
+            {"name": "pred", "datatype": "INT64", "shape": [-1]},
+            {"name": "margin", "datatype": datatype, "shape": [-1]},
+            {"name": "flag", "datatype": "BOOL", "shape": [-1]},
+        ],
+    }
+
+    # The one model's name as an enum: clients (and fuzzers) see which name exists.
+    model_name = Path(json_schema_extra={"enum": [name]})
+
+    def known(model: str) -> None:
+        if model != name:
+            raise BadRequest(404, f"no model of that name; this server serves {name!r}.")
+
+    @app.api_route("/v2/health/live", methods=["GET", "HEAD"], tags=["open inference"])
+    def live() -> dict[str, bool]:
+        """Open Inference Protocol: the server is live."""
+        return {"live": True}
+
+    @app.api_route("/v2/health/ready", methods=["GET", "HEAD"], tags=["open inference"])
+    def ready() -> dict[str, bool]:
+        """Open Inference Protocol: the server is ready (its one model is loaded)."""
+        return {"ready": True}
+
+    @app.get("/v2", tags=["open inference"])
+    def server_metadata() -> dict[str, Any]:
+        """Open Inference Protocol: server metadata."""
+        return {"name": "brittle", "version": version, "extensions": ["binary_tensor_data"]}
+
+    @app.get(
+        "/v2/models/{model}",
+        tags=["open inference"],
+        responses={404: _ERRORS[404]},
+    )
+    def model_metadata(model: str = model_name) -> Response:
+        """Open Inference Protocol: the model's input and output tensors."""
+        try:
+            known(model)
+        except BadRequest as err:
+            return _error(err)
+        return JSONResponse(metadata)
+
+    @app.api_route(
+        "/v2/models/{model}/ready",
+        methods=["GET", "HEAD"],
+        tags=["open inference"],
+        responses={404: _ERRORS[404]},
+    )
+    def model_ready(model: str = model_name) -> Response:
+        """Open Inference Protocol: the model is ready."""
+        try:
+            known(model)
+        except BadRequest as err:
+            return _error(err)
+        return JSONResponse({"name": name, "ready": True})
+
+    def infer_body(headers: Any, body: bytes) -> JSONResponse:
+        header, binary = _split_binary(headers, body)
+        request = decode_json(header)
+        x, wanted = _tensor(request, binary, monitor, max_batch)
+        out = judge(x)
+        arrays = dict(zip(OUTPUT_NAMES, out, strict=True))
+        outputs = [
+            {
+                "name": key,
+                "datatype": _NUMPY_TO_DATATYPE[np.asarray(value).dtype],
+                "shape": list(np.shape(value)),
+                "data": _values(np.asarray(value)),
+            }
+            for key, value in arrays.items()
+            if wanted is None or key in wanted
+        ]
+        content: dict[str, Any] = {
+            "model_name": name,
+            "model_version": MODEL_VERSION,
+            "outputs": outputs,
+        }
+        if isinstance(request.get("id"), str):
+            content["id"] = request["id"]
+        return JSONResponse(content)
+
+    @app.post(
+        "/v2/models/{model}/infer",
+        tags=["open inference"],
+        openapi_extra=schemas.json_body(schemas.infer_request(list(OUTPUT_NAMES))),
+        responses={
+            200: {
+                "description": "The outputs logits, pred, margin and flag.",
+                "content": {"application/json": {"schema": schemas.infer_response()}},
+            },
+            **_ERRORS,
+        },
+    )
+    async def infer(request: Request, model: str = model_name) -> Response:
+        """Open Inference Protocol: logits, pred, margin and flag for the ``input`` tensor."""
+        try:
+            known(model)
+            body = await read_body(request.headers, request.stream(), max_body)
+            return await run_in_threadpool(infer_body, request.headers, body)
+        except BadRequest as err:
+            return _error(err)

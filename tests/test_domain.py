@@ -1,0 +1,123 @@
+"""The input domain: fit records the holdout's range, and samples far outside it fail closed.
+
+Pixels of 1e30 are no digit: their logit margin is huge (1e29), so without a domain
+the monitor called them robust. Now the torch ``Monitor``, the ONNX graph and the
+telemetry reject them (margin NaN, flag True, counted under ``out_of_domain``),
+while every clean holdout digit is still judged.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import brittle
+from brittle.digits import DigitsSplit
+from brittle.scores.finite import DOMAIN_TOLERANCE, domain_bounds
+
+DIGITS_EPS = 0.1
+CALIBRATION = 240
+
+
+@pytest.fixture(scope="module")
+def fitted(robust_model: nn.Module, digits: DigitsSplit) -> brittle.Monitor:
+    torch.manual_seed(0)
+    holdout = DataLoader(TensorDataset(digits.x_holdout, digits.y_holdout), batch_size=100)
+    monitor = brittle.wrap(robust_model, score="logit", eps=DIGITS_EPS)
+    return monitor.fit(holdout, n_samples=CALIBRATION, steps=10, pseudo=False, progress=False)
+
+
+def _absurd(digits: DigitsSplit) -> torch.Tensor:
+    """Three clean digits, then one pixel of 1e30, one of -1e30, one of 1.5 (outside)."""
+    x = digits.x_holdout[CALIBRATION : CALIBRATION + 6].clone()
+    x[3, 0, 4, 4], x[4, 0, 1, 1], x[5, 0, 2, 2] = 1e30, -1e30, 1.5
+    return x
+
+
+def test_fit_records_the_holdout_range(fitted: brittle.Monitor, digits: DigitsSplit) -> None:
+    x = digits.x_holdout[:CALIBRATION]
+    # The range is exactly the calibration samples' smallest and largest value, widened.
+    expected = domain_bounds(float(x.min()), float(x.max()))
+    assert fitted.input_domain == pytest.approx(expected, rel=1e-6)
+    width = float(x.max() - x.min())
+    assert expected[1] == pytest.approx(float(x.max()) + DOMAIN_TOLERANCE * width)
+
+
+def test_torch_and_onnx_reject_values_outside_the_domain(
+    fitted: brittle.Monitor, digits: DigitsSplit, tmp_path: Path
+) -> None:
+    x = _absurd(digits)
+    with torch.no_grad():
+        out = fitted(x)
+    # Without a domain the 1e30 sample's margin is enormous and it is not flagged.
+    assert float(fitted.model(x[3:4]).topk(2).values.diff().abs()) > 1e20
+    assert not torch.isnan(out.margin[:3]).any()
+    assert torch.isnan(out.margin[3:]).all() and out.flag[3:].all()
+    assert out.pred[3:].tolist() == [-1, -1, -1]
+    # Every clean sample the monitor never saw is still judged.
+    with torch.no_grad():
+        clean = fitted(digits.x_holdout[CALIBRATION:])
+    assert not torch.isnan(clean.margin).any()
+
+    path = fitted.export_onnx(tmp_path / "m.onnx", x[:2])
+    served = brittle.OnnxMonitor(path, ["CPUExecutionProvider"])
+    assert served.input_domain == pytest.approx(fitted.input_domain)
+    got = served(x.numpy())
+    assert got.flag.tolist() == out.flag.tolist() and got.pred.tolist() == out.pred.tolist()
+    np.testing.assert_allclose(got.margin, out.margin.numpy(), rtol=1e-4, equal_nan=True)
+
+
+def test_telemetry_counts_the_reasons(fitted: brittle.Monitor, digits: DigitsSplit) -> None:
+    x = _absurd(digits)
+    x[0, 0, 0, 0] = float("nan")
+    x[1, 0, 0, 0] = float("inf")
+    telemetry = brittle.Telemetry.from_monitor(fitted, warn=False)
+    with torch.no_grad():
+        telemetry.observe(fitted(x), x)
+    snap = telemetry.snapshot()
+    assert snap.rejected == 5
+    assert snap.rejected_by_reason == {"nan": 1, "inf": 1, "out_of_domain": 3, "other": 0}
+    assert snap.margin_sum < 100  # the 1e30 sample is not in the histogram
+
+
+def test_state_without_domain_loads_with_a_warning(
+    fitted: brittle.Monitor, robust_model: nn.Module, digits: DigitsSplit, tmp_path: Path
+) -> None:
+    state = {k: v for k, v in fitted.state_dict().items() if not k.startswith("model.")}
+    del state["domain"]  # as saved before the domain existed
+    with pytest.warns(UserWarning, match="without an input domain.*Refit"):
+        old = brittle.Monitor.from_state(robust_model, state)
+    assert old.input_domain is None and float(old.threshold) == float(fitted.threshold)
+    with torch.no_grad():
+        assert not torch.isnan(old(_absurd(digits)).margin[3]).any()  # judged, as before
+
+    import onnx
+
+    path = fitted.export_onnx(tmp_path / "m.onnx", digits.x_holdout[:2])
+    model = onnx.load(str(path))
+    kept = [p for p in model.metadata_props if p.key != "input_domain"]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    onnx.save(model, str(tmp_path / "old.onnx"))
+    with pytest.warns(UserWarning, match="without an input domain"):
+        served = brittle.OnnxMonitor(tmp_path / "old.onnx", ["CPUExecutionProvider"])
+    assert served.input_domain is None
+
+
+def test_unfitted_monitor_has_no_domain_and_no_warning(robust_model: nn.Module) -> None:
+    monitor = brittle.wrap(robust_model, eps=DIGITS_EPS, example_input=torch.rand(2, 1, 8, 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fresh = brittle.Monitor.from_state(
+            robust_model,
+            {k: v for k, v in monitor.state_dict().items() if not k.startswith("model.")},
+        )
+    assert fresh.input_domain is None
+    out = fresh(torch.full((1, 1, 8, 8), 1e30))
+    assert not bool(out.margin.isnan().any())  # no domain: judged, never rejected
