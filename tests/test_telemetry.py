@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import brittle
 from brittle.deploy.telemetry import Telemetry, margin_buckets
 from brittle.digits import DigitsSplit
+from brittle.io import checksum
 
 DIGITS_EPS = 0.1
 CALIBRATION = 200
@@ -56,7 +57,9 @@ def test_pseudo_monitor_rate_comes_from_its_calibration_part(
     rate, report = pseudo_monitor.reference_flag_rate, pseudo_monitor.report
     assert rate is not None and 0 < rate < 1
     counts = pseudo_monitor.reference_counts
-    assert counts is not None and counts[1] == report.n and rate == counts[0] / counts[1]
+    # The counts come from the calibration samples alone (not the choice or training ones).
+    calibration = int(report.calibration.sum())
+    assert counts is not None and counts[1] == calibration and rate == counts[0] / counts[1]
     # The flag's rate on the calibration part, from the report's own figures.
     positive = report.nonrobust_fraction
     assert rate == pytest.approx(report.tpr * positive + report.fpr * (1 - positive), abs=0.15)
@@ -112,6 +115,7 @@ def test_file_with_the_rate_but_no_counts_loads_with_a_warning(
     path = fitted.save(tmp_path / "old.pt")
     payload = torch.load(path, weights_only=True)
     del payload["state"]["_extra_state"]["reference_counts"]
+    payload["checksum"] = checksum(payload["state"], payload["model"])  # an intact old file
     torch.save(payload, path)
     with pytest.warns(UserWarning, match="stored the holdout's flag rate but not its counts"):
         old = brittle.load(path, robust_model)
