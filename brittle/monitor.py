@@ -17,7 +17,7 @@ from brittle.attacks.settings import DEFAULT_ENGINE
 from brittle.calibrate.calibration import Calibration, ScoreKind
 from brittle.deploy.alarm import OLD_REFERENCE_WARNING
 from brittle.errors import NotFittedError
-from brittle.output import MonitorOutput, MonitorPass
+from brittle.output import MonitorOutput, MonitorPass, flagged
 from brittle.scores.finite import domain_bounds, nonfinite_rows, rejected_rows, zero_rows
 from brittle.scores.head import (
     NO_HEAD_HINT,
@@ -362,7 +362,7 @@ class Monitor(nn.Module):
         margin = margin.masked_fill(bad, math.nan)
         if not self._has_threshold:
             return margin, None
-        return margin, (margin <= self.threshold) | bad
+        return margin, flagged(margin, self.threshold)
 
     def _outputs(self, run: _Run, kind: ScoreKind) -> MonitorOutput:
         margin, flag = self._flag(self._score(kind, run), run.bad)

@@ -8,7 +8,37 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 if TYPE_CHECKING:  # this module stays free of torch: OnnxMonitor returns MonitorOutput too
     from torch import Tensor
 
-__all__ = ["MonitorOutput", "MonitorPass"]
+__all__ = ["MonitorOutput", "MonitorPass", "flagged", "rejected"]
+
+
+def rejected(margin: Any) -> Any:
+    """Which samples could not be judged: the monitor marks them with a NaN margin.
+
+    NaN or Inf in the input, values outside the fitted input domain, or logits
+    that are not finite all end as a NaN margin. ``+inf`` is a margin, not a
+    reject (no boundary to cross). Works on arrays, tensors and floats alike.
+
+    Examples:
+        >>> import numpy as np
+        >>> rejected(np.array([0.5, np.nan, np.inf]))
+        array([False,  True, False])
+    """
+    return margin != margin
+
+
+def flagged(margin: Any, threshold: Any) -> Any:
+    """The monitor's flag: a brittle decision (``margin <= threshold``) or a reject, fail-closed.
+
+    The one definition that ``Monitor.forward``, ``fit``'s rates and alarm
+    reference, ``evaluate`` and the analyses share. Works on arrays, tensors and
+    floats alike.
+
+    Examples:
+        >>> import numpy as np
+        >>> flagged(np.array([0.1, 0.5, np.nan, np.inf]), 0.2)
+        array([ True, False,  True, False])
+    """
+    return (margin <= threshold) | (margin != margin)
 
 
 class MonitorOutput(NamedTuple):

@@ -32,6 +32,7 @@ from brittle.calibrate.metrics import (
     wilson_interval,
 )
 from brittle.calibrate.threshold import conformal_threshold
+from brittle.output import flagged
 from brittle.scores.norms import Norm, dual_order
 
 if TYPE_CHECKING:
@@ -414,7 +415,7 @@ def per_class_bias(
         raise ValueError(f"level must be in (0, 1). Got {level}.")
     classes = labels if labels is not None else preds
     positive = nonrobust(margins, eps)
-    flagged = ~(score > threshold)  # NaN scores are flagged, as the monitor does
+    flags = flagged(score, threshold)
     rows: list[dict[str, Any]] = []
     shares: list[float] = []
     table = []
@@ -429,7 +430,7 @@ def per_class_bias(
                 "accuracy": None if labels is None else float((preds[mask] == c).mean()),
                 "nonrobust_by_margin": k / n,
                 "nonrobust_ci": list(wilson_interval(k, n)),
-                "nonrobust_by_flag": float(flagged[mask].mean()),
+                "nonrobust_by_flag": float(flags[mask].mean()),
                 "tau": tau,
             }
         )
@@ -624,7 +625,7 @@ def adversarial_flags(
     # PGD's random start draws from the global generators: seed them for the block
     # only, so that the result is seeded and the caller's random state is left as it was.
     for name, attack in attacks.items():
-        success, flagged = [], []
+        success, caught = [], []
         with seeded(seed, device):
             for batch, before in zip(batches, clean, strict=True):
                 # The model is borrowed with frozen parameters: torchattacks differentiates
@@ -634,8 +635,8 @@ def adversarial_flags(
                 with torch.no_grad():
                     after = monitor(adv)
                 success.append((after.pred != before.pred).cpu())
-                flagged.append(_flags(after))
-        hit, flag = torch.cat(success), torch.cat(flagged)
+                caught.append(_flags(after))
+        hit, flag = torch.cat(success), torch.cat(caught)
         results[name] = AttackFlags(
             success_rate=float(hit.float().mean()),
             n_successful=int(hit.sum()),

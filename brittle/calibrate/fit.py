@@ -38,6 +38,7 @@ from brittle.calibrate.split import CHOICE_SHARE, choose_and_threshold, choose_b
 from brittle.calibrate.threshold import min_positives, rates
 from brittle.deploy.telemetry import margin_buckets
 from brittle.errors import CalibrationError
+from brittle.output import flagged, rejected
 from brittle.scores.head import NO_HEAD_HINT
 from brittle.scores.norms import check_eps
 
@@ -419,17 +420,14 @@ def calibrate(
     positive = nonrobust(margins[calibration], eps)
     cal_scores = scores[chosen][calibration]
     tpr, fpr = rates(cal_scores, positive, threshold)
-    flagged = cal_scores <= threshold
-    tpr_ci = clopper_pearson(int(flagged[positive].sum()), int(positive.sum()))
-    fpr_ci = clopper_pearson(int(flagged[~positive].sum()), int((~positive).sum()))
+    flags = flagged(cal_scores, threshold)
+    tpr_ci = clopper_pearson(int(flags[positive].sum()), int(positive.sum()))
+    fpr_ci = clopper_pearson(int(flags[~positive].sum()), int((~positive).sum()))
     # The flag-rate alarm's reference: what the served flag does on these samples.
     # A NaN score is the monitor's fail-closed mark (rejected, not judged): the
     # alarm never sees such samples in production, so they are not counted here.
-    accepted = ~np.isnan(cal_scores)
-    reference_counts = (
-        int(np.count_nonzero(cal_scores[accepted] <= threshold)),
-        int(accepted.sum()),
-    )
+    accepted = ~rejected(cal_scores)
+    reference_counts = (int(np.count_nonzero(flags & accepted)), int(accepted.sum()))
     reference_flag_rate = reference_counts[0] / reference_counts[1]
     report = holdout_report(
         holdout,

@@ -8,6 +8,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from brittle.errors import CalibrationError
+from brittle.output import flagged
 
 __all__ = ["conformal_threshold", "min_positives", "rates"]
 
@@ -78,7 +79,7 @@ def rates(score: ArrayLike, positive: ArrayLike, threshold: float) -> tuple[floa
     """True- and false-positive rates of the flag ``score <= threshold``."""
     s = np.asarray(score, dtype=np.float64)
     y = np.asarray(positive, dtype=bool)
-    flag = s <= threshold
+    flag = flagged(s, threshold)
     tpr = float(flag[y].mean()) if y.any() else math.nan
     fpr = float(flag[~y].mean()) if (~y).any() else math.nan
     return tpr, fpr

@@ -34,7 +34,7 @@ from brittle.deploy.alarm import (
     UndetectableRiseError,
 )
 from brittle.deploy.rejects import REASONS, Reason, reject_reasons
-from brittle.output import MonitorOutput
+from brittle.output import MonitorOutput, rejected
 
 __all__ = ["Telemetry", "TelemetrySnapshot", "margin_buckets", "BUCKET_QUANTILES"]
 
@@ -252,42 +252,44 @@ class Telemetry:
         n = margin.size
         if n <= _SMALL_BATCH:
             # A few samples per request (the serving case): numpy's per-call overhead
-            # would cost more than the counting.
+            # would cost more than the counting. ``v != v`` is ``brittle.output.rejected``.
             flags = flag.tolist()
             margins = margin.tolist()
-            counts, total, rejected = [0] * (len(self.bounds) + 1), 0.0, 0
-            for value in margins:
+            counts, total, rejected_rows = [0] * (len(self.bounds) + 1), 0.0, []
+            for i, value in enumerate(margins):
+                if value != value:
+                    rejected_rows.append(i)
+                    continue
+                counts[bisect_left(self.bounds, value)] += 1  # +inf: the last bucket
                 if math.isfinite(value):
-                    counts[bisect_left(self.bounds, value)] += 1
                     total += value
-                else:
-                    rejected += 1
             flagged = sum(flags)
-            # A NaN margin (v != v) marks a rejected sample: it never reaches the alarm.
+            # A rejected sample never reaches the alarm.
             accepted: Any = flags
-            if rejected:
+            if rejected_rows:
                 accepted = [f for f, v in zip(flags, margins, strict=True) if v == v]
+            rejected_mask: Any = rejected_rows
         else:
-            finite = np.isfinite(margin)
-            good = margin if finite.all() else margin[finite]
+            rejected_mask = rejected(margin)
+            good = margin[~rejected_mask] if rejected_mask.any() else margin
             found = np.bincount(
                 np.searchsorted(self._bounds, good, side="left"), minlength=len(self.bounds) + 1
             )
             counts = found.tolist()
-            flagged, rejected = int(np.count_nonzero(flag)), n - good.size
-            total = float(good.sum(dtype=np.float64))
-            accepted = flag if finite.all() else flag[~np.isnan(margin)]
+            flagged = int(np.count_nonzero(flag))
+            total = float(good[np.isfinite(good)].sum(dtype=np.float64))
+            accepted = flag[~rejected_mask] if rejected_mask.any() else flag
+        n_rejected = n - sum(counts)
         reasons: list[Reason] = []
-        if rejected:
+        if n_rejected:
             if inputs is None:
-                reasons = ["other"] * rejected
+                reasons = ["other"] * n_rejected
             else:
-                rows = _numpy(inputs)[~np.isfinite(margin)]
-                reasons = reject_reasons(rows, self.domain)
+                reasons = reject_reasons(_numpy(inputs)[rejected_mask], self.domain)
         with self._lock:
             self._samples += n
             self._flagged += flagged
-            self._rejected += rejected
+            self._rejected += n_rejected
             self._counts = [a + b for a, b in zip(self._counts, counts, strict=True)]
             self._sum += total
             for reason in reasons:
