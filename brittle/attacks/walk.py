@@ -21,7 +21,7 @@ from torch import Tensor
 
 from brittle.scores.norms import Norm, norm_order
 
-__all__ = ["boundary_walk"]
+__all__ = ["boundary_walk", "steepest"]
 
 
 def boundary_walk(
@@ -80,7 +80,11 @@ def boundary_walk(
         point = (x0 + delta).requires_grad_(True)
         with torch.enable_grad():
             z = logits_of(point)
-            other = z.detach().scatter(1, pred[:, None], -math.inf).argmax(dim=1)
+            # Classes tied exactly with ``pred`` are passed over: a duplicated output
+            # unit ties everywhere, and its zero gradient would stall the walk.
+            zd = z.detach()
+            ties = zd == zd.gather(1, pred[:, None])
+            other = zd.masked_fill(ties, -math.inf).argmax(dim=1)
             diff = z[rows, pred] - z[rows, other]
             (grad,) = torch.autograd.grad(diff.sum(), point)
         point = point.detach()
@@ -91,14 +95,21 @@ def boundary_walk(
         best_adv = torch.where(better[:, None], point, best_adv)
         # FMN's budget: shrink while adversarial (never above the best), grow while not.
         eps = torch.where(is_adv, torch.minimum(eps * (1 - g_rate), best), eps * (1 + g_rate))
-        delta = delta - (a_rate * eps)[:, None] * _steepest(grad, norm)
+        delta = delta - (a_rate * eps)[:, None] * steepest(grad, norm)
         delta = _project_ball(delta, eps, norm)
         delta = (x0 + delta).clamp(0, 1) - x0
     return best_adv, best
 
 
-def _steepest(grad: Tensor, norm: Norm) -> Tensor:
-    """Unit step (in ``norm``) along which ``grad`` grows fastest."""
+def steepest(grad: Tensor, norm: Norm) -> Tensor:
+    """Unit step (in ``norm``) along which ``grad`` grows fastest (rows of ``grad``).
+
+    Examples:
+        >>> import torch
+        >>> from brittle.attacks.walk import steepest
+        >>> steepest(torch.tensor([[3.0, -4.0]]), "L2")
+        tensor([[ 0.6000, -0.8000]])
+    """
     if norm == "Linf":
         return grad.sign()
     if norm == "L2":
