@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import brittle
-from brittle.attacks.attack import AttackSettings, attack_batch
+from brittle.attacks.attack import AttackSettings, PassCounter, attack_batch
 from brittle.attacks.fab import fab_attack, guessed_distance
 from brittle.scores.norms import per_sample_norm
 
@@ -173,3 +173,28 @@ def test_margins_never_carry_a_gradient() -> None:
     for engine in ("brittle", "torchattacks"):
         margins = attack_batch(base, x, pred, AttackSettings(steps=10), engine)
         assert margins.grad_fn is None and not margins.requires_grad
+
+
+def test_extra_restarts_go_only_where_the_last_run_still_improved() -> None:
+    # A linear model: the first run lands on the nearest boundary, the runner-up run
+    # cannot beat it, so no sample earns an extra restart and none costs a pass more.
+    model = nn.Linear(2, 3)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]))
+        model.bias.copy_(torch.tensor([0.0, 0.0, 0.3]))
+    x = torch.tensor([[0.9, 0.1], [0.8, 0.5], [0.2, 0.7]])
+    counts = []
+    for extra in (0, 3):
+        counter = PassCounter()
+        margins = fab_attack(counter.counted(model), x, norm="L2", extra_restarts=extra).margin
+        counts.append((counter.forward, counter.backward, margins))
+    assert counts[0][:2] == counts[1][:2]
+    torch.testing.assert_close(counts[0][2], counts[1][2], rtol=0, atol=0)
+
+
+def test_extra_restarts_never_raise_a_margin() -> None:
+    base, _ = _with_a_duplicated_unit(seed=0)
+    x = torch.rand(32, 16, generator=torch.Generator().manual_seed(3))
+    without = fab_attack(base, x, norm="Linf", steps=30, extra_restarts=0).margin
+    with_extra = fab_attack(base, x, norm="Linf", steps=30, extra_restarts=3).margin
+    assert (with_extra <= without).all()

@@ -64,6 +64,13 @@ _FIRST_WIDTH = 10
 _PATIENCE = 3
 # Default length of the boundary walk (at most ``steps``: a small budget stays small).
 _WALK_STEPS = 20
+# The adaptive budget: a sample gets another random restart while its last run lowered
+# its margin by more than this (relative), up to _EXTRA_RESTARTS extra restarts.
+_RESTART_RTOL = 0.005
+_EXTRA_RESTARTS = 3
+# Most extra boundary walks, each from the best point, while the last one still
+# lowered the margin by more than _RESTART_RTOL.
+_EXTRA_WALKS = 2
 # A point exactly on a boundary (a logit tie) projects onto itself: FAB's step and its
 # overshoot are both zero. Steps shorter than this many units in the last place of the
 # input dtype are lengthened to it along the gradient, so that the tie is broken.
@@ -102,6 +109,8 @@ def fab_attack(
     alpha_max: float = 0.1,
     targeted: int = 1,
     walk_steps: int | None = None,
+    extra_restarts: int = _EXTRA_RESTARTS,
+    extra_walks: int = _EXTRA_WALKS,
     resolution: float | None = None,
 ) -> FabResult:
     """Untargeted minimum-norm FAB attack against ``pred`` (default: the model's prediction).
@@ -134,6 +143,11 @@ def fab_attack(
         walk_steps: Steps of the boundary walk (0: none; default ``min(20, steps)``),
             taken after the runs by every run's adversarial at once; the nearest
             point seen is kept.
+        extra_restarts: Most random restarts added per sample, one at a time, while the
+            last run (the runner-up runs, then each restart) still lowered the sample's
+            margin by more than 0.5 %, or while it has no adversarial yet.
+        extra_walks: Most extra boundary walks per sample, each from the best point,
+            while the last walk still lowered its margin by more than 0.5 %.
         resolution: Relative precision in which the model reads its inputs (default:
             the machine epsilon of ``x``'s dtype); a half-precision model seen through
             a float32 view reads float16 or bfloat16. No step is shorter than a few
@@ -158,12 +172,18 @@ def fab_attack(
     """
     norm = check_norm(norm)
     walk_steps = min(_WALK_STEPS, steps) if walk_steps is None else walk_steps
-    if steps < 1 or restarts < 1 or candidates < 1 or min(refine_steps, targeted, walk_steps) < 0:
+    if (
+        steps < 1
+        or restarts < 1
+        or candidates < 1
+        or min(refine_steps, targeted, walk_steps, extra_restarts, extra_walks) < 0
+    ):
         raise ValueError(
-            f"steps, restarts and candidates must be positive and refine_steps, targeted and "
-            f"walk_steps non-negative. Got steps={steps}, restarts={restarts}, "
-            f"candidates={candidates}, refine_steps={refine_steps}, targeted={targeted}, "
-            f"walk_steps={walk_steps}."
+            f"steps, restarts and candidates must be positive and refine_steps, targeted, "
+            f"walk_steps, extra_restarts and extra_walks non-negative. Got steps={steps}, "
+            f"restarts={restarts}, candidates={candidates}, refine_steps={refine_steps}, "
+            f"targeted={targeted}, walk_steps={walk_steps}, extra_restarts={extra_restarts}, "
+            f"extra_walks={extra_walks}."
         )
     check_unit_range(x, "fab_attack works")
     patience = _PATIENCE if patience is None else patience
@@ -191,6 +211,8 @@ def fab_attack(
             alpha_max=alpha_max,
             targeted=targeted,
             walk_steps=walk_steps,
+            extra_restarts=extra_restarts,
+            extra_walks=extra_walks,
             resolution=resolution,
         )
         adv[finite], margin[finite] = good.adv, good.margin.to(margin.dtype)
@@ -208,17 +230,47 @@ def fab_attack(
         attack = _Fab(model, x, pred.to(x.device), norm, (eta, beta, alpha_max), patience)
         attack.min_step = _TIE_ULPS * resolution
         attack.run(attack.x0, steps, candidates)
+        first = attack.runs[-1][1].clone()
         for rank in range(min(targeted, attack.num_classes - 2)):
             attack.run(attack.x0, steps, candidates, attack.runner_up(rank))
+        # Whether the runner-up runs beat the first run: several boundaries compete.
+        busy = _improved(first, attack.best)
+        before = attack.best.clone()
         attack.walk(walk_steps)
         attack.refine(refine_steps)
+        walking = _improved(before, attack.best)
+        # FAB can stop on a boundary far from its nearest point (weakly consistent
+        # models): where the walk still shortened the margin, walk on from the best.
+        for _ in range(extra_walks):
+            if not bool(walking.any()):
+                break
+            before = attack.best.clone()
+            from_best = attack.best.masked_fill(~walking, math.inf)
+            attack.runs.append((attack.best_adv.clone(), from_best))
+            attack.walk(walk_steps)
+            attack.refine(refine_steps, rows=walking)
+            walking = walking & _improved(before, attack.best)
         # Random restarts come last and only ever lower a margin: the runs above are
         # the same whatever ``restarts`` is, so more restarts never give a larger one.
+        before = attack.best.clone()
         for restart in range(1, restarts):
             attack.run(attack.random_start(seed, index, restart), steps, candidates)
         if restarts > 1:
             attack.walk(walk_steps)
             attack.refine(refine_steps)
+            busy = _improved(before, attack.best)
+        # The adaptive budget: more restarts only where the last one still improved
+        # the margin (or none has found an adversarial yet), so the cost lands on the tail.
+        busy = busy | ~torch.isfinite(attack.best)
+        for extra in range(extra_restarts):
+            if not bool(busy.any()):
+                break
+            before = attack.best.clone()
+            start = attack.random_start(seed, index, restarts + extra)
+            attack.run(start, steps, candidates, rows=busy)
+            attack.walk(walk_steps)
+            attack.refine(refine_steps, rows=busy)
+            busy = busy & _improved(before, attack.best)
         return FabResult(attack.best_adv.view_as(x).clone(), attack.best.clone())
 
 
@@ -279,10 +331,18 @@ class _Fab:
     def _logits(self, x: Tensor) -> Tensor:
         return model_output(self.model(x.view(-1, *self.shape)))
 
-    def run(self, start: Tensor, steps: int, candidates: int, target: Tensor | None = None) -> None:
+    def run(
+        self,
+        start: Tensor,
+        steps: int,
+        candidates: int,
+        target: Tensor | None = None,
+        rows: Tensor | None = None,
+    ) -> None:
         """One FAB run from ``start``; updates the best adversarials found so far.
 
-        With ``target`` (one class per sample) the run linearises that class only.
+        With ``target`` (one class per sample) the run linearises that class only;
+        with ``rows`` (a mask) only those samples run.
         """
         x1 = start.clone()
         self.target = target
@@ -292,7 +352,7 @@ class _Fab:
         if self.known.any() or target is not None:  # later runs know the gradient norms
             first_width = base
         k = torch.full_like(self.pred, first_width)
-        active = torch.ones_like(self.pred, dtype=torch.bool)
+        active = torch.ones_like(self.pred, dtype=torch.bool) if rows is None else rows.clone()
         stale = torch.zeros_like(self.pred)
         # Patience counts against this run's own best, so that a restart is not cut
         # short by an earlier run's result: it stops when it stops improving itself.
@@ -459,9 +519,10 @@ class _Fab:
         self.best[better] = nearest[better]
         self.runs.clear()
 
-    def refine(self, steps: int) -> None:
-        """Shrink each adversarial along its ray from x0 by bisection, keeping only adversarials."""
-        idx = torch.isfinite(self.best).nonzero().squeeze(1)
+    def refine(self, steps: int, rows: Tensor | None = None) -> None:
+        """Shrink each adversarial (of ``rows``) along its ray from x0 by bisection."""
+        keep = torch.isfinite(self.best) if rows is None else torch.isfinite(self.best) & rows
+        idx = keep.nonzero().squeeze(1)
         if idx.numel() == 0 or steps == 0:
             return
         x0, adv, c = self.x0[idx], self.best_adv[idx], self.pred[idx]
@@ -478,6 +539,11 @@ class _Fab:
             hi, lo = torch.where(flipped, mid, hi), torch.where(flipped, lo, mid)
         self.best_adv[idx] = adv
         self.best[idx] = _lp(adv - x0, self.norm)
+
+
+def _improved(before: Tensor, after: Tensor) -> Tensor:
+    """Where ``after`` is below ``before`` by more than ``_RESTART_RTOL`` (or newly finite)."""
+    return after < (1 - _RESTART_RTOL) * before
 
 
 def guessed_distance(gap: Tensor, dual_seen: Tensor, known: Tensor) -> Tensor:
