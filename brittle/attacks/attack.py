@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -15,7 +17,7 @@ from brittle.attacks.settings import DEFAULT_ENGINE, AttackSettings
 from brittle.attacks.torchattacks_fab import torchattacks_engine
 from brittle.attacks.verify import check_unit_range, model_device, verified_margins
 from brittle.data import batches
-from brittle.scores.head import model_output
+from brittle.scores.head import LogitsModel, model_output
 from brittle.scores.norms import Norm, check_norm
 
 __all__ = [
@@ -97,6 +99,8 @@ class _Counted(nn.Module):
         super().__init__()
         self.model = model
         self.counter = counter
+        # The dtype a view (``LogitsModel``) feeds its model, seen through the counter.
+        self.dtype = getattr(model, "dtype", None)
 
     def forward(self, x: Tensor) -> Tensor:
         self.counter.forward += x.shape[0]
@@ -117,6 +121,16 @@ def attack_batch(
 ) -> Tensor:
     """Margins of one batch, the model borrowed in eval mode with frozen parameters.
 
+    A float16 or bfloat16 model is attacked through a float32 view of it
+    (``LogitsModel``): the attack runs in float32, the model sees each point
+    rounded to its own dtype, and the margin is the float32 distance to the point
+    whose (rounded) prediction was checked; it can differ from the distance of
+    the rounded point by half a unit in the last place of that dtype. Only the
+    ``"brittle"`` engine takes such models (a ``ValueError`` says so otherwise).
+
+    A row of ``x`` holding NaN or Inf is not attacked: its margin is NaN. The
+    margins never carry a gradient, even when ``x`` requires one.
+
     Args:
         model: Classifier on inputs in ``[0, 1]``.
         x: The batch, on the model's device.
@@ -125,17 +139,57 @@ def attack_batch(
         engine: Key of ``ENGINES``.
         index: Position of each sample in the whole holdout (default ``0..B-1``).
         counter: Adds the forward and backward passes the engine spends.
+
+    Returns:
+        ``(B,)`` float64 margins: ``inf`` where censored, ``nan`` for non-finite rows.
+
+    Examples:
+        >>> import torch
+        >>> from brittle.attacks.attack import AttackSettings, attack_batch
+        >>> model = torch.nn.Linear(2, 2, bias=False).half()
+        >>> with torch.no_grad():
+        ...     _ = model.weight.copy_(torch.eye(2))
+        >>> x = torch.tensor([[0.75, 0.25], [float("nan"), 0.5]], dtype=torch.float16)
+        >>> margin = attack_batch(model, x, torch.tensor([0, 0]), AttackSettings(steps=10))
+        >>> round(float(margin[0]), 2), bool(margin[1].isnan())  # Linf: (0.75 - 0.25) / 2
+        (0.25, True)
     """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {sorted(ENGINES)}. Got {engine!r}.")
+    x = x.detach()
     check_unit_range(x)
     if index is None:
         index = torch.arange(x.shape[0], device=x.device)
-    target = model if counter is None else counter.counted(model)
+    target: nn.Module = model
+    dtype = _half_dtype(model)
+    if dtype is not None:
+        if engine != "brittle":
+            raise ValueError(
+                f"the {engine!r} engine cannot attack a {dtype} model: its steps are lost "
+                "to the model's rounding and small margins come back censored. Use "
+                "engine='brittle', which attacks half-precision models through a float32 view."
+            )
+        target, x = LogitsModel(model, dtype), x.float()
     if counter is not None:
+        target = counter.counted(target)
         counter.samples += x.shape[0]
-    with eval_mode(model), frozen(model):
-        return ENGINES[engine](target, x, pred, settings, index.to(x.device))
+    margins = torch.full((x.shape[0],), math.nan, device=x.device, dtype=torch.float64)
+    finite = torch.isfinite(x.flatten(1)).all(dim=1)
+    if bool(finite.any()):
+        with eval_mode(model), frozen(model):
+            found = ENGINES[engine](
+                target, x[finite], pred[finite], settings, index.to(x.device)[finite]
+            )
+        margins[finite] = found.detach().to(torch.float64)
+    return margins
+
+
+def _half_dtype(model: nn.Module) -> torch.dtype | None:
+    """float16 or bfloat16 when the model's first floating parameter is, else ``None``."""
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        if tensor.is_floating_point():
+            return tensor.dtype if tensor.dtype in (torch.float16, torch.bfloat16) else None
+    return None
 
 
 def input_margins(
@@ -173,7 +227,9 @@ def input_margins(
             Every rank must pass the same data; every rank gets all margins.
 
     Returns:
-        ``(N,)`` float32 tensor on the CPU; ``inf`` where no adversarial was found.
+        ``(N,)`` float32 tensor on the CPU; ``inf`` where no adversarial was found,
+        ``nan`` for a sample holding NaN or Inf. Half-precision models are attacked
+        through a float32 view (see ``attack_batch``).
 
     Examples:
         >>> import torch, brittle
@@ -202,7 +258,9 @@ def input_margins(
             seen += x.shape[0]
             mine = part.owns(index)
             if mine.any():
-                x = x[mine].to(device)
+                # A half-precision model reads its own dtype: the margin is measured
+                # from the input as the model sees it.
+                x = x[mine].to(device, dtype=_half_dtype(model) or x.dtype)
                 with torch.no_grad(), eval_mode(model):
                     pred = model_output(model(x)).argmax(dim=1)
                 margins.append(attack_batch(model, x, pred, settings, engine, index[mine]).cpu())

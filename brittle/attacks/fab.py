@@ -42,13 +42,14 @@ import torch
 from torch import Tensor, nn
 
 from brittle._modes import eval_mode, frozen
+from brittle.attacks.ball import steepest
 from brittle.attacks.settings import AttackSettings
 from brittle.attacks.verify import check_unit_range, verified_margins
 from brittle.attacks.walk import boundary_walk
 from brittle.scores.head import model_output
 from brittle.scores.norms import START_RADIUS, Norm, check_norm, dual_order, norm_order
 
-__all__ = ["FabResult", "fab_attack"]
+__all__ = ["FabResult", "fab_attack", "guessed_distance"]
 
 _MASK32 = 0xFFFFFFFF
 # Widen a sample's candidate classes when the next class's guessed distance is
@@ -64,6 +65,17 @@ _FIRST_WIDTH = 10
 _PATIENCE = 3
 # Default length of the boundary walk (at most ``steps``: a small budget stays small).
 _WALK_STEPS = 20
+# The adaptive budget: a sample gets another random restart while its last run lowered
+# its margin by more than this (relative), up to _EXTRA_RESTARTS extra restarts.
+_RESTART_RTOL = 0.005
+_EXTRA_RESTARTS = 3
+# Most extra boundary walks, each from the best point, while the last one still
+# lowered the margin by more than _RESTART_RTOL.
+_EXTRA_WALKS = 2
+# A point exactly on a boundary (a logit tie) projects onto itself: FAB's step and its
+# overshoot are both zero. Steps shorter than this many units in the last place of the
+# input dtype are lengthened to it along the gradient, so that the tie is broken.
+_TIE_ULPS = 8.0
 
 
 class FabResult(NamedTuple):
@@ -71,7 +83,8 @@ class FabResult(NamedTuple):
 
     Attributes:
         adv: Best adversarial per sample, shape of ``x``; ``x`` itself where none was found.
-        margin: ``(B,)`` norm of ``adv - x``; ``inf`` where no adversarial was found.
+        margin: ``(B,)`` norm of ``adv - x``; ``inf`` where no adversarial was found,
+            ``nan`` for a row of ``x`` holding NaN or Inf.
 
     """
 
@@ -97,6 +110,9 @@ def fab_attack(
     alpha_max: float = 0.1,
     targeted: int = 1,
     walk_steps: int | None = None,
+    extra_restarts: int = _EXTRA_RESTARTS,
+    extra_walks: int = _EXTRA_WALKS,
+    resolution: float | None = None,
 ) -> FabResult:
     """Untargeted minimum-norm FAB attack against ``pred`` (default: the model's prediction).
 
@@ -128,6 +144,15 @@ def fab_attack(
         walk_steps: Steps of the boundary walk (0: none; default ``min(20, steps)``),
             taken after the runs by every run's adversarial at once; the nearest
             point seen is kept.
+        extra_restarts: Most random restarts added per sample, one at a time, while the
+            last run (the runner-up runs, then each restart) still lowered the sample's
+            margin by more than 0.5 %, or while it has no adversarial yet.
+        extra_walks: Most extra boundary walks per sample, each from the best point,
+            while the last walk still lowered its margin by more than 0.5 %.
+        resolution: Relative precision in which the model reads its inputs (default:
+            the machine epsilon of ``x``'s dtype); a half-precision model seen through
+            a float32 view reads float16 or bfloat16. No step is shorter than a few
+            such units, or rounding would undo it.
 
     Returns:
         ``FabResult`` with the best adversarial and its norm per sample.
@@ -148,15 +173,51 @@ def fab_attack(
     """
     norm = check_norm(norm)
     walk_steps = min(_WALK_STEPS, steps) if walk_steps is None else walk_steps
-    if steps < 1 or restarts < 1 or candidates < 1 or min(refine_steps, targeted, walk_steps) < 0:
+    if (
+        steps < 1
+        or restarts < 1
+        or candidates < 1
+        or min(refine_steps, targeted, walk_steps, extra_restarts, extra_walks) < 0
+    ):
         raise ValueError(
-            f"steps, restarts and candidates must be positive and refine_steps, targeted and "
-            f"walk_steps non-negative. Got steps={steps}, restarts={restarts}, "
-            f"candidates={candidates}, refine_steps={refine_steps}, targeted={targeted}, "
-            f"walk_steps={walk_steps}."
+            f"steps, restarts and candidates must be positive and refine_steps, targeted, "
+            f"walk_steps, extra_restarts and extra_walks non-negative. Got steps={steps}, "
+            f"restarts={restarts}, candidates={candidates}, refine_steps={refine_steps}, "
+            f"targeted={targeted}, walk_steps={walk_steps}, extra_restarts={extra_restarts}, "
+            f"extra_walks={extra_walks}."
         )
     check_unit_range(x, "fab_attack works")
     patience = _PATIENCE if patience is None else patience
+    finite = torch.isfinite(x.detach().flatten(1)).all(dim=1) if x.dim() > 1 else None
+    if finite is not None and not bool(finite.all()):
+        # A row with NaN or Inf has no distance to anything: its margin is NaN, its
+        # "adversarial" the row itself, and the other rows are attacked as usual.
+        adv, margin = x.detach().clone(), x.new_full((x.shape[0],), math.nan)
+        if index is None:
+            index = torch.arange(x.shape[0], device=x.device)
+        good = fab_attack(
+            model,
+            x[finite],
+            None if pred is None else pred[finite],
+            norm=norm,
+            steps=steps,
+            restarts=restarts,
+            seed=seed,
+            index=index[finite],
+            candidates=candidates,
+            patience=patience,
+            refine_steps=refine_steps,
+            eta=eta,
+            beta=beta,
+            alpha_max=alpha_max,
+            targeted=targeted,
+            walk_steps=walk_steps,
+            extra_restarts=extra_restarts,
+            extra_walks=extra_walks,
+            resolution=resolution,
+        )
+        adv[finite], margin[finite] = good.adv, good.margin.to(margin.dtype)
+        return FabResult(adv, margin)
     with eval_mode(model), frozen(model):
         x = x.detach()
         if pred is None:
@@ -166,19 +227,51 @@ def fab_attack(
             index = torch.arange(x.shape[0], device=x.device)
         if x.shape[0] == 0:
             return FabResult(x.clone(), torch.empty(0, device=x.device, dtype=x.dtype))
-        attack = _Fab(model, x, pred.to(x.device), norm, eta, beta, alpha_max, patience)
+        resolution = torch.finfo(x.dtype).eps if resolution is None else resolution
+        attack = _Fab(model, x, pred.to(x.device), norm, (eta, beta, alpha_max), patience)
+        attack.min_step = _TIE_ULPS * resolution
         attack.run(attack.x0, steps, candidates)
+        first = attack.runs[-1][1].clone()
         for rank in range(min(targeted, attack.num_classes - 2)):
             attack.run(attack.x0, steps, candidates, attack.runner_up(rank))
+        # Whether the runner-up runs beat the first run: several boundaries compete.
+        busy = _improved(first, attack.best)
+        before = attack.best.clone()
         attack.walk(walk_steps)
         attack.refine(refine_steps)
+        walking = _improved(before, attack.best)
+        # FAB can stop on a boundary far from its nearest point (weakly consistent
+        # models): where the walk still shortened the margin, walk on from the best.
+        for _ in range(extra_walks):
+            if not bool(walking.any()):
+                break
+            before = attack.best.clone()
+            from_best = attack.best.masked_fill(~walking, math.inf)
+            attack.runs.append((attack.best_adv.clone(), from_best))
+            attack.walk(walk_steps)
+            attack.refine(refine_steps, rows=walking)
+            walking = walking & _improved(before, attack.best)
         # Random restarts come last and only ever lower a margin: the runs above are
         # the same whatever ``restarts`` is, so more restarts never give a larger one.
+        before = attack.best.clone()
         for restart in range(1, restarts):
             attack.run(attack.random_start(seed, index, restart), steps, candidates)
         if restarts > 1:
             attack.walk(walk_steps)
             attack.refine(refine_steps)
+            busy = _improved(before, attack.best)
+        # The adaptive budget: more restarts only where the last one still improved
+        # the margin (or none has found an adversarial yet), so the cost lands on the tail.
+        busy = busy | ~torch.isfinite(attack.best)
+        for extra in range(extra_restarts):
+            if not bool(busy.any()):
+                break
+            before = attack.best.clone()
+            start = attack.random_start(seed, index, restarts + extra)
+            attack.run(start, steps, candidates, rows=busy)
+            attack.walk(walk_steps)
+            attack.refine(refine_steps, rows=busy)
+            busy = busy & _improved(before, attack.best)
         return FabResult(attack.best_adv.view_as(x).clone(), attack.best.clone())
 
 
@@ -189,6 +282,8 @@ def brittle_engine(
 
     Returns the verified margins (``inf`` where censored), as every engine does.
     """
+    # A half-precision model behind a float32 view (``LogitsModel``) names its dtype.
+    dtype = getattr(model, "dtype", None)
     adv = fab_attack(
         model,
         x,
@@ -198,6 +293,7 @@ def brittle_engine(
         restarts=settings.restarts,
         seed=settings.seed,
         index=index,
+        resolution=torch.finfo(dtype if isinstance(dtype, torch.dtype) else x.dtype).eps,
     ).adv
     return verified_margins(model, x, adv, pred, settings.norm)
 
@@ -211,13 +307,12 @@ class _Fab:
         x: Tensor,
         pred: Tensor,
         norm: Norm,
-        eta: float,
-        beta: float,
-        alpha_max: float,
+        steps: tuple[float, float, float],
         patience: int,
     ) -> None:
         self.model, self.norm, self.shape = model, norm, x.shape[1:]
-        self.eta, self.beta, self.alpha_max, self.patience = eta, beta, alpha_max, patience
+        (self.eta, self.beta, self.alpha_max), self.patience = steps, patience
+        self.min_step = _TIE_ULPS * torch.finfo(x.dtype).eps
         self.target: Tensor | None = None
         # (adversarial, norm) of each run since the last walk, inf where none.
         self.runs: list[tuple[Tensor, Tensor]] = []
@@ -237,10 +332,18 @@ class _Fab:
     def _logits(self, x: Tensor) -> Tensor:
         return model_output(self.model(x.view(-1, *self.shape)))
 
-    def run(self, start: Tensor, steps: int, candidates: int, target: Tensor | None = None) -> None:
+    def run(
+        self,
+        start: Tensor,
+        steps: int,
+        candidates: int,
+        target: Tensor | None = None,
+        rows: Tensor | None = None,
+    ) -> None:
         """One FAB run from ``start``; updates the best adversarials found so far.
 
-        With ``target`` (one class per sample) the run linearises that class only.
+        With ``target`` (one class per sample) the run linearises that class only;
+        with ``rows`` (a mask) only those samples run.
         """
         x1 = start.clone()
         self.target = target
@@ -250,7 +353,7 @@ class _Fab:
         if self.known.any() or target is not None:  # later runs know the gradient norms
             first_width = base
         k = torch.full_like(self.pred, first_width)
-        active = torch.ones_like(self.pred, dtype=torch.bool)
+        active = torch.ones_like(self.pred, dtype=torch.bool) if rows is None else rows.clone()
         stale = torch.zeros_like(self.pred)
         # Patience counts against this run's own best, so that a restart is not cut
         # short by an earlier run's result: it stops when it stops improving itself.
@@ -314,10 +417,7 @@ class _Fab:
         n, kmax, num_classes = len(xa), int(ka.max()), z.shape[1]
         zc = z.gather(1, c[:, None])
         dual_seen, known = self.dual_seen[idx], self.known[idx]
-        fallback = dual_seen.masked_fill(~known, 0.0).amax(dim=1, keepdim=True)
-        fallback = torch.where(fallback > 0, fallback, torch.ones_like(fallback))
-        guess = (z - zc).abs() / torch.where(known, dual_seen, fallback).clamp_min(1e-12)
-        guess = guess.scatter(1, c[:, None], math.inf)
+        guess = guessed_distance(z - zc, dual_seen, known).scatter(1, c[:, None], math.inf)
         guess_top, top_cls = guess.topk(min(kmax + 1, num_classes - 1), dim=1, largest=False)
         cls = top_cls[:, :kmax] if self.target is None else self.target[idx][:, None]
 
@@ -338,7 +438,10 @@ class _Fab:
         src = torch.where(is_adv[:, None], x0 + self.beta * (xa - x0), xa)
         value = df + torch.einsum("nkd,nd->nk", dg, src - xa)
         dual = _dual(dg, self.norm)
-        lin_dist = (value.abs() / (1e-12 + dual)).masked_fill(~valid, math.inf)
+        # A class whose logit moves exactly with the predicted one (zero gradient of
+        # the difference, e.g. a duplicated output unit) cannot be reached this way.
+        reachable = valid & (dual > 0)
+        lin_dist = torch.where(reachable, value.abs() / dual.clamp_min(1e-30), math.inf)
         nearest, j = lin_dist.min(dim=1)
         seen = torch.where(valid, dual, dual_seen.gather(1, cls))
         self.dual_seen[idx] = dual_seen.scatter(1, cls, seen)
@@ -354,6 +457,9 @@ class _Fab:
         w = dg[u, j]
         b = -df[u, j] + (w * xa).sum(dim=1)
         d = _project(torch.cat((src, x0)), torch.cat((w, w)), torch.cat((b, b)), self.norm)
+        d = _break_ties(d, torch.cat((w, w)), self.norm, self.min_step)
+        # No reachable candidate: stay put (the candidates widen for the next step).
+        d = d.masked_fill(~torch.isfinite(torch.cat((nearest, nearest)))[:, None], 0.0)
         d1, d2 = d[:n], d[n:]
         a = _lp(d, self.norm).clamp_min(1e-8)
         a1, a2 = a[:n, None], a[n:, None]
@@ -375,13 +481,14 @@ class _Fab:
     def runner_up(self, rank: int) -> Tensor:
         """Per sample, the ``rank``-th nearest other class by guessed distance from x0.
 
-        The guess is the logit gap at x0 over the gradient norm last seen for the
-        class; the predicted class and the class of the best adversarial are skipped.
+        The guess is ``guessed_distance`` at x0 (a class never linearised gets the
+        largest gradient norm seen); the predicted class and the class of the best
+        adversarial are skipped.
         """
         with torch.no_grad():
             found = self._logits(self.best_adv).argmax(dim=1)
-        dual = torch.where(self.known, self.dual_seen, torch.full_like(self.dual_seen, math.inf))
-        guess = (self.z0.gather(1, self.pred[:, None]) - self.z0) / dual.clamp_min(1e-12)
+        gap = self.z0 - self.z0.gather(1, self.pred[:, None])
+        guess = guessed_distance(gap, self.dual_seen, self.known)
         guess = guess.scatter(1, self.pred[:, None], math.inf)
         guess = guess.scatter(1, found[:, None], math.inf)  # found == pred where none yet
         return guess.argsort(dim=1)[:, rank]
@@ -413,9 +520,10 @@ class _Fab:
         self.best[better] = nearest[better]
         self.runs.clear()
 
-    def refine(self, steps: int) -> None:
-        """Shrink each adversarial along its ray from x0 by bisection, keeping only adversarials."""
-        idx = torch.isfinite(self.best).nonzero().squeeze(1)
+    def refine(self, steps: int, rows: Tensor | None = None) -> None:
+        """Shrink each adversarial (of ``rows``) along its ray from x0 by bisection."""
+        keep = torch.isfinite(self.best) if rows is None else torch.isfinite(self.best) & rows
+        idx = keep.nonzero().squeeze(1)
         if idx.numel() == 0 or steps == 0:
             return
         x0, adv, c = self.x0[idx], self.best_adv[idx], self.pred[idx]
@@ -432,6 +540,53 @@ class _Fab:
             hi, lo = torch.where(flipped, mid, hi), torch.where(flipped, lo, mid)
         self.best_adv[idx] = adv
         self.best[idx] = _lp(adv - x0, self.norm)
+
+
+def _improved(before: Tensor, after: Tensor) -> Tensor:
+    """Where ``after`` is below ``before`` by more than ``_RESTART_RTOL`` (or newly finite)."""
+    return after < (1 - _RESTART_RTOL) * before
+
+
+def guessed_distance(gap: Tensor, dual_seen: Tensor, known: Tensor) -> Tensor:
+    """Distance to each class's boundary as FAB guesses it: ``|gap|`` over a gradient norm.
+
+    A class whose gradient was linearised uses the dual norm last seen for it; a
+    class never linearised uses the largest one seen for that sample (1 if none), so
+    that it ranks by its logit gap among the others instead of first (a guess of
+    ``gap / inf = 0``) or last. A class seen with a zero gradient is unreachable: ``inf``.
+
+    Args:
+        gap: ``(n, K)`` logit of each class minus the predicted class's.
+        dual_seen: ``(n, K)`` dual norm of ``grad(f_j - f_c)`` last seen per class.
+        known: ``(n, K)`` whether ``dual_seen`` holds a measurement.
+
+    Returns:
+        ``(n, K)`` guessed distances (the predicted class is not masked here).
+
+    Examples:
+        >>> import torch
+        >>> from brittle.attacks.fab import guessed_distance
+        >>> gap = torch.tensor([[0.0, -1.0, -2.0, -3.0]])
+        >>> dual = torch.tensor([[0.0, 4.0, 0.0, 0.0]])
+        >>> known = torch.tensor([[False, True, False, True]])
+        >>> guessed_distance(gap, dual, known)  # class 2 borrows the norm 4 of class 1
+        tensor([[0.0000, 0.2500, 0.5000,    inf]])
+    """
+    fallback = dual_seen.masked_fill(~known, 0.0).amax(dim=1, keepdim=True)
+    fallback = torch.where(fallback > 0, fallback, torch.ones_like(fallback))
+    dual = torch.where(known, dual_seen, fallback)
+    return torch.where(dual > 0, gap.abs() / dual.clamp_min(1e-30), math.inf)
+
+
+def _break_ties(d: Tensor, w: Tensor, norm: Norm, tiny: float) -> Tensor:
+    """Lengthen steps shorter than ``tiny`` by ``tiny`` along ``w``.
+
+    ``w`` is the gradient of ``f_j - f_c``: moving along it crosses towards class ``j``.
+    """
+    short = _lp(d, norm) < tiny
+    if not bool(short.any()):
+        return d
+    return torch.where(short[:, None], d + tiny * steepest(w, norm), d)
 
 
 def _lp(delta: Tensor, norm: Norm) -> Tensor:

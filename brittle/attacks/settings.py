@@ -16,7 +16,9 @@ DEFAULT_ENGINE = "brittle"
 # Raised when an engine's margins change for the same settings, so that margin
 # caches written by an earlier version are recomputed rather than reused.
 # brittle 2: per-run patience, targeted run on the runner-up, boundary walk.
-ENGINE_VERSIONS = {"brittle": 2, "torchattacks": 1}
+# brittle 3: runner-up by the largest-dual-norm fallback, logit ties broken, zero-gradient
+# classes unreachable, adaptive extra restarts.
+ENGINE_VERSIONS = {"brittle": 3, "torchattacks": 1}
 
 
 @dataclass(frozen=True)

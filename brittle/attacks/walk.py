@@ -81,7 +81,11 @@ def boundary_walk(
         point = (x0 + delta).requires_grad_(True)
         with torch.enable_grad():
             z = logits_of(point)
-            other = z.detach().scatter(1, pred[:, None], -math.inf).argmax(dim=1)
+            # Classes tied exactly with ``pred`` are passed over: a duplicated output
+            # unit ties everywhere, and its zero gradient would stall the walk.
+            zd = z.detach()
+            ties = zd == zd.gather(1, pred[:, None])
+            other = zd.masked_fill(ties, -math.inf).argmax(dim=1)
             diff = z[rows, pred] - z[rows, other]
             (grad,) = torch.autograd.grad(diff.sum(), point)
         point = point.detach()

@@ -1,0 +1,200 @@
+"""Where an attack engine can go blind: many classes, logit ties, half precision, NaN rows."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import brittle
+from brittle.attacks.attack import AttackSettings, PassCounter, attack_batch
+from brittle.attacks.fab import fab_attack, guessed_distance
+from brittle.scores.norms import per_sample_norm
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _hundred_classes() -> nn.Linear:
+    """A 2-D linear model with 100 classes whose nearest boundary FAB's first run misses.
+
+    At x = (1, 0.5), on the edge of the box, class 0 wins. Class 1's hyperplane is
+    0.03 away but leans out of the box: inside it, the nearest point of it is 0.3
+    away, and that is where the untargeted run, led by the linearisation, ends.
+    Class 2's boundary x_0 = 0.85 is the nearest one, 0.15 away (L2). The other 97
+    classes are far below (logit gap 2.5 or more); 8 of them are linearised at the
+    first step, the rest never.
+    """
+    k, lean = 100, 0.1
+    weight, bias = torch.zeros(k, 2), torch.zeros(k)
+    weight[1] = torch.tensor([math.cos(lean), math.sin(lean)])
+    bias[1] = -float(weight[1] @ torch.tensor([1.0, 0.5])) - 0.03
+    weight[2], bias[2] = torch.tensor([-1.0, 0.0]), 0.85
+    weight[3:] = torch.tensor([0.0, -1.0])
+    bias[3:] = -2.0 - 0.01 * torch.arange(3, k)
+    model = nn.Linear(2, k)
+    with torch.no_grad():
+        model.weight.copy_(weight)
+        model.bias.copy_(bias)
+    return model
+
+
+def test_the_runner_up_at_100_classes_is_a_class_the_linearisation_knows() -> None:
+    # Before: classes never linearised had a guessed distance gap / inf = 0 and the
+    # targeted run attacked one of them (unreachable here): the margin stayed 0.30.
+    model = _hundred_classes()
+    x = torch.tensor([[1.0, 0.5]])
+    assert int(model(x).argmax()) == 0
+    margin = brittle.input_margins(model, x, norm="L2", steps=100)
+    # The exact L2 distance to x_0 = 0.85; the bisection ends within 1e-3 of it.
+    torch.testing.assert_close(margin, torch.tensor([0.15]), atol=1e-3, rtol=0)
+    untargeted = fab_attack(model, x, norm="L2", steps=100, targeted=0, walk_steps=0).margin
+    assert float(untargeted) > 0.29  # the construction does trap the untargeted run
+
+
+def test_guessed_distance_ranks_unknown_classes_by_their_gap() -> None:
+    gap = -torch.arange(100.0)[None]
+    known = torch.zeros(1, 100, dtype=torch.bool)
+    known[0, 1:11] = True
+    dual = torch.where(known, torch.full_like(gap, 2.0), torch.zeros_like(gap))
+    guess = guessed_distance(gap, dual, known)
+    # Brute force: every class, known or not, at |gap| / 2 (the largest norm seen).
+    torch.testing.assert_close(guess, gap.abs() / 2)
+    known[0, 5] = True
+    dual[0, 5] = 0.0  # a zero gradient of f_j - f_c: that class cannot be reached
+    assert math.isinf(float(guessed_distance(gap, dual, known)[0, 5]))
+
+
+@pytest.mark.parametrize("norm", ["Linf", "L2", "L1"])
+def test_a_sample_exactly_on_a_boundary_gets_a_tiny_finite_margin(norm: str) -> None:
+    # Logits x_0 and x_1: (0.5, 0.5) ties, argmax says class 0. Before: inf.
+    model = nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.eye(2))
+    x = torch.tensor([[0.5, 0.5], [0.25, 0.25]])
+    adv, margin = fab_attack(model, x, norm=norm, steps=20)
+    assert (model(adv).argmax(dim=1) == 1).all()
+    torch.testing.assert_close(per_sample_norm(adv - x, norm), margin)
+    # Eight units in the last place of float32 is 9.5e-7: the tie step is below it.
+    assert (margin > 0).all() and (margin < 1e-6).all(), margin
+    assert (brittle.input_margins(model, x, norm=norm) < 1e-6).all()
+
+
+def _with_a_duplicated_unit(seed: int) -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(seed)
+    base = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 5))
+    head = nn.Linear(32, 6)
+    with torch.no_grad():  # output 0 twice: class 1 ties with class 0 everywhere
+        head.weight.copy_(torch.cat([base[2].weight[:1], base[2].weight]))
+        head.bias.copy_(torch.cat([base[2].bias[:1], base[2].bias]))
+    return base, nn.Sequential(base[0], base[1], head)
+
+
+@pytest.mark.parametrize("norm", ["Linf", "L2"])
+def test_a_duplicated_output_unit_changes_no_margin(norm: str) -> None:
+    # Before: every sample predicting the duplicated class got inf. Now the margins
+    # are the model's without the duplicate. Over seeds 0-7 and both norms the
+    # median ratio was 1.0 exactly, the largest single deviation 17 % (one sample:
+    # the two runs settle on different local boundaries).
+    base, dup = _with_a_duplicated_unit(seed=0)
+    x = torch.rand(16, 16, generator=torch.Generator().manual_seed(1))
+    reference = brittle.input_margins(base, x, norm=norm, steps=30)
+    margins = brittle.input_margins(dup, x, norm=norm, steps=30)
+    assert torch.isfinite(reference).all()
+    assert torch.isfinite(margins).all()
+    assert abs(float((margins / reference).median()) - 1) <= 1e-3
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float16, 0.01), (torch.bfloat16, 0.03)])
+@pytest.mark.parametrize("norm", ["Linf", "L2"])
+def test_half_precision_models_are_attacked_through_a_float32_view(
+    dtype: torch.dtype, tol: float, norm: str
+) -> None:
+    # Before: "Index put requires the source and destination dtypes match".
+    # The half model is another model (rounded weights), so single margins move;
+    # the median ratio to the float32 model's was within 0.0041 (float16) and
+    # 0.0162 (bfloat16) of 1 over seeds 0-7 and both norms; no margin was censored.
+    base, _ = _with_a_duplicated_unit(seed=0)
+    x = torch.rand(16, 16, generator=torch.Generator().manual_seed(1))
+    reference = brittle.input_margins(base, x, norm=norm, steps=30)
+    half = copy.deepcopy(base).to(dtype)
+    margins = brittle.input_margins(half, x, norm=norm, steps=30)
+    assert margins.dtype == torch.float32 and torch.isfinite(margins).all()
+    assert abs(float((margins / reference).median()) - 1) <= tol
+    pred = half(x.to(dtype)).argmax(dim=1)
+    direct = attack_batch(half, x.to(dtype), pred, AttackSettings(norm=norm, steps=30))
+    torch.testing.assert_close(direct.float(), margins)
+    with pytest.raises(ValueError, match="engine='brittle'"):
+        attack_batch(half, x.to(dtype), pred, AttackSettings(norm=norm), engine="torchattacks")
+
+
+def test_a_monitor_loaded_onto_a_half_precision_model_evaluates(tmp_path) -> None:
+    # The deployment path of the guide: fit a float32 copy, load it onto the half
+    # model, evaluate(). Before: "value cannot be converted to type c10::Half".
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
+    x = torch.rand(160, 4, generator=torch.Generator().manual_seed(2))
+    monitor = brittle.wrap(model, eps=0.05, score="logit")
+    monitor.fit(x[:120], steps=10, progress=False, target_tpr=0.9)
+    path = monitor.save(tmp_path / "m.pt")
+    reference = monitor.evaluate(x[120:], steps=10, progress=False).input_margins
+    for dtype in (torch.float16, torch.bfloat16):
+        loaded = brittle.load(path, copy.deepcopy(model).to(dtype))
+        margins = loaded.evaluate(x[120:].to(dtype), steps=10, progress=False).input_margins
+        assert len(margins) == 40 and bool((margins > 0).all())
+        # Rounded weights move single margins; the median stays (see the test above).
+        assert abs(float(torch.tensor(margins / reference).median()) - 1) <= 0.03
+
+
+@pytest.mark.parametrize("engine", ["brittle", "torchattacks"])
+def test_nan_rows_get_nan_margins_and_the_others_are_unchanged(engine: str) -> None:
+    # Before: NaN rows came back inf, "most robust".
+    base, _ = _with_a_duplicated_unit(seed=0)
+    x = torch.rand(8, 16, generator=torch.Generator().manual_seed(1))
+    bad = x.clone()
+    bad[2, 3], bad[5, 0] = math.nan, math.inf
+    margins = brittle.input_margins(base, bad, norm="L2", steps=20, engine=engine)
+    assert margins.isnan().tolist() == [i in (2, 5) for i in range(8)]
+    good = [i for i in range(8) if i not in (2, 5)]
+    alone = brittle.input_margins(base, x[good], norm="L2", steps=20, engine=engine)
+    torch.testing.assert_close(margins[good], alone, rtol=1e-5, atol=0)
+    result = fab_attack(base, bad, norm="L2", steps=20)
+    assert result.margin.isnan().tolist() == margins.isnan().tolist()
+    assert torch.equal(result.adv[[2, 5]].isnan(), bad[[2, 5]].isnan())
+
+
+def test_margins_never_carry_a_gradient() -> None:
+    base, _ = _with_a_duplicated_unit(seed=0)
+    x = torch.rand(4, 16, requires_grad=True)
+    assert not brittle.input_margins(base, x, steps=10).requires_grad
+    pred = base(x).argmax(dim=1)
+    for engine in ("brittle", "torchattacks"):
+        margins = attack_batch(base, x, pred, AttackSettings(steps=10), engine)
+        assert margins.grad_fn is None and not margins.requires_grad
+
+
+def test_extra_restarts_go_only_where_the_last_run_still_improved() -> None:
+    # A linear model: the first run lands on the nearest boundary, the runner-up run
+    # cannot beat it, so no sample earns an extra restart and none costs a pass more.
+    model = nn.Linear(2, 3)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]))
+        model.bias.copy_(torch.tensor([0.0, 0.0, 0.3]))
+    x = torch.tensor([[0.9, 0.1], [0.8, 0.5], [0.2, 0.7]])
+    counts = []
+    for extra in (0, 3):
+        counter = PassCounter()
+        margins = fab_attack(counter.counted(model), x, norm="L2", extra_restarts=extra).margin
+        counts.append((counter.forward, counter.backward, margins))
+    assert counts[0][:2] == counts[1][:2]
+    torch.testing.assert_close(counts[0][2], counts[1][2], rtol=0, atol=0)
+
+
+def test_extra_restarts_never_raise_a_margin() -> None:
+    base, _ = _with_a_duplicated_unit(seed=0)
+    x = torch.rand(32, 16, generator=torch.Generator().manual_seed(3))
+    without = fab_attack(base, x, norm="Linf", steps=30, extra_restarts=0).margin
+    with_extra = fab_attack(base, x, norm="Linf", steps=30, extra_restarts=3).margin
+    assert (with_extra <= without).all()
