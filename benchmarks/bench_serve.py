@@ -21,7 +21,14 @@ server whose cores are its own and saturated. Models: the PGD-trained digits
 CNN (fitted monitor, logit margin) and a torchvision ResNet-18 (random weights,
 10 classes, ``--size`` pixels, exact feature margin), at batch 1 and 16.
 
+With ``--baseline DIR`` (another checkout of brittle, e.g. ``git worktree add
+/tmp/base main``) a third server joins the rounds: that checkout's monitor,
+exported and served by its own code. The table then also gives each monitor's
+fixed cost, ``cpu(monitor) - cpu(bare)`` per request, and the ratio of this
+checkout's to the baseline's, all measured in the same interleaved rounds.
+
 Run: python benchmarks/bench_serve.py [--quick] [--provider cpu|cuda] [--clients 4]
+     [--models all|digits] [--baseline DIR]
 """
 
 # No ``from __future__ import annotations``: FastAPI reads the bare server's route
@@ -85,7 +92,7 @@ def serve_bare(path: str, port: int, provider: str, threads: int) -> None:
 
 
 # ------------------------------------------------------------------- models
-def build_models(folder: Path, size: int) -> dict[str, dict[str, Any]]:
+def build_models(folder: Path, size: int, only: str = "all") -> dict[str, dict[str, Any]]:
     """Export each model bare and monitored; returns paths and an example input each."""
     import torch
     from torch.utils.data import DataLoader, TensorDataset
@@ -121,6 +128,8 @@ def build_models(folder: Path, size: int) -> dict[str, dict[str, Any]]:
             "x": split.x_holdout[200:216].numpy(),
         }
     }
+    if only == "digits":
+        return models
     net = resnet18(num_classes=10).eval()
     x = torch.rand(16, 3, size, size)
     monitor = brittle.wrap(net, score="feature", eps=8 / 255, example_input=x[:2])
@@ -148,8 +157,8 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start(command: list[str], port: int) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def start(command: list[str], port: int, **extra_env: str) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **extra_env}
     proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -218,10 +227,19 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="per variant, interleaved")
     parser.add_argument("--size", type=int, default=32, help="ResNet-18 input size")
     parser.add_argument("--quick", action="store_true", help="2 rounds of 2 s")
+    parser.add_argument("--models", choices=["all", "digits"], default="all")
+    parser.add_argument(
+        "--baseline", type=Path, help="another brittle checkout whose monitor joins the rounds"
+    )
     parser.add_argument("--bare-server", nargs=2, metavar=("ONNX", "PORT"), help=argparse.SUPPRESS)
+    parser.add_argument("--export-only", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.bare_server:
         serve_bare(args.bare_server[0], int(args.bare_server[1]), args.provider, args.threads)
+        return
+    if args.export_only:
+        built = build_models(args.export_only, args.size, args.models)
+        print(json.dumps({name: str(spec["monitor"]) for name, spec in built.items()}))
         return
     if args.quick:
         args.seconds, args.rounds = 2.0, 2
@@ -229,7 +247,23 @@ def main() -> None:
     import onnxruntime as ort
 
     folder = Path(tempfile.mkdtemp(prefix="bench-serve-"))
-    models = build_models(folder, args.size)
+    models = build_models(folder, args.size, args.models)
+    variants = ["bare", "monitor"]
+    baseline_env: dict[str, str] = {}
+    if args.baseline is not None:
+        # The baseline's monitor files, exported by the baseline's own code.
+        baseline_env = {"PYTHONPATH": str(args.baseline.resolve())}
+        out = subprocess.run(
+            [sys.executable, str(HERE), "--export-only", str(folder / "baseline")]
+            + ["--size", str(args.size), "--models", args.models],
+            env={**os.environ, **baseline_env},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        for name, path in json.loads(out.strip().splitlines()[-1]).items():
+            models[name]["baseline"] = path
+        variants.append("baseline")
     print(
         f"onnxruntime {ort.__version__} ({args.provider}, {args.threads} intra-op thread(s) per "
         f"server), {args.clients} closed-loop clients, {args.rounds} interleaved rounds of "
@@ -237,12 +271,13 @@ def main() -> None:
     )
     print(
         "| model | batch | variant | requests/s | samples/s | p50 ms | p99 ms "
-        "| throughput loss vs bare | server CPU ms/request | capacity loss vs bare (CPU) |"
+        "| throughput loss vs bare | server CPU ms/request | capacity loss vs bare (CPU) "
+        "| fixed cost µs/request (CPU, vs bare) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     common = ["--provider", args.provider, "--threads", str(args.threads)]
     for name, spec in models.items():
-        ports = {"bare": free_port(), "monitor": free_port()}
+        ports = {variant: free_port() for variant in variants}
         servers = {
             "bare": start(
                 [
@@ -270,17 +305,24 @@ def main() -> None:
                 ports["monitor"],
             ),
         }
+        if "baseline" in variants:
+            servers["baseline"] = start(
+                [sys.executable, "-m", "brittle.serve", str(spec["baseline"])]
+                + ["--port", str(ports["baseline"]), "--max-batch", "16", *common],
+                ports["baseline"],
+                **baseline_env,
+            )
         try:
             for batch in (1, 16):
                 inputs = np.round(spec["x"][:batch].astype(np.float64), 4).tolist()
                 body = json.dumps({"inputs": inputs}).encode()
-                rps: dict[str, list[float]] = {"bare": [], "monitor": []}
-                cpu: dict[str, list[float]] = {"bare": [], "monitor": []}
-                lat: dict[str, list[float]] = {"bare": [], "monitor": []}
-                for variant in ("bare", "monitor"):  # warm-up
+                rps: dict[str, list[float]] = {v: [] for v in variants}
+                cpu: dict[str, list[float]] = {v: [] for v in variants}
+                lat: dict[str, list[float]] = {v: [] for v in variants}
+                for variant in variants:  # warm-up
                     load(ports[variant], body, args.clients, 0.5)
                 for _ in range(args.rounds):
-                    for variant in ("bare", "monitor"):
+                    for variant in variants:
                         pid = servers[variant].pid
                         before = cpu_seconds(pid)
                         r, latencies = load(ports[variant], body, args.clients, args.seconds)
@@ -289,14 +331,18 @@ def main() -> None:
                         lat[variant].extend(latencies)
                 base_rps = statistics.median(rps["bare"])
                 base_cpu = statistics.median(cpu["bare"])
-                for variant in ("bare", "monitor"):
+                fixed = {v: 1e6 * (statistics.median(cpu[v]) - base_cpu) for v in variants}
+                for variant in variants:
                     r, c = statistics.median(rps[variant]), statistics.median(cpu[variant])
                     p50, p99 = np.percentile(lat[variant], [50, 99]) * 1e3
                     loss = "-" if variant == "bare" else f"{100 * (1 - r / base_rps):+.1f} %"
                     capacity = "-" if variant == "bare" else f"{100 * (1 - base_cpu / c):+.1f} %"
+                    cost = "-" if variant == "bare" else f"{fixed[variant]:.0f}"
+                    if variant == "monitor" and "baseline" in fixed and fixed["baseline"] > 0:
+                        cost += f" ({fixed['monitor'] / fixed['baseline']:.2f}x the baseline's)"
                     print(
                         f"| {name} | {batch} | {variant} | {r:.1f} | {r * batch:.0f} | "
-                        f"{p50:.2f} | {p99:.2f} | {loss} | {1e3 * c:.3f} | {capacity} |",
+                        f"{p50:.2f} | {p99:.2f} | {loss} | {1e3 * c:.3f} | {capacity} | {cost} |",
                         flush=True,
                     )
         finally:
