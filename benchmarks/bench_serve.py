@@ -238,6 +238,7 @@ def main() -> None:
         serve_bare(args.bare_server[0], int(args.bare_server[1]), args.provider, args.threads)
         return
     if args.export_only:
+        args.export_only.mkdir(parents=True, exist_ok=True)
         built = build_models(args.export_only, args.size, args.models)
         print(json.dumps({name: str(spec["monitor"]) for name, spec in built.items()}))
         return
