@@ -116,9 +116,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         options.intra_op_num_threads = args.threads
     providers = None if args.provider == "auto" else PROVIDERS[args.provider]
     try:
-        monitor = OnnxMonitor(args.monitor, providers, session_options=options)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
+            monitor = OnnxMonitor(args.monitor, providers, session_options=options)
             telemetry = Telemetry.from_monitor(
                 monitor, window=args.window, false_alarm=args.false_alarm
             )
