@@ -60,8 +60,14 @@ PROVIDERS = {
 # ---------------------------------------------------------------- bare server
 def serve_bare(path: str, port: int, provider: str, threads: int) -> None:
     """The bare model behind the same stack as ``brittle.serve``: JSON in, ``pred`` out."""
-    import onnxruntime as ort
     import uvicorn
+
+    uvicorn.run(bare_app(path, provider, threads), host="127.0.0.1", port=port, log_level="warning")
+
+
+def bare_app(path: str, provider: str, threads: int) -> Any:
+    """The bare server's FastAPI app."""
+    import onnxruntime as ort
     from fastapi import FastAPI, HTTPException, Request
     from fastapi.responses import JSONResponse
     from starlette.concurrency import run_in_threadpool
@@ -88,7 +94,87 @@ def serve_bare(path: str, port: int, provider: str, threads: int) -> None:
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+    return app
+
+
+# ------------------------------------------------------- in-process ASGI timing
+def time_asgi(kind: str, path: str, body: bytes, provider: str, threads: int) -> float:
+    """CPU µs per ``POST /predict`` through the whole ASGI app, without a network.
+
+    Middleware, routing, body reading, the worker-thread hop, parsing, the graph,
+    the telemetry and the answer: all a server's fixed cost but the sockets. The
+    minimum over blocks of requests is robust to other jobs on a shared machine.
+    """
+    import asyncio
+
+    if kind == "bare":
+        app = bare_app(path, provider, threads)
+    else:
+        import warnings
+
+        import onnxruntime as ort
+
+        from brittle.deploy.onnx_monitor import OnnxMonitor
+        from brittle.deploy.serve.app import create_app
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            monitor = OnnxMonitor(path, PROVIDERS[provider], session_options=options)
+            app = create_app(monitor, max_batch=16)
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/predict",
+        "raw_path": b"/predict",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [
+            (b"host", b"127.0.0.1"),
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+        ],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+    }
+    statuses: list[int] = []
+
+    async def one() -> None:
+        delivered = False
+
+        async def receive() -> dict[str, Any]:
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await asyncio.sleep(3600)  # a client that stays connected
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                statuses.append(message["status"])
+
+        await app(dict(scope), receive, send)
+
+    async def blocks(n: int, repeat: int) -> float:
+        for _ in range(200):  # warm-up
+            await one()
+        best = float("inf")
+        for _ in range(repeat):
+            start = time.process_time()
+            for _ in range(n):
+                await one()
+            best = min(best, (time.process_time() - start) / n)
+        return best
+
+    best = asyncio.run(blocks(1000, 7))
+    if set(statuses) != {200}:
+        raise RuntimeError(f"statuses {sorted(set(statuses))}")
+    return 1e6 * best
 
 
 # ------------------------------------------------------------------- models
@@ -233,7 +319,20 @@ def main() -> None:
     )
     parser.add_argument("--bare-server", nargs=2, metavar=("ONNX", "PORT"), help=argparse.SUPPRESS)
     parser.add_argument("--export-only", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--asgi",
+        action="store_true",
+        help="time requests in-process through each ASGI app (CPU µs, no sockets) instead",
+    )
+    parser.add_argument(
+        "--time-asgi", nargs=3, metavar=("KIND", "ONNX", "BODY"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
+    if args.time_asgi:
+        kind, path, body_path = args.time_asgi
+        body = Path(body_path).read_bytes()
+        print(time_asgi(kind, path, body, args.provider, args.threads))
+        return
     if args.bare_server:
         serve_bare(args.bare_server[0], int(args.bare_server[1]), args.provider, args.threads)
         return
@@ -277,6 +376,9 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     common = ["--provider", args.provider, "--threads", str(args.threads)]
+    if args.asgi:
+        asgi_table(models, variants, baseline_env, common, folder, args.rounds)
+        return
     for name, spec in models.items():
         ports = {variant: free_port() for variant in variants}
         servers = {
@@ -349,6 +451,53 @@ def main() -> None:
         finally:
             for proc in servers.values():
                 stop(proc)
+
+
+def asgi_table(
+    models: dict[str, dict[str, Any]],
+    variants: list[str],
+    baseline_env: dict[str, str],
+    common: list[str],
+    folder: Path,
+    rounds: int,
+) -> None:
+    """Each variant timed in its own process, the processes interleaved ``rounds`` times."""
+    print(
+        "\n| model | batch | variant | CPU µs/request (in-process ASGI) | fixed cost µs vs bare |"
+    )
+    print("|---|---|---|---|---|")
+    for name, spec in models.items():
+        for batch in (1, 16):
+            inputs = np.round(spec["x"][:batch].astype(np.float64), 4).tolist()
+            body_path = folder / f"body-{batch}.json"
+            body_path.write_bytes(json.dumps({"inputs": inputs}).encode())
+            times: dict[str, list[float]] = {v: [] for v in variants}
+            for _ in range(rounds):
+                for variant in variants:
+                    kind = "bare" if variant == "bare" else "monitor"
+                    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+                    if variant == "baseline":
+                        env.update(baseline_env)
+                    out = subprocess.run(
+                        [sys.executable, str(HERE), "--time-asgi", kind, str(spec[variant])]
+                        + [str(body_path), *common],
+                        env=env,
+                        capture_output=True,
+                        text=True,
+                        check=True,
+                    ).stdout
+                    times[variant].append(float(out.strip().splitlines()[-1]))
+            base = statistics.median(times["bare"])
+            fixed = {v: statistics.median(times[v]) - base for v in variants}
+            for variant in variants:
+                cost = "-" if variant == "bare" else f"{fixed[variant]:.0f}"
+                if variant == "monitor" and "baseline" in fixed and fixed["baseline"] > 0:
+                    cost += f" ({fixed['monitor'] / fixed['baseline']:.2f}x the baseline's)"
+                print(
+                    f"| {name} | {batch} | {variant} | {statistics.median(times[variant]):.0f} "
+                    f"| {cost} |",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":
