@@ -21,7 +21,14 @@ server whose cores are its own and saturated. Models: the PGD-trained digits
 CNN (fitted monitor, logit margin) and a torchvision ResNet-18 (random weights,
 10 classes, ``--size`` pixels, exact feature margin), at batch 1 and 16.
 
+With ``--baseline DIR`` (another checkout of brittle, e.g. ``git worktree add
+/tmp/base main``) a third server joins the rounds: that checkout's monitor,
+exported and served by its own code. The table then also gives each monitor's
+fixed cost, ``cpu(monitor) - cpu(bare)`` per request, and the ratio of this
+checkout's to the baseline's, all measured in the same interleaved rounds.
+
 Run: python benchmarks/bench_serve.py [--quick] [--provider cpu|cuda] [--clients 4]
+     [--models all|digits] [--baseline DIR]
 """
 
 # No ``from __future__ import annotations``: FastAPI reads the bare server's route
@@ -53,8 +60,14 @@ PROVIDERS = {
 # ---------------------------------------------------------------- bare server
 def serve_bare(path: str, port: int, provider: str, threads: int) -> None:
     """The bare model behind the same stack as ``brittle.serve``: JSON in, ``pred`` out."""
-    import onnxruntime as ort
     import uvicorn
+
+    uvicorn.run(bare_app(path, provider, threads), host="127.0.0.1", port=port, log_level="warning")
+
+
+def bare_app(path: str, provider: str, threads: int) -> Any:
+    """The bare server's FastAPI app."""
+    import onnxruntime as ort
     from fastapi import FastAPI, HTTPException, Request
     from fastapi.responses import JSONResponse
     from starlette.concurrency import run_in_threadpool
@@ -81,11 +94,91 @@ def serve_bare(path: str, port: int, provider: str, threads: int) -> None:
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+    return app
+
+
+# ------------------------------------------------------- in-process ASGI timing
+def time_asgi(kind: str, path: str, body: bytes, provider: str, threads: int) -> float:
+    """CPU µs per ``POST /predict`` through the whole ASGI app, without a network.
+
+    Middleware, routing, body reading, the worker-thread hop, parsing, the graph,
+    the telemetry and the answer: all a server's fixed cost but the sockets. The
+    minimum over blocks of requests is robust to other jobs on a shared machine.
+    """
+    import asyncio
+
+    if kind == "bare":
+        app = bare_app(path, provider, threads)
+    else:
+        import warnings
+
+        import onnxruntime as ort
+
+        from brittle.deploy.onnx_monitor import OnnxMonitor
+        from brittle.deploy.serve.app import create_app
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            monitor = OnnxMonitor(path, PROVIDERS[provider], session_options=options)
+            app = create_app(monitor, max_batch=16)
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/predict",
+        "raw_path": b"/predict",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [
+            (b"host", b"127.0.0.1"),
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+        ],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+    }
+    statuses: list[int] = []
+
+    async def one() -> None:
+        delivered = False
+
+        async def receive() -> dict[str, Any]:
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await asyncio.sleep(3600)  # a client that stays connected
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                statuses.append(message["status"])
+
+        await app(dict(scope), receive, send)
+
+    async def blocks(n: int, repeat: int) -> float:
+        for _ in range(200):  # warm-up
+            await one()
+        best = float("inf")
+        for _ in range(repeat):
+            start = time.process_time()
+            for _ in range(n):
+                await one()
+            best = min(best, (time.process_time() - start) / n)
+        return best
+
+    best = asyncio.run(blocks(1000, 7))
+    if set(statuses) != {200}:
+        raise RuntimeError(f"statuses {sorted(set(statuses))}")
+    return 1e6 * best
 
 
 # ------------------------------------------------------------------- models
-def build_models(folder: Path, size: int) -> dict[str, dict[str, Any]]:
+def build_models(folder: Path, size: int, only: str = "all") -> dict[str, dict[str, Any]]:
     """Export each model bare and monitored; returns paths and an example input each."""
     import torch
     from torch.utils.data import DataLoader, TensorDataset
@@ -121,6 +214,8 @@ def build_models(folder: Path, size: int) -> dict[str, dict[str, Any]]:
             "x": split.x_holdout[200:216].numpy(),
         }
     }
+    if only == "digits":
+        return models
     net = resnet18(num_classes=10).eval()
     x = torch.rand(16, 3, size, size)
     monitor = brittle.wrap(net, score="feature", eps=8 / 255, example_input=x[:2])
@@ -148,8 +243,8 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start(command: list[str], port: int) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def start(command: list[str], port: int, **extra_env: str) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **extra_env}
     proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -218,10 +313,33 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="per variant, interleaved")
     parser.add_argument("--size", type=int, default=32, help="ResNet-18 input size")
     parser.add_argument("--quick", action="store_true", help="2 rounds of 2 s")
+    parser.add_argument("--models", choices=["all", "digits"], default="all")
+    parser.add_argument(
+        "--baseline", type=Path, help="another brittle checkout whose monitor joins the rounds"
+    )
     parser.add_argument("--bare-server", nargs=2, metavar=("ONNX", "PORT"), help=argparse.SUPPRESS)
+    parser.add_argument("--export-only", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--asgi",
+        action="store_true",
+        help="time requests in-process through each ASGI app (CPU µs, no sockets) instead",
+    )
+    parser.add_argument(
+        "--time-asgi", nargs=3, metavar=("KIND", "ONNX", "BODY"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
+    if args.time_asgi:
+        kind, path, body_path = args.time_asgi
+        body = Path(body_path).read_bytes()
+        print(time_asgi(kind, path, body, args.provider, args.threads))
+        return
     if args.bare_server:
         serve_bare(args.bare_server[0], int(args.bare_server[1]), args.provider, args.threads)
+        return
+    if args.export_only:
+        args.export_only.mkdir(parents=True, exist_ok=True)
+        built = build_models(args.export_only, args.size, args.models)
+        print(json.dumps({name: str(spec["monitor"]) for name, spec in built.items()}))
         return
     if args.quick:
         args.seconds, args.rounds = 2.0, 2
@@ -229,7 +347,23 @@ def main() -> None:
     import onnxruntime as ort
 
     folder = Path(tempfile.mkdtemp(prefix="bench-serve-"))
-    models = build_models(folder, args.size)
+    models = build_models(folder, args.size, args.models)
+    variants = ["bare", "monitor"]
+    baseline_env: dict[str, str] = {}
+    if args.baseline is not None:
+        # The baseline's monitor files, exported by the baseline's own code.
+        baseline_env = {"PYTHONPATH": str(args.baseline.resolve())}
+        out = subprocess.run(
+            [sys.executable, str(HERE), "--export-only", str(folder / "baseline")]
+            + ["--size", str(args.size), "--models", args.models],
+            env={**os.environ, **baseline_env},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        for name, path in json.loads(out.strip().splitlines()[-1]).items():
+            models[name]["baseline"] = path
+        variants.append("baseline")
     print(
         f"onnxruntime {ort.__version__} ({args.provider}, {args.threads} intra-op thread(s) per "
         f"server), {args.clients} closed-loop clients, {args.rounds} interleaved rounds of "
@@ -237,12 +371,16 @@ def main() -> None:
     )
     print(
         "| model | batch | variant | requests/s | samples/s | p50 ms | p99 ms "
-        "| throughput loss vs bare | server CPU ms/request | capacity loss vs bare (CPU) |"
+        "| throughput loss vs bare | server CPU ms/request | capacity loss vs bare (CPU) "
+        "| fixed cost µs/request (CPU, vs bare) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     common = ["--provider", args.provider, "--threads", str(args.threads)]
+    if args.asgi:
+        asgi_table(models, variants, baseline_env, common, folder, args.rounds)
+        return
     for name, spec in models.items():
-        ports = {"bare": free_port(), "monitor": free_port()}
+        ports = {variant: free_port() for variant in variants}
         servers = {
             "bare": start(
                 [
@@ -270,17 +408,24 @@ def main() -> None:
                 ports["monitor"],
             ),
         }
+        if "baseline" in variants:
+            servers["baseline"] = start(
+                [sys.executable, "-m", "brittle.serve", str(spec["baseline"])]
+                + ["--port", str(ports["baseline"]), "--max-batch", "16", *common],
+                ports["baseline"],
+                **baseline_env,
+            )
         try:
             for batch in (1, 16):
                 inputs = np.round(spec["x"][:batch].astype(np.float64), 4).tolist()
                 body = json.dumps({"inputs": inputs}).encode()
-                rps: dict[str, list[float]] = {"bare": [], "monitor": []}
-                cpu: dict[str, list[float]] = {"bare": [], "monitor": []}
-                lat: dict[str, list[float]] = {"bare": [], "monitor": []}
-                for variant in ("bare", "monitor"):  # warm-up
+                rps: dict[str, list[float]] = {v: [] for v in variants}
+                cpu: dict[str, list[float]] = {v: [] for v in variants}
+                lat: dict[str, list[float]] = {v: [] for v in variants}
+                for variant in variants:  # warm-up
                     load(ports[variant], body, args.clients, 0.5)
                 for _ in range(args.rounds):
-                    for variant in ("bare", "monitor"):
+                    for variant in variants:
                         pid = servers[variant].pid
                         before = cpu_seconds(pid)
                         r, latencies = load(ports[variant], body, args.clients, args.seconds)
@@ -289,19 +434,70 @@ def main() -> None:
                         lat[variant].extend(latencies)
                 base_rps = statistics.median(rps["bare"])
                 base_cpu = statistics.median(cpu["bare"])
-                for variant in ("bare", "monitor"):
+                fixed = {v: 1e6 * (statistics.median(cpu[v]) - base_cpu) for v in variants}
+                for variant in variants:
                     r, c = statistics.median(rps[variant]), statistics.median(cpu[variant])
                     p50, p99 = np.percentile(lat[variant], [50, 99]) * 1e3
                     loss = "-" if variant == "bare" else f"{100 * (1 - r / base_rps):+.1f} %"
                     capacity = "-" if variant == "bare" else f"{100 * (1 - base_cpu / c):+.1f} %"
+                    cost = "-" if variant == "bare" else f"{fixed[variant]:.0f}"
+                    if variant == "monitor" and "baseline" in fixed and fixed["baseline"] > 0:
+                        cost += f" ({fixed['monitor'] / fixed['baseline']:.2f}x the baseline's)"
                     print(
                         f"| {name} | {batch} | {variant} | {r:.1f} | {r * batch:.0f} | "
-                        f"{p50:.2f} | {p99:.2f} | {loss} | {1e3 * c:.3f} | {capacity} |",
+                        f"{p50:.2f} | {p99:.2f} | {loss} | {1e3 * c:.3f} | {capacity} | {cost} |",
                         flush=True,
                     )
         finally:
             for proc in servers.values():
                 stop(proc)
+
+
+def asgi_table(
+    models: dict[str, dict[str, Any]],
+    variants: list[str],
+    baseline_env: dict[str, str],
+    common: list[str],
+    folder: Path,
+    rounds: int,
+) -> None:
+    """Each variant timed in its own process, the processes interleaved ``rounds`` times."""
+    print(
+        "\n| model | batch | variant | CPU µs/request (in-process ASGI) | fixed cost µs vs bare |"
+    )
+    print("|---|---|---|---|---|")
+    for name, spec in models.items():
+        for batch in (1, 16):
+            inputs = np.round(spec["x"][:batch].astype(np.float64), 4).tolist()
+            body_path = folder / f"body-{batch}.json"
+            body_path.write_bytes(json.dumps({"inputs": inputs}).encode())
+            times: dict[str, list[float]] = {v: [] for v in variants}
+            for _ in range(rounds):
+                for variant in variants:
+                    kind = "bare" if variant == "bare" else "monitor"
+                    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+                    if variant == "baseline":
+                        env.update(baseline_env)
+                    out = subprocess.run(
+                        [sys.executable, str(HERE), "--time-asgi", kind, str(spec[variant])]
+                        + [str(body_path), *common],
+                        env=env,
+                        capture_output=True,
+                        text=True,
+                        check=True,
+                    ).stdout
+                    times[variant].append(float(out.strip().splitlines()[-1]))
+            base = statistics.median(times["bare"])
+            fixed = {v: statistics.median(times[v]) - base for v in variants}
+            for variant in variants:
+                cost = "-" if variant == "bare" else f"{fixed[variant]:.0f}"
+                if variant == "monitor" and "baseline" in fixed and fixed["baseline"] > 0:
+                    cost += f" ({fixed['monitor'] / fixed['baseline']:.2f}x the baseline's)"
+                print(
+                    f"| {name} | {batch} | {variant} | {statistics.median(times[variant]):.0f} "
+                    f"| {cost} |",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -40,7 +40,8 @@ def test_round_trip_keeps_everything(
 
 
 def test_unfitted_monitor_round_trips(standard_model: nn.Module, tmp_path) -> None:
-    monitor = brittle.wrap(standard_model, norm="L1", eps=0.5)
+    # It has seen an input (example_input): its file identifies the model by probe logits.
+    monitor = brittle.wrap(standard_model, norm="L1", eps=0.5, example_input=torch.rand(2, 1, 8, 8))
     loaded = brittle.load(monitor.save(tmp_path / "m.pt"), standard_model)
     assert loaded.norm == "L1" and loaded.eps == 0.5 and not loaded.has_threshold
     with pytest.raises(brittle.NotFittedError):

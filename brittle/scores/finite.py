@@ -12,7 +12,6 @@ __all__ = [
     "zero_rows",
     "rejected_rows",
     "nonfinite_rows",
-    "in_domain_rows",
     "domain_bounds",
     "DOMAIN_TOLERANCE",
 ]
@@ -78,23 +77,6 @@ def domain_bounds(
     width = high - low
     slack = tolerance * (width if width > 0 else max(abs(low), abs(high), 1.0))
     return low - slack, high + slack
-
-
-def in_domain_rows(x: Tensor, domain: Tensor) -> Tensor:
-    """``(B,)`` mask of the samples whose values all lie in ``[domain[0], domain[1]]``.
-
-    Two reductions of the batch and no input-sized temporary. A sample with NaN
-    may pass here (the reductions need not propagate NaN, in ONNX runtimes
-    neither); ``finite_rows`` rejects it.
-
-    Examples:
-        >>> import torch
-        >>> from brittle.scores.finite import in_domain_rows
-        >>> in_domain_rows(torch.tensor([[0.0, 1.0], [0.5, 1e30]]), torch.tensor([-0.1, 1.1]))
-        tensor([ True, False])
-    """
-    flat = x.reshape(x.shape[0], -1)
-    return (flat.amin(dim=1) >= domain[0]) & (flat.amax(dim=1) <= domain[1])
 
 
 def nonfinite_rows(x: Tensor) -> Tensor:

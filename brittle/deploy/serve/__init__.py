@@ -7,10 +7,16 @@ never imports torch. Endpoints:
 - ``POST /predict`` with ``{"inputs": [...]}`` (a batch of nested lists; add
   ``"logits": true`` for the logits) answers ``pred``, ``margin`` and ``flag`` per
   sample;
+- the Open Inference Protocol (KServe v2) under ``/v2``: health, model metadata
+  and ``POST /v2/models/{name}/infer`` (``brittle.deploy.serve.oip``);
 - ``GET /metrics``: Prometheus text format (``brittle_samples_total``,
-  ``brittle_flagged_total``, ``brittle_rejected_total``, the ``brittle_margin``
-  histogram, the ``brittle_flag_rate_alarm`` gauge, ...);
-- ``GET /healthz``.
+  ``brittle_flagged_total``, ``brittle_rejected_total{reason}``,
+  ``brittle_requests_total{code}``, the ``brittle_margin`` histogram, the
+  ``brittle_flag_rate_alarm`` gauge, ...);
+- ``GET``/``HEAD /healthz``; ``GET /openapi.json`` states every route's schema.
+
+Bodies are bounded in bytes before they are parsed (``brittle.deploy.serve.body``)
+and every malformed one gets a one-line 4xx that never quotes the input.
 
 ``brittle.deploy.serve.app.create_app`` builds the same app in Python, and
 ``brittle.deploy.serve.metrics.TelemetryCollector`` exposes a ``brittle.Telemetry`` in a

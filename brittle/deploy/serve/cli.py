@@ -110,9 +110,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         options.intra_op_num_threads = args.threads
     providers = None if args.provider == "auto" else PROVIDERS[args.provider]
     try:
-        monitor = OnnxMonitor(args.monitor, providers, session_options=options)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
+            monitor = OnnxMonitor(args.monitor, providers, session_options=options)
             telemetry = Telemetry.from_monitor(monitor, run_length=args.run_length)
         app = create_app(
             monitor, max_batch=args.max_batch, max_body=args.max_body, telemetry=telemetry
