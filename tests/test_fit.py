@@ -270,3 +270,22 @@ def test_fit_leaves_the_model_as_it_was(robust_model: nn.Module, digits: DigitsS
     for name, param in model.named_parameters():
         assert param.grad is None and param.requires_grad
         assert torch.equal(param, before[name])
+
+
+def test_rates_come_with_exact_intervals_from_the_calibration_samples(
+    fitted: brittle.Monitor,
+) -> None:
+    report = fitted.report
+    # score="auto" with two scores: chosen on 30 % of the samples, calibrated on the rest.
+    assert report.choice is not None and report.n_choice == 90
+    assert not (report.choice & report.calibration).any()
+    assert report.n_calibration == 210
+    cal = report.calibration
+    positive = report.input_margins[cal] <= report.eps
+    flag = report.score_values[report.chosen][cal] <= report.threshold
+    for interval, mask in ((report.tpr_ci, positive), (report.fpr_ci, ~positive)):
+        exact = stats.binomtest(int(flag[mask].sum()), int(mask.sum())).proportion_ci(
+            method="exact"
+        )
+        assert interval == pytest.approx((exact.low, exact.high), abs=1e-12)
+    assert report.to_dict()["tpr_ci"] == pytest.approx(list(report.tpr_ci))
