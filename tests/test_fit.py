@@ -286,3 +286,40 @@ def test_calibration_errors_name_the_argument_to_change(
         brittle.functional.conformal_threshold([0.1, 0.2], 0.95)
     assert caught.value.blame == "eps"
     assert not monitor.is_fitted
+
+
+def test_rates_come_with_exact_intervals_from_the_calibration_samples(
+    fitted: brittle.Monitor,
+) -> None:
+    report = fitted.report
+    # score="auto" with two scores: chosen on 30 % of the samples, calibrated on the rest.
+    assert report.choice is not None and report.n_choice == 90
+    assert not (report.choice & report.calibration).any()
+    assert report.n_calibration == 210
+    cal = report.calibration
+    positive = report.input_margins[cal] <= report.eps
+    flag = report.score_values[report.chosen][cal] <= report.threshold
+    for interval, mask in ((report.tpr_ci, positive), (report.fpr_ci, ~positive)):
+        exact = stats.binomtest(int(flag[mask].sum()), int(mask.sum())).proportion_ci(
+            method="exact"
+        )
+        assert interval == pytest.approx((exact.low, exact.high), abs=1e-12)
+    assert report.to_dict()["tpr_ci"] == pytest.approx(list(report.tpr_ci))
+
+
+def test_pseudo_auto_splits_the_holdout_only_to_train_what_is_used(
+    robust_model: nn.Module, holdout_loader: DataLoader
+) -> None:
+    fit = {"steps": 5, "progress": False, "target_tpr": 0.9, "pseudo": "auto"}
+    # A fixed score never uses the pseudo-margin: nothing trains, all samples calibrate.
+    fixed = brittle.wrap(robust_model, eps=DIGITS_EPS, score="logit", min_tau=0.99)
+    report = fixed.fit(holdout_loader, n_samples=240, **fit).report
+    assert report.calibration.all() and report.n_choice == 0
+    assert "pseudo" not in report.metrics and report.settings["pseudo"] is None
+    # Chosen automatically, no score at the bar, too few samples to train it: the report
+    # says the pseudo-margin would have been tried, and the holdout is not split for it.
+    auto = brittle.wrap(robust_model, eps=DIGITS_EPS, min_tau=0.99)
+    report = auto.fit(holdout_loader, n_samples=150, **fit).report
+    assert report.settings["pseudo"]["trained"] is False
+    assert "would have been tried" in report.settings["pseudo"]["note"]
+    assert report.n_choice == 45 and report.n_calibration == 105

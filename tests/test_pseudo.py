@@ -227,7 +227,10 @@ def test_fit_with_pseudo_data_lifts_the_weak_model(
     report = monitor.report
     assert report.settings["pseudo"]["source"] == "pseudo_data"
     assert report.settings["pseudo"]["n_train"] + report.settings["pseudo"]["n_val"] == 1078
-    assert report.calibration.all() and report.n == HOLDOUT  # calibrated on all of the holdout
+    # No holdout sample trains the network: 30 % chooses the score, the rest calibrates.
+    assert report.choice is not None and report.n == HOLDOUT
+    assert (report.calibration ^ report.choice).all()
+    assert report.n_choice == int(HOLDOUT * 0.3)
     logit, pseudo = report.metrics["logit"].tau, report.metrics["pseudo"].tau
     assert pseudo >= logit + 0.05, (logit, pseudo)
     assert monitor.score == "pseudo" and report.chosen == "pseudo"

@@ -34,10 +34,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize(
     ("kind", "norm", "within", "p90"),
     [
-        # Measured (48 samples): 0.917 / 1.007, 0.917 / 1.008, 0.833 / 1.025.
+        # Share within 1 % / 90th percentile of the ratio, 48 samples, the shipped
+        # models, seeds 0-2 of both brittle's attack and the references (one sample is
+        # 0.021 of the share); each bound sits two samples below the lowest share:
+        # robust Linf 0.896 / 1.0095 at every seed; robust L2 0.833-0.875 /
+        # 1.015-1.021; standard L1 0.833-0.854 / 1.013-1.023.
         ("robust", "Linf", 0.85, 1.02),
-        ("robust", "L2", 0.85, 1.02),
-        ("standard", "L1", 0.78, 1.04),
+        ("robust", "L2", 0.79, 1.03),
+        ("standard", "L1", 0.79, 1.04),
     ],
 )
 def test_as_tight_as_the_best_reference(

@@ -16,7 +16,7 @@ from brittle.attacks.settings import DEFAULT_ENGINE, AttackSettings
 from brittle.calibrate.cache import MarginCache
 from brittle.calibrate.fit import pseudo_scores
 from brittle.calibrate.holdout import collect_holdout, holdout_report
-from brittle.calibrate.metrics import nonrobust, score_metrics
+from brittle.calibrate.metrics import nonrobust, rate_intervals, score_metrics
 from brittle.calibrate.report import ConsistencyReport
 from brittle.calibrate.threshold import rates
 from brittle.errors import NotFittedError
@@ -103,6 +103,7 @@ def evaluate(
     chosen = monitor.score
     threshold = float(monitor.threshold)
     tpr, fpr = rates(scores[chosen], nonrobust(margins, eps), threshold)
+    tpr_ci, fpr_ci = rate_intervals(scores[chosen], nonrobust(margins, eps), threshold)
     return holdout_report(
         holdout,
         eps=eps,
@@ -114,6 +115,8 @@ def evaluate(
         target_tpr=target_tpr,
         tpr=tpr,
         fpr=fpr,
+        tpr_ci=tpr_ci,
+        fpr_ci=fpr_ci,
         timings=timings,
         calibration=np.ones(margins.size, dtype=bool),
         settings={

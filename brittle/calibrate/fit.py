@@ -28,9 +28,9 @@ from brittle.calibrate.calibration import Calibration, ScoreKind
 from brittle.calibrate.holdout import Holdout, collect_holdout, holdout_report
 from brittle.calibrate.metrics import (
     ScoreMetrics,
-    clopper_pearson,
     kendall_tau,
     nonrobust,
+    rate_intervals,
     score_metrics,
 )
 from brittle.calibrate.pseudo_train import MIN_TRAIN_SAMPLES, train_pseudo_margin
@@ -421,8 +421,7 @@ def calibrate(
     cal_scores = scores[chosen][calibration]
     tpr, fpr = rates(cal_scores, positive, threshold)
     flags = flagged(cal_scores, threshold)
-    tpr_ci = clopper_pearson(int(flags[positive].sum()), int(positive.sum()))
-    fpr_ci = clopper_pearson(int(flags[~positive].sum()), int((~positive).sum()))
+    tpr_ci, fpr_ci = rate_intervals(cal_scores, positive, threshold)
     # The flag-rate alarm's reference: what the served flag does on these samples.
     # A NaN score is the monitor's fail-closed mark (rejected, not judged): the
     # alarm never sees such samples in production, so they are not counted here.

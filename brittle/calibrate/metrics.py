@@ -15,6 +15,8 @@ from numpy.typing import ArrayLike
 from scipy import stats
 from sklearn import metrics as skm
 
+from brittle.output import flagged
+
 __all__ = [
     "ScoreMetrics",
     "kendall_tau",
@@ -25,6 +27,7 @@ __all__ = [
     "score_metrics",
     "clopper_pearson",
     "wilson_interval",
+    "rate_intervals",
 ]
 
 
@@ -252,3 +255,22 @@ def wilson_interval(k: int, n: int, confidence: float = 0.95) -> tuple[float, fl
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def rate_intervals(
+    score: ArrayLike, positive: ArrayLike, threshold: float, confidence: float = 0.95
+) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Clopper-Pearson intervals of the TPR and FPR of the flag (``brittle.output.flagged``).
+
+    Examples:
+        >>> from brittle.calibrate.metrics import rate_intervals
+        >>> tpr_ci, fpr_ci = rate_intervals([0.1, 0.2, 0.9, 0.8], [1, 1, 0, 0], 0.5)
+        >>> round(tpr_ci[0], 3), fpr_ci[1] > 0.8
+        (0.158, True)
+    """
+    flag = flagged(np.asarray(score, dtype=np.float64), threshold)
+    y = np.asarray(positive, dtype=bool)
+    return (
+        clopper_pearson(int(flag[y].sum()), int(y.sum()), confidence),
+        clopper_pearson(int(flag[~y].sum()), int((~y).sum()), confidence),
+    )
