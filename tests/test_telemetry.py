@@ -56,7 +56,8 @@ def test_pseudo_monitor_rate_comes_from_its_calibration_part(
     rate, report = pseudo_monitor.reference_flag_rate, pseudo_monitor.report
     assert rate is not None and 0 < rate < 1
     counts = pseudo_monitor.reference_counts
-    assert counts is not None and counts[1] == report.n and rate == counts[0] / counts[1]
+    # Counted on the calibration part only: the pseudo-margin trained on the rest.
+    assert counts is not None and counts[1] < report.n and rate == counts[0] / counts[1]
     # The flag's rate on the calibration part, from the report's own figures.
     positive = report.nonrobust_fraction
     assert rate == pytest.approx(report.tpr * positive + report.fpr * (1 - positive), abs=0.15)

@@ -7,7 +7,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 
-from brittle.deploy.alarm import DEFAULT_RUN_LENGTH
+from brittle.deploy.alarm import DEFAULT_ODDS_RATIO, DEFAULT_RUN_LENGTH
 
 __all__ = ["main", "build_parser", "PROVIDERS"]
 
@@ -36,6 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_RUN_LENGTH,
         help="expected clean samples between false alarms of the flag-rate alarm, promised "
         f"with probability 0.9 over the calibration holdout (default {DEFAULT_RUN_LENGTH:g})",
+    )
+    parser.add_argument(
+        "--odds-ratio",
+        type=float,
+        default=DEFAULT_ODDS_RATIO,
+        help="the rise of the flag rate's odds the alarm detects fastest "
+        f"(default {DEFAULT_ODDS_RATIO:g})",
     )
     parser.add_argument(
         "--provider",
@@ -68,7 +75,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         monitor = OnnxMonitor(args.monitor, providers, session_options=options)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            telemetry = Telemetry.from_monitor(monitor, run_length=args.run_length)
+            telemetry = Telemetry.from_monitor(
+                monitor, run_length=args.run_length, odds_ratio=args.odds_ratio
+            )
         app = create_app(monitor, max_batch=args.max_batch, telemetry=telemetry)
     except (FileNotFoundError, ValueError) as err:
         print(f"python -m brittle.serve: error: {err}", file=sys.stderr)
