@@ -37,7 +37,8 @@ alibi-detect is not a dependency of brittle: install it in a venv of its own.
     PYTHONPATH=. nice /work/venvs/alarm/bin/python benchmarks/bench_alarm.py
     python benchmarks/bench_alarm.py --no-fet     # without alibi-detect
 
-``--plot`` writes docs/img/alarm_run_length.png and docs/img/alarm_delay.png.
+``--plot`` writes docs/img/alarm_run_length.png and docs/img/alarm_delay.png;
+``--part promise|delay`` runs one part (two processes on a shared machine).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -168,12 +170,17 @@ def fet_median_delays(
     return out
 
 
-def _plot(tables: dict[float, list[dict[str, float]]], delays: list[dict], folder: Path) -> None:
+def _pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _plot_promise(tables: dict[float, list[dict[str, float]]], folder: Path) -> None:
+    plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for odds, rows in tables.items():
         for p0 in P0S:
@@ -199,6 +206,9 @@ def _plot(tables: dict[float, list[dict[str, float]]], delays: list[dict], folde
     fig.tight_layout()
     fig.savefig(folder / "alarm_run_length.png", dpi=110)
 
+
+def _plot_delays(delays: list[dict], folder: Path) -> None:
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 3.8))
     names = ["cusum", "exact", "window", "fet"]
     labels = [f"p0={d['p0']}, {d['shift']}" for d in delays]
@@ -227,13 +237,23 @@ def main() -> None:
     parser.add_argument("--fet-cap", type=int, default=3000)
     parser.add_argument("--no-fet", action="store_true", help="skip alibi-detect")
     parser.add_argument("--plot", action="store_true", help="write docs/img/alarm_*.png")
+    parser.add_argument(
+        "--part", choices=["all", "promise", "delay"], default="all", help="which part to run"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    folder = Path(__file__).resolve().parents[1] / "docs" / "img"
+    if args.part in ("all", "promise"):
+        _promise_part(args.holdouts, args.seed, folder if args.plot else None)
+    if args.part in ("all", "delay"):
+        _delay_part(args, folder if args.plot else None)
 
+
+def _promise_part(holdouts: int, seed: int, folder: Path | None) -> None:
     tables = {}
     for odds in (2.0, 4.0):
-        tables[odds] = promise_table(args.holdouts, odds, args.seed)
-        print(f"\nPromise {PROMISE:,} samples, odds ratio {odds:g}, {args.holdouts} holdouts")
+        tables[odds] = promise_table(holdouts, odds, seed)
+        print(f"\nPromise {PROMISE:,} samples, odds ratio {odds:g}, {holdouts} holdouts")
         print("| p0 | m | share ARL >= promise | median ARL / promise | slowest start-up (CPU s) |")
         print("|---|---|---|---|---|")
         for r in tables[odds]:
@@ -242,7 +262,11 @@ def main() -> None:
                 f"{r['startup']:.3f} |",
                 flush=True,
             )
+    if folder is not None:
+        _plot_promise(tables, folder)
 
+
+def _delay_part(args: argparse.Namespace, folder: Path | None) -> None:
     delays: list[dict] = []
     print(
         f"\nMedian delay (samples) from a fresh detector, run length {DELAY_RUN_LENGTH:,}, "
@@ -285,10 +309,8 @@ def main() -> None:
             )
         tail = binomial_sf(critical, WINDOW, p0)
         print(f"  (window: fires at {critical} flags of {WINDOW}, per-check level {tail:.2g})")
-    if args.plot:
-        folder = Path(__file__).resolve().parents[1] / "docs" / "img"
-        _plot(tables, delays, folder)
-        print(f"plots written to {folder}")
+    if folder is not None:
+        _plot_delays(delays, folder)
 
 
 if __name__ == "__main__":
