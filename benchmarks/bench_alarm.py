@@ -230,6 +230,7 @@ def _plot_delays(delays: list[dict], folder: Path) -> None:
 
 
 def main() -> None:
+    global P0S  # --p0 narrows the rates both parts loop over
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--holdouts", type=int, default=500)
     parser.add_argument("--streams", type=int, default=400, help="sliding-window streams")
@@ -240,9 +241,11 @@ def main() -> None:
     parser.add_argument(
         "--part", choices=["all", "promise", "delay"], default="all", help="which part to run"
     )
+    parser.add_argument("--p0", type=float, nargs="+", default=list(P0S), help="true flag rates")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     folder = Path(__file__).resolve().parents[1] / "docs" / "img"
+    P0S = tuple(args.p0)
     if args.part in ("all", "promise"):
         _promise_part(args.holdouts, args.seed, folder if args.plot else None)
     if args.part in ("all", "delay"):
