@@ -202,6 +202,9 @@ def _plot_promise(tables: dict[float, list[dict[str, float]]], folder: Path) -> 
         xscale="log", yscale="log", xlabel="calibration samples m", ylabel="median ARL / promise"
     )
     axes[1].legend(fontsize=7)
+    for ax in axes:
+        ax.set_xticks(MS, [f"{m:,}" for m in MS])
+        ax.minorticks_off()
     fig.suptitle(f"Flag-rate CUSUM, promise {PROMISE:,} samples, 90 % Clopper-Pearson design")
     fig.tight_layout()
     fig.savefig(folder / "alarm_run_length.png", dpi=110)
