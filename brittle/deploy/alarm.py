@@ -295,7 +295,7 @@ class CusumDesign:
     Attributes:
         up: Added to the statistic by a flagged sample.
         down: Taken from the statistic by a clean sample.
-        threshold: The alarm fires while the statistic is at least this.
+        threshold: The alarm switches on when the statistic reaches this.
         rate: The flag rate the chart was designed at (the reference's upper bound).
         run_length: Expected clean samples to a false alarm at ``rate`` (at least the promise).
         nats: Log-likelihood ratio per unit of the integer statistic.

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from brittle.deploy.alarm import (
+    DEFAULT_ODDS_RATIO,
     DEFAULT_RUN_LENGTH,
     AlarmState,
     FlagRateAlarm,
@@ -130,6 +131,7 @@ class Telemetry:
         reference: ``(flagged, n)`` of the monitor's calibration holdout (or a rate
             taken as exact; see ``FlagRateAlarm``); ``None`` leaves the alarm unavailable.
         run_length: The alarm's promised expected clean samples between false alarms.
+        odds_ratio: The rise the alarm is tuned to detect fastest (see ``FlagRateAlarm``).
         unavailable: Why the alarm is unavailable, when ``reference`` is ``None``.
         alarm: An alarm built by the caller, used instead of one from ``reference``.
         domain: The monitor's accepted ``(low, high)`` input values, to tell a sample
@@ -154,6 +156,7 @@ class Telemetry:
         *,
         reference: tuple[int, int] | float | None = None,
         run_length: float = DEFAULT_RUN_LENGTH,
+        odds_ratio: float = DEFAULT_ODDS_RATIO,
         unavailable: str | None = None,
         alarm: FlagRateAlarm | None = None,
         domain: tuple[float, float] | None = None,
@@ -170,7 +173,7 @@ class Telemetry:
         if alarm is None and reference is None:
             self.alarm_unavailable = unavailable or "no reference flag rate was given."
         elif alarm is None and reference is not None:
-            self.alarm = FlagRateAlarm(reference, run_length=run_length)
+            self.alarm = FlagRateAlarm(reference, run_length=run_length, odds_ratio=odds_ratio)
         self._lock = threading.Lock()
         self._samples = 0
         self._flagged = 0
@@ -186,6 +189,7 @@ class Telemetry:
         monitor: Any,
         *,
         run_length: float = DEFAULT_RUN_LENGTH,
+        odds_ratio: float = DEFAULT_ODDS_RATIO,
         warn: bool = True,
     ) -> Telemetry:
         """Telemetry for a ``Monitor`` or an ``OnnxMonitor``, calibrated by its ``fit``.
@@ -201,6 +205,7 @@ class Telemetry:
         Args:
             monitor: A ``brittle.Monitor`` or ``brittle.OnnxMonitor`` with a threshold.
             run_length: The alarm's promised expected clean samples between false alarms.
+            odds_ratio: The rise the alarm is tuned to detect fastest.
             warn: Warn when the alarm is unavailable.
         """
         threshold = float(monitor.threshold) if monitor.has_threshold else None
@@ -218,7 +223,7 @@ class Telemetry:
         alarm = None
         if reference is not None:
             try:
-                alarm = FlagRateAlarm(reference, run_length=run_length)
+                alarm = FlagRateAlarm(reference, run_length=run_length, odds_ratio=odds_ratio)
             except UndetectableRiseError as err:
                 unavailable = str(err)
         if unavailable is not None and warn:

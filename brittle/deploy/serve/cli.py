@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Sequence
 from typing import NoReturn
 
-from brittle.deploy.alarm import DEFAULT_RUN_LENGTH
+from brittle.deploy.alarm import DEFAULT_ODDS_RATIO, DEFAULT_RUN_LENGTH
 
 __all__ = ["main", "build_parser", "PROVIDERS"]
 
@@ -82,6 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
         f"with probability 0.9 over the calibration holdout (default {DEFAULT_RUN_LENGTH:g})",
     )
     parser.add_argument(
+        "--odds-ratio",
+        type=float,
+        default=DEFAULT_ODDS_RATIO,
+        help="the rise of the flag rate's odds the alarm detects fastest "
+        f"(default {DEFAULT_ODDS_RATIO:g})",
+    )
+    parser.add_argument(
         "--provider",
         choices=["auto", *PROVIDERS],
         default="auto",
@@ -113,7 +120,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             monitor = OnnxMonitor(args.monitor, providers, session_options=options)
-            telemetry = Telemetry.from_monitor(monitor, run_length=args.run_length)
+            telemetry = Telemetry.from_monitor(
+                monitor, run_length=args.run_length, odds_ratio=args.odds_ratio
+            )
         app = create_app(
             monitor, max_batch=args.max_batch, max_body=args.max_body, telemetry=telemetry
         )
