@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ import brittle
 from brittle.attacks.adaptive import adaptive_attacks
 from brittle.calibrate import analyses
 from brittle.calibrate.report import ConsistencyReport
+from brittle.calibrate.timing import timed
 from brittle.check.cli import Settings
 from brittle.check.errors import UsageError
 from brittle.check.evaluate import evaluate_saved
@@ -132,102 +132,32 @@ def run_check(
 
     """
     timings = dict(timings or {})
-    start = time.perf_counter()
     model = source.model.to(settings.device).eval()
-    check_compatible(model, data, settings.device)
     n = min(settings.n, len(data))
-    x_hold = data.x[:n]
-    tensors = (x_hold,) if data.y is None else (x_hold, data.y[:n])
-    loader = DataLoader(TensorDataset(*tensors), batch_size=settings.batch_size)
-
-    if source.monitor_path is not None:
-        try:
-            monitor = brittle.load(source.monitor_path, model)
-        except (ValueError, FileNotFoundError) as err:
-            raise UsageError("--model", str(err)) from None
-        report = evaluate_saved(monitor, loader, settings, source.monitor_path)
-    else:
-        monitor = brittle.wrap(model, norm=settings.norm, eps=settings.eps)
-        _fit(monitor, loader, settings, n)
-        report = monitor.report
-    timings["fit"] = time.perf_counter() - start
-    eps, norm = report.eps, monitor.norm
+    with timed(timings, "fit"):
+        check_compatible(model, data, settings.device)
+        monitor, report = _monitor_and_report(source, model, data, settings, n)
     if report.excluded:
         raise UsageError("--data", f"{report.excluded} holdout samples could not be judged")
-
-    start = time.perf_counter()
-    fp = analyses.forward_pass(monitor, data.x, settings.batch_size, settings.device)
-    labels_all = None if data.y is None else data.y.numpy()
-    robust_accuracy = analyses.robust_accuracy_estimate(
-        score_all=fp.score,
-        pred_all=fp.pred,
-        labels_all=labels_all,
-        margins=report.input_margins,
-        eps=eps,
-        subset_size=settings.attack_subset,
-        score_name=report.chosen,
-        seed=settings.seed,
-    )
-    mask = report.calibration
-    chosen_scores = report.score_values[report.chosen]
-    per_class = analyses.per_class_bias(
-        margins=report.input_margins[mask],
-        score=chosen_scores[mask],
-        threshold=report.threshold,
-        preds=report.predictions[mask],
-        labels=None if report.labels is None else report.labels[mask],
-        eps=eps,
-    )
-    baseline_values = analyses.baseline_scores(
-        model,
-        x_hold,
-        probs=fp.probs,
-        features=fp.features,
-        preds_all=fp.pred,
-        norm=norm,
-        batch_size=settings.batch_size,
-        device=settings.device,
-        seed=settings.seed,
-    )
-    baselines = analyses.baseline_metrics(
-        baseline_values, report.input_margins, mask, eps, report.target_tpr, seed=settings.seed
-    )
-    timings["analyses"] = time.perf_counter() - start
-    start = time.perf_counter()
-    attacked = x_hold[
+    with timed(timings, "analyses"):
+        found = _analyses(monitor, model, data, report, settings, n)
+    attacked = data.x[:n][
         torch.from_numpy(analyses.subset_indices(n, settings.attack_subset, settings.seed))
     ]
-    adversarial = analyses.adversarial_flags(
-        monitor,
-        attacked,
-        norm=norm,
-        eps=eps,
-        batch_size=settings.batch_size,
-        device=settings.device,
-        seed=settings.seed,
-    )
-    timings["adversarial"] = time.perf_counter() - start
-    start = time.perf_counter()
-    adaptive = _adaptive(monitor, attacked.to(settings.device), settings)
-    timings["adaptive"] = time.perf_counter() - start
-
-    written: dict[str, str] = {}
-    if save_monitor is not None:
-        written["monitor"] = str(monitor.save(save_monitor))
-    if export_onnx is not None:
-        written["onnx"] = str(_export_onnx(monitor, export_onnx, x_hold[:1].to(settings.device)))
-
-    gate: dict[str, Any] | None = None
-    passed: bool | None = None
-    if settings.min_tau is not None:
-        tau = float(report.metrics[report.chosen].tau)
-        passed = bool(not math.isnan(tau) and tau >= settings.min_tau)
-        gate = {
-            "min_tau": settings.min_tau,
-            "score": report.chosen,
-            "tau": tau,
-            "passed": passed,
-        }
+    with timed(timings, "adversarial"):
+        adversarial = analyses.adversarial_flags(
+            monitor,
+            attacked,
+            norm=monitor.norm,
+            eps=report.eps,
+            batch_size=settings.batch_size,
+            device=settings.device,
+            seed=settings.seed,
+        )
+    with timed(timings, "adaptive"):
+        adaptive = _adaptive(monitor, attacked.to(settings.device), settings)
+    written = _write_monitor(monitor, save_monitor, export_onnx, data.x[:1].to(settings.device))
+    gate = _gate(report, settings)
     payload: dict[str, Any] = {
         **report.to_dict(),
         "name": name,
@@ -236,9 +166,7 @@ def run_check(
         "data": data.spec,
         "n_data": len(data),
         "score_thresholds": _score_thresholds(report),
-        "robust_accuracy_estimate": robust_accuracy.to_dict(),
-        "per_class": per_class.to_dict(),
-        "baselines": {name: b.to_dict() for name, b in baselines.items()},
+        **found,
         "adversarial": adversarial.to_dict(),
         "adaptive": adaptive,
         "gate": gate,
@@ -247,11 +175,10 @@ def run_check(
         "brittle_version": brittle.__version__,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    from brittle.check.plots import write_plots
+    with timed(timings, "plots"):
+        from brittle.check.plots import write_plots
 
-    plots = write_plots(payload, out_dir)
-    timings["plots"] = time.perf_counter() - start
+        plots = write_plots(payload, out_dir)
     payload["plots"] = [p.name for p in plots]
     payload["check_timings"] = timings
     payload = analyses.jsonable(payload)
@@ -263,8 +190,105 @@ def run_check(
         payload=payload,
         out_dir=out_dir,
         plots=plots,
-        gate_passed=passed,
+        gate_passed=None if gate is None else gate["passed"],
     )
+
+
+def _monitor_and_report(
+    source: ModelSource, model: torch.nn.Module, data: DataSource, settings: Settings, n: int
+) -> tuple[Monitor, ConsistencyReport]:
+    """A monitor fitted on the first ``n`` samples, or the saved one evaluated on them."""
+    tensors = (data.x[:n],) if data.y is None else (data.x[:n], data.y[:n])
+    loader = DataLoader(TensorDataset(*tensors), batch_size=settings.batch_size)
+    if source.monitor_path is not None:
+        try:
+            monitor = brittle.load(source.monitor_path, model)
+        except (ValueError, FileNotFoundError) as err:
+            raise UsageError("--model", str(err)) from None
+        return monitor, evaluate_saved(monitor, loader, settings, source.monitor_path)
+    monitor = brittle.wrap(model, norm=settings.norm, eps=settings.eps)
+    _fit(monitor, loader, settings, n)
+    return monitor, monitor.report
+
+
+def _analyses(
+    monitor: Monitor,
+    model: torch.nn.Module,
+    data: DataSource,
+    report: ConsistencyReport,
+    settings: Settings,
+    n: int,
+) -> dict[str, Any]:
+    """The paper's analyses: robust accuracy from a subset, per-class bias, baseline scores."""
+    fp = analyses.forward_pass(monitor, data.x, settings.batch_size, settings.device)
+    robust_accuracy = analyses.robust_accuracy_estimate(
+        score_all=fp.score,
+        pred_all=fp.pred,
+        labels_all=None if data.y is None else data.y.numpy(),
+        margins=report.input_margins,
+        eps=report.eps,
+        subset_size=settings.attack_subset,
+        score_name=report.chosen,
+        seed=settings.seed,
+    )
+    mask = report.calibration
+    per_class = analyses.per_class_bias(
+        margins=report.input_margins[mask],
+        score=report.score_values[report.chosen][mask],
+        threshold=report.threshold,
+        preds=report.predictions[mask],
+        labels=None if report.labels is None else report.labels[mask],
+        eps=report.eps,
+    )
+    baseline_values = analyses.baseline_scores(
+        model,
+        data.x[:n],
+        probs=fp.probs,
+        features=fp.features,
+        preds_all=fp.pred,
+        norm=monitor.norm,
+        batch_size=settings.batch_size,
+        device=settings.device,
+        seed=settings.seed,
+    )
+    baselines = analyses.baseline_metrics(
+        baseline_values,
+        report.input_margins,
+        mask,
+        report.eps,
+        report.target_tpr,
+        seed=settings.seed,
+    )
+    return {
+        "robust_accuracy_estimate": robust_accuracy.to_dict(),
+        "per_class": per_class.to_dict(),
+        "baselines": {name: b.to_dict() for name, b in baselines.items()},
+    }
+
+
+def _write_monitor(
+    monitor: Monitor, save_monitor: Path | None, export_onnx: Path | None, example: torch.Tensor
+) -> dict[str, str]:
+    """Save and export the monitor where asked; the paths written."""
+    written: dict[str, str] = {}
+    if save_monitor is not None:
+        written["monitor"] = str(monitor.save(save_monitor))
+    if export_onnx is not None:
+        written["onnx"] = str(_export_onnx(monitor, export_onnx, example))
+    return written
+
+
+def _gate(report: ConsistencyReport, settings: Settings) -> dict[str, Any] | None:
+    """``--min-tau``: whether the chosen score's tau clears it (``None`` without the option)."""
+    if settings.min_tau is None:
+        return None
+    tau = float(report.metrics[report.chosen].tau)
+    return {
+        "min_tau": settings.min_tau,
+        "score": report.chosen,
+        "tau": tau,
+        "passed": bool(not math.isnan(tau) and tau >= settings.min_tau),
+    }
 
 
 def _adaptive(monitor: Monitor, x: torch.Tensor, settings: Settings) -> dict[str, Any]:
