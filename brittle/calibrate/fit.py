@@ -346,11 +346,11 @@ def calibrate(
     # A NaN score is the monitor's fail-closed mark (rejected, not judged): the
     # alarm never sees such samples in production, so they are not counted here.
     accepted = ~np.isnan(cal_scores)
-    reference_counts = (
-        int(np.count_nonzero(cal_scores[accepted] <= threshold)),
-        int(accepted.sum()),
-    )
-    reference_flag_rate = reference_counts[0] / reference_counts[1]
+    judged = int(accepted.sum())
+    flagged = int(np.count_nonzero(cal_scores[accepted] <= threshold))
+    # Nothing judged: no reference, and Telemetry then says the alarm is unavailable.
+    reference_counts = (flagged, judged) if judged else None
+    reference_flag_rate = flagged / judged if judged else None
     report = holdout_report(
         holdout,
         eps=eps,
