@@ -426,8 +426,11 @@ def calibrate(
     # A NaN score is the monitor's fail-closed mark (rejected, not judged): the
     # alarm never sees such samples in production, so they are not counted here.
     accepted = ~rejected(cal_scores)
-    reference_counts = (int(np.count_nonzero(flags & accepted)), int(accepted.sum()))
-    reference_flag_rate = reference_counts[0] / reference_counts[1]
+    judged = int(accepted.sum())
+    n_flagged = int(np.count_nonzero(flags & accepted))
+    # Nothing judged: no reference, and Telemetry then says the alarm is unavailable.
+    reference_counts = (n_flagged, judged) if judged else None
+    reference_flag_rate = n_flagged / judged if judged else None
     report = holdout_report(
         holdout,
         eps=eps,
