@@ -302,6 +302,22 @@ def brittle_engine(
     return verified_margins(model, x, adv, pred, settings.norm)
 
 
+class _Point(NamedTuple):
+    """One FAB step's forward pass over the active samples, passed to ``_Fab._step``."""
+
+    idx: Tensor  # the active samples' rows in the batch
+    xa: Tensor  # their current points, flat
+    x0: Tensor  # their clean points, flat
+    c: Tensor  # their predicted classes
+    ka: Tensor  # candidate classes to linearise, per sample
+    xr: Tensor  # ka copies of each point (one gradient each)
+    rows: Tensor  # the sample of each copy
+    first: Tensor  # each sample's first copy
+    logits: Tensor  # the copies' logits (with the graph when a step follows)
+    z: Tensor  # each sample's logits, detached
+    is_adv: Tensor  # whether the point is already adversarial
+
+
 class _Fab:
     """State of one batch under attack: flattened inputs, best adversarials so far."""
 
@@ -317,7 +333,6 @@ class _Fab:
         self.model, self.norm, self.shape = model, norm, x.shape[1:]
         (self.eta, self.beta, self.alpha_max), self.patience = steps, patience
         self.min_step = _TIE_ULPS * torch.finfo(x.dtype).eps
-        self.target: Tensor | None = None
         # (adversarial, norm) of each run since the last walk, inf where none.
         self.runs: list[tuple[Tensor, Tensor]] = []
         self.x0 = x.flatten(1)
@@ -350,7 +365,6 @@ class _Fab:
         with ``rows`` (a mask) only those samples run.
         """
         x1 = start.clone()
-        self.target = target
         base = 1 if target is not None else min(candidates, self.num_classes - 1)
         # The very first step linearises more classes, to learn their gradient norms.
         first_width = min(max(base, _FIRST_WIDTH), self.num_classes - 1)
@@ -380,6 +394,7 @@ class _Fab:
             first = torch.cumsum(ka, 0) - ka
             z = logits.detach()[first]
             is_adv = z.argmax(dim=1) != c
+            point = _Point(idx, xa, x0, c, ka, xr, rows, first, logits, z, is_adv)
 
             dist, best, own = _lp(xa - x0, self.norm), self.best[idx], run_best[idx]
             better = is_adv & (dist < best)
@@ -394,36 +409,25 @@ class _Fab:
             stale[idx] = stale_a
             if last:
                 break
-            x1[idx], widen = self._step(idx, logits, xr, rows, first, xa, x0, c, z, ka, is_adv)
+            x1[idx], widen = self._step(point, target)
             k[idx] = torch.where(widen, (2 * ka).clamp(max=self.num_classes - 1), base)
             # A sample whose best norm has stopped improving is done for this run.
             active[idx] = stale_a < self.patience
 
-    def _step(
-        self,
-        idx: Tensor,
-        logits: Tensor,
-        xr: Tensor,
-        rows: Tensor,
-        first: Tensor,
-        xa: Tensor,
-        x0: Tensor,
-        c: Tensor,
-        z: Tensor,
-        ka: Tensor,
-        is_adv: Tensor,
-    ) -> tuple[Tensor, Tensor]:
-        """FAB's projection step from ``xa``, linearising ``ka`` candidate classes per sample.
+    def _step(self, point: _Point, target: Tensor | None) -> tuple[Tensor, Tensor]:
+        """FAB's projection step from ``point.xa``, linearising ``point.ka`` classes per sample.
 
         Candidates are the classes whose boundary looks nearest: logit gap over the
-        gradient norm last seen for that class (the largest norm seen, if never).
+        gradient norm last seen for that class (the largest norm seen, if never);
+        with ``target`` (one class per sample of the whole batch), that class only.
         """
+        idx, xa, x0, c, ka, xr, rows, first, logits, z, is_adv = point
         n, kmax, num_classes = len(xa), int(ka.max()), z.shape[1]
         zc = z.gather(1, c[:, None])
         dual_seen, known = self.dual_seen[idx], self.known[idx]
         guess = guessed_distance(z - zc, dual_seen, known).scatter(1, c[:, None], math.inf)
         guess_top, top_cls = guess.topk(min(kmax + 1, num_classes - 1), dim=1, largest=False)
-        cls = top_cls[:, :kmax] if self.target is None else self.target[idx][:, None]
+        cls = top_cls[:, :kmax] if target is None else target[idx][:, None]
 
         rank = torch.arange(len(rows), device=xa.device) - first[rows]
         grad_out = torch.zeros_like(logits)
@@ -455,7 +459,7 @@ class _Fab:
         # close enough to the chosen boundary's that it might be the nearer one.
         has_next = ka < num_classes - 1
         next_guess = guess_top.gather(1, ka.clamp(max=guess_top.shape[1] - 1)[:, None]).squeeze(1)
-        widen = has_next & (next_guess < _WIDEN_SLACK * nearest) & (self.target is None)
+        widen = has_next & (next_guess < _WIDEN_SLACK * nearest) & (target is None)
 
         u = torch.arange(n, device=xa.device)
         w = dg[u, j]
