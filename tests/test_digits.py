@@ -84,7 +84,17 @@ def test_demo_trains_nothing_and_repeats_its_figures(tmp_path: Path) -> None:
     figures = []
     for run in range(2):
         out = tmp_path / f"run{run}"
-        args = ["--demo", "--n", "120", "--steps", "5", "--attack-subset", "60"]
+        args = [
+            "--demo",
+            "--n",
+            "200",
+            "--steps",
+            "5",
+            "--attack-subset",
+            "60",
+            "--target-tpr",
+            "0.9",
+        ]
         subprocess.run(
             [sys.executable, "-m", "brittle.check", *args, "--no-progress", "--out", str(out)],
             env=env,
