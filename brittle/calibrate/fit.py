@@ -9,12 +9,11 @@ together.
 from __future__ import annotations
 
 import math
-import time
 import warnings
 from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, cast
 
 import numpy as np
 import torch
@@ -34,8 +33,16 @@ from brittle.calibrate.metrics import (
     score_metrics,
 )
 from brittle.calibrate.pseudo_train import MIN_TRAIN_SAMPLES, train_pseudo_margin
-from brittle.calibrate.split import CHOICE_SHARE, choose_and_threshold, choose_by_tau, split_holdout
+from brittle.calibrate.split import (
+    CHOICE_SHARE,
+    ChoiceOutcome,
+    HoldoutSplit,
+    choose_and_threshold,
+    choose_by_tau,
+    split_holdout,
+)
 from brittle.calibrate.threshold import min_positives, rates
+from brittle.calibrate.timing import timed
 from brittle.deploy.telemetry import margin_buckets
 from brittle.errors import CalibrationError
 from brittle.output import flagged, rejected
@@ -51,6 +58,7 @@ __all__ = [
     "pseudo_scores",
     "PSEUDO_TRAIN_SHARE",
     "SMALL_PSEUDO_TRAINING",
+    "alarm_reference",
 ]
 
 # Share of the holdout the pseudo-margin network trains on when no pseudo_data is given.
@@ -229,6 +237,102 @@ def _split_hint(message: str, choice: np.ndarray, train: np.ndarray) -> str:
     return message if not uses else f"{message} Of the holdout, " + " and ".join(uses) + "."
 
 
+class _Plan(NamedTuple):
+    """How ``calibrate`` divides the holdout, decided before anything is trained."""
+
+    choosing: bool  # the score is chosen automatically among several
+    choice_share: float
+    parts: HoldoutSplit
+    wants_pseudo: bool
+    pseudo_note: str | None  # why "auto" wanted the pseudo-margin but cannot train it
+
+
+def _plan(
+    monitor: MonitorProtocol,
+    holdout: Holdout,
+    pseudo: object,
+    has_pseudo_data: bool,
+    min_tau: float,
+    seed: int,
+) -> _Plan:
+    """Choice, training and calibration samples, and whether the pseudo-margin trains."""
+    scores, margins = holdout.scores, holdout.margins
+    n = margins.size
+    # Several candidate scores: the automatic choice is made on samples of its own,
+    # so that the threshold keeps its split-conformal guarantee for the chosen score.
+    choosing = monitor.requested_score == "auto" and (
+        len(scores) > 1 or (pseudo is not False and monitor.head_name is not None)
+    )
+    choice_share = CHOICE_SHARE if choosing else 0.0
+    choice = split_holdout(n, choice_share=choice_share, train_share=0.0, seed=seed).choice
+    choice_taus = {k: kendall_tau(v[choice], margins[choice]) for k, v in scores.items()}
+    wants_pseudo, pseudo_note = _pseudo_plan(
+        monitor,
+        pseudo,
+        choice_taus=choice_taus if choosing else {},
+        min_tau=min_tau,
+        n=n,
+        has_data=has_pseudo_data,
+    )
+    from_holdout = wants_pseudo and not has_pseudo_data
+    parts = split_holdout(
+        n,
+        choice_share=choice_share,
+        train_share=PSEUDO_TRAIN_SHARE if from_holdout else 0.0,
+        seed=seed,
+    )
+    return _Plan(choosing, choice_share, parts, wants_pseudo, pseudo_note)
+
+
+def _choose_and_threshold(
+    monitor: MonitorProtocol,
+    scores: dict[str, np.ndarray],
+    margins: np.ndarray,
+    plan: _Plan,
+    eps: float,
+    target_tpr: float,
+    min_tau: float,
+) -> ChoiceOutcome:
+    """The score (chosen on the choice samples, or the requested one) and its threshold."""
+    requested = monitor.requested_score
+    candidates: dict[str, np.ndarray] = (
+        scores if requested == "auto" else {requested: scores[requested]}
+    )
+    try:
+        return choose_and_threshold(
+            candidates,
+            margins,
+            eps=eps,
+            target_tpr=target_tpr,
+            min_tau=min_tau,
+            choice=plan.parts.choice if plan.choosing else None,
+            calibration=plan.parts.calibration,
+        )
+    except CalibrationError as err:
+        hint = _split_hint(str(err), plan.parts.choice, plan.parts.train)
+        raise CalibrationError(hint, blame=err.blame) from None
+    except ValueError as err:
+        raise ValueError(_split_hint(str(err), plan.parts.choice, plan.parts.train)) from None
+
+
+def alarm_reference(scores: np.ndarray, threshold: float) -> tuple[int, int] | None:
+    """The flag-rate alarm's reference: ``(flagged, judged)`` of the calibration samples.
+
+    A NaN score is the monitor's fail-closed mark (rejected, not judged): the alarm
+    never sees such samples in production, so they are not counted. ``None`` when
+    no sample was judged (``Telemetry`` then says the alarm is unavailable).
+
+    Examples:
+        >>> import numpy as np
+        >>> alarm_reference(np.array([0.1, 0.5, np.nan, 0.2]), 0.2)
+        (2, 3)
+    """
+    accepted = ~rejected(scores)
+    judged = int(accepted.sum())
+    n_flagged = int(np.count_nonzero(flagged(scores, threshold) & accepted))
+    return (n_flagged, judged) if judged else None
+
+
 def calibrate(
     monitor: MonitorProtocol,
     loader: Iterable[Any] | Tensor,
@@ -298,9 +402,11 @@ def calibrate(
             every rank ends with the same calibration.
 
     Raises:
-        ValueError: for a bad argument or batch (before any attack), a model in
-            half precision, or a holdout with no non-robust or no robust samples
-            at ``eps``, too few for the threshold or the pseudo-margin network.
+        ValueError: for a bad argument or batch (before any attack), or a model in
+            half precision.
+        CalibrationError: (a ``ValueError``) for a holdout with no non-robust or no
+            robust samples at ``eps``, or too few for the threshold or the
+            pseudo-margin network; ``blame`` names the argument to change.
     """
     min_tau = monitor.min_tau if min_tau is None else float(min_tau)
     _validate(
@@ -331,106 +437,60 @@ def calibrate(
         )
 
     timings: dict[str, float] = {}
-    start = time.perf_counter()
-    holdout = stream(loader, n_samples, "fit: input margins")
-    timings["attack"] = time.perf_counter() - start
-    margins, n = holdout.margins, holdout.margins.size
+    with timed(timings, "attack"):
+        holdout = stream(loader, n_samples, "fit: input margins")
+    margins = holdout.margins
     _check_both_classes(margins, eps)
 
-    start = time.perf_counter()
+    with timed(timings, "metrics"):
+        plan = _plan(monitor, holdout, pseudo, pseudo_data is not None, min_tau, seed)
     scores = dict(holdout.scores)
-    # Several candidate scores: the automatic choice is made on samples of its own,
-    # so that the threshold keeps its split-conformal guarantee for the chosen score.
-    choosing = monitor.requested_score == "auto" and (
-        len(scores) > 1 or (pseudo is not False and monitor.head_name is not None)
-    )
-    choice_share = CHOICE_SHARE if choosing else 0.0
-    choice = split_holdout(n, choice_share=choice_share, train_share=0.0, seed=seed).choice
-    choice_taus = {k: kendall_tau(v[choice], margins[choice]) for k, v in scores.items()}
-    wants_pseudo, pseudo_note = _pseudo_plan(
-        monitor,
-        pseudo,
-        choice_taus=choice_taus if choosing else {},
-        min_tau=min_tau,
-        n=n,
-        has_data=pseudo_data is not None,
-    )
-    from_holdout = wants_pseudo and pseudo_data is None
-    parts = split_holdout(
-        n,
-        choice_share=choice_share,
-        train_share=PSEUDO_TRAIN_SHARE if from_holdout else 0.0,
-        seed=seed,
-    )
-    timings["metrics"] = time.perf_counter() - start
-
     net, pseudo_info = (
         None,
-        None if pseudo_note is None else {"trained": False, "note": pseudo_note},
+        None if plan.pseudo_note is None else {"trained": False, "note": plan.pseudo_note},
     )
-    if wants_pseudo:
-        start = time.perf_counter()
-        if pseudo_data is not None:
-            training = stream(pseudo_data, None, "fit: pseudo-margin data")
-            timings["pseudo_attack"] = time.perf_counter() - start
-            net, pseudo_info = _train_pseudo(
-                training.features, training.logits, training.margins, device, seed
-            )
-            pseudo_info["source"] = "pseudo_data"
-        else:
-            train = torch.from_numpy(np.flatnonzero(parts.train))
-            features = None if holdout.features is None else holdout.features[train]
-            net, pseudo_info = _train_pseudo(
-                features, holdout.logits[train], margins[parts.train], device, seed
-            )
-            pseudo_info["source"] = "holdout split"
-        # val_tau picked the epoch, so it is an in-sample (optimistic) figure; the
-        # report's metrics["pseudo"] come from calibration samples the network never saw.
-        pseudo_info["val_tau_is"] = "best epoch on its own validation split (optimistic)"
-        part.broadcast_module(net)  # identical networks on every rank, whatever the device
-        if holdout.features is None:
-            raise RuntimeError("the head's input features were not captured during the pass.")
-        scores["pseudo"] = pseudo_scores(net, holdout.features, holdout.logits, device)
-        timings["pseudo"] = time.perf_counter() - start
+    if plan.wants_pseudo:
+        with timed(timings, "pseudo"):
+            if pseudo_data is not None:
+                with timed(timings, "pseudo_attack"):
+                    training = stream(pseudo_data, None, "fit: pseudo-margin data")
+                net, pseudo_info = _train_pseudo(
+                    training.features, training.logits, training.margins, device, seed
+                )
+                pseudo_info["source"] = "pseudo_data"
+            else:
+                train = torch.from_numpy(np.flatnonzero(plan.parts.train))
+                features = None if holdout.features is None else holdout.features[train]
+                net, pseudo_info = _train_pseudo(
+                    features, holdout.logits[train], margins[plan.parts.train], device, seed
+                )
+                pseudo_info["source"] = "holdout split"
+            # val_tau picked the epoch, so it is an in-sample (optimistic) figure; the
+            # report's metrics["pseudo"] come from calibration samples the network never saw.
+            pseudo_info["val_tau_is"] = "best epoch on its own validation split (optimistic)"
+            part.broadcast_module(net)  # identical networks on every rank, whatever the device
+            if holdout.features is None:
+                raise RuntimeError("the head's input features were not captured during the pass.")
+            scores["pseudo"] = pseudo_scores(net, holdout.features, holdout.logits, device)
     holdout.scores = scores
-    calibration = parts.calibration
+    calibration = plan.parts.calibration
     _check_both_classes(margins[calibration], eps)
 
-    start = time.perf_counter()
-    candidates = scores if monitor.requested_score == "auto" else None
-    requested = cast(ScoreKind, monitor.requested_score)
-    try:
-        outcome = choose_and_threshold(
-            candidates if candidates is not None else {requested: scores[requested]},
-            margins,
-            eps=eps,
-            target_tpr=target_tpr,
-            min_tau=min_tau,
-            choice=parts.choice if choosing else None,
-            calibration=calibration,
-        )
-    except ValueError as err:
-        raise ValueError(_split_hint(str(err), parts.choice, parts.train)) from None
-    chosen, threshold = cast(ScoreKind, outcome.chosen), outcome.threshold
-    metrics = {
-        k: score_metrics(v[calibration], margins[calibration], eps, target_tpr, seed=seed)
-        for k, v in scores.items()
-    }
-    timings["metrics"] += time.perf_counter() - start
+    with timed(timings, "metrics"):
+        outcome = _choose_and_threshold(monitor, scores, margins, plan, eps, target_tpr, min_tau)
+        chosen, threshold = cast(ScoreKind, outcome.chosen), outcome.threshold
+        metrics = {
+            k: score_metrics(v[calibration], margins[calibration], eps, target_tpr, seed=seed)
+            for k, v in scores.items()
+        }
     positive = nonrobust(margins[calibration], eps)
     cal_scores = scores[chosen][calibration]
     tpr, fpr = rates(cal_scores, positive, threshold)
-    flags = flagged(cal_scores, threshold)
     tpr_ci, fpr_ci = rate_intervals(cal_scores, positive, threshold)
-    # The flag-rate alarm's reference: what the served flag does on these samples.
-    # A NaN score is the monitor's fail-closed mark (rejected, not judged): the
-    # alarm never sees such samples in production, so they are not counted here.
-    accepted = ~rejected(cal_scores)
-    judged = int(accepted.sum())
-    n_flagged = int(np.count_nonzero(flags & accepted))
-    # Nothing judged: no reference, and Telemetry then says the alarm is unavailable.
-    reference_counts = (n_flagged, judged) if judged else None
-    reference_flag_rate = n_flagged / judged if judged else None
+    reference_counts = alarm_reference(cal_scores, threshold)
+    reference_flag_rate = (
+        None if reference_counts is None else reference_counts[0] / reference_counts[1]
+    )
     report = holdout_report(
         holdout,
         eps=eps,
@@ -446,7 +506,7 @@ def calibrate(
         fpr_ci=fpr_ci,
         timings=timings,
         calibration=calibration,
-        choice=parts.choice,
+        choice=plan.parts.choice,
         settings={
             "engine": engine,
             "steps": steps,
@@ -454,7 +514,7 @@ def calibrate(
             "seed": seed,
             "min_tau": min_tau,
             "min_positives": min_positives(target_tpr),
-            "choice_share": choice_share,
+            "choice_share": plan.choice_share,
             "pseudo": pseudo_info,
             "passes": holdout.passes,
         },
