@@ -14,6 +14,7 @@ from brittle.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from brittle.attacks.adaptive import AdaptiveResult, adaptive_attacks, adaptive_pgd
+    from brittle.attacks.outcome import AttackOutcome
     from brittle.attacks.attack import ENGINES, PassCounter, attack_batch, input_margins
     from brittle.attacks.distributed import Shard, is_distributed, sample_fingerprints, shard
     from brittle.attacks.fab import FabResult, fab_attack
@@ -40,6 +41,7 @@ _WHERE = {
     "adaptive_attacks": "brittle.attacks.adaptive",
     "adaptive_pgd": "brittle.attacks.adaptive",
     "AdaptiveResult": "brittle.attacks.adaptive",
+    "AttackOutcome": "brittle.attacks.outcome",
     "verified_margins": "brittle.attacks.verify",
     "shard": "brittle.attacks.distributed",
     "Shard": "brittle.attacks.distributed",
@@ -63,6 +65,7 @@ __all__ = [
     "adaptive_attacks",
     "adaptive_pgd",
     "AdaptiveResult",
+    "AttackOutcome",
     "verified_margins",
     "shard",
     "Shard",

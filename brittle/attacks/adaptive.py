@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from brittle._modes import eval_mode, frozen, seeded
 from brittle.attacks.ball import project_ball, steepest
+from brittle.attacks.outcome import AttackOutcome
 from brittle.attacks.pgd import pgd_step_size, torchattacks_pgd
 from brittle.attacks.verify import model_device
 from brittle.scores.head import LogitsModel
@@ -54,53 +55,6 @@ ATTACKS: tuple[str, ...] = ("pgd", "adaptive_pgd", "cw")
 _OBJECTIVES: tuple[str, ...] = ("score", "mixed", "cross_entropy")
 # Slack on the eps-ball when checking an example: float32 rounding of x + delta.
 _TOLERANCE = 1e-5
-
-
-@dataclass(frozen=True)
-class AttackOutcome:
-    """What one attack achieved against a monitor.
-
-    Attributes:
-        attack: ``"pgd"``, ``"adaptive_pgd"`` or ``"cw"``.
-        n: Samples attacked.
-        n_changed: Examples whose prediction differs from the clean one (any distance).
-        n_successful: Changed examples that also lie inside the eps-ball (in the
-            monitor's norm) and inside ``[0, 1]``.
-        n_flagged: Successful examples the monitor flags.
-        n_changed_flagged: Changed examples the monitor flags, inside the ball or
-            not (an attacker with a larger budget than eps).
-    """
-
-    attack: str
-    n: int
-    n_changed: int
-    n_successful: int
-    n_flagged: int
-    n_changed_flagged: int = 0
-
-    @property
-    def success_rate(self) -> float:
-        """Share of the ``n`` samples with a successful example."""
-        return self.n_successful / self.n if self.n else math.nan
-
-    @property
-    def flagged_of_successful(self) -> float:
-        """Share of the successful examples the monitor flags (NaN when there are none)."""
-        return self.n_flagged / self.n_successful if self.n_successful else math.nan
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain, JSON-ready values (NaN as ``None``)."""
-        rate, caught = self.success_rate, self.flagged_of_successful
-        return {
-            "attack": self.attack,
-            "n": self.n,
-            "n_changed": self.n_changed,
-            "n_successful": self.n_successful,
-            "n_flagged": self.n_flagged,
-            "n_changed_flagged": self.n_changed_flagged,
-            "success_rate": None if math.isnan(rate) else rate,
-            "flagged_of_successful": None if math.isnan(caught) else caught,
-        }
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from scipy import stats
 from torch import Tensor, nn
 
 from brittle._modes import eval_mode, frozen, seeded
+from brittle.attacks.outcome import AttackOutcome
 from brittle.attacks.pgd import torchattacks_fgsm, torchattacks_pgd
 from brittle.calibrate.metrics import (
     ScoreMetrics,
@@ -43,7 +44,6 @@ __all__ = [
     "RobustAccuracy",
     "PerClassBias",
     "BaselineMetrics",
-    "AttackFlags",
     "AdversarialFlags",
     "robust_accuracy_estimate",
     "subset_indices",
@@ -178,16 +178,6 @@ class BaselineMetrics:
 
 
 @dataclass(frozen=True)
-class AttackFlags:
-    """How often one attack succeeded and how often the monitor flagged its examples."""
-
-    success_rate: float
-    n_successful: int
-    flagged_of_successful: float
-    flagged_of_all: float
-
-
-@dataclass(frozen=True)
 class AdversarialFlags:
     """Share of adversarial examples at eps that the monitor flags (``adversarial_flags``).
 
@@ -204,7 +194,7 @@ class AdversarialFlags:
     eps: float
     norm: str
     clean_flagged: float
-    attacks: dict[str, AttackFlags] = field(default_factory=dict)
+    attacks: dict[str, AttackOutcome] = field(default_factory=dict)
     skipped: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -217,7 +207,7 @@ class AdversarialFlags:
             "norm": self.norm,
             "clean_flagged": self.clean_flagged,
         }
-        out.update({name: asdict(flags) for name, flags in self.attacks.items()})
+        out.update({name: outcome.to_dict() for name, outcome in self.attacks.items()})
         return jsonable(out)
 
 
@@ -621,7 +611,7 @@ def adversarial_flags(
     with torch.no_grad():
         clean = [monitor(batch) for batch in batches]
     clean_flagged = float(torch.cat([_flags(c) for c in clean]).float().mean())
-    results: dict[str, AttackFlags] = {}
+    results: dict[str, AttackOutcome] = {}
     # PGD's random start draws from the global generators: seed them for the block
     # only, so that the result is seeded and the caller's random state is left as it was.
     for name, attack in attacks.items():
@@ -637,11 +627,16 @@ def adversarial_flags(
                 success.append((after.pred != before.pred).cpu())
                 caught.append(_flags(after))
         hit, flag = torch.cat(success), torch.cat(caught)
-        results[name] = AttackFlags(
-            success_rate=float(hit.float().mean()),
-            n_successful=int(hit.sum()),
-            flagged_of_successful=float(flag[hit].float().mean()) if hit.any() else math.nan,
-            flagged_of_all=float(flag.float().mean()),
+        # torchattacks projects onto the eps-ball: every changed example is successful.
+        changed, caught_changed = int(hit.sum()), int(flag[hit].sum())
+        results[name] = AttackOutcome(
+            name,
+            n=int(hit.numel()),
+            n_changed=changed,
+            n_successful=changed,
+            n_flagged=caught_changed,
+            n_changed_flagged=caught_changed,
+            n_examples_flagged=int(flag.sum()),
         )
     return AdversarialFlags(int(x.shape[0]), eps, norm, clean_flagged, results)
 
