@@ -14,11 +14,11 @@ from brittle.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from brittle.attacks.adaptive import AdaptiveResult, adaptive_attacks, adaptive_pgd
-    from brittle.attacks.outcome import AttackOutcome
     from brittle.attacks.attack import ENGINES, PassCounter, attack_batch, input_margins
     from brittle.attacks.distributed import Shard, is_distributed, sample_fingerprints, shard
     from brittle.attacks.fab import FabResult, fab_attack
     from brittle.attacks.fab_references import REFERENCES, best_reference_margins, reference_margins
+    from brittle.attacks.outcome import AttackOutcome
     from brittle.attacks.settings import DEFAULT_ENGINE, AttackSettings
     from brittle.attacks.torchattacks_fab import torchattacks_engine
     from brittle.attacks.verify import verified_margins
