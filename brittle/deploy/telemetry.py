@@ -3,7 +3,8 @@
 ``Telemetry`` watches the outputs of a torch ``Monitor`` or an ``OnnxMonitor``
 (the caller hands it each ``MonitorOutput``; ``Monitor.forward`` itself stays
 free of Python-side state, so it still compiles with ``fullgraph=True``). It
-counts samples, flagged samples and rejected ones (NaN or Inf inputs), keeps a
+counts samples, flagged samples and rejected ones (NaN, Inf, or outside the input
+domain, by reason), keeps a
 histogram of margins whose bucket bounds come from the calibration holdout's
 margins, and feeds the flags to a ``FlagRateAlarm`` against the holdout's flag
 rate. ``python -m brittle.serve`` exposes a snapshot as Prometheus metrics.
