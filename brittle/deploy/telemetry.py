@@ -5,8 +5,9 @@
 free of Python-side state, so it still compiles with ``fullgraph=True``). It
 counts samples, flagged samples and rejected ones (NaN, Inf, or outside the input
 domain, by reason), keeps a histogram of margins whose bucket bounds come from
-the calibration holdout's margins, and feeds the flags to a ``FlagRateAlarm`` against the holdout's flag
-rate. ``python -m brittle.serve`` exposes a snapshot as Prometheus metrics.
+the calibration holdout's margins, and feeds the flags to a ``FlagRateAlarm``
+against the holdout's flag rate. ``python -m brittle.serve`` exposes a snapshot
+as Prometheus metrics.
 
 This module needs numpy only (no torch, no prometheus-client), so it serves an
 ``OnnxMonitor`` in a process that never imports torch.
