@@ -3,13 +3,14 @@
 ``Telemetry`` watches the outputs of a torch ``Monitor`` or an ``OnnxMonitor``
 (the caller hands it each ``MonitorOutput``; ``Monitor.forward`` itself stays
 free of Python-side state, so it still compiles with ``fullgraph=True``). It
-counts samples, flagged samples and rejected ones (NaN or Inf inputs), keeps a
-histogram of margins whose bucket bounds come from the calibration holdout's
-margins, and feeds the flags of the accepted samples to a ``FlagRateAlarm``
-against the holdout's flagged count. A rejected sample (margin NaN: the
-monitor's fail-closed mark for an input it cannot judge) is counted apart and
-never reaches the alarm, so a burst of bad requests does not look like a shift
-toward brittle inputs. ``python -m brittle.serve`` exposes a snapshot as Prometheus metrics.
+counts samples, flagged samples and rejected ones (NaN, Inf, or outside the input
+domain, by reason), keeps a histogram of margins whose bucket bounds come from
+the calibration holdout's margins, and feeds the flags of the accepted samples
+to a ``FlagRateAlarm`` against the holdout's flagged count. A rejected sample
+(margin NaN: the monitor's fail-closed mark for an input it cannot judge) is
+counted apart and never reaches the alarm, so a burst of bad requests does not
+look like a shift toward brittle inputs. ``python -m brittle.serve`` exposes a
+snapshot as Prometheus metrics.
 
 This module needs numpy only (no torch, no prometheus-client), so it serves an
 ``OnnxMonitor`` in a process that never imports torch.
