@@ -17,7 +17,9 @@ from brittle.attacks.distributed import Shard, sample_fingerprints, shard
 from brittle.digits import DigitsSplit, digits_cnn
 from tests.conftest import DIGITS_EPS
 
-FIT = {"steps": 10, "pseudo": False, "progress": False, "target_tpr": 0.9}
+# score="auto" sets 30 % of the holdout apart to choose the score: at TPR 0.8 the
+# calibration part of 101 robust-model digits still holds enough non-robust ones.
+FIT = {"steps": 10, "pseudo": False, "progress": False, "target_tpr": 0.8}
 
 
 def _worker(rank: int, world: int, tmp: str, n: int) -> None:

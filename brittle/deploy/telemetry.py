@@ -52,8 +52,10 @@ _THRESHOLD_MULTIPLES = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 4.0, 8.0)
 def margin_buckets(margins: Any, threshold: float | None = None) -> tuple[float, ...]:
     """Histogram bucket bounds from calibration margins: quantiles, plus the threshold.
 
-    Bounds are rounded to four significant digits (they become Prometheus ``le``
-    labels) and deduplicated; non-finite margins are ignored.
+    The quantile bounds are rounded to four significant digits (they become
+    Prometheus ``le`` labels); the threshold is kept exact, so that the bucket
+    ``le=threshold`` counts exactly the flagged samples. Non-finite margins are
+    ignored.
 
     Args:
         margins: The calibration holdout's scores of the active score kind.
@@ -66,10 +68,11 @@ def margin_buckets(margins: Any, threshold: float | None = None) -> tuple[float,
     """
     values = np.asarray(margins, dtype=np.float64).reshape(-1)
     values = values[np.isfinite(values)]
-    bounds = [float(v) for v in np.quantile(values, BUCKET_QUANTILES)] if values.size else []
+    quantiles = np.quantile(values, BUCKET_QUANTILES) if values.size else np.empty(0)
+    bounds = {float(f"{v:.4g}") for v in quantiles}
     if threshold is not None and math.isfinite(threshold):
-        bounds.append(float(threshold))
-    return tuple(sorted({float(f"{b:.4g}") for b in bounds}))
+        bounds.add(float(threshold))
+    return tuple(sorted(bounds))
 
 
 def _fallback_buckets(threshold: float | None) -> tuple[float, ...]:
@@ -77,7 +80,11 @@ def _fallback_buckets(threshold: float | None) -> tuple[float, ...]:
         return (0.0,)
     if threshold <= 0:
         return (float(threshold),)
-    return tuple(float(f"{threshold * m:.4g}") for m in _THRESHOLD_MULTIPLES)
+    # The threshold itself stays exact (see margin_buckets).
+    return tuple(
+        float(threshold) if m == 1.0 else float(f"{threshold * m:.4g}")
+        for m in _THRESHOLD_MULTIPLES
+    )
 
 
 def _numpy(value: Any) -> np.ndarray:
