@@ -47,6 +47,7 @@ __all__ = [
     "cusum_run_length",
     "cusum_threshold",
     "design_cusum",
+    "monitor_reference",
     "DEFAULT_RUN_LENGTH",
     "DEFAULT_CONFIDENCE",
     "DEFAULT_ODDS_RATIO",
@@ -390,6 +391,25 @@ def _reference(reference: Any) -> tuple[int, int] | float:
     return rate
 
 
+def monitor_reference(monitor: Any) -> tuple[int, int] | float | None:
+    """A fitted monitor's alarm reference: its ``reference_counts``, else its rate, else ``None``.
+
+    The rate alone comes from a file saved before the counts were stored (it warned
+    when loaded); the alarm then takes it as exact. ``None``: a hand-set threshold.
+
+    Examples:
+        >>> from types import SimpleNamespace
+        >>> monitor_reference(SimpleNamespace(reference_counts=(12, 400), reference_flag_rate=0.03))
+        (12, 400)
+        >>> monitor_reference(SimpleNamespace(reference_counts=None, reference_flag_rate=None))
+    """
+    counts = getattr(monitor, "reference_counts", None)
+    if counts is not None:
+        return (int(counts[0]), int(counts[1]))
+    rate = getattr(monitor, "reference_flag_rate", None)
+    return None if rate is None else float(rate)
+
+
 class FlagRateAlarm:
     """Fires when the stream's flag rate has risen above the holdout's: a Bernoulli CUSUM.
 
@@ -479,15 +499,8 @@ class FlagRateAlarm:
             ValueError: if the monitor carries no reference (a hand-set threshold);
                 refit it with ``monitor.fit(holdout)``.
         """
-        counts = getattr(monitor, "reference_counts", None)
-        rate = getattr(monitor, "reference_flag_rate", None)
-        reference: tuple[int, int] | float
-        if counts is not None:
-            reference = (int(counts[0]), int(counts[1]))
-        elif rate is not None:
-            # A file from before the counts were stored (it warned when loaded).
-            reference = float(rate)
-        else:
+        reference = monitor_reference(monitor)
+        if reference is None:
             raise ValueError(
                 "the monitor carries no reference flag rate (its threshold was set by hand): "
                 "fit it with monitor.fit(holdout) to get the flag-rate alarm."

@@ -34,6 +34,7 @@ from brittle.deploy.alarm import (
     AlarmState,
     FlagRateAlarm,
     UndetectableRiseError,
+    monitor_reference,
 )
 from brittle.deploy.rejects import REASONS, Reason, reject_reasons
 from brittle.output import MonitorOutput, rejected
@@ -218,9 +219,7 @@ class Telemetry:
         """
         threshold = float(monitor.threshold) if monitor.has_threshold else None
         buckets = monitor.margin_buckets or _fallback_buckets(threshold)
-        counts = getattr(monitor, "reference_counts", None)
-        rate = monitor.reference_flag_rate
-        reference: tuple[int, int] | float | None = rate if counts is None else tuple(counts)
+        reference = monitor_reference(monitor)
         unavailable = None
         if reference is None:
             unavailable = (
