@@ -2,34 +2,34 @@
 
 On the digits CNNs (standard and PGD-trained), for each norm, every reference
 minimum-norm attack of ``brittle.attacks.fab_references`` (adv-lib FMN, DDN and FAB,
-torchattacks' FAB, AutoAttack's FAB) and brittle's engine at a few budgets
-attack the same test images. The per-sample best is the smallest verified
-margin any reference found. For each attack the table gives forward and backward
-passes per sample (``brittle.attacks.attack.PassCounter``), CPU seconds, the samples
-broken, the share of margins within 1 % of the per-sample best, the 90th
-percentile of the ratio to the best, Kendall tau of the logit margin against
-the attack's margins minus tau against the best margins, and the CPU-time
-speedup over torchattacks' FAB. The plot (``--plot``, default
-``docs/img/margins_budget.png``) draws the share within 1 % against passes per
-sample.
+torchattacks' FAB, AutoAttack's FAB) and brittle's engine at a few budgets attack
+the same test images. The per-sample best is the smallest verified margin any
+reference found. For each attack the table gives forward and backward passes per
+sample (``brittle.attacks.attack.PassCounter``), CPU seconds, the samples broken,
+the share of margins within 1 % of the per-sample best, the 90th percentile of the
+ratio to the best, Kendall tau of the logit margin against the attack's margins
+minus tau against the best margins, and the CPU-time speedup over torchattacks' FAB.
+The plot (``--plot``, default ``docs/img/margins_budget.png``,
+``docs/img/margins_scale.png`` at scale) draws the share within 1 % against passes
+per sample.
 
-At scale (issue 21), ``--models digits100,resnet1000`` adds two cases: the
-digits CNN with a 100-class head (the PGD-trained body, trained briefly on a
-100-way relabelling: digit x 10 k-means sub-clusters; ``benchmarks/models.py``)
-and a torchvision ResNet-18 with 1,000 classes and random weights on 32x32
-random inputs. There the references are the ones the issue names: adv-lib FMN,
-adv-lib FAB x3 and torchattacks' FAB, plus adv-lib DDN for L2. AutoAttack's FAB
-is skipped at scale: like the other FAB references it takes one backward pass
-per class and step, and it adds nothing the issue asks for. Both FAB references
-linearise every class at every step, so on the ResNet at 1,000 classes they
-get a shortened budget on a CPU (``SCALE_STEPS``; ``--ref-steps`` overrides it),
-marked in the table as "(N steps)"; the per-sample best is the best of those
-shortened runs. Only brittle's default budget and one larger budget run at
-scale. With only a few samples (16-32 on a CPU) Kendall tau is coarse: one
-swapped pair moves it by 2 / (n (n - 1)), 0.017 at n = 16.
+At scale (issue 21), ``--models digits100,resnet1000`` adds two cases: the digits
+CNN with a 100-class head (the PGD-trained body, trained briefly on a 100-way
+relabelling: digit x 10 k-means sub-clusters; ``benchmarks/models.py``) and a
+torchvision ResNet-18 with 1,000 classes and random weights on 32x32 random inputs.
+There the references are the ones the issue names: adv-lib FMN, adv-lib FAB x3 and
+torchattacks' FAB, plus adv-lib DDN for L2. AutoAttack's FAB x3 is skipped at scale:
+the issue does not name it, and it is slow there (three runs of one backward pass
+per class and step, like adv-lib's FAB x3). Both FAB references linearise every
+class at every step, so on the ResNet at 1,000 classes they get a shortened budget
+on a CPU (``SCALE_STEPS``; ``--ref-steps`` overrides it), marked in the table as
+"(N steps)"; the per-sample best is taken over the references as run (FMN and DDN keep
+their 1,000 steps). Only brittle's default budget and one larger budget run at
+scale. With only a few samples (16-32 on a CPU) Kendall tau is coarse: one swapped
+pair moves it by 4 / (n (n - 1)), 0.017 at n = 16 and 0.004 at n = 32.
 
 Run: ``python benchmarks/bench_margins.py [--n 200] [--device cpu|cuda] [--quick]``
-or ``python benchmarks/bench_margins.py --models digits100,resnet1000 --n 32,16 --norms Linf``
+or ``python benchmarks/bench_margins.py --models digits100,resnet1000 --n 32,16 [--norms Linf]``
 """
 
 from __future__ import annotations
