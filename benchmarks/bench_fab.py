@@ -19,13 +19,14 @@ Run: ``python benchmarks/bench_fab.py [--norm Linf] [--device cpu|cuda] [--quick
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 
 import torch
+from models import hundred_class_digits, resnet18  # benchmarks/models.py, beside this script
 from torch import Tensor, nn
 
 from brittle.attacks.attack import AttackSettings, attack_batch
@@ -34,47 +35,6 @@ from brittle.digits import digits_model, load_digits_split
 
 def _robust_digits() -> tuple[nn.Module, Tensor]:
     return digits_model("robust"), load_digits_split().x_holdout
-
-
-def _hundred_class_digits(seed: int = 0) -> tuple[nn.Module, Tensor]:
-    """The robust digits CNN with a 100-class head, trained briefly; and its holdout."""
-    from sklearn.cluster import KMeans
-
-    split = load_digits_split()
-    x_all = torch.cat((split.x_train, split.x_holdout))
-    y_all = torch.cat((split.y_train, split.y_holdout))
-    # Ten sub-clusters per digit make a 100-class task the CNN can partly learn.
-    fine = torch.empty_like(y_all)
-    for digit in range(10):
-        mask = y_all == digit
-        km = KMeans(n_clusters=10, n_init=3, random_state=seed).fit(x_all[mask].flatten(1).numpy())
-        fine[mask] = digit * 10 + torch.from_numpy(km.labels_).long()
-    y_train = fine[: len(split.y_train)]
-    model = copy.deepcopy(digits_model("robust"))
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model[-1] = nn.Linear(64, 100)
-        optimiser = torch.optim.Adam(model.parameters(), lr=2e-3)
-        model.train()
-        for _ in range(15):
-            for idx in torch.randperm(len(y_train)).split(64):
-                optimiser.zero_grad()
-                nn.functional.cross_entropy(model(split.x_train[idx]), y_train[idx]).backward()
-                optimiser.step()
-    return model.eval(), split.x_holdout
-
-
-def _resnet18(num_classes: int = 10, size: int = 32) -> Callable[[], tuple[nn.Module, Tensor]]:
-    def build() -> tuple[nn.Module, Tensor]:
-        import torchvision
-
-        with torch.random.fork_rng():
-            torch.manual_seed(0)
-            model = torchvision.models.resnet18(num_classes=num_classes).eval()
-            x = torch.rand(72, 3, size, size)
-        return model, x
-
-    return build
 
 
 def _compare(
@@ -143,13 +103,18 @@ def main() -> None:
     resnet = AttackSettings(norm=args.norm, steps=args.resnet_steps)
     cases: list[tuple[str, Callable[[], tuple[nn.Module, Tensor]], int, AttackSettings]] = [
         ("digits CNN, PGD, 10 classes", _robust_digits, args.n10, settings),
-        ("digits CNN, 100 classes", _hundred_class_digits, args.n100, settings),
-        ("ResNet-18 32x32, random", _resnet18(10), nresnet, resnet),
+        ("digits CNN, 100 classes", hundred_class_digits, args.n100, settings),
+        ("ResNet-18 32x32, random", partial(resnet18, 10), nresnet, resnet),
     ]
     if cuda:  # torchattacks takes one backward pass per class and step: GPU only
         cases += [
-            ("ResNet-18 32x32, 100 cl.", _resnet18(100), nresnet, resnet),
-            ("ResNet-18 64x64, 1000 cl.", _resnet18(1000, 64), max(4, nresnet // 2), resnet),
+            ("ResNet-18 32x32, 100 cl.", partial(resnet18, 100), nresnet, resnet),
+            (
+                "ResNet-18 64x64, 1000 cl.",
+                partial(resnet18, 1000, 64),
+                max(4, nresnet // 2),
+                resnet,
+            ),
         ]
     header = (
         f"{'model':<28} {'n':>4} {'steps':>5} {'torchattacks':>12} {'brittle':>8} "
