@@ -37,8 +37,16 @@ alibi-detect is not a dependency of brittle: install it in a venv of its own.
     PYTHONPATH=. nice /work/venvs/alarm/bin/python benchmarks/bench_alarm.py
     python benchmarks/bench_alarm.py --no-fet     # without alibi-detect
 
+Part 3, the frontier (``--part frontier``; numpy only, seconds). Holdouts of
+``FRONTIER_M`` = 1,000 at the promise of 10^5, for odds ratios from 2 to 16:
+the median run length over the promise (500 holdouts, as in part 1) beside the
+median delay after a shift (exact, the median holdout). The odds ratio that
+brings the median under 3x also makes the CUSUM slower to see a rise: a chart
+whose clean run length barely moves between the true rate and its upper bound
+is by that token insensitive to small rises.
+
 ``--plot`` writes docs/img/alarm_run_length.png and docs/img/alarm_delay.png;
-``--part promise|delay`` runs one part (two processes on a shared machine).
+``--part promise|delay|frontier`` runs one part (two processes on a shared machine).
 """
 
 from __future__ import annotations
@@ -59,13 +67,17 @@ SHIFTS = (1.5, 2.0, None)  # None: every sample flagged
 DELAY_M = 1000
 DELAY_RUN_LENGTH = 10_000
 WINDOW = 1000
+FRONTIER_M = 1000
+FRONTIER_ODDS = (2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0)
 
 
-def promise_table(holdouts: int, odds_ratio: float, seed: int) -> list[dict[str, float]]:
+def promise_table(
+    holdouts: int, odds_ratio: float, seed: int, sizes: tuple[int, ...] = MS
+) -> list[dict[str, float]]:
     """Share of holdouts keeping the promise and median run length / promise, per (p0, m)."""
     rows = []
     for p0 in P0S:
-        for m in MS:
+        for m in sizes:
             flagged = np.random.default_rng(seed).binomial(m, p0, size=holdouts)
             run_length, slowest = {}, 0.0
             for k in np.unique(flagged).tolist():
@@ -242,7 +254,10 @@ def main() -> None:
     parser.add_argument("--no-fet", action="store_true", help="skip alibi-detect")
     parser.add_argument("--plot", action="store_true", help="write docs/img/alarm_*.png")
     parser.add_argument(
-        "--part", choices=["all", "promise", "delay"], default="all", help="which part to run"
+        "--part",
+        choices=["all", "promise", "delay", "frontier"],
+        default="all",
+        help="which part to run",
     )
     parser.add_argument("--p0", type=float, nargs="+", default=list(P0S), help="true flag rates")
     parser.add_argument("--seed", type=int, default=0)
@@ -253,6 +268,30 @@ def main() -> None:
         _promise_part(args.holdouts, args.seed, folder if args.plot else None)
     if args.part in ("all", "delay"):
         _delay_part(args, folder if args.plot else None)
+    if args.part in ("all", "frontier"):
+        _frontier_part(args.holdouts, args.seed)
+
+
+def _frontier_part(holdouts: int, seed: int) -> None:
+    print(
+        f"\nFrontier: holdouts of {FRONTIER_M:,}, promise {PROMISE:,}; median ARL / promise "
+        f"over {holdouts} holdouts, and median delays (samples, the median holdout)"
+    )
+    print("| p0 | odds ratio | median ARL / promise | share >= promise | 1.5x p0 | 2x p0 | all |")
+    print("|---|---|---|---|---|---|---|")
+    for odds in FRONTIER_ODDS:
+        for row in promise_table(holdouts, odds, seed, (FRONTIER_M,)):
+            p0 = row["p0"]
+            alarm = FlagRateAlarm(
+                (round(p0 * FRONTIER_M), FRONTIER_M), run_length=PROMISE, odds_ratio=odds
+            )
+            delays = [cusum_median_delay(alarm, min(f * p0, 1.0) if f else 1.0) for f in SHIFTS]
+            print(
+                f"| {p0} | {odds:g} | {row['median']:.2f} | {row['share']:.3f} | "
+                + " | ".join(f"{d:,}" for d in delays)
+                + " |",
+                flush=True,
+            )
 
 
 def _promise_part(holdouts: int, seed: int, folder: Path | None) -> None:
