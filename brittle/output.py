@@ -31,14 +31,17 @@ def flagged(margin: Any, threshold: Any) -> Any:
 
     The one definition that ``Monitor.forward``, ``fit``'s rates and alarm
     reference, ``evaluate`` and the analyses share. Works on arrays, tensors and
-    floats alike.
+    floats alike. Written as "not above the threshold", which NaN never is: in an
+    exported graph that is two nodes, where ``(m <= t) | (m != m)`` takes four.
 
     Examples:
         >>> import numpy as np
         >>> flagged(np.array([0.1, 0.5, np.nan, np.inf]), 0.2)
         array([ True, False,  True, False])
+        >>> flagged(float("nan"), 0.2), flagged(0.5, 0.2)
+        (True, False)
     """
-    return (margin <= threshold) | (margin != margin)
+    return (margin > threshold) ^ True
 
 
 class MonitorOutput(NamedTuple):
