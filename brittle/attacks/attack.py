@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from brittle._modes import eval_mode, frozen
-from brittle.attacks.fab import brittle_engine
+from brittle.attacks.fab import brittle_engine, brittle_points
 from brittle.attacks.settings import DEFAULT_ENGINE, AttackSettings
 from brittle.attacks.torchattacks_fab import torchattacks_engine
 from brittle.attacks.verify import check_unit_range, model_device, verified_margins
@@ -25,6 +25,7 @@ __all__ = [
     "PassCounter",
     "input_margins",
     "attack_batch",
+    "attack_points",
     "ENGINES",
     "DEFAULT_ENGINE",
     "verified_margins",
@@ -156,12 +157,63 @@ def attack_batch(
     """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {sorted(ENGINES)}. Got {engine!r}.")
+    return _attack(model, x, pred, settings, engine, index, counter, points=False)[0]
+
+
+def attack_points(
+    model: nn.Module,
+    x: Tensor,
+    pred: Tensor,
+    settings: AttackSettings,
+    index: Tensor | None = None,
+    *,
+    counter: PassCounter | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``attack_batch`` with brittle's engine, and the adversarial point behind each margin.
+
+    The point is the verified adversarial whose distance is the margin: on the
+    decision boundary, up to the final bisection's tolerance. Where the margin
+    is censored (``inf``) or the row is not finite (``nan``) the point is the
+    row of ``x`` itself. The pseudo-margin network trains on these points
+    (``brittle.calibrate.boundary``).
+
+    Returns:
+        ``(B,)`` float64 margins and the ``(B, ...)`` points, in ``x``'s dtype.
+
+    Examples:
+        >>> import torch
+        >>> from brittle.attacks.attack import AttackSettings, attack_points
+        >>> model = torch.nn.Linear(2, 2, bias=False)
+        >>> with torch.no_grad():
+        ...     _ = model.weight.copy_(torch.eye(2))
+        >>> margin, point = attack_points(
+        ...     model, torch.tensor([[0.75, 0.25]]), torch.tensor([0]), AttackSettings(steps=10)
+        ... )
+        >>> round(float(margin[0]), 3), [round(v, 3) for v in point[0].tolist()]
+        (0.25, [0.5, 0.5])
+    """
+    return _attack(model, x, pred, settings, "brittle", index, counter, points=True)
+
+
+def _attack(
+    model: nn.Module,
+    x: Tensor,
+    pred: Tensor,
+    settings: AttackSettings,
+    engine: str,
+    index: Tensor | None,
+    counter: PassCounter | None,
+    *,
+    points: bool,
+) -> tuple[Tensor, Tensor]:
+    """Margins (and, with ``points``, the adversarials; else ``x``) of one batch."""
     x = x.detach()
     check_unit_range(x)
     if index is None:
         index = torch.arange(x.shape[0], device=x.device)
     target: nn.Module = model
     dtype = _half_dtype(model)
+    view = x
     if dtype is not None:
         if engine != "brittle":
             raise ValueError(
@@ -169,19 +221,23 @@ def attack_batch(
                 "to the model's rounding and small margins come back censored. Use "
                 "engine='brittle', which attacks half-precision models through a float32 view."
             )
-        target, x = LogitsModel(model, dtype), x.float()
+        target, view = LogitsModel(model, dtype), x.float()
     if counter is not None:
         target = counter.counted(target)
         counter.samples += x.shape[0]
     margins = torch.full((x.shape[0],), math.nan, device=x.device, dtype=torch.float64)
-    finite = torch.isfinite(x.flatten(1)).all(dim=1)
+    adv = x.clone()
+    finite = torch.isfinite(view.flatten(1)).all(dim=1)
     if bool(finite.any()):
+        args = (target, view[finite], pred[finite], settings, index.to(x.device)[finite])
         with eval_mode(model), frozen(model):
-            found = ENGINES[engine](
-                target, x[finite], pred[finite], settings, index.to(x.device)[finite]
-            )
+            if points:
+                found, where = brittle_points(*args)
+                adv[finite] = where.detach().to(x.dtype)
+            else:
+                found = ENGINES[engine](*args)
         margins[finite] = found.detach().to(torch.float64)
-    return margins
+    return margins, adv
 
 
 def _half_dtype(model: nn.Module) -> torch.dtype | None:

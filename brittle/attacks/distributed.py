@@ -79,12 +79,12 @@ class Shard:
         )
 
     def assemble(self, n: int, index: Tensor, values: Tensor) -> Tensor:
-        """Every rank's ``values`` at their global ``index``, as one ``(n,)`` float64 tensor.
+        """Every rank's ``values`` at their global ``index``, as one ``(n, ...)`` float64 tensor.
 
         Positions are owned by exactly one rank and zero elsewhere, so a sum over
         ranks puts every value in place (``inf`` included).
         """
-        full = torch.zeros(n, dtype=torch.float64)
+        full = torch.zeros((n, *values.shape[1:]), dtype=torch.float64)
         full[index.cpu()] = values.to(torch.float64).cpu()
         if not self.active:
             return full

@@ -49,7 +49,7 @@ from brittle.attacks.walk import boundary_walk
 from brittle.scores.head import model_output
 from brittle.scores.norms import START_RADIUS, Norm, check_norm, dual_order, norm_order
 
-__all__ = ["FabResult", "fab_attack", "guessed_distance"]
+__all__ = ["FabResult", "fab_attack", "guessed_distance", "brittle_engine", "brittle_points"]
 
 _MASK32 = 0xFFFFFFFF
 # Widen a sample's candidate classes when the next class's guessed distance is
@@ -286,6 +286,17 @@ def brittle_engine(
 
     Returns the verified margins (``inf`` where censored), as every engine does.
     """
+    return brittle_points(model, x, pred, settings, index)[0]
+
+
+def brittle_points(
+    model: nn.Module, x: Tensor, pred: Tensor, settings: AttackSettings, index: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``brittle_engine``'s margins and the adversarial point that realises each one.
+
+    The points are ``fab_attack``'s best adversarials: where the margin is
+    censored (``inf``) the point is ``x`` itself.
+    """
     # A half-precision model behind a float32 view (``LogitsModel``) names its dtype.
     dtype = getattr(model, "dtype", None)
     adv = fab_attack(
@@ -299,7 +310,8 @@ def brittle_engine(
         index=index,
         resolution=torch.finfo(dtype if isinstance(dtype, torch.dtype) else x.dtype).eps,
     ).adv
-    return verified_margins(model, x, adv, pred, settings.norm)
+    margins = verified_margins(model, x, adv, pred, settings.norm)
+    return margins, torch.where(torch.isfinite(margins).view(-1, *[1] * (x.dim() - 1)), adv, x)
 
 
 class _Point(NamedTuple):

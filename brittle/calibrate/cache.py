@@ -70,6 +70,20 @@ class MarginCache:
         An entry that does not load, has the wrong shape or fails its checksum
         is removed and recomputed, never trusted.
         """
+        entry = self._load(x, points=False)
+        return None if entry is None else entry[0]
+
+    def get_points(self, x: Tensor) -> tuple[Tensor, Tensor] | None:
+        """Cached margins of batch ``x`` and the adversarial points behind them.
+
+        ``None`` when absent or damaged, and when the entry was stored without
+        points (a fit that did not train the pseudo-margin): the attack then
+        runs again and the entry is rewritten with them.
+        """
+        entry = self._load(x, points=True)
+        return None if entry is None or entry[1] is None else (entry[0], entry[1])
+
+    def _load(self, x: Tensor, *, points: bool) -> tuple[Tensor, Tensor | None] | None:
         path = self._path(x)
         if not path.is_file():
             self.misses += 1
@@ -77,10 +91,19 @@ class MarginCache:
         try:
             entry = torch.load(path, map_location="cpu", weights_only=True)
             margins, digest = entry["margins"], entry["sha256"]
+            adv = entry.get("points")
             valid = (
                 isinstance(margins, Tensor)
                 and margins.shape == (x.shape[0],)
                 and digest == _digest(margins)
+                and (
+                    adv is None
+                    or (
+                        isinstance(adv, Tensor)
+                        and adv.shape == x.shape
+                        and entry.get("points_sha256") == _digest(adv)
+                    )
+                )
             )
         except Exception:  # a damaged file can fail in the zip, pickle or tensor layers
             valid = False
@@ -89,13 +112,23 @@ class MarginCache:
             self.damaged += 1
             path.unlink(missing_ok=True)
             return None
+        if points and adv is None:
+            self.misses += 1
+            return None
         self.hits += 1
-        return margins
+        return margins, adv
 
-    def put(self, x: Tensor, margins: Tensor) -> None:
-        """Store the margins of batch ``x`` (written whole, then renamed into place)."""
+    def put(self, x: Tensor, margins: Tensor, points: Tensor | None = None) -> None:
+        """Store the margins of batch ``x``, and their adversarial points when given.
+
+        Written whole, then renamed into place.
+        """
         path = self._path(x)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         margins = margins.detach().cpu()
-        torch.save({"margins": margins, "sha256": _digest(margins)}, tmp)
+        entry = {"margins": margins, "sha256": _digest(margins)}
+        if points is not None:
+            points = points.detach().cpu()
+            entry |= {"points": points, "points_sha256": _digest(points)}
+        torch.save(entry, tmp)
         tmp.replace(path)

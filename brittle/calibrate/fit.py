@@ -24,7 +24,7 @@ from brittle.attacks.distributed import shard
 from brittle.attacks.settings import DEFAULT_ENGINE, AttackSettings
 from brittle.calibrate.cache import MarginCache
 from brittle.calibrate.calibration import Calibration, ScoreKind
-from brittle.calibrate.holdout import Holdout, collect_holdout, holdout_report
+from brittle.calibrate.holdout import BoundaryRows, Holdout, collect_holdout, holdout_report
 from brittle.calibrate.metrics import (
     ScoreMetrics,
     kendall_tau,
@@ -191,6 +191,7 @@ def _train_pseudo(
     margins: np.ndarray,
     device: torch.device,
     seed: int,
+    boundary: BoundaryRows | None = None,
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
     if features is None:
         raise RuntimeError("the head's input features were not captured during the holdout pass.")
@@ -201,10 +202,15 @@ def _train_pseudo(
             f"Got {n}: pass more pseudo_data or pseudo=False.",
             blame="n_samples",
         )
+    rows = None if boundary is None else (boundary.features, boundary.logits, boundary.margins)
     net, info = train_pseudo_margin(
-        features.to(device), logits.to(device), torch.from_numpy(margins), seed=seed
+        features.to(device), logits.to(device), torch.from_numpy(margins), seed=seed, boundary=rows
     )
     summary: dict[str, Any] = asdict(info)
+    if boundary is None:
+        summary["boundary_note"] = (
+            "trained on natural samples only: boundary points come from brittle's engine"
+        )
     if n < SMALL_PSEUDO_TRAINING:
         summary["warning"] = (
             f"the pseudo-margin network trained on only {n} samples; its ranking is "
@@ -423,7 +429,9 @@ def calibrate(
     cache = MarginCache(cache_dir, monitor.model, settings, engine) if cache_dir else None
     device = monitor.threshold.device
 
-    def stream(data: Iterable[Any] | Tensor, limit: int | None, desc: str) -> Holdout:
+    def stream(
+        data: Iterable[Any] | Tensor, limit: int | None, desc: str, boundary: bool
+    ) -> Holdout:
         return collect_holdout(
             monitor,
             data,
@@ -434,11 +442,16 @@ def calibrate(
             cache=cache,
             part=part,
             desc=desc,
+            boundary=eps if boundary and engine == "brittle" else None,
         )
 
     timings: dict[str, float] = {}
     with timed(timings, "attack"):
-        holdout = stream(loader, n_samples, "fit: input margins")
+        # The pseudo-margin network trains on boundary points too: the attack's own
+        # points, kept from the pass that may feed it (brittle.calibrate.boundary).
+        may_train = pseudo is True or monitor.requested_score == "pseudo"
+        may_train = may_train or (pseudo == "auto" and monitor.requested_score == "auto")
+        holdout = stream(loader, n_samples, "fit: input margins", may_train and pseudo_data is None)
     margins = holdout.margins
     _check_both_classes(margins, eps)
 
@@ -453,16 +466,25 @@ def calibrate(
         with timed(timings, "pseudo"):
             if pseudo_data is not None:
                 with timed(timings, "pseudo_attack"):
-                    training = stream(pseudo_data, None, "fit: pseudo-margin data")
+                    training = stream(pseudo_data, None, "fit: pseudo-margin data", True)
                 net, pseudo_info = _train_pseudo(
-                    training.features, training.logits, training.margins, device, seed
+                    training.features,
+                    training.logits,
+                    training.margins,
+                    device,
+                    seed,
+                    training.boundary,
                 )
                 pseudo_info["source"] = "pseudo_data"
             else:
                 train = torch.from_numpy(np.flatnonzero(plan.parts.train))
                 features = None if holdout.features is None else holdout.features[train]
+                rows = holdout.boundary
+                if rows is not None:
+                    kept = (rows.features[train], rows.logits[train], rows.margins[train])
+                    rows = BoundaryRows(*kept)
                 net, pseudo_info = _train_pseudo(
-                    features, holdout.logits[train], margins[plan.parts.train], device, seed
+                    features, holdout.logits[train], margins[plan.parts.train], device, seed, rows
                 )
                 pseudo_info["source"] = "holdout split"
             # val_tau picked the epoch, so it is an in-sample (optimistic) figure; the

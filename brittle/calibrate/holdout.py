@@ -14,9 +14,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from brittle._modes import eval_mode
-from brittle.attacks.attack import PassCounter, attack_batch
+from brittle.attacks.attack import PassCounter, attack_batch, attack_points
 from brittle.attacks.distributed import Shard, sample_fingerprints
 from brittle.attacks.settings import DEFAULT_ENGINE, AttackSettings
+from brittle.calibrate.boundary import COPIES, boundary_copies
 from brittle.calibrate.cache import MarginCache
 from brittle.calibrate.metrics import nonrobust
 from brittle.calibrate.report import ConsistencyReport
@@ -25,7 +26,22 @@ from brittle.data import batches, check_labels
 if TYPE_CHECKING:
     from brittle.protocol import MonitorProtocol
 
-__all__ = ["Holdout", "collect_holdout", "holdout_report"]
+__all__ = ["Holdout", "BoundaryRows", "collect_holdout", "holdout_report"]
+
+
+@dataclass(frozen=True)
+class BoundaryRows:
+    """The head's view of each sample's boundary point and copies (``calibrate.boundary``).
+
+    Attributes:
+        features: ``(n, COPIES, d)`` the head's input at each row.
+        logits: ``(n, COPIES, K)`` the model's logits there.
+        margins: ``(n, COPIES)`` target margins; NaN for samples without a boundary point.
+    """
+
+    features: Tensor
+    logits: Tensor
+    margins: Tensor
 
 
 @dataclass
@@ -42,6 +58,7 @@ class Holdout:
         excluded: Samples skipped because they contain NaN or Inf.
         passes: Forward and backward passes per attacked sample, and the time spent.
         input_range: Smallest and largest input value of the kept samples.
+        boundary: The boundary rows of the kept samples, when the pass captured them.
     """
 
     scores: dict[str, np.ndarray]
@@ -53,6 +70,7 @@ class Holdout:
     excluded: int
     passes: dict[str, float]
     input_range: tuple[float, float] | None = None
+    boundary: BoundaryRows | None = None
 
 
 def _length(data: Any) -> int | None:
@@ -75,6 +93,7 @@ def collect_holdout(
     keep_features: bool = True,
     part: Shard | None = None,
     desc: str = "fit: input margins",
+    boundary: float | None = None,
 ) -> Holdout:
     """Stream ``data`` once: the model's scores, features, predictions, labels and margins.
 
@@ -84,8 +103,21 @@ def collect_holdout(
     Samples with NaN or Inf are skipped and counted in ``excluded``. Under a
     process group (``part``), each rank attacks only the samples it owns and the
     margins are assembled on every rank.
+
+    With ``boundary`` (a radius, the monitor's eps), the attack also returns the
+    adversarial point behind each margin, and the pass keeps the head's
+    features and logits at that point and at two perturbed copies of it
+    (``brittle.calibrate.boundary.boundary_copies``) for the pseudo-margin
+    network (``Holdout.boundary``). This needs brittle's engine; a model
+    without a linear head gets no rows.
     """
     part = part or Shard()
+    if boundary is not None and (engine != "brittle" or not keep_features):
+        raise ValueError(
+            "boundary rows need brittle's engine (the attack's points) and the head's features."
+        )
+    if boundary is not None and not boundary > 0:
+        raise ValueError(f"boundary must be a positive radius. Got {boundary}.")
     param = next(monitor.model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None else torch.float32
@@ -94,6 +126,8 @@ def collect_holdout(
     preds, labels, feats, logits, kept = [], [], [], [], []
     attacked: list[Tensor] = []
     margins: list[Tensor] = []
+    rows: dict[str, list[Tensor]] = {"features": [], "logits": [], "margins": []}
+    widths: list[tuple[int, ...]] = [(0,), (0,), ()]
     counter = PassCounter()
     has_labels, seen = True, 0
     low, high = math.inf, -math.inf
@@ -115,6 +149,8 @@ def collect_holdout(
             if not keep.any():
                 continue
             kept.append(index)
+            if view.features is not None:  # every rank sees every batch: same widths
+                widths = [(view.features.shape[1],), (view.logits.shape[1],), ()]
             inside = x[keep.to(device)]
             low = min(low, float(inside.min()))
             high = max(high, float(inside.max()))
@@ -122,19 +158,36 @@ def collect_holdout(
             mine = part.owns(index)
             if mine.any():
                 x_mine = x[keep.to(device)][mine.to(device)]
-                result = cache.get(x_mine) if cache is not None else None
-                if result is None:
-                    result = attack_batch(
-                        monitor.model,
-                        x_mine,
-                        pred[mine.to(device)],
-                        settings,
-                        engine,
-                        index[mine],
-                        counter=counter,
-                    ).cpu()
-                    if cache is not None:
-                        cache.put(x_mine, result)
+                pred_mine = pred[mine.to(device)]
+                if boundary is None or view.features is None:
+                    result = cache.get(x_mine) if cache is not None else None
+                    if result is None:
+                        result = attack_batch(
+                            monitor.model,
+                            x_mine,
+                            pred_mine,
+                            settings,
+                            engine,
+                            index[mine],
+                            counter=counter,
+                        ).cpu()
+                        if cache is not None:
+                            cache.put(x_mine, result)
+                else:
+                    hit = cache.get_points(x_mine) if cache is not None else None
+                    if hit is None:
+                        result, points = attack_points(
+                            monitor.model, x_mine, pred_mine, settings, index[mine], counter=counter
+                        )
+                        result = result.cpu()
+                        if cache is not None:
+                            cache.put(x_mine, result, points)
+                    else:
+                        result, points = hit
+                    points = points.to(x_mine)
+                    _boundary_rows(
+                        monitor, x_mine, points, result, boundary, settings, index[mine], rows
+                    )
                 attacked.append(index[mine])
                 margins.append(result.double())
             preds.append(pred.cpu())
@@ -155,6 +208,15 @@ def collect_holdout(
         attacked, margins = [torch.empty(0, dtype=torch.long)], [torch.empty(0)]
     full = part.assemble(seen, torch.cat(attacked), torch.cat(margins))
     kept_index = torch.cat(kept)
+    rows_kept = None
+    if boundary is not None and widths[0] != (0,):  # a head, so rows were captured
+        mine_index = torch.cat(attacked)
+        rows_kept = BoundaryRows(
+            **{
+                name: part.assemble(seen, mine_index, _rows(values, width))[kept_index].float()
+                for (name, values), width in zip(rows.items(), widths, strict=True)
+            }
+        )
     return Holdout(
         scores={k: torch.cat(v).double().numpy() for k, v in scores.items()},
         margins=full[kept_index].numpy(),
@@ -165,7 +227,37 @@ def collect_holdout(
         excluded=seen - kept_index.numel(),
         passes={**counter.per_sample(), "attack_seconds": time.perf_counter() - start},
         input_range=(low, high),
+        boundary=rows_kept,
     )
+
+
+def _rows(values: list[Tensor], width: tuple[int, ...]) -> Tensor:
+    """One kind of boundary row of this rank's samples (``(0, COPIES, *width)`` when none)."""
+    return torch.cat(values) if values else torch.empty((0, COPIES, *width))
+
+
+def _boundary_rows(
+    monitor: MonitorProtocol,
+    x: Tensor,
+    points: Tensor,
+    margins: Tensor,
+    radius: float,
+    settings: AttackSettings,
+    index: Tensor,
+    rows: dict[str, list[Tensor]],
+) -> None:
+    """Append the head's view of the boundary points of ``x`` and their copies to ``rows``."""
+    inputs, targets = boundary_copies(
+        x, points, margins, radius, settings.norm, seed=settings.seed + int(index[0])
+    )
+    with torch.no_grad(), eval_mode(monitor.model):
+        view = monitor.inspect(inputs.flatten(0, 1), features=True, domain=False)
+    if view.features is None:  # pragma: no cover - the caller checked the head
+        raise ValueError("boundary rows need the head's features.")
+    b = x.shape[0]
+    rows["features"].append(view.features.detach().cpu().view(b, COPIES, -1))
+    rows["logits"].append(view.logits.detach().cpu().view(b, COPIES, -1))
+    rows["margins"].append(targets.cpu())
 
 
 def holdout_report(holdout: Holdout, *, eps: float, norm: str, **fields: Any) -> ConsistencyReport:

@@ -12,7 +12,12 @@ is trained and selected for ranking:
 - a pairwise logistic ranking loss (RankNet) on the pre-sigmoid scores of
   every pair in a mini-batch sits beside that regression;
 - the epoch kept is the one with the best Kendall tau on a held-out
-  validation split.
+  validation split;
+- with ``boundary`` rows (``brittle.calibrate.boundary``), the training
+  split also holds each training sample's point on the decision boundary
+  (target margin 0) and two perturbed copies of it (target: their distance to
+  it), so that features an attacker reaches by crossing the boundary map to
+  small scores. Validation stays on natural samples.
 """
 
 from __future__ import annotations
@@ -55,6 +60,8 @@ class PseudoTraining:
             out-of-sample estimate (``fit`` reports the pseudo-margin's tau on
             calibration samples it never saw).
         loss: The training loss (``"rank"``, ``"pairwise"`` or ``"both"``).
+        n_boundary: Boundary rows (points on the boundary and their copies)
+            trained on beside the ``n_train`` samples.
     """
 
     n_train: int
@@ -63,6 +70,7 @@ class PseudoTraining:
     best_epoch: int
     val_tau: float
     loss: str
+    n_boundary: int = 0
 
 
 def rank_targets(margins: Tensor) -> Tensor:
@@ -78,6 +86,34 @@ def rank_targets(margins: Tensor) -> Tensor:
     """
     ranks = stats.rankdata(margins.detach().cpu().double().numpy(), method="average")
     return torch.from_numpy((ranks - 0.5) / len(ranks)).to(margins.device, torch.float32)
+
+
+def _boundary_rows(
+    boundary: tuple[Tensor, Tensor, Tensor] | None, train: Tensor, like: tuple[Tensor, ...]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The training samples' boundary rows, flattened, without the rows that have no target.
+
+    ``like`` is the natural ``(features, logits, margins)``: the rows take their
+    device and dtype, and none at all is three empty tensors of their widths.
+    """
+    n, device = like[0].shape[0], like[0].device
+    if boundary is None:
+        return like[0][:0], like[1][:0], like[2][:0]
+    feats, logits, margins = boundary
+    if feats.dim() != 3 or logits.dim() != 3 or margins.dim() != 2:
+        raise ValueError(
+            "boundary rows must have shapes (n, R, d), (n, R, K) and (n, R). "
+            f"Got {tuple(feats.shape)}, {tuple(logits.shape)} and {tuple(margins.shape)}."
+        )
+    if not feats.shape[0] == logits.shape[0] == margins.shape[0] == n:
+        raise ValueError(f"boundary rows must describe the same {n} samples as the features.")
+    feats, logits, margins = (t[train].flatten(0, 1) for t in (feats, logits, margins))
+    keep = ~margins.isnan()
+    return (
+        feats[keep].to(device, torch.float32),
+        logits[keep].to(device, torch.float32),
+        margins[keep].to(device, torch.float32),
+    )
 
 
 def _quantiles(margins: Tensor) -> Tensor:
@@ -118,6 +154,7 @@ def train_pseudo_margin(
     max_epochs: int = 150,
     patience: int = 20,
     val_fraction: float = 0.2,
+    boundary: tuple[Tensor, Tensor, Tensor] | None = None,
 ) -> tuple[PseudoMargin, PseudoTraining]:
     """Fit a ``PseudoMargin`` network to rank input margins (Adam, early stopping on tau).
 
@@ -140,6 +177,10 @@ def train_pseudo_margin(
         max_epochs: Upper bound on epochs.
         patience: Epochs without a better validation tau before stopping.
         val_fraction: Share of the samples held out for early stopping.
+        boundary: ``(features, logits, margins)`` of shapes ``(n, R, d)``,
+            ``(n, R, K)`` and ``(n, R)``: ``R`` rows near the decision boundary
+            per sample with their target margins (NaN: none). The rows of the
+            training split's samples join its training data.
 
     Returns:
         The network (weights of the best validation epoch, eval mode) and a summary.
@@ -187,8 +228,12 @@ def train_pseudo_margin(
     order = torch.randperm(n, generator=generator).to(device)
     n_val = max(2, int(round(n * val_fraction)))
     val, train = order[:n_val], order[n_val:]
-    target = rank_targets(margins[train])
     val_margins = margins[val].cpu().double().numpy()
+    extra = _boundary_rows(boundary, train.cpu(), (features, logits, margins))
+    train_features = torch.cat((features[train], extra[0]))
+    train_logits = torch.cat((logits[train], extra[1]))
+    train_margins = torch.cat((margins[train], extra[2]))
+    target = rank_targets(train_margins)
 
     with seeded(seed):
         net = PseudoMargin(features.shape[1], logits.shape[1], hidden).to(device)
@@ -197,8 +242,8 @@ def train_pseudo_margin(
     net.feature_std.copy_(features[train].std(dim=0).nan_to_num(1.0).clamp_min(1e-6))
     net.logit_mean.copy_(ordered.mean(dim=0))
     net.logit_std.copy_(ordered.std(dim=0).nan_to_num(1.0).clamp_min(1e-6))
-    net.quantiles.copy_(_quantiles(margins[train]).to(device))
-    inputs_train = net.inputs(features[train], logits[train])
+    net.quantiles.copy_(_quantiles(train_margins).to(device))
+    inputs_train = net.inputs(train_features, train_logits)
     inputs_val = net.inputs(features[val], logits[val])
     body, squash = net.net[:-1], net.net[-1]
     optimiser = torch.optim.Adam(net.net.parameters(), lr=lr, weight_decay=weight_decay)
@@ -213,7 +258,7 @@ def train_pseudo_margin(
     best_state, best_tau, best_epoch, epoch = copy.deepcopy(net.state_dict()), -math.inf, 0, 0
     for epoch in range(1, max_epochs + 1):
         net.train()
-        shuffled = torch.randperm(train.numel(), generator=generator).to(device)
+        shuffled = torch.randperm(target.numel(), generator=generator).to(device)
         for idx in shuffled.split(batch_size):
             raw = body(inputs_train[idx]).squeeze(1)
             value = raw.new_zeros(())
@@ -240,5 +285,6 @@ def train_pseudo_margin(
         best_epoch=best_epoch,
         val_tau=float(np.float64(best_tau)),
         loss=loss,
+        n_boundary=int(extra[2].numel()),
     )
     return net, info
