@@ -245,7 +245,7 @@ def _plot_delays(delays: list[dict], folder: Path) -> None:
 
 
 def main() -> None:
-    global P0S  # --p0 narrows the rates both parts loop over
+    global P0S, DELAY_RUN_LENGTH  # --p0 and --delay-run-length set what the parts read
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--holdouts", type=int, default=500)
     parser.add_argument("--streams", type=int, default=400, help="sliding-window streams")
@@ -261,7 +261,14 @@ def main() -> None:
     )
     parser.add_argument("--p0", type=float, nargs="+", default=list(P0S), help="true flag rates")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--delay-run-length",
+        type=float,
+        default=DELAY_RUN_LENGTH,
+        help="expected clean run length of every detector in the delay part",
+    )
     args = parser.parse_args()
+    DELAY_RUN_LENGTH = int(args.delay_run_length)
     folder = Path(__file__).resolve().parents[1] / "docs" / "img"
     P0S = tuple(args.p0)
     if args.part in ("all", "promise"):
