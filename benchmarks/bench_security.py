@@ -71,8 +71,10 @@ def main() -> None:
     args = parser.parse_args()
     rows = [r for r in ROWS if args.rows == "all" or r[1] == "pseudo"]
     results = []
-    print("| model (taus) | score | target TPR | clean flagged | PGD: successful, caught "
-          "| adaptive PGD: successful, caught | CW: within eps (changed), caught |")
+    print(
+        "| model (taus) | score | target TPR | clean flagged | PGD: successful, caught "
+        "| adaptive PGD: successful, caught | CW: within eps (changed), caught |"
+    )
     print("|---|---|---|---|---|---|---|")
     for model, score, pseudo_data in rows:
         for tpr in TPRS[score]:
