@@ -226,7 +226,7 @@ def _attack(
         target = counter.counted(target)
         counter.samples += x.shape[0]
     margins = torch.full((x.shape[0],), math.nan, device=x.device, dtype=torch.float64)
-    adv = x.clone()
+    adv = x.clone() if points else x
     finite = torch.isfinite(view.flatten(1)).all(dim=1)
     if bool(finite.any()):
         args = (target, view[finite], pred[finite], settings, index.to(x.device)[finite])
