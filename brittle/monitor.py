@@ -544,6 +544,7 @@ class Monitor(nn.Module):
         cache_dir: str | Path | None = None,
         seed: int = 0,
         distributed: bool | None = None,
+        pseudo_boundary: bool = True,
     ) -> Monitor:
         """Estimate input margins on a holdout, verify consistency and pick the threshold.
 
@@ -570,6 +571,7 @@ class Monitor(nn.Module):
             cache_dir=cache_dir,
             seed=seed,
             distributed=distributed,
+            pseudo_boundary=pseudo_boundary,
         )
         self.apply_calibration(calibration)
         return self

@@ -170,3 +170,35 @@ def test_a_pass_keeps_the_head_view_of_each_boundary_point(tmp_path) -> None:  #
     torch.testing.assert_close(again.boundary.logits, rows.logits)
     with pytest.raises(ValueError, match="brittle's engine"):
         collect_holdout(monitor, x, settings, progress=False, boundary=0.1, engine="torchattacks")
+
+
+@pytest.mark.parametrize("boundary", [True, False])
+def test_fit_trains_on_boundary_rows_unless_told_not_to(
+    robust_model: nn.Module,
+    digits,
+    boundary: bool,  # type: ignore[no-untyped-def]
+) -> None:
+    monitor = brittle.wrap(robust_model, eps=0.1, score="pseudo")
+    with pytest.warns(UserWarning, match="trained on only"):
+        monitor.fit(
+            digits.x_holdout[:400],
+            steps=5,
+            target_tpr=0.9,
+            progress=False,
+            pseudo=True,
+            pseudo_boundary=boundary,
+        )
+    info = monitor.report.settings["pseudo"]
+    assert info["source"] == "holdout split"
+    if boundary:
+        # Every training sample with a finite margin gives COPIES rows.
+        assert info["n_boundary"] > 0 and info["n_boundary"] % COPIES == 0
+        assert "boundary_note" not in info
+    else:
+        assert info["n_boundary"] == 0 and "natural samples only" in info["boundary_note"]
+
+
+def test_pseudo_boundary_must_be_a_bool() -> None:
+    monitor = brittle.wrap(_two_class_linear(), eps=0.1)
+    with pytest.raises(ValueError, match="pseudo_boundary"):
+        monitor.fit(torch.rand(8, 4), pseudo_boundary="yes")  # type: ignore[arg-type]

@@ -209,7 +209,8 @@ def _train_pseudo(
     summary: dict[str, Any] = asdict(info)
     if boundary is None:
         summary["boundary_note"] = (
-            "trained on natural samples only: boundary points come from brittle's engine"
+            "trained on natural samples only (pseudo_boundary=False, or an engine other "
+            "than brittle's, which gives no boundary points)"
         )
     if n < SMALL_PSEUDO_TRAINING:
         summary["warning"] = (
@@ -356,6 +357,7 @@ def calibrate(
     cache_dir: str | Path | None = None,
     seed: int = 0,
     distributed: bool | None = None,
+    pseudo_boundary: bool = True,
 ) -> Calibration:
     """Calibrate ``monitor`` on a holdout and return the calibration; the monitor is unchanged.
 
@@ -406,6 +408,12 @@ def calibrate(
             torch.distributed process group (``None``: whenever one is initialised).
             Every rank must iterate the same holdout in the same order (checked);
             every rank ends with the same calibration.
+        pseudo_boundary: Train the pseudo-margin network on the training samples'
+            boundary points and their copies too (``brittle.calibrate.boundary``),
+            so that an attacker who crosses the boundary meets small scores. It
+            costs natural ranking (on the certified digits CNN, tau 0.62 against
+            0.78, ``docs/security.md``); ``False`` trains on natural samples only,
+            for inputs that no attacker chooses.
 
     Raises:
         ValueError: for a bad argument or batch (before any attack), or a model in
@@ -423,6 +431,8 @@ def calibrate(
         pseudo=pseudo,
         min_tau=min_tau,
     )
+    if not isinstance(pseudo_boundary, bool):
+        raise ValueError(f"pseudo_boundary must be True or False. Got {pseudo_boundary!r}.")
     eps = monitor.eps if eps is None else check_eps(eps)
     settings = AttackSettings(norm=monitor.norm, steps=steps, restarts=restarts, seed=seed)
     part = shard(distributed)
@@ -442,7 +452,7 @@ def calibrate(
             cache=cache,
             part=part,
             desc=desc,
-            boundary=eps if boundary and engine == "brittle" else None,
+            boundary=eps if boundary and pseudo_boundary and engine == "brittle" else None,
         )
 
     timings: dict[str, float] = {}
