@@ -2,10 +2,10 @@
 
 The attack that measures a sample's input margin ends on the decision
 boundary: a point ``p`` at distance ``margin`` from ``x`` whose class differs.
-The pseudo-margin network trains on natural samples only, so an attacker who
-moves an input across the boundary lands on features it never saw, where it
-may predict a large margin (``docs/security.md``). Training on the boundary
-too teaches it the opposite: ``p`` itself has margin 0, and any point ``q``
+A pseudo-margin network trained on natural samples alone lets an attacker who
+moves an input across the boundary land on features it never saw, where it
+may predict a large margin (``docs/security.md``: 29 % of adaptive PGD's
+examples caught). Training on the boundary too teaches it the opposite: ``p`` itself has margin 0, and any point ``q``
 has margin at most ``||q - p||`` (``p`` is a point of another class, or of the
 boundary, within that distance). Each sample with a finite margin gives
 ``COPIES`` rows:
