@@ -5,10 +5,10 @@ boundary: a point ``p`` at distance ``margin`` from ``x`` whose class differs.
 A pseudo-margin network trained on natural samples alone lets an attacker who
 moves an input across the boundary land on features it never saw, where it
 may predict a large margin (``docs/security.md``: 29 % of adaptive PGD's
-examples caught). Training on the boundary too teaches it the opposite: ``p`` itself has margin 0, and any point ``q``
-has margin at most ``||q - p||`` (``p`` is a point of another class, or of the
-boundary, within that distance). Each sample with a finite margin gives
-``COPIES`` rows:
+examples caught). Training on the boundary too teaches it the opposite: ``p``
+itself has margin 0, and any point ``q`` has margin at most ``||q - p||``
+(``p`` is a point of another class, or of the boundary, within that distance).
+Each sample with a finite margin gives ``COPIES`` rows:
 
 - the boundary point ``p``, target 0;
 - a copy pushed *past* the boundary, ``p + t * u`` with ``u`` the unit step
