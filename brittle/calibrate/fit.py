@@ -108,6 +108,17 @@ def choose_score(metrics: dict[str, ScoreMetrics], min_tau: float) -> tuple[Scor
     return cast(ScoreKind, chosen), reason
 
 
+def _pseudo_required(monitor: MonitorProtocol, pseudo: object) -> bool:
+    """Whether the pseudo-margin must train: asked for, or the monitor's fixed score."""
+    return pseudo is True or monitor.requested_score == "pseudo"
+
+
+def _pseudo_possible(monitor: MonitorProtocol, pseudo: object) -> bool:
+    """Whether this fit may train the pseudo-margin: required, or ``"auto"`` choosing the score."""
+    auto = pseudo == "auto" and monitor.requested_score == "auto"
+    return auto or _pseudo_required(monitor, pseudo)
+
+
 def _validate(
     monitor: MonitorProtocol,
     *,
@@ -135,8 +146,7 @@ def _validate(
             "(copy.deepcopy(model).float()), save the monitor, and load it onto this model "
             "with brittle.load: the same model in another dtype is accepted."
         )
-    wants_head = pseudo is True or monitor.requested_score == "pseudo"
-    if wants_head and monitor.head_name is None and monitor.discovered:
+    if _pseudo_required(monitor, pseudo) and monitor.head_name is None and monitor.discovered:
         raise ValueError(f"the pseudo-margin needs the model's last linear layer. {NO_HEAD_HINT}")
 
 
@@ -156,7 +166,7 @@ def _pseudo_plan(
     samples. Only then is the holdout split for it.
     """
     needed = math.ceil(MIN_TRAIN_SAMPLES / PSEUDO_TRAIN_SHARE)
-    if pseudo is True or monitor.requested_score == "pseudo":
+    if _pseudo_required(monitor, pseudo):
         if monitor.head_name is None:
             raise ValueError(
                 f"the pseudo-margin needs the model's last linear layer. {NO_HEAD_HINT}"
@@ -169,7 +179,7 @@ def _pseudo_plan(
                 blame="n_samples",
             )
         return True, None
-    if pseudo != "auto" or monitor.requested_score != "auto" or not choice_taus:
+    if not _pseudo_possible(monitor, pseudo) or not choice_taus:
         return False, None
     best = max((t for t in choice_taus.values() if not math.isnan(t)), default=math.nan)
     if best >= min_tau:
@@ -459,9 +469,8 @@ def calibrate(
     with timed(timings, "attack"):
         # The pseudo-margin network trains on boundary points too: the attack's own
         # points, kept from the pass that may feed it (brittle.calibrate.boundary).
-        may_train = pseudo is True or monitor.requested_score == "pseudo"
-        may_train = may_train or (pseudo == "auto" and monitor.requested_score == "auto")
-        holdout = stream(loader, n_samples, "fit: input margins", may_train and pseudo_data is None)
+        may_train = _pseudo_possible(monitor, pseudo) and pseudo_data is None
+        holdout = stream(loader, n_samples, "fit: input margins", may_train)
     margins = holdout.margins
     _check_both_classes(margins, eps)
 
