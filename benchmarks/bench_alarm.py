@@ -58,7 +58,16 @@ from typing import Any
 
 import numpy as np
 
-from brittle.deploy.alarm import FlagRateAlarm, binomial_sf, critical_count, cusum_run_length
+from brittle.deploy.alarm import (
+    DEFAULT_CONFIDENCE,
+    MAX_REFERENCE_RATE,
+    FlagRateAlarm,
+    binomial_cdf,
+    binomial_sf,
+    critical_count,
+    cusum_run_length,
+    design_cusum,
+)
 
 PROMISE = 100_000
 P0S = (0.05, 0.15, 0.3)
@@ -69,6 +78,7 @@ DELAY_RUN_LENGTH = 10_000
 WINDOW = 1000
 FRONTIER_M = 1000
 FRONTIER_ODDS = (2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0)
+LEARN_GRID = 800  # design rates at which the learning chart's run length is computed
 
 
 def promise_table(
@@ -182,6 +192,137 @@ def fet_median_delays(
     return out
 
 
+# ------------------------------------------------------------- the learning chart
+def _design_grid(p0: float, points: int = LEARN_GRID) -> tuple[np.ndarray, np.ndarray]:
+    """Exact in-control run lengths at ``p0`` of the charts designed on a grid of rates."""
+    rates = np.exp(np.linspace(np.log(0.4 * p0), np.log(min(2.5 * p0, MAX_REFERENCE_RATE)), points))
+    log_arl = np.empty(points)
+    for i, rate in enumerate(rates.tolist()):
+        d = design_cusum(rate, PROMISE)
+        log_arl[i] = np.log(cusum_run_length(d.up, d.down, d.threshold, p0))
+    return rates, log_arl
+
+
+def learning_mean_run_lengths(
+    flagged: np.ndarray,
+    m: int,
+    p0: float,
+    grid: tuple[np.ndarray, np.ndarray],
+    rng: Any,
+    paths: int,
+) -> np.ndarray:
+    """The learning chart's mean clean run length from each holdout ``(flagged, m)``.
+
+    Semi-analytic: the reference doubles at fixed stream times (``lag`` after the
+    samples that make it up), and its flagged count at each doubling is drawn
+    (``paths`` draws per holdout). Between redesigns the chart runs with the exact
+    in-control run length of its design (the Markov chain, log-interpolated on
+    ``grid``; the bound is scipy's beta quantile, which ``upper_rate`` equals),
+    treated as a constant hazard. ``simulated_mean_run_length`` checks it.
+    """
+    from scipy.stats import beta
+
+    rates, log_arl = grid
+    lag = np.array(
+        [FlagRateAlarm((k, m), run_length=PROMISE).lag for k in flagged.tolist()], dtype=float
+    )[:, None]
+    k = np.repeat(flagged[:, None], paths, axis=1).astype(np.int64)
+    n, t = m, np.zeros_like(lag)
+    survival, mean = np.ones(k.shape), np.zeros(k.shape)
+    while survival.max() > 1e-9:
+        bound = beta.ppf(DEFAULT_CONFIDENCE, k + 1, n - k)
+        arl = np.exp(np.interp(bound, rates, log_arl))
+        end = 2 * n - m + lag  # the stream time at which the reference reaches 2n
+        gone = np.exp(-(end - t) / arl)
+        mean += survival * arl * (1.0 - gone)
+        survival *= gone
+        k, n, t = k + rng.binomial(n, p0, size=k.shape), 2 * n, end
+    return mean.mean(axis=1)
+
+
+def learning_table(
+    holdouts: int, paths: int, seed: int, sizes: tuple[int, ...] = MS
+) -> list[dict[str, float]]:
+    """As ``promise_table``, for the chart that learns (the default), semi-analytic."""
+    rows = []
+    for p0 in P0S:
+        grid = _design_grid(p0)
+        for m in sizes:
+            flagged = np.random.default_rng(seed).binomial(m, p0, size=holdouts)
+            rng = np.random.default_rng(seed + 1)
+            arl = learning_mean_run_lengths(flagged, m, p0, grid, rng, paths)
+            rows.append(
+                {
+                    "p0": p0,
+                    "m": m,
+                    "share": float((arl >= PROMISE).mean()),
+                    "median": float(np.median(arl) / PROMISE),
+                    "lag": FlagRateAlarm((round(p0 * m), m), run_length=PROMISE).lag,
+                }
+            )
+    return rows
+
+
+def simulated_mean_run_length(
+    flagged: int, m: int, p0: float, streams: int, seed: int, batch: int = 256
+) -> tuple[float, float]:
+    """Mean and standard error of the run length of the real ``FlagRateAlarm``, stream by stream.
+
+    Each clean stream goes through ``update`` in batches; a run is counted to the
+    end of the batch it fired in (at most ``batch`` samples late).
+    """
+    rng = np.random.default_rng(seed)
+    runs = []
+    for _ in range(streams):
+        alarm, t = FlagRateAlarm((flagged, m), run_length=PROMISE), 0
+        while not alarm.update(rng.random(batch) < p0).episodes:
+            t += batch
+        runs.append(t + batch)
+    return float(np.mean(runs)), float(np.std(runs) / np.sqrt(streams))
+
+
+def _learning_part(holdouts: int, paths: int, seed: int, check_streams: int) -> None:
+    print(
+        f"\nThe chart as served (learning), promise {PROMISE:,} samples, odds ratio 2, "
+        f"{holdouts} holdouts x {paths} reference paths (semi-analytic)"
+    )
+    print("| p0 | m | share ARL >= promise | median ARL / promise | lag (samples) |")
+    print("|---|---|---|---|---|")
+    for r in learning_table(holdouts, paths, seed):
+        print(
+            f"| {r['p0']} | {r['m']:,} | {r['share']:.3f} | {r['median']:.2f} | {r['lag']:,} |",
+            flush=True,
+        )
+    if not check_streams:
+        return
+    print(
+        f"\nCheck: the real FlagRateAlarm on {check_streams} clean streams per holdout "
+        "against the semi-analytic mean, m = 1,000, holdouts at the 10/50/90 % quantile"
+    )
+    print("| p0 | flagged | simulated mean ARL / promise (+- s.e.) | semi-analytic |")
+    print("|---|---|---|---|")
+    for p0 in P0S:
+        grid = _design_grid(p0)
+        for q in (0.1, 0.5, 0.9):
+            k = int(binom_ppf(q, 1000, p0))
+            sim, err = simulated_mean_run_length(k, 1000, p0, check_streams, seed)
+            rng = np.random.default_rng(seed)
+            semi = float(learning_mean_run_lengths(np.array([k]), 1000, p0, grid, rng, 500)[0])
+            print(
+                f"| {p0} | {k} | {sim / PROMISE:.2f} +- {err / PROMISE:.2f} | "
+                f"{semi / PROMISE:.2f} |",
+                flush=True,
+            )
+
+
+def binom_ppf(q: float, n: int, p: float) -> int:
+    """Smallest ``k`` with ``P(X <= k) >= q``, ``X ~ Binomial(n, p)``."""
+    k = 0
+    while binomial_cdf(k, n, p) < q:
+        k += 1
+    return k
+
+
 def _pyplot() -> Any:
     import matplotlib
 
@@ -255,12 +396,16 @@ def main() -> None:
     parser.add_argument("--plot", action="store_true", help="write docs/img/alarm_*.png")
     parser.add_argument(
         "--part",
-        choices=["all", "promise", "delay", "frontier"],
+        choices=["all", "promise", "learn", "delay", "frontier"],
         default="all",
         help="which part to run",
     )
     parser.add_argument("--p0", type=float, nargs="+", default=list(P0S), help="true flag rates")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--paths", type=int, default=20, help="learned reference paths")
+    parser.add_argument(
+        "--check-streams", type=int, default=40, help="real alarms per checked holdout (0: none)"
+    )
     parser.add_argument(
         "--delay-run-length",
         type=float,
@@ -273,6 +418,8 @@ def main() -> None:
     P0S = tuple(args.p0)
     if args.part in ("all", "promise"):
         _promise_part(args.holdouts, args.seed, folder if args.plot else None)
+    if args.part in ("all", "learn"):
+        _learning_part(args.holdouts, args.paths, args.seed, args.check_streams)
     if args.part in ("all", "delay"):
         _delay_part(args, folder if args.plot else None)
     if args.part in ("all", "frontier"):

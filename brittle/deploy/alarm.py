@@ -18,6 +18,15 @@ true rate is below it, and since the run length falls as the rate rises, the
 in-control run length is then at least the promise (a guaranteed conditional
 performance chart, Gandy and Kvaløy 2013).
 
+An upper bound from a small holdout makes the chart deaf: designed at the 90 %
+bound of 1,000 samples it runs 7-22 times the promise on a typical holdout.
+So the chart learns (a self-starting chart, as Hawkins's): a sample joins the
+reference once ``lag`` later samples have passed without an alarm, and each
+time the reference has doubled the chart is designed again at the new bound.
+A rise is caught within its first ``lag`` samples (``lag`` is 20 times the
+chart's expected delay for the rise it is tuned to), before it could be
+learned as normal; the samples waiting when the alarm switches on are dropped.
+
 The statistic runs on an integer scale (Reynolds and Stoumbos 1999): a flag
 adds ``up``, a clean sample takes ``down`` away, the threshold is an integer,
 and the run length is computed exactly from the Markov chain of that integer
@@ -29,6 +38,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections import deque
 from dataclasses import dataclass
 from fractions import Fraction
 from functools import lru_cache
@@ -41,6 +51,7 @@ __all__ = [
     "AlarmState",
     "CusumDesign",
     "binomial_sf",
+    "binomial_cdf",
     "critical_count",
     "upper_rate",
     "cusum_increments",
@@ -53,6 +64,8 @@ __all__ = [
     "DEFAULT_ODDS_RATIO",
     "MIN_REFERENCE_RATE",
     "MAX_REFERENCE_RATE",
+    "LAG_DELAYS",
+    "MIN_LAG",
     "OLD_REFERENCE_WARNING",
     "UndetectableRiseError",
 ]
@@ -65,6 +78,11 @@ DEFAULT_ODDS_RATIO = 2.0
 MIN_REFERENCE_RATE = 1e-3
 # Above this design rate a rise is too small to detect within any useful delay.
 MAX_REFERENCE_RATE = 0.95
+# A stream sample joins the learned reference once this many times the chart's expected
+# delay for the rise it is tuned to has passed without an alarm, and at least MIN_LAG
+# samples: a rise is caught long before it could be learned as the normal rate.
+LAG_DELAYS = 20
+MIN_LAG = 1000
 # Said when a file carries the holdout's flag rate but not its counts.
 OLD_REFERENCE_WARNING = (
     "this monitor was saved by a brittle that stored the holdout's flag rate but not its "
@@ -122,6 +140,49 @@ def binomial_sf(k: int, n: int, p: float) -> float:
     return min(total, 1.0)
 
 
+def binomial_cdf(k: int, n: int, p: float) -> float:
+    """``P(X <= k)`` for ``X ~ Binomial(n, p)``, summed from the smaller side of the mean.
+
+    Below the mean the terms are summed from ``k`` downwards, each from the last
+    by one multiplication, so the cost is the tail's length, not ``n``: the
+    Clopper-Pearson bound of a reference of millions of samples takes
+    milliseconds. Above the mean it is ``1 - binomial_sf(k + 1, n, p)``.
+
+    Examples:
+        >>> round(binomial_cdf(2, 10, 0.1), 6)
+        0.929809
+        >>> binomial_cdf(-1, 10, 0.1), binomial_cdf(10, 10, 0.1)
+        (0.0, 1.0)
+    """
+    if n < 0 or not 0.0 <= p <= 1.0:
+        raise ValueError(f"need n >= 0 and p in [0, 1]. Got n={n}, p={p}.")
+    if k < 0:
+        return 0.0
+    if k >= n or p == 0.0:
+        return 1.0
+    if p == 1.0:
+        return 0.0
+    if k > n * p:
+        return 1.0 - binomial_sf(k + 1, n, p)
+    q = 1.0 - p
+    term = math.exp(
+        math.lgamma(n + 1)
+        - math.lgamma(k + 1)
+        - math.lgamma(n - k + 1)
+        + k * math.log(p)
+        + (n - k) * math.log1p(-p)
+    )
+    total, ratio = 0.0, q / p
+    # Below the mean each term is smaller than the one above it: stop once one adds
+    # nothing (a first term that underflowed leaves a tail below 1e-308).
+    for i in range(k, -1, -1):
+        total += term
+        if term <= total * 1e-17:
+            break
+        term *= i / (n - i + 1) * ratio
+    return min(total, 1.0)
+
+
 def critical_count(n: int, p: float, level: float) -> int:
     """Smallest ``k`` with ``binomial_sf(k, n, p) <= level``; ``n + 1`` if none.
 
@@ -169,7 +230,7 @@ def upper_rate(flagged: int, n: int, confidence: float = DEFAULT_CONFIDENCE) -> 
     low, high = flagged / n, 1.0
     for _ in range(60):
         mid = 0.5 * (low + high)
-        if 1.0 - binomial_sf(flagged + 1, n, mid) > alpha:
+        if binomial_cdf(flagged, n, mid) > alpha:
             low = mid
         else:
             high = mid
@@ -354,8 +415,10 @@ class AlarmState:
         flagged: Flagged samples among them.
         episodes: Times the alarm switched on (off to on) since construction.
         reference_rate: The holdout's flag rate (``flagged / n`` of the reference).
-        design_rate: The rate the chart was designed at (its upper bound).
+        design_rate: The rate the chart is designed at now (the upper bound of the
+            holdout and the samples learned).
         run_length: The promised expected clean samples between false alarms.
+        learned: Stream samples in the reference so far (0 without learning).
     """
 
     firing: bool
@@ -367,6 +430,7 @@ class AlarmState:
     reference_rate: float
     design_rate: float
     run_length: float
+    learned: int = 0
 
     @property
     def rate(self) -> float:
@@ -410,17 +474,39 @@ def monitor_reference(monitor: Any) -> tuple[int, int] | float | None:
     return None if rate is None else float(rate)
 
 
+@lru_cache(maxsize=1024)
+def _design_from_counts(
+    flagged: int, n: int, confidence: float, run_length: float, odds_ratio: float
+) -> CusumDesign:
+    """The chart at the ``confidence`` upper bound of ``flagged`` of ``n``.
+
+    Cached: the alarms of one holdout, in tests and benchmarks, learn the same counts.
+    """
+    return design_cusum(upper_rate(flagged, n, confidence), run_length, odds_ratio)
+
+
 class FlagRateAlarm:
     """Fires when the stream's flag rate has risen above the holdout's: a Bernoulli CUSUM.
 
     Each sample is one step: the statistic gains ``up`` for a flag, loses
     ``down`` for a clean sample, never drops below zero, and the alarm fires
-    while it is at or above the threshold. The threshold is set at
-    construction so that a stream flagged at the design rate runs
-    ``run_length`` samples on average before the first alarm; the design rate
-    is the reference's ``confidence`` upper bound, so with that probability
-    over the holdout the promise holds for the true rate. A reference given as
-    a bare rate is taken as exact (with a floor of ``MIN_REFERENCE_RATE``).
+    while it is at or above the threshold. The threshold is set so that a
+    stream flagged at the design rate runs ``run_length`` samples on average
+    before the first alarm; the design rate is the reference's ``confidence``
+    upper bound, so with that probability over the holdout the promise holds
+    for the true rate. A reference given as a bare rate is taken as exact
+    (with a floor of ``MIN_REFERENCE_RATE``) and is not learned.
+
+    With ``learn`` (the default) the reference grows with the stream: a sample
+    joins it once ``lag`` later samples have passed without the alarm switching
+    on, and each time the reference has doubled the chart is designed again at
+    its new upper bound (the statistic keeps its value in nats). A tighter
+    bound makes a less deaf chart: on holdouts of 1,000 the typical run length
+    falls from 7-22 times the promise to under 2 (``benchmarks/bench_alarm.py``).
+    The samples waiting when the alarm switches on, and those seen while it is
+    on, are never learned. A rise slow enough to stay unnoticed for ``lag``
+    samples is learned as the new normal; ``learn=False`` keeps the holdout's.
+    Each redesign takes about 0.1 s, inside the ``update`` that reaches it.
 
     Batches of any size: the result equals feeding the samples one by one.
     Safe to update from several threads at once. The alarm switches on when the
@@ -437,6 +523,10 @@ class FlagRateAlarm:
         confidence: Probability over the holdout that the promise holds.
         odds_ratio: The rise the chart is tuned to detect fastest (odds of a flag
             multiplied by this).
+        learn: Whether the reference learns from the stream (counts only).
+        lag: Samples a sample waits before it is learned; by default ``LAG_DELAYS``
+            times the chart's expected delay for a rise of ``odds_ratio``, at
+            least ``MIN_LAG``.
 
     Examples:
         >>> import numpy as np
@@ -446,6 +536,10 @@ class FlagRateAlarm:
         >>> state = alarm.update(np.ones(30, dtype=bool))
         >>> state.firing, state.statistic >= state.threshold, state.episodes
         (True, True, 1)
+        >>> alarm = FlagRateAlarm((60, 400), run_length=10**6, lag=100)
+        >>> state = alarm.update(np.arange(1000) % 7 == 0)  # clean: a rate of 1/7
+        >>> state.learned, state.design_rate < FlagRateAlarm((60, 400)).design.rate
+        (900, True)
     """
 
     def __init__(
@@ -455,6 +549,8 @@ class FlagRateAlarm:
         run_length: float = DEFAULT_RUN_LENGTH,
         confidence: float = DEFAULT_CONFIDENCE,
         odds_ratio: float = DEFAULT_ODDS_RATIO,
+        learn: bool = True,
+        lag: int | None = None,
     ) -> None:
         if isinstance(run_length, bool) or not float(run_length) >= 1.0:
             raise ValueError(f"run_length must be a number of samples >= 1. Got {run_length!r}.")
@@ -462,27 +558,46 @@ class FlagRateAlarm:
             raise ValueError(f"confidence must be in (0, 1). Got {confidence}.")
         if not float(odds_ratio) > 1.0:
             raise ValueError(f"odds_ratio must be above 1. Got {odds_ratio}.")
+        if lag is not None and (isinstance(lag, bool) or not isinstance(lag, int) or lag < 1):
+            raise ValueError(f"lag must be a positive number of samples. Got {lag!r}.")
+        self.run_length = float(run_length)
+        self.confidence = float(confidence)
+        self.odds_ratio = float(odds_ratio)
         ref = _reference(reference)
         if isinstance(ref, tuple):
             self.reference_counts: tuple[int, int] | None = ref
             self.reference_rate = ref[0] / ref[1]
-            design_rate = upper_rate(ref[0], ref[1], confidence)
+            design = _design_from_counts(*ref, self.confidence, self.run_length, self.odds_ratio)
         else:
             self.reference_counts = None
             self.reference_rate = ref
-            design_rate = max(ref, MIN_REFERENCE_RATE)
-        self.run_length = float(run_length)
-        self.confidence = float(confidence)
-        self.odds_ratio = float(odds_ratio)
-        self.design = design_cusum(design_rate, self.run_length, self.odds_ratio)
-        self._up, self._down = self.design.up, self.design.down
-        self._threshold = self.design.threshold
+            design = design_cusum(max(ref, MIN_REFERENCE_RATE), self.run_length, self.odds_ratio)
+        self.learn = bool(learn) and self.reference_counts is not None
+        self.lag = _default_lag(design, self.odds_ratio) if lag is None else lag
         self._lock = threading.Lock()
+        self._install(design)
         self._firing = False
         self._statistic = 0
         self._samples = 0
         self._flagged = 0
         self._episodes = 0
+        self._forget()
+
+    def _install(self, design: CusumDesign) -> None:
+        self.design = design
+        self._up, self._down = design.up, design.down
+        self._threshold = design.threshold
+
+    def _forget(self) -> None:
+        """Back to the holdout's reference and chart; nothing learned or waiting."""
+        counts = self.reference_counts or (0, 0)
+        self._pool_flagged, self._pool_n = counts
+        self._next_design = 2 * self._pool_n
+        self._pending: deque[bool] = deque()
+        if counts[1]:
+            self._install(
+                _design_from_counts(*counts, self.confidence, self.run_length, self.odds_ratio)
+            )
 
     @classmethod
     def from_monitor(
@@ -492,6 +607,8 @@ class FlagRateAlarm:
         run_length: float = DEFAULT_RUN_LENGTH,
         confidence: float = DEFAULT_CONFIDENCE,
         odds_ratio: float = DEFAULT_ODDS_RATIO,
+        learn: bool = True,
+        lag: int | None = None,
     ) -> FlagRateAlarm:
         """The alarm of a fitted ``Monitor`` or ``OnnxMonitor``, against its holdout's counts.
 
@@ -505,15 +622,23 @@ class FlagRateAlarm:
                 "the monitor carries no reference flag rate (its threshold was set by hand): "
                 "fit it with monitor.fit(holdout) to get the flag-rate alarm."
             )
-        return cls(reference, run_length=run_length, confidence=confidence, odds_ratio=odds_ratio)
+        return cls(
+            reference,
+            run_length=run_length,
+            confidence=confidence,
+            odds_ratio=odds_ratio,
+            learn=learn,
+            lag=lag,
+        )
 
     def update(self, flags: Any) -> AlarmState:
         """Push a batch of flags (oldest first), one CUSUM step each; returns the new state."""
         values = flags if isinstance(flags, list) else np.asarray(flags, bool).ravel().tolist()
-        up, down, threshold = self._up, self._down, self._threshold
         with self._lock:
+            up, down, threshold = self._up, self._down, self._threshold
             statistic, firing = self._statistic, self._firing
             episodes, flagged = self._episodes, 0
+            learn, pending, lag = self.learn, self._pending, self.lag
             for value in values:
                 if value:
                     flagged += 1
@@ -523,18 +648,46 @@ class FlagRateAlarm:
                     statistic = max(statistic - down, 0)
                 if statistic >= threshold and not firing:
                     firing, episodes = True, episodes + 1
+                    pending.clear()  # the samples that led up to a rise are not learned
                 elif statistic == 0:
                     firing = False
+                if learn and not firing:
+                    pending.append(value)
+                    if len(pending) > lag:
+                        self._pool_flagged += pending.popleft()
+                        self._pool_n += 1
+                        if self._pool_n >= self._next_design:
+                            statistic = self._redesign(statistic)
+                            up, down, threshold = self._up, self._down, self._threshold
             self._statistic, self._firing, self._episodes = statistic, firing, episodes
             self._samples += len(values)
             self._flagged += flagged
             return self._state()
 
-    def reset(self) -> None:
-        """Clear the statistic and counts (after an incident, or a deliberate change of traffic)."""
+    def _redesign(self, statistic: int) -> int:
+        """The chart at the learned reference's bound; ``statistic`` on its scale."""
+        nats = statistic * self.design.nats
+        self._install(
+            _design_from_counts(
+                self._pool_flagged, self._pool_n, self.confidence, self.run_length, self.odds_ratio
+            )
+        )
+        self._next_design = 2 * self._pool_n
+        # Called only while the alarm is off: the statistic stays below the new threshold.
+        return min(round(nats / self.design.nats), self._threshold - 1)
+
+    def reset(self, *, forget: bool = False) -> None:
+        """Clear the statistic and counts (after an incident, or a deliberate change of traffic).
+
+        Samples waiting to be learned are dropped. With ``forget`` the learned
+        reference goes too: the chart is the holdout's again.
+        """
         with self._lock:
             self._statistic = self._samples = self._flagged = 0
             self._firing = False
+            self._pending.clear()
+            if forget:
+                self._forget()
 
     @property
     def state(self) -> AlarmState:
@@ -548,6 +701,7 @@ class FlagRateAlarm:
         return self.state.firing
 
     def _state(self) -> AlarmState:
+        counts = self.reference_counts
         return AlarmState(
             firing=self._firing,
             statistic=self._statistic * self.design.nats,
@@ -558,11 +712,21 @@ class FlagRateAlarm:
             reference_rate=self.reference_rate,
             design_rate=self.design.rate,
             run_length=self.run_length,
+            learned=self._pool_n - (counts[1] if counts else 0),
         )
 
     def __repr__(self) -> str:
         d = self.design
         return (
             f"FlagRateAlarm(reference_rate={self.reference_rate:.4g}, design_rate={d.rate:.4g}, "
-            f"run_length={self.run_length:g}, threshold={self._threshold * d.nats:.4g} nats)"
+            f"run_length={self.run_length:g}, threshold={self._threshold * d.nats:.4g} nats, "
+            f"learn={self.learn})"
         )
+
+
+def _default_lag(design: CusumDesign, odds_ratio: float) -> int:
+    """``LAG_DELAYS`` times the chart's expected delay at the rise it is tuned to."""
+    p = design.rate
+    risen = odds_ratio * p / (1.0 - p + odds_ratio * p)
+    delay = cusum_run_length(design.up, design.down, design.threshold, risen)
+    return max(MIN_LAG, math.ceil(LAG_DELAYS * delay))
