@@ -223,6 +223,8 @@ def test_silent_on_5000_clean_digits(server: Server, digits: DigitsSplit) -> Non
     assert (
         metrics["brittle_flag_rate_alarm_statistic"] < metrics["brittle_flag_rate_alarm_threshold"]
     )
+    # Clean traffic joins the alarm's reference once it is lag samples old.
+    assert 0 <= metrics["brittle_alarm_learned_samples"] < server.tally["samples"]
 
 
 def test_margin_histogram_buckets_from_calibration(server: Server) -> None:

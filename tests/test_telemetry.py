@@ -221,6 +221,28 @@ def test_fitted_monitor_gets_an_alarm_without_warning(fitted: brittle.Monitor) -
     assert alarm.reference_rate == fitted.reference_flag_rate < alarm.design.rate
 
 
+@pytest.mark.parametrize("learn", [True, False])
+def test_the_alarm_learns_accepted_samples_unless_told_not_to(
+    fitted: brittle.Monitor, learn: bool
+) -> None:
+    telemetry = Telemetry.from_monitor(fitted, run_length=1e4, learn=learn)
+    alarm = telemetry.alarm
+    assert alarm is not None and alarm.learn is learn
+    clean = np.random.default_rng(0).random(alarm.lag + 500) < alarm.reference_rate
+    margin = np.where(clean, 0.0, 1.0) + np.where(np.arange(clean.size) % 97 == 0, np.nan, 0.0)
+    out = brittle.MonitorOutput(
+        logits=np.zeros((clean.size, 3)),
+        pred=np.zeros(clean.size, dtype=np.int64),
+        margin=margin,
+        flag=clean | np.isnan(margin),
+    )
+    telemetry.observe(out)
+    snap = telemetry.snapshot()
+    assert snap.alarm is not None
+    accepted = int((~np.isnan(margin)).sum())  # rejected rows are never learned
+    assert snap.alarm.learned == (accepted - alarm.lag if learn else 0)
+
+
 def test_rejected_rows_do_not_move_the_alarm() -> None:
     """A burst of NaN rows is counted as rejected; the alarm's statistic stays where it was."""
     telemetry = Telemetry([0.5, 1.0], reference=(20, 200), run_length=1e4)

@@ -141,6 +141,7 @@ class Telemetry:
             taken as exact; see ``FlagRateAlarm``); ``None`` leaves the alarm unavailable.
         run_length: The alarm's promised expected clean samples between false alarms.
         odds_ratio: The rise the alarm is tuned to detect fastest (see ``FlagRateAlarm``).
+        learn: Whether the alarm's reference learns from the stream (see ``FlagRateAlarm``).
         unavailable: Why the alarm is unavailable, when ``reference`` is ``None``.
         alarm: An alarm built by the caller, used instead of one from ``reference``.
         domain: The monitor's accepted ``(low, high)`` input values, to tell a sample
@@ -166,6 +167,7 @@ class Telemetry:
         reference: tuple[int, int] | float | None = None,
         run_length: float = DEFAULT_RUN_LENGTH,
         odds_ratio: float = DEFAULT_ODDS_RATIO,
+        learn: bool = True,
         unavailable: str | None = None,
         alarm: FlagRateAlarm | None = None,
         domain: tuple[float, float] | None = None,
@@ -182,7 +184,9 @@ class Telemetry:
         if alarm is None and reference is None:
             self.alarm_unavailable = unavailable or "no reference flag rate was given."
         elif alarm is None and reference is not None:
-            self.alarm = FlagRateAlarm(reference, run_length=run_length, odds_ratio=odds_ratio)
+            self.alarm = FlagRateAlarm(
+                reference, run_length=run_length, odds_ratio=odds_ratio, learn=learn
+            )
         self._lock = threading.Lock()
         self._samples = 0
         self._flagged = 0
@@ -199,6 +203,7 @@ class Telemetry:
         *,
         run_length: float = DEFAULT_RUN_LENGTH,
         odds_ratio: float = DEFAULT_ODDS_RATIO,
+        learn: bool = True,
         warn: bool = True,
     ) -> Telemetry:
         """Telemetry for a ``Monitor`` or an ``OnnxMonitor``, calibrated by its ``fit``.
@@ -215,6 +220,7 @@ class Telemetry:
             monitor: A ``brittle.Monitor`` or ``brittle.OnnxMonitor`` with a threshold.
             run_length: The alarm's promised expected clean samples between false alarms.
             odds_ratio: The rise the alarm is tuned to detect fastest.
+            learn: Whether the alarm's reference learns from the stream.
             warn: Warn when the alarm is unavailable.
         """
         threshold = float(monitor.threshold) if monitor.has_threshold else None
@@ -230,7 +236,9 @@ class Telemetry:
         alarm = None
         if reference is not None:
             try:
-                alarm = FlagRateAlarm(reference, run_length=run_length, odds_ratio=odds_ratio)
+                alarm = FlagRateAlarm(
+                    reference, run_length=run_length, odds_ratio=odds_ratio, learn=learn
+                )
             except UndetectableRiseError as err:
                 unavailable = str(err)
         if unavailable is not None and warn:

@@ -89,6 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
         f"(default {DEFAULT_ODDS_RATIO:g})",
     )
     parser.add_argument(
+        "--no-alarm-learning",
+        dest="alarm_learning",
+        action="store_false",
+        help="keep the alarm's reference at the calibration holdout's counts (by default it "
+        "learns the stream's clean samples, which makes it far less deaf)",
+    )
+    parser.add_argument(
         "--provider",
         choices=["auto", *PROVIDERS],
         default="auto",
@@ -121,7 +128,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             warnings.simplefilter("always")
             monitor = OnnxMonitor(args.monitor, providers, session_options=options)
             telemetry = Telemetry.from_monitor(
-                monitor, run_length=args.run_length, odds_ratio=args.odds_ratio
+                monitor,
+                run_length=args.run_length,
+                odds_ratio=args.odds_ratio,
+                learn=args.alarm_learning,
             )
         app = create_app(
             monitor, max_batch=args.max_batch, max_body=args.max_body, telemetry=telemetry
@@ -139,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if alarm is None
         else f"alarm: reference flag rate {alarm.reference_rate:.4g}, designed at "
         f"{alarm.design.rate:.4g}, fires at {alarm.state.threshold:.4g} nats, run length "
-        f"{alarm.run_length:g}"
+        f"{alarm.run_length:g}" + (f", learns after {alarm.lag} samples" if alarm.learn else "")
     )
     port = sock.getsockname()[1]
     print(

@@ -158,6 +158,13 @@ class TelemetryCollector(Collector):
             )
             yield GaugeMetricFamily(
                 f"{p}_alarm_design_flag_rate",
-                "The flag rate the alarm was designed at: the holdout rate's upper bound.",
+                "The flag rate the alarm is designed at: the upper bound of the holdout's rate "
+                "and the samples it has learned.",
                 alarm.design_rate,
+            )
+            yield GaugeMetricFamily(
+                f"{p}_alarm_learned_samples",
+                "Accepted samples the alarm has added to its reference (each after enough "
+                "later samples without an alarm).",
+                alarm.learned,
             )
