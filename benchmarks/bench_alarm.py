@@ -346,14 +346,18 @@ def _pyplot() -> Any:
     return plt
 
 
-def _plot_promise(tables: dict[float, list[dict[str, float]]], folder: Path) -> None:
+def _plot_promise(
+    tables: dict[float, list[dict[str, float]]], learning: list[dict[str, float]], folder: Path
+) -> None:
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for odds, rows in tables.items():
+    series = {f"odds ratio {odds:g}, no learning": rows for odds, rows in tables.items()}
+    series["as served (learning, odds ratio 2)"] = learning
+    for name, rows in series.items():
         for p0 in P0S:
             sel = [r for r in rows if r["p0"] == p0]
-            style = "-" if odds == 2.0 else "--"
-            label = f"p0={p0}, odds ratio {odds:g}"
+            style = "-" if name.startswith("as served") else ":" if "4" in name else "--"
+            label = f"p0={p0}, {name}"
             axes[0].plot(
                 [r["m"] for r in sel], [r["share"] for r in sel], style, marker="o", label=label
             )
@@ -372,7 +376,7 @@ def _plot_promise(tables: dict[float, list[dict[str, float]]], folder: Path) -> 
     for ax in axes:
         ax.set_xticks(MS, [f"{m:,}" for m in MS])
         ax.minorticks_off()
-    fig.suptitle(f"Flag-rate CUSUM, promise {PROMISE:,} samples, 90 % Clopper-Pearson design")
+    fig.suptitle(f"Flag-rate CUSUM, promise {PROMISE:,} samples, 90 % Clopper-Pearson bound")
     fig.tight_layout()
     fig.savefig(folder / "alarm_run_length.png", dpi=110)
 
@@ -431,7 +435,7 @@ def main() -> None:
     folder = Path(__file__).resolve().parents[1] / "docs" / "img"
     P0S = tuple(args.p0)
     if args.part in ("all", "promise"):
-        _promise_part(args.holdouts, args.seed, folder if args.plot else None)
+        _promise_part(args.holdouts, args.seed, folder if args.plot else None, args.paths)
     if args.part in ("all", "learn"):
         _learning_part(args.holdouts, args.paths, args.seed, args.check_streams)
     if args.part in ("all", "delay"):
@@ -462,7 +466,7 @@ def _frontier_part(holdouts: int, seed: int) -> None:
             )
 
 
-def _promise_part(holdouts: int, seed: int, folder: Path | None) -> None:
+def _promise_part(holdouts: int, seed: int, folder: Path | None, paths: int) -> None:
     tables = {}
     for odds in (2.0, 4.0):
         tables[odds] = promise_table(holdouts, odds, seed)
@@ -476,7 +480,7 @@ def _promise_part(holdouts: int, seed: int, folder: Path | None) -> None:
                 flush=True,
             )
     if folder is not None:
-        _plot_promise(tables, folder)
+        _plot_promise(tables, learning_table(holdouts, paths, seed), folder)
 
 
 def _delay_part(args: argparse.Namespace, folder: Path | None) -> None:
