@@ -320,6 +320,16 @@ def test_a_rise_is_not_learned() -> None:
     assert alarm.design == FlagRateAlarm((40, 400), run_length=1e4).design
 
 
+def test_learning_a_reference_flagged_everywhere_keeps_the_last_chart() -> None:
+    # One calibration sample, then a flagged stream learned sample by sample: at a
+    # reference of (3, 4) the bound is 0.974, above what a chart can be designed at.
+    alarm = FlagRateAlarm((0, 1), run_length=1e12, lag=1)
+    first = alarm.design
+    state = alarm.update(np.ones(10, dtype=bool))  # no UndetectableRiseError
+    assert state.learned == 9 and not state.firing
+    assert first.rate < alarm.design.rate <= 0.95
+
+
 def test_alarm_holds_until_the_statistic_is_back_at_zero() -> None:
     alarm = FlagRateAlarm((40, 400), run_length=1e4, learn=False)
     state = alarm.update(np.ones(10_000, dtype=bool))

@@ -667,12 +667,14 @@ class FlagRateAlarm:
     def _redesign(self, statistic: int) -> int:
         """The chart at the learned reference's bound; ``statistic`` on its scale."""
         nats = statistic * self.design.nats
-        self._install(
-            _design_from_counts(
+        self._next_design = 2 * self._pool_n
+        try:
+            design = _design_from_counts(
                 self._pool_flagged, self._pool_n, self.confidence, self.run_length, self.odds_ratio
             )
-        )
-        self._next_design = 2 * self._pool_n
+        except UndetectableRiseError:
+            return statistic  # a reference flagged almost everywhere: the last chart stays
+        self._install(design)
         # Called only while the alarm is off: the statistic stays below the new threshold.
         return min(round(nats / self.design.nats), self._threshold - 1)
 
