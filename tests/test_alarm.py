@@ -295,6 +295,10 @@ def test_batches_equal_single_steps(lag: int | None) -> None:
     for chunk in np.split(flags, cuts[cuts < len(flags)]):
         state = batched.update(chunk)
     assert state == one_by_one.state
+    fed = FlagRateAlarm((40, 400), **kwargs)  # the serving path's call: no state built
+    for chunk in np.split(flags, cuts[cuts < len(flags)]):
+        fed.feed(chunk)
+    assert fed.state == state
     assert state.episodes == episodes == 2
     assert state.samples == len(flags) and state.flagged == int(flags.sum())
     assert state.learned == learned

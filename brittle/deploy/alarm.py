@@ -635,34 +635,48 @@ class FlagRateAlarm:
         """Push a batch of flags (oldest first), one CUSUM step each; returns the new state."""
         values = flags if isinstance(flags, list) else np.asarray(flags, bool).ravel().tolist()
         with self._lock:
-            up, down, threshold = self._up, self._down, self._threshold
-            statistic, firing = self._statistic, self._firing
-            episodes, flagged = self._episodes, 0
-            learn, pending, lag = self.learn, self._pending, self.lag
-            for value in values:
-                if value:
-                    flagged += 1
-                    # Held at the threshold: evidence beyond it would only delay the clear.
-                    statistic = min(statistic + up, threshold)
-                else:
-                    statistic = max(statistic - down, 0)
-                if statistic >= threshold and not firing:
-                    firing, episodes = True, episodes + 1
-                    pending.clear()  # the samples that led up to a rise are not learned
-                elif statistic == 0:
-                    firing = False
-                if learn and not firing:
-                    pending.append(value)
-                    if len(pending) > lag:
-                        self._pool_flagged += pending.popleft()
-                        self._pool_n += 1
-                        if self._pool_n >= self._next_design:
-                            statistic = self._redesign(statistic)
-                            up, down, threshold = self._up, self._down, self._threshold
-            self._statistic, self._firing, self._episodes = statistic, firing, episodes
-            self._samples += len(values)
-            self._flagged += flagged
+            self._push(values)
             return self._state()
+
+    def feed(self, flags: Any) -> None:
+        """``update`` without building the returned state: the serving path's call.
+
+        Building an ``AlarmState`` costs more than stepping the chart through a
+        small batch; ``Telemetry`` reads the state only when metrics are scraped.
+        """
+        values = flags if isinstance(flags, list) else np.asarray(flags, bool).ravel().tolist()
+        with self._lock:
+            self._push(values)
+
+    def _push(self, values: list[bool]) -> None:
+        """One CUSUM step per value; the caller holds the lock."""
+        up, down, threshold = self._up, self._down, self._threshold
+        statistic, firing = self._statistic, self._firing
+        episodes, flagged = self._episodes, 0
+        learn, pending, lag = self.learn, self._pending, self.lag
+        for value in values:
+            if value:
+                flagged += 1
+                # Held at the threshold: evidence beyond it would only delay the clear.
+                statistic = min(statistic + up, threshold)
+            else:
+                statistic = max(statistic - down, 0)
+            if statistic >= threshold and not firing:
+                firing, episodes = True, episodes + 1
+                pending.clear()  # the samples that led up to a rise are not learned
+            elif statistic == 0:
+                firing = False
+            if learn and not firing:
+                pending.append(value)
+                if len(pending) > lag:
+                    self._pool_flagged += pending.popleft()
+                    self._pool_n += 1
+                    if self._pool_n >= self._next_design:
+                        statistic = self._redesign(statistic)
+                        up, down, threshold = self._up, self._down, self._threshold
+        self._statistic, self._firing, self._episodes = statistic, firing, episodes
+        self._samples += len(values)
+        self._flagged += flagged
 
     def _redesign(self, statistic: int) -> int:
         """The chart at the learned reference's bound; ``statistic`` on its scale."""

@@ -275,14 +275,19 @@ class Telemetry:
             # would cost more than the counting. ``v != v`` is ``brittle.output.rejected``.
             flags = flag.tolist()
             margins = margin.tolist()
-            counts, total, rejected_rows = [0] * (len(self.bounds) + 1), 0.0, []
+            # The bucket of each judged sample, added in place below: a batch touches
+            # few of the buckets, and rebuilding the list would cost more.
+            buckets: list[int] = []
+            total, rejected_rows = 0.0, []
             for i, value in enumerate(margins):
                 if value != value:
                     rejected_rows.append(i)
                     continue
-                counts[bisect_left(self.bounds, value)] += 1  # +inf: the last bucket
+                buckets.append(bisect_left(self.bounds, value))  # +inf: the last bucket
                 if math.isfinite(value):
                     total += value
+            counts: list[int] | None = None
+            n_judged = len(buckets)
             flagged = sum(flags)
             # A rejected sample never reaches the alarm.
             accepted: Any = flags
@@ -296,10 +301,11 @@ class Telemetry:
                 np.searchsorted(self._bounds, good, side="left"), minlength=len(self.bounds) + 1
             )
             counts = found.tolist()
+            buckets, n_judged = [], int(good.size)
             flagged = int(np.count_nonzero(flag))
             total = float(good[np.isfinite(good)].sum(dtype=np.float64))
             accepted = flag[~rejected_mask] if rejected_mask.any() else flag
-        n_rejected = n - sum(counts)
+        n_rejected = n - n_judged
         reasons: list[Reason] = []
         if n_rejected:
             if inputs is None:
@@ -310,12 +316,16 @@ class Telemetry:
             self._samples += n
             self._flagged += flagged
             self._rejected += n_rejected
-            self._counts = [a + b for a, b in zip(self._counts, counts, strict=True)]
+            if counts is None:
+                for bucket in buckets:
+                    self._counts[bucket] += 1
+            else:
+                self._counts = [a + b for a, b in zip(self._counts, counts, strict=True)]
             self._sum += total
             for reason in reasons:
                 self._reasons[reason] += 1
             if self.alarm is not None:
-                self.alarm.update(accepted)
+                self.alarm.feed(accepted)
         return output
 
     def snapshot(self) -> TelemetrySnapshot:
