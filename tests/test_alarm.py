@@ -59,7 +59,7 @@ def test_critical_count_is_the_smallest_significant_count(n: int, p: float, leve
         (60, 400, 0.9),
         (150, 1000, 0.95),
         (4999, 5000, 0.9),
-        (150_000, 10**6, 0.9),  # a learned reference: milliseconds, not seconds
+        (150_000, 10**6, 0.9),  # a learned reference: hundredths of a second
     ],
 )
 def test_upper_rate_is_clopper_pearson(flagged: int, n: int, confidence: float) -> None:
