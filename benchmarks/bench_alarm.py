@@ -18,8 +18,8 @@ at known stream times, its flagged count at each doubling is drawn
 (``--paths`` draws per holdout), and between redesigns the chart runs with the
 exact in-control run length of its design, as a constant hazard. Then the real
 ``FlagRateAlarm`` is run sample by sample on ``--check-streams`` clean streams
-for holdouts of 1,000 at the 10/50/90 % quantile of their count, beside the
-semi-analytic figure for the same holdout (seconds per stream of 10^5 samples).
+for holdouts of 200 and 1,000 at the 10/50/90 % quantile of their count, beside
+the semi-analytic figure for the same holdout (seconds per stream of 10^5 samples).
 
 Part 2, the delay, at a run length of ``DELAY_RUN_LENGTH`` = 10^4 for every
 detector (alibi-detect configures ``FETDriftOnline`` by simulating at least
@@ -353,12 +353,15 @@ def _plot_promise(
 ) -> None:
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    series = {f"odds ratio {odds:g}, no learning": rows for odds, rows in tables.items()}
-    series["as served (learning, odds ratio 2)"] = learning
-    for name, rows in series.items():
+    # (name, rows, line style): the charts without learning dashed, the one served solid.
+    series = [
+        (f"odds ratio {odds:g}, no learning", rows, "--" if odds == 2.0 else ":")
+        for odds, rows in tables.items()
+    ]
+    series.append(("as served (learning, odds ratio 2)", learning, "-"))
+    for name, rows, style in series:
         for p0 in P0S:
             sel = [r for r in rows if r["p0"] == p0]
-            style = "-" if name.startswith("as served") else ":" if "4" in name else "--"
             label = f"p0={p0}, {name}"
             axes[0].plot(
                 [r["m"] for r in sel], [r["share"] for r in sel], style, marker="o", label=label
