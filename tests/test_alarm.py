@@ -351,16 +351,19 @@ def test_alarm_holds_until_the_statistic_is_back_at_zero() -> None:
     assert state.episodes == 2  # a counter: reset() does not take episodes back
 
 
-def test_concurrent_updates_keep_the_count() -> None:
-    alarm = FlagRateAlarm((40, 400), run_length=1e4, learn=False)
+@pytest.mark.parametrize("lag", [None, 500])
+def test_concurrent_updates_keep_the_count(lag: int | None) -> None:
+    # Learning (lag 500): the chart is designed afresh several times while four
+    # threads push, two through update and two through feed.
+    alarm = FlagRateAlarm((40, 400), run_length=1e6, learn=lag is not None, lag=lag)
     rng = np.random.default_rng(0)
     batches = [rng.random(int(rng.integers(1, 30))) < 0.1 for _ in range(800)]
 
-    def push(part: list[np.ndarray]) -> None:
+    def push(part: list[np.ndarray], feed: bool) -> None:
         for b in part:
-            alarm.update(b)
+            alarm.feed(b) if feed else alarm.update(b)
 
-    threads = [threading.Thread(target=push, args=(batches[i::4],)) for i in range(4)]
+    threads = [threading.Thread(target=push, args=(batches[i::4], i % 2 == 1)) for i in range(4)]
     for t in threads:
         t.start()
     for t in threads:
@@ -368,6 +371,9 @@ def test_concurrent_updates_keep_the_count() -> None:
     state = alarm.state
     assert state.samples == sum(b.size for b in batches)
     assert state.flagged == sum(int(b.sum()) for b in batches)
+    if lag is not None:  # clean traffic, no alarm: all but the last lag samples learned
+        assert state.episodes == 0 and state.learned == state.samples - lag
+        assert alarm.design != FlagRateAlarm((40, 400), run_length=1e6).design
     # Whatever the interleaving, the statistic is one the integer chart can reach.
     d = alarm.design
     assert state.statistic / d.nats == pytest.approx(round(state.statistic / d.nats))
