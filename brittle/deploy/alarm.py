@@ -576,8 +576,8 @@ class FlagRateAlarm:
             design = design_cusum(max(ref, MIN_REFERENCE_RATE), self.run_length, self.odds_ratio)
         self.learn = bool(learn) and self.reference_counts is not None
         self.lag = _default_lag(design, self.odds_ratio) if lag is None else lag
+        self._holdout_design = design
         self._lock = threading.Lock()
-        self._install(design)
         self._firing = False
         self._statistic = 0
         self._samples = 0
@@ -592,14 +592,10 @@ class FlagRateAlarm:
 
     def _forget(self) -> None:
         """Back to the holdout's reference and chart; nothing learned or waiting."""
-        counts = self.reference_counts or (0, 0)
-        self._pool_flagged, self._pool_n = counts
+        self._pool_flagged, self._pool_n = self.reference_counts or (0, 0)
         self._next_design = 2 * self._pool_n
         self._pending: deque[bool] = deque()
-        if counts[1]:
-            self._install(
-                _design_from_counts(*counts, self.confidence, self.run_length, self.odds_ratio)
-            )
+        self._install(self._holdout_design)
 
     @classmethod
     def from_monitor(
@@ -635,7 +631,7 @@ class FlagRateAlarm:
 
     def update(self, flags: Any) -> AlarmState:
         """Push a batch of flags (oldest first), one CUSUM step each; returns the new state."""
-        values = flags if isinstance(flags, list) else np.asarray(flags, bool).ravel().tolist()
+        values = _as_flags(flags)
         with self._lock:
             self._push(values)
             return self._state()
@@ -646,7 +642,7 @@ class FlagRateAlarm:
         Building an ``AlarmState`` costs more than stepping the chart through a
         small batch; ``Telemetry`` reads the state only when metrics are scraped.
         """
-        values = flags if isinstance(flags, list) else np.asarray(flags, bool).ravel().tolist()
+        values = _as_flags(flags)
         with self._lock:
             self._push(values)
 
@@ -740,6 +736,11 @@ class FlagRateAlarm:
             f"run_length={self.run_length:g}, threshold={self._threshold * d.nats:.4g} nats, "
             f"learn={self.learn})"
         )
+
+
+def _as_flags(flags: Any) -> list[bool]:
+    """A batch of flags as a list, converted before the lock is taken."""
+    return flags if isinstance(flags, list) else np.asarray(flags, bool).ravel().tolist()
 
 
 def _default_lag(design: CusumDesign, odds_ratio: float) -> int:

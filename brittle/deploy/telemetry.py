@@ -301,7 +301,7 @@ class Telemetry:
                 np.searchsorted(self._bounds, good, side="left"), minlength=len(self.bounds) + 1
             )
             counts = found.tolist()
-            buckets, n_judged = [], int(good.size)
+            n_judged = int(good.size)
             flagged = int(np.count_nonzero(flag))
             total = float(good[np.isfinite(good)].sum(dtype=np.float64))
             accepted = flag[~rejected_mask] if rejected_mask.any() else flag
