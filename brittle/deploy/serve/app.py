@@ -23,7 +23,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from brittle.deploy.alarm import DEFAULT_RUN_LENGTH
 from brittle.deploy.onnx_monitor import OnnxMonitor
 from brittle.deploy.serve import schemas
-from brittle.deploy.serve.body import BadRequest, body_limit, decode_json, read_body, to_batch
+from brittle.deploy.serve.body import (
+    BadRequest,
+    body_limit,
+    decode_json,
+    non_numbers,
+    read_body,
+    to_batch,
+)
 from brittle.deploy.serve.metrics import RequestCounter, TelemetryCollector
 from brittle.deploy.serve.oip import add_open_inference_routes
 from brittle.deploy.telemetry import Telemetry
@@ -33,8 +40,6 @@ __all__ = ["create_app", "DEFAULT_MAX_BATCH"]
 
 DEFAULT_MAX_BATCH = 64
 _PREDICT_KEYS = frozenset({"inputs", "logits"})
-# The bytes of JSON numbers, of lists of them and of whitespace between them.
-_NUMBER_BYTES = b"0123456789+-.eE,[] \t\r\n"
 _PREDICT_ERRORS: dict[int | str, dict[str, Any]] = {
     400: schemas.error_response("detail", "The body is not JSON (one line, never the input)."),
     413: schemas.error_response("detail", "Body or batch larger than this server's limit."),
@@ -63,17 +68,10 @@ def _predict_batch(monitor: OnnxMonitor, body: bytes, max_batch: int) -> tuple[n
         raise BadRequest(
             413, f"a batch of {len(inputs)} samples exceeds this server's limit of {max_batch}."
         )
-    # numpy converts "0.5" and true to numbers without a word. With only the two
-    # keys allowed, every string and boolean literal of the body is known: two
-    # quotes per key and one literal for "logits". One pass at memory speed drops
-    # what numbers, lists and whitespace are made of; what is left is a few bytes
-    # of keys and literals ("true" and "false" lose their "e"), counted at no cost.
-    # A walk over the values would cost more than the model.
-    rest = body.translate(None, _NUMBER_BYTES)
-    if rest.count(b'"') != 2 * len(payload):
-        raise BadRequest(422, "inputs must be numbers: strings are not numbers.")
-    if rest.count(b"tru") + rest.count(b"fals") != int("logits" in payload):
-        raise BadRequest(422, "inputs must be numbers: booleans are not numbers.")
+    # numpy converts "0.5" and true to numbers without a word.
+    why = non_numbers(body, payload)
+    if why:
+        raise BadRequest(422, why)
     if not inputs:
         empty = tuple(d or 0 for d in monitor.input_shape[1:])  # a dynamic axis of 0 is fine
         return np.empty((0, *empty), dtype=monitor.dtype), want_logits
