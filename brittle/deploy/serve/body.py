@@ -143,7 +143,8 @@ def _only_numbers(body: bytes, keys: int, literals: int) -> bool:
     20 µs, where the ``bytes.translate`` pass of ``non_numbers`` costs 250.
     ``False`` may be wrong (``Infinity`` holds an ``f``), never ``True``.
     """
-    find, quotes = body.find, []
+    find = body.find
+    quotes: list[int] = []
     at = find(b'"')
     while at >= 0:
         if len(quotes) == 2 * keys:
