@@ -18,7 +18,7 @@ from brittle.calibrate.calibration import Calibration, ScoreKind
 from brittle.deploy.alarm import OLD_REFERENCE_WARNING
 from brittle.errors import NotFittedError
 from brittle.output import MonitorOutput, MonitorPass, flagged
-from brittle.scores.finite import domain_bounds, nonfinite_rows, rejected_rows, zero_rows
+from brittle.scores.finite import domain_bounds, finite_rows, judged_rows, zero_rows
 from brittle.scores.head import (
     NO_HEAD_HINT,
     HeadCapture,
@@ -62,7 +62,7 @@ class _Run:
 
     logits: Tensor
     capture: HeadCapture | None
-    bad: Tensor
+    ok: Tensor  # (B,) the samples judged; the others are rejected
 
 
 class Monitor(nn.Module):
@@ -277,14 +277,15 @@ class Monitor(nn.Module):
         keeps that path free of hooks (thread-safe and ``torch.compile``-able).
         With ``domain`` (and a fitted domain), samples outside it are rejected.
         """
-        rejected = rejected_rows(x, self.domain if domain and self._has_domain else None)
-        safe = zero_rows(x, ~rejected)
+        # "Judged" rather than "rejected" masks: the exported graph then needs no negation.
+        judged = judged_rows(x, self.domain if domain and self._has_domain else None)
+        safe = zero_rows(x, judged)
         capture: HeadCapture | None = None
         if not self.discovered:
             with _DISCOVERY:
                 if not self.discovered:
                     logits, capture = self._discover(safe)
-                    return _Run(logits, capture, rejected | nonfinite_rows(logits))
+                    return _Run(logits, capture, judged & finite_rows(logits))
         if self.model.training and changes_in_train_mode(self.model):
             warnings.warn(
                 "the wrapped model is in train mode: batch norm and dropout make every "
@@ -297,7 +298,7 @@ class Monitor(nn.Module):
                 logits = self._call_model(safe)
         else:
             logits = self._call_model(safe)
-        return _Run(logits, capture, rejected | nonfinite_rows(logits))
+        return _Run(logits, capture, judged & finite_rows(logits))
 
     def _empty(self, x: Tensor) -> MonitorOutput:
         k = self.num_classes or 0
@@ -358,16 +359,16 @@ class Monitor(nn.Module):
             )
         return capture
 
-    def _flag(self, margin: Tensor, bad: Tensor) -> tuple[Tensor, Tensor | None]:
-        margin = margin.masked_fill(bad, math.nan)
+    def _flag(self, margin: Tensor, ok: Tensor) -> tuple[Tensor, Tensor | None]:
+        margin = torch.where(ok, margin, math.nan)
         if not self._has_threshold:
             return margin, None
         return margin, flagged(margin, self.threshold)
 
     def _outputs(self, run: _Run, kind: ScoreKind) -> MonitorOutput:
-        margin, flag = self._flag(self._score(kind, run), run.bad)
-        logits = run.logits.masked_fill(run.bad[:, None], math.nan)
-        pred = run.logits.argmax(dim=1).masked_fill(run.bad, -1)
+        margin, flag = self._flag(self._score(kind, run), run.ok)
+        logits = torch.where(run.ok[:, None], run.logits, math.nan)
+        pred = torch.where(run.ok, run.logits.argmax(dim=1), -1)
         return MonitorOutput(logits, pred, margin, flag)
 
     def forward(self, x: Tensor) -> MonitorOutput:
@@ -431,14 +432,14 @@ class Monitor(nn.Module):
         run = self._run(x, features=want, domain=domain)
         kinds = self.available_scores  # the first call may have found the head
         scores: dict[str, Tensor] = {
-            kind: self._score(kind, run).masked_fill(run.bad, math.nan) for kind in kinds
+            kind: torch.where(run.ok, self._score(kind, run), math.nan) for kind in kinds
         }
         feats = None
         if features and self.head_name is not None:
             feats = self._captured(run).features
-        logits = run.logits.masked_fill(run.bad[:, None], math.nan)
-        _, flag = self._flag(scores[self.score], run.bad) if self.score in scores else (None, None)
-        return MonitorPass(logits, feats, scores, run.bad, flag)
+        logits = torch.where(run.ok[:, None], run.logits, math.nan)
+        _, flag = self._flag(scores[self.score], run.ok) if self.score in scores else (None, None)
+        return MonitorPass(logits, feats, scores, ~run.ok, flag)
 
     def scores(self, x: Tensor) -> dict[str, Tensor]:
         """Every available score for a batch, from one pass of the model.

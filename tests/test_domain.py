@@ -8,6 +8,7 @@ while every clean holdout digit is still judged.
 
 from __future__ import annotations
 
+import math
 import warnings
 from pathlib import Path
 
@@ -19,7 +20,13 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import brittle
 from brittle.digits import DigitsSplit
-from brittle.scores.finite import DOMAIN_TOLERANCE, domain_bounds
+from brittle.scores.finite import (
+    DOMAIN_TOLERANCE,
+    domain_bounds,
+    finite_rows,
+    judged_rows,
+    rejected_rows,
+)
 
 DIGITS_EPS = 0.1
 CALIBRATION = 240
@@ -122,3 +129,63 @@ def test_unfitted_monitor_has_no_domain_and_no_warning(robust_model: nn.Module) 
     assert fresh.input_domain is None
     out = fresh(torch.full((1, 1, 8, 8), 1e30))
     assert not bool(out.margin.isnan().any())  # no domain: judged, never rejected
+
+
+def _judged_by_loop(x: torch.Tensor, low: float, high: float) -> list[bool]:
+    """The definition, value by value: every value finite and within [low, high]."""
+    return [
+        all(math.isfinite(v) and low <= v <= high for v in row)
+        for row in x.reshape(len(x), -1).double().tolist()
+    ]
+
+
+def test_the_bounds_themselves_are_inside_and_the_next_float_outside(
+    fitted: brittle.Monitor, digits: DigitsSplit, tmp_path: Path
+) -> None:
+    """Torch, the exported graph and a loop agree on rows at and just past the bounds."""
+    low, high = (np.float32(v) for v in fitted.domain.tolist())
+    specials = [
+        low,
+        high,
+        np.nextafter(low, np.float32(-np.inf)),
+        np.nextafter(high, np.float32(np.inf)),
+        np.float32(np.inf),
+        np.float32(-np.inf),
+        np.float32(np.nan),
+    ]
+    x = digits.x_holdout[CALIBRATION : CALIBRATION + len(specials) + 1].clone()
+    for row, value in enumerate(specials):
+        x[row, 0, row % 8, 3] = float(value)
+    x[-1, 0, 0, 0], x[-1, 0, 7, 7] = float(low), float(high)  # both bounds in one row
+    expected = _judged_by_loop(x, float(low), float(high))
+    assert expected == [True, True, False, False, False, False, False, True]
+    with torch.no_grad():
+        out = fitted(x)
+    assert (~torch.isnan(out.margin)).tolist() == expected
+    assert judged_rows(x, fitted.domain).tolist() == expected
+    assert (~rejected_rows(x, fitted.domain)).tolist() == expected
+    served = brittle.OnnxMonitor(fitted.export_onnx(tmp_path / "m.onnx", x[:2]))
+    assert (~np.isnan(served(x.numpy()).margin)).tolist() == expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_judged_rows_equals_a_loop(dtype: torch.dtype) -> None:
+    """Random rows with NaN, infinities, bounds and values just outside, in every dtype."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(400, 3, 5, generator=gen).to(dtype)
+    domain = torch.tensor([0.25, 0.75], dtype=dtype)
+    spots = torch.randint(0, 15, (400,), generator=gen)
+    kinds = torch.randint(0, 6, (400,), generator=gen)
+    nudge = torch.finfo(dtype).eps
+    values = [math.nan, math.inf, -math.inf, 0.25, 0.75, 0.75 * (1 + nudge)]
+    # Most values outside the domain are moved in, so that many rows are judged.
+    x[((x < 0.25) | (x > 0.75)) & (torch.rand(x.shape, generator=gen) < 0.9)] = 0.5
+    flat = x.view(400, -1)
+    for row in range(0, 400, 2):  # every other row keeps its random values
+        flat[row, spots[row]] = values[int(kinds[row])]
+    expected = _judged_by_loop(x, 0.25, 0.75)
+    assert 50 <= sum(expected) <= 350  # both answers are asked often
+    assert judged_rows(x, domain).tolist() == expected
+    assert (~rejected_rows(x, domain)).tolist() == expected
+    finite = [all(math.isfinite(v) for v in row) for row in flat.double().tolist()]
+    assert judged_rows(x).tolist() == finite == finite_rows(x).tolist()
