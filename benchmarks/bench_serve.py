@@ -11,8 +11,10 @@ the same provider and threads):
 
 Closed-loop clients (``--clients`` threads, one keep-alive connection each) send
 pre-encoded requests for ``--seconds`` per round; rounds alternate bare and
-monitor (``--rounds`` each), and the table gives the median round's requests per
-second and the p50/p99 latency of all requests. The throughput loss is
+monitor (``--rounds`` each, every round on freshly started server processes, since
+a server's CPU per request moves from one process to the next by more than within
+one), and the table gives the median round's requests per second and the p50/p99
+latency of all requests. The throughput loss is
 ``1 - rps(monitor) / rps(bare)`` (target <= 5 %). On a CPU shared with the clients
 and with other jobs, wall-clock throughput swings with what else runs, so the
 table also gives each server's own CPU time per request (``/proc/PID/stat``) and
@@ -366,7 +368,8 @@ def main() -> None:
         variants.append("baseline")
     print(
         f"onnxruntime {ort.__version__} ({args.provider}, {args.threads} intra-op thread(s) per "
-        f"server), {args.clients} closed-loop clients, {args.rounds} interleaved rounds of "
+        f"server), {args.clients} closed-loop clients, {args.rounds} interleaved rounds (fresh "
+        f"server processes each) of "
         f"{args.seconds:g} s per variant\n"
     )
     print(
@@ -380,77 +383,94 @@ def main() -> None:
         asgi_table(models, variants, baseline_env, common, folder, args.rounds)
         return
     for name, spec in models.items():
-        ports = {variant: free_port() for variant in variants}
-        servers = {
-            "bare": start(
-                [
-                    sys.executable,
-                    str(HERE),
-                    "--bare-server",
-                    str(spec["bare"]),
-                    str(ports["bare"]),
-                    *common,
-                ],
-                ports["bare"],
-            ),
-            "monitor": start(
-                [
-                    sys.executable,
-                    "-m",
-                    "brittle.serve",
-                    str(spec["monitor"]),
-                    "--port",
-                    str(ports["monitor"]),
-                    "--max-batch",
-                    "16",
-                    *common,
-                ],
-                ports["monitor"],
-            ),
-        }
-        if "baseline" in variants:
-            servers["baseline"] = start(
-                [sys.executable, "-m", "brittle.serve", str(spec["baseline"])]
-                + ["--port", str(ports["baseline"]), "--max-batch", "16", *common],
-                ports["baseline"],
-                **baseline_env,
-            )
+        http_table(
+            name, spec, variants, baseline_env, common, args.rounds, args.seconds, args.clients
+        )
+
+
+def start_servers(
+    spec: dict[str, Any], variants: list[str], baseline_env: dict[str, str], common: list[str]
+) -> tuple[dict[str, subprocess.Popen[bytes]], dict[str, int]]:
+    """One fresh process per variant, each on a port of its own."""
+    ports = {variant: free_port() for variant in variants}
+    commands = {
+        "bare": [sys.executable, str(HERE), "--bare-server", str(spec["bare"]), str(ports["bare"])],
+        "monitor": [sys.executable, "-m", "brittle.serve", str(spec["monitor"])],
+        "baseline": [sys.executable, "-m", "brittle.serve", str(spec.get("baseline"))],
+    }
+    servers: dict[str, subprocess.Popen[bytes]] = {}
+    try:
+        for variant in variants:
+            command = commands[variant] + common
+            if variant != "bare":
+                command += ["--port", str(ports[variant]), "--max-batch", "16"]
+            extra = baseline_env if variant == "baseline" else {}
+            servers[variant] = start(command, ports[variant], **extra)
+    except BaseException:
+        for proc in servers.values():
+            stop(proc)
+        raise
+    return servers, ports
+
+
+def http_table(
+    name: str,
+    spec: dict[str, Any],
+    variants: list[str],
+    baseline_env: dict[str, str],
+    common: list[str],
+    rounds: int,
+    seconds: float,
+    clients: int,
+) -> None:
+    """Interleaved rounds over HTTP, each round on fresh server processes; one row per variant.
+
+    A server's CPU per request moves by several per cent from one process to the
+    next (memory layout, hash seeds), more than within one process, so every
+    round starts each variant anew and the medians are over processes.
+    """
+    bodies = {
+        batch: json.dumps(
+            {"inputs": np.round(spec["x"][:batch].astype(np.float64), 4).tolist()}
+        ).encode()
+        for batch in (1, 16)
+    }
+    keys = [(batch, variant) for batch in bodies for variant in variants]
+    rps: dict[tuple[int, str], list[float]] = {key: [] for key in keys}
+    cpu: dict[tuple[int, str], list[float]] = {key: [] for key in keys}
+    lat: dict[tuple[int, str], list[float]] = {key: [] for key in keys}
+    for _ in range(rounds):
+        servers, ports = start_servers(spec, variants, baseline_env, common)
         try:
-            for batch in (1, 16):
-                inputs = np.round(spec["x"][:batch].astype(np.float64), 4).tolist()
-                body = json.dumps({"inputs": inputs}).encode()
-                rps: dict[str, list[float]] = {v: [] for v in variants}
-                cpu: dict[str, list[float]] = {v: [] for v in variants}
-                lat: dict[str, list[float]] = {v: [] for v in variants}
-                for variant in variants:  # warm-up
-                    load(ports[variant], body, args.clients, 0.5)
-                for _ in range(args.rounds):
-                    for variant in variants:
-                        pid = servers[variant].pid
-                        before = cpu_seconds(pid)
-                        r, latencies = load(ports[variant], body, args.clients, args.seconds)
-                        cpu[variant].append((cpu_seconds(pid) - before) / len(latencies))
-                        rps[variant].append(r)
-                        lat[variant].extend(latencies)
-                base_rps = statistics.median(rps["bare"])
-                base_cpu = statistics.median(cpu["bare"])
-                fixed = {v: 1e6 * (statistics.median(cpu[v]) - base_cpu) for v in variants}
+            for batch, body in bodies.items():
                 for variant in variants:
-                    r, c = statistics.median(rps[variant]), statistics.median(cpu[variant])
-                    p50, p99 = np.percentile(lat[variant], [50, 99]) * 1e3
-                    loss = "-" if variant == "bare" else f"{100 * (1 - r / base_rps):+.1f} %"
-                    capacity = "-" if variant == "bare" else f"{100 * (1 - base_cpu / c):+.1f} %"
-                    cost = "-" if variant == "bare" else f"{fixed[variant]:.0f}"
-                    if variant == "monitor" and "baseline" in fixed and fixed["baseline"] > 0:
-                        cost += f" ({fixed['monitor'] / fixed['baseline']:.2f}x the baseline's)"
-                    print(
-                        f"| {name} | {batch} | {variant} | {r:.1f} | {r * batch:.0f} | "
-                        f"{p50:.2f} | {p99:.2f} | {loss} | {1e3 * c:.3f} | {capacity} | {cost} |",
-                        flush=True,
-                    )
+                    load(ports[variant], body, clients, 0.5)  # warm-up
+                    pid = servers[variant].pid
+                    before = cpu_seconds(pid)
+                    r, latencies = load(ports[variant], body, clients, seconds)
+                    cpu[batch, variant].append((cpu_seconds(pid) - before) / len(latencies))
+                    rps[batch, variant].append(r)
+                    lat[batch, variant].extend(latencies)
         finally:
             for proc in servers.values():
                 stop(proc)
+    for batch in bodies:
+        base_rps = statistics.median(rps[batch, "bare"])
+        base_cpu = statistics.median(cpu[batch, "bare"])
+        fixed = {v: 1e6 * (statistics.median(cpu[batch, v]) - base_cpu) for v in variants}
+        for variant in variants:
+            r, c = statistics.median(rps[batch, variant]), statistics.median(cpu[batch, variant])
+            p50, p99 = np.percentile(lat[batch, variant], [50, 99]) * 1e3
+            loss = "-" if variant == "bare" else f"{100 * (1 - r / base_rps):+.1f} %"
+            capacity = "-" if variant == "bare" else f"{100 * (1 - base_cpu / c):+.1f} %"
+            cost = "-" if variant == "bare" else f"{fixed[variant]:.0f}"
+            if variant == "monitor" and "baseline" in fixed and fixed["baseline"] > 0:
+                cost += f" ({fixed['monitor'] / fixed['baseline']:.2f}x the baseline's)"
+            print(
+                f"| {name} | {batch} | {variant} | {r:.1f} | {r * batch:.0f} | "
+                f"{p50:.2f} | {p99:.2f} | {loss} | {1e3 * c:.3f} | {capacity} | {cost} |",
+                flush=True,
+            )
 
 
 def asgi_table(
