@@ -11,9 +11,8 @@ the same provider and threads):
 
 Closed-loop clients (``--clients`` threads, one keep-alive connection each) send
 pre-encoded requests for ``--seconds`` per round; rounds alternate bare and
-monitor (``--rounds`` each, every round on freshly started server processes, since
-a server's CPU per request moves from one process to the next by more than within
-one), and the table gives the median round's requests per second and the p50/p99
+monitor (``--rounds`` each, every round on freshly started server processes, so
+that the medians are over processes and not over rounds of one), and the table gives the median round's requests per second and the p50/p99
 latency of all requests. The throughput loss is
 ``1 - rps(monitor) / rps(bare)`` (target <= 5 %). On a CPU shared with the clients
 and with other jobs, wall-clock throughput swings with what else runs, so the
@@ -425,9 +424,8 @@ def http_table(
 ) -> None:
     """Interleaved rounds over HTTP, each round on fresh server processes; one row per variant.
 
-    A server's CPU per request moves by several per cent from one process to the
-    next (memory layout, hash seeds), more than within one process, so every
-    round starts each variant anew and the medians are over processes.
+    A server's CPU per request depends on its process (memory layout, hash seeds),
+    so every round starts each variant anew and the medians are over processes.
     """
     bodies = {
         batch: json.dumps(
