@@ -131,6 +131,11 @@ def test_unfitted_monitor_has_no_domain_and_no_warning(robust_model: nn.Module) 
     assert not bool(out.margin.isnan().any())  # no domain: judged, never rejected
 
 
+class _Judged(nn.Module):
+    def forward(self, x: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
+        return judged_rows(x, domain)
+
+
 def _judged_by_loop(x: torch.Tensor, low: float, high: float) -> list[bool]:
     """The definition, value by value: every value finite and within [low, high]."""
     return [
@@ -187,5 +192,8 @@ def test_judged_rows_equals_a_loop(dtype: torch.dtype) -> None:
     assert 50 <= sum(expected) <= 350  # both answers are asked often
     assert judged_rows(x, domain).tolist() == expected
     assert (~rejected_rows(x, domain)).tolist() == expected
+    # Traced, judged_rows takes its other form (the clip), which the ONNX graph holds.
+    traced = torch.export.export(_Judged(), (x, domain)).module()
+    assert traced(x, domain).tolist() == expected
     finite = [all(math.isfinite(v) for v in row) for row in flat.double().tolist()]
     assert judged_rows(x).tolist() == finite == finite_rows(x).tolist()

@@ -1,4 +1,4 @@
-"""Fail-closed handling of non-finite inputs, at the cost of one read of the batch."""
+"""Fail-closed masks of non-finite and out-of-domain samples, from a read or two of the batch."""
 
 from __future__ import annotations
 
@@ -51,13 +51,15 @@ def finite_rows(x: Tensor) -> Tensor:
 def judged_rows(x: Tensor, domain: Tensor | None = None) -> Tensor:
     """``(B,)`` mask of the samples the monitor judges: ``~rejected_rows(x, domain)``.
 
-    With a domain, a sample is judged when its L1 distance to its copy clipped to
+    Traced (``torch.export``, which the ONNX export runs, and ``torch.compile``),
+    a sample with a domain is judged when its L1 distance to its copy clipped to
     the domain is exactly 0: a value inside is its own clip, a value outside is
     a non-zero distance away, an infinity an infinite one, and NaN equals
-    nothing. In an exported graph that is four nodes that end in the mask the
-    graph needs, where ``rejected_rows`` takes nine and a negation; it writes two
-    input-sized temporaries (the clip and the difference), which beside the
-    model's own activations cost nothing. Without a domain it is ``finite_rows``.
+    nothing. That is four graph nodes ending in the mask the graph needs, where
+    ``rejected_rows`` takes nine and a negation. Run eagerly it is
+    ``~rejected_rows``: the clip's two input-sized temporaries cost 3.5 ms on a
+    batch of 256 CIFAR images on one CPU thread (2.5 % of a ResNet-18), its
+    reductions 0.13 ms. Without a domain it is ``finite_rows``.
 
     Examples:
         >>> import torch
@@ -69,6 +71,8 @@ def judged_rows(x: Tensor, domain: Tensor | None = None) -> Tensor:
     flat = x if x.dim() == 2 else x.reshape(x.shape[0], -1)
     if domain is None:
         return finite_rows(flat)
+    if not torch.compiler.is_compiling():
+        return ~rejected_rows(flat, domain)
     outside = flat - flat.clamp(domain[0], domain[1])
     return torch.linalg.vector_norm(outside, ord=1, dim=1) == 0
 
