@@ -45,7 +45,6 @@ from functools import lru_cache
 from typing import Any
 
 import numpy as np
-from scipy.linalg import solve_banded
 
 __all__ = [
     "FlagRateAlarm",
@@ -291,6 +290,9 @@ def cusum_run_length(up: int, down: int, threshold: int, p: float) -> float:
         raise ValueError(f"up, down and threshold must be >= 1. Got {up}, {down}, {threshold}.")
     if not 0.0 < p <= 1.0:
         raise ValueError(f"p must be in (0, 1]. Got {p}.")
+    # Imported here: the torch serving path imports this module and designs no chart.
+    from scipy.linalg import solve_banded
+
     size, q = threshold, 1.0 - p
     # I - Q in LAPACK's band storage: entry (i, j) sits at band[up + i - j, j].
     band = np.zeros((up + down + 1, size))
