@@ -416,6 +416,16 @@ def start_servers(
     return servers, ports
 
 
+def fixed_cost_text(variant: str, fixed: dict[str, float]) -> str:
+    """A row's fixed cost in µs, with the monitor's as a multiple of the baseline's."""
+    if variant == "bare":
+        return "-"
+    cost = f"{fixed[variant]:.0f}"
+    if variant == "monitor" and fixed.get("baseline", 0.0) > 0:
+        cost += f" ({fixed['monitor'] / fixed['baseline']:.2f}x the baseline's)"
+    return cost
+
+
 def http_table(
     name: str,
     spec: dict[str, Any],
@@ -465,9 +475,7 @@ def http_table(
             p50, p99 = np.percentile(lat[batch, variant], [50, 99]) * 1e3
             loss = "-" if variant == "bare" else f"{100 * (1 - r / base_rps):+.1f} %"
             capacity = "-" if variant == "bare" else f"{100 * (1 - base_cpu / c):+.1f} %"
-            cost = "-" if variant == "bare" else f"{fixed[variant]:.0f}"
-            if variant == "monitor" and "baseline" in fixed and fixed["baseline"] > 0:
-                cost += f" ({fixed['monitor'] / fixed['baseline']:.2f}x the baseline's)"
+            cost = fixed_cost_text(variant, fixed)
             print(
                 f"| {name} | {batch} | {variant} | {r:.1f} | {r * batch:.0f} | "
                 f"{p50:.2f} | {p99:.2f} | {loss} | {1e3 * c:.3f} | {capacity} | {cost} |",
@@ -512,9 +520,7 @@ def asgi_table(
             base = statistics.median(times["bare"])
             fixed = {v: statistics.median(times[v]) - base for v in variants}
             for variant in variants:
-                cost = "-" if variant == "bare" else f"{fixed[variant]:.0f}"
-                if variant == "monitor" and "baseline" in fixed and fixed["baseline"] > 0:
-                    cost += f" ({fixed['monitor'] / fixed['baseline']:.2f}x the baseline's)"
+                cost = fixed_cost_text(variant, fixed)
                 print(
                     f"| {name} | {batch} | {variant} | {statistics.median(times[variant]):.0f} "
                     f"| {cost} |",
