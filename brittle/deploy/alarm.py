@@ -240,6 +240,11 @@ def upper_rate(flagged: int, n: int, confidence: float = DEFAULT_CONFIDENCE) -> 
     return high
 
 
+def _risen(p: float, odds_ratio: float) -> float:
+    """The flag rate ``p`` after its odds have been multiplied by ``odds_ratio``."""
+    return odds_ratio * p / (1.0 - p + odds_ratio * p)
+
+
 def cusum_increments(
     p0: float, odds_ratio: float = DEFAULT_ODDS_RATIO, resolution: int = _RESOLUTION
 ) -> tuple[int, int]:
@@ -260,7 +265,7 @@ def cusum_increments(
         raise ValueError(f"p0 must be in (0, 1). Got {p0}.")
     if not odds_ratio > 1.0:
         raise ValueError(f"odds_ratio must be above 1. Got {odds_ratio}.")
-    p1 = odds_ratio * p0 / (1.0 - p0 + odds_ratio * p0)
+    p1 = _risen(p0, odds_ratio)
     gamma = math.log((1.0 - p0) / (1.0 - p1)) / math.log(odds_ratio)
     limit = max(resolution, round(1.0 / gamma))
     fraction = Fraction(gamma).limit_denominator(limit)
@@ -750,7 +755,6 @@ def _as_flags(flags: Any) -> list[bool]:
 
 def _default_lag(design: CusumDesign, odds_ratio: float) -> int:
     """``LAG_DELAYS`` times the chart's expected delay at the rise it is tuned to."""
-    p = design.rate
-    risen = odds_ratio * p / (1.0 - p + odds_ratio * p)
+    risen = _risen(design.rate, odds_ratio)
     delay = cusum_run_length(design.up, design.down, design.threshold, risen)
     return max(MIN_LAG, math.ceil(LAG_DELAYS * delay))
