@@ -75,7 +75,6 @@ from brittle.deploy.alarm import (
     DEFAULT_CONFIDENCE,
     MAX_REFERENCE_RATE,
     FlagRateAlarm,
-    binomial_cdf,
     binomial_sf,
     critical_count,
     cusum_run_length,
@@ -310,6 +309,8 @@ def _learning_part(holdouts: int, paths: int, seed: int, check_streams: int) -> 
         )
     if not check_streams:
         return
+    from scipy.stats import binom
+
     print(
         f"\nCheck: the real FlagRateAlarm on {check_streams} clean streams per holdout "
         "against the semi-analytic mean, holdouts at the 10/50/90 % quantile of their count"
@@ -320,7 +321,7 @@ def _learning_part(holdouts: int, paths: int, seed: int, check_streams: int) -> 
         grid = _design_grid(p0)
         for m in CHECK_MS:
             for q in (0.1, 0.5, 0.9):
-                k = binom_ppf(q, m, p0)
+                k = int(binom.ppf(q, m, p0))
                 sim, err = simulated_mean_run_length(k, m, p0, check_streams, seed)
                 rng = np.random.default_rng(seed)
                 semi = float(learning_mean_run_lengths(np.array([k]), m, p0, grid, rng, 500)[0])
@@ -329,14 +330,6 @@ def _learning_part(holdouts: int, paths: int, seed: int, check_streams: int) -> 
                     f"{semi / PROMISE:.2f} |",
                     flush=True,
                 )
-
-
-def binom_ppf(q: float, n: int, p: float) -> int:
-    """Smallest ``k`` with ``P(X <= k) >= q``, ``X ~ Binomial(n, p)``."""
-    k = 0
-    while binomial_cdf(k, n, p) < q:
-        k += 1
-    return k
 
 
 def _pyplot() -> Any:
