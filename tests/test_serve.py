@@ -1,10 +1,12 @@
 """``python -m brittle.serve`` over real HTTP on 127.0.0.1, in a subprocess of its own.
 
-One server serves the whole module (starting one costs seconds): the tests run in
-file order and keep a tally of what the responses flagged, which ``/metrics`` must
-equal. The clean digits are the holdout samples the monitor was not calibrated on;
-the washed-out ones (``x * 0.3 + 0.35``, low contrast) have small margins. One
-test starts a fresh server of its own, to see the alarm fire from a cold start.
+The tests pass in any order. Most share one server (starting one costs seconds) and
+judge their own requests by ``/metrics`` before and after them. A test that judges
+a server's whole history (its totals, an alarm that never fired or fired once, a
+cold start, SIGTERM) starts one of its own and keeps a tally of what the responses
+flagged, which ``/metrics`` must equal. The clean digits are the holdout samples
+the monitor was not calibrated on; the washed-out ones (``x * 0.3 + 0.35``, low
+contrast) have small margins.
 """
 
 from __future__ import annotations
@@ -652,7 +654,20 @@ def test_schemathesis_finds_no_failure(server: Server, tmp_path: Path) -> None:
     assert _metrics(server.url).get('brittle_requests_total{code="500"}', 0.0) == 0
 
 
-def test_no_torch_in_the_server_and_sigterm_stops_it(fresh: Server) -> None:
+def test_no_torch_in_the_server_and_sigterm_stops_it(fresh: Server, digits: DigitsSplit) -> None:
+    # Every request path first: a lazy import on any of them would show in the report.
+    x = digits.x_holdout[CALIBRATION : CALIBRATION + 2].numpy()
+    assert _predict(fresh.url, x.tolist(), logits=True)[0] == 200
+    tensor = {
+        "name": "input",
+        "shape": list(x.shape),
+        "datatype": "FP32",
+        "data": x.ravel().tolist(),
+    }
+    infer = json.dumps({"inputs": [tensor]}).encode()
+    assert _request(f"{fresh.url}/v2/models/{fresh.path.stem}/infer", infer)[0] == 200
+    assert _request(f"{fresh.url}/predict", b"{")[0] == 400
+    assert _metrics(fresh.url)["brittle_samples_total"] == 4
     time.sleep(0.2)  # the watcher writes every 0.05 s
     loaded = fresh.report.read_text().split()
     assert "torch" not in loaded and "brittle.monitor" not in loaded, loaded
