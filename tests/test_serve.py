@@ -16,6 +16,7 @@ import json
 import math
 import os
 import re
+import resource
 import select
 import signal
 import socket
@@ -129,19 +130,31 @@ class Server:
 
 
 @contextmanager
-def _serve(onnx_path: Path, report: Path) -> Iterator[Server]:
-    """``python -m brittle.serve`` in a subprocess, until the block ends (SIGTERM)."""
+def _serve(
+    onnx_path: Path, report: Path, *extra: str, descriptors: int | None = None
+) -> Iterator[Server]:
+    """``python -m brittle.serve`` in a subprocess, until the block ends (SIGTERM).
+
+    ``extra`` arguments go to the command line; ``descriptors`` limits the server's
+    open files (``RLIMIT_NOFILE``), as an operator's ``ulimit -n`` would.
+    """
     port = _free_port()
     args = [
         str(onnx_path),
         *("--port", str(port), "--max-batch", "32", "--run-length", str(RUN_LENGTH)),
-        *("--provider", "cpu", "--threads", "1"),
+        *("--provider", "cpu", "--threads", "1", *extra),
     ]
+
+    def limit() -> None:
+        if descriptors is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (descriptors, descriptors))
+
     proc = subprocess.Popen(
         [sys.executable, "-c", LAUNCH, str(report), *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=limit,
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 90
@@ -676,6 +689,114 @@ def test_no_torch_in_the_server_and_sigterm_stops_it(fresh: Server, digits: Digi
     assert "fires at" in out and "run length 1e+06" in out and "Traceback" not in err
 
 
+def _connect(server: Server, data: bytes = b"") -> socket.socket:
+    port = int(server.url.rsplit(":", 1)[1])
+    sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+    if data:
+        sock.sendall(data)
+    return sock
+
+
+def _closed_by_server(sock: socket.socket, within: float, trickle: bytes = b"") -> bool:
+    """Whether the server closes ``sock`` within ``within`` seconds (sending ``trickle``
+    every 0.2 s meanwhile, as a slowloris client does)."""
+    deadline = time.monotonic() + within
+    sock.setblocking(False)
+    while time.monotonic() < deadline:
+        try:
+            if trickle:
+                sock.send(trickle)
+            if sock.recv(1024) == b"":
+                return True
+        except BlockingIOError:
+            pass
+        except (ConnectionResetError, BrokenPipeError):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+SLOW_HEAD = b"POST /predict HTTP/1.1\r\nHost: x\r\n"
+SLOW_BODY = (
+    b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    b'Content-Length: 100000\r\n\r\n{"inputs": ['
+)
+
+
+def test_slow_clients_are_cut_off_and_sigterm_does_not_wait_for_them(
+    onnx_path: Path, tmp_path: Path, digits: DigitsSplit
+) -> None:
+    # uvicorn times out a connection only between requests: a client that sent
+    # nothing, half a head, or a body one byte at a time held its connection (and a
+    # descriptor) for ever, and SIGTERM waited for it. Each now has 1 s.
+    x = digits.x_holdout[CALIBRATION : CALIBRATION + 2].numpy()
+    with _serve(onnx_path, tmp_path / "modules.txt", "--request-timeout", "1") as served:
+        idle, head, body = (
+            _connect(served),
+            _connect(served, SLOW_HEAD),
+            _connect(served, SLOW_BODY),
+        )
+        # A client that is slow but sends its whole request within the deadline is served.
+        request = json.dumps({"inputs": x.tolist()}).encode()
+        piecewise = _connect(
+            served,
+            b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(request)}\r\nConnection: close\r\n\r\n".encode(),
+        )
+        for part in (request[:10], request[10:-5], request[-5:]):
+            time.sleep(0.2)
+            piecewise.sendall(part)
+        answer = b""
+        while chunk := piecewise.recv(65536):
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+        assert _closed_by_server(idle, within=4) and _closed_by_server(head, within=4)
+        assert _closed_by_server(body, within=4, trickle=b"0")
+        assert _predict(served.url, x.tolist())[0] == 200  # the others were not disturbed
+        metrics = _metrics(served.url)
+        assert metrics['brittle_connections_closed_total{reason="request_timeout"}'] == 3
+        assert metrics["brittle_samples_total"] == 4  # the two /predict
+        # The cut-off body's request ends in a 400 for the counters, not a traceback.
+        assert metrics['brittle_requests_total{code="400"}'] == 1
+        # SIGTERM with a body still arriving: the server drops it and exits at once.
+        lingering = _connect(served, SLOW_BODY)
+        time.sleep(0.2)
+        start = time.monotonic()
+        os.kill(served.proc.pid, signal.SIGTERM)
+        assert served.proc.wait(timeout=30) == 0
+        assert time.monotonic() - start < 0.9  # before the deadline would have closed it
+        lingering.close()
+        _, err = served.proc.communicate(timeout=30)
+    assert "Traceback" not in err, err[-2000:]
+
+
+def test_connections_beyond_the_cap_are_closed_and_the_server_recovers(
+    onnx_path: Path, tmp_path: Path
+) -> None:
+    # Under a limit of 512 open files, 400 idle connections made /healthz time out
+    # for as long as they stayed open, and asyncio logged 50,000 lines of "Too many
+    # open files" in 25 s. The default cap is now the limit less 64 less two accept
+    # backlogs of 128 (192 connections), and idle ones close after the deadline.
+    with _serve(
+        onnx_path, tmp_path / "modules.txt", "--request-timeout", "2", descriptors=512
+    ) as served:
+        hostile = [_connect(served) for _ in range(400)]
+        time.sleep(0.5)
+        with pytest.raises((ConnectionError, urllib.error.URLError)):
+            _request(f"{served.url}/healthz")  # one more: closed on accept
+        time.sleep(2.5)  # the deadline closed the idle ones
+        assert _request(f"{served.url}/healthz")[0] == 200
+        metrics = _metrics(served.url)
+        for sock in hostile:
+            sock.close()
+    closed = {k: v for k, v in metrics.items() if k.startswith("brittle_connections_closed")}
+    # 192 held until the deadline; the other 208 and the first /healthz closed on accept.
+    assert closed['brittle_connections_closed_total{reason="request_timeout"}'] == 192, closed
+    assert closed['brittle_connections_closed_total{reason="too_many_connections"}'] == 209
+    _, err = served.proc.communicate(timeout=30)
+    assert "Too many open files" not in err and "Traceback" not in err, err[-2000:]
+
+
 def test_missing_file_exits_with_a_message(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "brittle.serve", str(tmp_path / "missing.onnx")],
@@ -741,6 +862,8 @@ def test_start_up_errors_are_one_line_and_exit_2(onnx_path: Path, tmp_path: Path
         "no threshold": ([str(plain), "--port", str(_free_port())], "no finite flag threshold"),
         "bad port": ([str(onnx_path), "--port", "99999"], "a port is 0 to 65535"),
         "port in use": ([str(onnx_path), "--port", taken], f"cannot listen on 127.0.0.1:{taken}"),
+        "no deadline": ([str(onnx_path), "--request-timeout", "inf"], "finite number of seconds"),
+        "no connections": ([str(onnx_path), "--max-connections", "0"], "a positive number"),
     }
     try:
         with ThreadPoolExecutor(max_workers=len(cases)) as pool:
@@ -755,3 +878,16 @@ def test_start_up_errors_are_one_line_and_exit_2(onnx_path: Path, tmp_path: Path
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and message in lines[0], (name, result.stderr[-2000:])
         assert "brittle.serve:" not in result.stdout, (name, result.stdout)  # no banner
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"request_timeout": 0}, {"request_timeout": math.nan}, {"max_connections": 0}],
+)
+def test_bounded_protocol_refuses_unbounded_settings(kwargs: dict[str, float]) -> None:
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    from brittle.deploy.serve.connections import bounded_protocol
+
+    with pytest.raises(ValueError, match="must be a positive"):
+        bounded_protocol(AutoHTTPProtocol, **kwargs)  # type: ignore[arg-type]

@@ -11,12 +11,15 @@ never imports torch. Endpoints:
   and ``POST /v2/models/{name}/infer`` (``brittle.deploy.serve.oip``);
 - ``GET /metrics``: Prometheus text format (``brittle_samples_total``,
   ``brittle_flagged_total``, ``brittle_rejected_total{reason}``,
-  ``brittle_requests_total{code}``, the ``brittle_margin`` histogram, the
+  ``brittle_requests_total{code}``, ``brittle_connections_closed_total{reason}``,
+  the ``brittle_margin`` histogram, the
   ``brittle_flag_rate_alarm`` gauge, ...);
 - ``GET``/``HEAD /healthz``; ``GET /openapi.json`` states every route's schema.
 
 Bodies are bounded in bytes before they are parsed (``brittle.deploy.serve.body``)
-and every malformed one gets a one-line 4xx that never quotes the input.
+and every malformed one gets a one-line 4xx that never quotes the input; each
+request must arrive whole within a deadline, and open connections are capped
+(``brittle.deploy.serve.connections``).
 
 ``brittle.deploy.serve.app.create_app`` builds the same app in Python, and
 ``brittle.deploy.serve.metrics.TelemetryCollector`` exposes a ``brittle.Telemetry`` in a

@@ -31,7 +31,7 @@ from brittle.deploy.serve.body import (
     read_body,
     to_batch,
 )
-from brittle.deploy.serve.metrics import RequestCounter, TelemetryCollector
+from brittle.deploy.serve.metrics import ClosedConnections, RequestCounter, TelemetryCollector
 from brittle.deploy.serve.oip import add_open_inference_routes
 from brittle.deploy.telemetry import Telemetry
 from brittle.output import MonitorOutput
@@ -136,8 +136,10 @@ def create_app(
 
     Returns:
         The app; its ``state`` holds ``monitor``, ``telemetry``, ``requests`` (the
-        ``RequestCounter``) and ``registry`` (its own
-        ``prometheus_client.CollectorRegistry``, so several apps never share metrics).
+        ``RequestCounter``), ``closed_connections`` (a ``ClosedConnections`` for the
+        server's connection limits, ``brittle.deploy.serve.connections``) and
+        ``registry`` (its own ``prometheus_client.CollectorRegistry``, so several apps
+        never share metrics).
 
     Raises:
         ValueError: if the monitor has no finite threshold (nothing it serves could
@@ -175,11 +177,13 @@ def create_app(
     registry = CollectorRegistry(auto_describe=True)
     registry.register(TelemetryCollector(telemetry))
     registry.register(requests)
+    closed_connections = ClosedConnections()
+    registry.register(closed_connections)
     version = _version()
     app = FastAPI(title="brittle monitor", version=version)
     app.add_middleware(_CountResponses, counter=requests)
     app.state.monitor, app.state.telemetry, app.state.registry = monitor, telemetry, registry
-    app.state.requests = requests
+    app.state.requests, app.state.closed_connections = requests, closed_connections
     threshold = monitor.threshold
 
     def judge(x: np.ndarray) -> MonitorOutput:

@@ -73,8 +73,13 @@ async def read_body(headers: Any, stream: AsyncIterator[bytes], limit: int) -> b
     """The body's bytes, refused with 413 as soon as it is known to exceed ``limit``.
 
     A body announced larger than the limit is refused before a byte of it is read;
-    one without a Content-Length (chunked) is counted while it streams in.
+    one without a Content-Length (chunked) is counted while it streams in. A
+    connection that closes before the whole body arrived (the client left, or the
+    server's request deadline closed it: ``brittle.deploy.serve.connections``) is
+    a 400, counted like any other, instead of a logged traceback.
     """
+    from starlette.requests import ClientDisconnect
+
     length = headers.get("content-length")
     if length is not None:
         if not length.isdigit():
@@ -82,11 +87,14 @@ async def read_body(headers: Any, stream: AsyncIterator[bytes], limit: int) -> b
         if int(length) > limit:
             raise _too_large(limit)
     chunks, total = [], 0
-    async for chunk in stream:
-        total += len(chunk)
-        if total > limit:
-            raise _too_large(limit)
-        chunks.append(chunk)
+    try:
+        async for chunk in stream:
+            total += len(chunk)
+            if total > limit:
+                raise _too_large(limit)
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise BadRequest(400, "the connection closed before the whole body arrived.") from None
     return b"".join(chunks)
 
 

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from brittle.deploy.alarm import DEFAULT_ODDS_RATIO, DEFAULT_RUN_LENGTH
+from brittle.deploy.serve.connections import ACCEPT_BACKLOG, MAX_CONNECTIONS, REQUEST_TIMEOUT
 
 __all__ = ["main", "build_parser", "PROVIDERS"]
 
@@ -52,6 +53,20 @@ def _positive(text: str) -> int:
     value = _count(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive number. Got {value}.")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of seconds. Got {text[:40]!r}."
+        ) from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(
+            f"expected a positive, finite number of seconds. Got {value}."
+        )
     return value
 
 
@@ -104,6 +119,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--threads", type=_count, default=0, help="onnxruntime intra-op threads (0: its default)"
     )
+    parser.add_argument(
+        "--request-timeout",
+        type=_seconds,
+        default=REQUEST_TIMEOUT,
+        help="seconds a client has to send a whole request, from the connection's start or "
+        f"the previous response; slower connections are closed (default {REQUEST_TIMEOUT:g})",
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=_positive,
+        default=None,
+        help=f"most open connections; more are closed on accept (default {MAX_CONNECTIONS}, "
+        f"or fewer under a low open-file limit: the limit less {64 + 2 * ACCEPT_BACKLOG})",
+    )
     parser.add_argument("--log-level", default="warning", help="uvicorn's log level")
     return parser
 
@@ -113,9 +142,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import onnxruntime as ort
     import uvicorn
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
     from brittle.deploy.onnx_monitor import OnnxMonitor
     from brittle.deploy.serve.app import create_app
+    from brittle.deploy.serve.connections import bounded_protocol, default_max_connections
     from brittle.deploy.serve.server import Server
     from brittle.deploy.telemetry import Telemetry
 
@@ -158,7 +189,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{monitor.threshold:.4g}; {alarm_text})",
         flush=True,
     )
-    config = uvicorn.Config(app, log_level=args.log_level)
+    # uvicorn times out idle connections only between requests: the protocol also
+    # bounds the time to receive each request and the number of open connections.
+    protocol = bounded_protocol(
+        AutoHTTPProtocol,
+        request_timeout=args.request_timeout,
+        max_connections=args.max_connections or default_max_connections(),
+        on_close=app.state.closed_connections.count,
+    )
+    config = uvicorn.Config(app, log_level=args.log_level, http=protocol, backlog=ACCEPT_BACKLOG)
     Server(config).run(sockets=[sock])
     return 0
 

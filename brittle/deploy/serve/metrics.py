@@ -20,14 +20,58 @@ from prometheus_client.registry import Collector
 
 from brittle.deploy.telemetry import Telemetry
 
-__all__ = ["TelemetryCollector", "RequestCounter"]
+__all__ = [
+    "TelemetryCollector",
+    "LabelledCounter",
+    "RequestCounter",
+    "ClosedConnections",
+]
 
 
 def _le(bound: float) -> str:
     return "+Inf" if bound == float("inf") else repr(float(bound))
 
 
-class RequestCounter(Collector):
+class LabelledCounter(Collector):
+    """A counter by one label, as ``<name>_total{<label>="..."}``; thread-safe.
+
+    Args:
+        name: The metric's name, without ``_total``.
+        documentation: Its help text.
+        label: The label's name.
+
+    Examples:
+        >>> from prometheus_client import CollectorRegistry, generate_latest
+        >>> closed = LabelledCounter("brittle_closed", "Connections closed.", "reason")
+        >>> closed.count("request_timeout")
+        >>> registry = CollectorRegistry()
+        >>> registry.register(closed)
+        >>> b'brittle_closed_total{reason="request_timeout"} 1.0' in generate_latest(registry)
+        True
+    """
+
+    def __init__(self, name: str, documentation: str, label: str) -> None:
+        self.name, self.documentation, self.label = name, documentation, label
+        self._lock = threading.Lock()
+        self._counts: dict[str, int] = {}
+
+    def count(self, value: object) -> None:
+        """Count one event whose label is ``str(value)``."""
+        key = str(value)
+        with self._lock:
+            self._counts[key] = self._counts.get(key, 0) + 1
+
+    def collect(self) -> Iterator[Metric]:
+        """The counts by label value."""
+        with self._lock:
+            counts = sorted(self._counts.items())
+        family = CounterMetricFamily(self.name, self.documentation, labels=[self.label])
+        for value, n in counts:
+            family.add_metric([value], n)
+        yield family
+
+
+class RequestCounter(LabelledCounter):
     """HTTP responses by status code, as ``<prefix>_requests_total{code="..."}``.
 
     The server's middleware calls ``count`` once per response, 4xx and 5xx
@@ -44,25 +88,23 @@ class RequestCounter(Collector):
     """
 
     def __init__(self, prefix: str = "brittle") -> None:
-        self.prefix = prefix
-        self._lock = threading.Lock()
-        self._counts: dict[int, int] = {}
+        super().__init__(f"{prefix}_requests", "HTTP responses by status code.", "code")
 
-    def count(self, code: int) -> None:
-        """Count one response with status ``code``."""
-        with self._lock:
-            self._counts[code] = self._counts.get(code, 0) + 1
 
-    def collect(self) -> Iterator[Metric]:
-        """The counts by status code."""
-        with self._lock:
-            counts = sorted(self._counts.items())
-        family = CounterMetricFamily(
-            f"{self.prefix}_requests", "HTTP responses by status code.", labels=["code"]
+class ClosedConnections(LabelledCounter):
+    """Connections closed before a whole request arrived, by reason.
+
+    Exposed as ``<prefix>_connections_closed_total{reason="..."}``; the reasons
+    are ``request_timeout`` and ``too_many_connections``
+    (``brittle.deploy.serve.connections``).
+    """
+
+    def __init__(self, prefix: str = "brittle") -> None:
+        super().__init__(
+            f"{prefix}_connections_closed",
+            "Connections closed before a whole request arrived, by reason.",
+            "reason",
         )
-        for code, n in counts:
-            family.add_metric([str(code)], n)
-        yield family
 
 
 class TelemetryCollector(Collector):
