@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from brittle.deploy.alarm import DEFAULT_ODDS_RATIO, DEFAULT_RUN_LENGTH
-from brittle.deploy.serve.connections import ACCEPT_BACKLOG, MAX_CONNECTIONS, REQUEST_TIMEOUT
+from brittle.deploy.serve.connections import MAX_CONNECTIONS, REQUEST_TIMEOUT
 
 __all__ = ["main", "build_parser", "PROVIDERS"]
 
@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive,
         default=None,
         help=f"most open connections; more are closed on accept (default {MAX_CONNECTIONS}, "
-        f"or fewer under a low open-file limit: the limit less {64 + 2 * ACCEPT_BACKLOG})",
+        "or fewer under a low open-file limit: 704 under ulimit -n 1024)",
     )
     parser.add_argument("--log-level", default="warning", help="uvicorn's log level")
     return parser
@@ -146,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from brittle.deploy.onnx_monitor import OnnxMonitor
     from brittle.deploy.serve.app import create_app
-    from brittle.deploy.serve.connections import bounded_protocol, default_max_connections
+    from brittle.deploy.serve.connections import bounded_protocol, connection_limits
     from brittle.deploy.serve.server import Server
     from brittle.deploy.telemetry import Telemetry
 
@@ -191,13 +191,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     # uvicorn times out idle connections only between requests: the protocol also
     # bounds the time to receive each request and the number of open connections.
+    limits = connection_limits()
     protocol = bounded_protocol(
         AutoHTTPProtocol,
         request_timeout=args.request_timeout,
-        max_connections=args.max_connections or default_max_connections(),
+        max_connections=args.max_connections or limits.max_connections,
         on_close=app.state.closed_connections.count,
     )
-    config = uvicorn.Config(app, log_level=args.log_level, http=protocol, backlog=ACCEPT_BACKLOG)
+    config = uvicorn.Config(app, log_level=args.log_level, http=protocol, backlog=limits.backlog)
     Server(config).run(sockets=[sock])
     return 0
 

@@ -4,17 +4,18 @@ uvicorn times a connection out only while it is idle *between* two requests
 (``timeout_keep_alive``, armed when a response completes, cancelled by the next
 byte). A client that connects and sends nothing, or sends a request's head or
 body a byte at a time, holds its connection for ever, and its file descriptor
-with it. Measured on ``python -m brittle.serve`` before this module, with a limit
-of 128 descriptors: 200 idle connections made ``/healthz`` time out for as long
-as they stayed open, asyncio logged 50,000 lines of "Too many open files" in 25
-s, and SIGTERM did not end the server.
+with it. Measured on ``python -m brittle.serve`` before this module: under a limit
+of 128 descriptors, 200 idle connections made ``/healthz`` time out for as long
+as they stayed open and asyncio logged 50,000 lines of "Too many open files" in
+25 s; one request body left half-sent kept SIGTERM from ending the server.
 
 ``bounded_protocol`` wraps uvicorn's HTTP protocol class (httptools' or h11's,
 whichever uvicorn picked) so that:
 
 - a request must arrive whole, head and body, within ``request_timeout``
-  seconds of the connection opening or of the previous response; otherwise the
-  connection is closed, as nginx does on its header and body timeouts. The
+  seconds of the connection opening or of the previous response (checked every
+  tenth of that time); otherwise the connection is closed, as nginx does on its
+  header and body timeouts. The
   clock stops once the request has arrived: judging it and answering take what
   they take;
 - a connection beyond ``max_connections`` open ones is closed as soon as it is
@@ -32,11 +33,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 __all__ = [
     "bounded_protocol",
-    "default_max_connections",
+    "connection_limits",
+    "ConnectionLimits",
     "REQUEST_TIMEOUT",
     "MAX_CONNECTIONS",
     "ACCEPT_BACKLOG",
@@ -45,39 +47,71 @@ __all__ = [
 # Seconds a client has to send one whole request: nginx's client_header_timeout and
 # client_body_timeout default to 60 s each, Kubernetes' grace period to 30 s.
 REQUEST_TIMEOUT = 30.0
-# Most open connections by default (fewer when the descriptor limit is lower).
+# Most open connections by default (fewer under a low open-file limit).
 MAX_CONNECTIONS = 1000
-# The listening socket's backlog (uvicorn's default is 2048). asyncio accepts up to
-# this many connections in one turn of the event loop, before any of them reaches
-# the protocol that would close it; and when an accept fails for want of
-# descriptors, CPython 3.11's accept loop goes on trying the rest of the backlog,
-# logging each failure and scheduling a retry for each (50,000 lines in 25 s
-# above). So the cap leaves room for two turns' worth of accepts.
+# The listening socket's backlog (uvicorn's default is 2048; fewer under a low
+# open-file limit). asyncio accepts up to this many connections in one turn of the
+# event loop, before any of them reaches the protocol that would close it; and
+# when an accept fails for want of descriptors, CPython 3.11's accept loop goes on
+# trying the rest of the backlog, logging each failure and scheduling a retry for
+# each (50,000 lines in 25 s above). So the cap leaves room for two turns' worth
+# of accepts.
 ACCEPT_BACKLOG = 128
+# The deadlines are checked by one sweep over the open connections every tenth of
+# the timeout, not by a timer per request: a request then costs one read of the
+# loop's clock instead of arming and cancelling a timer (2.3 us measured), and a
+# connection is closed between 1 and 1.1 timeouts after its clock started.
+_SWEEPS_PER_TIMEOUT = 10
 # Descriptors kept for everything else a server holds open (its listening socket,
 # the model file, onnxruntime's and Python's own files: 9 measured at start-up).
 _RESERVED_DESCRIPTORS = 64
 
 
-def default_max_connections() -> int:
-    """``MAX_CONNECTIONS``, or fewer when the process's descriptor limit is low.
+class ConnectionLimits(NamedTuple):
+    """The cap on open connections and the listening socket's backlog."""
 
-    The limit less 64 reserved descriptors and two backlogs of accepts in flight
-    (``ACCEPT_BACKLOG``): 704 under Linux's usual soft limit of 1024.
+    max_connections: int
+    backlog: int
+
+
+def connection_limits(descriptors: int | None = None) -> ConnectionLimits:
+    """The default connection cap and backlog under an open-file limit.
+
+    With descriptors to spare: ``MAX_CONNECTIONS`` and ``ACCEPT_BACKLOG``. Under a
+    lower limit both shrink so that the cap, two backlogs of accepts in flight and
+    64 reserved descriptors fit in it: the backlog takes a quarter of what the
+    reserve leaves, the cap the rest.
+
+    Args:
+        descriptors: The open-file limit; by default the process's soft
+            ``RLIMIT_NOFILE`` (none on a system without it).
+
+    Returns:
+        The limits.
 
     Examples:
-        >>> from brittle.deploy.serve.connections import default_max_connections
-        >>> 1 <= default_max_connections() <= 1000
-        True
+        >>> from brittle.deploy.serve.connections import connection_limits
+        >>> connection_limits(1024)
+        ConnectionLimits(max_connections=704, backlog=128)
+        >>> connection_limits(256)
+        ConnectionLimits(max_connections=96, backlog=48)
     """
+    if descriptors is None:
+        descriptors = _open_file_limit()
+    if descriptors is None:
+        return ConnectionLimits(MAX_CONNECTIONS, ACCEPT_BACKLOG)
+    spare = max(4, descriptors - _RESERVED_DESCRIPTORS)
+    backlog = min(ACCEPT_BACKLOG, spare // 4)
+    return ConnectionLimits(min(MAX_CONNECTIONS, spare - 2 * backlog), backlog)
+
+
+def _open_file_limit() -> int | None:
     try:
         import resource
     except ImportError:  # not a POSIX system
-        return MAX_CONNECTIONS
+        return None
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
-        return MAX_CONNECTIONS
-    return max(1, min(MAX_CONNECTIONS, soft - _RESERVED_DESCRIPTORS - 2 * ACCEPT_BACKLOG))
+    return None if soft == resource.RLIM_INFINITY else int(soft)
 
 
 def bounded_protocol(
@@ -123,14 +157,27 @@ def bounded_protocol(
     ):
         raise ValueError(f"max_connections must be a positive integer. Got {max_connections!r}.")
 
+    period = request_timeout / _SWEEPS_PER_TIMEOUT
+    sweeps: dict[asyncio.AbstractEventLoop, asyncio.TimerHandle] = {}  # one per event loop
+
     def closed(reason: str) -> None:
         if on_close is not None:
             on_close(reason)
 
+    def sweep(loop: asyncio.AbstractEventLoop, connections: set[Any]) -> None:
+        del sweeps[loop]
+        now = loop.time()
+        for connection in list(connections):
+            if isinstance(connection, BoundedProtocol) and connection.overdue(now):
+                closed("request_timeout")
+                connection.transport.close()
+        if connections:
+            sweeps[loop] = loop.call_later(period, sweep, loop, connections)
+
     class BoundedProtocol(base):
         """``base`` with a deadline to receive each request and a cap on connections."""
 
-        deadline: asyncio.TimerHandle | None = None
+        started = 0.0  # the event loop's time when the current request's clock started
 
         def connection_made(self, transport: asyncio.Transport) -> None:
             super().connection_made(transport)
@@ -138,20 +185,16 @@ def bounded_protocol(
                 closed("too_many_connections")
                 transport.close()
                 return
-            self.arm()
+            self.started = self.loop.time()
+            if self.loop not in sweeps:
+                sweeps[self.loop] = self.loop.call_later(period, sweep, self.loop, self.connections)
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
-            if not self.transport.is_closing():
-                self.arm()  # the next request's clock starts now
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            self.disarm()
-            super().connection_lost(exc)
+            self.started = self.loop.time()  # the next request's clock
 
         def shutdown(self) -> None:
             if self.receiving():
-                self.disarm()
                 self.transport.close()
                 return
             super().shutdown()
@@ -161,21 +204,13 @@ def bounded_protocol(
             cycle = self.cycle
             return cycle is None or cycle.response_complete or cycle.more_body
 
-        def arm(self) -> None:
-            self.disarm()
-            self.deadline = self.loop.call_later(request_timeout, self.expire)
-
-        def disarm(self) -> None:
-            if self.deadline is not None:
-                self.deadline.cancel()
-                self.deadline = None
-
-        def expire(self) -> None:
-            self.deadline = None
-            if self.transport.is_closing() or not self.receiving():
-                return
-            closed("request_timeout")
-            self.transport.close()
+        def overdue(self, now: float) -> bool:
+            """Whether the request being received has run out of time at loop time ``now``."""
+            return (
+                now - self.started > request_timeout
+                and not self.transport.is_closing()
+                and self.receiving()
+            )
 
     BoundedProtocol.__name__ = BoundedProtocol.__qualname__ = f"Bounded{base.__name__}"
     return BoundedProtocol
