@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import numpy as np
+from starlette.requests import ClientDisconnect
 
 __all__ = [
     "BadRequest",
@@ -78,8 +79,6 @@ async def read_body(headers: Any, stream: AsyncIterator[bytes], limit: int) -> b
     server's request deadline closed it: ``brittle.deploy.serve.connections``) is
     a 400, counted like any other, instead of a logged traceback.
     """
-    from starlette.requests import ClientDisconnect
-
     length = headers.get("content-length")
     if length is not None:
         if not length.isdigit():
