@@ -728,9 +728,9 @@ def test_slow_clients_are_cut_off_and_sigterm_does_not_wait_for_them(
 ) -> None:
     # uvicorn times out a connection only between requests: a client that sent
     # nothing, half a head, or a body one byte at a time held its connection (and a
-    # descriptor) for ever, and SIGTERM waited for it. Each now has 1 s.
+    # descriptor) for ever, and SIGTERM waited for it. Each now has 3 s.
     x = digits.x_holdout[CALIBRATION : CALIBRATION + 2].numpy()
-    with _serve(onnx_path, tmp_path / "modules.txt", "--request-timeout", "1") as served:
+    with _serve(onnx_path, tmp_path / "modules.txt", "--request-timeout", "3") as served:
         idle, head, body = (
             _connect(served),
             _connect(served, SLOW_HEAD),
@@ -750,8 +750,9 @@ def test_slow_clients_are_cut_off_and_sigterm_does_not_wait_for_them(
         while chunk := piecewise.recv(65536):
             answer += chunk
         assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
-        assert _closed_by_server(idle, within=4) and _closed_by_server(head, within=4)
-        assert _closed_by_server(body, within=4, trickle=b"0")
+        # A byte every 0.2 s does not move the deadline (it moved uvicorn's keep-alive).
+        assert _closed_by_server(body, within=6, trickle=b"0")
+        assert _closed_by_server(idle, within=1) and _closed_by_server(head, within=1)
         assert _predict(served.url, x.tolist())[0] == 200  # the others were not disturbed
         metrics = _metrics(served.url)
         assert metrics['brittle_connections_closed_total{reason="request_timeout"}'] == 3
@@ -764,7 +765,7 @@ def test_slow_clients_are_cut_off_and_sigterm_does_not_wait_for_them(
         start = time.monotonic()
         os.kill(served.proc.pid, signal.SIGTERM)
         assert served.proc.wait(timeout=30) == 0
-        assert time.monotonic() - start < 0.9  # before the deadline would have closed it
+        assert time.monotonic() - start < 2.0  # the deadline would close it 2.8-3.1 s on
         lingering.close()
         _, err = served.proc.communicate(timeout=30)
     assert "Traceback" not in err, err[-2000:]
@@ -776,25 +777,28 @@ def test_connections_beyond_the_cap_are_closed_and_the_server_recovers(
     # Under a limit of 256 open files, 400 idle connections made /healthz time out for
     # as long as they stayed open, and asyncio logged 1,917 "Too many open files" in
     # 20 s. The default cap under that limit is 96 connections (a backlog of 48).
-    timeout = 5.0
+    # Long enough that none of the 96 expires while a loaded machine opens them: a
+    # full backlog makes a client's connect wait 1-3 s for its SYN to be resent.
+    timeout = 10.0
     with _serve(
         onnx_path, tmp_path / "modules.txt", "--request-timeout", str(timeout), descriptors=256
     ) as served:
         start = time.monotonic()
         hostile = [_connect(served) for _ in range(96)]
+        opened = time.monotonic()
         time.sleep(0.3)
         with pytest.raises((ConnectionError, urllib.error.URLError)):
             _request(f"{served.url}/healthz")  # the 97th: closed on accept
-        hostile += [_connect(served) for _ in range(60)]  # closed on accept too
+        hostile += [_connect(served) for _ in range(30)]  # closed on accept too
         assert time.monotonic() - start < timeout  # none of the 96 has expired yet
-        time.sleep(max(0.0, start + timeout * 1.1 + 1.0 - time.monotonic()))  # the deadline
+        time.sleep(max(0.0, opened + timeout * 1.1 + 1.0 - time.monotonic()))  # the deadline
         assert _request(f"{served.url}/healthz")[0] == 200
         metrics = _metrics(served.url)
         for sock in hostile:
             sock.close()
     closed = {k: v for k, v in metrics.items() if k.startswith("brittle_connections_closed")}
     assert closed['brittle_connections_closed_total{reason="request_timeout"}'] == 96, closed
-    assert closed['brittle_connections_closed_total{reason="too_many_connections"}'] == 61
+    assert closed['brittle_connections_closed_total{reason="too_many_connections"}'] == 31
     _, err = served.proc.communicate(timeout=30)
     assert "Too many open files" not in err and "Traceback" not in err, err[-2000:]
 

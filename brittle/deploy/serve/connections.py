@@ -15,9 +15,8 @@ whichever uvicorn picked) so that:
 - a request must arrive whole, head and body, within ``request_timeout``
   seconds of the connection opening or of the previous response (checked every
   tenth of that time); otherwise the connection is closed, as nginx does on its
-  header and body timeouts. The
-  clock stops once the request has arrived: judging it and answering take what
-  they take;
+  header and body timeouts. The clock stops once the request has arrived:
+  judging it and answering take what they take;
 - a connection beyond ``max_connections`` open ones is closed as soon as it is
   accepted, so the process keeps descriptors for the connections it serves;
 - on shutdown (SIGTERM) a request still being received is dropped at once
