@@ -30,6 +30,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -145,10 +146,10 @@ def _serve(
         *("--provider", "cpu", "--threads", "1", *extra),
     ]
 
-    def limit() -> None:
-        if descriptors is not None:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (descriptors, descriptors))
-
+    # Runs in the child between fork and exec; only where a test asks for a limit.
+    limit = None
+    if descriptors is not None:
+        limit = partial(resource.setrlimit, resource.RLIMIT_NOFILE, (descriptors, descriptors))
     proc = subprocess.Popen(
         [sys.executable, "-c", LAUNCH, str(report), *args],
         stdout=subprocess.PIPE,
@@ -749,10 +750,13 @@ def test_slow_clients_are_cut_off_and_sigterm_does_not_wait_for_them(
         answer = b""
         while chunk := piecewise.recv(65536):
             answer += chunk
+        piecewise.close()
         assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
         # A byte every 0.2 s does not move the deadline (it moved uvicorn's keep-alive).
         assert _closed_by_server(body, within=6, trickle=b"0")
         assert _closed_by_server(idle, within=1) and _closed_by_server(head, within=1)
+        for sock in (body, idle, head):
+            sock.close()
         assert _predict(served.url, x.tolist())[0] == 200  # the others were not disturbed
         metrics = _metrics(served.url)
         assert metrics['brittle_connections_closed_total{reason="request_timeout"}'] == 3
