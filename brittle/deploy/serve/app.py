@@ -24,7 +24,6 @@ from brittle.deploy.alarm import DEFAULT_RUN_LENGTH
 from brittle.deploy.onnx_monitor import OnnxMonitor
 from brittle.deploy.serve import schemas
 from brittle.deploy.serve.body import (
-    BadRequest,
     body_limit,
     decode_json,
     non_numbers,
@@ -33,6 +32,7 @@ from brittle.deploy.serve.body import (
 )
 from brittle.deploy.serve.metrics import ClosedConnections, RequestCounter, TelemetryCollector
 from brittle.deploy.serve.oip import add_open_inference_routes
+from brittle.deploy.serve.refusal import Refusal
 from brittle.deploy.telemetry import Telemetry
 from brittle.output import MonitorOutput
 
@@ -56,22 +56,22 @@ def _predict_batch(monitor: OnnxMonitor, body: bytes, max_batch: int) -> tuple[n
     """The request's inputs as an array, and whether it asks for logits; 4xx otherwise."""
     payload = decode_json(body)
     if not isinstance(payload, dict) or "inputs" not in payload:
-        raise BadRequest(422, 'the body must be a JSON object {"inputs": [...]}.')
+        raise Refusal(422, 'the body must be a JSON object {"inputs": [...]}.')
     if not payload.keys() <= _PREDICT_KEYS:
-        raise BadRequest(422, 'the body may hold only "inputs" and "logits".')
+        raise Refusal(422, 'the body may hold only "inputs" and "logits".')
     inputs, want_logits = payload["inputs"], payload.get("logits", False)
     if not isinstance(want_logits, bool):
-        raise BadRequest(422, "logits must be true or false.")
+        raise Refusal(422, "logits must be true or false.")
     if not isinstance(inputs, list):
-        raise BadRequest(422, "inputs must be a list (a batch).")
+        raise Refusal(422, "inputs must be a list (a batch).")
     if len(inputs) > max_batch:
-        raise BadRequest(
+        raise Refusal(
             413, f"a batch of {len(inputs)} samples exceeds this server's limit of {max_batch}."
         )
     # numpy converts "0.5" and true to numbers without a word.
     why = non_numbers(body, payload)
     if why:
-        raise BadRequest(422, why)
+        raise Refusal(422, why)
     if not inputs:
         empty = tuple(d or 0 for d in monitor.input_shape[1:])  # a dynamic axis of 0 is fine
         return np.empty((0, *empty), dtype=monitor.dtype), want_logits
@@ -190,7 +190,7 @@ def create_app(
         try:
             out = monitor(x)
         except ValueError as err:  # shape or rank: OnnxMonitor names what it expects
-            raise BadRequest(422, str(err)) from err
+            raise Refusal(422, str(err)) from err
         return telemetry.observe(out, x)
 
     def predict_body(body: bytes) -> JSONResponse:
@@ -222,7 +222,7 @@ def create_app(
         try:
             body = await read_body(request.headers, request.stream(), max_body)
             return await run_in_threadpool(predict_body, body)
-        except BadRequest as err:
+        except Refusal as err:
             return JSONResponse({"detail": err.detail}, status_code=err.status)
 
     @app.get("/metrics", response_class=PlainTextResponse, responses=schemas.PROMETHEUS_TEXT)

@@ -2,8 +2,9 @@
 
 No request may stall the server or make it echo the client's data: the body's
 bytes are counted against a limit before anything parses them (Content-Length
-first, then while streaming), and every refusal is a ``BadRequest`` whose detail
-is one line of at most ``MAX_DETAIL`` characters that never quotes the input.
+first, then while streaming), and every refusal is a ``Refusal`` whose detail
+is one line of at most ``MAX_DETAIL`` characters that never quotes the input
+(``brittle.deploy.serve.refusal``).
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from typing import Any
 import numpy as np
 from starlette.requests import ClientDisconnect
 
+from brittle.deploy.serve.refusal import Refusal
+
 __all__ = [
-    "BadRequest",
-    "MAX_DETAIL",
     "DEFAULT_MAX_BODY",
     "BYTES_PER_VALUE",
     "body_limit",
@@ -28,7 +29,6 @@ __all__ = [
     "to_batch",
 ]
 
-MAX_DETAIL = 200
 # Limit of a body when the input shape has dynamic axes besides the batch.
 DEFAULT_MAX_BODY = 64 * 2**20
 # JSON bytes one input value may take: "-0.12345678901234567e-300, " is 27 characters.
@@ -37,18 +37,6 @@ BYTES_PER_VALUE = 32
 _NUMBER_BYTES = b"0123456789+-.eE,[] \t\r\n"
 # Room for the JSON around the values (keys, brackets, a Open Inference Protocol header).
 _ENVELOPE = 64 * 2**10
-
-
-class BadRequest(Exception):
-    """A request refused with ``status`` and a one-line ``detail`` (at most ``MAX_DETAIL``)."""
-
-    def __init__(self, status: int, detail: str) -> None:
-        line = detail.splitlines()[0] if detail else "bad request."
-        if len(line) > MAX_DETAIL:
-            line = line[: MAX_DETAIL - 3] + "..."
-        super().__init__(line)
-        self.status = status
-        self.detail = line
 
 
 def body_limit(input_shape: tuple[int | None, ...], max_batch: int) -> int:
@@ -66,8 +54,8 @@ def body_limit(input_shape: tuple[int | None, ...], max_batch: int) -> int:
     return max_batch * math.prod(d or 0 for d in sample) * BYTES_PER_VALUE + _ENVELOPE
 
 
-def _too_large(limit: int) -> BadRequest:
-    return BadRequest(413, f"the body exceeds this server's limit of {limit} bytes.")
+def _too_large(limit: int) -> Refusal:
+    return Refusal(413, f"the body exceeds this server's limit of {limit} bytes.")
 
 
 async def read_body(headers: Any, stream: AsyncIterator[bytes], limit: int) -> bytes:
@@ -82,7 +70,7 @@ async def read_body(headers: Any, stream: AsyncIterator[bytes], limit: int) -> b
     length = headers.get("content-length")
     if length is not None:
         if not length.isdigit():
-            raise BadRequest(400, "the Content-Length header is not a byte count.")
+            raise Refusal(400, "the Content-Length header is not a byte count.")
         if int(length) > limit:
             raise _too_large(limit)
     chunks, total = [], 0
@@ -93,7 +81,7 @@ async def read_body(headers: Any, stream: AsyncIterator[bytes], limit: int) -> b
                 raise _too_large(limit)
             chunks.append(chunk)
     except ClientDisconnect:
-        raise BadRequest(400, "the connection closed before the whole body arrived.") from None
+        raise Refusal(400, "the connection closed before the whole body arrived.") from None
     return b"".join(chunks)
 
 
@@ -102,13 +90,13 @@ def decode_json(body: bytes) -> Any:
     try:
         return json.loads(body)
     except RecursionError as err:
-        raise BadRequest(
+        raise Refusal(
             400, "the body is not valid JSON for this server: nested too deeply."
         ) from err
     except json.JSONDecodeError as err:
-        raise BadRequest(400, f"the body is not valid JSON: {err.msg} at byte {err.pos}.") from err
+        raise Refusal(400, f"the body is not valid JSON: {err.msg} at byte {err.pos}.") from err
     except (ValueError, UnicodeDecodeError) as err:
-        raise BadRequest(400, "the body is not valid JSON: it is not UTF-8 text.") from err
+        raise Refusal(400, "the body is not valid JSON: it is not UTF-8 text.") from err
 
 
 def non_numbers(body: bytes, payload: dict[str, Any]) -> str:
@@ -189,8 +177,8 @@ def to_batch(values: Any, dtype: np.dtype[Any], input_shape: tuple[int | None, .
         with np.errstate(over="ignore"):  # overflow to Inf is meant: the monitor rejects it
             return np.asarray(values, dtype=dtype)
     except OverflowError as err:
-        raise BadRequest(422, f"{expected}: a number is too large for {dtype}.") from err
+        raise Refusal(422, f"{expected}: a number is too large for {dtype}.") from err
     except RecursionError as err:
-        raise BadRequest(422, f"{expected}: they nest too deeply.") from err
+        raise Refusal(422, f"{expected}: they nest too deeply.") from err
     except (ValueError, TypeError) as err:
-        raise BadRequest(422, f"{expected}.") from err
+        raise Refusal(422, f"{expected}.") from err

@@ -23,7 +23,8 @@ from starlette.concurrency import run_in_threadpool
 
 from brittle.deploy.onnx_monitor import INPUT_NAME, OUTPUT_NAMES, OnnxMonitor
 from brittle.deploy.serve import schemas
-from brittle.deploy.serve.body import BadRequest, decode_json, read_body, to_batch
+from brittle.deploy.serve.body import decode_json, read_body, to_batch
+from brittle.deploy.serve.refusal import Refusal
 from brittle.output import MonitorOutput
 
 __all__ = ["add_open_inference_routes", "MODEL_VERSION"]
@@ -38,7 +39,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _error(err: BadRequest) -> JSONResponse:
+def _error(err: Refusal) -> JSONResponse:
     # The protocol answers every malformed request with 400.
     status = 400 if err.status == 422 else err.status
     return JSONResponse({"error": err.detail}, status_code=status)
@@ -57,7 +58,7 @@ def _split_binary(request_headers: Any, body: bytes) -> tuple[bytes, bytes]:
     if header is None:
         return body, b""
     if not header.isdigit() or int(header) > len(body):
-        raise BadRequest(400, f"the {_BINARY_HEADER} header does not fit the body.")
+        raise Refusal(400, f"the {_BINARY_HEADER} header does not fit the body.")
     n = int(header)
     return body[:n], body[n:]
 
@@ -67,22 +68,22 @@ def _tensor(
 ) -> tuple[np.ndarray, dict[str, Any] | None]:
     """The request's input tensor as an array of the model's dtype, and its outputs spec."""
     if not isinstance(request, dict) or not isinstance(request.get("inputs"), list):
-        raise BadRequest(400, 'the body must be a JSON object {"inputs": [tensor]}.')
+        raise Refusal(400, 'the body must be a JSON object {"inputs": [tensor]}.')
     inputs = request["inputs"]
     if len(inputs) != 1 or not isinstance(inputs[0], dict):
-        raise BadRequest(400, f"the model takes exactly one input tensor, {INPUT_NAME!r}.")
+        raise Refusal(400, f"the model takes exactly one input tensor, {INPUT_NAME!r}.")
     tensor = inputs[0]
     if tensor.get("name") != INPUT_NAME:
-        raise BadRequest(400, f"the model's input tensor is named {INPUT_NAME!r}.")
+        raise Refusal(400, f"the model's input tensor is named {INPUT_NAME!r}.")
     shape, datatype = tensor.get("shape"), tensor.get("datatype")
     if not isinstance(shape, list) or not all(
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
     ):
-        raise BadRequest(400, "the tensor's shape must be a list of non-negative integers.")
+        raise Refusal(400, "the tensor's shape must be a list of non-negative integers.")
     if not isinstance(datatype, str) or datatype not in schemas.DATATYPES or datatype == "BOOL":
-        raise BadRequest(400, "the tensor's datatype must be a numeric Open Inference datatype.")
+        raise Refusal(400, "the tensor's datatype must be a numeric Open Inference datatype.")
     if shape and shape[0] > max_batch:
-        raise BadRequest(413, f"a batch exceeds this server's limit of {max_batch}.")
+        raise Refusal(413, f"a batch exceeds this server's limit of {max_batch}.")
     dtype = np.dtype(schemas.DATATYPES[datatype])
     count = math.prod(shape)
     parameters = tensor.get("parameters") or {}
@@ -94,21 +95,21 @@ def _tensor(
             or size != count * dtype.itemsize
             or size != len(binary)
         ):
-            raise BadRequest(400, "the binary tensor data do not match its shape and datatype.")
+            raise Refusal(400, "the binary tensor data do not match its shape and datatype.")
         values = np.frombuffer(binary, dtype=dtype)
     else:
         data = tensor.get("data")
         if not isinstance(data, list):
-            raise BadRequest(400, "the tensor needs its data as a JSON array.")
+            raise Refusal(400, "the tensor needs its data as a JSON array.")
         # Inferring the dtype first tells numbers from strings and booleans, which
         # numpy would otherwise convert silently.
         found = to_batch(data, np.dtype(object), (None,)) if data else np.empty(0, dtype)
         kinds = {type(v) for v in found.reshape(-1).tolist()}
         if not kinds <= {int, float}:
-            raise BadRequest(400, "the tensor's data must be numbers (not strings or booleans).")
+            raise Refusal(400, "the tensor's data must be numbers (not strings or booleans).")
         values = to_batch(found.reshape(-1).tolist(), dtype, (None,))
     if values.size != count:
-        raise BadRequest(400, "the tensor's data do not fill its shape.")
+        raise Refusal(400, "the tensor's data do not fill its shape.")
     with np.errstate(over="ignore", invalid="ignore"):  # out of range: Inf, rejected
         x = values.reshape(shape).astype(monitor.dtype, copy=False)
     outputs = request.get("outputs")
@@ -117,7 +118,7 @@ def _tensor(
     if not isinstance(outputs, list) or not all(
         isinstance(o, dict) and o.get("name") in OUTPUT_NAMES for o in outputs
     ):
-        raise BadRequest(400, f"requested outputs must be among {list(OUTPUT_NAMES)}.")
+        raise Refusal(400, f"requested outputs must be among {list(OUTPUT_NAMES)}.")
     return x, {o["name"]: o for o in outputs}
 
 
@@ -157,7 +158,7 @@ def add_open_inference_routes(
 
     def known(model: str) -> None:
         if model != name:
-            raise BadRequest(404, f"no model of that name; this server serves {name!r}.")
+            raise Refusal(404, f"no model of that name; this server serves {name!r}.")
 
     @app.api_route("/v2/health/live", methods=["GET", "HEAD"], tags=["open inference"])
     def live() -> dict[str, bool]:
@@ -183,7 +184,7 @@ def add_open_inference_routes(
         """Open Inference Protocol: the model's input and output tensors."""
         try:
             known(model)
-        except BadRequest as err:
+        except Refusal as err:
             return _error(err)
         return JSONResponse(metadata)
 
@@ -197,7 +198,7 @@ def add_open_inference_routes(
         """Open Inference Protocol: the model is ready."""
         try:
             known(model)
-        except BadRequest as err:
+        except Refusal as err:
             return _error(err)
         return JSONResponse({"name": name, "ready": True})
 
@@ -244,5 +245,5 @@ def add_open_inference_routes(
             known(model)
             body = await read_body(request.headers, request.stream(), max_body)
             return await run_in_threadpool(infer_body, request.headers, body)
-        except BadRequest as err:
+        except Refusal as err:
             return _error(err)
