@@ -12,6 +12,7 @@ never imports torch. Endpoints:
 - ``GET /metrics``: Prometheus text format (``brittle_samples_total``,
   ``brittle_flagged_total``, ``brittle_rejected_total{reason}``,
   ``brittle_requests_total{code}``, ``brittle_connections_closed_total{reason}``,
+  ``brittle_body_bytes_held``,
   the ``brittle_margin`` histogram, the
   ``brittle_flag_rate_alarm`` gauge, ...);
 - ``GET``/``HEAD /healthz``; ``GET /openapi.json`` states every route's schema.
@@ -19,7 +20,9 @@ never imports torch. Endpoints:
 Bodies are bounded in bytes before they are parsed (``brittle.deploy.serve.body``)
 and every malformed one gets a one-line 4xx that never quotes the input; each
 request must arrive whole within a deadline, and open connections are capped
-(``brittle.deploy.serve.connections``).
+(``brittle.deploy.serve.connections``); the bytes of bodies held at once and the
+requests judged at once are bounded too, a request beyond them getting 503
+(``brittle.deploy.serve.admission``).
 
 ``brittle.deploy.serve.app.create_app`` builds the same app in Python, and
 ``brittle.deploy.serve.metrics.TelemetryCollector`` exposes a ``brittle.Telemetry`` in a

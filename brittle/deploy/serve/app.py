@@ -17,12 +17,12 @@ import numpy as np
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from brittle.deploy.alarm import DEFAULT_RUN_LENGTH
 from brittle.deploy.onnx_monitor import OnnxMonitor
 from brittle.deploy.serve import schemas
+from brittle.deploy.serve.admission import Admission, max_bytes_default, max_concurrent_default
 from brittle.deploy.serve.body import (
     body_limit,
     decode_json,
@@ -30,7 +30,12 @@ from brittle.deploy.serve.body import (
     read_body,
     to_batch,
 )
-from brittle.deploy.serve.metrics import ClosedConnections, RequestCounter, TelemetryCollector
+from brittle.deploy.serve.metrics import (
+    AdmissionCollector,
+    ClosedConnections,
+    RequestCounter,
+    TelemetryCollector,
+)
 from brittle.deploy.serve.oip import add_open_inference_routes
 from brittle.deploy.serve.refusal import Refusal
 from brittle.deploy.telemetry import Telemetry
@@ -44,6 +49,9 @@ _PREDICT_ERRORS: dict[int | str, dict[str, Any]] = {
     400: schemas.error_response("detail", "The body is not JSON (one line, never the input)."),
     413: schemas.error_response("detail", "Body or batch larger than this server's limit."),
     422: schemas.error_response("detail", "Inputs that are not numbers of the model's shape."),
+    503: schemas.error_response(
+        "detail", "The server holds as many request bodies as it can: retry after Retry-After."
+    ),
 }
 
 
@@ -111,6 +119,8 @@ def create_app(
     *,
     max_batch: int = DEFAULT_MAX_BATCH,
     max_body: int | None = None,
+    body_budget: int | None = None,
+    max_concurrent: int | None = None,
     telemetry: Telemetry | None = None,
     run_length: float = DEFAULT_RUN_LENGTH,
 ) -> FastAPI:
@@ -121,7 +131,10 @@ def create_app(
     ``GET``/``HEAD /healthz``. A body larger than ``max_body`` bytes gets 413 before
     it is parsed; parsing and the model run in a worker thread, so the health
     routes answer while a request is being refused or judged. Every malformed
-    body gets a one-line 4xx that never quotes the input.
+    body gets a one-line 4xx that never quotes the input. The server holds at most
+    ``body_budget`` bytes of bodies at once and judges at most ``max_concurrent``
+    requests at once; a request beyond the budget gets 503 with ``Retry-After``
+    (``brittle.deploy.serve.admission``).
 
     Args:
         monitor: The exported monitor, opened with ``brittle.OnnxMonitor``; it must
@@ -129,6 +142,10 @@ def create_app(
         max_batch: Largest batch one request may send (larger ones get 413).
         max_body: Largest body in bytes; by default ``max_batch`` samples of JSON
             numbers (``brittle.deploy.serve.body.body_limit``).
+        body_budget: Most bytes of request bodies held at once (received, waiting or
+            being judged); by default eight bodies of ``max_body``, and at least 32 MiB.
+        max_concurrent: Most requests parsed and judged at once; by default one per
+            CPU core, at most four.
         telemetry: Telemetry to count into; by default
             ``Telemetry.from_monitor(monitor, run_length=run_length)``.
         run_length: The flag-rate alarm's promised expected clean samples between
@@ -136,14 +153,16 @@ def create_app(
 
     Returns:
         The app; its ``state`` holds ``monitor``, ``telemetry``, ``requests`` (the
-        ``RequestCounter``), ``closed_connections`` (a ``ClosedConnections`` for the
+        ``RequestCounter``), ``admission`` (the ``Admission`` of bodies and
+        workers), ``closed_connections`` (a ``ClosedConnections`` for the
         server's connection limits, ``brittle.deploy.serve.connections``) and
         ``registry`` (its own ``prometheus_client.CollectorRegistry``, so several apps
         never share metrics).
 
     Raises:
         ValueError: if the monitor has no finite threshold (nothing it serves could
-            be judged), or for a bad ``max_batch`` or ``max_body``.
+            be judged), for a bad ``max_batch``, ``max_body`` or ``max_concurrent``, or a
+            ``body_budget`` smaller than ``max_body``.
 
     Examples:
         >>> import tempfile, torch, brittle
@@ -166,6 +185,15 @@ def create_app(
         max_body = body_limit(monitor.input_shape, max_batch)
     if isinstance(max_body, bool) or not isinstance(max_body, int) or max_body < 1:
         raise ValueError(f"max_body must be a positive number of bytes. Got {max_body!r}.")
+    admission = Admission(
+        max_bytes_default(max_body) if body_budget is None else body_budget,
+        max_concurrent_default() if max_concurrent is None else max_concurrent,
+    )
+    if admission.max_bytes < max_body:
+        raise ValueError(
+            f"body_budget ({admission.max_bytes} bytes) must hold at least one body of "
+            f"max_body ({max_body} bytes)."
+        )
     if not monitor.has_threshold:
         raise ValueError(
             f"{monitor.path.name} carries no finite flag threshold, so nothing it serves could "
@@ -177,6 +205,7 @@ def create_app(
     registry = CollectorRegistry(auto_describe=True)
     registry.register(TelemetryCollector(telemetry))
     registry.register(requests)
+    registry.register(AdmissionCollector(admission))
     closed_connections = ClosedConnections()
     registry.register(closed_connections)
     version = _version()
@@ -184,6 +213,7 @@ def create_app(
     app.add_middleware(_CountResponses, counter=requests)
     app.state.monitor, app.state.telemetry, app.state.registry = monitor, telemetry, registry
     app.state.requests, app.state.closed_connections = requests, closed_connections
+    app.state.admission = admission
     threshold = monitor.threshold
 
     def judge(x: np.ndarray) -> MonitorOutput:
@@ -219,11 +249,14 @@ def create_app(
     )
     async def predict(request: Request) -> Response:
         """Pred, margin and flag for each sample of ``{"inputs": [...]}``."""
-        try:
-            body = await read_body(request.headers, request.stream(), max_body)
-            return await run_in_threadpool(predict_body, body)
-        except Refusal as err:
-            return JSONResponse({"detail": err.detail}, status_code=err.status)
+        with admission.hold() as hold:
+            try:
+                body = await read_body(request.headers, request.stream(), max_body, hold)
+                return await admission.run(predict_body, body)
+            except Refusal as err:
+                return JSONResponse(
+                    {"detail": err.detail}, status_code=err.status, headers=err.headers
+                )
 
     @app.get("/metrics", response_class=PlainTextResponse, responses=schemas.PROMETHEUS_TEXT)
     def metrics() -> Response:
@@ -253,6 +286,7 @@ def create_app(
         version=version,
         max_batch=max_batch,
         max_body=max_body,
+        admission=admission,
     )
     return app
 

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from starlette.requests import ClientDisconnect
 
+from brittle.deploy.serve.admission import Hold
 from brittle.deploy.serve.refusal import Refusal
 
 __all__ = [
@@ -58,14 +59,19 @@ def _too_large(limit: int) -> Refusal:
     return Refusal(413, f"the body exceeds this server's limit of {limit} bytes.")
 
 
-async def read_body(headers: Any, stream: AsyncIterator[bytes], limit: int) -> bytes:
+async def read_body(
+    headers: Any, stream: AsyncIterator[bytes], limit: int, hold: Hold | None = None
+) -> bytes:
     """The body's bytes, refused with 413 as soon as it is known to exceed ``limit``.
 
     A body announced larger than the limit is refused before a byte of it is read;
-    one without a Content-Length (chunked) is counted while it streams in. A
-    connection that closes before the whole body arrived (the client left, or the
-    server's request deadline closed it: ``brittle.deploy.serve.connections``) is
-    a 400, counted like any other, instead of a logged traceback.
+    one without a Content-Length (chunked) is counted while it streams in. With a
+    ``hold`` on the server's budget of body bytes (``brittle.deploy.serve.admission``),
+    each chunk is held as it arrives, and a body that does not fit gets 503: before
+    a byte is read when its Content-Length says so. A connection that closes before
+    the whole body arrived (the client left, or the server's request deadline
+    closed it: ``brittle.deploy.serve.connections``) is a 400, counted like any
+    other, instead of a logged traceback.
     """
     length = headers.get("content-length")
     if length is not None:
@@ -73,12 +79,16 @@ async def read_body(headers: Any, stream: AsyncIterator[bytes], limit: int) -> b
             raise Refusal(400, "the Content-Length header is not a byte count.")
         if int(length) > limit:
             raise _too_large(limit)
+        if hold is not None:
+            hold.check(int(length))
     chunks, total = [], 0
     try:
         async for chunk in stream:
             total += len(chunk)
             if total > limit:
                 raise _too_large(limit)
+            if hold is not None:
+                hold.add(len(chunk))
             chunks.append(chunk)
     except ClientDisconnect:
         raise Refusal(400, "the connection closed before the whole body arrived.") from None

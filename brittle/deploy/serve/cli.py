@@ -90,6 +90,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="largest request body in bytes (default: --max-batch samples of JSON numbers)",
     )
     parser.add_argument(
+        "--body-budget",
+        type=_positive,
+        default=None,
+        help="most bytes of request bodies held at once (being received, waiting or being "
+        "judged); a request beyond it gets 503 with Retry-After (default: eight bodies of "
+        "--max-body, at least 32 MiB)",
+    )
+    parser.add_argument(
+        "--max-concurrent",
+        type=_positive,
+        default=None,
+        help="most requests parsed and judged at once (default: one per CPU core, at most 4)",
+    )
+    parser.add_argument(
         "--run-length",
         type=float,
         default=DEFAULT_RUN_LENGTH,
@@ -165,7 +179,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 learn=args.alarm_learning,
             )
         app = create_app(
-            monitor, max_batch=args.max_batch, max_body=args.max_body, telemetry=telemetry
+            monitor,
+            max_batch=args.max_batch,
+            max_body=args.max_body,
+            body_budget=args.body_budget,
+            max_concurrent=args.max_concurrent,
+            telemetry=telemetry,
         )
         # Bound here, before the banner: a port in use is a start-up error like any other.
         sock = _bind(args.host, args.port)

@@ -18,6 +18,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from brittle.deploy.serve.admission import Admission
 from brittle.deploy.telemetry import Telemetry
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "LabelledCounter",
     "RequestCounter",
     "ClosedConnections",
+    "AdmissionCollector",
 ]
 
 
@@ -104,6 +106,42 @@ class ClosedConnections(LabelledCounter):
             f"{prefix}_connections_closed",
             "Connections closed before a whole request arrived, by reason.",
             "reason",
+        )
+
+
+class AdmissionCollector(Collector):
+    """An ``Admission``'s state as gauges, so that an operator sees the server fill up.
+
+    ``<prefix>_body_bytes_held`` (bytes of request bodies held now: being received,
+    waiting for a worker or being judged) and ``<prefix>_body_bytes_budget`` (the
+    most it holds; a request beyond it gets 503, counted in ``_requests_total``).
+
+    Examples:
+        >>> from prometheus_client import CollectorRegistry, generate_latest
+        >>> from brittle.deploy.serve.admission import Admission
+        >>> registry = CollectorRegistry()
+        >>> registry.register(AdmissionCollector(Admission(max_bytes=4096, max_concurrent=2)))
+        >>> b"brittle_body_bytes_budget 4096.0" in generate_latest(registry)
+        True
+    """
+
+    def __init__(self, admission: Admission, prefix: str = "brittle") -> None:
+        self.admission = admission
+        self.prefix = prefix
+
+    def collect(self) -> Iterator[Metric]:
+        """The bytes held and the budget."""
+        yield GaugeMetricFamily(
+            f"{self.prefix}_body_bytes_held",
+            "Bytes of request bodies the server holds now (being received, waiting for a "
+            "worker or being judged).",
+            self.admission.held,
+        )
+        yield GaugeMetricFamily(
+            f"{self.prefix}_body_bytes_budget",
+            "Most bytes of request bodies the server holds at once; a request beyond it gets "
+            "503 with Retry-After.",
+            self.admission.max_bytes,
         )
 
 

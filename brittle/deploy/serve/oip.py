@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 from fastapi import FastAPI, Path, Request
 from fastapi.responses import JSONResponse, Response
-from starlette.concurrency import run_in_threadpool
 
 from brittle.deploy.onnx_monitor import INPUT_NAME, OUTPUT_NAMES, OnnxMonitor
 from brittle.deploy.serve import schemas
+from brittle.deploy.serve.admission import Admission
 from brittle.deploy.serve.body import decode_json, read_body, to_batch
 from brittle.deploy.serve.refusal import Refusal
 from brittle.output import MonitorOutput
@@ -36,13 +36,16 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     400: schemas.error_response("error", "Malformed request (one line, never the input)."),
     404: schemas.error_response("error", "No model of that name."),
     413: schemas.error_response("error", "Body or batch larger than this server's limit."),
+    503: schemas.error_response(
+        "error", "The server holds as many request bodies as it can: retry after Retry-After."
+    ),
 }
 
 
 def _error(err: Refusal) -> JSONResponse:
     # The protocol answers every malformed request with 400.
     status = 400 if err.status == 422 else err.status
-    return JSONResponse({"error": err.detail}, status_code=status)
+    return JSONResponse({"error": err.detail}, status_code=status, headers=err.headers)
 
 
 def _values(array: np.ndarray) -> list[Any]:
@@ -131,11 +134,13 @@ def add_open_inference_routes(
     version: str,
     max_batch: int,
     max_body: int,
+    admission: Admission,
 ) -> None:
     """Add the Open Inference Protocol routes for ``monitor`` served as model ``name``.
 
     ``judge`` is the function ``/predict`` uses (monitor, telemetry), so both
-    protocols give the same numbers and feed the same metrics.
+    protocols give the same numbers and feed the same metrics; ``admission`` is its
+    budget of body bytes and workers, shared with ``/predict``.
     """
     tensor_shape = [-1 if d is None else d for d in monitor.input_shape]
     datatype = _NUMPY_TO_DATATYPE[monitor.dtype]
@@ -241,9 +246,10 @@ def add_open_inference_routes(
     )
     async def infer(request: Request, model: str = model_name) -> Response:
         """Open Inference Protocol: logits, pred, margin and flag for the ``input`` tensor."""
-        try:
-            known(model)
-            body = await read_body(request.headers, request.stream(), max_body)
-            return await run_in_threadpool(infer_body, request.headers, body)
-        except Refusal as err:
-            return _error(err)
+        with admission.hold() as hold:
+            try:
+                known(model)
+                body = await read_body(request.headers, request.stream(), max_body, hold)
+                return await admission.run(infer_body, request.headers, body)
+            except Refusal as err:
+                return _error(err)

@@ -1,0 +1,158 @@
+"""``Admission``: how many bytes of request bodies the server holds, and how many it judges.
+
+Each body is bounded by ``--max-body``, but nothing bounded how many the server
+held at once: forty clients each sending a 5 MB batch grew the process by 770 MB
+(every body held, and parsed in forty worker threads at once, each into Python
+floats five times its size), and ``/healthz`` took 2 s to answer behind them.
+A model with larger inputs, or more clients, runs the machine out of memory.
+
+So the server holds at most ``max_bytes`` of request bodies at once: the bytes
+received so far of every request still being read, waiting for a worker or being
+judged. A request whose body does not fit gets 503 with ``Retry-After``: before a
+byte of it is read when its Content-Length already says so, else as soon as the
+bytes it has sent do not fit. At most ``max_concurrent`` requests are parsed and
+judged at once, in worker threads of their own, so that their Python objects are
+bounded too and the event loop (the health routes among them) is never queued
+behind dozens of threads for the interpreter lock. The memory a server's requests
+take is then about ``max_bytes`` plus ``max_concurrent`` times six bodies of
+``--max-body`` (a parsed JSON number takes about five times its text).
+
+Bytes are counted as they arrive rather than as a Content-Length announces them,
+so that a client announcing large bodies and sending nothing holds nothing. The
+budget is still shared: a client that keeps it full delays everyone else (until
+the request deadline closes its connections); fairness between clients is a
+reverse proxy's job.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from types import TracebackType
+from typing import TypeVar
+
+import anyio
+import anyio.to_thread
+
+from brittle.deploy.serve.refusal import Refusal
+
+__all__ = ["Admission", "Hold", "max_concurrent_default", "max_bytes_default", "RETRY_AFTER"]
+
+T = TypeVar("T")
+
+# Seconds a client is asked to wait before it retries a request refused with 503.
+RETRY_AFTER = 1
+# The body budget is at least this many bytes, and at least _BODIES_HELD largest bodies.
+_MIN_BYTES = 32 * 2**20
+_BODIES_HELD = 8
+# Requests judged at once, at most: one per core, up to this many.
+_MAX_CONCURRENT = 4
+
+
+def max_concurrent_default(cpus: int | None = None) -> int:
+    """Requests judged at once by default: one per CPU core, at most four.
+
+    Examples:
+        >>> max_concurrent_default(2), max_concurrent_default(64)
+        (2, 4)
+    """
+    cpus = cpus if cpus is not None else os.cpu_count() or 1
+    return max(1, min(_MAX_CONCURRENT, cpus))
+
+
+def max_bytes_default(max_body: int) -> int:
+    """Bytes of bodies held at once by default: eight of the largest, and at least 32 MiB.
+
+    Examples:
+        >>> max_bytes_default(196_608) == 32 * 2**20
+        True
+        >>> max_bytes_default(10 * 2**20) == 80 * 2**20
+        True
+    """
+    return max(_MIN_BYTES, _BODIES_HELD * max_body)
+
+
+class Admission:
+    """The budget of body bytes a server holds and the workers that judge requests.
+
+    One instance per app; ``hold`` and ``Hold.add`` run on the event loop only.
+
+    Args:
+        max_bytes: Most bytes of request bodies held at once.
+        max_concurrent: Most requests parsed and judged at once (worker threads).
+
+    Examples:
+        >>> admission = Admission(max_bytes=100, max_concurrent=1)
+        >>> with admission.hold() as first, admission.hold() as second:
+        ...     first.add(60)
+        ...     try:
+        ...         second.add(60)
+        ...     except Refusal as err:
+        ...         print(err.status, admission.held)
+        503 60
+        >>> admission.held
+        0
+    """
+
+    def __init__(self, max_bytes: int, max_concurrent: int) -> None:
+        for name, value in (("max_bytes", max_bytes), ("max_concurrent", max_concurrent)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer. Got {value!r}.")
+        self.max_bytes = max_bytes
+        self.max_concurrent = max_concurrent
+        self.held = 0
+        self._workers = anyio.CapacityLimiter(max_concurrent)
+
+    def hold(self) -> Hold:
+        """A request's share of the budget, empty until its bytes arrive; a context manager."""
+        return Hold(self)
+
+    def busy(self) -> Refusal:
+        """The 503 of a request whose body does not fit the budget now."""
+        return Refusal(
+            503,
+            "the server holds as many request bodies as it can: retry later.",
+            retry_after=RETRY_AFTER,
+        )
+
+    async def run(self, fn: Callable[..., T], *args: object) -> T:
+        """``fn(*args)`` in a worker thread, once one of ``max_concurrent`` is free."""
+        return await anyio.to_thread.run_sync(fn, *args, limiter=self._workers)
+
+
+class Hold:
+    """The bytes one request holds of an ``Admission``'s budget, given back on exit."""
+
+    def __init__(self, admission: Admission) -> None:
+        self.admission = admission
+        self.size = 0
+
+    def check(self, announced: int) -> None:
+        """Refuse now (503) a body of ``announced`` bytes that could not fit the budget."""
+        budget = self.admission
+        if budget.held - self.size + announced > budget.max_bytes:
+            raise budget.busy()
+
+    def add(self, n: int) -> None:
+        """Hold ``n`` more bytes; 503 (and nothing held) when they do not fit."""
+        budget = self.admission
+        if budget.held + n > budget.max_bytes:
+            raise budget.busy()
+        budget.held += n
+        self.size += n
+
+    def release(self) -> None:
+        """Give every byte held back to the budget."""
+        self.admission.held -= self.size
+        self.size = 0
+
+    def __enter__(self) -> Hold:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        self.release()

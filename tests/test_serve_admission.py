@@ -1,0 +1,102 @@
+"""The server's budget of body bytes and its workers (``brittle.deploy.serve.admission``)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import AsyncIterator
+
+import anyio
+import pytest
+
+from brittle.deploy.serve.admission import Admission, max_bytes_default, max_concurrent_default
+from brittle.deploy.serve.body import read_body
+from brittle.deploy.serve.refusal import Refusal
+
+
+async def _stream(*chunks: bytes) -> AsyncIterator[bytes]:
+    for chunk in chunks:
+        yield chunk
+
+
+async def _unread() -> AsyncIterator[bytes]:
+    raise AssertionError("a body refused by its Content-Length must not be read")
+    yield b""  # pragma: no cover
+
+
+def test_bodies_are_held_as_they_arrive_and_refused_when_they_do_not_fit() -> None:
+    admission = Admission(max_bytes=100, max_concurrent=1)
+
+    async def main() -> None:
+        with admission.hold() as first:
+            body = await read_body({}, _stream(b"a" * 30, b"b" * 30), 1000, first)
+            assert body == b"a" * 30 + b"b" * 30 and admission.held == 60
+            with admission.hold() as second:
+                # Announced larger than what is left: refused before a byte is read.
+                with pytest.raises(Refusal) as announced:
+                    await read_body({"content-length": "41"}, _unread(), 1000, second)
+                assert announced.value.status == 503
+                assert announced.value.headers == {"Retry-After": "1"}
+                # Announced to fit: read.
+                await read_body({"content-length": "40"}, _stream(b"c" * 40), 1000, second)
+                assert admission.held == 100
+            assert admission.held == 60  # the second request gave its bytes back
+            with admission.hold() as third:
+                # Chunked: refused once the bytes that arrived do not fit.
+                with pytest.raises(Refusal) as streamed:
+                    await read_body({}, _stream(b"d" * 30, b"e" * 30), 1000, third)
+                assert streamed.value.status == 503 and admission.held == 90
+            # The body limit is still the first check: 413, not 503.
+            with admission.hold() as fourth, pytest.raises(Refusal) as large:
+                await read_body({"content-length": "2000"}, _unread(), 1000, fourth)
+            assert large.value.status == 413
+        assert admission.held == 0
+
+    anyio.run(main)
+
+
+def test_a_refused_hold_keeps_nothing_even_on_an_error() -> None:
+    admission = Admission(max_bytes=10, max_concurrent=1)
+    with pytest.raises(RuntimeError), admission.hold() as hold:
+        hold.add(7)
+        raise RuntimeError("the handler failed")
+    assert admission.held == 0
+
+
+def test_at_most_max_concurrent_requests_are_judged_at_once() -> None:
+    admission = Admission(max_bytes=10, max_concurrent=2)
+    lock = threading.Lock()
+    running, most = 0, 0
+
+    def judge() -> None:
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        time.sleep(0.2)  # long enough that the six calls overlap on any machine
+        with lock:
+            running -= 1
+
+    async def main() -> None:
+        async with anyio.create_task_group() as group:
+            for _ in range(6):
+                group.start_soon(admission.run, judge)
+
+    anyio.run(main)
+    assert most == 2
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"max_bytes": 0}, {"max_concurrent": 0}, {"max_bytes": 1.5}, {"max_concurrent": True}],
+)
+def test_admission_refuses_bad_settings(kwargs: dict[str, object]) -> None:
+    settings: dict[str, object] = {"max_bytes": 10, "max_concurrent": 1, **kwargs}
+    with pytest.raises(ValueError, match="positive integer"):
+        Admission(**settings)  # type: ignore[arg-type]
+
+
+def test_defaults() -> None:
+    assert [max_concurrent_default(n) for n in (1, 2, 3, 8, 128)] == [1, 2, 3, 4, 4]
+    assert max_bytes_default(1) == 32 * 2**20
+    assert max_bytes_default(64 * 2**20) == 512 * 2**20
