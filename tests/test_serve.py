@@ -569,7 +569,7 @@ def test_openapi_states_the_contract(server: Server) -> None:
         8,
         8,
     ]
-    assert {"200", "400", "413", "422"} <= set(predict["responses"])
+    assert {"200", "400", "413", "422", "503"} <= set(predict["responses"])
     metrics = spec["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
     assert list(metrics) == ["text/plain"]
     name = server.path.stem
@@ -808,6 +808,45 @@ def test_connections_beyond_the_cap_are_closed_and_the_server_recovers(
     assert closed['brittle_connections_closed_total{reason="too_many_connections"}'] == 31
     _, err = served.proc.communicate(timeout=30)
     assert "Too many open files" not in err and "Traceback" not in err, err[-2000:]
+
+
+def test_clients_that_never_read_their_answers_are_dropped(onnx_path: Path, tmp_path: Path) -> None:
+    """Answers left unread do not hold connections: each is dropped after the deadline.
+
+    Before, 20 clients that pipelined 400 requests for ``/openapi.json`` each and read
+    nothing held a cap of 20 connections for ever (closing a socket waits for its
+    unsent bytes): /healthz was refused still 12 s later, with a 2 s deadline.
+    """
+    timeout, clients = 2.0, 20
+    with _serve(
+        onnx_path,
+        tmp_path / "modules.txt",
+        *("--request-timeout", str(timeout), "--max-connections", str(clients)),
+    ) as served:
+        pipelined = b"GET /openapi.json HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" * 400
+        readers = []
+        for _ in range(clients):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)  # a window that stays shut
+            sock.connect(("127.0.0.1", _port(served)))
+            sock.sendall(pipelined)
+            readers.append(sock)
+        start = time.monotonic()
+        time.sleep(0.5)
+        with pytest.raises((ConnectionError, urllib.error.URLError)):
+            _request(f"{served.url}/healthz")  # the cap is full
+        assert time.monotonic() - start < timeout  # and none was dropped yet
+        # Stalled for a whole deadline, seen by sweeps a tenth of it apart.
+        time.sleep(max(0.0, start + timeout * 1.3 + 1.0 - time.monotonic()))
+        assert _request(f"{served.url}/healthz")[0] == 200
+        metrics = _metrics(served.url)
+        for sock in readers:
+            sock.close()
+    closed = {k: v for k, v in metrics.items() if k.startswith("brittle_connections_closed")}
+    assert closed['brittle_connections_closed_total{reason="send_timeout"}'] == clients, closed
+    assert closed['brittle_connections_closed_total{reason="too_many_connections"}'] == 1
+    _, err = served.proc.communicate(timeout=30)
+    assert "Traceback" not in err, err[-2000:]
 
 
 def _peak_rss_mb(pid: int) -> float:

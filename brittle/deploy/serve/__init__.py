@@ -19,7 +19,8 @@ never imports torch. Endpoints:
 
 Bodies are bounded in bytes before they are parsed (``brittle.deploy.serve.body``)
 and every malformed one gets a one-line 4xx that never quotes the input; each
-request must arrive whole within a deadline, and open connections are capped
+request must arrive whole within a deadline, an answer may not stay unread longer,
+and open connections are capped
 (``brittle.deploy.serve.connections``); the bytes of bodies held at once and the
 requests judged at once are bounded too, a request beyond them getting 503
 (``brittle.deploy.serve.admission``).

@@ -138,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_seconds,
         default=REQUEST_TIMEOUT,
         help="seconds a client has to send a whole request, from the connection's start or "
-        f"the previous response; slower connections are closed (default {REQUEST_TIMEOUT:g})",
+        "the previous response, and the longest it may leave an answer unread; slower "
+        f"connections are closed (default {REQUEST_TIMEOUT:g})",
     )
     parser.add_argument(
         "--max-connections",

@@ -17,13 +17,19 @@ whichever uvicorn picked) so that:
   tenth of that time); otherwise the connection is closed, as nginx does on its
   header and body timeouts. The clock stops once the request has arrived:
   judging it and answering take what they take;
+- an answer must leave: a connection whose unsent answer has not shrunk for
+  ``request_timeout`` seconds is dropped, as nginx's ``send_timeout`` does. A
+  client that pipelined requests and never read the answers held its connection
+  for ever (closing a socket waits for its unsent bytes), and 20 such clients
+  filled a cap of 20 so that no one else could connect;
 - a connection beyond ``max_connections`` open ones is closed as soon as it is
   accepted, so the process keeps descriptors for the connections it serves;
 - on shutdown (SIGTERM) a request still being received is dropped at once
   instead of being waited for.
 
 Each closed connection is counted by reason (``"request_timeout"``,
-``"too_many_connections"``) into the app's ``brittle_connections_closed_total``.
+``"send_timeout"``, ``"too_many_connections"``) into the app's
+``brittle_connections_closed_total``.
 No response is written: the request was not read, and closing a socket with
 unread data resets it, which would destroy the response anyway.
 """
@@ -120,12 +126,13 @@ def bounded_protocol(
     max_connections: int = MAX_CONNECTIONS,
     on_close: Callable[[str], None] | None = None,
 ) -> type[asyncio.Protocol]:
-    """A subclass of uvicorn's protocol ``base`` with a request deadline and a connection cap.
+    """A subclass of uvicorn's protocol ``base`` with deadlines and a connection cap.
 
     Args:
         base: uvicorn's protocol class, e.g.
             ``uvicorn.protocols.http.auto.AutoHTTPProtocol``.
-        request_timeout: Seconds within which a whole request must arrive.
+        request_timeout: Seconds within which a whole request must arrive, and
+            the longest a client may leave an answer's bytes unread.
         max_connections: Most connections open at once; more are closed on accept.
         on_close: Called with the reason of every connection closed here.
 
@@ -167,9 +174,14 @@ def bounded_protocol(
         del sweeps[loop]
         now = loop.time()
         for connection in list(connections):
-            if isinstance(connection, BoundedProtocol) and connection.overdue(now):
+            if not isinstance(connection, BoundedProtocol):
+                continue
+            if connection.overdue(now):
                 closed("request_timeout")
                 connection.transport.close()
+            elif connection.stalled(now):
+                closed("send_timeout")
+                connection.transport.abort()  # close() would wait for the unsent bytes
         if connections:
             sweeps[loop] = loop.call_later(period, sweep, loop, connections)
 
@@ -177,6 +189,8 @@ def bounded_protocol(
         """``base`` with a deadline to receive each request and a cap on connections."""
 
         started = 0.0  # the event loop's time when the current request's clock started
+        unsent = 0  # bytes of answers waiting in the transport at the last sweep
+        moved = 0.0  # the loop's time when those bytes last shrank (or began to wait)
 
         def connection_made(self, transport: asyncio.Transport) -> None:
             super().connection_made(transport)
@@ -202,6 +216,21 @@ def bounded_protocol(
             """Whether a request is expected or still arriving (nothing is being answered)."""
             cycle = self.cycle
             return cycle is None or cycle.response_complete or cycle.more_body
+
+        def stalled(self, now: float) -> bool:
+            """Whether the unsent answer has not shrunk for a whole timeout at loop time ``now``.
+
+            Called by every sweep: the client taking any bytes restarts the clock,
+            the server writing more does not.
+            """
+            size = self.transport.get_write_buffer_size()
+            if size == 0:
+                self.unsent = 0
+                return False
+            if self.unsent == 0 or size < self.unsent:
+                self.moved = now
+            self.unsent = size
+            return now - self.moved > request_timeout
 
         def overdue(self, now: float) -> bool:
             """Whether the request being received has run out of time at loop time ``now``."""

@@ -94,17 +94,19 @@ class RequestCounter(LabelledCounter):
 
 
 class ClosedConnections(LabelledCounter):
-    """Connections closed before a whole request arrived, by reason.
+    """Connections the server closed on a client, by reason.
 
     Exposed as ``<prefix>_connections_closed_total{reason="..."}``; the reasons
-    are ``request_timeout`` and ``too_many_connections``
+    are ``request_timeout`` (a request not whole in time), ``send_timeout`` (an
+    answer left unread) and ``too_many_connections``
     (``brittle.deploy.serve.connections``).
     """
 
     def __init__(self, prefix: str = "brittle") -> None:
         super().__init__(
             f"{prefix}_connections_closed",
-            "Connections closed before a whole request arrived, by reason.",
+            "Connections the server closed on a client: a request not whole in time, an "
+            "answer left unread, or too many connections.",
             "reason",
         )
 
