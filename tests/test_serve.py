@@ -584,6 +584,29 @@ def test_openapi_states_the_contract(server: Server) -> None:
     assert parameter["schema"]["enum"] == [name]
 
 
+def test_openapi_is_generated_without_warnings(tmp_path: Path) -> None:
+    """Each operation has its own operationId (GET and HEAD routes shared one, and FastAPI
+    warned four times in the server's log)."""
+    import warnings
+
+    from fastapi.testclient import TestClient
+
+    from brittle.deploy.serve.app import create_app
+
+    monitor = brittle.wrap(nn.Linear(4, 3), eps=0.1)
+    monitor.set_threshold(0.2)
+    path = monitor.export_onnx(tmp_path / "m.onnx", torch.rand(2, 4))
+    served = brittle.OnnxMonitor(path, ["CPUExecutionProvider"])
+    app = create_app(served, telemetry=brittle.Telemetry.from_monitor(served, warn=False))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        spec = TestClient(app).get("/openapi.json").json()
+    assert [str(w.message) for w in caught] == []
+    ids = [op["operationId"] for item in spec["paths"].values() for op in item.values()]
+    assert len(ids) == len(set(ids))
+    assert set(spec["paths"]["/healthz"]) == {"get", "head"}
+
+
 def test_open_inference_protocol_with_tritonclient(server: Server, digits: DigitsSplit) -> None:
     """Triton's own HTTP client: health, metadata and inference equal to ``/predict``."""
     import tritonclient.http as triton

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import sys
+import warnings
 from typing import Any
 
 import numpy as np
@@ -288,7 +289,22 @@ def create_app(
         max_body=max_body,
         admission=admission,
     )
+    _unique_operation_ids(app)
     return app
+
+
+def _unique_operation_ids(app: FastAPI) -> None:
+    """``app.openapi`` with one operationId per operation and no warning about the rest."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", "Duplicate Operation ID", UserWarning)
+                app.openapi_schema = schemas.unique_operation_ids(generate())
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _version() -> str:
