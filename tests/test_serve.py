@@ -515,13 +515,16 @@ def test_strings_and_booleans_are_not_numbers(server: Server, leaf: Any) -> None
     [
         (b'{"inputs": ' + b"[" * 990 + b"]" * 990 + b"}", 400),
         (b'{"inputs": [[[[' + str(10**400).encode() + b"]]]]}", 422),
+        # Said "not UTF-8 text" before.
+        (b'{"inputs": [[[[' + b"9" * 5000 + b"]]]]}", 400),
     ],
-    ids=["nested-990", "10**400"],
+    ids=["nested-990", "10**400", "5000-digits"],
 )
 def test_bodies_that_crashed_the_server_get_a_4xx(server: Server, body: bytes, status: int) -> None:
     got, answer = _request(f"{server.url}/predict", body)
     assert got == status, answer
     detail = answer["detail"]
+    assert "UTF-8" not in detail, detail
     assert "\n" not in detail and len(detail) <= 200
     assert _metrics(server.url).get('brittle_requests_total{code="500"}', 0.0) == 0
 

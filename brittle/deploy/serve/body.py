@@ -105,8 +105,12 @@ def decode_json(body: bytes) -> Any:
         ) from err
     except json.JSONDecodeError as err:
         raise Refusal(400, f"the body is not valid JSON: {err.msg} at byte {err.pos}.") from err
-    except (ValueError, UnicodeDecodeError) as err:
+    except UnicodeDecodeError as err:
         raise Refusal(400, "the body is not valid JSON: it is not UTF-8 text.") from err
+    except ValueError as err:  # Python reads integers of at most 4300 digits
+        raise Refusal(
+            400, "the body is not valid JSON for this server: a number has too many digits."
+        ) from err
 
 
 def non_numbers(body: bytes, payload: dict[str, Any]) -> str:
