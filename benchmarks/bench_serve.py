@@ -53,6 +53,7 @@ from typing import Any
 import numpy as np
 
 HERE = Path(__file__).resolve()
+ROOT = HERE.parent.parent  # this checkout
 # Seconds of requests before each measured round: a fresh monitor's alarm redesigns
 # its chart as its learned reference doubles, most often in its first 10^4 samples.
 WARM_UP = 2.0
@@ -248,9 +249,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start(command: list[str], port: int, **extra_env: str) -> subprocess.Popen[bytes]:
+def start(
+    command: list[str], port: int, cwd: Path | None = None, **extra_env: str
+) -> subprocess.Popen[bytes]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", **extra_env}
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        command, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -407,8 +412,13 @@ def start_servers(
             command = commands[variant] + common
             if variant != "bare":
                 command += ["--port", str(ports[variant]), "--max-batch", "16"]
-            extra = baseline_env if variant == "baseline" else {}
-            servers[variant] = start(command, ports[variant], **extra)
+            # ``python -m`` puts the working directory first on sys.path: run from this
+            # checkout's root, the baseline's server would be this checkout's. Each
+            # server runs in the models' folder, with its own code first on the path.
+            extra = baseline_env if variant == "baseline" else {"PYTHONPATH": str(ROOT)}
+            servers[variant] = start(
+                command, ports[variant], cwd=Path(spec["monitor"]).parent, **extra
+            )
     except BaseException:
         for proc in servers.values():
             stop(proc)
@@ -505,7 +515,7 @@ def asgi_table(
             for _ in range(rounds):
                 for variant in variants:
                     kind = "bare" if variant == "bare" else "monitor"
-                    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+                    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
                     if variant == "baseline":
                         env.update(baseline_env)
                     out = subprocess.run(
