@@ -875,8 +875,8 @@ def test_clients_that_never_read_their_answers_are_dropped(onnx_path: Path, tmp_
         for sock in readers:
             sock.close()
     closed = {k: v for k, v in metrics.items() if k.startswith("brittle_connections_closed")}
-    # 20 of 20 in every quiet run; beside two CPU hogs, once 3 of 20, the rest closed
-    # before their answers stalled in the server (uvicorn's own keep-alive timeout).
+    # 20 of 20 in every quiet run and in 3 probes beside two CPU hogs; once, beside the
+    # hogs after the other server tests, 3 of 20, with 13 closed on accept instead.
     assert closed['brittle_connections_closed_total{reason="send_timeout"}'] >= 1, closed
     assert closed['brittle_connections_closed_total{reason="too_many_connections"}'] >= 1
     _, err = served.proc.communicate(timeout=30)
