@@ -14,8 +14,9 @@ bytes it has sent do not fit. At most ``max_concurrent`` requests are parsed and
 judged at once, in worker threads of their own, so that their Python objects are
 bounded too and the event loop (the health routes among them) is never queued
 behind dozens of threads for the interpreter lock. The memory a server's requests
-take is then about ``max_bytes`` plus ``max_concurrent`` times six bodies of
-``--max-body`` (a parsed JSON number takes about five times its text).
+take is then about ``max_bytes`` plus, for each of the ``max_concurrent`` workers,
+six bodies of ``--max-body`` (a parsed JSON number takes about five times its
+text) and the model's activations at the largest batch.
 
 Bytes are counted as they arrive rather than as a Content-Length announces them,
 so that a client announcing large bodies and sending nothing holds nothing. The
