@@ -57,7 +57,10 @@ def max_concurrent_default(cpus: int | None = None) -> int:
         >>> max_concurrent_default(2), max_concurrent_default(64)
         (2, 4)
     """
-    cpus = cpus if cpus is not None else os.cpu_count() or 1
+    if cpus is None:
+        # The cores this process may run on (a container's share), where the OS says.
+        affinity = getattr(os, "sched_getaffinity", None)
+        cpus = len(affinity(0)) if affinity is not None else os.cpu_count() or 1
     return max(1, min(_MAX_CONCURRENT, cpus))
 
 
