@@ -178,9 +178,11 @@ def bounded_protocol(
                 continue
             if connection.overdue(now):
                 closed("request_timeout")
+                connection.timed_out = True
                 connection.transport.close()
             elif connection.stalled(now):
-                closed("send_timeout")
+                if not connection.timed_out:  # each connection is counted once
+                    closed("send_timeout")
                 connection.transport.abort()  # close() would wait for the unsent bytes
         if connections:
             sweeps[loop] = loop.call_later(period, sweep, loop, connections)
@@ -191,6 +193,7 @@ def bounded_protocol(
         started = 0.0  # the event loop's time when the current request's clock started
         unsent = 0  # bytes of answers waiting in the transport at the last sweep
         moved = 0.0  # the loop's time when those bytes last shrank (or began to wait)
+        timed_out = False  # closed for its request's deadline (and counted so)
 
         def connection_made(self, transport: asyncio.Transport) -> None:
             super().connection_made(transport)
