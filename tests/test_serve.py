@@ -1049,3 +1049,34 @@ def test_bounded_protocol_refuses_unbounded_settings(kwargs: dict[str, float]) -
 
     with pytest.raises(ValueError, match="must be a positive"):
         bounded_protocol(AutoHTTPProtocol, **kwargs)  # type: ignore[arg-type]
+
+
+def test_an_answer_stalls_only_while_no_byte_of_it_leaves() -> None:
+    """The sweep's clock for unread answers: the client taking bytes restarts it, the
+    server writing more does not."""
+    from brittle.deploy.serve.connections import bounded_protocol
+
+    class Transport:
+        unsent = 0
+
+        def get_write_buffer_size(self) -> int:
+            return self.unsent
+
+    protocol = bounded_protocol(object, request_timeout=2.0)()
+    protocol.transport = Transport()  # type: ignore[attr-defined]
+
+    def stalled_at(now: float, unsent: int) -> bool:
+        protocol.transport.unsent = unsent  # type: ignore[attr-defined]
+        return bool(protocol.stalled(now))  # type: ignore[attr-defined]
+
+    assert not stalled_at(0.0, 0)
+    assert not stalled_at(0.2, 100)  # begins to wait
+    assert not stalled_at(1.0, 150)  # the server wrote more: no progress
+    assert stalled_at(2.3, 150)  # nothing left for 2.1 s
+    assert not stalled_at(2.4, 120)  # the client took 30 bytes: the clock restarts
+    assert not stalled_at(4.3, 120)
+    assert stalled_at(4.5, 120)
+    assert not stalled_at(4.6, 0)  # all sent
+    assert not stalled_at(4.7, 10)  # a new answer's clock starts now
+    assert not stalled_at(6.6, 10)
+    assert stalled_at(6.8, 10)
