@@ -6,12 +6,15 @@ the same moment, on a connection of its own, while the benchmark polls
 ``/healthz`` every 0.1 s. Reported: how many answers were 200 and 503, the
 server's peak resident memory (``VmHWM``) over what it held after one such
 request alone (onnxruntime's arena for the largest batch), and the ``/healthz``
-latency (median, worst) during the flood. With ``--baseline DIR`` another checkout
+latency (median, worst) during the flood, and the server's CPU time for the flood.
+With ``--chunk BYTES`` each body is sent with ``Transfer-Encoding: chunked`` in
+chunks of that many bytes (``--clients 1 --batch 800 --chunk 1``: one 1 MB body in
+1-byte chunks). With ``--baseline DIR`` another checkout
 serves the same ONNX file in the same interleaved rounds, each round on fresh
 server processes. Every server runs with its defaults apart from ``--max-batch``.
 
 Run: python benchmarks/bench_flood.py [--clients 64] [--batch 4096] [--rounds 2]
-     [--baseline DIR]
+     [--chunk BYTES] [--baseline DIR]
 """
 
 from __future__ import annotations
@@ -58,16 +61,28 @@ def exchange(port: int, request: bytes) -> int:
     return int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/1.1 ") else 0
 
 
+def cpu_seconds(pid: int) -> float:
+    """A process's user and system CPU time so far (``/proc/PID/stat``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def chunked(body: bytes, size: int) -> bytes:
+    """``body`` framed as ``Transfer-Encoding: chunked`` in chunks of ``size`` bytes."""
+    pieces = [body[i : i + size] for i in range(0, len(body), size)]
+    return b"".join(b"%x\r\n%s\r\n" % (len(piece), piece) for piece in pieces) + b"0\r\n\r\n"
+
+
 def healthz(port: int) -> float:
     start_at = time.perf_counter()
     assert exchange(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n") == 200
     return time.perf_counter() - start_at
 
 
-def flood(port: int, pid: int, request: bytes, clients: int) -> dict[str, float]:
-    """One flood against a warmed server: answers, memory growth, /healthz latency."""
-    assert exchange(port, request) == 200  # the largest batch's arena, before the baseline
-    baseline = peak_mb(pid)
+def flood(port: int, pid: int, warm: bytes, request: bytes, clients: int) -> dict[str, float]:
+    """One flood against a server warmed by ``warm``: answers, memory, CPU, /healthz."""
+    assert exchange(port, warm) == 200  # the largest batch's arena, before the baseline
+    baseline, cpu = peak_mb(pid), cpu_seconds(pid)
     latencies: list[float] = []
     done = threading.Event()
 
@@ -87,6 +102,7 @@ def flood(port: int, pid: int, request: bytes, clients: int) -> dict[str, float]
         "busy": statuses.count(503),
         "other": clients - statuses.count(200) - statuses.count(503),
         "growth": peak_mb(pid) - baseline,
+        "cpu": cpu_seconds(pid) - cpu,
         "p50": statistics.median(latencies) * 1e3,
         "worst": max(latencies) * 1e3,
     }
@@ -97,28 +113,31 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--chunk", type=int, help="send each body chunked, in this many bytes")
     parser.add_argument("--baseline", type=Path, help="another brittle checkout")
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="bench-flood-"))
     monitor = build_models(folder, 32, only="digits")["digits CNN (8x8, logit margin)"]["monitor"]
     rng = np.random.default_rng(0)
     body = json.dumps({"inputs": rng.random((args.batch, 1, 8, 8)).tolist()}).encode()
-    request = (
-        f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n"
-    ).encode() + body
+    head = "POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    warm = f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body
+    request = warm
+    if args.chunk is not None:
+        request = f"{head}Transfer-Encoding: chunked\r\n\r\n".encode() + chunked(body, args.chunk)
     variants = {"this checkout": ROOT}
     if args.baseline is not None:
         variants["baseline"] = args.baseline.resolve()
+    framing = "" if args.chunk is None else f" in {args.chunk}-byte chunks"
     print(
-        f"{args.clients} clients x {len(body) / 1e6:.1f} MB ({args.batch} digits) at once, "
-        f"{args.rounds} interleaved rounds; CPUs: {len(os.sched_getaffinity(0))}\n"
+        f"{args.clients} clients x {len(body) / 1e6:.1f} MB ({args.batch} digits){framing} at "
+        f"once, {args.rounds} interleaved rounds; CPUs: {len(os.sched_getaffinity(0))}\n"
     )
     print(
-        "| server | round | 200 | 503 | other | peak memory growth MiB | /healthz p50 ms "
-        "| worst ms |"
+        "| server | round | 200 | 503 | other | peak memory growth MiB | server CPU s "
+        "| /healthz p50 ms | worst ms |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for round_ in range(args.rounds):
         for name, code in variants.items():
             port = free_port()
@@ -130,12 +149,12 @@ def main() -> None:
                 PYTHONPATH=str(code),
             )
             try:
-                row = flood(port, proc.pid, request, args.clients)
+                row = flood(port, proc.pid, warm, request, args.clients)
             finally:
                 stop(proc)
             print(
                 f"| {name} | {round_ + 1} | {row['ok']} | {row['busy']} | {row['other']} | "
-                f"{row['growth']:.0f} | {row['p50']:.0f} | {row['worst']:.0f} |",
+                f"{row['growth']:.0f} | {row['cpu']:.2f} | {row['p50']:.0f} | {row['worst']:.0f} |",
                 flush=True,
             )
 

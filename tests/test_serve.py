@@ -883,6 +883,48 @@ def test_clients_that_never_read_their_answers_are_dropped(onnx_path: Path, tmp_
     assert "Traceback" not in err, err[-2000:]
 
 
+def _cpu_seconds(pid: int) -> float:
+    """The process's user and system CPU time so far (``/proc/PID/stat``)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="reads /proc (Linux)")
+def test_a_body_in_one_byte_chunks_is_dropped_without_holding_the_server(
+    onnx_path: Path, tmp_path: Path, digits: DigitsSplit
+) -> None:
+    """A valid 1 MB batch sent as 1-byte chunks: the connection is closed early.
+
+    Before, the server parsed every chunk (6 us each with h11, 0.35 us with
+    httptools): 6.8 s of the event loop for this body with h11, /healthz waited
+    3.6 s, and the batch was answered 200.
+    """
+    batch = 2560
+    body = json.dumps({"inputs": digits.x_holdout.repeat(4, 1, 1, 1)[:batch].tolist()}).encode()
+    wire = b"".join(b"1\r\n%s\r\n" % body[i : i + 1] for i in range(len(body))) + b"0\r\n\r\n"
+    head = (
+        b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n"
+    )
+    chunks = iter([wire[i : i + 2**16] for i in range(0, len(wire), 2**16)])
+    with _serve(onnx_path, tmp_path / "modules.txt", "--max-batch", str(batch)) as served:
+        before = _cpu_seconds(served.proc.pid)
+        status, _, sent = _raw_exchange(_port(served), head, chunks, limit_s=30)
+        spent = _cpu_seconds(served.proc.pid) - before
+        assert _request(f"{served.url}/healthz")[0] == 200
+        metrics = _metrics(served.url)
+        served.proc.send_signal(signal.SIGTERM)
+        _, err = served.proc.communicate(timeout=30)
+    assert len(body) > 1_000_000 and status == 0, status  # closed without an answer
+    assert metrics['brittle_connections_closed_total{reason="fragmented_body"}'] == 1
+    assert metrics.get('brittle_requests_total{code="200"}', 0) <= 2  # /healthz and this scrape
+    # The server stops reading at the 1,029th piece: 0.01-0.04 s of CPU in 5 runs on the
+    # 2-core VM, both parsers; 6.8 s (h11) and 0.35 s (httptools) before.
+    assert spent < 0.3, spent
+    assert sent < len(wire) and "Traceback" not in err, (sent, err[-2000:])
+
+
 def _peak_rss_mb(pid: int) -> float:
     """The process's peak resident memory (``VmHWM``), in MiB."""
     with open(f"/proc/{pid}/status") as status:
