@@ -30,6 +30,14 @@ whichever uvicorn picked) so that:
   1-byte chunks took 6.8 s of the event loop (h11), and ``/healthz`` waited
   3.6 s behind it. Common clients send chunks of 8 KiB (``http.client``) to 64
   KiB (httpx, curl), and a body of rows streamed one chunk per row passes too;
+- a request's head or trailers of more than ``MAX_HEAD_BYTES`` get uvicorn's
+  400 for an invalid request, with either parser. h11 refuses them by itself;
+  with httptools uvicorn kept every header, so one client sending headers
+  without end grew the server by 2.6 GB in 5 s (trailers without end: 2.3 GB in
+  3 s). With httptools a request is refused once the reads that brought it
+  nothing but head or trailer bytes (no body, no end of its head or of the
+  request) add up to more than ``MAX_HEAD_BYTES``: with the read in which the
+  head began (at most 256 KiB), that bounds what one connection holds;
 - a connection beyond ``max_connections`` open ones is closed as soon as it is
   accepted, so the process keeps descriptors for the connections it serves;
 - on shutdown (SIGTERM) a request still being received is dropped at once
@@ -56,6 +64,7 @@ __all__ = [
     "MAX_CONNECTIONS",
     "ACCEPT_BACKLOG",
     "FREE_PIECES",
+    "MAX_HEAD_BYTES",
 ]
 
 # Seconds a client has to send one whole request: nginx's client_header_timeout and
@@ -81,6 +90,10 @@ _SWEEPS_PER_TIMEOUT = 10
 # spends on them) and bounds how long one body holds the event loop.
 FREE_PIECES = 1024
 _PIECE_BYTES = 256
+# The largest request head, as h11 has by default (its max_incomplete_event_size).
+MAX_HEAD_BYTES = 16 * 1024
+# What uvicorn answers (and logs) when a parser refuses a request.
+_INVALID = "Invalid HTTP request received."
 # Descriptors kept for everything else a server holds open (its listening socket,
 # the model file, onnxruntime's and Python's own files: 9 measured at start-up).
 _RESERVED_DESCRIPTORS = 64
@@ -210,6 +223,9 @@ def bounded_protocol(
         dropped = False  # closed here, and counted (at most once per connection)
         pieces = 0  # pieces of the current request's body received so far
         piece_bytes = 0  # and their bytes
+        in_message = False  # httptools: a request has begun and not yet ended
+        progressed = False  # httptools: the read being parsed brought more than head bytes
+        head_bytes = 0  # httptools: bytes of the request's reads that brought only those
 
         def connection_made(self, transport: asyncio.Transport) -> None:
             super().connection_made(transport)
@@ -228,13 +244,35 @@ def bounded_protocol(
             super().on_response_complete()
             self.started = self.loop.time()  # the next request's clock
 
+        def data_received(self, data: bytes) -> None:
+            self.progressed = False
+            super().data_received(data)
+            # A read that began, ended or carried nothing of a request but head or
+            # trailer bytes: all of it is held by the parser or by uvicorn.
+            if self.in_message and not self.progressed and not self.transport.is_closing():
+                self.head_bytes += len(data)
+                if self.head_bytes > MAX_HEAD_BYTES:
+                    self.logger.warning(_INVALID)
+                    self.send_400_response(_INVALID)
+
         def on_message_begin(self) -> None:  # httptools: a request begins
-            self.pieces = self.piece_bytes = 0
+            self.pieces = self.piece_bytes = self.head_bytes = 0
+            self.in_message = self.progressed = True
             super().on_message_begin()
 
+        def on_headers_complete(self) -> None:  # httptools: its head has arrived
+            self.progressed = True
+            super().on_headers_complete()
+
         def on_body(self, body: bytes) -> None:  # httptools: a piece of the body
+            self.progressed = True
             if self.body_piece(len(body)):
                 super().on_body(body)
+
+        def on_message_complete(self) -> None:  # httptools: the request has ended
+            self.in_message = False
+            self.progressed = True
+            super().on_message_complete()
 
         def counted(self, next_event: Callable[[], Any]) -> Callable[[], Any]:
             """h11's ``Connection.next_event``, counting the pieces of each body."""
