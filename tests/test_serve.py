@@ -845,10 +845,13 @@ def test_clients_that_never_read_their_answers_are_dropped(onnx_path: Path, tmp_
     unsent bytes): /healthz was refused still 12 s later, with a 2 s deadline.
     """
     timeout, clients = 2.0, 20
+    # h11 parses one pipelined request at a time; with httptools a pipeline this deep
+    # is refused at once (test_a_deep_pipeline_is_refused_and_holds_no_memory).
     with _serve(
         onnx_path,
         tmp_path / "modules.txt",
         *("--request-timeout", str(timeout), "--max-connections", str(clients)),
+        *("--http", "h11"),
     ) as served:
         pipelined = b"GET /openapi.json HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" * 400
         readers = []
@@ -884,6 +887,44 @@ def test_clients_that_never_read_their_answers_are_dropped(onnx_path: Path, tmp_
     assert "Traceback" not in err, err[-2000:]
 
 
+def _rss_mb(pid: int) -> float:
+    """The process's resident memory now (``VmRSS``), in MiB."""
+    with open(f"/proc/{pid}/status") as status:
+        fields = dict(line.split(":", 1) for line in status)
+    return int(fields["VmRSS"].split()[0]) / 1024
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads /proc (Linux)")
+def test_a_deep_pipeline_is_refused_and_holds_no_memory(onnx_path: Path, tmp_path: Path) -> None:
+    """20 clients each pipeline 1 MiB of small requests and read nothing.
+
+    Before, httptools parsed every request of a read into a queued request (2.5 KB
+    each) and uvicorn read on after every answer: the server grew by 760 MB in 6 s,
+    and on. Now one more than 128 queued requests gets 400 and the connection closes.
+    """
+    request = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    pipelined = request * (2**20 // len(request))
+    with _serve(onnx_path, tmp_path / "modules.txt", "--http", "httptools") as served:
+        before = _rss_mb(served.proc.pid)
+        clients = []
+        for _ in range(20):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)  # reads nothing
+            sock.connect(("127.0.0.1", _port(served)))
+            sock.setblocking(False)
+            with contextlib.suppress(BlockingIOError, ConnectionError):
+                sock.send(pipelined)
+            clients.append(sock)
+        time.sleep(3)
+        growth = _rss_mb(served.proc.pid) - before
+        assert _request(f"{served.url}/healthz")[0] == 200
+        metrics = _metrics(served.url)
+        for sock in clients:
+            sock.close()
+    assert metrics['brittle_connections_closed_total{reason="too_many_pipelined"}'] == 20
+    assert growth < 50, growth  # 7.2 MB in 3 runs on the 2-core VM; 760 MB in 6 s before
+
+
 def _cpu_seconds(pid: int) -> float:
     """The process's user and system CPU time so far (``/proc/PID/stat``)."""
     with open(f"/proc/{pid}/stat") as stat:
@@ -892,8 +933,9 @@ def _cpu_seconds(pid: int) -> float:
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="reads /proc (Linux)")
+@pytest.mark.parametrize("parser", ["h11", "httptools"])
 def test_a_body_in_one_byte_chunks_is_dropped_without_holding_the_server(
-    onnx_path: Path, tmp_path: Path, digits: DigitsSplit
+    onnx_path: Path, tmp_path: Path, digits: DigitsSplit, parser: str
 ) -> None:
     """A valid 1 MB batch sent as 1-byte chunks: the connection is closed early.
 
@@ -909,7 +951,8 @@ def test_a_body_in_one_byte_chunks_is_dropped_without_holding_the_server(
         b"Transfer-Encoding: chunked\r\n\r\n"
     )
     chunks = iter([wire[i : i + 2**16] for i in range(0, len(wire), 2**16)])
-    with _serve(onnx_path, tmp_path / "modules.txt", "--max-batch", str(batch)) as served:
+    extra = ("--max-batch", str(batch), "--http", parser)
+    with _serve(onnx_path, tmp_path / "modules.txt", *extra) as served:
         before = _cpu_seconds(served.proc.pid)
         status, _, sent = _raw_exchange(_port(served), head, chunks, limit_s=30)
         spent = _cpu_seconds(served.proc.pid) - before
@@ -924,13 +967,6 @@ def test_a_body_in_one_byte_chunks_is_dropped_without_holding_the_server(
     # 2-core VM, both parsers; 6.8 s (h11) and 0.35 s (httptools) before.
     assert spent < 0.3, spent
     assert sent < len(wire) and "Traceback" not in err, (sent, err[-2000:])
-
-
-def _rss_mb(pid: int) -> float:
-    """The process's resident memory now (``VmRSS``), in MiB."""
-    with open(f"/proc/{pid}/status") as status:
-        fields = dict(line.split(":", 1) for line in status)
-    return int(fields["VmRSS"].split()[0]) / 1024
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads /proc (Linux)")
@@ -1034,6 +1070,22 @@ def test_missing_file_exits_with_a_message(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "no ONNX file at" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_http_httptools_without_httptools_exits_with_a_message(onnx_path: Path) -> None:
+    # httptools made unimportable, as where only uvicorn's own dependencies are installed.
+    launch = (
+        "import sys; sys.modules['httptools'] = None; "
+        "from brittle.deploy.serve.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", launch, str(onnx_path), "--http", "httptools", "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "needs the httptools package" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_old_file_serves_without_alarm(tmp_path: Path) -> None:

@@ -17,7 +17,11 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol  # the serve extra's
 from uvicorn.server import ServerState
 
-from brittle.deploy.serve.connections import FREE_PIECES, MAX_HEAD_BYTES, bounded_protocol
+from brittle.deploy.serve.connections import (
+    FREE_PIECES,
+    MAX_HEAD_BYTES,
+    bounded_protocol,
+)
 
 PARSERS = [H11Protocol, HttpToolsProtocol]
 
@@ -28,6 +32,7 @@ class Transport(asyncio.Transport):
     def __init__(self) -> None:
         super().__init__()
         self.closing = False
+        self.paused = False
         self.written = b""
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
@@ -48,10 +53,10 @@ class Transport(asyncio.Transport):
         return 0
 
     def pause_reading(self) -> None:
-        pass
+        self.paused = True
 
     def resume_reading(self) -> None:
-        pass
+        self.paused = False
 
 
 class Recorder:
@@ -104,8 +109,13 @@ async def _exchange(
     transport = Transport()
     connection.connection_made(transport)
     for data in sends:
+        for _ in range(100_000):  # a paused transport reads nothing until resumed
+            if not transport.paused or transport.closing:
+                break
+            await asyncio.sleep(0)
         if transport.closing:
             break
+        assert not transport.paused, "the connection was never read on"
         connection.data_received(data)
         for _ in range(20):  # let the app take what arrived
             await asyncio.sleep(0)
@@ -194,13 +204,29 @@ def test_a_head_or_trailers_without_end_get_400(parser: type[Any], part: str) ->
         assert MAX_HEAD_BYTES < connection.head_bytes <= MAX_HEAD_BYTES + len(reads[1])
 
 
+PIPELINED = b"GET /healthz HTTP/1.1\r\nHost: test\r\nX-Pad: " + b"p" * 600 + b"\r\n\r\n"
+
+
 @pytest.mark.parametrize("parser", PARSERS, ids=lambda p: p.__name__)
 def test_heads_within_the_limit_and_pipelined_requests_are_served(parser: type[Any]) -> None:
     # A 12 KB head sent 100 bytes at a time, then 1,000 pipelined requests in 64 KiB
-    # reads (each read ends inside some request's head).
+    # reads of about 100 requests each (each read ends inside some request's head).
     big = b"GET /healthz HTTP/1.1\r\nHost: test\r\nX-A: " + b"a" * 12_000 + b"\r\n\r\n"
-    pipelined = b"GET /healthz HTTP/1.1\r\nHost: test\r\nX-Pad: " + b"p" * 200 + b"\r\n\r\n"
-    reads = _reads(big, 100) + _reads(pipelined * 1000, 65536)
+    reads = _reads(big, 100) + _reads(PIPELINED * 1000, 65536)
     app, transport, reasons, _ = asyncio.run(_exchange(parser, reads))
     assert not transport.closing and reasons == []
     assert transport.written.count(b"HTTP/1.1 200 OK") == 1001
+
+
+@pytest.mark.parametrize("parser", PARSERS, ids=lambda p: p.__name__)
+def test_a_pipeline_deeper_than_the_queue_is_refused_with_httptools(parser: type[Any]) -> None:
+    # 1,000 requests in one read. Before, httptools queued them all (2.5 KB each) and
+    # read on after every answer: 20 clients pipelining 1 MiB each and reading nothing
+    # grew the server by 760 MB in 6 s. h11 parses one request at a time.
+    app, transport, reasons, _ = asyncio.run(_exchange(parser, [PIPELINED * 1000]))
+    if parser is HttpToolsProtocol:
+        assert reasons == ["too_many_pipelined"] and transport.closing
+        assert b"HTTP/1.1 400 " in transport.written
+        assert transport.written.count(b"HTTP/1.1 200 OK") <= 1
+    else:
+        assert reasons == [] and transport.written.count(b"HTTP/1.1 200 OK") == 1000

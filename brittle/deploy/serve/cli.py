@@ -12,7 +12,7 @@ import socket
 import sys
 import warnings
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from brittle.deploy.alarm import DEFAULT_ODDS_RATIO, DEFAULT_RUN_LENGTH
 from brittle.deploy.serve.connections import MAX_CONNECTIONS, REQUEST_TIMEOUT
@@ -148,6 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"most open connections; more are closed on accept (default {MAX_CONNECTIONS}, "
         "or fewer under a low open-file limit: 704 under ulimit -n 1024)",
     )
+    parser.add_argument(
+        "--http",
+        choices=["auto", "httptools", "h11"],
+        default="auto",
+        help="HTTP parser, as uvicorn's --http (default: httptools when installed, as the "
+        "serve extra does; h11 otherwise)",
+    )
     parser.add_argument("--log-level", default="warning", help="uvicorn's log level")
     return parser
 
@@ -157,7 +164,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import onnxruntime as ort
     import uvicorn
-    from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
     from brittle.deploy.onnx_monitor import OnnxMonitor
     from brittle.deploy.serve.app import create_app
@@ -187,9 +193,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_concurrent=args.max_concurrent,
             telemetry=telemetry,
         )
+        parser_class = _http_protocol(args.http)
         # Bound here, before the banner: a port in use is a start-up error like any other.
         sock = _bind(args.host, args.port)
-    except (FileNotFoundError, ValueError, OSError) as err:
+    except (FileNotFoundError, ValueError, OSError, ImportError) as err:
         print(f"python -m brittle.serve: error: {_one_line(err)}", file=sys.stderr)
         return 2
     for warning in caught:
@@ -213,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # bounds the time to receive each request and the number of open connections.
     limits = connection_limits()
     protocol = bounded_protocol(
-        AutoHTTPProtocol,
+        parser_class,
         request_timeout=args.request_timeout,
         max_connections=args.max_connections or limits.max_connections,
         on_close=app.state.closed_connections.count,
@@ -221,6 +228,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = uvicorn.Config(app, log_level=args.log_level, http=protocol, backlog=limits.backlog)
     Server(config).run(sockets=[sock])
     return 0
+
+
+def _http_protocol(name: str) -> type[Any]:
+    """The HTTP protocol class of uvicorn that ``--http`` names."""
+    if name == "h11":
+        from uvicorn.protocols.http.h11_impl import H11Protocol
+
+        return H11Protocol
+    if name == "httptools":
+        try:
+            from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+        except ImportError:
+            raise ImportError(
+                "--http httptools needs the httptools package: pip install httptools."
+            ) from None
+        return HttpToolsProtocol
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    return AutoHTTPProtocol
 
 
 def _one_line(err: BaseException) -> str:

@@ -38,13 +38,21 @@ whichever uvicorn picked) so that:
   nothing but head or trailer bytes (no body, no end of its head or of the
   request) add up to more than ``MAX_HEAD_BYTES``: with the read in which the
   head began (at most 256 KiB), that bounds what one connection holds;
+- with httptools, a client may pipeline at most ``MAX_PIPELINED`` requests
+  behind the one being answered; one more gets uvicorn's 400 and the connection
+  is closed. uvicorn parses every request of a read at once with httptools
+  (2.5 KB each, queued) and read on after every answer, so 20 clients
+  pipelining 1 MiB of small requests each and reading nothing grew the server
+  by 760 MB in 6 s, and on. Now a connection is read on only once its queue is
+  empty. h11 parses one request at a time and keeps the rest as bytes;
 - a connection beyond ``max_connections`` open ones is closed as soon as it is
   accepted, so the process keeps descriptors for the connections it serves;
 - on shutdown (SIGTERM) a request still being received is dropped at once
   instead of being waited for.
 
 Each closed connection is counted by reason (``"request_timeout"``,
-``"send_timeout"``, ``"fragmented_body"``, ``"too_many_connections"``) into the app's
+``"send_timeout"``, ``"fragmented_body"``, ``"too_many_pipelined"``,
+``"too_many_connections"``) into the app's
 ``brittle_connections_closed_total``.
 No response is written: the request was not read, and closing a socket with
 unread data resets it, which would destroy the response anyway.
@@ -65,6 +73,7 @@ __all__ = [
     "ACCEPT_BACKLOG",
     "FREE_PIECES",
     "MAX_HEAD_BYTES",
+    "MAX_PIPELINED",
 ]
 
 # Seconds a client has to send one whole request: nginx's client_header_timeout and
@@ -92,6 +101,9 @@ FREE_PIECES = 1024
 _PIECE_BYTES = 256
 # The largest request head, as h11 has by default (its max_incomplete_event_size).
 MAX_HEAD_BYTES = 16 * 1024
+# Requests a client may pipeline behind the one being answered (httptools; h11 parses
+# one at a time): about 320 KB of queued requests per connection.
+MAX_PIPELINED = 128
 # What uvicorn answers (and logs) when a parser refuses a request.
 _INVALID = "Invalid HTTP request received."
 # Descriptors kept for everything else a server holds open (its listening socket,
@@ -144,6 +156,10 @@ def _open_file_limit() -> int | None:
         return None
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     return None if soft == resource.RLIM_INFINITY else int(soft)
+
+
+class TooManyPipelined(Exception):
+    """Raised inside httptools' parser to stop it: a client pipelined too many requests."""
 
 
 def bounded_protocol(
@@ -240,10 +256,6 @@ def bounded_protocol(
             if self.loop not in sweeps:
                 sweeps[self.loop] = self.loop.call_later(period, sweep, self.loop, self.connections)
 
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            self.started = self.loop.time()  # the next request's clock
-
         def data_received(self, data: bytes) -> None:
             self.progressed = False
             super().data_received(data)
@@ -263,6 +275,16 @@ def bounded_protocol(
         def on_headers_complete(self) -> None:  # httptools: its head has arrived
             self.progressed = True
             super().on_headers_complete()
+            if len(getattr(self, "pipeline", ())) > MAX_PIPELINED:
+                closed("too_many_pipelined")
+                # httptools stops parsing the read; uvicorn answers 400 and closes.
+                raise TooManyPipelined(f"more than {MAX_PIPELINED} requests pipelined")
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()  # with httptools this reads on (and starts the next)
+            self.started = self.loop.time()  # the next request's clock
+            if getattr(self, "pipeline", None):  # requests still queued: read once they are done
+                self.flow.pause_reading()
 
         def on_body(self, body: bytes) -> None:  # httptools: a piece of the body
             self.progressed = True

@@ -98,8 +98,8 @@ class ClosedConnections(LabelledCounter):
 
     Exposed as ``<prefix>_connections_closed_total{reason="..."}``; the reasons
     are ``request_timeout`` (a request not whole in time), ``send_timeout`` (an
-    answer left unread), ``fragmented_body`` (a body in too many pieces) and
-    ``too_many_connections``
+    answer left unread), ``fragmented_body`` (a body in too many pieces),
+    ``too_many_pipelined`` (requests pipelined too deep) and ``too_many_connections``
     (``brittle.deploy.serve.connections``).
     """
 
