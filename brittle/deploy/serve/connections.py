@@ -54,8 +54,10 @@ Each closed connection is counted by reason (``"request_timeout"``,
 ``"send_timeout"``, ``"fragmented_body"``, ``"too_many_pipelined"``,
 ``"too_many_connections"``) into the app's
 ``brittle_connections_closed_total``.
-No response is written: the request was not read, and closing a socket with
-unread data resets it, which would destroy the response anyway.
+The deadlines, the pieces and the cap close without an answer: the request was
+not read, and closing a socket with unread data resets it, which would destroy
+an answer anyway. A head too large and a pipeline too deep get the 400 uvicorn
+gives any request its parser refuses.
 """
 
 from __future__ import annotations
@@ -158,7 +160,7 @@ def _open_file_limit() -> int | None:
     return None if soft == resource.RLIM_INFINITY else int(soft)
 
 
-class TooManyPipelined(Exception):
+class _TooManyPipelined(Exception):
     """Raised inside httptools' parser to stop it: a client pipelined too many requests."""
 
 
@@ -169,7 +171,11 @@ def bounded_protocol(
     max_connections: int = MAX_CONNECTIONS,
     on_close: Callable[[str], None] | None = None,
 ) -> type[asyncio.Protocol]:
-    """A subclass of uvicorn's protocol ``base`` with deadlines and a connection cap.
+    """A subclass of uvicorn's protocol ``base`` with deadlines and caps (see the module).
+
+    The deadlines, the caps on a body's pieces, a head's bytes and a pipeline's
+    depth, and the cap on open connections work with h11's and httptools'
+    protocols alike.
 
     Args:
         base: uvicorn's protocol class, e.g.
@@ -231,7 +237,7 @@ def bounded_protocol(
             sweeps[loop] = loop.call_later(period, sweep, loop, connections)
 
     class BoundedProtocol(base):
-        """``base`` with a deadline to receive each request and a cap on connections."""
+        """``base`` with the deadlines and caps of ``bounded_protocol``."""
 
         started = 0.0  # the event loop's time when the current request's clock started
         unsent = 0  # bytes of answers waiting in the transport at the last sweep
@@ -277,8 +283,9 @@ def bounded_protocol(
             super().on_headers_complete()
             if len(getattr(self, "pipeline", ())) > MAX_PIPELINED:
                 closed("too_many_pipelined")
+                self.dropped = True
                 # httptools stops parsing the read; uvicorn answers 400 and closes.
-                raise TooManyPipelined(f"more than {MAX_PIPELINED} requests pipelined")
+                raise _TooManyPipelined(f"more than {MAX_PIPELINED} requests pipelined")
 
         def on_response_complete(self) -> None:
             super().on_response_complete()  # with httptools this reads on (and starts the next)
