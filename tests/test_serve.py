@@ -887,11 +887,12 @@ def test_clients_that_never_read_their_answers_are_dropped(onnx_path: Path, tmp_
     assert "Traceback" not in err, err[-2000:]
 
 
-def _rss_mb(pid: int) -> float:
-    """The process's resident memory now (``VmRSS``), in MiB."""
+def _memory_mb(pid: int, field: str = "VmRSS") -> float:
+    """A memory figure of the process from ``/proc/PID/status``, in MiB: ``VmRSS``
+    (resident now) or ``VmHWM`` (the peak of that)."""
     with open(f"/proc/{pid}/status") as status:
         fields = dict(line.split(":", 1) for line in status)
-    return int(fields["VmRSS"].split()[0]) / 1024
+    return int(fields[field].split()[0]) / 1024
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads /proc (Linux)")
@@ -905,7 +906,7 @@ def test_a_deep_pipeline_is_refused_and_holds_no_memory(onnx_path: Path, tmp_pat
     request = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
     pipelined = request * (2**20 // len(request))
     with _serve(onnx_path, tmp_path / "modules.txt", "--http", "httptools") as served:
-        before = _rss_mb(served.proc.pid)
+        before = _memory_mb(served.proc.pid)
         clients = []
         for _ in range(20):
             sock = socket.socket()
@@ -916,7 +917,7 @@ def test_a_deep_pipeline_is_refused_and_holds_no_memory(onnx_path: Path, tmp_pat
                 sock.send(pipelined)
             clients.append(sock)
         time.sleep(3)
-        growth = _rss_mb(served.proc.pid) - before
+        growth = _memory_mb(served.proc.pid) - before
         assert _request(f"{served.url}/healthz")[0] == 200
         metrics = _metrics(served.url)
         for sock in clients:
@@ -974,7 +975,7 @@ def test_a_body_in_one_byte_chunks_is_dropped_without_holding_the_server(
 def test_headers_without_end_get_400_and_hold_no_memory(server: Server) -> None:
     """Before, with httptools as the parser, uvicorn kept every header it was sent:
     headers without end grew the server by 2.6 GB in 5 s."""
-    before = _rss_mb(server.proc.pid)
+    before = _memory_mb(server.proc.pid)
     header = b"X-A: " + b"a" * 1000 + b"\r\n"
     sent, answer = 0, b""
     with _connect(server, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n") as sock:
@@ -991,15 +992,8 @@ def test_headers_without_end_get_400_and_hold_no_memory(server: Server) -> None:
     # Refused after 16 KiB and one read; what the kernel's buffers took meanwhile was
     # 2.4-3.6 MB in 3 runs (before: 1.7 GB sent in 3 s and no answer).
     assert sent < 20_000_000, sent
-    assert _rss_mb(server.proc.pid) - before < 20
+    assert _memory_mb(server.proc.pid) - before < 20
     assert _request(f"{server.url}/healthz")[0] == 200
-
-
-def _peak_rss_mb(pid: int) -> float:
-    """The process's peak resident memory (``VmHWM``), in MiB."""
-    with open(f"/proc/{pid}/status") as status:
-        fields = dict(line.split(":", 1) for line in status)
-    return int(fields["VmHWM"].split()[0]) / 1024
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads /proc (Linux)")
@@ -1028,13 +1022,13 @@ def test_many_large_bodies_at_once_stay_within_the_body_budget(
         port = _port(served)
         # The baseline holds what one largest request needs (onnxruntime's arena).
         assert _raw_exchange(port, head, iter(chunks))[0] == 200
-        baseline = _peak_rss_mb(served.proc.pid)
+        baseline = _memory_mb(served.proc.pid, "VmHWM")
         before = _metrics(served.url)
         with ThreadPoolExecutor(max_workers=clients) as pool:
             answers = list(
                 pool.map(lambda _: _raw_exchange(port, head, iter(chunks)), range(clients))
             )
-        growth = _peak_rss_mb(served.proc.pid) - baseline
+        growth = _memory_mb(served.proc.pid, "VmHWM") - baseline
         after = _metrics(served.url)
         served.proc.send_signal(signal.SIGTERM)
         _, err = served.proc.communicate(timeout=30)
