@@ -83,9 +83,13 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _request(url: str, body: bytes | None = None) -> tuple[int, Any]:
+def _request(
+    url: str, body: bytes | None = None, headers: dict[str, str] | None = None
+) -> tuple[int, Any]:
     request = urllib.request.Request(url, data=body, method="POST" if body is not None else "GET")
     request.add_header("Content-Type", "application/json")
+    for key, value in (headers or {}).items():  # http.client sends values as Latin-1
+        request.add_header(key, value)
     try:
         with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
             raw, status = response.read(), response.status
@@ -527,6 +531,43 @@ def test_bodies_that_crashed_the_server_get_a_4xx(server: Server, body: bytes, s
     detail = answer["detail"]
     assert "UTF-8" not in detail, detail
     assert "\n" not in detail and len(detail) <= 200
+    assert _metrics(server.url).get('brittle_requests_total{code="500"}', 0.0) == 0
+
+
+def _binary_infer(shape: list[int], data: bytes, header: str | None = None) -> tuple[bytes, str]:
+    """An Open Inference body with binary tensor data, and its header-length header."""
+    tensor = {"name": "input", "shape": shape, "datatype": "FP32"}
+    tensor["parameters"] = {"binary_data_size": len(data)}
+    head = json.dumps({"inputs": [tensor]}).encode()
+    return head + data, str(len(head)) if header is None else header
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        # A dimension numpy cannot hold, beside a zero one: no data to fill it.
+        "zero-rows-of-1e30",
+        "binary-zero-rows-of-2**63",
+        # A header of digits int() cannot read ("\N{SUPERSCRIPT TWO}".isdigit() is true).
+        "superscript-header-length",
+    ],
+)
+def test_open_inference_bodies_that_crashed_the_server_get_400(server: Server, case: str) -> None:
+    headers: dict[str, str] = {}
+    if case == "zero-rows-of-1e30":
+        tensor = {"name": "input", "shape": [0, 1, 8, 10**30], "datatype": "FP32", "data": []}
+        body = json.dumps({"inputs": [tensor]}).encode()
+    elif case == "binary-zero-rows-of-2**63":
+        body, length = _binary_infer([0, 1, 8, 2**63], b"")
+        headers["Inference-Header-Content-Length"] = length
+    else:
+        sample = np.zeros(64, np.float32).tobytes()
+        body, _ = _binary_infer([1, 1, 8, 8], sample, "\N{SUPERSCRIPT TWO}")
+        headers["Inference-Header-Content-Length"] = "\N{SUPERSCRIPT TWO}"
+    url = f"{server.url}/v2/models/{server.path.stem}/infer"
+    status, answer = _request(url, body, headers)
+    assert status == 400 and isinstance(answer, dict), answer
+    assert "\n" not in answer["error"] and len(answer["error"]) <= 200
     assert _metrics(server.url).get('brittle_requests_total{code="500"}', 0.0) == 0
 
 

@@ -24,6 +24,7 @@ __all__ = [
     "DEFAULT_MAX_BODY",
     "BYTES_PER_VALUE",
     "body_limit",
+    "byte_count",
     "read_body",
     "decode_json",
     "non_numbers",
@@ -55,6 +56,19 @@ def body_limit(input_shape: tuple[int | None, ...], max_batch: int) -> int:
     return max_batch * math.prod(d or 0 for d in sample) * BYTES_PER_VALUE + _ENVELOPE
 
 
+def byte_count(text: str) -> int | None:
+    """A header's byte count, or ``None`` unless ``text`` is ASCII digits only.
+
+    ``str.isdigit`` alone also accepts digits ``int`` cannot read, such as the
+    superscript two of Latin-1, the charset HTTP headers are decoded in.
+
+    Examples:
+        >>> byte_count("1024"), byte_count("-1"), byte_count("\N{SUPERSCRIPT TWO}")
+        (1024, None, None)
+    """
+    return int(text) if text.isascii() and text.isdigit() else None
+
+
 def _too_large(limit: int) -> Refusal:
     return Refusal(413, f"the body exceeds this server's limit of {limit} bytes.")
 
@@ -73,14 +87,15 @@ async def read_body(
     closed it: ``brittle.deploy.serve.connections``) is a 400, counted like any
     other, instead of a logged traceback.
     """
-    length = headers.get("content-length")
-    if length is not None:
-        if not length.isdigit():
+    header = headers.get("content-length")
+    if header is not None:
+        length = byte_count(header)
+        if length is None:
             raise Refusal(400, "the Content-Length header is not a byte count.")
-        if int(length) > limit:
+        if length > limit:
             raise _too_large(limit)
         if hold is not None:
-            hold.check(int(length))
+            hold.check(length)
     chunks, total = [], 0
     try:
         async for chunk in stream:

@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, Response
 from brittle.deploy.onnx_monitor import INPUT_NAME, OUTPUT_NAMES, OnnxMonitor
 from brittle.deploy.serve import schemas
 from brittle.deploy.serve.admission import Admission
-from brittle.deploy.serve.body import decode_json, read_body, to_batch
+from brittle.deploy.serve.body import byte_count, decode_json, read_body, to_batch
 from brittle.deploy.serve.refusal import Refusal
 from brittle.output import MonitorOutput
 
@@ -60,9 +60,9 @@ def _split_binary(request_headers: Any, body: bytes) -> tuple[bytes, bytes]:
     header = request_headers.get(_BINARY_HEADER)
     if header is None:
         return body, b""
-    if not header.isdigit() or int(header) > len(body):
+    n = byte_count(header)
+    if n is None or n > len(body):
         raise Refusal(400, f"the {_BINARY_HEADER} header does not fit the body.")
-    n = int(header)
     return body[:n], body[n:]
 
 
@@ -113,8 +113,12 @@ def _tensor(
         values = to_batch(found.reshape(-1).tolist(), dtype, (None,))
     if values.size != count:
         raise Refusal(400, "the tensor's data do not fill its shape.")
+    try:
+        values = values.reshape(shape)
+    except (ValueError, OverflowError):  # no data, and a dimension no array can have
+        raise Refusal(400, "the tensor's shape is larger than any array can be.") from None
     with np.errstate(over="ignore", invalid="ignore"):  # out of range: Inf, rejected
-        x = values.reshape(shape).astype(monitor.dtype, copy=False)
+        x = values.astype(monitor.dtype, copy=False)
     outputs = request.get("outputs")
     if outputs is None:
         return x, None
