@@ -534,12 +534,12 @@ def test_bodies_that_crashed_the_server_get_a_4xx(server: Server, body: bytes, s
     assert _metrics(server.url).get('brittle_requests_total{code="500"}', 0.0) == 0
 
 
-def _binary_infer(shape: list[int], data: bytes, header: str | None = None) -> tuple[bytes, str]:
+def _binary_infer(shape: list[int], data: bytes) -> tuple[bytes, str]:
     """An Open Inference body with binary tensor data, and its header-length header."""
     tensor = {"name": "input", "shape": shape, "datatype": "FP32"}
     tensor["parameters"] = {"binary_data_size": len(data)}
     head = json.dumps({"inputs": [tensor]}).encode()
-    return head + data, str(len(head)) if header is None else header
+    return head + data, str(len(head))
 
 
 @pytest.mark.parametrize(
@@ -548,8 +548,10 @@ def _binary_infer(shape: list[int], data: bytes, header: str | None = None) -> t
         # A dimension numpy cannot hold, beside a zero one: no data to fill it.
         "zero-rows-of-1e30",
         "binary-zero-rows-of-2**63",
-        # A header of digits int() cannot read ("\N{SUPERSCRIPT TWO}".isdigit() is true).
+        # Header digits int() cannot read: "\N{SUPERSCRIPT TWO}".isdigit() is true, and
+        # int() refuses more than 4,300 digits.
         "superscript-header-length",
+        "5000-digit-header-length",
     ],
 )
 def test_open_inference_bodies_that_crashed_the_server_get_400(server: Server, case: str) -> None:
@@ -561,9 +563,9 @@ def test_open_inference_bodies_that_crashed_the_server_get_400(server: Server, c
         body, length = _binary_infer([0, 1, 8, 2**63], b"")
         headers["Inference-Header-Content-Length"] = length
     else:
-        sample = np.zeros(64, np.float32).tobytes()
-        body, _ = _binary_infer([1, 1, 8, 8], sample, "\N{SUPERSCRIPT TWO}")
-        headers["Inference-Header-Content-Length"] = "\N{SUPERSCRIPT TWO}"
+        length = "\N{SUPERSCRIPT TWO}" if case.startswith("superscript") else "9" * 5000
+        body, _ = _binary_infer([1, 1, 8, 8], np.zeros(64, np.float32).tobytes())
+        headers["Inference-Header-Content-Length"] = length
     url = f"{server.url}/v2/models/{server.path.stem}/infer"
     status, answer = _request(url, body, headers)
     assert status == 400 and isinstance(answer, dict), answer

@@ -57,16 +57,22 @@ def body_limit(input_shape: tuple[int | None, ...], max_batch: int) -> int:
 
 
 def byte_count(text: str) -> int | None:
-    """A header's byte count, or ``None`` unless ``text`` is ASCII digits only.
+    """A header's byte count; ``None`` unless it is ASCII digits of at most 18 figures.
 
     ``str.isdigit`` alone also accepts digits ``int`` cannot read, such as the
-    superscript two of Latin-1, the charset HTTP headers are decoded in.
+    superscript two of Latin-1, the charset HTTP headers are decoded in, and
+    ``int`` refuses more than 4,300 digits. No body holds 10**18 bytes.
 
     Examples:
         >>> byte_count("1024"), byte_count("-1"), byte_count("\N{SUPERSCRIPT TWO}")
         (1024, None, None)
+        >>> byte_count("0" * 5000 + "7"), byte_count("9" * 5000)
+        (7, None)
     """
-    return int(text) if text.isascii() and text.isdigit() else None
+    if not (text.isascii() and text.isdigit()):
+        return None
+    figures = text.lstrip("0")
+    return int(figures or "0") if len(figures) <= 18 else None
 
 
 def _too_large(limit: int) -> Refusal:
