@@ -9,6 +9,7 @@ shape) is compared first, since it needs no forward pass and names what differs.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -84,6 +85,13 @@ def check_identity(model: nn.Module, saved: dict[str, Any]) -> None:
             f"differ, e.g. {differ}). Fit a monitor for this model."
         )
     if saved["probe_logits"] is None:
+        warnings.warn(
+            "this monitor file records no probe logits (saved by an older brittle before the "
+            "monitor saw an input), so only the model's structure was checked, not its "
+            "weights. Save the monitor again after monitor(batch).",
+            UserWarning,
+            stacklevel=3,
+        )
         return
     expected = torch.tensor(saved["probe_logits"], dtype=torch.float64)
     got = _probe(model, tuple(saved["input_shape"]))

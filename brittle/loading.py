@@ -25,10 +25,16 @@ def load(path: str | Path, model: nn.Module) -> Monitor:
     Returns:
         The fitted ``Monitor``, on the model's device.
 
+    The pair-norm table of the feature margin is recomputed from ``model``'s head,
+    not read from the file. A file from an older brittle that records no probe
+    logits loads with a ``UserWarning``: only the model's structure is checked.
+
     Raises:
         ValueError: if the file is damaged (its checksum differs) or not a monitor
-            file, holds a fitted monitor without a finite threshold, or ``model`` is
-            not the model the monitor was fitted for.
+            file, holds a state no monitor could have saved (a tensor of another
+            shape, an input domain that is not two finite bounds in order), holds a
+            fitted monitor without a finite threshold, or ``model`` is not the model
+            the monitor was fitted for.
 
     Examples:
         >>> import tempfile, torch, brittle

@@ -772,13 +772,23 @@ class Monitor(nn.Module):
         param = next(model.parameters(), None)
         if param is not None:
             monitor.to(param.device)
-        missing, unexpected = monitor.load_state_dict(state, strict=False)
+        derived = monitor.pair_norms.clone()  # from this model's head
+        try:
+            missing, unexpected = monitor.load_state_dict(state, strict=False)
+        except RuntimeError as err:  # a tensor of another shape, or a value that is none
+            raise ValueError(
+                "the state does not match this version of brittle.Monitor: "
+                f"{str(err).splitlines()[-1].strip()}"
+            ) from err
         missing = [k for k in missing if not k.startswith("model.")]
         if missing or unexpected:
             raise ValueError(
                 "the state does not match this version of brittle.Monitor "
                 f"(missing {missing}, unexpected {unexpected})."
             )
+        # The table is computed from the head's weights: this model's, not a copy in the file.
+        monitor.pair_norms = derived
+        _check_domain(monitor.domain)
         return monitor
 
     def save(self, path: str | Path) -> Path:
@@ -887,3 +897,19 @@ def wrap(
         example_input=example_input,
         min_tau=min_tau,
     )
+
+
+def _check_domain(domain: Tensor) -> None:
+    """Refuse a loaded input domain that no monitor could have saved.
+
+    A domain is either unrecorded (NaN) or two finite bounds in order; anything
+    else would silently turn the domain check off or reject every input.
+    """
+    low, high = domain.tolist()
+    if math.isnan(low) and math.isnan(high):
+        return
+    if not (math.isfinite(low) and math.isfinite(high) and low <= high):
+        raise ValueError(
+            f"the state's input domain ({low}, {high}) is neither two finite bounds in order "
+            "nor unrecorded."
+        )

@@ -180,3 +180,63 @@ def test_a_fitted_monitor_without_finite_threshold_is_refused(
     monitor.threshold.fill_(math.inf)
     with pytest.raises(ValueError, match="non-finite threshold"):
         monitor.save(tmp_path / "inf.pt")
+
+
+def _rewritten(path, edit) -> None:
+    """Apply ``edit`` to a saved monitor file's payload and write it back with a valid checksum."""
+    payload = torch.load(path, weights_only=True)
+    edit(payload)
+    payload["checksum"] = checksum(payload["state"], payload["model"])
+    torch.save(payload, path)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "match"),
+    [
+        # load_state_dict raised RuntimeError for these two (not the documented ValueError).
+        ("threshold", torch.zeros(2), "does not match.*size mismatch"),
+        ("pair_norms", "a string", "does not match.*expected torch.Tensor"),
+        # These loaded and silently turned the domain check off, or rejected every input.
+        ("domain", torch.tensor([-math.inf, -math.inf]), "input domain"),
+        ("domain", torch.tensor([1.0, 0.0]), "input domain"),
+        ("domain", torch.tensor([0.0, math.nan]), "input domain"),
+    ],
+    ids=["threshold-shape", "not-a-tensor", "infinite-domain", "reversed-domain", "half-nan"],
+)
+def test_a_state_that_could_not_have_been_saved_is_refused(
+    fitted_pseudo: brittle.Monitor, robust_model: nn.Module, tmp_path, key, value, match
+) -> None:
+    path = fitted_pseudo.save(tmp_path / "monitor.pt")
+    _rewritten(path, lambda payload: payload["state"].__setitem__(key, value))
+    with pytest.raises(ValueError, match=match):
+        brittle.load(path, robust_model)
+
+
+@pytest.mark.parametrize("table", [torch.full((10, 10), math.nan), torch.zeros(10, 10)])
+def test_the_pair_norm_table_comes_from_the_model_not_the_file(
+    standard_model: nn.Module, digits: DigitsSplit, tmp_path, table: torch.Tensor
+) -> None:
+    monitor = brittle.wrap(standard_model, score="feature", example_input=torch.rand(2, 1, 8, 8))
+    monitor.set_threshold(0.3)
+    path = monitor.save(tmp_path / "m.pt")
+    # A NaN table gave NaN feature margins (every sample rejected); a zero one, infinite.
+    _rewritten(path, lambda payload: payload["state"].__setitem__("pair_norms", table))
+    loaded = brittle.load(path, standard_model)
+    x = digits.x_holdout[:20]
+    torch.testing.assert_close(loaded(x).margin, monitor(x).margin)
+    assert torch.equal(loaded.pair_norms, monitor.pair_norms)
+
+
+def test_a_file_without_probe_logits_loads_with_a_warning(
+    standard_model: nn.Module, tmp_path
+) -> None:
+    monitor = brittle.wrap(standard_model, example_input=torch.rand(2, 1, 8, 8))
+    monitor.set_threshold(0.3)
+    path = monitor.save(tmp_path / "m.pt")
+    _rewritten(path, lambda payload: payload["model"].__setitem__("probe_logits", None))
+    other = copy.deepcopy(standard_model)
+    with torch.no_grad():
+        other[0].weight.mul_(1.5)
+    # Structure alone cannot tell these two apart: the user is told so.
+    with pytest.warns(UserWarning, match="no probe logits.*structure"):
+        brittle.load(path, other)
