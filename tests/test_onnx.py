@@ -115,6 +115,34 @@ def test_metadata(exported: dict) -> None:
     assert meta["fitted"] == "false" and meta["target_tpr"] == "none" and "tau" not in meta
 
 
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        # TypeError tracebacks at start-up, or later in the request path, before.
+        ("input_domain", "5"),
+        ("margin_buckets", "5"),
+        ("reference_counts", "5"),
+        # Served before: the domain counted rejects by the wrong bounds, the rate was nonsense.
+        ("input_domain", "[1, 0]"),
+        ("input_domain", "[NaN, 1]"),
+        ("reference_flag_rate", "2"),
+        ("reference_flag_rate", "nan"),
+        ("threshold", "abc"),
+    ],
+)
+def test_malformed_metadata_is_refused_when_opened(
+    exported: dict, tmp_path: Path, key: str, value: str
+) -> None:
+    model = onnx.load(exported["pseudo"][1].path)
+    props = {p.key: p for p in model.metadata_props}
+    assert key in props
+    props[key].value = value
+    path = tmp_path / "edited.onnx"
+    onnx.save(model, path)
+    with pytest.raises(ValueError, match=f"malformed metadata {key}="):
+        brittle.OnnxMonitor(path, providers=CPU)
+
+
 def test_graph_passes_checker(exported: dict) -> None:
     for _, served in exported.values():
         model = onnx.load(served.path)

@@ -1170,6 +1170,11 @@ def test_start_up_errors_are_one_line_and_exit_2(onnx_path: Path, tmp_path: Path
     del bare.metadata_props[:]
     plain = tmp_path / "plain.onnx"
     onnx.save(bare, str(plain))
+    # Metadata that parsed to the wrong type: a 16-line TypeError traceback and exit 1.
+    odd = onnx.load(str(onnx_path))
+    next(p for p in odd.metadata_props if p.key == "input_domain").value = "5"
+    malformed = tmp_path / "malformed.onnx"
+    onnx.save(odd, str(malformed))
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))
     busy.listen()
@@ -1178,6 +1183,7 @@ def test_start_up_errors_are_one_line_and_exit_2(onnx_path: Path, tmp_path: Path
         "empty": ([str(empty)], "not a readable ONNX file"),
         "truncated": ([str(cut)], "not a readable ONNX file"),
         "no threshold": ([str(plain), "--port", str(_free_port())], "no finite flag threshold"),
+        "malformed metadata": ([str(malformed)], "malformed metadata input_domain="),
         "bad port": ([str(onnx_path), "--port", "99999"], "a port is 0 to 65535"),
         "port in use": ([str(onnx_path), "--port", taken], f"cannot listen on 127.0.0.1:{taken}"),
         "no deadline": ([str(onnx_path), "--request-timeout", "inf"], "finite number of seconds"),

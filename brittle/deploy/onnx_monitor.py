@@ -38,6 +38,28 @@ def _has_nvidia_gpu() -> bool:
     return (gpus.is_dir() and any(gpus.iterdir())) or Path("/dev/nvidia0").exists()
 
 
+# The metadata values OnnxMonitor parses (its properties of the same names).
+_READ_METADATA = (
+    "threshold",
+    "reference_flag_rate",
+    "reference_counts",
+    "margin_buckets",
+    "input_domain",
+)
+
+
+def _in_range(key: str, value: Any) -> bool:
+    """Whether a parsed metadata value is one an export could have written."""
+    if value is None:
+        return True
+    if key == "reference_flag_rate":
+        return bool(0.0 <= value <= 1.0)
+    if key == "input_domain":
+        low, high = value
+        return math.isfinite(low) and math.isfinite(high) and low <= high
+    return True
+
+
 def _default_providers() -> list[str]:
     import onnxruntime as ort
 
@@ -63,6 +85,12 @@ class OnnxMonitor:
             eps, norm, target TPR and, for fitted monitors, the consistency figures).
         input_shape: Expected input shape, ``None`` for the dynamic batch axis.
         dtype: Expected input dtype.
+
+    Raises:
+        FileNotFoundError: if there is no file at ``path``.
+        ValueError: if the file is not a readable ONNX file, not a brittle monitor
+            graph, or carries metadata (threshold, reference rate and counts,
+            histogram buckets, input domain) that no export could have written.
 
     Examples:
         >>> import tempfile, numpy as np, torch, brittle
@@ -122,6 +150,7 @@ class OnnxMonitor:
         k = outputs[0].shape[1]
         self.num_classes: int | None = k if isinstance(k, int) else None
         self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
+        self._check_metadata()
         if self.reference_flag_rate is not None and self.reference_counts is None:
             warnings.warn(OLD_REFERENCE_WARNING, UserWarning, stacklevel=2)
         if self.metadata.get("fitted") == "true" and "input_domain" not in self.metadata:
@@ -131,6 +160,25 @@ class OnnxMonitor:
                 "the monitor and export it again.",
                 stacklevel=2,
             )
+
+    def _check_metadata(self) -> None:
+        """Raise ``ValueError`` unless every metadata value this class reads is well formed.
+
+        The values are read once here, so a malformed file fails when it is opened,
+        with the key named, and never later in a server's request path.
+        """
+        for key in _READ_METADATA:
+            try:
+                value = getattr(self, key)
+                well_formed = _in_range(key, value)
+            except (TypeError, ValueError):
+                well_formed = False
+            if not well_formed:
+                shown = self.metadata[key][:60]
+                raise ValueError(
+                    f"{str(self.path)!r} carries malformed metadata {key}={shown!r}: export the "
+                    "monitor again with brittle (Monitor.export_onnx)."
+                )
 
     @property
     def providers(self) -> list[str]:
