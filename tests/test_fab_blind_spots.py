@@ -165,6 +165,31 @@ def test_nan_rows_get_nan_margins_and_the_others_are_unchanged(engine: str) -> N
     assert torch.equal(result.adv[[2, 5]].isnan(), bad[[2, 5]].isnan())
 
 
+class _NanWhereFirstPixelIsHigh(nn.Module):
+    """A model whose logits are NaN wherever the first input value exceeds 0.5."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.inner(x)
+        return torch.where(x[:, :1] > 0.5, torch.full_like(out, math.nan), out)
+
+
+@pytest.mark.parametrize("engine", ["brittle", "torchattacks"])
+def test_samples_with_nan_logits_get_nan_margins(engine: str) -> None:
+    # Before: inf ("most robust") for a sample the model itself cannot classify.
+    base, _ = _with_a_duplicated_unit(seed=0)
+    model = _NanWhereFirstPixelIsHigh(base)
+    x = torch.rand(8, 16, generator=torch.Generator().manual_seed(1))
+    x[:, 0] = 0.1
+    x[[1, 6], 0] = 0.9
+    margins = brittle.input_margins(model, x, norm="L2", steps=20, engine=engine)
+    assert margins.isnan().tolist() == [i in (1, 6) for i in range(8)]
+    assert margins.isinf().sum() < 6  # the others are attacked
+
+
 def test_margins_never_carry_a_gradient() -> None:
     base, _ = _with_a_duplicated_unit(seed=0)
     x = torch.rand(4, 16, requires_grad=True)

@@ -284,8 +284,9 @@ def input_margins(
 
     Returns:
         ``(N,)`` float32 tensor on the CPU; ``inf`` where no adversarial was found,
-        ``nan`` for a sample holding NaN or Inf. Half-precision models are attacked
-        through a float32 view (see ``attack_batch``).
+        ``nan`` for a sample holding NaN or Inf or whose logits are not finite (no
+        prediction to attack). Half-precision models are attacked through a
+        float32 view (see ``attack_batch``).
 
     Examples:
         >>> import torch, brittle
@@ -318,8 +319,15 @@ def input_margins(
                 # from the input as the model sees it.
                 x = x[mine].to(device, dtype=_half_dtype(model) or x.dtype)
                 with torch.no_grad(), eval_mode(model):
-                    pred = model_output(model(x)).argmax(dim=1)
-                margins.append(attack_batch(model, x, pred, settings, engine, index[mine]).cpu())
+                    logits = model_output(model(x))
+                # A sample whose logits are not finite has no prediction to attack.
+                judged = torch.isfinite(logits).all(dim=1)
+                margin = torch.full((x.shape[0],), math.nan, dtype=torch.float64)
+                if bool(judged.any()):
+                    pred, rows = logits[judged].argmax(dim=1), index[mine][judged.cpu()]
+                    found = attack_batch(model, x[judged], pred, settings, engine, rows)
+                    margin[judged.cpu()] = found.cpu()
+                margins.append(margin)
                 indices.append(index[mine])
             bar.update(int(mine.numel()))
     part.check_same_length(seen)
