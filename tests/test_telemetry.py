@@ -211,6 +211,26 @@ def test_observe_needs_flags_and_buckets_are_checked() -> None:
         Telemetry([])
 
 
+@pytest.mark.parametrize("size", [3, 64])  # the small-request path and numpy's
+def test_observe_refuses_an_output_that_is_not_one_per_sample(size: int) -> None:
+    # Before: counted silently, and the alarm saw another number of samples than the counters.
+    telemetry = Telemetry([0.5, 1.0], reference=(20, 200), run_length=1e4)
+    margin = np.linspace(0.1, 2.0, size).astype(np.float32)
+    flag = margin < 0.5
+    pred = np.zeros(size, dtype=np.int64)
+    logits = np.zeros((size, 3), np.float32)
+    x = np.zeros((size, 4), np.float32)
+    short = brittle.MonitorOutput(logits, pred, margin, flag[:-1])
+    with pytest.raises(ValueError, match=f"{size} margins and {size - 1} flags"):
+        telemetry.observe(short)
+    with pytest.raises(ValueError, match=f"{size - 1} inputs.*Nothing was counted"):
+        telemetry.observe(brittle.MonitorOutput(logits, pred, margin, flag), x[:-1])
+    snap = telemetry.snapshot()
+    assert snap.samples == 0 and snap.alarm is not None and snap.alarm.samples == 0
+    telemetry.observe(brittle.MonitorOutput(logits, pred, margin, flag), x)
+    assert telemetry.snapshot().samples == size
+
+
 def test_fitted_monitor_gets_an_alarm_without_warning(fitted: brittle.Monitor) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")

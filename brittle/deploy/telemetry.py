@@ -260,7 +260,8 @@ class Telemetry:
                 ``"other"``. Only rejected rows are read.
 
         Raises:
-            ValueError: if the output has no flags (the monitor has no threshold).
+            ValueError: if the output has no flags (the monitor has no threshold), or
+                its margins, flags and ``inputs`` are not one per sample.
         """
         if output.flag is None:
             raise ValueError(
@@ -270,6 +271,12 @@ class Telemetry:
         margin = _numpy(output.margin).reshape(-1)
         flag = _numpy(output.flag).astype(bool, copy=False).reshape(-1)
         n = margin.size
+        if flag.size != n or (inputs is not None and len(inputs) != n):
+            sizes = f"{flag.size} flags" + ("" if inputs is None else f", {len(inputs)} inputs")
+            raise ValueError(
+                f"the output has {n} margins and {sizes}: pass one batch's output as the "
+                "monitor returned it, with that batch. Nothing was counted."
+            )
         if n <= _SMALL_BATCH:
             # A few samples per request (the serving case): numpy's per-call overhead
             # would cost more than the counting. ``v != v`` is ``brittle.output.rejected``.
