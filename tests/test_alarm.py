@@ -442,6 +442,22 @@ def test_bad_arguments(reference: object, kwargs: dict, error: type, match: str)
         FlagRateAlarm(reference, **kwargs)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(
+    "flags",
+    [[True, 2], [float("nan")], ["yes"], [None], None, np.array([0.5]), [[True], [True, False]]],
+    ids=["two", "nan", "string", "none-in-list", "none", "half", "ragged"],
+)
+def test_update_refuses_what_is_not_a_flag(flags: object) -> None:
+    # Before: NaN, "yes" and 2 counted as flagged (2 twice in the learned pool), None as clean.
+    alarm = FlagRateAlarm((20, 200), run_length=1e4, lag=1)
+    before = alarm.state
+    with pytest.raises(ValueError, match="flags must be booleans"):
+        alarm.update(flags)
+    assert alarm.state == before
+    assert alarm.update(np.array([1, 0, 1])).samples == 3  # 0 and 1 are flags
+    assert alarm.update(True).samples == 4
+
+
 def test_design_at_a_rare_flag_keeps_one_clean_step() -> None:
     d = design_cusum(0.002, run_length=1e5)
     assert d.down == 1 and d.up > 300 and d.run_length >= 1e5

@@ -640,7 +640,12 @@ class FlagRateAlarm:
         )
 
     def update(self, flags: Any) -> AlarmState:
-        """Push a batch of flags (oldest first), one CUSUM step each; returns the new state."""
+        """Push a batch of flags (oldest first), one CUSUM step each; returns the new state.
+
+        Raises:
+            ValueError: if ``flags`` are not booleans (or the integers 0 and 1); the
+                alarm is then left as it was.
+        """
         values = _as_flags(flags)
         with self._lock:
             self._push(values)
@@ -749,8 +754,22 @@ class FlagRateAlarm:
 
 
 def _as_flags(flags: Any) -> list[bool]:
-    """A batch of flags as a list, converted before the lock is taken."""
-    return flags if isinstance(flags, list) else np.asarray(flags, bool).ravel().tolist()
+    """A batch of flags as a list of bools, converted before the lock is taken.
+
+    Only booleans (or the integers 0 and 1) are flags: NaN, strings or ``None``
+    would otherwise be counted as flagged or clean without a word.
+    """
+    if isinstance(flags, list) and all(type(v) is bool for v in flags):
+        return flags
+    try:
+        array = np.asarray(flags)
+    except (TypeError, ValueError) as err:  # ragged lists, a tensor on a GPU
+        raise ValueError(f"flags must be booleans: {err}") from None
+    if array.dtype.kind == "b":
+        return array.ravel().tolist()
+    if array.dtype.kind in "iu" and bool(((array == 0) | (array == 1)).all()):
+        return array.astype(bool).ravel().tolist()
+    raise ValueError(f"flags must be booleans (or the integers 0 and 1). Got {array.dtype} values.")
 
 
 def _default_lag(design: CusumDesign, odds_ratio: float) -> int:
