@@ -190,6 +190,37 @@ def test_samples_with_nan_logits_get_nan_margins(engine: str) -> None:
     assert margins.isinf().sum() < 6  # the others are attacked
 
 
+class _NanBeyondHalf(nn.Module):
+    """Two classes split at x_0 = 0.8; logits NaN beyond x_0 = 0.5 (the model breaks there).
+
+    ``swap`` exchanges the two logits, so the same geometry is class 0's or class 1's.
+    """
+
+    def __init__(self, swap: bool) -> None:
+        super().__init__()
+        self.swap = swap
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gap = 0.8 - x[:, :1]
+        logits = torch.cat((-gap, gap) if self.swap else (gap, -gap), dim=1)
+        return logits + torch.sqrt(0.5 - x[:, :1]) * 0.0  # NaN where x_0 > 0.5
+
+
+@pytest.mark.parametrize("swap", [False, True])
+@pytest.mark.parametrize("norm", ["Linf", "L2"])
+def test_a_point_where_the_model_breaks_changes_the_decision_whatever_the_class(
+    swap: bool, norm: str
+) -> None:
+    # Before: a NaN point counted as adversarial only for samples not predicted 0
+    # (argmax calls a NaN row class 0), so class 0 got inf and class 1 the distance.
+    model = _NanBeyondHalf(swap)
+    x = torch.tensor([[0.3, 0.5], [0.1, 0.9]])
+    assert model(x).argmax(dim=1).tolist() == [int(swap)] * 2
+    margins = brittle.input_margins(model, x, norm=norm, steps=20)  # type: ignore[arg-type]
+    # The NaN region begins 0.2 and 0.4 away along x_0; the bisection ends within 0.1 %.
+    torch.testing.assert_close(margins, torch.tensor([0.2, 0.4]), rtol=1e-3, atol=0)
+
+
 def test_margins_never_carry_a_gradient() -> None:
     base, _ = _with_a_duplicated_unit(seed=0)
     x = torch.rand(4, 16, requires_grad=True)

@@ -265,7 +265,9 @@ def input_margins(
 
     The attack is untargeted against the model's *predicted* class, so every
     sample (misclassified ones too) gets a margin. The result is an upper bound
-    on the true margin: the norm of a verified adversarial example.
+    on the true margin: the norm of a verified adversarial example, a point in
+    ``[0, 1]`` where the model decides another class, or nothing (its logits
+    are NaN or infinite there, and a served monitor rejects the input).
 
     Args:
         model: Classifier on inputs in ``[0, 1]`` (normalisation inside the model).

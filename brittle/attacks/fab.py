@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from brittle._modes import eval_mode, frozen
 from brittle.attacks.ball import steepest
 from brittle.attacks.settings import AttackSettings
-from brittle.attacks.verify import check_unit_range, verified_margins
+from brittle.attacks.verify import check_unit_range, decision_changes, verified_margins
 from brittle.attacks.walk import boundary_walk
 from brittle.scores.head import model_output
 from brittle.scores.norms import START_RADIUS, Norm, check_norm, dual_order, norm_order
@@ -405,7 +405,7 @@ class _Fab:
                 logits = self._logits(xr)
             first = torch.cumsum(ka, 0) - ka
             z = logits.detach()[first]
-            is_adv = z.argmax(dim=1) != c
+            is_adv = decision_changes(z, c)
             point = _Point(idx, xa, x0, c, ka, xr, rows, first, logits, z, is_adv)
 
             dist, best, own = _lp(xa - x0, self.norm), self.best[idx], run_best[idx]
@@ -554,7 +554,7 @@ class _Fab:
             # The clamp only undoes rounding: the segment lies in the convex box [0, 1].
             probe = (x0 + mid[:, None] * delta).clamp(0, 1)
             with torch.no_grad():
-                flipped = self._logits(probe).argmax(dim=1) != c
+                flipped = decision_changes(self._logits(probe), c)
             # Keep exactly the point that was checked, not a recomputation of it.
             adv = torch.where(flipped[:, None], probe, adv)
             hi, lo = torch.where(flipped, mid, hi), torch.where(flipped, lo, mid)

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from brittle.scores.head import model_output
 from brittle.scores.norms import Norm, per_sample_norm
 
-__all__ = ["verified_margins", "check_unit_range", "model_device"]
+__all__ = ["verified_margins", "decision_changes", "check_unit_range", "model_device"]
 
 
 def check_unit_range(x: Tensor, what: str = "input margins are measured") -> None:
@@ -38,14 +38,31 @@ def model_device(model: nn.Module) -> torch.device:
     return tensor.device if tensor is not None else torch.device("cpu")
 
 
+def decision_changes(logits: Tensor, pred: Tensor) -> Tensor:
+    """Rows where the model no longer decides ``pred``: the adversarial ones.
+
+    The decision changes where the top class is another one, or where the logits
+    are not finite: there the model decides nothing, and a served monitor rejects
+    the input (fail-closed). ``argmax`` alone would call a NaN row class 0, so a
+    sample predicted 0 would never count it and every other sample would.
+
+    Examples:
+        >>> import torch
+        >>> logits = torch.tensor([[0.0, 1.0], [float("nan"), 0.0], [1.0, 0.0]])
+        >>> decision_changes(logits, torch.tensor([0, 0, 0])).tolist()
+        [True, True, False]
+    """
+    return (logits.argmax(dim=1) != pred) | ~torch.isfinite(logits).all(dim=1)
+
+
 def verified_margins(model: nn.Module, x: Tensor, adv: Tensor, pred: Tensor, norm: Norm) -> Tensor:
-    """Norm of ``adv - x`` where ``adv`` really changes the prediction and stays in [0, 1].
+    """Norm of ``adv - x`` where ``adv`` really changes the decision and stays in [0, 1].
 
     Everything else (the attack failed, or returned ``x`` itself) is censored: ``inf``.
     The norm is computed in the inputs' own precision and returned as float64.
     """
     with torch.no_grad():
-        flipped = model_output(model(adv)).argmax(dim=1) != pred
+        flipped = decision_changes(model_output(model(adv)), pred)
     inside = ((adv >= 0) & (adv <= 1)).flatten(1).all(dim=1)
     dist = per_sample_norm(adv - x, norm).to(torch.float64)
     return torch.where(flipped & inside, dist, torch.full_like(dist, math.inf))

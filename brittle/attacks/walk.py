@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from brittle.attacks.ball import project_ball, steepest
+from brittle.attacks.verify import decision_changes
 from brittle.scores.norms import Norm, norm_order
 
 __all__ = ["boundary_walk"]
@@ -89,7 +90,7 @@ def boundary_walk(
             diff = z[rows, pred] - z[rows, other]
             (grad,) = torch.autograd.grad(diff.sum(), point)
         point = point.detach()
-        is_adv = z.detach().argmax(dim=1) != pred
+        is_adv = decision_changes(z.detach(), pred)
         dist = torch.linalg.vector_norm(delta, ord=order, dim=1)
         better = is_adv & (dist < best)
         best = torch.where(better, dist, best)
