@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from brittle._modes import eval_mode, frozen
 from brittle.attacks.fab import brittle_engine, brittle_points
+from brittle.attacks.pooling import FastPooling
 from brittle.attacks.settings import DEFAULT_ENGINE, AttackSettings
 from brittle.attacks.torchattacks_fab import torchattacks_engine
 from brittle.attacks.verify import check_unit_range, model_device, verified_margins
@@ -222,6 +223,9 @@ def _attack(
                 "engine='brittle', which attacks half-precision models through a float32 view."
             )
         target, view = LogitsModel(model, dtype), x.float()
+    if engine == "brittle":
+        # The same logits and gradients, with max-pooling several times faster on a CPU.
+        target = FastPooling(target)
     if counter is not None:
         target = counter.counted(target)
         counter.samples += x.shape[0]
