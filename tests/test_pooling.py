@@ -60,32 +60,9 @@ class _Pools(nn.Module):
         return a + b + c
 
 
-def _routed_calls(monkeypatch: pytest.MonkeyPatch, x: torch.Tensor) -> int:
-    calls = []
-    real = pooling.channels_last_max_pool2d
-
-    def counting(*args, **kwargs):
-        calls.append(threading.current_thread().name)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(pooling, "channels_last_max_pool2d", counting)
-    model = _Pools()
-    out = FastPooling(model)(x)
-    torch.testing.assert_close(out, model(x), rtol=0, atol=0)
-    return len(calls)
-
-
-def test_only_pooling_that_gains_is_routed(monkeypatch: pytest.MonkeyPatch) -> None:
-    # The module and the keyword call are routed; the call that wants indices is not.
-    assert _routed_calls(monkeypatch, torch.rand(2, 16, 8, 8)) == 2
-    # Three channels (an image): the channels-last kernel gains nothing there.
-    assert _routed_calls(monkeypatch, torch.rand(2, 3, 8, 8)) == 0
-    # Another layout or dtype: the library's own path.
-    assert _routed_calls(monkeypatch, torch.rand(2, 16, 8, 8).mT) == 0
-    assert _routed_calls(monkeypatch, torch.rand(2, 16, 8, 8, dtype=torch.bfloat16)) == 0
-
-
-def test_other_threads_pool_as_usual(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def routed(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The name of the thread of each call routed to ``channels_last_max_pool2d``."""
     calls: list[str] = []
     real = pooling.channels_last_max_pool2d
 
@@ -94,6 +71,31 @@ def test_other_threads_pool_as_usual(monkeypatch: pytest.MonkeyPatch) -> None:
         return real(*args, **kwargs)
 
     monkeypatch.setattr(pooling, "channels_last_max_pool2d", counting)
+    return calls
+
+
+@pytest.mark.parametrize(
+    ("x", "expected"),
+    [
+        # The module and the keyword call are routed; the call that wants indices is not.
+        (torch.rand(2, 16, 8, 8), 2),
+        # Three channels (an image): the channels-last kernel gains nothing there.
+        (torch.rand(2, 3, 8, 8), 0),
+        # Another layout or dtype: the library's own path.
+        (torch.rand(2, 16, 8, 8).mT, 0),
+        (torch.rand(2, 16, 8, 8, dtype=torch.bfloat16), 0),
+    ],
+    ids=["16-channels", "3-channels", "transposed", "bfloat16"],
+)
+def test_only_pooling_that_gains_is_routed(
+    routed: list[str], x: torch.Tensor, expected: int
+) -> None:
+    model = _Pools()
+    torch.testing.assert_close(FastPooling(model)(x), model(x), rtol=0, atol=0)
+    assert len(routed) == expected
+
+
+def test_other_threads_pool_as_usual(routed: list[str]) -> None:
     inside, done = threading.Event(), threading.Event()
 
     class Waits(nn.Module):
@@ -111,7 +113,7 @@ def test_other_threads_pool_as_usual(monkeypatch: pytest.MonkeyPatch) -> None:
     thread.start()
     FastPooling(Waits())(torch.rand(2, 16, 8, 8))
     thread.join(30)
-    assert calls == ["MainThread"]
+    assert routed == ["MainThread"]
 
 
 def test_margins_are_those_of_the_model_as_given(
@@ -128,23 +130,18 @@ def test_margins_are_those_of_the_model_as_given(
 
 
 def test_a_compiled_model_is_attacked_without_the_routing(
-    monkeypatch: pytest.MonkeyPatch, robust_model: nn.Module, digits: DigitsSplit
+    routed: list[str], robust_model: nn.Module, digits: DigitsSplit
 ) -> None:
     # A compiled model pools with its compiler's kernels: tracing through the routing
     # only cost compile time (1.9 s -> 3.8 s for 16 digits with the default compiler).
-    calls: list[int] = []
-    real = pooling.channels_last_max_pool2d
-    monkeypatch.setattr(
-        pooling, "channels_last_max_pool2d", lambda *a, **k: calls.append(1) or real(*a, **k)
-    )
     x = digits.x_holdout[:8]
     with torch.no_grad():
         pred = robust_model(x).argmax(dim=1)
     settings = AttackSettings("Linf", steps=10)
     compiled = torch.compile(robust_model, backend="eager")
     margins = attack_batch(compiled, x, pred, settings, "brittle")
-    assert not calls
+    assert not routed
     torch.testing.assert_close(
         margins, attack_batch(robust_model, x, pred, settings, "brittle"), rtol=0, atol=0
     )
-    assert calls  # the plain model's pooling is routed
+    assert routed  # the plain model's pooling is routed
