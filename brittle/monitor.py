@@ -775,7 +775,7 @@ class Monitor(nn.Module):
         derived = monitor.pair_norms.clone()  # from this model's head
         try:
             missing, unexpected = monitor.load_state_dict(state, strict=False)
-        except RuntimeError as err:  # a tensor of another shape, or a value that is none
+        except RuntimeError as err:  # a tensor of another shape, or a value that is not one
             raise ValueError(
                 "the state does not match this version of brittle.Monitor: "
                 f"{str(err).splitlines()[-1].strip()}"
