@@ -223,7 +223,7 @@ def _attack(
                 "engine='brittle', which attacks half-precision models through a float32 view."
             )
         target, view = LogitsModel(model, dtype), x.float()
-    if engine == "brittle" and not hasattr(model, "_orig_mod"):
+    if engine == "brittle" and x.device.type == "cpu" and not hasattr(model, "_orig_mod"):
         # The same logits and gradients, with max-pooling several times faster on a CPU.
         # A compiled model (torch.compile keeps the original as _orig_mod) pools with
         # its compiler's kernels, and tracing through the routing only costs compile time.
