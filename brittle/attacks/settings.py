@@ -18,7 +18,10 @@ DEFAULT_ENGINE = "brittle"
 # brittle 2: per-run patience, targeted run on the runner-up, boundary walk.
 # brittle 3: runner-up by the largest-dual-norm fallback, logit ties broken, zero-gradient
 # classes unreachable, adaptive extra restarts.
-ENGINE_VERSIONS = {"brittle": 3, "torchattacks": 1}
+# brittle 4, torchattacks 2: a point whose logits are not finite changes the decision for
+# every class, in the engine and in the verification (argmax called it class 0). Margins
+# of models with finite logits everywhere are unchanged.
+ENGINE_VERSIONS = {"brittle": 4, "torchattacks": 2}
 
 
 @dataclass(frozen=True)
