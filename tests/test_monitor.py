@@ -172,6 +172,10 @@ def test_bad_arguments_raise(standard_model: nn.Module) -> None:
         brittle.wrap(standard_model, score="margin")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="torch.nn.Module"):
         brittle.wrap(lambda x: x)  # type: ignore[arg-type]
+    monitor = brittle.wrap(standard_model, eps=0.1)
+    for n in (0, 50.5, True):  # 50.5 raised slicing's TypeError from inside the holdout loop
+        with pytest.raises(ValueError, match="n_samples must be a positive integer"):
+            monitor.fit(torch.rand(4, 1, 8, 8), n_samples=n, progress=False)  # type: ignore[arg-type]
 
 
 def test_unfitted_monitor_says_to_fit(standard_model: nn.Module) -> None:

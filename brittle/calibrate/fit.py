@@ -130,8 +130,10 @@ def _validate(
 ) -> None:
     if not 0.0 < target_tpr < 1.0:
         raise ValueError(f"target_tpr must be in (0, 1). Got {target_tpr}.")
-    if n_samples is not None and n_samples < 1:
-        raise ValueError(f"n_samples must be positive. Got {n_samples}.")
+    if n_samples is not None and (
+        isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1
+    ):
+        raise ValueError(f"n_samples must be a positive integer. Got {n_samples!r}.")
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {sorted(ENGINES)}. Got {engine!r}.")
     if pseudo not in (True, False, "auto"):
