@@ -908,8 +908,10 @@ def _check_domain(domain: Tensor) -> None:
     low, high = domain.tolist()
     if math.isnan(low) and math.isnan(high):
         return
-    if not (math.isfinite(low) and math.isfinite(high) and low <= high):
+    try:
+        domain_bounds(low, high, tolerance=0.0)  # the check fit's own range passes
+    except ValueError:
         raise ValueError(
             f"the state's input domain ({low}, {high}) is neither two finite bounds in order "
             "nor unrecorded."
-        )
+        ) from None
