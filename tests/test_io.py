@@ -163,6 +163,14 @@ def test_save_refuses_a_monitor_that_never_saw_an_input(
         brittle.load(path, other)
 
 
+def _rewritten(path, edit) -> None:
+    """Apply ``edit`` to a saved monitor file's payload and write it back with a valid checksum."""
+    payload = torch.load(path, weights_only=True)
+    edit(payload)
+    payload["checksum"] = checksum(payload["state"], payload["model"])
+    torch.save(payload, path)
+
+
 def test_a_fitted_monitor_without_finite_threshold_is_refused(
     standard_model: nn.Module, tmp_path
 ) -> None:
@@ -171,23 +179,14 @@ def test_a_fitted_monitor_without_finite_threshold_is_refused(
     monitor.fitted.fill_(True)
     path = monitor.save(tmp_path / "m.pt")
     # Rewrite the file with a NaN threshold and a valid checksum: only the value is wrong.
-    payload = torch.load(path, weights_only=True)
-    payload["state"]["threshold"] = torch.tensor(math.nan)
-    payload["checksum"] = checksum(payload["state"], payload["model"])
-    torch.save(payload, path)
+    _rewritten(
+        path, lambda payload: payload["state"].__setitem__("threshold", torch.tensor(math.nan))
+    )
     with pytest.raises(ValueError, match="non-finite threshold"):
         brittle.load(path, standard_model)
     monitor.threshold.fill_(math.inf)
     with pytest.raises(ValueError, match="non-finite threshold"):
         monitor.save(tmp_path / "inf.pt")
-
-
-def _rewritten(path, edit) -> None:
-    """Apply ``edit`` to a saved monitor file's payload and write it back with a valid checksum."""
-    payload = torch.load(path, weights_only=True)
-    edit(payload)
-    payload["checksum"] = checksum(payload["state"], payload["model"])
-    torch.save(payload, path)
 
 
 @pytest.mark.parametrize(
