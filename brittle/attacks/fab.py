@@ -43,6 +43,7 @@ from torch import Tensor, nn
 
 from brittle._modes import eval_mode, frozen
 from brittle.attacks.ball import steepest
+from brittle.attacks.projection import project
 from brittle.attacks.settings import AttackSettings
 from brittle.attacks.verify import check_unit_range, decision_changes, verified_margins
 from brittle.attacks.walk import boundary_walk
@@ -476,7 +477,7 @@ class _Fab:
         u = torch.arange(n, device=xa.device)
         w = dg[u, j]
         b = -df[u, j] + (w * xa).sum(dim=1)
-        d = _project(torch.cat((src, x0)), torch.cat((w, w)), torch.cat((b, b)), self.norm)
+        d = project(torch.cat((src, x0)), torch.cat((w, w)), torch.cat((b, b)), self.norm)
         d = _break_ties(d, torch.cat((w, w)), self.norm, self.min_step)
         # No reachable candidate: stay put (the candidates widen for the next step).
         d = d.masked_fill(~torch.isfinite(torch.cat((nearest, nearest)))[:, None], 0.0)
@@ -641,144 +642,3 @@ def _hash_uniform(seed: int, index: Tensor, restart: int, dim: int) -> Tensor:
     # Two rounds decorrelate neighbouring counters before the 24-bit mantissa is kept.
     h = _mix(h ^ key[:, None])
     return ((h >> 8).float() + 0.5).div(2.0**24).view(-1, dim, 2)
-
-
-def _project(t: Tensor, w: Tensor, b: Tensor, norm: Norm) -> Tensor:
-    """Smallest ``d`` with ``w . (t + d) = b`` and ``t + d`` in ``[0, 1]`` (per row)."""
-    if norm == "Linf":
-        return _project_linf(t, w, b)
-    if norm == "L2":
-        return _project_l2(t, w, b)
-    return _project_l1(t, w, b)
-
-
-# The three projections onto a hyperplane intersected with the box [0, 1] follow
-# Croce & Hein's reference code (AutoAttack's fab_projections.py): sort the
-# coordinates by where they hit the box, then bisect for the optimal multiplier.
-
-
-def _project_linf(t: Tensor, w: Tensor, b: Tensor) -> Tensor:
-    w, b = w.clone(), b.clone()
-    sign = 2 * ((w * t).sum(1) - b >= 0) - 1
-    w.mul_(sign[:, None])
-    b.mul_(sign)
-
-    a = (w < 0).float()
-    d = (a - t) * (w != 0).float()
-    p = a - t * (2 * a - 1)
-    indp = torch.argsort(p, dim=1)
-    b = b - (w * t).sum(1)
-    b0 = (w * d).sum(1)
-
-    indp2 = indp.flip((1,))
-    ws = w.gather(1, indp2)
-    bs2 = -ws * d.gather(1, indp2)
-    s = torch.cumsum(ws.abs(), dim=1)
-    sb = torch.cumsum(bs2, dim=1) + b0[:, None]
-
-    b2 = sb[:, -1] - s[:, -1] * p.gather(1, indp[:, 0:1]).squeeze(1)
-    c_l = b - b2 > 0
-    c2 = (b - b0 > 0) & ~c_l
-    lb = torch.zeros(int(c2.sum()), device=t.device)
-    ub = torch.full_like(lb, w.shape[1] - 1)
-    indp_, sb_, s_, p_, b_ = indp[c2], sb[c2], s[c2], p[c2], b[c2]
-    for _ in range(math.ceil(math.log2(w.shape[1]))):
-        mid = torch.floor((lb + ub) / 2)
-        pos = mid.long()[:, None]
-        cur = indp_.gather(1, indp_.shape[1] - 1 - pos)
-        b2 = (sb_.gather(1, pos) - s_.gather(1, pos) * p_.gather(1, cur)).squeeze(1)
-        ok = b_ - b2 > 0
-        lb = torch.where(ok, mid, lb)
-        ub = torch.where(ok, ub, mid)
-    lb = lb.long()
-
-    if c_l.any():
-        lmbd = torch.clamp_min((b[c_l] - sb[c_l, -1]) / (-s[c_l, -1]), min=0)[:, None]
-        d[c_l] = (2 * a[c_l] - 1) * lmbd
-    lmbd = torch.clamp_min((b[c2] - sb[c2, lb]) / (-s[c2, lb]), min=0)[:, None]
-    d[c2] = torch.min(lmbd, d[c2]) * a[c2] + torch.max(-lmbd, d[c2]) * (1 - a[c2])
-    return d * (w != 0).float()
-
-
-def _project_l2(t: Tensor, w: Tensor, b: Tensor) -> Tensor:
-    w = w.clone()
-    c = (w * t).sum(1) - b
-    sign = 2 * (c >= 0) - 1
-    w.mul_(sign[:, None])
-    c = c * sign
-
-    r = torch.max(t / w, (t - 1) / w).clamp(min=-1e12, max=1e12)
-    r.masked_fill_(w.abs() < 1e-8, 1e12)
-    r[r == -1e12] *= -1
-    rs, indr = torch.sort(r, dim=1)
-    rs2 = nn.functional.pad(rs[:, 1:], (0, 1))
-    rs.masked_fill_(rs == 1e12, 0)
-    rs2.masked_fill_(rs2 == 1e12, 0)
-
-    w3s = (w**2).gather(1, indr)
-    w5 = w3s.sum(dim=1, keepdim=True)
-    ws = w5 - torch.cumsum(w3s, dim=1)
-    d = -(r * w)
-    d.mul_((w.abs() > 1e-8).float())
-    s = torch.cat((-w5 * rs[:, 0:1], torch.cumsum((-rs2 + rs) * ws, dim=1) - w5 * rs[:, 0:1]), 1)
-
-    c4 = s[:, 0] + c < 0
-    c3 = (d * w).sum(dim=1) + c > 0
-    c2 = ~(c4 | c3)
-    lb = torch.zeros(int(c2.sum()), device=t.device)
-    ub = torch.full_like(lb, w.shape[1] - 1)
-    s_, c_ = s[c2], c[c2]
-    for _ in range(math.ceil(math.log2(w.shape[1]))):
-        mid = torch.floor((lb + ub) / 2)
-        ok = s_.gather(1, mid.long()[:, None]).squeeze(1) + c_ > 0
-        lb = torch.where(ok, mid, lb)
-        ub = torch.where(ok, ub, mid)
-    lb = lb.long()
-
-    if c4.any():
-        alpha = c[c4] / w5[c4].squeeze(-1)
-        d[c4] = -alpha[:, None] * w[c4]
-    if c2.any():
-        alpha = (s[c2, lb] + c[c2]) / ws[c2, lb] + rs[c2, lb]
-        alpha[ws[c2, lb] == 0] = 0
-        c5 = (alpha[:, None] > r[c2]).float()
-        d[c2] = d[c2] * c5 - alpha[:, None] * w[c2] * (1 - c5)
-    return d * (w.abs() > 1e-8).float()
-
-
-def _project_l1(t: Tensor, w: Tensor, b: Tensor) -> Tensor:
-    w = w.clone()
-    c = (w * t).sum(1) - b
-    sign = 2 * (c >= 0) - 1
-    w.mul_(sign[:, None])
-    c = c * sign
-
-    r = (1 / w).abs().clamp_max(1e12)
-    indr = torch.argsort(r, dim=1)
-    indr_rev = torch.argsort(indr)
-    c6 = (w < 0).float()
-    d = (-t + c6) * (w != 0).float()
-    ds = torch.min(-w * t, w * (1 - t)).gather(1, indr)
-    s = torch.cumsum(torch.cat((c[:, None], ds), 1), dim=1)
-
-    c2 = s[:, -1] < 0
-    lb = torch.zeros(int(c2.sum()), device=t.device)
-    ub = torch.full_like(lb, s.shape[1])
-    s_ = s[c2]
-    for _ in range(math.ceil(math.log2(w.shape[1]))):
-        mid = torch.floor((lb + ub) / 2)
-        ok = s_.gather(1, mid.long()[:, None]).squeeze(1) > 0
-        lb = torch.where(ok, mid, lb)
-        ub = torch.where(ok, ub, mid)
-    lb2 = lb.long()
-
-    if c2.any():
-        indr = indr[c2].gather(1, lb2[:, None]).squeeze(1)
-        u = torch.arange(0, w.shape[0], device=t.device)[:, None]
-        u2 = torch.arange(0, w.shape[1], device=t.device, dtype=torch.float)[None, :]
-        alpha = -s[c2, lb2] / w[c2, indr]
-        c5 = u2 < lb[:, None]
-        u3 = c5[u[: c5.shape[0]], indr_rev[c2]]
-        d[c2] = d[c2] * u3.float()
-        d[c2, indr] = alpha
-    return d * (w.abs() > 1e-8).float()
