@@ -1,0 +1,113 @@
+"""FAB's step, the nearest point of a hyperplane in the box, against scipy's exact solvers.
+
+Linf and L1: the projection is a linear programme, solved by scipy's HiGHS
+(``linprog``). L2: the nearest point is ``clip(t + mu * w, 0, 1)`` for the ``mu``
+that puts it on the hyperplane (the KKT conditions), found by ``brentq``. The
+step itself need not be unique (coordinates with a zero weight, ties), so the
+tests compare its norm with the optimum and check that it lands on the
+hyperplane, inside the box.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import brentq, linprog
+
+from brittle.attacks.projection import project
+
+_ORDER = {"Linf": float("inf"), "L2": 2.0, "L1": 1.0}
+
+
+def _problems(seed: int, n: int = 40, dim: int = 64) -> tuple[torch.Tensor, ...]:
+    """Points on the box's faces and inside it, sparse normals, reachable offsets."""
+    gen = torch.Generator().manual_seed(seed)
+    t = torch.rand(n, dim, generator=gen, dtype=torch.float64)
+    # Like the digits: many pixels exactly 0 or 1, many zero gradients.
+    t = torch.where(torch.rand(n, dim, generator=gen) < 0.3, 0.0, t)
+    t = torch.where(torch.rand(n, dim, generator=gen) < 0.1, 1.0, t)
+    w = torch.randn(n, dim, generator=gen, dtype=torch.float64)
+    w = torch.where(torch.rand(n, dim, generator=gen) < 0.25, 0.0, w)
+    # A target point in the box at a random distance: the hyperplane through it.
+    y = (t + torch.rand(n, 1, generator=gen) * (torch.rand(n, dim, generator=gen) - t)).clamp(0, 1)
+    return t, w, (w * y).sum(dim=1)
+
+
+def _optimum(t: np.ndarray, w: np.ndarray, b: float, norm: str) -> float:
+    """The smallest norm of a step onto the hyperplane inside the box (exact)."""
+    dim = len(t)
+    if norm == "L2":
+        def gap(mu: float) -> float:
+            return float(w @ np.clip(t + mu * w, 0, 1) - b)
+
+        mu = brentq(gap, -1e6, 1e6, xtol=1e-15, rtol=1e-15)
+        return float(np.linalg.norm(np.clip(t + mu * w, 0, 1) - t))
+    box = [(-ti, 1 - ti) for ti in t]
+    if norm == "Linf":  # variables (d, s): min s, -s <= d_i <= s
+        eye = np.eye(dim)
+        ub = np.block([[eye, -np.ones((dim, 1))], [-eye, -np.ones((dim, 1))]])
+        res = linprog(
+            np.r_[np.zeros(dim), 1.0],
+            A_ub=ub,
+            b_ub=np.zeros(2 * dim),
+            A_eq=np.r_[w, 0.0][None],
+            b_eq=[b - w @ t],
+            bounds=[*box, (0, None)],
+            method="highs",
+        )
+    else:  # L1, variables (d, u): min sum u, -u <= d <= u
+        eye = np.eye(dim)
+        ub = np.block([[eye, -eye], [-eye, -eye]])
+        res = linprog(
+            np.r_[np.zeros(dim), np.ones(dim)],
+            A_ub=ub,
+            b_ub=np.zeros(2 * dim),
+            A_eq=np.r_[w, np.zeros(dim)][None],
+            b_eq=[b - w @ t],
+            bounds=[*box, *[(0, None)] * dim],
+            method="highs",
+        )
+    assert res.status == 0, res.message
+    return float(res.fun)
+
+
+@pytest.mark.parametrize("norm", ["Linf", "L2", "L1"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_step_is_the_shortest_onto_the_hyperplane_inside_the_box(norm: str, seed: int) -> None:
+    t, w, b = _problems(seed)
+    d = project(t, w, b, norm)
+    moved = t + d
+    # Inside the box (up to rounding) and on the hyperplane.
+    assert bool(((moved >= -1e-12) & (moved <= 1 + 1e-12)).all())
+    torch.testing.assert_close((w * moved).sum(dim=1), b, rtol=0, atol=1e-9)
+    lengths = torch.linalg.vector_norm(d, ord=_ORDER[norm], dim=1)
+    best = torch.tensor(
+        [_optimum(t[i].numpy(), w[i].numpy(), float(b[i]), norm) for i in range(len(t))],
+        dtype=torch.float64,
+    )
+    # No longer than the optimum (HiGHS's tolerance is about 1e-9), nor shorter:
+    # a shorter step would have to miss the hyperplane or leave the box.
+    torch.testing.assert_close(lengths, best, rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("norm", ["Linf", "L2", "L1"])
+def test_a_hyperplane_beyond_the_box_gets_the_step_to_the_nearest_corner(norm: str) -> None:
+    t, w, _ = _problems(2, n=8)
+    # Beyond every corner: w . x > b for every x in the box, by a margin.
+    b = -w.abs().sum(dim=1) - 1.0
+    d = project(t, w, b, norm)
+    corner = (w <= 0).to(t.dtype)  # the corner where w . x is smallest
+    moving = w != 0
+    torch.testing.assert_close(torch.where(moving, t + d, corner), corner, rtol=0, atol=1e-12)
+    # Coordinates with no weight do not move.
+    assert bool((d[~moving] == 0).all())
+
+
+@pytest.mark.parametrize("norm", ["Linf", "L2", "L1"])
+def test_float32_steps_match_the_float64_ones(norm: str) -> None:
+    t, w, b = _problems(3)
+    d64 = project(t, w, b, norm)
+    d32 = project(t.float(), w.float(), b.float(), norm)
+    assert d32.dtype == torch.float32
+    torch.testing.assert_close(d32.double(), d64, rtol=0, atol=2e-5)
