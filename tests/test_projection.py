@@ -20,8 +20,14 @@ from brittle.attacks.projection import project
 _ORDER = {"Linf": float("inf"), "L2": 2.0, "L1": 1.0}
 
 
-def _problems(seed: int, n: int = 40, dim: int = 64) -> tuple[torch.Tensor, ...]:
-    """Points on the box's faces and inside it, sparse normals, reachable offsets."""
+def _problems(
+    seed: int, n: int = 40, dim: int = 64, *, far: bool = False
+) -> tuple[torch.Tensor, ...]:
+    """Points on the box's faces and inside it, sparse normals, reachable offsets.
+
+    With ``far``, each hyperplane passes near the box corner farthest along ``-w``,
+    so that nearly every coordinate must move to reach it.
+    """
     gen = torch.Generator().manual_seed(seed)
     t = torch.rand(n, dim, generator=gen, dtype=torch.float64)
     # Like the digits: many pixels exactly 0 or 1, many zero gradients.
@@ -31,6 +37,9 @@ def _problems(seed: int, n: int = 40, dim: int = 64) -> tuple[torch.Tensor, ...]
     w = torch.where(torch.rand(n, dim, generator=gen) < 0.25, 0.0, w)
     # A target point in the box at a random distance: the hyperplane through it.
     y = (t + torch.rand(n, 1, generator=gen) * (torch.rand(n, dim, generator=gen) - t)).clamp(0, 1)
+    if far:
+        corner = (w <= 0).to(t.dtype)
+        y = corner + 0.02 * (t - corner)
     return t, w, (w * y).sum(dim=1)
 
 
@@ -38,6 +47,7 @@ def _optimum(t: np.ndarray, w: np.ndarray, b: float, norm: str) -> float:
     """The smallest norm of a step onto the hyperplane inside the box (exact)."""
     dim = len(t)
     if norm == "L2":
+
         def gap(mu: float) -> float:
             return float(w @ np.clip(t + mu * w, 0, 1) - b)
 
@@ -73,9 +83,14 @@ def _optimum(t: np.ndarray, w: np.ndarray, b: float, norm: str) -> float:
 
 
 @pytest.mark.parametrize("norm", ["Linf", "L2", "L1"])
-@pytest.mark.parametrize("seed", [0, 1])
-def test_the_step_is_the_shortest_onto_the_hyperplane_inside_the_box(norm: str, seed: int) -> None:
-    t, w, b = _problems(seed)
+@pytest.mark.parametrize(
+    ("seed", "dim", "far"),
+    [(0, 64, False), (1, 64, False), (2, 64, True), (3, 1, False), (4, 3, True)],
+)
+def test_the_step_is_the_shortest_onto_the_hyperplane_inside_the_box(
+    norm: str, seed: int, dim: int, far: bool
+) -> None:
+    t, w, b = _problems(seed, dim=dim, far=far)
     d = project(t, w, b, norm)
     moved = t + d
     # Inside the box (up to rounding) and on the hyperplane.
@@ -93,7 +108,7 @@ def test_the_step_is_the_shortest_onto_the_hyperplane_inside_the_box(norm: str, 
 
 @pytest.mark.parametrize("norm", ["Linf", "L2", "L1"])
 def test_a_hyperplane_beyond_the_box_gets_the_step_to_the_nearest_corner(norm: str) -> None:
-    t, w, _ = _problems(2, n=8)
+    t, w, _ = _problems(5, n=8)
     # Beyond every corner: w . x > b for every x in the box, by a margin.
     b = -w.abs().sum(dim=1) - 1.0
     d = project(t, w, b, norm)
@@ -106,7 +121,7 @@ def test_a_hyperplane_beyond_the_box_gets_the_step_to_the_nearest_corner(norm: s
 
 @pytest.mark.parametrize("norm", ["Linf", "L2", "L1"])
 def test_float32_steps_match_the_float64_ones(norm: str) -> None:
-    t, w, b = _problems(3)
+    t, w, b = _problems(6)
     d64 = project(t, w, b, norm)
     d32 = project(t.float(), w.float(), b.float(), norm)
     assert d32.dtype == torch.float32

@@ -9,8 +9,6 @@ the box, then bisect for the optimal multiplier.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 from torch import Tensor, nn
@@ -67,7 +65,7 @@ def project_linf(t: Tensor, w: Tensor, b: Tensor) -> Tensor:
 
     # Breakpoints from the largest room down: at the j-th, the j + 1 coordinates with
     # the most room still move by lam, the others sit at the corner.
-    order = _descending(room)
+    order = _argsort(room, descending=True)
     weights = w.gather(1, order)
     slope = torch.cumsum(weights.abs(), dim=1)
     rest = torch.cumsum(-weights * d.gather(1, order), dim=1) + floor[:, None]
@@ -75,7 +73,7 @@ def project_linf(t: Tensor, w: Tensor, b: Tensor) -> Tensor:
     # The change is monotone in lam: the breakpoints that overshoot come first.
     last = overshoot[:, -1]  # even the smallest room overshoots: every coordinate moves
     between = (need > floor) & ~last
-    piece = torch.where(last, w.shape[1] - 1, (overshoot.sum(1) - 1).clamp(0, w.shape[1] - 2))
+    piece = torch.where(last, w.shape[1] - 1, _last_true(overshoot, w.shape[1] - 2))
     at = piece[:, None]
     lam = ((need[:, None] - rest.gather(1, at)) / -slope.gather(1, at)).clamp_min(0)
     capped = torch.where(up, torch.minimum(lam, d), torch.maximum(-lam, d))
@@ -84,98 +82,86 @@ def project_linf(t: Tensor, w: Tensor, b: Tensor) -> Tensor:
     return torch.where(moving, d, 0.0)
 
 
-def _descending(values: Tensor) -> Tensor:
-    """Per row, the indices that sort ``values`` from largest to smallest (ties in any order).
+def _argsort(values: Tensor, *, descending: bool = False) -> Tensor:
+    """Per row, the indices that sort ``values`` (ties in any order).
 
     On a CPU through numpy, whose vectorised sort is several times faster than
     ``torch.argsort`` on short rows (0.04 against 0.21 ms for 182 x 64 floats).
     """
     if values.device.type == "cpu":
-        return torch.from_numpy(np.argsort(-values.detach().numpy(), axis=1))
-    return torch.argsort(values, dim=1, descending=True)
+        array = values.detach().numpy()
+        return torch.from_numpy(np.argsort(-array if descending else array, axis=1))
+    return torch.argsort(values, dim=1, descending=descending)
+
+
+def _last_true(flags: Tensor, high: int) -> Tensor:
+    """Per row, the position of the last ``True`` of a run of them at the start, in ``[0, high]``.
+
+    The projections' breakpoints are monotone, so their conditions hold for a
+    prefix: counting them replaces the reference code's bisection loop.
+    """
+    return (flags.sum(dim=1) - 1).clamp(0, max(high, 0))
 
 
 def project_l2(t: Tensor, w: Tensor, b: Tensor) -> Tensor:
     """``project`` in the L2 norm."""
-    w = w.clone()
     c = (w * t).sum(1) - b
-    sign = 2 * (c >= 0) - 1
-    w.mul_(sign[:, None])
-    c = c * sign
+    sign = torch.where(c >= 0, 1.0, -1.0).to(t.dtype)
+    w, c = w * sign[:, None], c * sign
+    keep = w.abs() > 1e-8
 
-    r = torch.max(t / w, (t - 1) / w).clamp(min=-1e12, max=1e12)
-    r.masked_fill_(w.abs() < 1e-8, 1e12)
-    r[r == -1e12] *= -1
-    rs, indr = torch.sort(r, dim=1)
+    # Moving along -w, each coordinate reaches the box at r; coordinates with no
+    # weight never do (1e12).
+    r = torch.maximum(t / w, (t - 1) / w).clamp(min=-1e12, max=1e12)
+    r = torch.where((w.abs() < 1e-8) | (r == -1e12), 1e12, r)
+    indr = _argsort(r)
+    rs = r.gather(1, indr)
     rs2 = nn.functional.pad(rs[:, 1:], (0, 1))
-    rs.masked_fill_(rs == 1e12, 0)
-    rs2.masked_fill_(rs2 == 1e12, 0)
+    rs = torch.where(rs == 1e12, 0.0, rs)
+    rs2 = torch.where(rs2 == 1e12, 0.0, rs2)
 
     w3s = (w**2).gather(1, indr)
     w5 = w3s.sum(dim=1, keepdim=True)
     ws = w5 - torch.cumsum(w3s, dim=1)
-    d = -(r * w)
-    d.mul_((w.abs() > 1e-8).float())
+    d = torch.where(keep, -(r * w), 0.0)
     s = torch.cat((-w5 * rs[:, 0:1], torch.cumsum((-rs2 + rs) * ws, dim=1) - w5 * rs[:, 0:1]), 1)
 
-    c4 = s[:, 0] + c < 0
-    c3 = (d * w).sum(dim=1) + c > 0
+    c4 = s[:, 0] + c < 0  # no coordinate reaches the box: the plain projection
+    c3 = (d * w).sum(dim=1) + c > 0  # the box does not reach the hyperplane
     c2 = ~(c4 | c3)
-    lb = torch.zeros(int(c2.sum()), device=t.device)
-    ub = torch.full_like(lb, w.shape[1] - 1)
-    s_, c_ = s[c2], c[c2]
-    for _ in range(math.ceil(math.log2(w.shape[1]))):
-        mid = torch.floor((lb + ub) / 2)
-        ok = s_.gather(1, mid.long()[:, None]).squeeze(1) + c_ > 0
-        lb = torch.where(ok, mid, lb)
-        ub = torch.where(ok, ub, mid)
-    lb = lb.long()
-
-    if c4.any():
-        alpha = c[c4] / w5[c4].squeeze(-1)
-        d[c4] = -alpha[:, None] * w[c4]
-    if c2.any():
-        alpha = (s[c2, lb] + c[c2]) / ws[c2, lb] + rs[c2, lb]
-        alpha[ws[c2, lb] == 0] = 0
-        c5 = (alpha[:, None] > r[c2]).float()
-        d[c2] = d[c2] * c5 - alpha[:, None] * w[c2] * (1 - c5)
-    return d * (w.abs() > 1e-8).float()
+    dim = w.shape[1]
+    at = _last_true(s[:, :dim] + c[:, None] > 0, dim - 2)[:, None]
+    free = -(c[:, None] / w5) * w
+    remaining = ws.gather(1, at)
+    alpha = (s.gather(1, at) + c[:, None]) / remaining + rs.gather(1, at)
+    alpha = torch.where(remaining == 0, 0.0, alpha)
+    capped = torch.where(alpha > r, d, -alpha * w)
+    d = torch.where(c4[:, None], free, torch.where(c2[:, None], capped, d))
+    return torch.where(keep, d, 0.0)
 
 
 def project_l1(t: Tensor, w: Tensor, b: Tensor) -> Tensor:
-    """``project`` in the L1 norm."""
-    w = w.clone()
+    """``project`` in the L1 norm.
+
+    The cheapest coordinates (largest ``|w|``) move to the box first; the one
+    at which the hyperplane is reached moves part of the way.
+    """
     c = (w * t).sum(1) - b
-    sign = 2 * (c >= 0) - 1
-    w.mul_(sign[:, None])
-    c = c * sign
+    sign = torch.where(c >= 0, 1.0, -1.0).to(t.dtype)
+    w, c = w * sign[:, None], c * sign
 
-    r = (1 / w).abs().clamp_max(1e12)
-    indr = torch.argsort(r, dim=1)
-    indr_rev = torch.argsort(indr)
-    c6 = (w < 0).float()
-    d = (-t + c6) * (w != 0).float()
-    ds = torch.min(-w * t, w * (1 - t)).gather(1, indr)
-    s = torch.cumsum(torch.cat((c[:, None], ds), 1), dim=1)
+    indr = _argsort((1 / w).abs().clamp_max(1e12))
+    d = torch.where(w != 0, torch.where(w < 0, 1 - t, -t), 0.0)  # to the corner
+    ds = torch.minimum(-w * t, w * (1 - t)).gather(1, indr)
+    s = torch.cumsum(torch.cat((c[:, None], ds), 1), dim=1)  # w . x left to lower
 
-    c2 = s[:, -1] < 0
-    lb = torch.zeros(int(c2.sum()), device=t.device)
-    ub = torch.full_like(lb, s.shape[1])
-    s_ = s[c2]
-    for _ in range(math.ceil(math.log2(w.shape[1]))):
-        mid = torch.floor((lb + ub) / 2)
-        ok = s_.gather(1, mid.long()[:, None]).squeeze(1) > 0
-        lb = torch.where(ok, mid, lb)
-        ub = torch.where(ok, ub, mid)
-    lb2 = lb.long()
-
-    if c2.any():
-        indr = indr[c2].gather(1, lb2[:, None]).squeeze(1)
-        u = torch.arange(0, w.shape[0], device=t.device)[:, None]
-        u2 = torch.arange(0, w.shape[1], device=t.device, dtype=torch.float)[None, :]
-        alpha = -s[c2, lb2] / w[c2, indr]
-        c5 = u2 < lb[:, None]
-        u3 = c5[u[: c5.shape[0]], indr_rev[c2]]
-        d[c2] = d[c2] * u3.float()
-        d[c2, indr] = alpha
-    return d * (w.abs() > 1e-8).float()
+    reach = s[:, -1] < 0
+    at = _last_true(s > 0, w.shape[1] - 1)[:, None]
+    part = indr.gather(1, at)  # the coordinate that moves part of the way
+    alpha = -s.gather(1, at) / w.gather(1, part)
+    position = torch.empty_like(indr).scatter_(
+        1, indr, torch.arange(w.shape[1], device=w.device).expand_as(indr)
+    )
+    moved = torch.where(position < at, d, 0.0).scatter(1, part, alpha)
+    d = torch.where(reach[:, None], moved, d)
+    return torch.where(w.abs() > 1e-8, d, 0.0)
