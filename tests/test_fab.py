@@ -99,6 +99,29 @@ def test_independent_of_batch_size(robust_model: nn.Module, digits: DigitsSplit,
         torch.testing.assert_close(other, margins[0], rtol=1e-4, atol=0)
 
 
+def test_runs_that_follow_each_other_per_sample_do_not_depend_on_the_batch(
+    robust_model: nn.Module, digits: DigitsSplit
+) -> None:
+    # Each sample starts its targeted runs as soon as its own run ends, while others
+    # are still running or already done. Few steps, so that some runs end on the step
+    # limit while others still step, and a restart, which ranks its candidate classes
+    # by what each sample learned. Sample by sample, the result must be the whole batch's.
+    x = digits.x_holdout[40:64]
+    pred = _pred(robust_model, x)
+    settings = {"norm": "Linf", "steps": 8, "targeted": 3, "restarts": 2, "patience": 2}
+    whole = fab_attack(robust_model, x, pred, **settings).margin
+    alone = torch.cat(
+        [
+            fab_attack(
+                robust_model, x[i : i + 1], pred[i : i + 1], index=torch.tensor([i]), **settings
+            ).margin
+            for i in range(len(x))
+        ]
+    )
+    assert torch.isfinite(whole).all()
+    torch.testing.assert_close(alone, whole, rtol=1e-4, atol=0)
+
+
 def test_linear_model_hits_the_exact_boundary() -> None:
     # Two classes, logits x0 and x1: the Linf margin of (a, b) is (a - b) / 2.
     model = nn.Linear(2, 2, bias=False)

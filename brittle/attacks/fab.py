@@ -24,7 +24,8 @@ and APGD-based minimum-norm attacks):
   x, all runs in one batch;
 * ``targeted`` extra runs each linearise one runner-up class only (the nearest
   by guessed distance other than the best adversarial's class): FAB commits to
-  one boundary early, and the nearest one is often another class's;
+  one boundary early, and the nearest one is often another class's. Each sample
+  starts them as soon as its own untargeted run ends, in the same batch;
 * the best adversarial is shrunk along its ray by bisection at the end;
 * random restarts draw from a counter-based hash of ``(seed, index, restart)``,
   so a sample's result does not depend on the batch it is attacked in.
@@ -234,9 +235,7 @@ def fab_attack(
         resolution = torch.finfo(x.dtype).eps if resolution is None else resolution
         attack = _Fab(model, x, pred.to(x.device), norm, (eta, beta, alpha_max), patience)
         attack.min_step = _TIE_ULPS * resolution
-        attack.run(attack.x0, steps, candidates)
-        for rank in range(min(targeted, attack.num_classes - 2)):
-            attack.run(attack.x0, steps, candidates, attack.runner_up(rank))
+        attack.run(attack.x0, steps, candidates, targeted=min(targeted, attack.num_classes - 2))
         before = attack.best.clone()
         attack.walk(walk_steps)
         attack.refine(refine_steps)
@@ -329,6 +328,7 @@ class _Point(NamedTuple):
     logits: Tensor  # the copies' logits (with the graph when a step follows)
     z: Tensor  # each sample's logits, detached
     is_adv: Tensor  # whether the point is already adversarial
+    last: Tensor  # whether the point ends its sample's run (label check only, no step)
 
 
 class _Fab:
@@ -369,78 +369,103 @@ class _Fab:
         start: Tensor,
         steps: int,
         candidates: int,
-        target: Tensor | None = None,
         rows: Tensor | None = None,
+        targeted: int = 0,
     ) -> None:
-        """One FAB run from ``start``; updates the best adversarials found so far.
+        """One FAB run from ``start``, then ``targeted`` runs from x0; updates the best so far.
 
-        With ``target`` (one class per sample) the run linearises that class only;
-        with ``rows`` (a mask) only those samples run.
+        The ``i``-th targeted run linearises one class only: the ``i``-th nearest by
+        guessed distance, skipping the class of the best adversarial so far. Each
+        sample starts its next run as soon as its last one ends, so that the runs
+        share the batch's passes instead of following each other's stragglers;
+        what a sample computes depends on that sample alone. With ``rows`` (a mask)
+        only those samples run.
         """
+        n, phases = self.x0.shape[0], 1 + targeted
         x1 = start.clone()
-        base = 1 if target is not None else min(candidates, self.num_classes - 1)
+        base = min(candidates, self.num_classes - 1)
         # The very first step linearises more classes, to learn their gradient norms.
         first_width = min(max(base, _FIRST_WIDTH), self.num_classes - 1)
-        if self.known.any() or target is not None:  # later runs know the gradient norms
+        if self.known.any():  # later runs know the gradient norms
             first_width = base
         k = torch.full_like(self.pred, first_width)
         active = torch.ones_like(self.pred, dtype=torch.bool) if rows is None else rows.clone()
-        stale = torch.zeros_like(self.pred)
-        # Patience counts against this run's own best, so that a restart is not cut
+        stale, count = torch.zeros_like(self.pred), torch.zeros_like(self.pred)
+        # Per sample: which run it is in, and the class its targeted run linearises.
+        phase, target = torch.zeros_like(self.pred), torch.full_like(self.pred, -1)
+        found = self._found_classes() if targeted else self.pred
+        # Patience counts against each run's own best, so that a run is not cut
         # short by an earlier run's result: it stops when it stops improving itself.
-        run_best = torch.full_like(self.best, math.inf)
-        run_adv = self.x0.clone()
-        self.runs.append((run_adv, run_best))
-        for step in range(steps + 1):
+        run_best = self.best.new_full((phases, n), math.inf)
+        run_adv = self.x0[None].repeat(phases, 1, 1)
+        self.runs.extend(zip(run_adv.unbind(), run_best.unbind(), strict=True))
+        while True:
             idx = active.nonzero().squeeze(1)
             if idx.numel() == 0:
                 break
-            last = step == steps  # the last point only needs its label check
+            ph, last = phase[idx], count[idx] == steps  # the last point only needs its label check
             xa, x0, c = x1[idx], self.x0[idx], self.pred[idx]
-            ka = torch.ones_like(c) if last else k[idx]
+            ka = torch.where(last, 1, k[idx])
+            stepping = not bool(last.all())
             # k copies of each sample: one backward pass yields the k gradients, and the
             # forward pass that builds them is also the label check of this point.
-            rows = torch.repeat_interleave(torch.arange(len(idx), device=xa.device), ka)
-            xr = xa[rows].requires_grad_(not last)
-            with torch.set_grad_enabled(not last):
+            copies = torch.repeat_interleave(torch.arange(len(idx), device=xa.device), ka)
+            xr = xa[copies].requires_grad_(stepping)
+            with torch.set_grad_enabled(stepping):
                 logits = self._logits(xr)
             first = torch.cumsum(ka, 0) - ka
             z = logits.detach()[first]
             is_adv = decision_changes(z, c)
-            point = _Point(idx, xa, x0, c, ka, xr, rows, first, logits, z, is_adv)
+            point = _Point(idx, xa, x0, c, ka, xr, copies, first, logits, z, is_adv, last)
 
-            dist, best, own = _lp(xa - x0, self.norm), self.best[idx], run_best[idx]
+            dist, best, own = _lp(xa - x0, self.norm), self.best[idx], run_best[ph, idx]
             better = is_adv & (dist < best)
             progress = is_adv & (dist < (1 - _IMPROVE_RTOL) * own)
             self.best[idx] = torch.where(better, dist, best)
             self.best_adv[idx[better]] = xa[better]
+            if targeted:
+                found[idx[better]] = z[better].argmax(dim=1)
             nearer = is_adv & (dist < own)
-            run_best[idx] = torch.where(nearer, dist, own)
-            run_adv[idx[nearer]] = xa[nearer]
-            found = torch.isfinite(run_best[idx])
-            stale_a = torch.where(progress | ~found, 0, stale[idx] + 1)
-            stale[idx] = stale_a
-            if last:
-                break
-            x1[idx], widen = self._step(point, target)
-            k[idx] = torch.where(widen, (2 * ka).clamp(max=self.num_classes - 1), base)
-            # A sample whose best norm has stopped improving is done for this run.
-            active[idx] = stale_a < self.patience
+            run_best[ph, idx] = torch.where(nearer, dist, own)
+            run_adv[ph[nearer], idx[nearer]] = xa[nearer]
+            has_adv = torch.isfinite(run_best[ph, idx])
+            stale_a = torch.where(progress | ~has_adv, 0, stale[idx] + 1)
+            stale[idx], count[idx] = stale_a, count[idx] + 1
+            if stepping:
+                aim = target[idx] if targeted else None
+                new, widen = self._step(point, aim)
+                x1[idx] = torch.where(last[:, None], xa, new)
+                base_a = torch.where(ph > 0, 1, base)
+                k[idx] = torch.where(widen, (2 * ka).clamp(max=self.num_classes - 1), base_a)
+            # A sample whose run has stopped improving (or is out of steps) is done with
+            # it; it starts its next run from x0 at once, or stops.
+            done = last | (stale_a >= self.patience)
+            moving_on = done & (ph < targeted)
+            active[idx] = ~done | moving_on
+            if bool(moving_on.any()):
+                on = idx[moving_on]
+                phase[on] += 1
+                target[on] = self._runner_up(on, phase[on] - 1, found[on])
+                x1[on], k[on], stale[on], count[on] = self.x0[on], 1, 0, 0
 
     def _step(self, point: _Point, target: Tensor | None) -> tuple[Tensor, Tensor]:
         """FAB's projection step from ``point.xa``, linearising ``point.ka`` classes per sample.
 
         Candidates are the classes whose boundary looks nearest: logit gap over the
         gradient norm last seen for that class (the largest norm seen, if never);
-        with ``target`` (one class per sample of the whole batch), that class only.
+        where ``target`` (one class per active sample, -1 for none) names one, that
+        class only.
         """
-        idx, xa, x0, c, ka, xr, rows, first, logits, z, is_adv = point
+        idx, xa, x0, c, ka, xr, rows, first, logits, z, is_adv, last = point
         n, kmax, num_classes = len(xa), int(ka.max()), z.shape[1]
         zc = z.gather(1, c[:, None])
         dual_seen, known = self.dual_seen[idx], self.known[idx]
         guess = guessed_distance(z - zc, dual_seen, known).scatter(1, c[:, None], math.inf)
         guess_top, top_cls = guess.topk(min(kmax + 1, num_classes - 1), dim=1, largest=False)
-        cls = top_cls[:, :kmax] if target is None else target[idx][:, None]
+        cls, aimed = top_cls[:, :kmax], None
+        if target is not None:
+            aimed = target >= 0
+            cls = torch.where(aimed[:, None], target[:, None], cls)
 
         rank = torch.arange(len(rows), device=xa.device) - first[rows]
         grad_out = torch.zeros_like(logits)
@@ -464,15 +489,20 @@ class _Fab:
         reachable = valid & (dual > 0)
         lin_dist = torch.where(reachable, value.abs() / dual.clamp_min(1e-30), math.inf)
         nearest, j = lin_dist.min(dim=1)
-        seen = torch.where(valid, dual, dual_seen.gather(1, cls))
+        # A sample at the end of its run takes no step and learns nothing from it, so
+        # that what it computes does not depend on whether others in the batch step.
+        learn = valid & ~last[:, None]
+        seen = torch.where(learn, dual, dual_seen.gather(1, cls))
         self.dual_seen[idx] = dual_seen.scatter(1, cls, seen)
-        self.known[idx] = known.scatter(1, cls, valid | known.gather(1, cls))
+        self.known[idx] = known.scatter(1, cls, learn | known.gather(1, cls))
 
         # Widen next step's candidates when the next class's guessed distance is
         # close enough to the chosen boundary's that it might be the nearer one.
         has_next = ka < num_classes - 1
         next_guess = guess_top.gather(1, ka.clamp(max=guess_top.shape[1] - 1)[:, None]).squeeze(1)
-        widen = has_next & (next_guess < _WIDEN_SLACK * nearest) & (target is None)
+        widen = has_next & (next_guess < _WIDEN_SLACK * nearest)
+        if aimed is not None:
+            widen = widen & ~aimed
 
         u = torch.arange(n, device=xa.device)
         w = dg[u, j]
@@ -499,20 +529,26 @@ class _Fab:
         t = t / _lp(t, self.norm).clamp_min(1e-12)[:, None]
         return (self.x0 + 0.5 * radius[:, None] * t).clamp(0, 1)
 
-    def runner_up(self, rank: int) -> Tensor:
-        """Per sample, the ``rank``-th nearest other class by guessed distance from x0.
+    def _found_classes(self) -> Tensor:
+        """The class of each sample's best adversarial so far (its prediction where none)."""
+        found = self.pred.clone()
+        has = torch.isfinite(self.best)
+        if bool(has.any()):
+            with torch.no_grad():
+                found[has] = self._logits(self.best_adv[has]).argmax(dim=1)
+        return found
+
+    def _runner_up(self, rows: Tensor, rank: Tensor, found: Tensor) -> Tensor:
+        """Per sample of ``rows``, the ``rank``-th nearest other class by guessed distance from x0.
 
         The guess is ``guessed_distance`` at x0 (a class never linearised gets the
-        largest gradient norm seen); the predicted class and the class of the best
-        adversarial are skipped.
+        largest gradient norm seen); the predicted class and ``found``, the class
+        of the best adversarial, are skipped.
         """
-        with torch.no_grad():
-            found = self._logits(self.best_adv).argmax(dim=1)
-        gap = self.z0 - self.z0.gather(1, self.pred[:, None])
-        guess = guessed_distance(gap, self.dual_seen, self.known)
-        guess = guess.scatter(1, self.pred[:, None], math.inf)
-        guess = guess.scatter(1, found[:, None], math.inf)  # found == pred where none yet
-        return guess.argsort(dim=1)[:, rank]
+        z0, pred = self.z0[rows], self.pred[rows, None]
+        guess = guessed_distance(z0 - z0.gather(1, pred), self.dual_seen[rows], self.known[rows])
+        guess = guess.scatter(1, pred, math.inf).scatter(1, found[:, None], math.inf)
+        return guess.argsort(dim=1).gather(1, rank[:, None]).squeeze(1)
 
     def walk(self, steps: int) -> None:
         """Slide every run's adversarial along the boundary towards x0 (``boundary_walk``).
