@@ -122,6 +122,24 @@ def test_runs_that_follow_each_other_per_sample_do_not_depend_on_the_batch(
     torch.testing.assert_close(alone, whole, rtol=1e-4, atol=0)
 
 
+def test_a_step_too_large_for_one_pass_runs_in_parts_with_the_same_result(
+    robust_model: nn.Module, digits: DigitsSplit
+) -> None:
+    # The first step linearises nine classes: 64 samples make 576 model rows, more
+    # than one pass takes (512), so it runs in parts; 32 samples (288 rows) do not.
+    x = digits.x_holdout[:64]
+    pred = _pred(robust_model, x)
+    whole = fab_attack(robust_model, x, pred, steps=8).margin
+    halves = [
+        fab_attack(
+            robust_model, x[i : i + 32], pred[i : i + 32], steps=8, index=torch.arange(i, i + 32)
+        )
+        for i in (0, 32)
+    ]
+    assert torch.isfinite(whole).all()
+    torch.testing.assert_close(torch.cat([h.margin for h in halves]), whole, rtol=1e-4, atol=0)
+
+
 def test_linear_model_hits_the_exact_boundary() -> None:
     # Two classes, logits x0 and x1: the Linf margin of (a, b) is (a - b) / 2.
     model = nn.Linear(2, 2, bias=False)

@@ -21,7 +21,9 @@ DEFAULT_ENGINE = "brittle"
 # brittle 4, torchattacks 2: a point whose logits are not finite changes the decision for
 # every class, in the engine and in the verification (argmax called it class 0). Margins
 # of models with finite logits everywhere are unchanged.
-ENGINE_VERSIONS = {"brittle": 4, "torchattacks": 2}
+# brittle 5: projections without bisection loops (ties sorted in another order) and the
+# targeted runs started per sample: margins move in their last digits.
+ENGINE_VERSIONS = {"brittle": 5, "torchattacks": 2}
 
 
 @dataclass(frozen=True)
