@@ -306,6 +306,7 @@ def test_nan_rows_are_rejected_and_leave_the_alarm_alone(server: Server) -> None
         (b'{"inputs": [[1, 2, 3]]}', 422, r"shape \(batch, 1, 8, 8\)\. Got \(1, 3\)"),
         (b'{"inputs": [[[[1, 2]]], [1]]}', 422, "nested lists of numbers"),
         (b'{"inputs": [["a"]]}', 422, "strings are not numbers"),
+        (b'{"inputs": [], "inputs": []}', 400, "repeats a key"),
         (b'{"inputs": [], "logits": "yes"}', 422, "logits must be true or false"),
         (json.dumps({"inputs": [[[[0.0] * 8] * 8]] * 33}).encode(), 413, "limit of 32"),
     ],

@@ -117,9 +117,13 @@ async def read_body(
 
 
 def decode_json(body: bytes) -> Any:
-    """The body as JSON; 400 for anything else, nesting too deep included."""
+    """The body as JSON; 400 for anything else, nesting too deep and repeated keys included.
+
+    JSON leaves an object that names a key twice to the parser (Python's keeps the
+    last value, others the first): such a body is refused rather than read one way.
+    """
     try:
-        return json.loads(body)
+        return json.loads(body, object_pairs_hook=_unique_keys)
     except RecursionError as err:
         raise Refusal(
             400, "the body is not valid JSON for this server: nested too deeply."
@@ -132,6 +136,14 @@ def decode_json(body: bytes) -> Any:
         raise Refusal(
             400, "the body is not valid JSON for this server: a number has too many digits."
         ) from err
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """One decoded JSON object; a ``Refusal`` when it names a key twice."""
+    decoded = dict(pairs)
+    if len(decoded) != len(pairs):
+        raise Refusal(400, "the body is not valid JSON for this server: an object repeats a key.")
+    return decoded
 
 
 def non_numbers(body: bytes, payload: dict[str, Any]) -> str:
