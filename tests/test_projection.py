@@ -120,6 +120,15 @@ def test_a_hyperplane_beyond_the_box_gets_the_step_to_the_nearest_corner(norm: s
 
 
 @pytest.mark.parametrize("norm", ["Linf", "L2", "L1"])
+def test_bfloat16_steps_are_computed_too(norm: str) -> None:
+    # numpy has no bfloat16: such rows are sorted by torch instead.
+    t, w, b = _problems(7, n=4, dim=16)
+    d = project(t.bfloat16(), w.bfloat16(), b.bfloat16(), norm)
+    assert d.dtype == torch.bfloat16 and bool(torch.isfinite(d).all())
+    torch.testing.assert_close(d.double(), project(t, w, b, norm), rtol=0, atol=0.1)
+
+
+@pytest.mark.parametrize("norm", ["Linf", "L2", "L1"])
 def test_float32_steps_match_the_float64_ones(norm: str) -> None:
     t, w, b = _problems(6)
     d64 = project(t, w, b, norm)
