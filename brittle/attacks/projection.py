@@ -4,7 +4,11 @@ Each FAB step linearises a decision boundary as the hyperplane ``w . x = b`` and
 moves to the point of that hyperplane, within the input box, nearest in the
 attack's norm. The three projections follow Croce & Hein's reference code
 (AutoAttack's ``fab_projections.py``): sort the coordinates by where they hit
-the box, then bisect for the optimal multiplier.
+the box, then find the piece of the piecewise-linear path on which the
+hyperplane lies. The reference code bisects for it in a Python loop; the
+breakpoints are monotone, so here one comparison over the sorted row and a
+count find it, and on a CPU the sort runs in numpy, several times faster than
+``torch.argsort`` on short rows.
 """
 
 from __future__ import annotations
