@@ -129,7 +129,13 @@ def test_a_step_too_large_for_one_pass_runs_in_parts_with_the_same_result(
     # than one pass takes (512), so it runs in parts; 32 samples (288 rows) do not.
     x = digits.x_holdout[:64]
     pred = _pred(robust_model, x)
-    whole = fab_attack(robust_model, x, pred, steps=8).margin
+    rows: list[int] = []
+    hook = robust_model.register_forward_pre_hook(lambda _, args: rows.append(len(args[0])))
+    try:
+        whole = fab_attack(robust_model, x, pred, steps=8).margin
+    finally:
+        hook.remove()
+    assert max(rows) <= 512 and sum(rows[1:3]) == 64 * 9  # x0's logits, then two parts
     halves = [
         fab_attack(
             robust_model, x[i : i + 32], pred[i : i + 32], steps=8, index=torch.arange(i, i + 32)
