@@ -119,6 +119,8 @@ def test_runs_that_follow_each_other_per_sample_do_not_depend_on_the_batch(
         ]
     )
     assert torch.isfinite(whole).all()
+    # A batch of one rounds the model's sums otherwise: at most 1.2e-6 apart on this
+    # machine (7 of 24 bitwise equal); 1e-4 leaves room for other CPUs' kernels.
     torch.testing.assert_close(alone, whole, rtol=1e-4, atol=0)
 
 
@@ -143,6 +145,7 @@ def test_a_step_too_large_for_one_pass_runs_in_parts_with_the_same_result(
         for i in (0, 32)
     ]
     assert torch.isfinite(whole).all()
+    # Bitwise equal on this machine; 1e-4 as for batches of other sizes above.
     torch.testing.assert_close(torch.cat([h.margin for h in halves]), whole, rtol=1e-4, atol=0)
 
 
