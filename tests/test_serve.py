@@ -881,6 +881,21 @@ def test_connections_beyond_the_cap_are_closed_and_the_server_recovers(
     assert "Too many open files" not in err and "Traceback" not in err, err[-2000:]
 
 
+def test_upgrade_requests_are_answered_and_logged_once(onnx_path: Path, tmp_path: Path) -> None:
+    """uvicorn logs two warnings per WebSocket upgrade request: each appears once only."""
+    upgrade = (
+        b"GET /healthz HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+    )
+    with _serve(onnx_path, tmp_path / "modules.txt") as served:
+        for _ in range(5):
+            with _connect(served, upgrade) as sock:
+                assert sock.recv(64).startswith(b"HTTP/1.1 200"), "answered as plain HTTP"
+    _, err = served.proc.communicate(timeout=30)
+    assert err.count("Unsupported upgrade request.") == 1, err[-2000:]
+    assert err.count("No supported WebSocket library detected.") == 1, err[-2000:]
+    assert "logged once" in err and "Traceback" not in err
+
+
 def test_clients_that_never_read_their_answers_are_dropped(onnx_path: Path, tmp_path: Path) -> None:
     """Answers left unread do not hold connections: each is dropped after the deadline.
 

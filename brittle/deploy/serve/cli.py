@@ -8,6 +8,7 @@ shuts the server down gracefully with exit status 0, as an orchestrator expects.
 from __future__ import annotations
 
 import argparse
+import logging
 import socket
 import sys
 import warnings
@@ -168,6 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from brittle.deploy.onnx_monitor import OnnxMonitor
     from brittle.deploy.serve.app import create_app
     from brittle.deploy.serve.connections import bounded_protocol, connection_limits
+    from brittle.deploy.serve.logs import UPGRADE_WARNINGS, LoggedOnce
     from brittle.deploy.serve.server import Server
     from brittle.deploy.telemetry import Telemetry
 
@@ -226,6 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         on_close=app.state.closed_connections.count,
     )
     config = uvicorn.Config(app, log_level=args.log_level, http=protocol, backlog=limits.backlog)
+    logging.getLogger("uvicorn.error").addFilter(LoggedOnce(UPGRADE_WARNINGS))
     Server(config).run(sockets=[sock])
     return 0
 
