@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 __all__ = ["UPGRADE_WARNINGS", "LoggedOnce"]
 
-# The beginnings of uvicorn's two warnings about an upgrade request (uvicorn 0.3x).
+# The beginnings of uvicorn's two warnings about an upgrade request (as uvicorn 0.55 words them).
 UPGRADE_WARNINGS = ("Unsupported upgrade request.", "No supported WebSocket library detected.")
 
 
