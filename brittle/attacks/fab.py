@@ -355,12 +355,16 @@ class _Runs:
     run_adv: Tensor  # (runs, B, D) each run's best adversarial
 
 
-def _parts(idx: Tensor, copies: Tensor, cap: int) -> list[Tensor]:
-    """``idx`` in consecutive parts of at most ``cap`` copies (one sample may exceed it)."""
+def _parts(idx: Tensor, copies: Tensor, cap: int) -> list[tuple[Tensor, Tensor]]:
+    """``(idx, copies)`` in consecutive parts of at most ``cap`` copies each.
+
+    One sample may exceed ``cap`` alone.
+    """
     if int(copies.sum()) <= cap:
-        return [idx]
+        return [(idx, copies)]
     group = (torch.cumsum(copies, 0) - 1) // cap
-    return [idx[group == g] for g in torch.unique_consecutive(group).tolist()]
+    parts = [group == g for g in torch.unique_consecutive(group).tolist()]
+    return [(idx[part], copies[part]) for part in parts]
 
 
 class _Fab:
@@ -441,15 +445,18 @@ class _Fab:
             idx = runs.active.nonzero().squeeze(1)
             if idx.numel() == 0:
                 break
+            # The last point of a run only needs its label check: one copy.
             ka = torch.where(runs.count[idx] == steps, 1, runs.k[idx])
-            for part in _parts(idx, ka, _MAX_COPIES):
-                self._advance(runs, part)
+            for part, part_ka in _parts(idx, ka, _MAX_COPIES):
+                self._advance(runs, part, part_ka)
 
-    def _advance(self, runs: _Runs, idx: Tensor) -> None:
-        """One step of the runs of the samples ``idx``: label check, best so far, FAB step."""
-        ph, last = runs.phase[idx], runs.count[idx] == runs.steps  # the last point: label check
+    def _advance(self, runs: _Runs, idx: Tensor, ka: Tensor) -> None:
+        """One step of the runs of the samples ``idx``: label check, best so far, FAB step.
+
+        ``ka`` is each sample's number of copies: one per class it linearises.
+        """
+        ph, last = runs.phase[idx], runs.count[idx] == runs.steps
         xa, x0, c = runs.x1[idx], self.x0[idx], self.pred[idx]
-        ka = torch.where(last, 1, runs.k[idx])
         stepping = not bool(last.all())
         # k copies of each sample: one backward pass yields the k gradients, and the
         # forward pass that builds them is also the label check of this point.

@@ -58,10 +58,8 @@ def project_linf(t: Tensor, w: Tensor, b: Tensor) -> Tensor:
     ``lam``, with a kink where a coordinate reaches the box. The breakpoints,
     sorted, give the piece the hyperplane lies on; on it ``lam`` is exact.
     """
-    dot = (w * t).sum(1)
-    # Orient each hyperplane so that the step lowers w . x: w . t >= b.
-    sign = torch.where(dot - b >= 0, 1.0, -1.0).to(t.dtype)
-    w, need = w * sign[:, None], (b - dot) * sign  # need <= 0: the change of w . x
+    w, c = _oriented(t, w, b)
+    need = -c  # the change of w . x the step must make
     moving, up = w != 0, w < 0  # up: the coordinate rises towards the corner
     room = torch.where(up, 1 - t, t)  # how far each coordinate can move
     d = torch.where(moving, torch.where(up, room, -t), 0.0)  # the corner, reached
@@ -84,6 +82,13 @@ def project_linf(t: Tensor, w: Tensor, b: Tensor) -> Tensor:
     free = torch.where(up, lam, -lam)
     d = torch.where(last[:, None], free, torch.where(between[:, None], capped, d))
     return torch.where(moving, d, 0.0)
+
+
+def _oriented(t: Tensor, w: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """``w`` signed per row so that ``c = w . t - b >= 0``, and ``c``: the step lowers ``w . x``."""
+    c = (w * t).sum(1) - b
+    sign = torch.where(c >= 0, 1.0, -1.0).to(t.dtype)
+    return w * sign[:, None], c * sign
 
 
 def _argsort(values: Tensor, *, descending: bool = False) -> Tensor:
@@ -109,9 +114,7 @@ def _last_true(flags: Tensor, high: int) -> Tensor:
 
 def project_l2(t: Tensor, w: Tensor, b: Tensor) -> Tensor:
     """``project`` in the L2 norm."""
-    c = (w * t).sum(1) - b
-    sign = torch.where(c >= 0, 1.0, -1.0).to(t.dtype)
-    w, c = w * sign[:, None], c * sign
+    w, c = _oriented(t, w, b)
     keep = w.abs() > 1e-8
 
     # Moving along -w, each coordinate reaches the box at r; coordinates with no
@@ -150,9 +153,7 @@ def project_l1(t: Tensor, w: Tensor, b: Tensor) -> Tensor:
     The cheapest coordinates (largest ``|w|``) move to the box first; the one
     at which the hyperplane is reached moves part of the way.
     """
-    c = (w * t).sum(1) - b
-    sign = torch.where(c >= 0, 1.0, -1.0).to(t.dtype)
-    w, c = w * sign[:, None], c * sign
+    w, c = _oriented(t, w, b)
 
     indr = _argsort((1 / w).abs().clamp_max(1e12))
     d = torch.where(w != 0, torch.where(w < 0, 1 - t, -t), 0.0)  # to the corner
