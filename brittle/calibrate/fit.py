@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from brittle.arguments import positive_int
 from brittle.attacks.attack import ENGINES
 from brittle.attacks.distributed import shard
 from brittle.attacks.settings import DEFAULT_ENGINE, AttackSettings
@@ -123,17 +124,12 @@ def _validate(
     monitor: MonitorProtocol,
     *,
     target_tpr: float,
-    n_samples: int | None,
     engine: str,
     pseudo: object,
     min_tau: float,
 ) -> None:
     if not 0.0 < target_tpr < 1.0:
         raise ValueError(f"target_tpr must be in (0, 1). Got {target_tpr}.")
-    if n_samples is not None and (
-        isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1
-    ):
-        raise ValueError(f"n_samples must be a positive integer. Got {n_samples!r}.")
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {sorted(ENGINES)}. Got {engine!r}.")
     if pseudo not in (True, False, "auto"):
@@ -435,10 +431,10 @@ def calibrate(
             pseudo-margin network; ``blame`` names the argument to change.
     """
     min_tau = monitor.min_tau if min_tau is None else float(min_tau)
+    n_samples = None if n_samples is None else positive_int("n_samples", n_samples)
     _validate(
         monitor,
         target_tpr=target_tpr,
-        n_samples=n_samples,
         engine=engine,
         pseudo=pseudo,
         min_tau=min_tau,

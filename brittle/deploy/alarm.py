@@ -46,6 +46,8 @@ from typing import Any
 
 import numpy as np
 
+from brittle.arguments import positive_int
+
 __all__ = [
     "FlagRateAlarm",
     "AlarmState",
@@ -570,8 +572,8 @@ class FlagRateAlarm:
             raise ValueError(f"confidence must be in (0, 1). Got {confidence}.")
         if not float(odds_ratio) > 1.0:
             raise ValueError(f"odds_ratio must be above 1. Got {odds_ratio}.")
-        if lag is not None and (isinstance(lag, bool) or not isinstance(lag, int) or lag < 1):
-            raise ValueError(f"lag must be a positive number of samples. Got {lag!r}.")
+        if lag is not None:
+            lag = positive_int("lag", lag, what="a positive number of samples")
         self.run_length = float(run_length)
         self.confidence = float(confidence)
         self.odds_ratio = float(odds_ratio)

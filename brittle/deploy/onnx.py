@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from brittle._modes import eval_mode
+from brittle.arguments import positive_int
 from brittle.deploy.onnx_monitor import INPUT_NAME, OUTPUT_NAMES, OnnxMonitor
 from brittle.errors import NotFittedError
 from brittle.scores.head import NO_HEAD_HINT
@@ -43,9 +44,7 @@ MIN_OPSET = 17
 def _check_opset(opset: int | None) -> int:
     if opset is None:
         return DEFAULT_OPSET
-    if isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET:
-        raise ValueError(f"opset must be an integer >= {MIN_OPSET}. Got {opset!r}.")
-    return opset
+    return positive_int("opset", opset, minimum=MIN_OPSET)
 
 
 def _fmt(value: float | None) -> str:

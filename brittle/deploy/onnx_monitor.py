@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from brittle.arguments import is_range
 from brittle.deploy.alarm import OLD_REFERENCE_WARNING
 from brittle.output import MonitorOutput
 
@@ -56,7 +57,7 @@ def _in_range(key: str, value: Any) -> bool:
         return bool(0.0 <= value <= 1.0)
     if key == "input_domain":
         low, high = value
-        return math.isfinite(low) and math.isfinite(high) and low <= high
+        return is_range(low, high)
     return True
 
 

@@ -7,6 +7,8 @@ import math
 import torch
 from torch import Tensor
 
+from brittle.arguments import is_range
+
 __all__ = [
     "finite_rows",
     "judged_rows",
@@ -103,7 +105,7 @@ def domain_bounds(
         >>> domain_bounds(0.0, 1.0)
         (-0.1, 1.1)
     """
-    if not (math.isfinite(low) and math.isfinite(high)) or low > high:
+    if not is_range(low, high):
         raise ValueError(f"an input range must be finite with low <= high. Got ({low}, {high}).")
     if not (math.isfinite(tolerance) and tolerance >= 0):
         raise ValueError(f"tolerance must be a non-negative number. Got {tolerance}.")

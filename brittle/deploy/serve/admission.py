@@ -35,6 +35,7 @@ from typing import TypeVar
 import anyio
 import anyio.to_thread
 
+from brittle.arguments import positive_int
 from brittle.deploy.serve.refusal import Refusal
 
 __all__ = ["Admission", "Hold", "max_concurrent_default", "max_bytes_default", "RETRY_AFTER"]
@@ -99,13 +100,10 @@ class Admission:
     """
 
     def __init__(self, max_bytes: int, max_concurrent: int) -> None:
-        for name, value in (("max_bytes", max_bytes), ("max_concurrent", max_concurrent)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer. Got {value!r}.")
-        self.max_bytes = max_bytes
-        self.max_concurrent = max_concurrent
+        self.max_bytes = positive_int("max_bytes", max_bytes)
+        self.max_concurrent = positive_int("max_concurrent", max_concurrent)
         self.held = 0
-        self._workers = anyio.CapacityLimiter(max_concurrent)
+        self._workers = anyio.CapacityLimiter(self.max_concurrent)
 
     def hold(self) -> Hold:
         """A request's share of the budget, empty until its bytes arrive; a context manager."""

@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from brittle.arguments import positive_int
 from brittle.deploy.alarm import DEFAULT_RUN_LENGTH
 from brittle.deploy.onnx_monitor import OnnxMonitor
 from brittle.deploy.serve import schemas
@@ -180,12 +181,10 @@ def create_app(
         >>> client.post("/predict", json={"inputs": [[0.1, 0.2]]}).status_code
         422
     """
-    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
-        raise ValueError(f"max_batch must be a positive integer. Got {max_batch!r}.")
+    max_batch = positive_int("max_batch", max_batch)
     if max_body is None:
         max_body = body_limit(monitor.input_shape, max_batch)
-    if isinstance(max_body, bool) or not isinstance(max_body, int) or max_body < 1:
-        raise ValueError(f"max_body must be a positive number of bytes. Got {max_body!r}.")
+    max_body = positive_int("max_body", max_body, what="a positive number of bytes")
     admission = Admission(
         max_bytes_default(max_body) if body_budget is None else body_budget,
         max_concurrent_default() if max_concurrent is None else max_concurrent,

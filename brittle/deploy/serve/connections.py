@@ -66,6 +66,8 @@ import asyncio
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+from brittle.arguments import positive_int
+
 __all__ = [
     "bounded_protocol",
     "connection_limits",
@@ -205,12 +207,7 @@ def bounded_protocol(
         raise ValueError(
             f"request_timeout must be a positive number of seconds. Got {request_timeout!r}."
         )
-    if (
-        isinstance(max_connections, bool)
-        or not isinstance(max_connections, int)
-        or max_connections < 1
-    ):
-        raise ValueError(f"max_connections must be a positive integer. Got {max_connections!r}.")
+    max_connections = positive_int("max_connections", max_connections)
 
     period = request_timeout / _SWEEPS_PER_TIMEOUT
     sweeps: dict[asyncio.AbstractEventLoop, asyncio.TimerHandle] = {}  # one per event loop

@@ -1,0 +1,59 @@
+"""Checks of arguments shared across brittle's layers (no torch: the serving path uses them)."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+__all__ = ["positive_int", "is_range"]
+
+
+def positive_int(name: str, value: object, *, minimum: int = 1, what: str = "") -> int:
+    """``value`` as an ``int`` when it is an integer of at least ``minimum``; else ``ValueError``.
+
+    Any integral number passes (``int``, ``numpy.int64``), booleans do not: ``True``
+    is an ``int`` to Python but never a count the caller meant.
+
+    Args:
+        name: The argument's name, for the message.
+        value: What the caller passed.
+        minimum: The smallest value allowed.
+        what: What the message says the argument must be (default: "a positive
+            integer", or "an integer >= minimum").
+
+    Returns:
+        ``value`` as a plain ``int``.
+
+    Raises:
+        ValueError: ``value`` is not an integer, is a boolean, or is below ``minimum``.
+
+    Examples:
+        >>> import numpy as np
+        >>> from brittle.arguments import positive_int
+        >>> positive_int("n_samples", np.int64(200))
+        200
+        >>> positive_int("lag", True)
+        Traceback (most recent call last):
+            ...
+        ValueError: lag must be a positive integer. Got True.
+    """
+    if (
+        isinstance(value, numbers.Integral)
+        and not isinstance(value, bool)
+        and int(value) >= minimum
+    ):
+        return int(value)
+    if not what:
+        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+    raise ValueError(f"{name} must be {what}. Got {value!r}.")
+
+
+def is_range(low: float, high: float) -> bool:
+    """Whether ``[low, high]`` is a range of values an input may take: finite, ``low <= high``.
+
+    Examples:
+        >>> from brittle.arguments import is_range
+        >>> is_range(0.0, 1.0), is_range(1.0, 0.0), is_range(0.0, float("inf"))
+        (True, False, False)
+    """
+    return math.isfinite(low) and math.isfinite(high) and low <= high
