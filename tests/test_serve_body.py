@@ -16,7 +16,8 @@ from typing import Any
 
 import pytest
 
-from brittle.deploy.serve.body import non_numbers
+from brittle.deploy.serve.body import decode_json, non_numbers
+from brittle.deploy.serve.refusal import Refusal
 
 STRING = "inputs must be numbers: strings are not numbers."
 BOOLEAN = "inputs must be numbers: booleans are not numbers."
@@ -98,3 +99,20 @@ def test_non_numbers_equals_a_walk_of_the_values() -> None:
 )
 def test_the_literals_that_look_alike(body: bytes, expected: str) -> None:
     assert non_numbers(body, json.loads(body)) == expected
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le"])
+def test_bodies_in_other_encodings_than_utf8_are_refused(encoding: str) -> None:
+    # json.loads reads UTF-16 and UTF-32 bytes too, where "true" is not the bytes
+    # non_numbers searches for: such a body passed its booleans on as numbers.
+    body = '{"inputs": [[1, true, false]]}'.encode(encoding)
+    assert non_numbers(body, json.loads(body)) == ""  # what made it pass
+    with pytest.raises(Refusal, match="not UTF-8 text") as refused:
+        decode_json(body)
+    assert refused.value.status == 400
+
+
+def test_a_utf8_byte_order_mark_is_ignored() -> None:
+    body = b'\xef\xbb\xbf{"inputs": [[1, 2]]}'
+    assert decode_json(body) == {"inputs": [[1, 2]]}
+    assert non_numbers(body, decode_json(body)) == ""

@@ -121,17 +121,25 @@ def decode_json(body: bytes) -> Any:
 
     JSON leaves an object that names a key twice to the parser (Python's keeps the
     last value, others the first): such a body is refused rather than read one way.
+    The body must be UTF-8 (RFC 8259; a byte order mark is ignored): ``json.loads``
+    also reads UTF-16 and UTF-32 bytes, whose ``true`` and ``false`` are not the
+    bytes ``non_numbers`` searches for, so booleans would pass as numbers.
     """
+    not_utf8 = Refusal(400, "the body is not valid JSON: it is not UTF-8 text.")
+    if 0 in body[:4]:  # UTF-16 or UTF-32 without a byte order mark (RFC 4627's test)
+        raise not_utf8
     try:
-        return json.loads(body, object_pairs_hook=_unique_keys)
+        text = body.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise not_utf8 from err
+    try:
+        return json.loads(text, object_pairs_hook=_unique_keys)
     except RecursionError as err:
         raise Refusal(
             400, "the body is not valid JSON for this server: nested too deeply."
         ) from err
     except json.JSONDecodeError as err:
         raise Refusal(400, f"the body is not valid JSON: {err.msg} at byte {err.pos}.") from err
-    except UnicodeDecodeError as err:
-        raise Refusal(400, "the body is not valid JSON: it is not UTF-8 text.") from err
     except ValueError as err:  # Python reads integers of at most 4300 digits
         raise Refusal(
             400, "the body is not valid JSON for this server: a number has too many digits."
