@@ -574,6 +574,19 @@ def test_open_inference_bodies_that_crashed_the_server_get_400(server: Server, c
     assert _metrics(server.url).get('brittle_requests_total{code="500"}', 0.0) == 0
 
 
+@pytest.mark.parametrize("shape", [[64], [64, 64], [64, 1, 1, 1], [1, 64]])
+def test_open_inference_tensors_of_another_shape_are_told_the_shape(
+    server: Server, shape: list[int]
+) -> None:
+    """A tensor of another shape gets 400 naming the model's shape: the first dimension of
+    a flat tensor of 64 values was taken for a batch, answered 413 (over --max-batch 32)."""
+    tensor = {"name": "input", "shape": shape, "datatype": "FP32", "data": [0.5] * math.prod(shape)}
+    body = json.dumps({"inputs": [tensor]}).encode()
+    status, answer = _request(f"{server.url}/v2/models/{server.path.stem}/infer", body)
+    assert status == 400, answer
+    assert answer["error"] == f"input must have shape (batch, 1, 8, 8). Got {tuple(shape)}."
+
+
 def test_errors_never_quote_the_input(server: Server) -> None:
     secret = "a" * 100_000
     status, answer = _request(f"{server.url}/predict", json.dumps({"inputs": [secret]}).encode())
