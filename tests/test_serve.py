@@ -587,6 +587,22 @@ def test_open_inference_tensors_of_another_shape_are_told_the_shape(
     assert answer["error"] == f"input must have shape (batch, 1, 8, 8). Got {tuple(shape)}."
 
 
+@pytest.mark.parametrize(
+    "data",
+    [[[0.5] * 8] * 7 + [[0.5] * 7], [0.5] * 63 + [None], [0.5] * 63 + [{}], [0.5] * 63 + ["1"]],
+    ids=["ragged", "null", "object", "string"],
+)
+def test_open_inference_data_that_are_not_numbers_are_told_what_numbers_are(
+    server: Server, data: list[Any]
+) -> None:
+    """Ragged lists and null were refused as if they were strings or booleans."""
+    tensor = {"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": data}
+    body = json.dumps({"inputs": [tensor]}).encode()
+    status, answer = _request(f"{server.url}/v2/models/{server.path.stem}/infer", body)
+    assert status == 400, answer
+    assert "nested lists of equal lengths" in answer["error"] and "null" in answer["error"]
+
+
 def test_errors_never_quote_the_input(server: Server) -> None:
     secret = "a" * 100_000
     status, answer = _request(f"{server.url}/predict", json.dumps({"inputs": [secret]}).encode())

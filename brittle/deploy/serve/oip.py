@@ -116,7 +116,12 @@ def _tensor(
         found = to_batch(data, np.dtype(object), (None,)) if data else np.empty(0, dtype)
         kinds = {type(v) for v in found.reshape(-1).tolist()}
         if not kinds <= {int, float}:
-            raise Refusal(400, "the tensor's data must be numbers (not strings or booleans).")
+            # Ragged lists leave lists among the values: they are not strings either.
+            raise Refusal(
+                400,
+                "the tensor's data must be numbers, flat or in nested lists of equal "
+                "lengths (not strings, booleans, null or objects).",
+            )
         values = to_batch(found.reshape(-1).tolist(), dtype, (None,))
     if values.size != count:
         raise Refusal(400, "the tensor's data do not fill its shape.")
