@@ -97,15 +97,17 @@ HEAD = b"POST /predict HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n\
 
 
 async def _exchange(
-    parser: type[Any], sends: list[bytes]
+    parser: type[Any], sends: list[bytes], answers: list[int] | None = None
 ) -> tuple[Recorder, Transport, list[str], Any]:
     """Feed ``sends`` (one ``data_received`` each) to a bounded ``parser`` connection.
 
-    Returns the app, the transport, the reasons of closes and the connection.
+    Returns the app, the transport, the reasons of closes and the connection; the
+    status codes of the answers the protocol gives without the app go to ``answers``.
     """
     reasons: list[str] = []
     app = Recorder()
-    protocol = bounded_protocol(parser, on_close=reasons.append)
+    on_answer = None if answers is None else answers.append
+    protocol = bounded_protocol(parser, on_close=reasons.append, on_answer=on_answer)
     config = uvicorn.Config(app, log_level="warning", http=protocol, access_log=False)
     config.load()
     connection: Any = config.http_protocol_class(
@@ -231,3 +233,37 @@ def test_a_pipeline_deeper_than_the_queue_is_refused_with_httptools(parser: type
         assert transport.written.count(b"HTTP/1.1 200 OK") <= 1
     else:
         assert reasons == [] and transport.written.count(b"HTTP/1.1 200 OK") == 1000
+
+
+MALFORMED = {
+    "header-without-colon": b"GET /healthz HTTP/1.1\r\nHost: test\r\nBroken\r\n\r\n",
+    "two-content-lengths": (
+        b"POST /predict HTTP/1.1\r\nHost: test\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab"
+    ),
+    "head-without-end": b"GET /healthz HTTP/1.1\r\nHost: test\r\n" + b"X-A: a\r\n" * 4000,
+}
+
+
+@pytest.mark.parametrize("parser", PARSERS, ids=lambda p: p.__name__)
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_the_400_for_a_request_the_parser_refuses_is_counted(parser: type[Any], case: str) -> None:
+    # uvicorn answers these itself, and the app never saw them: brittle_requests_total
+    # counted none of the 400s clients received.
+    answers: list[int] = []
+    wire = MALFORMED[case]
+    reads = _reads(wire, 4096)
+    app, transport, _, _ = asyncio.run(_exchange(parser, reads, answers))
+    assert transport.written.startswith(b"HTTP/1.1 400 ") and app.bodies == []
+    assert answers == [400]
+
+
+@pytest.mark.parametrize("parser", PARSERS, ids=lambda p: p.__name__)
+def test_answers_of_the_app_are_not_counted_by_the_protocol(parser: type[Any]) -> None:
+    # A request that reached the app is counted there, also when its body is then
+    # refused by the parser (a chunk size that is not hexadecimal).
+    good = b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n"
+    answers: list[int] = []
+    app, transport, _, _ = asyncio.run(_exchange(parser, [good, HEAD + b"zz\r\n"], answers))
+    assert transport.written.count(b"HTTP/1.1 200 OK") == 1
+    assert transport.written.count(b"HTTP/1.1 400 ") == 1 and app.disconnected == 1
+    assert answers == []

@@ -226,6 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         request_timeout=args.request_timeout,
         max_connections=args.max_connections or limits.max_connections,
         on_close=app.state.closed_connections.count,
+        on_answer=app.state.requests.count,
     )
     config = uvicorn.Config(app, log_level=args.log_level, http=protocol, backlog=limits.backlog)
     logging.getLogger("uvicorn.error").addFilter(LoggedOnce(UPGRADE_WARNINGS))

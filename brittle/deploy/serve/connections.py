@@ -172,6 +172,7 @@ def bounded_protocol(
     request_timeout: float = REQUEST_TIMEOUT,
     max_connections: int = MAX_CONNECTIONS,
     on_close: Callable[[str], None] | None = None,
+    on_answer: Callable[[int], None] | None = None,
 ) -> type[asyncio.Protocol]:
     """A subclass of uvicorn's protocol ``base`` with deadlines and caps (see the module).
 
@@ -186,6 +187,10 @@ def bounded_protocol(
             the longest a client may leave an answer's bytes unread.
         max_connections: Most connections open at once; more are closed on accept.
         on_close: Called with the reason of every connection closed here.
+        on_answer: Called with the status code of every answer given here, without
+            the app: uvicorn's 400 to a request its parser refuses (a malformed
+            head, a head or a pipeline too large), which the app never sees and so
+            never counts.
 
     Returns:
         A subclass of ``base``, to pass as ``uvicorn.Config(app, http=...)``.
@@ -215,6 +220,10 @@ def bounded_protocol(
     def closed(reason: str) -> None:
         if on_close is not None:
             on_close(reason)
+
+    def answered(status: int) -> None:
+        if on_answer is not None:
+            on_answer(status)
 
     def sweep(loop: asyncio.AbstractEventLoop, connections: set[Any]) -> None:
         del sweeps[loop]
@@ -330,6 +339,16 @@ def bounded_protocol(
             self.dropped = True
             self.transport.close()
             return False
+
+        def send_400_response(self, msg: str) -> None:
+            # uvicorn's answer to a request its parser refused. One whose head reached the
+            # app is counted there, as the app answers it (its answer is dropped on the
+            # closed connection); so is one refused while an earlier request is still
+            # being answered: one answer counted for the client's one.
+            cycle = self.cycle
+            if cycle is None or cycle.response_complete:
+                answered(400)
+            super().send_400_response(msg)
 
         def shutdown(self) -> None:
             if self.receiving():
