@@ -116,3 +116,18 @@ def test_a_utf8_byte_order_mark_is_ignored() -> None:
     body = b'\xef\xbb\xbf{"inputs": [[1, 2]]}'
     assert decode_json(body) == {"inputs": [[1, 2]]}
     assert non_numbers(body, decode_json(body)) == ""
+
+
+@pytest.mark.parametrize(
+    ("body", "detail"),
+    [
+        (b'{"inputs": "abc', "Unterminated string starting at byte 11."),
+        (b'{"inputs": "a\x01"}', "Invalid control character at byte 13."),
+        (b'{"inputs": [1] x', "Expecting ',' delimiter at byte 15."),
+    ],
+)
+def test_a_json_error_says_where_once(body: bytes, detail: str) -> None:
+    # Said "Unterminated string starting at at byte 11."
+    with pytest.raises(Refusal) as refused:
+        decode_json(body)
+    assert refused.value.detail == f"the body is not valid JSON: {detail}"

@@ -139,7 +139,9 @@ def decode_json(body: bytes) -> Any:
             400, "the body is not valid JSON for this server: nested too deeply."
         ) from err
     except json.JSONDecodeError as err:
-        raise Refusal(400, f"the body is not valid JSON: {err.msg} at byte {err.pos}.") from err
+        # Some of json's messages end in "at" ("Unterminated string starting at").
+        what = err.msg.removesuffix(" at")
+        raise Refusal(400, f"the body is not valid JSON: {what} at byte {err.pos}.") from err
     except ValueError as err:  # Python reads integers of at most 4300 digits
         raise Refusal(
             400, "the body is not valid JSON for this server: a number has too many digits."
