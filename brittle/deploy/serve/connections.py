@@ -31,10 +31,12 @@ whichever uvicorn picked) so that:
   3.6 s behind it. Common clients send chunks of 8 KiB (``http.client``) to 64
   KiB (httpx, curl), and a body of rows streamed one chunk per row passes too;
 - a request's head or trailers of more than ``MAX_HEAD_BYTES`` get uvicorn's
-  400 for an invalid request, with either parser. h11 refuses them by itself;
-  with httptools uvicorn kept every header, so one client sending headers
-  without end grew the server by 2.6 GB in 5 s (trailers without end: 2.3 GB in
-  3 s). With httptools a request is refused once the reads that brought it
+  400 for an invalid request, with either parser. With httptools uvicorn kept
+  every header, so one client sending headers without end grew the server by
+  2.6 GB in 5 s (trailers without end: 2.3 GB in 3 s); h11 bounds only a head
+  still arriving, and both served a 250 KB head that came in one read. Now the
+  target and the fields parsed are counted (``name: value`` and its line end),
+  and with httptools a request is also refused once the reads that brought it
   nothing but head or trailer bytes (no body, no end of its head or of the
   request) add up to more than ``MAX_HEAD_BYTES``: with the read in which the
   head began (at most 256 KiB), that bounds what one connection holds;
@@ -166,6 +168,15 @@ class _TooManyPipelined(Exception):
     """Raised inside httptools' parser to stop it: a client pipelined too many requests."""
 
 
+class _HeadTooLarge(Exception):
+    """Raised inside httptools' parser to stop it: a head or trailers past ``MAX_HEAD_BYTES``."""
+
+
+def _field_bytes(name: bytes, value: bytes) -> int:
+    """Bytes a header or trailer field takes on the wire: ``name: value`` and its line end."""
+    return len(name) + len(value) + 4
+
+
 def bounded_protocol(
     base: type[Any],
     *,
@@ -254,6 +265,7 @@ def bounded_protocol(
         in_message = False  # httptools: a request has begun and not yet ended
         progressed = False  # httptools: the read being parsed brought more than head bytes
         head_bytes = 0  # httptools: bytes of the request's reads that brought only those
+        field_bytes = 0  # bytes of the request's target, header and trailer fields parsed
 
         def connection_made(self, transport: asyncio.Transport) -> None:
             super().connection_made(transport)
@@ -280,9 +292,28 @@ def bounded_protocol(
                     self.send_400_response(_INVALID)
 
         def on_message_begin(self) -> None:  # httptools: a request begins
-            self.pieces = self.piece_bytes = self.head_bytes = 0
+            self.pieces = self.piece_bytes = self.head_bytes = self.field_bytes = 0
             self.in_message = self.progressed = True
             super().on_message_begin()
+
+        def on_url(self, url: bytes) -> None:  # httptools: (a piece of) the target
+            self.parsed_field(len(url))
+            super().on_url(url)
+
+        def on_header(self, name: bytes, value: bytes) -> None:  # httptools: a field
+            self.parsed_field(_field_bytes(name, value))
+            super().on_header(name, value)
+
+        def parsed_field(self, size: int) -> None:
+            """Count a parsed part of the head or trailers; refuse past ``MAX_HEAD_BYTES``.
+
+            The reads counted in ``data_received`` bound what a head still arriving
+            holds; this bounds a head that arrives whole in one read.
+            """
+            self.field_bytes += size
+            if self.field_bytes > MAX_HEAD_BYTES:
+                # httptools stops parsing the read; uvicorn answers 400 and closes.
+                raise _HeadTooLarge(f"a head or trailers of more than {MAX_HEAD_BYTES} bytes")
 
         def on_headers_complete(self) -> None:  # httptools: its head has arrived
             self.progressed = True
@@ -315,8 +346,17 @@ def bounded_protocol(
 
             def next_counted() -> Any:
                 event = next_event()
-                if isinstance(event, h11.Request):
-                    self.pieces = self.piece_bytes = 0
+                if isinstance(event, (h11.Request, h11.EndOfMessage)):
+                    # h11 bounds only a head still arriving (max_incomplete_event_size).
+                    size = sum(_field_bytes(name, value) for name, value in event.headers)
+                    if isinstance(event, h11.Request):
+                        self.pieces = self.piece_bytes = 0
+                        self.field_bytes = len(event.target) + size
+                    else:
+                        self.field_bytes += size
+                    if self.field_bytes > MAX_HEAD_BYTES:
+                        # uvicorn answers a protocol error with its 400 and closes.
+                        raise h11.RemoteProtocolError("a head or trailers too large")
                 elif isinstance(event, h11.Data) and not self.body_piece(len(event.data)):
                     return h11.NEED_DATA  # stops uvicorn's loop over the buffered events
                 return event
