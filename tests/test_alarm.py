@@ -10,6 +10,7 @@ import pytest
 from scipy.stats import beta, binom
 
 from brittle.deploy.alarm import (
+    MAX_RUN_LENGTH,
     MIN_REFERENCE_RATE,
     FlagRateAlarm,
     UndetectableRiseError,
@@ -134,6 +135,35 @@ def test_run_length_matches_simulation() -> None:
     )
     error = runs.std() / math.sqrt(runs.size)
     assert abs(runs.mean() - exact) <= 4 * error, (runs.mean(), exact, error)
+
+
+def test_the_largest_promise_is_kept_by_the_exact_chain() -> None:
+    """At ``MAX_RUN_LENGTH`` the solve still keeps the promise; past it the search refuses.
+
+    The exact run length comes from the same Markov chain eliminated in extended
+    precision (numpy's longdouble, eps 1.1e-19). The banded solve differs from it
+    by 5e-5 relatively at 1e12 (measured at rates 0.01-0.9, 2e-8 at 1e9), so the
+    bound below is ten times that.
+    """
+    d = design_cusum(0.12, run_length=MAX_RUN_LENGTH)
+    h, p, rows = d.threshold, np.longdouble(d.rate), np.arange(d.threshold)
+    a = np.zeros((h, h), dtype=np.longdouble)
+    a[rows, rows] = 1
+    a[rows[: h - d.up], rows[d.up :]] -= p
+    a[rows, np.maximum(rows - d.down, 0)] -= 1 - p
+    b = np.ones(h, dtype=np.longdouble)
+    for i in range(h - 1):  # forward elimination: the lower band is d.down wide
+        below = np.arange(i + 1, min(i + d.down + 1, h))
+        f = a[below, i] / a[i, i]
+        a[below, i:] -= f[:, None] * a[i, i:]
+        b[below] -= f * b[i]
+    x = np.zeros(h, dtype=np.longdouble)
+    for i in range(h - 1, -1, -1):
+        x[i] = (b[i] - a[i, i + 1 :] @ x[i + 1 :]) / a[i, i]
+    assert float(x[0]) >= MAX_RUN_LENGTH * (1 - 5e-4)
+    assert d.run_length == pytest.approx(float(x[0]), rel=5e-4)
+    with pytest.raises(ValueError, match="run_length must be in"):
+        cusum_threshold(d.up, d.down, d.rate, 1e16)
 
 
 @pytest.mark.parametrize(("p", "run_length"), [(0.05, 1e4), (0.3, 1e6), (0.005, 1e5)])
@@ -430,9 +460,19 @@ def test_from_monitor_uses_the_counts_and_a_bare_rate_is_exact() -> None:
         ((5, 3), {}, ValueError, r"0 <= flagged <= n and n >= 1. Got \(5, 3\)"),
         ((1.5, 3), {}, ValueError, r"counts must be integers. Got \(1.5, 3\)"),
         (1.5, {}, ValueError, r"rate must be in \[0, 1\). Got 1.5"),
-        ((1, 10), {"run_length": 0}, ValueError, "run_length must be a number of samples >= 1"),
+        ((1, 10), {"run_length": 0}, ValueError, r"run_length must be a number of samples in \[1"),
+        # Before: 1e16 got the chart of about 1e15 and called the promise kept (its
+        # design said run_length=inf); inf failed on converting NaN to an integer.
+        ((1, 10), {"run_length": 1e16}, ValueError, r"in \[1, 1e\+12\].*Got 1e\+16"),
+        ((1, 10), {"run_length": math.inf}, ValueError, r"in \[1, 1e\+12\].*Got inf"),
         ((1, 10), {"confidence": 1.0}, ValueError, r"confidence must be in \(0, 1\)"),
-        ((1, 10), {"odds_ratio": 1.0}, ValueError, "odds_ratio must be above 1. Got 1.0"),
+        (
+            (1, 10),
+            {"odds_ratio": 1.0},
+            ValueError,
+            "odds_ratio must be above 1 and finite. Got 1.0",
+        ),
+        ((1, 10), {"odds_ratio": math.inf}, ValueError, "above 1 and finite. Got inf"),
         ((1, 10), {"lag": 0}, ValueError, "lag must be a positive number of samples. Got 0"),
         ((399, 400), {}, UndetectableRiseError, "no rise to detect"),
     ],

@@ -66,6 +66,7 @@ __all__ = [
     "DEFAULT_ODDS_RATIO",
     "MIN_REFERENCE_RATE",
     "MAX_REFERENCE_RATE",
+    "MAX_RUN_LENGTH",
     "LAG_DELAYS",
     "MIN_LAG",
     "OLD_REFERENCE_WARNING",
@@ -82,6 +83,11 @@ DEFAULT_ODDS_RATIO = 2.0
 MIN_REFERENCE_RATE = 1e-3
 # Above this design rate a rise is too small to detect within any useful delay.
 MAX_REFERENCE_RATE = 0.95
+# The largest promise the run length's solve can keep: its relative error grows as
+# about 5e-17 times the run length (5e-5 here, against the exact Markov chain in
+# extended precision), and past 1e15 it has no digit left, so a larger promise
+# would get the chart of about 1e15 and call it kept (6,000 years at 5,000 samples/s).
+MAX_RUN_LENGTH = 1e12
 # A stream sample joins the learned reference once this many times the chart's expected
 # delay for the rise it is tuned to has passed without an alarm, and at least MIN_LAG
 # samples: a rise is caught long before it could be learned as the normal rate.
@@ -265,8 +271,8 @@ def cusum_increments(
     """
     if not 0.0 < p0 < 1.0:
         raise ValueError(f"p0 must be in (0, 1). Got {p0}.")
-    if not odds_ratio > 1.0:
-        raise ValueError(f"odds_ratio must be above 1. Got {odds_ratio}.")
+    if not 1.0 < odds_ratio < math.inf:
+        raise ValueError(f"odds_ratio must be above 1 and finite. Got {odds_ratio}.")
     p1 = _risen(p0, odds_ratio)
     gamma = math.log((1.0 - p0) / (1.0 - p1)) / math.log(odds_ratio)
     limit = max(resolution, round(1.0 / gamma))
@@ -326,8 +332,8 @@ def cusum_threshold(up: int, down: int, p: float, run_length: float) -> int:
         >>> cusum_run_length(25, 4, h - 1, 0.1) < 1e4 <= cusum_run_length(25, 4, h, 0.1)
         True
     """
-    if not run_length >= 1.0:
-        raise ValueError(f"run_length must be at least 1. Got {run_length}.")
+    if not 1.0 <= run_length <= MAX_RUN_LENGTH:
+        raise ValueError(f"run_length must be in [1, {MAX_RUN_LENGTH:g}]. Got {run_length}.")
     if cusum_run_length(up, down, 1, p) >= run_length:
         return 1
     # Invariant: run length < run_length at low, >= run_length at high.
@@ -533,7 +539,8 @@ class FlagRateAlarm:
     Args:
         reference: ``(flagged, n)``: how many of the ``n`` calibration samples the
             monitor flagged (``monitor.reference_counts``); or a rate taken as exact.
-        run_length: Promised expected number of clean samples between false alarms.
+        run_length: Promised expected number of clean samples between false alarms, at
+            most ``MAX_RUN_LENGTH``.
         confidence: Probability over the holdout that the promise holds.
         odds_ratio: The rise the chart is tuned to detect fastest (odds of a flag
             multiplied by this).
@@ -566,12 +573,15 @@ class FlagRateAlarm:
         learn: bool = True,
         lag: int | None = None,
     ) -> None:
-        if isinstance(run_length, bool) or not float(run_length) >= 1.0:
-            raise ValueError(f"run_length must be a number of samples >= 1. Got {run_length!r}.")
+        if isinstance(run_length, bool) or not 1.0 <= float(run_length) <= MAX_RUN_LENGTH:
+            raise ValueError(
+                f"run_length must be a number of samples in [1, {MAX_RUN_LENGTH:g}] (past it "
+                f"no run length can be computed to keep the promise). Got {run_length!r}."
+            )
         if not 0.0 < confidence < 1.0:
             raise ValueError(f"confidence must be in (0, 1). Got {confidence}.")
-        if not float(odds_ratio) > 1.0:
-            raise ValueError(f"odds_ratio must be above 1. Got {odds_ratio}.")
+        if not 1.0 < float(odds_ratio) < math.inf:
+            raise ValueError(f"odds_ratio must be above 1 and finite. Got {odds_ratio}.")
         if lag is not None:
             lag = positive_int("lag", lag, what="a positive number of samples")
         self.run_length = float(run_length)

@@ -15,7 +15,7 @@ import warnings
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from brittle.deploy.alarm import DEFAULT_ODDS_RATIO, DEFAULT_RUN_LENGTH
+from brittle.deploy.alarm import DEFAULT_ODDS_RATIO, DEFAULT_RUN_LENGTH, MAX_RUN_LENGTH
 from brittle.deploy.serve.connections import MAX_CONNECTIONS, REQUEST_TIMEOUT
 
 __all__ = ["main", "build_parser", "PROVIDERS"]
@@ -109,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=DEFAULT_RUN_LENGTH,
         help="expected clean samples between false alarms of the flag-rate alarm, promised "
-        f"with probability 0.9 over the calibration holdout (default {DEFAULT_RUN_LENGTH:g})",
+        f"with probability 0.9 over the calibration holdout (default {DEFAULT_RUN_LENGTH:g}, at "
+        f"most {MAX_RUN_LENGTH:g})",
     )
     parser.add_argument(
         "--odds-ratio",
