@@ -62,6 +62,10 @@ def test_critical_count_is_the_smallest_significant_count(n: int, p: float, leve
         (150, 1000, 0.95),
         (4999, 5000, 0.9),
         (150_000, 10**6, 0.9),  # a learned reference: hundredths of a second
+        # Below a confidence of about 0.5 the bound lies under flagged / n: it was
+        # returned as flagged / n (0.3 for 12 of 40, where beta.ppf gives 0.2767).
+        (333, 1000, 1e-6),
+        (12, 40, 0.3),
     ],
 )
 def test_upper_rate_is_clopper_pearson(flagged: int, n: int, confidence: float) -> None:

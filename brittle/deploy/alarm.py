@@ -238,7 +238,8 @@ def upper_rate(flagged: int, n: int, confidence: float = DEFAULT_CONFIDENCE) -> 
         return 1.0
     alpha = 1.0 - confidence
     # Invariant: P(X <= flagged) > alpha at low, <= alpha at high; the cdf falls as p rises.
-    low, high = flagged / n, 1.0
+    # From 0, not flagged / n: below a confidence of about 0.5 the bound lies under the rate.
+    low, high = 0.0, 1.0
     for _ in range(60):
         mid = 0.5 * (low + high)
         if binomial_cdf(flagged, n, mid) > alpha:
