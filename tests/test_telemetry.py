@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import threading
 import warnings
@@ -297,3 +298,23 @@ def test_too_high_a_reference_leaves_the_alarm_unavailable() -> None:
     with pytest.warns(UserWarning, match="alarm unavailable.*no rise to detect"):
         telemetry = Telemetry.from_monitor(Flagging())
     assert telemetry.alarm is None and "no rise to detect" in (telemetry.alarm_unavailable or "")
+
+
+def test_a_bfloat16_monitor_is_observed(fitted: brittle.Monitor, digits: DigitsSplit) -> None:
+    """The documented half-precision deployment: numpy has no bfloat16 to take its tensors.
+
+    Before, ``observe`` failed on ``.numpy()`` of the margins ("unsupported
+    ScalarType BFloat16"), so such a server counted nothing.
+    """
+    half = copy.deepcopy(fitted).to(torch.bfloat16)
+    x = digits.x_holdout[CALIBRATION : CALIBRATION + 40].to(torch.bfloat16)
+    x[3, 0, 1, 1] = math.nan
+    telemetry = Telemetry.from_monitor(half)
+    for batch in (x[:30], x[30:]):  # numpy's path and the small-request path
+        with torch.no_grad():
+            out = telemetry.observe(half(batch), batch)
+    assert out.margin.dtype == torch.bfloat16
+    snap = telemetry.snapshot()
+    assert snap.samples == 40 and snap.rejected == snap.rejected_by_reason["nan"] == 1
+    assert snap.alarm is not None and snap.alarm.samples == 39
+    assert sum(snap.bucket_counts) == 39

@@ -91,7 +91,11 @@ def _fallback_buckets(threshold: float | None) -> tuple[float, ...]:
 def _numpy(value: Any) -> np.ndarray:
     # A torch tensor (on any device) without importing torch here.
     if hasattr(value, "detach"):
-        value = value.detach().cpu().numpy()
+        value = value.detach().cpu()
+        try:
+            value = value.numpy()
+        except TypeError:  # bfloat16, which numpy lacks: widened to float32, exactly
+            value = value.float().numpy()
     return np.asarray(value)
 
 
