@@ -63,3 +63,23 @@ def test_score_choice_never_prefers_a_lower_or_nan_tau() -> None:
     chosen, reason = choose_score({"logit": _m(math.nan), "feature": _m(0.1)}, 0.5)
     assert chosen == "feature" and "highest tau" in reason
     assert choose_score({"logit": _m(math.nan), "feature": _m(math.nan)}, 0.5)[0] == "logit"
+
+
+def test_infinite_scores_rank_at_the_ends() -> None:
+    """``inf`` is a margin (no boundary to reach): the figures are those of any larger value.
+
+    Before, detection_metrics, score_metrics and fpr_at_tpr passed them to
+    scikit-learn, which refused them ("Input contains infinity").
+    """
+    rng = np.random.default_rng(2)
+    margins = rng.exponential(0.2, size=200)
+    score = np.round(margins * 5 + rng.normal(0, 0.3, 200))
+    score[:10], score[10:15] = np.inf, -np.inf
+    positive = margins <= 0.1
+    stand_in = np.where(np.isposinf(score), 1e6, np.where(np.isneginf(score), -1e6, score))
+    got = BF.detection_metrics(score, margins, eps=0.1, target_tpr=0.9)
+    assert got == pytest.approx(BF.detection_metrics(stand_in, margins, eps=0.1, target_tpr=0.9))
+    assert got[2] == pytest.approx(_brute_fpr(score, positive, 0.9))
+    assert BF.fpr_at_tpr(score, positive, 0.5) == pytest.approx(_brute_fpr(score, positive, 0.5))
+    metrics = BF.score_metrics(score, margins, eps=0.1, n_resamples=50)
+    assert math.isfinite(metrics.auroc) and math.isfinite(metrics.tau)

@@ -147,6 +147,16 @@ def kendall_tau_ci(
     return (float(low), float(high))
 
 
+def _ranks(score: ArrayLike) -> np.ndarray:
+    """Ranks of the scores, ties averaged: what ROC and precision-recall depend on.
+
+    scikit-learn refuses infinite scores, yet ``inf`` is a margin (no boundary to
+    reach, ``brittle.output.rejected``) and ranks above every finite one. NaN
+    stays NaN, which scikit-learn refuses.
+    """
+    return stats.rankdata(np.asarray(score, dtype=np.float64).ravel())
+
+
 def nonrobust(margin: ArrayLike, eps: float) -> np.ndarray:
     """Boolean mask of non-robust samples: input margin ``<= eps``."""
     return np.asarray(margin, dtype=np.float64) <= eps
@@ -156,7 +166,7 @@ def fpr_at_tpr(score: ArrayLike, positive: ArrayLike, target_tpr: float) -> floa
     """Smallest false-positive rate at which the true-positive rate reaches ``target_tpr``.
 
     ``positive`` marks the non-robust samples; low scores are predicted positive
-    (the flag ``score <= t``). Exact under tied scores.
+    (the flag ``score <= t``). Exact under tied scores; infinite scores rank at the ends.
 
     Examples:
         >>> from brittle.functional import fpr_at_tpr
@@ -168,7 +178,7 @@ def fpr_at_tpr(score: ArrayLike, positive: ArrayLike, target_tpr: float) -> floa
         return math.nan
     # Every distinct threshold is a point (drop_intermediate=False): with tied
     # scores the dropped points can be the first to reach the target TPR.
-    fpr, tpr, _ = skm.roc_curve(y, -np.asarray(score, dtype=np.float64), drop_intermediate=False)
+    fpr, tpr, _ = skm.roc_curve(y, -_ranks(score), drop_intermediate=False)
     return float(fpr[np.searchsorted(tpr, target_tpr, side="left")])
 
 
@@ -186,8 +196,9 @@ def detection_metrics(
     y = nonrobust(m, eps)
     if y.all() or not y.any():
         return (math.nan, math.nan, math.nan)
-    auroc = float(skm.roc_auc_score(y, -s))
-    aupr = float(skm.average_precision_score(y, -s))
+    ranks = _ranks(s)
+    auroc = float(skm.roc_auc_score(y, -ranks))
+    aupr = float(skm.average_precision_score(y, -ranks))
     return (auroc, aupr, fpr_at_tpr(s, y, target_tpr))
 
 
