@@ -159,3 +159,13 @@ def test_an_old_report_loads_with_a_warning_and_a_new_one_round_trips() -> None:
     assert again["fpr_ci"] == list(clopper_pearson(0, 2))
     assert (again["n_calibration"], again["n_choice"]) == (4, 0)
     assert "guarantee: expected TPR on new exchangeable samples >= 50%" in str(report)
+
+
+@pytest.mark.parametrize(("target", "shown"), [(0.5, "50%"), (0.975, "97.5%"), (0.995, "99.5%")])
+def test_the_report_states_the_guarantee_it_has(target: float, shown: str) -> None:
+    # Before: rounded to whole percent, 0.995 read ">= 100%" and 0.975 ">= 98%".
+    data = _old_report_dict()
+    data.update(target_tpr=target, tpr_ci=[0.5, 1.0], fpr_ci=[0.0, 0.5])
+    text = str(ConsistencyReport.from_dict(data))
+    assert f"guarantee: expected TPR on new exchangeable samples >= {shown}\n" in text
+    assert f"FPR@{shown}" in text

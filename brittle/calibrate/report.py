@@ -46,6 +46,15 @@ def _fmt(value: float | None, spec: str = ".3f") -> str:
     return format(value, spec)
 
 
+def _percent(value: float) -> str:
+    """A rate as a percentage with the digits it has: 0.975 is 97.5 %, not 98 %.
+
+    A guarantee is a bound: rounded to whole percent, a target TPR of 0.995 read
+    ">= 100%".
+    """
+    return f"{100 * value:.6g}%"
+
+
 def _fmt_ci(interval: tuple[float, float]) -> str:
     return f"[{_fmt(interval[0], '.1%')}, {_fmt(interval[1], '.1%')}]"
 
@@ -217,7 +226,7 @@ class ConsistencyReport:
             f"censored {self.censored}, {split}",
             "",
             f"{'score':<10}{'tau':>7}  {'95% CI':<15}{'AUROC':>7}{'AUPR':>7}"
-            f"{'FPR@' + format(self.target_tpr, '.0%'):>9}",
+            f"{'FPR@' + _percent(self.target_tpr):>9}",
         ]
         for name, m in self.metrics.items():
             ci = f"[{_fmt(m.tau_ci[0])}, {_fmt(m.tau_ci[1])}]"
@@ -232,7 +241,7 @@ class ConsistencyReport:
             f"threshold {self.threshold:.4g} on the {self.n_calibration} calibration samples: "
             f"TPR {self.tpr:.1%} {_fmt_ci(self.tpr_ci)}, FPR {self.fpr:.1%} "
             f"{_fmt_ci(self.fpr_ci)} (exact 95% intervals)",
-            f"guarantee: expected TPR on new exchangeable samples >= {self.target_tpr:.0%}",
+            f"guarantee: expected TPR on new exchangeable samples >= {_percent(self.target_tpr)}",
             "timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.timings.items()),
         ]
         return "\n".join(lines)
