@@ -83,3 +83,27 @@ def test_infinite_scores_rank_at_the_ends() -> None:
     assert BF.fpr_at_tpr(score, positive, 0.5) == pytest.approx(_brute_fpr(score, positive, 0.5))
     metrics = BF.score_metrics(score, margins, eps=0.1, n_resamples=50)
     assert math.isfinite(metrics.auroc) and math.isfinite(metrics.tau)
+
+
+def test_tau_interval_of_a_sample_with_nan_is_nan_as_its_tau() -> None:
+    # Before: (0.99999, 1.0), the interval of the resamples that missed the NaN.
+    score, margin = [1.0, 2.0, math.nan, 4.0, 5.0], [1.0, 3.0, 2.0, 4.0, 5.0]
+    assert math.isnan(BF.kendall_tau(score, margin))
+    low, high = BF.kendall_tau_ci(score, margin, n_resamples=100)
+    assert math.isnan(low) and math.isnan(high)
+    low, high = BF.kendall_tau_ci(margin, score, n_resamples=100)
+    assert math.isnan(low) and math.isnan(high)
+
+
+@pytest.mark.parametrize("n_resamples", [0, -5, 2.5, True])
+def test_tau_interval_refuses_a_bad_number_of_resamples(n_resamples: object) -> None:
+    # Before: n_resamples=0 raised numpy's IndexError from the quantile of no draws.
+    with pytest.raises(ValueError, match="n_resamples must be a positive integer"):
+        BF.kendall_tau_ci([1, 2, 3, 4], [1, 3, 2, 4], n_resamples=n_resamples)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("target", [0.0, -0.1, 1.5, math.nan])
+def test_fpr_at_tpr_refuses_a_target_outside_the_unit_interval(target: float) -> None:
+    # Before: 1.5 raised IndexError (no point of the ROC curve reaches it).
+    with pytest.raises(ValueError, match=r"target_tpr must be in \(0, 1\]"):
+        BF.fpr_at_tpr([0.1, 0.2, 0.3, 0.4], [True, False, True, False], target)

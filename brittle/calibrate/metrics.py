@@ -15,6 +15,7 @@ from numpy.typing import ArrayLike
 from scipy import stats
 from sklearn import metrics as skm
 
+from brittle.arguments import positive_int
 from brittle.output import flagged
 
 __all__ = [
@@ -115,7 +116,9 @@ def kendall_tau_ci(
     A resample in which the score or the margin is constant has no tau (scipy
     returns NaN); it is drawn again, so the interval is that of the bootstrap
     distribution given a defined tau rather than NaN. When fewer than half of
-    ``n_resamples`` draws are defined the interval is ``(nan, nan)``.
+    ``n_resamples`` draws are defined the interval is ``(nan, nan)``; so it is when
+    a score or a margin is NaN, whose tau is NaN too (resamples that miss the NaN
+    would give an interval of another sample's tau).
 
     Examples:
         >>> from brittle.functional import kendall_tau_ci
@@ -124,10 +127,13 @@ def kendall_tau_ci(
         True
     """
     s, m = _pair(score, margin)
-    if s.size < 3 or np.unique(s).size < 2 or np.unique(m).size < 2:
-        return (math.nan, math.nan)
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must be in (0, 1). Got {confidence}.")
+    n_resamples = positive_int("n_resamples", n_resamples)
+    if s.size < 3 or np.unique(s).size < 2 or np.unique(m).size < 2:
+        return (math.nan, math.nan)
+    if np.isnan(s).any() or np.isnan(m).any():
+        return (math.nan, math.nan)
     rng = np.random.default_rng(seed)
     taus: list[float] = []
     # Each round draws what is still missing; two draws per missing one bound the work
@@ -173,6 +179,8 @@ def fpr_at_tpr(score: ArrayLike, positive: ArrayLike, target_tpr: float) -> floa
         >>> fpr_at_tpr([0, -1, -1, 0, 1, 1, 1, 0], [0, 0, 1, 0, 0, 0, 1, 1], 0.5)
         0.6
     """
+    if not 0.0 < target_tpr <= 1.0:
+        raise ValueError(f"target_tpr must be in (0, 1]. Got {target_tpr}.")
     y = np.asarray(positive, dtype=bool)
     if y.all() or not y.any():
         return math.nan
