@@ -672,3 +672,12 @@ def test_a_crash_during_the_check_is_not_the_gate(model_file: Path, tmp_path: Pa
     )
     assert code == 3 and "model broke mid-way" in stderr
     assert stderr.count("\n") == 1 and "Traceback" not in stderr
+
+
+def test_console_shows_the_target_tpr_with_its_own_digits() -> None:
+    # Before, a target of 0.995 read "guarantee: ... >= 100%" (rounded to whole percent).
+    from brittle.check.console import flag_text
+
+    payload = {"threshold": 0.25, "tpr": 1.0, "tpr_ci": [0.9, 1.0], "fpr": 0.5}
+    payload |= {"fpr_ci": [0.4, 0.6], "n_calibration": 140, "target_tpr": 0.995}
+    assert flag_text(payload).endswith(">= 99.5%")

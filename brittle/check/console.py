@@ -10,6 +10,7 @@ __all__ = [
     "side_by_side",
     "timings_text",
     "fmt",
+    "percent",
     "flag_text",
     "robust_accuracy_text",
     "per_class_text",
@@ -17,6 +18,20 @@ __all__ = [
 
 # How the console and the HTML page name the attacks of ``brittle.attacks.adaptive``.
 ADAPTIVE_NAMES = {"pgd": "PGD", "adaptive_pgd": "adaptive PGD", "cw": "Carlini-Wagner L2"}
+
+
+def percent(value: float) -> str:
+    """A rate as a percentage with the digits it has, for a target TPR.
+
+    A guarantee is a bound: rounded to whole percent, a target of 0.995 read
+    ">= 100%" (``ConsistencyReport`` writes its own the same way).
+
+    Examples:
+        >>> from brittle.check.console import percent
+        >>> percent(0.95), percent(0.975), percent(0.995)
+        ('95%', '97.5%', '99.5%')
+    """
+    return f"{100 * value:.6g}%"
 
 
 def fmt(value: Any, spec: str = ".3f") -> str:
@@ -57,7 +72,7 @@ def flag_text(payload: dict[str, Any]) -> str:
         f"[{fmt(low, '.1%')}, {fmt(high, '.1%')}], FPR {fmt(payload['fpr'], '.1%')} "
         f"[{fmt(f_low, '.1%')}, {fmt(f_high, '.1%')}] on {where} (exact 95% intervals"
         f"{source}); guarantee: expected TPR on new exchangeable samples >= "
-        f"{payload['target_tpr']:.0%}"
+        f"{percent(payload['target_tpr'])}"
     )
 
 
@@ -144,7 +159,7 @@ def model_table(payload: dict[str, Any]) -> str:
         f"no adversarial found {payload['censored']}",
         "",
         f"  {'score':<10}{'tau':>7} {'95% CI':<14}{'AUROC':>7}{'AUPR':>7}"
-        f"{'FPR@' + format(payload['target_tpr'], '.0%'):>9}{'threshold':>11}",
+        f"{'FPR@' + percent(payload['target_tpr']):>9}{'threshold':>11}",
     ]
     for name, m in payload["metrics"].items():
         mark = "  <- chosen" if name == payload["chosen"] else ""
@@ -210,7 +225,7 @@ def side_by_side(payloads: list[dict[str, Any]]) -> str:
     add("tau (chosen)", [fmt(p["metrics"][p["chosen"]]["tau"]) for p in payloads])
     add("AUROC (chosen)", [fmt(p["metrics"][p["chosen"]]["auroc"]) for p in payloads])
     add(
-        f"FPR@{payloads[0]['target_tpr']:.0%}TPR (chosen)",
+        f"FPR@{percent(payloads[0]['target_tpr'])}TPR (chosen)",
         [fmt(p["metrics"][p["chosen"]]["fpr_at_tpr"]) for p in payloads],
     )
     add("best baseline AUROC", [_best_baseline(p) for p in payloads])

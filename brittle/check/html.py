@@ -18,6 +18,7 @@ from brittle.check.console import (
     flag_text,
     fmt,
     per_class_text,
+    percent,
     robust_accuracy_text,
     timings_text,
 )
@@ -44,7 +45,7 @@ def _e(value: Any) -> str:
 def _score_table(p: dict[str, Any]) -> str:
     head = (
         "<tr><th>score</th><th>tau</th><th>95% CI</th><th>AUROC</th><th>AUPR</th>"
-        f"<th>FPR@{p['target_tpr']:.0%}TPR</th><th>threshold</th></tr>"
+        f"<th>FPR@{percent(p['target_tpr'])}TPR</th><th>threshold</th></tr>"
     )
     rows = []
     entries = [
