@@ -463,6 +463,12 @@ def test_from_monitor_uses_the_counts_and_a_bare_rate_is_exact() -> None:
     [
         ((5, 3), {}, ValueError, r"0 <= flagged <= n and n >= 1. Got \(5, 3\)"),
         ((1.5, 3), {}, ValueError, r"counts must be integers. Got \(1.5, 3\)"),
+        # Before: "cannot convert float NaN to integer", an OverflowError, and float()'s
+        # "only 0-dimensional arrays"-style messages for what is no reference at all.
+        ((math.nan, 400), {}, ValueError, r"counts must be integers. Got \(nan, 400\)"),
+        ((math.inf, 400), {}, ValueError, r"counts must be integers. Got \(inf, 400\)"),
+        ("0.1", {}, ValueError, r"reference must be \(flagged, n\) counts or a rate. Got '0.1'"),
+        (None, {}, ValueError, r"reference must be \(flagged, n\) counts or a rate. Got None"),
         (1.5, {}, ValueError, r"rate must be in \[0, 1\). Got 1.5"),
         ((1, 10), {"run_length": 0}, ValueError, r"run_length must be a number of samples in \[1"),
         # Before: 1e16 got the chart of about 1e15 and called the promise kept (its
@@ -505,3 +511,14 @@ def test_update_refuses_what_is_not_a_flag(flags: object) -> None:
 def test_design_at_a_rare_flag_keeps_one_clean_step() -> None:
     d = design_cusum(0.002, run_length=1e5)
     assert d.down == 1 and d.up > 300 and d.run_length >= 1e5
+
+
+def test_numpy_references_and_empty_numpy_batches_are_taken() -> None:
+    # Before: a reference of np.array([40, 400]) raised float()'s TypeError, and an
+    # empty numpy batch (dtype float64) was refused while an empty list was taken.
+    alarm = FlagRateAlarm(np.array([40, 400]))
+    assert alarm.reference_counts == (40, 400)
+    assert FlagRateAlarm((np.int64(40), 400.0)).reference_counts == (40, 400)
+    before = alarm.state
+    alarm.update(np.array([]))
+    assert alarm.state == before

@@ -37,6 +37,7 @@ the tests check the maths against scipy and brute-force simulation.
 from __future__ import annotations
 
 import math
+import numbers
 import threading
 from collections import deque
 from dataclasses import dataclass
@@ -445,10 +446,22 @@ class AlarmState:
         return self.flagged / self.samples if self.samples else math.nan
 
 
+def _count(value: Any) -> int | None:
+    """``value`` as a count when it is a whole number (3, 3.0, np.int64(3)); else None."""
+    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
+        return None
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    number = float(value)
+    return int(number) if number.is_integer() else None  # NaN and infinities are not
+
+
 def _reference(reference: Any) -> tuple[int, int] | float:
+    if isinstance(reference, np.ndarray) and reference.shape == (2,):
+        reference = tuple(reference.tolist())
     if isinstance(reference, tuple | list) and len(reference) == 2:
-        flagged, n = reference
-        if any(isinstance(v, bool) or int(v) != v for v in (flagged, n)):
+        flagged, n = _count(reference[0]), _count(reference[1])
+        if flagged is None or n is None:
             raise ValueError(f"reference counts must be integers. Got {tuple(reference)}.")
         if not 0 <= flagged <= n or n < 1:
             raise ValueError(
@@ -456,7 +469,14 @@ def _reference(reference: Any) -> tuple[int, int] | float:
                 f"{tuple(reference)}."
             )
         return int(flagged), int(n)
-    rate = float(reference)
+    try:
+        if isinstance(reference, str | bytes | bool):  # float() would read "0.1" and True
+            raise TypeError
+        rate = float(reference)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"reference must be (flagged, n) counts or a rate. Got {reference!r}."
+        ) from None
     if not 0.0 <= rate < 1.0:
         raise ValueError(f"a reference rate must be in [0, 1). Got {reference}.")
     return rate
@@ -778,8 +798,8 @@ def _as_flags(flags: Any) -> list[bool]:
         array = np.asarray(flags)
     except (TypeError, ValueError) as err:  # ragged lists, a tensor on a GPU
         raise ValueError(f"flags must be booleans: {err}") from None
-    if array.dtype.kind == "b":
-        return array.ravel().tolist()
+    if array.dtype.kind == "b" or array.size == 0:  # no flags: whatever numpy's dtype
+        return array.astype(bool).ravel().tolist()
     if array.dtype.kind in "iu" and bool(((array == 0) | (array == 1)).all()):
         return array.astype(bool).ravel().tolist()
     raise ValueError(f"flags must be booleans (or the integers 0 and 1). Got {array.dtype} values.")
