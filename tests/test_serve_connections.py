@@ -97,12 +97,18 @@ HEAD = b"POST /predict HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n\
 
 
 async def _exchange(
-    parser: type[Any], sends: list[bytes], answers: list[int] | None = None
+    parser: type[Any],
+    sends: list[bytes],
+    answers: list[int] | None = None,
+    half_close: bool = False,
 ) -> tuple[Recorder, Transport, list[str], Any]:
     """Feed ``sends`` (one ``data_received`` each) to a bounded ``parser`` connection.
 
     Returns the app, the transport, the reasons of closes and the connection; the
     status codes of the answers the protocol gives without the app go to ``answers``.
+    With ``half_close`` the client shuts its side right after its last read, before
+    the app runs: the event loop calls ``eof_received`` and closes the transport
+    unless it returns True.
     """
     reasons: list[str] = []
     app = Recorder()
@@ -124,6 +130,8 @@ async def _exchange(
             break
         assert not transport.paused, "the connection was never read on"
         connection.data_received(data)
+        if half_close and data is sends[-1] and not connection.eof_received():
+            transport.close()
         for _ in range(20):  # let the app take what arrived
             await asyncio.sleep(0)
     if transport.closing:
@@ -225,6 +233,33 @@ def test_a_head_or_trailers_past_the_limit_in_one_read_get_400(
     assert transport.closing and transport.written.startswith(b"HTTP/1.1 400 ")
     assert b"Invalid HTTP request received." in transport.written
     assert app.bodies == [] and reasons == []
+
+
+POSTED = b"POST /predict HTTP/1.1\r\nHost: test\r\nContent-Length: 5\r\n\r\nhello"
+
+
+@pytest.mark.parametrize("parser", PARSERS, ids=lambda p: p.__name__)
+@pytest.mark.parametrize("requests", [1, 3])
+def test_a_client_that_half_closes_after_its_requests_gets_the_answers(
+    parser: type[Any], requests: int
+) -> None:
+    # Before, uvicorn closed the connection on the client's half-close: the app
+    # answered (and the server counted the answer), but nothing was sent.
+    app, transport, reasons, _ = asyncio.run(
+        _exchange(parser, [POSTED * requests], half_close=True)
+    )
+    assert app.bodies == [5] * requests and app.disconnected == 0
+    assert transport.written.count(b"HTTP/1.1 200 OK") == requests
+    assert transport.written.endswith(b"0\r\n\r\n")  # the last answer ended
+    assert transport.closing and reasons == []
+
+
+@pytest.mark.parametrize("parser", PARSERS, ids=lambda p: p.__name__)
+def test_a_client_that_half_closes_inside_its_request_is_closed_unanswered(
+    parser: type[Any],
+) -> None:
+    app, transport, reasons, _ = asyncio.run(_exchange(parser, [POSTED[:-2]], half_close=True))
+    assert transport.closing and transport.written == b"" and app.bodies == []
 
 
 PIPELINED = b"GET /healthz HTTP/1.1\r\nHost: test\r\nX-Pad: " + b"p" * 600 + b"\r\n\r\n"

@@ -266,6 +266,7 @@ def bounded_protocol(
         progressed = False  # httptools: the read being parsed brought more than head bytes
         head_bytes = 0  # httptools: bytes of the request's reads that brought only those
         field_bytes = 0  # bytes of the request's target, header and trailer fields parsed
+        half_closed = False  # the client shut its side with a request whole: close once answered
 
         def connection_made(self, transport: asyncio.Transport) -> None:
             super().connection_made(transport)
@@ -329,6 +330,18 @@ def bounded_protocol(
             self.started = self.loop.time()  # the next request's clock
             if getattr(self, "pipeline", None):  # requests still queued: read once they are done
                 self.flow.pause_reading()
+            if self.half_closed and self.receiving():  # all answered; nothing more can come
+                self.transport.close()
+
+        def eof_received(self) -> bool | None:
+            # A client may shut its side once its request is sent (a half-close). uvicorn
+            # then closed at once: the answer was counted and never sent. A request read
+            # whole is now answered first; one still arriving can never end, and its
+            # connection is closed as before.
+            if self.receiving():
+                return super().eof_received()
+            self.half_closed = True
+            return True
 
         def on_body(self, body: bytes) -> None:  # httptools: a piece of the body
             self.progressed = True
