@@ -517,6 +517,8 @@ def test_export_onnx_when_available(model_file: Path, margin_cache: Path, tmp_pa
         (["--model", "brittle.digits:digits_cnn", "--data", "imagenet"], "--data"),
         (["--demo", "--data", "digits"], "--data"),
         (["--data", "digits"], "--model"),
+        # Before, a negative seed passed the parser and failed after the attacks, blamed on --data.
+        (["--model", "brittle.digits:digits_cnn", "--data", "digits", "--seed", "-1"], "--seed"),
     ],
 )
 def test_usage_errors_exit_2_with_one_line(argv: list[str], option: str, tmp_path: Path) -> None:

@@ -323,3 +323,62 @@ def test_pseudo_auto_splits_the_holdout_only_to_train_what_is_used(
     assert report.settings["pseudo"]["trained"] is False
     assert "would have been tried" in report.settings["pseudo"]["note"]
     assert report.n_choice == 45 and report.n_calibration == 105
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("steps", 2.5, r"steps must be a positive integer\. Got 2\.5\."),
+        ("steps", "10", r"steps must be a positive integer\. Got '10'\."),
+        ("restarts", 1.0, r"restarts must be a positive integer\. Got 1\.0\."),
+        ("seed", -1, r"seed must be a non-negative integer\. Got -1\."),
+        ("seed", 1.5, r"seed must be a non-negative integer\. Got 1\.5\."),
+    ],
+)
+def test_attack_settings_are_checked_before_any_attack(
+    standard_model: nn.Module,
+    digits: DigitsSplit,
+    monkeypatch: pytest.MonkeyPatch,
+    name: str,
+    value: object,
+    message: str,
+) -> None:
+    # Before, these failed inside or after the attacks with the libraries' words
+    # (TypeError from range(), numpy's "expected non-negative integer" once every
+    # margin was paid for, torch.manual_seed's RuntimeError).
+    calls: list[int] = []
+    real = attack.attack_batch
+    monkeypatch.setattr(attack, "attack_batch", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = digits.x_holdout[:40]
+    monitor = brittle.wrap(standard_model, eps=DIGITS_EPS, example_input=x[:2])
+    args = {"steps": 5, name: value}
+    with pytest.raises(ValueError, match=message):
+        monitor.fit(x, progress=False, **args)
+    assert not monitor.is_fitted
+    monitor.set_threshold(1.0)
+    with pytest.raises(ValueError, match=message):
+        monitor.evaluate(x, progress=False, **args)
+    with pytest.raises(ValueError, match=message):
+        brittle.input_margins(standard_model, x, **args)
+    assert calls == []
+
+
+def test_numpy_integer_settings_reach_the_margin_cache(
+    standard_model: nn.Module, digits: DigitsSplit, tmp_path
+) -> None:
+    # Before, a numpy integer for steps passed the check and then broke the cache key
+    # (TypeError: Object of type int64 is not JSON serializable).
+    x = digits.x_holdout[:80]
+    monitor = brittle.wrap(standard_model, eps=DIGITS_EPS)
+    monitor.fit(
+        x,
+        steps=np.int64(8),
+        seed=np.int64(1),
+        cache_dir=tmp_path,
+        pseudo=False,
+        progress=False,
+        target_tpr=0.8,
+    )
+    assert monitor.report.settings["steps"] == 8
+    with pytest.raises(ValueError, match=r"n_samples must be a positive integer\. Got -1\."):
+        monitor.evaluate(x, n_samples=-1, steps=8, progress=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from brittle.arguments import positive_int
 from brittle.scores.norms import Norm, check_norm
 
 __all__ = ["AttackSettings", "DEFAULT_ENGINE", "ENGINE_VERSIONS"]
@@ -37,8 +38,11 @@ class AttackSettings:
 
     def __post_init__(self) -> None:
         check_norm(self.norm)
-        if self.steps < 1 or self.restarts < 1:
-            raise ValueError(
-                f"steps and restarts must be positive. Got steps={self.steps}, "
-                f"restarts={self.restarts}."
-            )
+        # Checked here, every entry point's settings pass through: a float, a string
+        # or a negative seed would otherwise fail deep inside the attack or after it
+        # (range(), numpy's generator, torch.manual_seed). Stored as plain ints, so
+        # that numpy integers pass and the margin cache's key stays JSON.
+        for name, minimum in (("steps", 1), ("restarts", 1), ("seed", 0)):
+            what = "a non-negative integer" if minimum == 0 else ""
+            value = positive_int(name, getattr(self, name), minimum=minimum, what=what)
+            object.__setattr__(self, name, value)

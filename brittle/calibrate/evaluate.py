@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from torch import Tensor
 
+from brittle.arguments import positive_int
 from brittle.attacks.attack import ENGINES
 from brittle.attacks.distributed import shard
 from brittle.attacks.settings import DEFAULT_ENGINE, AttackSettings
@@ -73,6 +74,7 @@ def evaluate(
         )
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {sorted(ENGINES)}. Got {engine!r}.")
+    n_samples = None if n_samples is None else positive_int("n_samples", n_samples)
     if target_tpr is None:
         target_tpr = monitor.report.target_tpr if monitor.has_report else 0.95
     settings = AttackSettings(norm=monitor.norm, steps=steps, restarts=restarts, seed=seed)

@@ -83,6 +83,7 @@ def _checked(
 
 
 _positive_int = _checked(int, lambda v: v >= 1, "a positive integer", "a positive integer")
+_seed = _checked(int, lambda v: v >= 0, "an integer", "a non-negative integer")
 _positive_float = _checked(
     float,
     lambda v: math.isfinite(v) and v > 0,
@@ -232,7 +233,7 @@ def build_parser(engines: list[str] | None = None) -> argparse.ArgumentParser:
     )
     fit.add_argument(
         "--seed",
-        type=int,
+        type=_seed,
         default=0,
         help="seeds the attacks, the subset choice and the pseudo-margin network (default: 0).",
     )
