@@ -382,3 +382,21 @@ def test_numpy_integer_settings_reach_the_margin_cache(
     assert monitor.report.settings["steps"] == 8
     with pytest.raises(ValueError, match=r"n_samples must be a positive integer\. Got -1\."):
         monitor.evaluate(x, n_samples=-1, steps=8, progress=False)
+
+
+def test_input_margins_take_inputs_in_another_dtype_as_fit_does(
+    robust_model: nn.Module, digits: DigitsSplit
+) -> None:
+    # Before, float64 (or integer) inputs to a float32 model failed inside its first
+    # convolution ("Input type (double) and bias type (float) should be the same"),
+    # while fit() cast them to the model's dtype.
+    x = digits.x_holdout[:6]
+    reference = brittle.input_margins(robust_model, x, steps=5)
+    torch.testing.assert_close(brittle.input_margins(robust_model, x.double(), steps=5), reference)
+    binary = (x > 0.5).long()
+    torch.testing.assert_close(
+        brittle.input_margins(robust_model, binary, steps=5),
+        brittle.input_margins(robust_model, binary.float(), steps=5),
+    )
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        brittle.input_margins(robust_model, (x * 16).to(torch.uint8), steps=5)

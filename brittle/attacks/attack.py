@@ -254,6 +254,14 @@ def _half_dtype(model: nn.Module) -> torch.dtype | None:
     return None
 
 
+def _input_dtype(model: nn.Module, x: Tensor) -> torch.dtype:
+    """The model's first floating parameter's (or buffer's) dtype; else ``x``'s, if floating."""
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return x.dtype if x.is_floating_point() else torch.get_default_dtype()
+
+
 def input_margins(
     model: nn.Module,
     data: Tensor | Iterable[Any],
@@ -277,7 +285,8 @@ def input_margins(
 
     Args:
         model: Classifier on inputs in ``[0, 1]`` (normalisation inside the model).
-        data: A tensor of inputs, or a loader yielding ``x``, ``(x, y)`` or dicts.
+        data: A tensor of inputs, or a loader yielding ``x``, ``(x, y)`` or dicts;
+            cast to the model's dtype, as ``fit`` does.
         norm: ``"Linf"``, ``"L2"`` or ``"L1"``.
         steps: FAB iterations per restart.
         restarts: Attack runs per sample; the smallest verified norm is kept.
@@ -323,9 +332,11 @@ def input_margins(
             seen += x.shape[0]
             mine = part.owns(index)
             if mine.any():
-                # A half-precision model reads its own dtype: the margin is measured
-                # from the input as the model sees it.
-                x = x[mine].to(device, dtype=_half_dtype(model) or x.dtype)
+                # The model's own dtype, as fit() feeds it: float64 or integer inputs
+                # to a float32 model failed inside its first layer. A half-precision
+                # model reads its own dtype too: the margin is measured from the input
+                # as the model sees it.
+                x = x[mine].to(device, dtype=_input_dtype(model, x))
                 with torch.no_grad(), eval_mode(model):
                     logits = model_output(model(x))
                 # A sample whose logits are not finite has no prediction to attack.
