@@ -281,11 +281,8 @@ class Monitor(nn.Module):
         judged = judged_rows(x, self.domain if domain and self._has_domain else None)
         safe = zero_rows(x, judged)
         capture: HeadCapture | None = None
-        if not self.discovered:
-            with _DISCOVERY:
-                if not self.discovered:
-                    logits, capture = self._discover(safe)
-                    return _Run(logits, capture, judged & finite_rows(logits))
+        # Before discovery too: a freshly built model is in train mode, and its first
+        # call (which discovers the head) is the one most likely to be served so.
         if self.model.training and changes_in_train_mode(self.model):
             warnings.warn(
                 "the wrapped model is in train mode: batch norm and dropout make every "
@@ -293,6 +290,11 @@ class Monitor(nn.Module):
                 "model.eval() before serving.",
                 stacklevel=3,
             )
+        if not self.discovered:
+            with _DISCOVERY:
+                if not self.discovered:
+                    logits, capture = self._discover(safe)
+                    return _Run(logits, capture, judged & finite_rows(logits))
         if features and self.head_name is not None:
             with capture_head(self.head) as capture:
                 logits = self._call_model(safe)

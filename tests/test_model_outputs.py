@@ -122,6 +122,15 @@ def test_a_model_in_train_mode_warns(standard_model: nn.Module) -> None:
         monitor(torch.rand(4, 1, 8, 8))
 
 
+def test_the_first_call_of_a_model_in_train_mode_warns(standard_model: nn.Module) -> None:
+    # Before, the first call (which discovers the head) returned before the check: a
+    # freshly built model, in train mode by default, was served without a word.
+    model = nn.Sequential(copy.deepcopy(standard_model), nn.Dropout(0.1)).train()
+    with pytest.warns(UserWarning, match="train mode"):
+        brittle.wrap(model)(torch.rand(4, 1, 8, 8))
+    assert model.training
+
+
 def test_train_mode_without_batch_norm_or_dropout_is_quiet(standard_model: nn.Module) -> None:
     model = copy.deepcopy(standard_model)
     monitor = brittle.wrap(model, example_input=torch.rand(2, 1, 8, 8))
