@@ -30,6 +30,7 @@ def load(path: str | Path, model: nn.Module) -> Monitor:
     logits loads with a ``UserWarning``: only the model's structure is checked.
 
     Raises:
+        TypeError: if ``model`` is not an ``nn.Module``.
         ValueError: if the file is damaged (its checksum differs) or not a monitor
             file, holds a state no monitor could have saved (a tensor of another
             shape, an input domain that is not two finite bounds in order), holds a
@@ -45,6 +46,9 @@ def load(path: str | Path, model: nn.Module) -> Monitor:
         >>> brittle.load(path, model).threshold
         tensor(0.2500)
     """
+    if not isinstance(model, nn.Module):
+        # Checked first: Monitor's own TypeError would be read below as a damaged file.
+        raise TypeError(f"model must be a torch.nn.Module. Got {type(model).__name__}.")
     payload = read(path)
     try:
         monitor = Monitor.from_state(model, payload["state"])

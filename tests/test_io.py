@@ -73,6 +73,17 @@ def test_loading_a_file_that_is_not_a_monitor(standard_model: nn.Module, tmp_pat
         brittle.load(tmp_path / "missing.pt", standard_model)
 
 
+def test_loading_onto_something_that_is_not_a_model(standard_model: nn.Module, tmp_path) -> None:
+    # Before, the monitor's TypeError was caught as a sign of a damaged file: a sound
+    # file passed with the model's state_dict (or arguments swapped) was called damaged.
+    monitor = brittle.wrap(standard_model, example_input=torch.rand(2, 1, 8, 8))
+    path = monitor.save(tmp_path / "monitor.pt")
+    for wrong in (standard_model.state_dict(), str(path), None):
+        with pytest.raises(TypeError, match=r"model must be a torch\.nn\.Module\. Got "):
+            brittle.load(path, wrong)  # type: ignore[arg-type]
+    assert brittle.load(path, standard_model).input_shape == (1, 8, 8)
+
+
 def test_load_recognises_the_whole_model(standard_model: nn.Module, tmp_path) -> None:
     monitor = brittle.wrap(standard_model, score="feature", example_input=torch.rand(2, 1, 8, 8))
     monitor.set_threshold(0.3)
