@@ -95,9 +95,15 @@ def save(monitor: MonitorProtocol, path: str | Path) -> Path:
     Raises:
         ValueError: if the monitor has never seen an input (nothing would identify
             its model), or is fitted with a non-finite threshold.
+        IsADirectoryError: if ``path`` is a directory.
     """
     _check_savable(monitor)
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(
+            f"{str(path)!r} is a directory; give the monitor file's path, such as "
+            f"{str(path / 'monitor.pt')!r}."
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v for k, v in monitor.state_dict().items() if not k.startswith(_MODEL_PREFIX)}
     model = model_identity(monitor.model, monitor.input_shape)
@@ -109,8 +115,12 @@ def save(monitor: MonitorProtocol, path: str | Path) -> Path:
         "checksum": checksum(state, model),
     }
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    try:
+        torch.save(payload, tmp)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # no half-written copy left beside the target
+        raise
     return path
 
 

@@ -174,6 +174,21 @@ def test_save_refuses_a_monitor_that_never_saw_an_input(
         brittle.load(path, other)
 
 
+def test_save_to_a_directory_says_so_and_leaves_nothing_behind(
+    standard_model: nn.Module, tmp_path
+) -> None:
+    # Before, torch.save wrote the whole file as "<dir>.tmp" beside the directory,
+    # the rename failed with "[Errno 21] Is a directory: '<dir>.tmp' -> '<dir>'", and
+    # the stray file stayed.
+    monitor = brittle.wrap(standard_model, example_input=torch.rand(2, 1, 8, 8))
+    folder = tmp_path / "monitors"
+    folder.mkdir()
+    with pytest.raises(IsADirectoryError, match=r"is a directory; .*monitor\.pt"):
+        monitor.save(folder)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["monitors"]
+    assert list(folder.iterdir()) == []
+
+
 def _rewritten(path, edit) -> None:
     """Apply ``edit`` to a saved monitor file's payload and write it back with a valid checksum."""
     payload = torch.load(path, weights_only=True)
