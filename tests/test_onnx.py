@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -113,6 +114,25 @@ def test_metadata(exported: dict) -> None:
     # A hand-set threshold exports without a report.
     meta = exported["feature"][1].metadata
     assert meta["fitted"] == "false" and meta["target_tpr"] == "none" and "tau" not in meta
+
+
+def test_a_threshold_set_after_fit_exports_without_the_fits_rates(
+    exported: dict, digits: DigitsSplit, tmp_path: Path
+) -> None:
+    monitor, served = exported["pseudo"]
+    report = monitor.report
+    assert float(served.metadata["calibration_tpr"]) == report.tpr
+    assert float(served.metadata["calibration_fpr"]) == report.fpr
+    moved = copy.deepcopy(monitor)
+    moved.set_threshold(float(moved.threshold) / 2)
+    meta = brittle.OnnxMonitor(
+        export_onnx(moved, tmp_path / "moved.onnx", digits.x_holdout[:2]), providers=CPU
+    ).metadata
+    # Before, the file paired the new threshold with the fit's target and rates
+    # (calibration TPR 1.0 at a threshold that flagged a fifth of the brittle samples).
+    assert float(meta["threshold"]) == pytest.approx(float(moved.threshold))
+    assert meta["target_tpr"] == meta["calibration_tpr"] == meta["calibration_fpr"] == "none"
+    assert float(meta["tau"]) == pytest.approx(report.metrics["pseudo"].tau)  # no threshold in it
 
 
 @pytest.mark.parametrize(

@@ -80,11 +80,15 @@ def _metadata(monitor: MonitorProtocol, kind: ScoreKind) -> dict[str, str]:
     if not monitor.has_report:
         return meta
     report = monitor.report
+    # The report's target and rates describe its own threshold; after set_threshold
+    # the graph flags at another one, and those figures would describe nothing in it.
+    fitted_threshold = torch.tensor(report.threshold, dtype=monitor.threshold.dtype)
+    calibrated = bool(fitted_threshold == monitor.threshold.cpu())
     meta.update(
         {
-            "target_tpr": _fmt(report.target_tpr),
-            "calibration_tpr": _fmt(report.tpr),
-            "calibration_fpr": _fmt(report.fpr),
+            "target_tpr": _fmt(report.target_tpr if calibrated else None),
+            "calibration_tpr": _fmt(report.tpr if calibrated else None),
+            "calibration_fpr": _fmt(report.fpr if calibrated else None),
             "n": str(report.n),
             "accuracy": _fmt(report.accuracy),
             "nonrobust_fraction": _fmt(report.nonrobust_fraction),
