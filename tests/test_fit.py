@@ -384,6 +384,25 @@ def test_numpy_integer_settings_reach_the_margin_cache(
         monitor.evaluate(x, n_samples=-1, steps=8, progress=False)
 
 
+@pytest.mark.parametrize("target_tpr", [0.0, 1.0, 1.5, math.nan])
+def test_evaluate_checks_target_tpr_before_any_attack(
+    standard_model: nn.Module,
+    digits: DigitsSplit,
+    monkeypatch: pytest.MonkeyPatch,
+    target_tpr: float,
+) -> None:
+    # Before, 1.5 failed after the attacks with an IndexError from the FPR figure, and
+    # 0 gave a report whose FPR column was read at a TPR of 0.
+    calls: list[int] = []
+    real = attack.attack_batch
+    monkeypatch.setattr(attack, "attack_batch", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monitor = brittle.wrap(standard_model, eps=DIGITS_EPS, example_input=digits.x_holdout[:2])
+    monitor.set_threshold(1.0)
+    with pytest.raises(ValueError, match=r"target_tpr must be in \(0, 1\)"):
+        monitor.evaluate(digits.x_holdout[:40], steps=5, progress=False, target_tpr=target_tpr)
+    assert calls == []
+
+
 def test_input_margins_take_inputs_in_another_dtype_as_fit_does(
     robust_model: nn.Module, digits: DigitsSplit
 ) -> None:

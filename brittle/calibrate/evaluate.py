@@ -66,6 +66,7 @@ def evaluate(
 
     Raises:
         NotFittedError: if the monitor has no threshold.
+        ValueError: for a bad argument (before any attack).
     """
     if not monitor.has_threshold:
         raise NotFittedError(
@@ -77,6 +78,8 @@ def evaluate(
     n_samples = None if n_samples is None else positive_int("n_samples", n_samples)
     if target_tpr is None:
         target_tpr = monitor.report.target_tpr if monitor.has_report else 0.95
+    elif not 0.0 < target_tpr < 1.0:  # checked before the attacks, as fit() checks it
+        raise ValueError(f"target_tpr must be in (0, 1). Got {target_tpr}.")
     settings = AttackSettings(norm=monitor.norm, steps=steps, restarts=restarts, seed=seed)
     cache = MarginCache(cache_dir, monitor.model, settings, engine) if cache_dir else None
     start = time.perf_counter()
