@@ -419,3 +419,26 @@ def test_input_margins_take_inputs_in_another_dtype_as_fit_does(
     )
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         brittle.input_margins(robust_model, (x * 16).to(torch.uint8), steps=5)
+
+
+def test_an_evaluation_claims_no_guarantee_of_its_own(
+    robust_model: nn.Module, digits: DigitsSplit
+) -> None:
+    # Before, the report of evaluate() (and the command line's flag line for a saved
+    # monitor) called its samples "calibration samples" and printed "guarantee: expected
+    # TPR ... >= 95%" under a hand-set threshold that caught 75 % of them.
+    from brittle.check.console import flag_text
+
+    monitor = brittle.wrap(robust_model, eps=DIGITS_EPS, example_input=digits.x_holdout[:2])
+    monitor.set_threshold(5.0)
+    report = monitor.evaluate(digits.x_holdout[:60], steps=5, progress=False)
+    text = str(report)
+    assert "guarantee" not in text and "calibration samples:" not in text
+    assert "threshold 5 on the 60 evaluated samples: TPR" in text
+    line = flag_text(report.to_dict())
+    assert "guarantee" not in line and line.endswith(
+        "on the 60 evaluated samples (exact 95% intervals); nothing recalibrated"
+    )
+    fitted = brittle.ConsistencyReport.from_dict({**report.to_dict(), "settings": {}})
+    assert "guarantee: expected TPR on new exchangeable samples >= 95%" in str(fitted)
+    assert "guarantee" in flag_text(fitted.to_dict())

@@ -235,13 +235,19 @@ class ConsistencyReport:
                 f"{name:<10}{_fmt(m.tau):>7}  {ci:<15}{_fmt(m.auroc):>7}{_fmt(m.aupr):>7}"
                 f"{_fmt(m.fpr_at_tpr):>9}{mark}"
             )
+        # Monitor.evaluate measures a threshold chosen elsewhere (by a fit, or by hand):
+        # these samples calibrated nothing, and the fit's guarantee is what they test.
+        evaluated = bool(self.settings.get("evaluated"))
+        where = "evaluated" if evaluated else "calibration"
         lines += [
             "",
             f"chosen: {self.chosen} ({self.reason})",
-            f"threshold {self.threshold:.4g} on the {self.n_calibration} calibration samples: "
+            f"threshold {self.threshold:.4g} on the {self.n_calibration} {where} samples: "
             f"TPR {self.tpr:.1%} {_fmt_ci(self.tpr_ci)}, FPR {self.fpr:.1%} "
             f"{_fmt_ci(self.fpr_ci)} (exact 95% intervals)",
-            f"guarantee: expected TPR on new exchangeable samples >= {_percent(self.target_tpr)}",
-            "timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.timings.items()),
         ]
+        if not evaluated:
+            target = _percent(self.target_tpr)
+            lines.append(f"guarantee: expected TPR on new exchangeable samples >= {target}")
+        lines.append("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.timings.items()))
         return "\n".join(lines)

@@ -65,13 +65,22 @@ def flag_text(payload: dict[str, Any]) -> str:
     low, high = payload.get("tpr_ci") or (None, None)
     f_low, f_high = payload.get("fpr_ci") or (None, None)
     n_cal, n_choice = payload.get("n_calibration"), payload.get("n_choice") or 0
-    where = f"the {n_cal} calibration samples" if n_cal is not None else "the calibration samples"
+    # A saved monitor evaluated as saved: its threshold came from elsewhere, these
+    # samples calibrated nothing, and they test its fit's guarantee rather than carry one.
+    evaluated = bool((payload.get("settings") or {}).get("evaluated"))
+    kind = "evaluated" if evaluated else "calibration"
+    where = f"the {n_cal} {kind} samples" if n_cal is not None else f"the {kind} samples"
     source = f"; the score was chosen on {n_choice} other samples" if n_choice else ""
-    return (
+    text = (
         f"score <= {payload['threshold']:.4g}: TPR {fmt(payload['tpr'], '.1%')} "
         f"[{fmt(low, '.1%')}, {fmt(high, '.1%')}], FPR {fmt(payload['fpr'], '.1%')} "
         f"[{fmt(f_low, '.1%')}, {fmt(f_high, '.1%')}] on {where} (exact 95% intervals"
-        f"{source}); guarantee: expected TPR on new exchangeable samples >= "
+        f"{source})"
+    )
+    if evaluated:
+        return f"{text}; nothing recalibrated"
+    return (
+        f"{text}; guarantee: expected TPR on new exchangeable samples >= "
         f"{percent(payload['target_tpr'])}"
     )
 
