@@ -203,6 +203,37 @@ def test_unfitted_and_bad_arguments(tmp_path: Path) -> None:
         brittle.OnnxMonitor(tmp_path / "missing.onnx")
 
 
+def test_a_failed_export_leaves_no_file_and_keeps_the_old_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before, the graph was written to the path itself, parent folders first: a failed
+    # check left a file that failed onnx.checker in place of the last good export, and
+    # a model that cannot be traced left the folders it had created.
+    monitor = brittle.wrap(nn.Sequential(nn.Flatten(), nn.Linear(16, 3)), eps=0.1)
+    x = torch.rand(4, 1, 4, 4)
+    monitor(x)
+    monitor.set_threshold(0.1)
+    good = monitor.export_onnx(tmp_path / "m.onnx", x)
+    before = good.read_bytes()
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise onnx.checker.ValidationError("refused for the test")
+
+    monkeypatch.setattr(onnx.checker, "check_model", refuse)
+    monitor.set_threshold(0.2)
+    with pytest.raises(onnx.checker.ValidationError, match="refused for the test"):
+        monitor.export_onnx(good, x)
+    assert good.read_bytes() == before and sorted(tmp_path.iterdir()) == [good]
+    with pytest.raises(onnx.checker.ValidationError):
+        monitor.export_onnx(tmp_path / "new" / "m.onnx", x)
+    assert not any((tmp_path / "new").iterdir())
+    with pytest.raises(IsADirectoryError, match="is a directory; give the ONNX file's path"):
+        monitor.export_onnx(tmp_path, x)
+    with pytest.raises(ValueError, match="at least one sample"):
+        monitor.export_onnx(tmp_path / "other" / "m.onnx", x[:0])
+    assert not (tmp_path / "other").exists()
+
+
 def test_static_batch(tmp_path: Path) -> None:
     monitor = brittle.wrap(nn.Sequential(nn.Flatten(), nn.Linear(16, 3)), score="feature", eps=0.1)
     x = torch.rand(4, 1, 4, 4)

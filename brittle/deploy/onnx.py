@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -133,7 +135,9 @@ def export_onnx(
     Args:
         monitor: A ``Monitor`` with a threshold (fitted, or
             ``set_threshold`` called).
-        path: Destination ``.onnx`` file; parent folders are created.
+        path: Destination ``.onnx`` file; parent folders are created. The file
+            appears only once it is whole and checked: a failed export leaves no
+            file behind, and an existing file at ``path`` is kept.
         example_input: A non-empty batch of the model's input shape, dtype and device.
         opset: ONNX opset version, at least 17 (default 18).
         dynamic_batch: Keep the batch axis symbolic; with ``False`` the graph only
@@ -146,6 +150,7 @@ def export_onnx(
         NotFittedError: if the monitor has no threshold.
         ValueError: for a bad ``opset`` or ``example_input``, or a feature or
             pseudo score without a linear head.
+        IsADirectoryError: if ``path`` is a directory.
 
     Examples:
         >>> import tempfile, torch, brittle
@@ -170,7 +175,11 @@ def export_onnx(
     if x.shape[0] == 0:
         raise ValueError("example_input must hold at least one sample. Got an empty batch.")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise IsADirectoryError(
+            f"{str(path)!r} is a directory; give the ONNX file's path, such as "
+            f"{str(path / 'monitor.onnx')!r}."
+        )
     with torch.no_grad(), eval_mode(monitor):
         if not monitor.discovered:
             monitor(x)  # finds the head and records the input shape
@@ -208,7 +217,16 @@ def export_onnx(
     if program is None:  # only the TorchScript exporter returns None
         raise RuntimeError("torch.onnx.export returned no ONNX program.")
     program.model.metadata_props.update(_metadata(monitor, kind))
-    program.save(path)
-    # A path (not a loaded proto) lets the checker handle files with external data.
-    onnx.checker.check_model(str(path), full_check=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Written and checked in a folder of its own beside the target (with its external
+    # data, if any, under the names the graph gives them), then moved in place.
+    staging = Path(tempfile.mkdtemp(prefix=".brittle-export-", dir=path.parent))
+    try:
+        program.save(staging / path.name)
+        # A path (not a loaded proto) lets the checker handle files with external data.
+        onnx.checker.check_model(str(staging / path.name), full_check=True)
+        for written in sorted(staging.iterdir(), key=lambda f: f.name == path.name):
+            written.replace(path.parent / written.name)  # the graph itself last
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return path
