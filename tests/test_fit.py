@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -442,3 +443,16 @@ def test_an_evaluation_claims_no_guarantee_of_its_own(
     fitted = brittle.ConsistencyReport.from_dict({**report.to_dict(), "settings": {}})
     assert "guarantee: expected TPR on new exchangeable samples >= 95%" in str(fitted)
     assert "guarantee" in flag_text(fitted.to_dict())
+
+
+def test_a_holdout_that_requires_grad_is_read_as_data(
+    robust_model: nn.Module, digits: DigitsSplit
+) -> None:
+    # Before, every batch warned "Converting a tensor with requires_grad=True to a
+    # scalar" (the input range), and the holdout's graph reached the attacks.
+    x = digits.x_holdout[:120].clone().requires_grad_(True)
+    monitor = brittle.wrap(robust_model, eps=DIGITS_EPS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        monitor.fit(x, steps=8, pseudo=False, progress=False, target_tpr=0.8)
+    assert monitor.has_threshold and x.grad is None

@@ -135,7 +135,8 @@ def collect_holdout(
     start = time.perf_counter()
     with tqdm(total=total, unit="sample", disable=not show, desc=desc) as bar:
         for x, y in batches(data, limit=n_samples):
-            x = monitor.check_input(x.to(device=device, dtype=dtype))
+            # Detached: a holdout is data (a batch that requires grad warned on every read).
+            x = monitor.check_input(x.detach().to(device=device, dtype=dtype))
             index = torch.arange(seen, seen + x.shape[0])
             part.check_same_samples(index, sample_fingerprints(x))
             with torch.no_grad(), eval_mode(monitor.model):
