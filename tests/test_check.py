@@ -460,6 +460,42 @@ def test_robustbench_checkpoint_in_model_dir(tmp_path: Path) -> None:
     assert payload["input_margins"] == pytest.approx(margins.tolist(), rel=1e-5)
 
 
+def test_robustbench_files_are_all_checked_and_nothing_is_downloaded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before, only an ensemble's first file was checked: RobustBench then downloaded the
+    # others from Google Drive, and a timm model from the Hugging Face hub, whatever
+    # --model-dir held.
+    from brittle.compat import import_robustbench
+
+    rb = import_robustbench()
+    import timm
+
+    downloads: list[str] = []
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        downloads.append(str(args))
+        raise AssertionError("a download was attempted")
+
+    monkeypatch.setattr(rb.utils, "download_gdrive_new", refuse)
+    monkeypatch.setattr(timm, "create_model", refuse)
+    folder = tmp_path / "cifar10" / "Linf"
+    folder.mkdir(parents=True)
+    # Chen2020Adversarial is an ensemble of three networks, one file each.
+    (folder / "Chen2020Adversarial.pt_m0.pt").write_bytes(b"")
+    (folder / "Debenedetti2022Light_XCiT-S12.pt").write_bytes(b"")
+    for name, option, needle in (
+        ("Chen2020Adversarial", "--model-dir", "Chen2020Adversarial.pt_m1.pt"),
+        ("Debenedetti2022Light_XCiT-S12", "--model", "through timm"),
+    ):
+        argv = ["--model", f"robustbench:{name}", "--model-dir", tmp_path, "--data", "digits"]
+        code, _, stderr = run_main([*argv, "--out", tmp_path / "out"])
+        assert code == 2, stderr
+        assert stderr.startswith(f"brittle-check: error: {option}:") and needle in stderr, stderr
+        assert stderr.count("\n") == 1
+    assert downloads == []
+
+
 def test_export_onnx_when_available(model_file: Path, margin_cache: Path, tmp_path: Path) -> None:
     pytest.importorskip("brittle.deploy.onnx")
     pytest.importorskip("onnxruntime")

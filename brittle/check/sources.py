@@ -183,6 +183,7 @@ def _robustbench_model(name: str, dataset: str, threat_model: str, model_dir: Pa
     from brittle.compat import import_robustbench
 
     rb = import_robustbench()
+    import timm  # RobustBench's own dependency
     from robustbench.model_zoo import model_dicts
     from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
 
@@ -195,13 +196,34 @@ def _robustbench_model(name: str, dataset: str, threat_model: str, model_dir: Pa
         raise UsageError(
             "--model", f"RobustBench has no {dataset}/{threat_model} model {name!r}{hint}"
         )
+    # load_model builds a timm model from the Hugging Face hub when timm knows the name,
+    # and downloads every checkpoint file that is missing; this machine may be offline.
+    timm_name = f"{name.lower().replace('-', '_')}_{ds.value.lower()}_{tm.value.lower()}"
+    if timm.is_model(timm_name):
+        raise UsageError(
+            "--model",
+            f"RobustBench loads {name!r} through timm from the Hugging Face hub, not from "
+            "--model-dir, and nothing is downloaded here; build it in a file.py:factory "
+            f"instead, for example with timm.create_model({timm_name!r}, "
+            "checkpoint_path=LOCAL_WEIGHTS)",
+        )
     folder = Path(model_dir) / ds.value / tm.value
-    single, first_part = folder / f"{name}.pt", folder / f"{name}.pt_m0.pt"
-    if not single.is_file() and not first_part.is_file():
-        # load_model would try to download it, and this machine may be offline.
+    single = folder / f"{name}.pt"
+    parts = known[name].get("gdrive_id")
+    # An ensemble is stored as one file per member: NAME.pt_m0.pt, NAME.pt_m1.pt, ...
+    files = (
+        [single]
+        if not isinstance(parts, list)
+        else [folder / f"{name}.pt_m{i}.pt" for i in range(len(parts))]
+    )
+    missing = [f for f in files if not f.is_file()]
+    if missing:
+        what = f"no checkpoint at {str(missing[0])!r}"
+        if len(files) > 1:
+            what += f" ({len(missing)} of the ensemble's {len(files)} files are missing)"
         raise UsageError(
             "--model-dir",
-            f"no checkpoint at {str(single)!r}; download it once with "
+            f"{what}; download it once with "
             f"robustbench.utils.load_model({name!r}, model_dir=...) on a machine with internet "
             "access, or point --model-dir at the directory holding it",
         )
