@@ -496,6 +496,46 @@ def test_robustbench_files_are_all_checked_and_nothing_is_downloaded(
     assert downloads == []
 
 
+def test_cifar_files_missing_or_damaged_are_not_downloaded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before, RobustBench's loader (download=True) fetched the archive whenever a file in
+    # cifar-10-batches-py/ was missing or failed its md5 check; offline the run ended
+    # with a URLError.
+    import pickle
+
+    from torchvision.datasets import cifar
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a download was attempted")
+
+    monkeypatch.setattr(cifar, "download_and_extract_archive", refuse)
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    code, _, stderr = run_main(
+        ["--model", "brittle.digits:digits_cnn", "--data", "cifar10", "--data-dir", tmp_path]
+        + ["--out", tmp_path / "out"]
+    )
+    assert code == 2 and stderr.count("\n") == 1, stderr
+    assert stderr.startswith("brittle-check: error: --data-dir:") and "md5" in stderr, stderr
+    # Files that pass the check (the md5 check stubbed) load as ToTensor reads them.
+    monkeypatch.setattr(cifar, "check_integrity", lambda *args, **kwargs: True)
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, size=(7, 3 * 32 * 32), dtype=np.uint8)
+    labels = rng.integers(0, 10, size=7).tolist()
+    for name, _ in cifar.CIFAR10.train_list + cifar.CIFAR10.test_list:
+        batch = {"data": pixels, "labels": labels}
+        (folder / name).write_bytes(pickle.dumps(batch))
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": list("abcdefghij")}))
+    data = load_data("cifar10", data_dir=tmp_path)
+    from torchvision.transforms import ToTensor
+
+    images = pixels.reshape(7, 3, 32, 32).transpose(0, 2, 3, 1)
+    expected = torch.stack([ToTensor()(image) for image in images])
+    assert data.x.dtype == torch.float32 and torch.equal(data.x, expected)
+    assert data.y is not None and data.y.tolist() == labels
+
+
 def test_export_onnx_when_available(model_file: Path, margin_cache: Path, tmp_path: Path) -> None:
     pytest.importorskip("brittle.deploy.onnx")
     pytest.importorskip("onnxruntime")

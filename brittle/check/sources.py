@@ -289,26 +289,35 @@ def load_data(
 
 
 def _cifar(name: str, data_dir: Path) -> DataSource:
-    if not (data_dir / _CIFAR_FOLDERS[name]).is_dir():
-        # RobustBench's loaders would try to download the files, and this machine may be offline.
+    folder = data_dir / _CIFAR_FOLDERS[name]
+    if not folder.is_dir():
         raise UsageError(
             "--data-dir",
             f"no {name} test set in {str(data_dir)!r} (expected {_CIFAR_FOLDERS[name]}/ inside); "
             f"download it once with torchvision.datasets.{name.upper()}(root, download=True)",
         )
-    from brittle.compat import import_robustbench
+    from torchvision import datasets
 
-    import_robustbench()
-    from robustbench.data import load_cifar10, load_cifar100
-
-    loader = load_cifar10 if name == "cifar10" else load_cifar100
+    # torchvision's own class, as RobustBench's load_cifar10/100 use it, but with
+    # download=False: theirs downloads whenever a file is missing or fails its md5
+    # check, and this machine may be offline (or the user may not want 170 MB fetched).
+    dataset_class = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
     try:
-        x, y = loader(n_examples=None, data_dir=str(data_dir))
+        dataset = dataset_class(str(data_dir), train=False, download=False)
+    except RuntimeError:
+        raise UsageError(
+            "--data-dir",
+            f"the {name} files in {str(folder)!r} are incomplete or damaged (a file is missing "
+            f"or fails its md5 check); download them again with "
+            f"torchvision.datasets.{name.upper()}(root, download=True)",
+        ) from None
     except Exception as err:
         raise UsageError(
             "--data-dir", f"could not read {name} from {str(data_dir)!r}: {_first_line(err)}"
         ) from None
-    return DataSource(x.float().contiguous(), y.long(), name)
+    # As transforms.ToTensor reads each (32, 32, 3) uint8 image: channels first, / 255.
+    x = torch.from_numpy(np.asarray(dataset.data)).permute(0, 3, 1, 2).float().div(255.0)
+    return DataSource(x.contiguous(), torch.as_tensor(dataset.targets, dtype=torch.long), name)
 
 
 def _npz(path: Path, spec: str) -> DataSource:
