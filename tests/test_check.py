@@ -563,6 +563,20 @@ def test_export_onnx_when_available(model_file: Path, margin_cache: Path, tmp_pa
     assert path.is_file() and f"onnx: {path}" in stdout
 
 
+def test_too_few_brittle_calibration_samples_say_where_the_others_went(
+    model_file: Path, tmp_path: Path
+) -> None:
+    # Of 60 samples at eps 0.05, the robust CNN has a few non-robust ones, all
+    # among the 18 the score was chosen on. Before, the error read "none of the 42
+    # holdout samples is non-robust" after --n 60, although the holdout had some.
+    argv = ["--model", f"{model_file}:robust", "--data", "digits", "--n", "60", "--eps", "0.05"]
+    argv += ["--steps", "3", "--seed", "0", "--no-progress", "--out", tmp_path]
+    code, _, stderr = run_main(argv)
+    assert code == 2 and stderr.count("\n") == 1, stderr
+    assert "none of the 42 calibration samples is non-robust" in stderr, stderr
+    assert "18 chose the score" in stderr, stderr
+
+
 # ------------------------------------------------------------ usage errors
 @pytest.mark.parametrize(
     ("argv", "option"),

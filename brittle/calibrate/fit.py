@@ -69,21 +69,22 @@ PSEUDO_TRAIN_SHARE = 0.5
 SMALL_PSEUDO_TRAINING = 1000
 
 
-def _check_both_classes(margins: np.ndarray, eps: float) -> None:
+def _check_both_classes(margins: np.ndarray, eps: float, what: str = "holdout") -> None:
+    """Refuse ``margins`` with no non-robust or no robust sample; ``what`` names the samples."""
     positive = nonrobust(margins, eps)
     n = margins.size
     if not positive.any():
         finite = margins[np.isfinite(margins)]
         smallest = f"{finite.min():.4g}" if finite.size else "inf (no adversarial found)"
         raise CalibrationError(
-            f"none of the {n} holdout samples is non-robust at eps={eps:.4g} (smallest input "
+            f"none of the {n} {what} samples is non-robust at eps={eps:.4g} (smallest input "
             f"margin {smallest}), so no threshold can be calibrated. Use a larger eps, more "
             "samples, or more attack steps.",
             blame="eps",
         )
     if positive.all():
         raise CalibrationError(
-            f"all {n} holdout samples are non-robust at eps={eps:.4g} (largest input margin "
+            f"all {n} {what} samples are non-robust at eps={eps:.4g} (largest input margin "
             f"{margins.max():.4g}), so robust and brittle decisions cannot be told apart. Use a "
             "smaller eps or more samples.",
             blame="eps",
@@ -513,7 +514,12 @@ def calibrate(
             scores["pseudo"] = pseudo_scores(net, holdout.features, holdout.logits, device)
     holdout.scores = scores
     calibration = plan.parts.calibration
-    _check_both_classes(margins[calibration], eps)
+    try:
+        # The holdout as a whole has both kinds; say when only the split left one out.
+        _check_both_classes(margins[calibration], eps, "calibration")
+    except CalibrationError as err:
+        hint = _split_hint(str(err), plan.parts.choice, plan.parts.train)
+        raise CalibrationError(hint, blame=err.blame) from None
 
     with timed(timings, "metrics"):
         outcome = _choose_and_threshold(monitor, scores, margins, plan, eps, target_tpr, min_tau)
