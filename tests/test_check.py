@@ -400,6 +400,20 @@ def test_image_folder_of_pngs(model_file: Path, digits: DigitsSplit, tmp_path: P
     assert payload["per_class"]["by"] == "label"
 
 
+def test_image_folder_refuses_16_bit_images(tmp_path: Path) -> None:
+    # Before, PIL's conversion to RGB clipped 16-bit pixels at 255: a 16-bit PNG whose
+    # values span 0-63000 loaded as 1.0 everywhere but one pixel, with no error.
+    from PIL import Image
+
+    (tmp_path / "a").mkdir()
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8), mode="L").save(tmp_path / "a" / "0.png")
+    wide = (np.arange(64, dtype=np.uint16) * 1000).reshape(8, 8)
+    Image.fromarray(wide).save(tmp_path / "a" / "1.png")
+    assert Image.open(tmp_path / "a" / "1.png").mode == "I;16"
+    with pytest.raises(UsageError, match=r"1\.png.*'I;16'.*convert the images to 8 bits"):
+        load_data(str(tmp_path))
+
+
 def _robustbench_checkpoint(model_dir: Path) -> nn.Module:
     from brittle.compat import import_robustbench
 

@@ -135,8 +135,8 @@ def build_parser(engines: list[str] | None = None) -> argparse.ArgumentParser:
         "them from the files in --data-dir, never downloaded), 'digits' (scikit-learn's "
         "digits holdout), an .npz file with an array 'x' of shape (N, C, H, W) in [0, 1] "
         "(uint8 is divided by 255) and an optional integer array 'y', or a torchvision "
-        "ImageFolder directory (one sub-directory per class; see --image-size). Defaults to "
-        "--dataset for RobustBench models.",
+        "ImageFolder directory of 8-bit images (one sub-directory per class; see "
+        "--image-size). Defaults to --dataset for RobustBench models.",
     )
     where = parser.add_argument_group("RobustBench and file locations")
     where.add_argument(

@@ -368,13 +368,32 @@ def _check_range(x: Tensor, spec: str) -> None:
         )
 
 
+def _rgb_image(file: str) -> Any:
+    """An 8-bit image file as an RGB PIL image (torchvision's loader, with a check).
+
+    PIL converts 16-bit and float pixels to RGB by clipping them at 255: a 16-bit
+    PNG would load saturated, almost all white, without a word.
+    """
+    from PIL import Image
+
+    with open(file, "rb") as handle:
+        image = Image.open(handle)
+        if image.mode.startswith(("I", "F")):
+            raise ValueError(
+                f"its pixels are {image.mode!r} (more than 8 bits per channel), which would be "
+                "clipped to 8 bits; convert the images to 8 bits, or give the data as an .npz "
+                "file of floats in [0, 1]"
+            )
+        return image.convert("RGB")
+
+
 def _image_folder(path: Path, spec: str, image_size: int | None) -> DataSource:
     from torchvision import datasets, transforms
 
     steps: list[Any] = [transforms.Resize((image_size, image_size))] if image_size else []
     transform = transforms.Compose([*steps, transforms.ToTensor()])
     try:
-        folder = datasets.ImageFolder(str(path), transform=transform)
+        folder = datasets.ImageFolder(str(path), transform=transform, loader=_rgb_image)
     except (FileNotFoundError, RuntimeError) as err:
         raise UsageError("--data", f"{spec!r} is not an ImageFolder: {_first_line(err)}") from None
     images, labels = [], []
