@@ -669,6 +669,15 @@ def test_factory_errors_name_the_model(model_file: Path) -> None:
         load_model(str(REPO / "pyproject.toml"))
 
 
+def test_a_weights_file_as_the_model_says_how_to_load_it(tmp_path: Path) -> None:
+    # Before, a state_dict given as --model was taken for a saved monitor: the message
+    # only said that a monitor holds no weights and asked for MONITOR.pt@MODEL_SPEC.
+    path = tmp_path / "weights.pt"
+    torch.save(nn.Linear(2, 2).state_dict(), path)
+    with pytest.raises(UsageError, match=r"state_dict.*file\.py:factory.*weights_only=True"):
+        load_model(str(path))
+
+
 def test_help_explains_every_option() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "brittle.check", "--help"],

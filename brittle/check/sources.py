@@ -122,8 +122,10 @@ def load_model(
     if Path(spec).is_file():
         raise UsageError(
             "--model",
-            f"{spec!r} is a file but not a model spec; a saved monitor holds no model weights, "
-            f"so give its model too: --model {spec}@MODEL_SPEC",
+            f"{spec!r} is a file but not a model spec. Model weights (a state_dict) are loaded "
+            "by your own code: --model file.py:factory, a function that builds the model and "
+            "loads them (torch.load(PATH, weights_only=True)). A saved monitor holds no model "
+            f"weights, so give its model too: --model {spec}@MODEL_SPEC",
         )
     raise UsageError("--model", f"unknown model spec {spec!r}; expected {MODEL_FORMS}")
 
