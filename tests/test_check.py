@@ -637,11 +637,13 @@ def test_data_of_the_wrong_shape_exit_2(model_file: Path, tmp_path: Path) -> Non
     np.savez(tmp_path / "rgb.npz", x=np.zeros((5, 3, 8, 8), dtype=np.float32))
     np.savez(tmp_path / "range.npz", x=np.full((5, 1, 8, 8), 3.0, dtype=np.float32))
     np.savez(tmp_path / "labels.npz", x=np.zeros((5, 1, 8, 8), dtype=np.float32), y=np.zeros(4))
+    np.savez(tmp_path / "empty.npz", x=np.zeros((5, 0, 8, 8), dtype=np.float32))
     for name, needle in (
         ("flat", "(N, C, H, W)"),
         ("rgb", "cannot take inputs"),
         ("range", "[0, 1]"),
         ("labels", "'y'"),
+        ("empty", "(5, 0, 8, 8)"),  # before: min()'s "Expected reduction dim to be specified"
     ):
         code, _, stderr = run_main(
             [

@@ -359,6 +359,8 @@ def _npz(path: Path, spec: str) -> DataSource:
 def _check_range(x: Tensor, spec: str) -> None:
     if x.shape[0] == 0:
         raise UsageError("--data", f"{spec!r} holds no samples")
+    if x.numel() == 0:
+        raise UsageError("--data", f"the samples in {spec!r} are empty: shape {tuple(x.shape)}")
     if not torch.isfinite(x).all():
         raise UsageError("--data", f"{spec!r} contains NaN or Inf values")
     low, high = float(x.min()), float(x.max())
