@@ -184,3 +184,38 @@ def test_robust_accuracy_is_judged_outside_its_subset() -> None:
     k = int(robust[outside].sum())
     ci = stats.binomtest(k, 300).proportion_ci(method="exact")
     assert part.attacked_held_out_ci == pytest.approx((ci.low, ci.high), abs=1e-12)
+
+
+def test_robust_accuracy_leaves_the_pseudo_networks_training_samples_out() -> None:
+    # The attacked subset was the first samples of the seeded permutation that also
+    # split the holdout: the choice samples, then the pseudo-margin network's training
+    # samples (with score="pseudo" at seed 0, exactly its 100 training samples), so
+    # the threshold was matched on scores in sample.
+    rng = np.random.default_rng(1)
+    n = 400
+    margins = rng.exponential(0.2, size=n)
+    score = margins + rng.normal(0.0, 0.05, size=n)
+    trained = np.zeros(n, dtype=bool)
+    trained[rng.permutation(n)[:200]] = True
+    result = robust_accuracy_estimate(
+        score_all=score,
+        pred_all=np.zeros(n, dtype=int),
+        labels_all=None,
+        margins=margins,
+        eps=0.1,
+        subset_size=100,
+        score_name="pseudo",
+        exclude=trained,
+    )
+    subset = subset_indices(n, 100, exclude=trained)
+    assert subset.size == 100 and not trained[subset].any()
+    judged = ~trained
+    judged[subset] = False
+    assert result.n_held_out == int(judged.sum()) == 100
+    assert result.attacked_held_out == pytest.approx((margins > 0.1)[judged].mean())
+    robust_in_subset = int((margins[subset] > 0.1).sum())
+    assert result.attacked_subset == pytest.approx(robust_in_subset / 100)
+    # With nothing excluded the subset is the same draw as before.
+    assert subset_indices(n, 100, exclude=np.zeros(n, dtype=bool)).tolist() == (
+        subset_indices(n, 100).tolist()
+    )

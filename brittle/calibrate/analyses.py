@@ -256,16 +256,26 @@ def forward_pass(monitor: MonitorProtocol, x: Tensor, batch_size: int, device: s
 
 
 # ------------------------------------------------------ robust accuracy
-def subset_indices(n: int, size: int, seed: int = 0) -> np.ndarray:
-    """Sorted seeded random choice of ``min(size, n)`` of ``range(n)``: the attacked subset.
+def subset_indices(
+    n: int, size: int, seed: int = 0, exclude: np.ndarray | None = None
+) -> np.ndarray:
+    """Sorted seeded random choice of ``size`` of ``range(n)``: the attacked subset.
+
+    Samples where ``exclude`` (``(n,)`` booleans) is True are never chosen; when
+    fewer than ``size`` remain, all of them are.
 
     Examples:
+        >>> import numpy as np
         >>> from brittle.calibrate.analyses import subset_indices
         >>> subset_indices(10, 3, seed=0).tolist()
         [2, 4, 6]
+        >>> subset_indices(10, 3, seed=0, exclude=np.arange(10) < 5).tolist()
+        [7, 8, 9]
 
     """
-    return np.sort(np.random.default_rng(seed).permutation(n)[: min(int(size), n)])
+    eligible = np.arange(n) if exclude is None else np.flatnonzero(~np.asarray(exclude)[:n])
+    order = np.random.default_rng(seed).permutation(eligible.size)
+    return np.sort(eligible[order[: min(int(size), eligible.size)]])
 
 
 def estimate_threshold(scores: np.ndarray, robust_count: int) -> float:
@@ -315,6 +325,7 @@ def robust_accuracy_estimate(
     subset_size: int,
     score_name: str,
     seed: int = 0,
+    exclude: np.ndarray | None = None,
 ) -> RobustAccuracy:
     """Robust accuracy of the whole data set from an attacked subset (the paper's Algorithm 1).
 
@@ -331,7 +342,9 @@ def robust_accuracy_estimate(
     samples as the input margin does (margin consistency).
 
     Without labels every prediction counts as correct, and the figures are the
-    robust *share* of decisions instead.
+    robust *share* of decisions instead. Attacked samples where ``exclude`` is
+    True (the pseudo-margin network's training samples, whose scores are in
+    sample) are neither in the subset nor among those the estimate is judged on.
 
     Returns:
         ``RobustAccuracy``: the estimate; the attacked figure on the subset it came
@@ -342,7 +355,7 @@ def robust_accuracy_estimate(
 
     """
     n_all, n_attacked = int(score_all.size), int(margins.size)
-    subset = subset_indices(n_attacked, subset_size, seed)
+    subset = subset_indices(n_attacked, subset_size, seed, exclude)
     m = int(subset.size)
     correct_all = np.ones(n_all, dtype=bool) if labels_all is None else pred_all == labels_all
     robust_attacked = correct_all[:n_attacked] & ~nonrobust(margins, eps)
@@ -354,7 +367,7 @@ def robust_accuracy_estimate(
     robust_estimated = correct_all & (score_all > threshold)
     # The estimate is judged where the truth is known and the threshold was not matched:
     # on the subset itself it reproduces the attacked figure by construction.
-    held_out = np.ones(n_attacked, dtype=bool)
+    held_out = np.ones(n_attacked, dtype=bool) if exclude is None else ~exclude[:n_attacked]
     held_out[subset] = False
     n_held = int(held_out.sum())
     k_held = int(robust_attacked[held_out].sum())

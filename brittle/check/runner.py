@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -141,9 +142,8 @@ def run_check(
         raise UsageError("--data", f"{report.excluded} holdout samples could not be judged")
     with timed(timings, "analyses"):
         found = _analyses(monitor, model, data, report, settings, n)
-    attacked = data.x[:n][
-        torch.from_numpy(analyses.subset_indices(n, settings.attack_subset, settings.seed))
-    ]
+    subset = analyses.subset_indices(n, settings.attack_subset, settings.seed, _trained(report))
+    attacked = data.x[:n][torch.from_numpy(subset)]
     with timed(timings, "adversarial"):
         adversarial = analyses.adversarial_flags(
             monitor,
@@ -211,6 +211,17 @@ def _monitor_and_report(
     return monitor, monitor.report
 
 
+def _trained(report: ConsistencyReport) -> np.ndarray:
+    """The holdout samples the pseudo-margin network trained on (none unless it did).
+
+    Its scores there are in sample, so neither the attacked subset nor the samples
+    the robust-accuracy estimate is judged on come from them. They are what the
+    split left beside the choice and calibration samples.
+    """
+    choice = np.zeros_like(report.calibration) if report.choice is None else report.choice
+    return ~report.calibration & ~choice
+
+
 def _analyses(
     monitor: Monitor,
     model: torch.nn.Module,
@@ -230,6 +241,7 @@ def _analyses(
         subset_size=settings.attack_subset,
         score_name=report.chosen,
         seed=settings.seed,
+        exclude=_trained(report),
     )
     mask = report.calibration
     per_class = analyses.per_class_bias(
