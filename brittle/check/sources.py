@@ -269,8 +269,9 @@ def load_data(
     if spec == "imagenet":
         raise UsageError(
             "--data",
-            "for ImageNet give the validation set as an ImageFolder directory with --image-size "
-            "224 (RobustBench's own preprocessing resizes to 256 and crops the centre 224)",
+            "for ImageNet give the validation set as an ImageFolder directory of images already "
+            "resized to 256 and cropped to the centre 224, as RobustBench prepares them "
+            "(--image-size 224 resizes each image to 224x224 whole, without the crop)",
         )
     if spec in _CIFAR_FOLDERS:
         return _cifar(spec, Path(data_dir))
