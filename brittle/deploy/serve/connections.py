@@ -41,12 +41,13 @@ whichever uvicorn picked) so that:
   request) add up to more than ``MAX_HEAD_BYTES``: with the read in which the
   head began (at most 256 KiB), that bounds what one connection holds;
 - with httptools, a client may pipeline at most ``MAX_PIPELINED`` requests
-  behind the one being answered; one more gets uvicorn's 400 and the connection
-  is closed. uvicorn parses every request of a read at once with httptools
-  (2.5 KB each, queued) and read on after every answer, so 20 clients
-  pipelining 1 MiB of small requests each and reading nothing grew the server
-  by 760 MB in 6 s, and on. Now a connection is read on only once its queue is
-  empty. h11 parses one request at a time and keeps the rest as bytes;
+  behind the one being answered; one more gets uvicorn's 400 once those are
+  answered, and the connection is closed. uvicorn parses every request of a
+  read at once with httptools (2.5 KB each, queued) and read on after every
+  answer, so 20 clients pipelining 1 MiB of small requests each and reading
+  nothing grew the server by 760 MB in 6 s, and on. Now a connection is read on
+  only once its queue is empty. h11 parses one request at a time and keeps the
+  rest as bytes;
 - a connection beyond ``max_connections`` open ones is closed as soon as it is
   accepted, so the process keeps descriptors for the connections it serves;
 - on shutdown (SIGTERM) a request still being received is dropped at once
@@ -59,7 +60,9 @@ Each closed connection is counted by reason (``"request_timeout"``,
 The deadlines, the pieces and the cap close without an answer: the request was
 not read, and closing a socket with unread data resets it, which would destroy
 an answer anyway. A head too large and a pipeline too deep get the 400 uvicorn
-gives any request its parser refuses.
+gives any request its parser refuses; with httptools, which parses every request
+of a read at once, that 400 waits for the answers to the requests before it (h11
+parses one request at a time), so that clients receive what the app counted.
 """
 
 from __future__ import annotations
@@ -267,6 +270,7 @@ def bounded_protocol(
         head_bytes = 0  # httptools: bytes of the request's reads that brought only those
         field_bytes = 0  # bytes of the request's target, header and trailer fields parsed
         half_closed = False  # the client shut its side with a request whole: close once answered
+        refused = ""  # httptools: a refused request's 400, sent once the answers before it are
 
         def connection_made(self, transport: asyncio.Transport) -> None:
             super().connection_made(transport)
@@ -318,19 +322,26 @@ def bounded_protocol(
 
         def on_headers_complete(self) -> None:  # httptools: its head has arrived
             self.progressed = True
+            previous = self.cycle
             super().on_headers_complete()
             if len(getattr(self, "pipeline", ())) > MAX_PIPELINED:
                 closed("too_many_pipelined")
                 self.dropped = True
+                # This request is refused, not queued: those before it are answered first.
+                self.pipeline.popleft()
+                self.cycle = previous
                 # httptools stops parsing the read; uvicorn answers 400 and closes.
                 raise _TooManyPipelined(f"more than {MAX_PIPELINED} requests pipelined")
 
         def on_response_complete(self) -> None:
             super().on_response_complete()  # with httptools this reads on (and starts the next)
             self.started = self.loop.time()  # the next request's clock
-            if getattr(self, "pipeline", None):  # requests still queued: read once they are done
+            if getattr(self, "pipeline", None) or self.refused:  # read once they are done
                 self.flow.pause_reading()
-            if self.half_closed and self.receiving():  # all answered; nothing more can come
+            if self.refused and self.receiving():  # the answers before the refused request
+                msg, self.refused = self.refused, ""
+                self.send_400_response(msg)
+            elif self.half_closed and self.receiving():  # all answered; nothing more can come
                 self.transport.close()
 
         def eof_received(self) -> bool | None:
@@ -394,10 +405,17 @@ def bounded_protocol(
             return False
 
         def send_400_response(self, msg: str) -> None:
-            # uvicorn's answer to a request its parser refused. One whose head reached the
-            # app is counted there, as the app answers it (its answer is dropped on the
-            # closed connection); so is one refused while an earlier request is still
-            # being answered: one answer counted for the client's one.
+            # uvicorn's answer to a request its parser refused, which closes the connection.
+            # httptools parses every request of a read at once, so it may refuse one behind
+            # requests read whole and still being answered (or queued): their answers
+            # come first, as h11 (which parses one request at a time) gives them. Before,
+            # the app's answers were counted and dropped on the closed connection.
+            if not self.receiving():
+                self.refused = self.refused or msg
+                self.flow.pause_reading()
+                return
+            # One whose head reached the app (its body refused) is counted there, as the
+            # app answers it (that answer is dropped on the closed connection).
             cycle = self.cycle
             if cycle is None or cycle.response_complete:
                 answered(400)
