@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -31,12 +32,14 @@ def _worker(rank: int, world: int, tmp: str, n: int) -> None:
         x = torch.load(f"{tmp}/x.pt", weights_only=True)
         monitor = brittle.wrap(model.eval(), eps=DIGITS_EPS).fit(x[:n], **FIT)
         single = brittle.input_margins(model, x[:1], steps=5)  # rank 1 owns nothing
+        with_nan = brittle.input_margins(model, x[5:9], steps=5)  # x[7] holds a NaN
         torch.save(
             {
                 "margins": torch.from_numpy(monitor.report.input_margins),
                 "threshold": float(monitor.threshold),
                 "tau": monitor.report.metrics["logit"].tau,
                 "single": single,
+                "with_nan": with_nan,
             },
             f"{tmp}/rank{rank}.pt",
         )
@@ -48,18 +51,26 @@ def _worker(rank: int, world: int, tmp: str, n: int) -> None:
 def test_two_processes_give_the_same_fit_as_one(
     robust_model: nn.Module, digits: DigitsSplit, tmp_path: Path
 ) -> None:
-    n = 101  # odd: uneven shards
+    n = 102  # 101 usable: odd, uneven shards
+    x = digits.x_holdout[:n].clone()
+    # A sample fit skips (and input_margins gives NaN). Before, its NaN fingerprint made
+    # the ranks' digests differ from themselves: "rank 0 is reading other samples".
+    x[7, 0, 3, 3] = math.nan
     torch.save(robust_model.state_dict(), tmp_path / "model.pt")
-    torch.save(digits.x_holdout[:n], tmp_path / "x.pt")
+    torch.save(x, tmp_path / "x.pt")
     mp.spawn(_worker, args=(2, str(tmp_path), n), nprocs=2, join=True)
-    alone = brittle.wrap(robust_model, eps=DIGITS_EPS).fit(digits.x_holdout[:n], **FIT)
-    single = brittle.input_margins(robust_model, digits.x_holdout[:1], steps=5)
+    alone = brittle.wrap(robust_model, eps=DIGITS_EPS).fit(x, **FIT)
+    assert alone.report.excluded == 1 and alone.report.n == n - 1
+    single = brittle.input_margins(robust_model, x[:1], steps=5)
+    with_nan = brittle.input_margins(robust_model, x[5:9], steps=5)
     for rank in (0, 1):
         got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         np.testing.assert_allclose(got["margins"].numpy(), alone.report.input_margins, rtol=1e-4)
         assert got["threshold"] == pytest.approx(float(alone.threshold), rel=1e-4)
         assert got["tau"] == pytest.approx(alone.report.metrics["logit"].tau, abs=1e-3)
         torch.testing.assert_close(got["single"], single, rtol=1e-4, atol=0)
+        torch.testing.assert_close(got["with_nan"], with_nan, rtol=1e-4, atol=0, equal_nan=True)
+        assert got["with_nan"][2].isnan()
 
 
 def _sampler_worker(rank: int, world: int, tmp: str) -> None:
@@ -102,6 +113,15 @@ def test_fingerprints_tell_samples_and_order_apart(digits: DigitsSplit) -> None:
     tweaked = x.clone()
     tweaked[5, 0, 3, 3] += 1 / 16  # one grey level in one pixel
     assert (sample_fingerprints(tweaked) != fp).sum() == 1
+
+
+def test_fingerprints_of_non_finite_samples_are_finite(digits: DigitsSplit) -> None:
+    # The ranks compare digests of the fingerprints: a NaN one never equals itself.
+    x = digits.x_holdout[:4].clone()
+    x[1, 0, 2, 2], x[2, 0, 0, 0], x[3, 0, 5, 1] = math.nan, math.inf, -math.inf
+    fp = sample_fingerprints(x)
+    assert fp.isfinite().all() and torch.unique(fp).numel() == 4
+    assert torch.equal(fp, sample_fingerprints(x.clone()))
 
 
 def test_shards_cover_every_sample_once() -> None:

@@ -21,13 +21,18 @@ _FINGERPRINT_SEED = 7919
 # Relative difference of two ranks' batch digests that still counts as the same data
 # (the digests are float64 sums, equal bit for bit on equal data and devices).
 _DIGEST_RTOL = 1e-9
+# Finite stand-ins for NaN, +inf and -inf in a fingerprint, outside the inputs' [0, 1]:
+# a sample holding them (fit skips it, input_margins gives it NaN) is read on every
+# rank too, and a NaN or infinite digest would never compare equal to itself.
+_NON_FINITE = {"nan": -1.5, "posinf": 2.5, "neginf": -2.5}
 
 
 def sample_fingerprints(x: Tensor) -> Tensor:
     """``(B,)`` float64 content fingerprint per sample: a fixed random projection.
 
     Two samples that differ anywhere get different fingerprints (with probability
-    one), and the cost is one read of the batch.
+    one), and the cost is one read of the batch. NaN and Inf values count as fixed
+    finite values, so every fingerprint is finite.
 
     Examples:
         >>> import torch
@@ -37,11 +42,14 @@ def sample_fingerprints(x: Tensor) -> Tensor:
         True
         >>> bool(sample_fingerprints(x)[0] == sample_fingerprints(x.flip(0))[0])
         False
+        >>> x[1, 2] = float("nan")
+        >>> bool(sample_fingerprints(x).isfinite().all())
+        True
     """
-    flat = x.detach().reshape(x.shape[0], -1)
+    flat = x.detach().reshape(x.shape[0], -1).to(torch.float64).nan_to_num(**_NON_FINITE)
     generator = torch.Generator().manual_seed(_FINGERPRINT_SEED)
     weights = torch.rand(flat.shape[1], generator=generator, dtype=torch.float64) + 0.5
-    return flat.to(torch.float64) @ weights.to(flat.device)
+    return flat @ weights.to(flat.device)
 
 
 def is_distributed() -> bool:
