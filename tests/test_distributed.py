@@ -89,6 +89,14 @@ def _sampler_worker(rank: int, world: int, tmp: str) -> None:
         except RuntimeError as err:
             outcome = str(err)
         Path(f"{tmp}/rank{rank}.txt").write_text(outcome)
+        # Before, input_margins assembled each rank's margins of its own samples into
+        # one tensor of the wrong samples' margins, on every rank, without a word.
+        try:
+            brittle.input_margins(model, loader, steps=5)
+            outcome = "measured"
+        except RuntimeError as err:
+            outcome = str(err)
+        Path(f"{tmp}/margins{rank}.txt").write_text(outcome)
     finally:
         dist.destroy_process_group()
 
@@ -101,8 +109,9 @@ def test_ranks_reading_different_samples_are_caught_before_attacking(
     torch.save(digits.x_holdout[:40], tmp_path / "x.pt")
     mp.spawn(_sampler_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
     for rank in (0, 1):
-        text = (tmp_path / f"rank{rank}.txt").read_text()
-        assert "other samples" in text and "holdout position 0" in text
+        for name in ("rank", "margins"):
+            text = (tmp_path / f"{name}{rank}.txt").read_text()
+            assert "other samples" in text and "holdout position 0" in text
 
 
 def test_fingerprints_tell_samples_and_order_apart(digits: DigitsSplit) -> None:

@@ -297,7 +297,8 @@ def input_margins(
         seed: Seed of the random restarts (the global RNG is left untouched).
         distributed: Shard the attacks across the ranks of the initialised
             torch.distributed process group (``None``: whenever one is initialised).
-            Every rank must pass the same data; every rank gets all margins.
+            Every rank must pass the same data in the same order (checked before
+            each batch is attacked, as in ``fit``); every rank gets all margins.
 
     Returns:
         ``(N,)`` float32 tensor on the CPU; ``inf`` where no adversarial was found,
@@ -316,7 +317,7 @@ def input_margins(
         >>> round(float(margin), 2)  # the boundary x0 == x1 is 0.2 away in Linf
         0.2
     """
-    from brittle.attacks.distributed import shard
+    from brittle.attacks.distributed import sample_fingerprints, shard
 
     settings = AttackSettings(norm=check_norm(norm), steps=steps, restarts=restarts, seed=seed)
     device = model_device(model)
@@ -330,6 +331,10 @@ def input_margins(
         for x, _ in batches(data, batch_size):
             index = torch.arange(seen, seen + x.shape[0])
             seen += x.shape[0]
+            if part.active:
+                # A rank that reads other samples (a DistributedSampler) stops every rank
+                # here, as in fit; its margins were assembled with the others' before.
+                part.check_same_samples(index, sample_fingerprints(x))
             mine = part.owns(index)
             if mine.any():
                 # The model's own dtype, as fit() feeds it: float64 or integer inputs

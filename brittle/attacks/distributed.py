@@ -133,7 +133,7 @@ class Shard:
                 f"rank {self.rank} is reading other samples (or another order) than another "
                 f"rank at holdout position {int(digest[1])}. Every rank must iterate the same "
                 "holdout in the same order: do not use a DistributedSampler or shuffling for "
-                "fit(); brittle shards the attacks itself."
+                "fit() or input_margins(); brittle shards the attacks itself."
             )
 
     def check_same_length(self, n: int) -> None:
@@ -146,7 +146,7 @@ class Shard:
             raise RuntimeError(
                 f"rank {self.rank} read {n} holdout samples but another rank read a different "
                 "number. Every rank must iterate the same holdout in the same order: do not "
-                "use a DistributedSampler or shuffling for fit()."
+                "use a DistributedSampler or shuffling for fit() or input_margins()."
             )
 
     def broadcast_module(self, module: nn.Module) -> None:
