@@ -148,6 +148,20 @@ def test_a_threshold_set_after_fit_exports_without_the_fits_rates(
         ("reference_flag_rate", "2"),
         ("reference_flag_rate", "nan"),
         ("threshold", "abc"),
+        # An OverflowError traceback at start-up (python -m brittle.serve caught ValueError).
+        ("reference_counts", "[1e400, 10]"),
+        # Opened before: the counts failed later in Telemetry (or the alarm took (1, 10),
+        # or (1, 2) from the string "12"), the buckets in Telemetry, the domain read "01".
+        ("reference_counts", "[5, 3]"),
+        ("reference_counts", "[0, 0]"),
+        ("reference_counts", "[1.5, 10]"),
+        ("reference_counts", "[true, 10]"),
+        ("reference_counts", '"12"'),
+        ("margin_buckets", "[0.2, 0.1]"),
+        ("margin_buckets", "[0.1, 0.1]"),
+        ("margin_buckets", "[0.1, 1e400]"),
+        ("margin_buckets", '"123"'),
+        ("input_domain", '"01"'),
     ],
 )
 def test_malformed_metadata_is_refused_when_opened(

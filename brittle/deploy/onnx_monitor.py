@@ -55,10 +55,33 @@ def _in_range(key: str, value: Any) -> bool:
         return True
     if key == "reference_flag_rate":
         return bool(0.0 <= value <= 1.0)
+    if key == "reference_counts":
+        flagged, n = value
+        return bool(0 <= flagged <= n and n >= 1)
+    if key == "margin_buckets":
+        # margin_buckets (brittle.deploy.telemetry) writes finite, strictly increasing bounds.
+        finite = all(math.isfinite(b) for b in value)
+        return finite and all(b < c for b, c in zip(value, value[1:], strict=False))
     if key == "input_domain":
         low, high = value
         return is_range(low, high)
     return True
+
+
+def _json_numbers(text: str, *, count: int | None = None, integers: bool = False) -> list[Any]:
+    """A JSON list of numbers (of ``count`` entries, integers only when asked), as exported.
+
+    Raises ``ValueError`` for anything else: a string, an object, booleans, or floats
+    where counts belong (json reads ``"12"`` as a string whose characters are digits,
+    and ``1.5`` or ``true`` would pass ``int()``).
+    """
+    value = json.loads(text)
+    kinds: tuple[type, ...] = (int,) if integers else (int, float)
+    if not isinstance(value, list) or (count is not None and len(value) != count):
+        raise ValueError(f"expected a JSON list of {count or 'any number of'} numbers.")
+    if any(isinstance(v, bool) or not isinstance(v, kinds) for v in value):
+        raise ValueError("expected numbers only.")
+    return value
 
 
 def _default_providers() -> list[str]:
@@ -216,14 +239,14 @@ class OnnxMonitor:
         value = self.metadata.get("reference_counts", "none")
         if value == "none":
             return None
-        flagged, n = json.loads(value)
-        return int(flagged), int(n)
+        flagged, n = _json_numbers(value, count=2, integers=True)
+        return flagged, n
 
     @property
     def margin_buckets(self) -> tuple[float, ...] | None:
         """Margin histogram bounds from the calibration holdout (``Telemetry``), if known."""
         value = self.metadata.get("margin_buckets", "none")
-        return None if value == "none" else tuple(float(b) for b in json.loads(value))
+        return None if value == "none" else tuple(float(b) for b in _json_numbers(value))
 
     @property
     def input_domain(self) -> tuple[float, float] | None:
@@ -235,7 +258,7 @@ class OnnxMonitor:
         value = self.metadata.get("input_domain", "none")
         if value == "none":
             return None
-        low, high = (float(b) for b in json.loads(value))
+        low, high = (float(b) for b in _json_numbers(value, count=2))
         return low, high
 
     @property
