@@ -84,6 +84,22 @@ def test_loading_onto_something_that_is_not_a_model(standard_model: nn.Module, t
     assert brittle.load(path, standard_model).input_shape == (1, 8, 8)
 
 
+def test_a_pseudo_monitor_loads_onto_another_dtype(
+    fitted_pseudo: brittle.Monitor, robust_model: nn.Module, digits: DigitsSplit, tmp_path
+) -> None:
+    # Before, a float64 copy failed on every call: its features met the float32 network
+    # ("mat1 and mat2 must have the same dtype"); the half-precision copies promoted.
+    path = fitted_pseudo.save(tmp_path / "monitor.pt")
+    x = digits.x_holdout[:50]
+    expected = fitted_pseudo(x).margin
+    for dtype in (torch.float64, torch.float16, torch.bfloat16):
+        loaded = brittle.load(path, copy.deepcopy(robust_model).to(dtype))
+        got = loaded(x.to(dtype)).margin.float()
+        # Measured: 2.5e-7 (float64), 1.5e-4 (float16), 2.2e-3 (bfloat16) on margins of 0.05-0.3.
+        tol = 1e-5 if dtype == torch.float64 else 0.02
+        torch.testing.assert_close(got, expected, rtol=0, atol=tol)
+
+
 def test_load_recognises_the_whole_model(standard_model: nn.Module, tmp_path) -> None:
     monitor = brittle.wrap(standard_model, score="feature", example_input=torch.rand(2, 1, 8, 8))
     monitor.set_threshold(0.3)

@@ -79,7 +79,11 @@ class PseudoMargin(nn.Module):
         return self.logit_mean.numel()
 
     def inputs(self, features: Tensor, logits: Tensor) -> Tensor:
-        """Standardised features beside the standardised, descending-sorted logits."""
+        """Standardised features beside the standardised, descending-sorted logits.
+
+        Both are cast to the network's dtype: a monitor fitted (or loaded) on a
+        float64 or half-precision model hands it the model's own dtype.
+        """
         if features.dim() != 2 or features.shape[1] != self.in_features:
             raise ValueError(
                 f"features must have shape (batch, {self.in_features}). "
@@ -89,7 +93,9 @@ class PseudoMargin(nn.Module):
             raise ValueError(
                 f"logits must have shape (batch, {self.num_classes}). Got {tuple(logits.shape)}."
             )
-        ordered = logits.sort(dim=1, descending=True).values
+        dtype = self.feature_mean.dtype
+        features = features.to(dtype)
+        ordered = logits.to(dtype).sort(dim=1, descending=True).values
         return torch.cat(
             [
                 (features - self.feature_mean) / self.feature_std,
