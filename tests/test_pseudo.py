@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 from typing import NamedTuple
 
 import pytest
@@ -196,6 +197,18 @@ def test_state_dict_loads_with_weights_only() -> None:
     fresh.load_state_dict(torch.load(buffer, weights_only=True))
     with torch.no_grad():
         torch.testing.assert_close(fresh(features, logits), net(features, logits))
+
+
+@pytest.mark.parametrize("value", [0.3, math.inf])
+def test_margins_that_all_tie_have_no_validation_tau(value: float) -> None:
+    # Before, val_tau read -1.0 (a perfectly inverted ranking): the stand-in that
+    # ranks an epoch without a tau below the others was reported as its tau.
+    features, logits, _ = _synthetic(120)
+    margins = torch.full((120,), value)
+    net, info = train_pseudo_margin(features, logits, margins, hidden=16, max_epochs=4, patience=2)
+    assert math.isnan(info.val_tau) and info.best_epoch == 1
+    with torch.no_grad():
+        assert net(features, logits).isfinite().all()
 
 
 def test_features_of_another_dtype_are_read_in_the_networks() -> None:

@@ -216,6 +216,8 @@ def _train_pseudo(
         features.to(device), logits.to(device), torch.from_numpy(margins), seed=seed, boundary=rows
     )
     summary: dict[str, Any] = asdict(info)
+    if not math.isfinite(info.val_tau):  # no epoch had a tau; the report's JSON has no NaN
+        summary["val_tau"] = None
     if boundary is None:
         summary["boundary_note"] = (
             "trained on natural samples only (pseudo_boundary=False, or an engine other "

@@ -58,7 +58,8 @@ class PseudoTraining:
             margin on the validation samples. Those samples chose the epoch, so
             it is the best of up to ``epochs`` figures: optimistic, not an
             out-of-sample estimate (``fit`` reports the pseudo-margin's tau on
-            calibration samples it never saw).
+            calibration samples it never saw). NaN when no epoch had one (the
+            validation margins, or the network's scores, all equal).
         loss: The training loss (``"rank"``, ``"pairwise"`` or ``"both"``).
         n_boundary: Boundary rows (points on the boundary and their copies)
             trained on beside the ``n_train`` samples.
@@ -252,10 +253,12 @@ def train_pseudo_margin(
         net.eval()
         with torch.no_grad():
             score = squash(body(inputs_val)).squeeze(1).cpu().double().numpy()
-        tau = kendall_tau(score, val_margins)
-        return tau if math.isfinite(tau) else -1.0
+        return kendall_tau(score, val_margins)
 
     best_state, best_tau, best_epoch, epoch = copy.deepcopy(net.state_dict()), -math.inf, 0, 0
+    # Kendall tau is NaN when the validation margins or the scores all tie; such an
+    # epoch ranks below any defined tau (as -1) and is reported as NaN, not as -1.
+    best_rank = -math.inf
     for epoch in range(1, max_epochs + 1):
         net.train()
         shuffled = torch.randperm(target.numel(), generator=generator).to(device)
@@ -270,8 +273,10 @@ def train_pseudo_margin(
             value.backward()
             optimiser.step()
         tau = validation_tau()
-        if tau > best_tau:
+        rank = tau if math.isfinite(tau) else -1.0
+        if rank > best_rank:
             best_state, best_tau, best_epoch = copy.deepcopy(net.state_dict()), tau, epoch
+            best_rank = rank
         elif epoch - best_epoch >= patience:
             break
     net.load_state_dict(best_state)
