@@ -267,6 +267,13 @@ def test_bad_arguments_are_named() -> None:
         train_pseudo_margin(features[:50], logits[:50], margins[:50])
     with pytest.raises(ValueError, match="same samples"):
         train_pseudo_margin(features, logits[:-1], margins)
+    # Before: an IndexError from the quantile map's NaN knots (sample 3 trains), or a
+    # network kept from its first epoch, every validation tau NaN (sample 50 validates).
+    for row in (3, 50):
+        with pytest.raises(ValueError, match="not NaN. Got 1 NaN of 200"):
+            train_pseudo_margin(
+                features, logits, margins.index_fill(0, torch.tensor([row]), math.nan)
+            )
     with pytest.raises(ValueError, match="loss must be one of"):
         train_pseudo_margin(features, logits, margins, loss="mse")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="num_classes at least 2"):

@@ -188,7 +188,7 @@ def train_pseudo_margin(
 
     Raises:
         ValueError: On mismatched shapes, fewer than ``MIN_TRAIN_SAMPLES``
-            samples, or an unknown ``loss``.
+            samples, NaN margins, or an unknown ``loss``.
 
     Examples:
         >>> import torch
@@ -215,6 +215,12 @@ def train_pseudo_margin(
         raise ValueError(
             f"the pseudo-margin network needs at least {MIN_TRAIN_SAMPLES} training samples. "
             f"Got {n}."
+        )
+    if bool(margins.isnan().any()):
+        raise ValueError(
+            f"margins must be input margins (inf where censored), not NaN. Got "
+            f"{int(margins.isnan().sum())} NaN of {n}: leave out the samples that could "
+            "not be judged."
         )
     if loss not in _LOSSES:
         raise ValueError(f"loss must be one of {_LOSSES}. Got {loss!r}.")
