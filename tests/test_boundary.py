@@ -51,6 +51,41 @@ def test_copies_are_within_radius_of_their_point_and_their_target_is_that_distan
     assert torch.equal(rows, again)
 
 
+def test_a_samples_copies_depend_on_its_position_not_its_batch() -> None:
+    # Before, the copies were drawn for the whole batch from seed + its first index, so
+    # a sample's rows changed with the loader's batch size and with the rank that
+    # attacked it: a distributed fit trained its pseudo-margin on other rows.
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(12, 1, 4, 4, generator=g)
+    points = (x + 0.2 * torch.randn(x.shape, generator=g)).clamp(0, 1)
+    margins = per_sample_norm(points - x, "L2")
+    whole, targets = boundary_copies(x, points, margins, 0.1, "L2", seed=3)
+    for owner in (0, 1):  # the samples two ranks own: even and odd positions
+        mine = torch.arange(owner, 12, 2)
+        rows, own = boundary_copies(
+            x[mine], points[mine], margins[mine], 0.1, "L2", seed=3, index=mine
+        )
+        assert torch.equal(rows, whole[mine]) and torch.equal(own, targets[mine])
+    other, _ = boundary_copies(x, points, margins, 0.1, "L2", seed=4)
+    assert not torch.equal(other[:, 1:], whole[:, 1:])
+    with pytest.raises(ValueError, match="one position per sample"):
+        boundary_copies(x, points, margins, 0.1, "L2", index=torch.arange(3))
+
+
+def test_a_pass_keeps_the_same_boundary_rows_whatever_the_batch_size() -> None:
+    model = _two_class_linear()
+    monitor = brittle.wrap(model, eps=0.1)
+    x = torch.rand(12, 4, generator=torch.Generator().manual_seed(1))
+    settings = AttackSettings(steps=10)
+    rows = [
+        collect_holdout(monitor, data, settings, progress=False, boundary=0.1).boundary
+        for data in (x, [x[i : i + 5] for i in range(0, 12, 5)])
+    ]
+    assert rows[0] is not None and rows[1] is not None
+    torch.testing.assert_close(rows[0].margins, rows[1].margins, equal_nan=True)
+    torch.testing.assert_close(rows[0].features, rows[1].features, equal_nan=True)
+
+
 def test_the_past_copy_moves_away_from_the_sample() -> None:
     x = torch.full((64, 16), 0.5)
     g = torch.Generator().manual_seed(2)

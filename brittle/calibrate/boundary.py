@@ -17,7 +17,10 @@ Each sample with a finite margin gives ``COPIES`` rows:
 
 with ``t`` uniform in ``(0, radius]``; the copies are clipped to ``[0, 1]`` and
 their target is their distance to ``p`` after clipping (an upper bound on
-their margin, so the network learns them as at most that robust).
+their margin, so the network learns them as at most that robust). A sample's
+steps and direction depend on the seed and its position in the holdout only,
+as its attack's restarts do: not on the batch it came in, nor on the rank that
+attacked it under ``torch.distributed``.
 """
 
 from __future__ import annotations
@@ -32,6 +35,14 @@ __all__ = ["COPIES", "boundary_copies"]
 
 # Rows per sample: the boundary point, a copy past it, a copy around it.
 COPIES = 3
+# Odd 64-bit constant (the golden ratio's) that spreads seeds apart before a sample's
+# index is added, so that (seed, index) and (seed + 1, index - 1) draw differently.
+_SEED_STRIDE = 0x9E3779B97F4A7C15
+
+
+def _sample_generator(seed: int, index: int) -> torch.Generator:
+    """The generator of one sample's copies: a function of ``(seed, index)`` alone."""
+    return torch.Generator().manual_seed((seed * _SEED_STRIDE + index) % 2**64)
 
 
 def boundary_copies(
@@ -42,6 +53,7 @@ def boundary_copies(
     norm: Norm,
     *,
     seed: int = 0,
+    index: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Each sample's boundary point and two perturbed copies, with their target margins.
 
@@ -53,6 +65,8 @@ def boundary_copies(
         radius: Largest step of a copy from its boundary point (the monitor's eps).
         norm: The norm of the margins.
         seed: Seeds the copies' steps and directions.
+        index: ``(B,)`` each sample's position in the whole holdout (default
+            ``0..B-1``); a sample's copies depend on ``(seed, index)`` only.
 
     Returns:
         ``(B, COPIES, ...)`` inputs and ``(B, COPIES)`` float32 target margins.
@@ -69,10 +83,17 @@ def boundary_copies(
     """
     if not radius > 0:
         raise ValueError(f"radius must be positive. Got {radius}.")
-    generator = torch.Generator().manual_seed(seed)
     b = x.shape[0]
-    steps = radius * (1.0 - torch.rand(b, 2, generator=generator))  # in (0, radius]
-    random = torch.randn(x.shape, generator=generator).to(x.device, x.dtype)
+    positions = range(b) if index is None else index.tolist()
+    if len(positions) != b:
+        raise ValueError(f"index must hold one position per sample ({b}). Got {len(positions)}.")
+    steps = torch.empty(b, 2)
+    random = torch.empty(x.shape)
+    for row, position in enumerate(positions):
+        generator = _sample_generator(seed, int(position))
+        steps[row] = radius * (1.0 - torch.rand(2, generator=generator))  # in (0, radius]
+        random[row] = torch.randn(x.shape[1:], generator=generator)
+    random = random.to(x.device, x.dtype)
     past = steepest(points - x, norm)
     around = steepest(random, norm)
     shape = (b,) + (1,) * (x.dim() - 1)

@@ -249,7 +249,7 @@ def _boundary_rows(
 ) -> None:
     """Append the head's view of the boundary points of ``x`` and their copies to ``rows``."""
     inputs, targets = boundary_copies(
-        x, points, margins, radius, settings.norm, seed=settings.seed + int(index[0])
+        x, points, margins, radius, settings.norm, seed=settings.seed, index=index
     )
     with torch.no_grad(), eval_mode(monitor.model):
         view = monitor.inspect(inputs.flatten(0, 1), features=True, domain=False)
