@@ -120,7 +120,11 @@ class Shard:
         """
         if not self.active:
             return
-        position = (index.to(torch.float64) + 1.0).to(fingerprints.device)
+        # Positions within the batch (its place in the holdout is compared on its own):
+        # weights that grew with the holdout position widened the digests' tolerance
+        # with them, until a swap of two similar samples deep in a holdout went unseen.
+        position = torch.arange(1, index.numel() + 1, dtype=torch.float64)
+        position = position.to(fingerprints.device)
         digest = [
             0.0,
             float(index[0]) if index.numel() else -1.0,
