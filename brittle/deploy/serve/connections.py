@@ -322,7 +322,7 @@ def bounded_protocol(
 
         def on_headers_complete(self) -> None:  # httptools: its head has arrived
             self.progressed = True
-            previous = self.cycle
+            previous: Any = getattr(self, "cycle", None)
             super().on_headers_complete()
             if len(getattr(self, "pipeline", ())) > MAX_PIPELINED:
                 closed("too_many_pipelined")
