@@ -82,13 +82,14 @@ def _metadata(monitor: MonitorProtocol, kind: ScoreKind) -> dict[str, str]:
     if not monitor.has_report:
         return meta
     report = monitor.report
-    # The report's target and rates describe its own threshold; after set_threshold
-    # the graph flags at another one, and those figures would describe nothing in it.
+    # The report's rates describe its own threshold; after set_threshold the graph flags
+    # at another one, and those rates would describe nothing in it. The target TPR stays:
+    # the fit's FPR at that TPR (fpr_at_tpr, metrics) is measured at it, whatever flags.
     fitted_threshold = torch.tensor(report.threshold, dtype=monitor.threshold.dtype)
     calibrated = bool(fitted_threshold == monitor.threshold.cpu())
     meta.update(
         {
-            "target_tpr": _fmt(report.target_tpr if calibrated else None),
+            "target_tpr": _fmt(report.target_tpr),
             "calibration_tpr": _fmt(report.tpr if calibrated else None),
             "calibration_fpr": _fmt(report.fpr if calibrated else None),
             "n": str(report.n),
