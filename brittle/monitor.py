@@ -500,8 +500,11 @@ class Monitor(nn.Module):
             threshold: A finite value in the units of the active score.
         """
         value = float(threshold)
-        if not math.isfinite(value):
-            raise ValueError(f"threshold must be a finite number. Got {threshold}.")
+        dtype = self.threshold.dtype
+        if not (math.isfinite(value) and abs(value) <= torch.finfo(dtype).max):
+            raise ValueError(
+                f"threshold must be a finite number within the monitor's {dtype}. Got {threshold}."
+            )
         self.threshold.fill_(value)
         self._has_threshold = True
         # The holdout's flag rate and margin quantiles belonged to the old threshold.

@@ -118,6 +118,12 @@ def test_flags_follow_the_threshold(robust_model: nn.Module, digits: DigitsSplit
     assert torch.equal(out.flag, margin <= threshold)
     with pytest.raises(ValueError, match="finite number"):
         monitor.set_threshold(math.nan)
+    # Before, a value past float32's range got torch's "value cannot be converted to
+    # type float without overflow".
+    for value in (1e39, -1e39):
+        with pytest.raises(ValueError, match=r"finite number within the monitor's torch.float32"):
+            monitor.set_threshold(value)
+    assert float(monitor.threshold) == pytest.approx(threshold)
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
