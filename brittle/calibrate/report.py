@@ -217,7 +217,11 @@ class ConsistencyReport:
 
     def __str__(self) -> str:
         acc = "-" if self.accuracy is None else f"{self.accuracy:.1%}"
-        split = f"calibration samples {self.n_calibration}"
+        # Monitor.evaluate measures a threshold chosen elsewhere (by a fit, or by hand):
+        # these samples calibrated nothing, and the fit's guarantee is what they test.
+        evaluated = bool(self.settings.get("evaluated"))
+        where = "evaluated" if evaluated else "calibration"
+        split = f"{where} samples {self.n_calibration}"
         if self.n_choice:
             split += f", choice samples {self.n_choice}"
         lines = [
@@ -235,10 +239,6 @@ class ConsistencyReport:
                 f"{name:<10}{_fmt(m.tau):>7}  {ci:<15}{_fmt(m.auroc):>7}{_fmt(m.aupr):>7}"
                 f"{_fmt(m.fpr_at_tpr):>9}{mark}"
             )
-        # Monitor.evaluate measures a threshold chosen elsewhere (by a fit, or by hand):
-        # these samples calibrated nothing, and the fit's guarantee is what they test.
-        evaluated = bool(self.settings.get("evaluated"))
-        where = "evaluated" if evaluated else "calibration"
         lines += [
             "",
             f"chosen: {self.chosen} ({self.reason})",
