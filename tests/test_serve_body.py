@@ -124,10 +124,13 @@ def test_a_utf8_byte_order_mark_is_ignored() -> None:
         (b'{"inputs": "abc', "Unterminated string starting at byte 11."),
         (b'{"inputs": "a\x01"}', "Invalid control character at byte 13."),
         (b'{"inputs": [1] x', "Expecting ',' delimiter at byte 15."),
+        # Bytes, not characters: a byte order mark and two-byte characters come before.
+        (b'\xef\xbb\xbf{"inputs": "abc', "Unterminated string starting at byte 14."),
+        ('{"é": "éé", x'.encode(), "Expecting property name enclosed in double quotes at byte 15."),
     ],
 )
 def test_a_json_error_says_where_once(body: bytes, detail: str) -> None:
-    # Said "Unterminated string starting at at byte 11."
+    # Said "Unterminated string starting at at byte 11", and counted characters.
     with pytest.raises(Refusal) as refused:
         decode_json(body)
     assert refused.value.detail == f"the body is not valid JSON: {detail}"

@@ -9,6 +9,7 @@ is one line of at most ``MAX_DETAIL`` characters that never quotes the input
 
 from __future__ import annotations
 
+import codecs
 import json
 import math
 from collections.abc import AsyncIterator
@@ -141,7 +142,10 @@ def decode_json(body: bytes) -> Any:
     except json.JSONDecodeError as err:
         # Some of json's messages end in "at" ("Unterminated string starting at").
         what = err.msg.removesuffix(" at")
-        raise Refusal(400, f"the body is not valid JSON: {what} at byte {err.pos}.") from err
+        # json counts characters of the decoded text; a client counts the bytes it sent.
+        bom = len(codecs.BOM_UTF8) if body.startswith(codecs.BOM_UTF8) else 0
+        where = bom + len(text[: err.pos].encode())
+        raise Refusal(400, f"the body is not valid JSON: {what} at byte {where}.") from err
     except ValueError as err:  # Python reads integers of at most 4300 digits
         raise Refusal(
             400, "the body is not valid JSON for this server: a number has too many digits."
