@@ -470,7 +470,7 @@ def _reference(reference: Any) -> tuple[int, int] | float:
             )
         return int(flagged), int(n)
     try:
-        if isinstance(reference, str | bytes | bool):  # float() would read "0.1" and True
+        if isinstance(reference, str | bytes | bool | np.bool_):  # float() reads "0.1", True
             raise TypeError
         rate = float(reference)
     except (TypeError, ValueError):
