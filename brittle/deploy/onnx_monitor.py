@@ -270,6 +270,22 @@ class OnnxMonitor:
         dims = ", ".join("batch" if d is None else str(d) for d in self.input_shape)
         return f"({dims})"
 
+    def shape_error(self, shape: Sequence[int]) -> str | None:
+        """Why an input of ``shape`` does not fit the exported input shape; ``None`` if it does.
+
+        Args:
+            shape: The input's shape, batch first.
+
+        Returns:
+            A one-line message naming the expected shape, or ``None``.
+        """
+        if len(shape) != len(self.input_shape) or any(
+            want is not None and got != want
+            for got, want in zip(shape, self.input_shape, strict=True)
+        ):
+            return f"input must have shape {self._expected()}. Got {tuple(shape)}."
+        return None
+
     def _check(self, x: Any) -> np.ndarray:
         if not isinstance(x, np.ndarray):
             raise ValueError(
@@ -278,11 +294,9 @@ class OnnxMonitor:
             )
         if x.dtype != self.dtype:
             raise ValueError(f"input must have dtype {self.dtype}. Got {x.dtype}.")
-        if x.ndim != len(self.input_shape) or any(
-            want is not None and got != want
-            for got, want in zip(x.shape, self.input_shape, strict=True)
-        ):
-            raise ValueError(f"input must have shape {self._expected()}. Got {tuple(x.shape)}.")
+        error = self.shape_error(x.shape)
+        if error is not None:
+            raise ValueError(error)
         return np.ascontiguousarray(x)
 
     def __call__(self, x: np.ndarray) -> MonitorOutput:

@@ -86,12 +86,9 @@ def _tensor(
     if not isinstance(datatype, str) or datatype not in schemas.DATATYPES or datatype == "BOOL":
         raise Refusal(400, "the tensor's datatype must be a numeric Open Inference datatype.")
     # Before the batch's size: the first dimension of a tensor of another shape is no batch.
-    expected = monitor.input_shape
-    if len(shape) != len(expected) or any(
-        want is not None and got != want for got, want in zip(shape[1:], expected[1:], strict=True)
-    ):
-        dims = ", ".join("batch" if d is None else str(d) for d in expected)
-        raise Refusal(400, f"input must have shape ({dims}). Got {tuple(shape)}.")
+    error = monitor.shape_error(shape)
+    if error is not None:
+        raise Refusal(400, error)
     if shape[0] > max_batch:
         raise Refusal(413, f"a batch exceeds this server's limit of {max_batch}.")
     dtype = np.dtype(schemas.DATATYPES[datatype])
