@@ -157,8 +157,8 @@ def _ranks(score: ArrayLike) -> np.ndarray:
     """Ranks of the scores, ties averaged: what ROC and precision-recall depend on.
 
     scikit-learn refuses infinite scores, yet ``inf`` is a margin (no boundary to
-    reach, ``brittle.output.rejected``) and ranks above every finite one. NaN
-    stays NaN, which scikit-learn refuses.
+    reach, ``brittle.output.rejected``) and ranks above every finite one. A NaN
+    score makes every rank NaN (scipy), which scikit-learn refuses.
     """
     return stats.rankdata(np.asarray(score, dtype=np.float64).ravel())
 
