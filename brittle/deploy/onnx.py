@@ -16,6 +16,7 @@ plain ``onnxruntime.InferenceSession``) in the serving process.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -218,6 +219,7 @@ def export_onnx(
     if program is None:  # only the TorchScript exporter returns None
         raise RuntimeError("torch.onnx.export returned no ONNX program.")
     program.model.metadata_props.update(_metadata(monitor, kind))
+    created = [folder for folder in (path.parent, *path.parent.parents) if not folder.exists()]
     path.parent.mkdir(parents=True, exist_ok=True)
     # Written and checked in a folder of its own beside the target (with its external
     # data, if any, under the names the graph gives them), then moved in place.
@@ -228,6 +230,11 @@ def export_onnx(
         onnx.checker.check_model(str(staging / path.name), full_check=True)
         for written in sorted(staging.iterdir(), key=lambda f: f.name == path.name):
             written.replace(path.parent / written.name)  # the graph itself last
-    finally:
+    except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        for folder in created:  # innermost first; each is empty unless someone wrote there
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+    shutil.rmtree(staging, ignore_errors=True)
     return path
