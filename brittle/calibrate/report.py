@@ -13,7 +13,7 @@ import numpy as np
 
 from brittle.calibrate.metrics import ScoreMetrics
 
-__all__ = ["ConsistencyReport"]
+__all__ = ["ConsistencyReport", "percent"]
 
 
 def _array_to_list(values: np.ndarray) -> list[float | None]:
@@ -46,11 +46,16 @@ def _fmt(value: float | None, spec: str = ".3f") -> str:
     return format(value, spec)
 
 
-def _percent(value: float) -> str:
-    """A rate as a percentage with the digits it has: 0.975 is 97.5 %, not 98 %.
+def percent(value: float) -> str:
+    """A rate as a percentage with the digits it has, for a target TPR: 0.975 is 97.5%.
 
     A guarantee is a bound: rounded to whole percent, a target TPR of 0.995 read
     ">= 100%".
+
+    Examples:
+        >>> from brittle.calibrate.report import percent
+        >>> percent(0.95), percent(0.975), percent(0.995)
+        ('95%', '97.5%', '99.5%')
     """
     return f"{100 * value:.6g}%"
 
@@ -230,7 +235,7 @@ class ConsistencyReport:
             f"censored {self.censored}, {split}",
             "",
             f"{'score':<10}{'tau':>7}  {'95% CI':<15}{'AUROC':>7}{'AUPR':>7}"
-            f"{'FPR@' + _percent(self.target_tpr):>9}",
+            f"{'FPR@' + percent(self.target_tpr):>9}",
         ]
         for name, m in self.metrics.items():
             ci = f"[{_fmt(m.tau_ci[0])}, {_fmt(m.tau_ci[1])}]"
@@ -247,7 +252,7 @@ class ConsistencyReport:
             f"{_fmt_ci(self.fpr_ci)} (exact 95% intervals)",
         ]
         if not evaluated:
-            target = _percent(self.target_tpr)
+            target = percent(self.target_tpr)
             lines.append(f"guarantee: expected TPR on new exchangeable samples >= {target}")
         lines.append("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.timings.items()))
         return "\n".join(lines)

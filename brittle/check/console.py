@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from brittle.calibrate.report import percent
+
 __all__ = [
     "ADAPTIVE_NAMES",
     "model_table",
     "side_by_side",
     "timings_text",
     "fmt",
-    "percent",
     "flag_text",
     "robust_accuracy_text",
     "per_class_text",
@@ -18,20 +19,6 @@ __all__ = [
 
 # How the console and the HTML page name the attacks of ``brittle.attacks.adaptive``.
 ADAPTIVE_NAMES = {"pgd": "PGD", "adaptive_pgd": "adaptive PGD", "cw": "Carlini-Wagner L2"}
-
-
-def percent(value: float) -> str:
-    """A rate as a percentage with the digits it has, for a target TPR.
-
-    A guarantee is a bound: rounded to whole percent, a target of 0.995 read
-    ">= 100%" (``ConsistencyReport`` writes its own the same way).
-
-    Examples:
-        >>> from brittle.check.console import percent
-        >>> percent(0.95), percent(0.975), percent(0.995)
-        ('95%', '97.5%', '99.5%')
-    """
-    return f"{100 * value:.6g}%"
 
 
 def fmt(value: Any, spec: str = ".3f") -> str:

@@ -13,12 +13,12 @@ import os
 from pathlib import Path
 from typing import Any
 
+from brittle.calibrate.report import percent
 from brittle.check.console import (
     ADAPTIVE_NAMES,
     flag_text,
     fmt,
     per_class_text,
-    percent,
     robust_accuracy_text,
     timings_text,
 )
