@@ -215,6 +215,17 @@ def test_robust_accuracy_leaves_the_pseudo_networks_training_samples_out() -> No
     assert result.attacked_held_out == pytest.approx((margins > 0.1)[judged].mean())
     robust_in_subset = int((margins[subset] > 0.1).sum())
     assert result.attacked_subset == pytest.approx(robust_in_subset / 100)
+    with pytest.raises(ValueError, match=r"exclude must hold one boolean per attacked sample"):
+        robust_accuracy_estimate(
+            score_all=score,
+            pred_all=np.zeros(n, dtype=int),
+            labels_all=None,
+            margins=margins,
+            eps=0.1,
+            subset_size=100,
+            score_name="pseudo",
+            exclude=trained[:-1],
+        )
     # With nothing excluded the subset is the same draw as before.
     assert subset_indices(n, 100, exclude=np.zeros(n, dtype=bool)).tolist() == (
         subset_indices(n, 100).tolist()

@@ -342,9 +342,11 @@ def robust_accuracy_estimate(
     samples as the input margin does (margin consistency).
 
     Without labels every prediction counts as correct, and the figures are the
-    robust *share* of decisions instead. Attacked samples where ``exclude`` is
-    True (the pseudo-margin network's training samples, whose scores are in
-    sample) are neither in the subset nor among those the estimate is judged on.
+    robust *share* of decisions instead. Attacked samples where ``exclude`` (one
+    boolean per attacked sample) is True, the pseudo-margin network's training
+    samples, whose scores are in sample, are neither in the subset nor among
+    those the estimate is judged on; the estimate over the whole data set still
+    counts them, by their scores, as it counts every sample.
 
     Returns:
         ``RobustAccuracy``: the estimate; the attacked figure on the subset it came
@@ -355,6 +357,13 @@ def robust_accuracy_estimate(
 
     """
     n_all, n_attacked = int(score_all.size), int(margins.size)
+    if exclude is not None:
+        exclude = np.asarray(exclude, dtype=bool)
+        if exclude.shape != (n_attacked,):
+            raise ValueError(
+                f"exclude must hold one boolean per attacked sample ({n_attacked}). "
+                f"Got shape {exclude.shape}."
+            )
     subset = subset_indices(n_attacked, subset_size, seed, exclude)
     m = int(subset.size)
     correct_all = np.ones(n_all, dtype=bool) if labels_all is None else pred_all == labels_all
