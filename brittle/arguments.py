@@ -51,6 +51,13 @@ def positive_int(name: str, value: object, *, minimum: int = 1, what: str = "") 
 def is_range(low: float, high: float) -> bool:
     """Whether ``[low, high]`` is a range of values an input may take: finite, ``low <= high``.
 
+    Args:
+        low: The smallest value.
+        high: The largest value.
+
+    Returns:
+        ``True`` when both are finite and ``low <= high``.
+
     Examples:
         >>> from brittle.arguments import is_range
         >>> is_range(0.0, 1.0), is_range(1.0, 0.0), is_range(0.0, float("inf"))
