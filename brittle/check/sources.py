@@ -270,8 +270,8 @@ def load_data(
         raise UsageError(
             "--data",
             "for ImageNet give the validation set as an ImageFolder directory of images already "
-            "resized to 256 and cropped to the centre 224, as RobustBench prepares them "
-            "(--image-size 224 resizes each image to 224x224 whole, without the crop)",
+            "prepared as RobustBench prepares them (shorter side resized to 256, centre 224 "
+            "cropped); --image-size 224 resizes each image to 224x224 whole, without the crop",
         )
     if spec in _CIFAR_FOLDERS:
         return _cifar(spec, Path(data_dir))
