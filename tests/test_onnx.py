@@ -178,6 +178,22 @@ def test_malformed_metadata_is_refused_when_opened(
         brittle.OnnxMonitor(path, providers=CPU)
 
 
+def test_a_threshold_edited_in_the_metadata_is_refused(exported: dict, tmp_path: Path) -> None:
+    # Before, the file opened and its server reported the edited threshold, while the
+    # graph went on flagging at the exported one.
+    model = onnx.load(exported["pseudo"][1].path)
+    props = {p.key: p for p in model.metadata_props}
+    graph = float(props["threshold"].value)
+    props["threshold"].value = repr(graph / 2)
+    path = tmp_path / "edited.onnx"
+    onnx.save(model, path)
+    with pytest.raises(ValueError, match=r"flags at threshold .* in its graph, but its metadata"):
+        brittle.OnnxMonitor(path, providers=CPU)
+    props["threshold"].value = repr(graph)
+    onnx.save(model, path)
+    assert brittle.OnnxMonitor(path, providers=CPU).threshold == graph
+
+
 def test_graph_passes_checker(exported: dict) -> None:
     for _, served in exported.values():
         model = onnx.load(served.path)

@@ -40,6 +40,8 @@ def _has_nvidia_gpu() -> bool:
 
 
 # The metadata values OnnxMonitor parses (its properties of the same names).
+# The name the exporter gives the monitor's threshold buffer in the graph.
+_THRESHOLD_CONSTANT = "monitor.threshold"
 _READ_METADATA = (
     "threshold",
     "reference_flag_rate",
@@ -82,6 +84,25 @@ def _json_numbers(text: str, *, count: int | None = None, integers: bool = False
     if any(isinstance(v, bool) or not isinstance(v, kinds) for v in value):
         raise ValueError("expected numbers only.")
     return value
+
+
+def _graph_threshold(path: Path) -> float | None:
+    """The threshold the graph flags at: its ``monitor.threshold`` constant, if it holds one.
+
+    onnxruntime reads the graph's constants but does not show them; the metadata's
+    threshold is what the file says, this is what it does.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path), load_external_data=False)
+    for initializer in model.graph.initializer:
+        if initializer.name == _THRESHOLD_CONSTANT:
+            try:
+                return float(numpy_helper.to_array(initializer).reshape(-1)[0])
+            except Exception:  # stored outside the file (external data): not read here
+                return None
+    return None
 
 
 def _default_providers() -> list[str]:
@@ -175,6 +196,13 @@ class OnnxMonitor:
         self.num_classes: int | None = k if isinstance(k, int) else None
         self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
         self._check_metadata()
+        graph = _graph_threshold(path) if self.has_threshold else None
+        if graph is not None and graph != self.threshold:
+            raise ValueError(
+                f"{str(path)!r} flags at threshold {graph!r} in its graph, but its metadata "
+                f"says {self.threshold!r}: the metadata was edited. Change the threshold with "
+                "Monitor.set_threshold and export the monitor again."
+            )
         if self.reference_flag_rate is not None and self.reference_counts is None:
             warnings.warn(OLD_REFERENCE_WARNING, UserWarning, stacklevel=2)
         if self.metadata.get("fitted") == "true" and "input_domain" not in self.metadata:
