@@ -315,3 +315,17 @@ def test_robustbench_wide_resnet(tmp_path: Path) -> None:
     with torch.no_grad():
         expected = monitor(x)
     _assert_parity(expected, served(x.numpy()), float(monitor.threshold))
+
+
+def test_a_graph_onnxruntime_cannot_run_is_not_called_damaged(tmp_path: Path) -> None:
+    # A float64 convolution passes onnx.checker, but onnxruntime's CPU provider has no
+    # kernel for it. Before, the file was called "empty, truncated or damaged".
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).double()
+    monitor = brittle.wrap(model, eps=0.1)
+    x = torch.rand(2, 1, 8, 8, dtype=torch.float64)
+    monitor(x)
+    monitor.set_threshold(0.1)
+    path = monitor.export_onnx(tmp_path / "m.onnx", x)
+    with pytest.raises(ValueError, match="onnxruntime cannot run .* NOT_IMPLEMENTED") as err:
+        brittle.OnnxMonitor(path, providers=CPU)
+    assert "damaged" not in str(err.value)

@@ -174,6 +174,12 @@ class OnnxMonitor:
             )
         except Exception as err:  # onnxruntime's own exception types, one per failure
             first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            if type(err).__name__ == "NotImplemented" or "NOT_IMPLEMENTED" in first:
+                # A sound graph with an operator these providers lack (a float64 convolution).
+                raise ValueError(
+                    f"onnxruntime cannot run {str(path)!r} with the providers {chosen}: "
+                    f"{first}. Export the monitor in float32 (or float16 on a GPU)."
+                ) from err
             raise ValueError(
                 f"{str(path)!r} is not a readable ONNX file (empty, truncated or damaged): "
                 f"onnxruntime says {first}"
