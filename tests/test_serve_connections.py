@@ -62,11 +62,15 @@ class Transport(asyncio.Transport):
 
 
 class Recorder:
-    """An ASGI app that reads each request's whole body and answers with its length."""
+    """An ASGI app that reads each request's whole body and answers with its length.
 
-    def __init__(self) -> None:
+    With ``close`` every answer says ``Connection: close``.
+    """
+
+    def __init__(self, close: bool = False) -> None:
         self.bodies: list[int] = []
         self.disconnected = 0
+        self.headers = [(b"connection", b"close")] if close else []
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -81,7 +85,7 @@ class Recorder:
             if not message.get("more_body", False):
                 break
         self.bodies.append(size)
-        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.start", "status": 200, "headers": self.headers})
         await send({"type": "http.response.body", "body": str(size).encode()})
 
 
@@ -103,6 +107,7 @@ async def _exchange(
     sends: list[bytes],
     answers: list[int] | None = None,
     half_close: bool = False,
+    app: Recorder | None = None,
 ) -> tuple[Recorder, Transport, list[str], Any]:
     """Feed ``sends`` (one ``data_received`` each) to a bounded ``parser`` connection.
 
@@ -113,7 +118,7 @@ async def _exchange(
     unless it returns True.
     """
     reasons: list[str] = []
-    app = Recorder()
+    app = Recorder() if app is None else app
     on_answer = None if answers is None else answers.append
     protocol = bounded_protocol(parser, on_close=reasons.append, on_answer=on_answer)
     config = uvicorn.Config(app, log_level="warning", http=protocol, access_log=False)
@@ -320,19 +325,46 @@ def test_the_400_for_a_request_the_parser_refuses_is_counted(parser: type[Any], 
     assert answers == [400]
 
 
+REFUSED = {  # a request the parser refuses, in its head or in its body
+    "head": MALFORMED["header-without-colon"],
+    "body": HEAD + b"zz\r\n",
+}
+GOOD = b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n"
+
+
 @pytest.mark.parametrize("parser", PARSERS, ids=lambda p: p.__name__)
-def test_a_request_refused_behind_others_is_answered_after_them(parser: type[Any]) -> None:
-    # Two requests in one read, the second malformed. httptools parses both at once:
+@pytest.mark.parametrize("refused", list(REFUSED))
+def test_a_request_refused_behind_others_is_answered_after_them(
+    parser: type[Any], refused: str
+) -> None:
+    # Requests in one read, the last malformed. httptools parses them all at once:
     # before, its 400 came at once and closed the connection, so the client received
-    # only the 400 while the app's 200 was counted; h11 answered the first, then refused.
-    good = b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n"
+    # only the 400 while the app's 200s were counted; h11 answered the first, then refused.
     answers: list[int] = []
-    app, transport, _, _ = asyncio.run(
-        _exchange(parser, [good * 2 + MALFORMED["header-without-colon"]], answers)
-    )
+    app, transport, _, _ = asyncio.run(_exchange(parser, [GOOD * 2 + REFUSED[refused]], answers))
     assert transport.written.count(b"HTTP/1.1 200 OK") == 2 and app.bodies == [0, 0]
     assert transport.written.index(b"HTTP/1.1 400 ") > transport.written.rindex(b" 200 OK")
-    assert answers == [400] and transport.closing
+    assert transport.closing
+    if parser is H11Protocol and refused == "body":
+        # h11 reached the malformed request in its turn: its head went to the app, which
+        # counts its own answer (test_answers_of_the_app_are_not_counted_by_the_protocol).
+        assert answers == [] and app.disconnected == 1
+    else:
+        assert answers == [400]
+
+
+@pytest.mark.parametrize("parser", PARSERS, ids=lambda p: p.__name__)
+def test_an_answer_that_closes_the_connection_cancels_the_400_behind_it(
+    parser: type[Any],
+) -> None:
+    # The app's answer says Connection: close: the refused request behind it gets no
+    # 400, and none is counted (one was counted, and written to a closed transport).
+    answers: list[int] = []
+    app, transport, _, _ = asyncio.run(
+        _exchange(parser, [GOOD + REFUSED["head"]], answers, app=Recorder(close=True))
+    )
+    assert transport.written.count(b"HTTP/1.1 200 OK") == 1 and transport.closing
+    assert b"HTTP/1.1 400 " not in transport.written and answers == []
 
 
 @pytest.mark.parametrize("parser", PARSERS, ids=lambda p: p.__name__)

@@ -269,6 +269,7 @@ def bounded_protocol(
         progressed = False  # httptools: the read being parsed brought more than head bytes
         head_bytes = 0  # httptools: bytes of the request's reads that brought only those
         field_bytes = 0  # bytes of the request's target, header and trailer fields parsed
+        before: Any = None  # httptools: the newest request's cycle before this one's head
         half_closed = False  # the client shut its side with a request whole: close once answered
         refused = ""  # httptools: a refused request's 400, sent once the answers before it are
 
@@ -322,16 +323,19 @@ def bounded_protocol(
 
         def on_headers_complete(self) -> None:  # httptools: its head has arrived
             self.progressed = True
-            previous: Any = getattr(self, "cycle", None)
+            self.before = getattr(self, "cycle", None)
             super().on_headers_complete()
             if len(getattr(self, "pipeline", ())) > MAX_PIPELINED:
                 closed("too_many_pipelined")
                 self.dropped = True
-                # This request is refused, not queued: those before it are answered first.
-                self.pipeline.popleft()
-                self.cycle = previous
+                self.unqueue()  # refused, not queued: those before it are answered first
                 # httptools stops parsing the read; uvicorn answers 400 and closes.
                 raise _TooManyPipelined(f"more than {MAX_PIPELINED} requests pipelined")
+
+        def unqueue(self) -> None:
+            """httptools: drop the newest request from the queue; the one before is current."""
+            self.pipeline.popleft()
+            self.cycle = self.before
 
         def on_response_complete(self) -> None:
             super().on_response_complete()  # with httptools this reads on (and starts the next)
@@ -340,7 +344,8 @@ def bounded_protocol(
                 self.flow.pause_reading()
             if self.refused and self.receiving():  # the answers before the refused request
                 msg, self.refused = self.refused, ""
-                self.send_400_response(msg)
+                if not self.transport.is_closing():  # the last answer may have closed it
+                    self.send_400_response(msg)
             elif self.half_closed and self.receiving():  # all answered; nothing more can come
                 self.transport.close()
 
@@ -410,7 +415,10 @@ def bounded_protocol(
             # requests read whole and still being answered (or queued): their answers
             # come first, as h11 (which parses one request at a time) gives them. Before,
             # the app's answers were counted and dropped on the closed connection.
-            if not self.receiving():
+            pipeline = getattr(self, "pipeline", None)  # httptools only: h11 is not ahead
+            if pipeline and pipeline[0][0] is self.cycle and self.cycle.more_body:
+                self.unqueue()  # a queued request refused in its body never reached the app
+            if pipeline is not None and not self.receiving():
                 self.refused = self.refused or msg
                 self.flow.pause_reading()
                 return
