@@ -162,6 +162,9 @@ def test_a_threshold_set_after_fit_exports_without_the_fits_rates(
         ("margin_buckets", "[0.1, 0.1]"),
         ("margin_buckets", "[0.1, 1e400]"),
         ("margin_buckets", '"123"'),
+        # float() of a 400-digit integer: an OverflowError traceback at start-up.
+        ("margin_buckets", "[0.1, 1" + "0" * 400 + "]"),
+        ("input_domain", "[0, 1" + "0" * 400 + "]"),
         ("input_domain", '"01"'),
     ],
 )

@@ -90,12 +90,17 @@ def _graph_threshold(path: Path) -> float | None:
     """The threshold the graph flags at: its ``monitor.threshold`` constant, if it holds one.
 
     onnxruntime reads the graph's constants but does not show them; the metadata's
-    threshold is what the file says, this is what it does.
+    threshold is what the file says, this is what it does. ``None`` when the graph
+    holds no such constant (a float64 export folds it into a cast), keeps it as
+    external data, or cannot be parsed by the onnx package.
     """
     import onnx
     from onnx import numpy_helper
 
-    model = onnx.load(str(path), load_external_data=False)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # onnxruntime read it: a file the onnx package cannot is left unchecked
+        return None
     for initializer in model.graph.initializer:
         if initializer.name == _THRESHOLD_CONSTANT:
             try:
@@ -160,6 +165,7 @@ class OnnxMonitor:
         session_options: Any | None = None,
     ) -> None:
         import onnxruntime as ort
+        from onnxruntime.capi.onnxruntime_pybind11_state import NotImplemented as OrtNotImplemented
 
         path = Path(path)
         if not path.is_file():
@@ -174,11 +180,12 @@ class OnnxMonitor:
             )
         except Exception as err:  # onnxruntime's own exception types, one per failure
             first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-            if type(err).__name__ == "NotImplemented" or "NOT_IMPLEMENTED" in first:
+            if isinstance(err, OrtNotImplemented):
                 # A sound graph with an operator these providers lack (a float64 convolution).
                 raise ValueError(
                     f"onnxruntime cannot run {str(path)!r} with the providers {chosen}: "
-                    f"{first}. Export the monitor in float32 (or float16 on a GPU)."
+                    f"{first}. The graph needs an operator, or an operator's dtype, that they "
+                    "lack; a float32 export runs on every provider."
                 ) from err
             raise ValueError(
                 f"{str(path)!r} is not a readable ONNX file (empty, truncated or damaged): "
@@ -229,7 +236,7 @@ class OnnxMonitor:
             try:
                 value = getattr(self, key)
                 well_formed = _in_range(key, value)
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):  # float() of a 400-digit integer
                 well_formed = False
             if not well_formed:
                 shown = self.metadata[key][:60]
