@@ -132,7 +132,10 @@ class Shard:
             float((fingerprints * position).sum()),
             float(fingerprints.sum()),
         ]
-        if not self._agree(digest):
+        # Then each sample's own fingerprint (the sizes agree once the digest does): a
+        # swap of two similar samples moves a sum over a large batch by less than its
+        # tolerance (at 2,048 3x32x32 images, 1.6 against 3.2).
+        if not (self._agree(digest) and self._agree(fingerprints.tolist())):
             raise RuntimeError(
                 f"rank {self.rank} is reading other samples (or another order) than another "
                 f"rank at holdout position {int(digest[1])}. Every rank must iterate the same "
