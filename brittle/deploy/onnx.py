@@ -220,18 +220,20 @@ def export_onnx(
         raise RuntimeError("torch.onnx.export returned no ONNX program.")
     program.model.metadata_props.update(_metadata(monitor, kind))
     created = [folder for folder in (path.parent, *path.parent.parents) if not folder.exists()]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Written and checked in a folder of its own beside the target (with its external
-    # data, if any, under the names the graph gives them), then moved in place.
-    staging = Path(tempfile.mkdtemp(prefix=".brittle-export-", dir=path.parent))
+    staging: Path | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Written and checked in a folder of its own beside the target (with its external
+        # data, if any, under the names the graph gives them), then moved in place.
+        staging = Path(tempfile.mkdtemp(prefix=".brittle-export-", dir=path.parent))
         program.save(staging / path.name)
         # A path (not a loaded proto) lets the checker handle files with external data.
         onnx.checker.check_model(str(staging / path.name), full_check=True)
         for written in sorted(staging.iterdir(), key=lambda f: f.name == path.name):
             written.replace(path.parent / written.name)  # the graph itself last
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
         for folder in created:  # innermost first; each is empty unless someone wrote there
             with contextlib.suppress(OSError):
                 folder.rmdir()
