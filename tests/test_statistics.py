@@ -197,16 +197,20 @@ def test_robust_accuracy_leaves_the_pseudo_networks_training_samples_out() -> No
     score = margins + rng.normal(0.0, 0.05, size=n)
     trained = np.zeros(n, dtype=bool)
     trained[rng.permutation(n)[:200]] = True
-    result = robust_accuracy_estimate(
-        score_all=score,
-        pred_all=np.zeros(n, dtype=int),
-        labels_all=None,
-        margins=margins,
-        eps=0.1,
-        subset_size=100,
-        score_name="pseudo",
-        exclude=trained,
-    )
+
+    def estimate(exclude: np.ndarray) -> RobustAccuracy:
+        return robust_accuracy_estimate(
+            score_all=score,
+            pred_all=np.zeros(n, dtype=int),
+            labels_all=None,
+            margins=margins,
+            eps=0.1,
+            subset_size=100,
+            score_name="pseudo",
+            exclude=exclude,
+        )
+
+    result = estimate(trained)
     subset = subset_indices(n, 100, exclude=trained)
     assert subset.size == 100 and not trained[subset].any()
     judged = ~trained
@@ -216,16 +220,7 @@ def test_robust_accuracy_leaves_the_pseudo_networks_training_samples_out() -> No
     robust_in_subset = int((margins[subset] > 0.1).sum())
     assert result.attacked_subset == pytest.approx(robust_in_subset / 100)
     with pytest.raises(ValueError, match=r"exclude must hold one boolean per attacked sample"):
-        robust_accuracy_estimate(
-            score_all=score,
-            pred_all=np.zeros(n, dtype=int),
-            labels_all=None,
-            margins=margins,
-            eps=0.1,
-            subset_size=100,
-            score_name="pseudo",
-            exclude=trained[:-1],
-        )
+        estimate(trained[:-1])
     # With nothing excluded the subset is the same draw as before.
     assert subset_indices(n, 100, exclude=np.zeros(n, dtype=bool)).tolist() == (
         subset_indices(n, 100).tolist()
