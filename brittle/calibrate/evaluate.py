@@ -19,7 +19,7 @@ from brittle.calibrate.fit import pseudo_scores
 from brittle.calibrate.holdout import collect_holdout, holdout_report
 from brittle.calibrate.metrics import nonrobust, rate_intervals, score_metrics
 from brittle.calibrate.report import ConsistencyReport
-from brittle.calibrate.threshold import rates
+from brittle.calibrate.threshold import check_target_tpr, rates
 from brittle.errors import NotFittedError
 
 if TYPE_CHECKING:
@@ -78,8 +78,8 @@ def evaluate(
     n_samples = None if n_samples is None else positive_int("n_samples", n_samples)
     if target_tpr is None:
         target_tpr = monitor.report.target_tpr if monitor.has_report else 0.95
-    elif not 0.0 < target_tpr < 1.0:  # checked before the attacks, as fit() checks it
-        raise ValueError(f"target_tpr must be in (0, 1). Got {target_tpr}.")
+    else:  # checked before the attacks, as fit() checks it
+        check_target_tpr(target_tpr)
     settings = AttackSettings(norm=monitor.norm, steps=steps, restarts=restarts, seed=seed)
     cache = MarginCache(cache_dir, monitor.model, settings, engine) if cache_dir else None
     start = time.perf_counter()

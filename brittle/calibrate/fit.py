@@ -42,7 +42,7 @@ from brittle.calibrate.split import (
     choose_by_tau,
     split_holdout,
 )
-from brittle.calibrate.threshold import min_positives, rates
+from brittle.calibrate.threshold import check_target_tpr, min_positives, rates
 from brittle.calibrate.timing import timed
 from brittle.deploy.telemetry import margin_buckets
 from brittle.errors import CalibrationError
@@ -129,8 +129,7 @@ def _validate(
     pseudo: object,
     min_tau: float,
 ) -> None:
-    if not 0.0 < target_tpr < 1.0:
-        raise ValueError(f"target_tpr must be in (0, 1). Got {target_tpr}.")
+    check_target_tpr(target_tpr)
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {sorted(ENGINES)}. Got {engine!r}.")
     if pseudo not in (True, False, "auto"):

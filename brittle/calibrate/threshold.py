@@ -10,7 +10,7 @@ from numpy.typing import ArrayLike
 from brittle.errors import CalibrationError
 from brittle.output import flagged
 
-__all__ = ["conformal_threshold", "min_positives", "rates"]
+__all__ = ["conformal_threshold", "min_positives", "rates", "check_target_tpr"]
 
 
 def _rank(n: int, target_tpr: float) -> int:
@@ -26,14 +26,15 @@ def min_positives(target_tpr: float) -> int:
         >>> min_positives(0.95), min_positives(0.9)
         (19, 9)
     """
-    _check_tpr(target_tpr)
+    check_target_tpr(target_tpr)
     n = 1
     while _rank(n, target_tpr) > n:
         n += 1
     return n
 
 
-def _check_tpr(target_tpr: float) -> None:
+def check_target_tpr(target_tpr: float) -> None:
+    """Raise ``ValueError`` unless ``target_tpr`` lies in ``(0, 1)``."""
     if not 0.0 < target_tpr < 1.0:
         raise ValueError(f"target_tpr must be in (0, 1). Got {target_tpr}.")
 
@@ -59,7 +60,7 @@ def conformal_threshold(positive_scores: ArrayLike, target_tpr: float) -> float:
         >>> conformal_threshold(range(1, 20), 0.95)  # the 19th smallest of 19
         19.0
     """
-    _check_tpr(target_tpr)
+    check_target_tpr(target_tpr)
     scores = np.sort(np.asarray(positive_scores, dtype=np.float64).ravel())
     if np.isnan(scores).any():
         raise ValueError("positive_scores contain NaN.")
