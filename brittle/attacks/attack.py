@@ -246,19 +246,25 @@ def _attack(
     return margins, adv
 
 
-def _half_dtype(model: nn.Module) -> torch.dtype | None:
-    """float16 or bfloat16 when the model's first floating parameter is, else ``None``."""
-    for tensor in itertools.chain(model.parameters(), model.buffers()):
-        if tensor.is_floating_point():
-            return tensor.dtype if tensor.dtype in (torch.float16, torch.bfloat16) else None
-    return None
-
-
-def _input_dtype(model: nn.Module, x: Tensor) -> torch.dtype:
-    """The model's first floating parameter's (or buffer's) dtype; else ``x``'s, if floating."""
+def _float_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype of the model's first floating parameter (or buffer); ``None`` if it has none."""
     for tensor in itertools.chain(model.parameters(), model.buffers()):
         if tensor.is_floating_point():
             return tensor.dtype
+    return None
+
+
+def _half_dtype(model: nn.Module) -> torch.dtype | None:
+    """float16 or bfloat16 when the model's first floating parameter is, else ``None``."""
+    dtype = _float_dtype(model)
+    return dtype if dtype in (torch.float16, torch.bfloat16) else None
+
+
+def _input_dtype(model: nn.Module, x: Tensor) -> torch.dtype:
+    """The model's floating dtype (``_float_dtype``); else ``x``'s, if floating."""
+    dtype = _float_dtype(model)
+    if dtype is not None:
+        return dtype
     return x.dtype if x.is_floating_point() else torch.get_default_dtype()
 
 
