@@ -798,9 +798,8 @@ def _as_flags(flags: Any) -> list[bool]:
         array = np.asarray(flags)
     except (TypeError, ValueError) as err:  # ragged lists, a tensor on a GPU
         raise ValueError(f"flags must be booleans: {err}") from None
-    if array.dtype.kind == "b" or array.size == 0:  # no flags: whatever numpy's dtype
-        return array.astype(bool).ravel().tolist()
-    if array.dtype.kind in "iu" and bool(((array == 0) | (array == 1)).all()):
+    zeros_and_ones = array.dtype.kind in "iu" and bool(((array == 0) | (array == 1)).all())
+    if array.dtype.kind == "b" or array.size == 0 or zeros_and_ones:  # no flags: any dtype
         return array.astype(bool).ravel().tolist()
     raise ValueError(f"flags must be booleans (or the integers 0 and 1). Got {array.dtype} values.")
 
