@@ -71,6 +71,7 @@ __all__ = [
     "LAG_DELAYS",
     "MIN_LAG",
     "OLD_REFERENCE_WARNING",
+    "parse_reference",
     "UndetectableRiseError",
 ]
 
@@ -456,7 +457,17 @@ def _count(value: Any) -> int | None:
     return int(number) if number.is_integer() else None  # NaN and infinities are not
 
 
-def _reference(reference: Any) -> tuple[int, int] | float:
+def parse_reference(reference: Any) -> tuple[int, int] | float:
+    """An alarm's reference as ``(flagged, n)`` counts or a rate; ``ValueError`` for anything else.
+
+    Counts are whole numbers with ``0 <= flagged <= n`` and ``n >= 1``; a rate lies in
+    ``[0, 1)``.
+
+    Examples:
+        >>> from brittle.deploy.alarm import parse_reference
+        >>> parse_reference((12.0, 400)), parse_reference(0.03)
+        ((12, 400), 0.03)
+    """
     if isinstance(reference, np.ndarray) and reference.shape == (2,):
         reference = tuple(reference.tolist())
     if isinstance(reference, tuple | list) and len(reference) == 2:
@@ -608,7 +619,7 @@ class FlagRateAlarm:
         self.run_length = float(run_length)
         self.confidence = float(confidence)
         self.odds_ratio = float(odds_ratio)
-        ref = _reference(reference)
+        ref = parse_reference(reference)
         if isinstance(ref, tuple):
             self.reference_counts: tuple[int, int] | None = ref
             self.reference_rate = ref[0] / ref[1]

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from brittle.arguments import is_range
-from brittle.deploy.alarm import OLD_REFERENCE_WARNING
+from brittle.deploy.alarm import OLD_REFERENCE_WARNING, parse_reference
 from brittle.output import MonitorOutput
 
 __all__ = ["OnnxMonitor", "INPUT_NAME", "OUTPUT_NAMES"]
@@ -57,9 +57,8 @@ def _in_range(key: str, value: Any) -> bool:
         return True
     if key == "reference_flag_rate":
         return bool(0.0 <= value <= 1.0)
-    if key == "reference_counts":
-        flagged, n = value
-        return bool(0 <= flagged <= n and n >= 1)
+    if key == "reference_counts":  # the alarm's own check of counts (ValueError if bad)
+        return isinstance(parse_reference(value), tuple)
     if key == "margin_buckets":
         # margin_buckets (brittle.deploy.telemetry) writes finite, strictly increasing bounds.
         finite = all(math.isfinite(b) for b in value)
