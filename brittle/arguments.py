@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import math
 import numbers
+from pathlib import Path
 
-__all__ = ["positive_int", "is_range"]
+__all__ = ["positive_int", "is_range", "file_path"]
 
 
 def positive_int(name: str, value: object, *, minimum: int = 1, what: str = "") -> int:
@@ -64,3 +65,30 @@ def is_range(low: float, high: float) -> bool:
         (True, False, False)
     """
     return math.isfinite(low) and math.isfinite(high) and low <= high
+
+
+def file_path(path: str | Path, what: str, example: str) -> Path:
+    """``path`` as a ``Path`` to write a file to; ``IsADirectoryError`` when it is a folder.
+
+    Args:
+        path: Where the caller asked the file to go.
+        what: The file, for the message ("the monitor file").
+        example: A file name to suggest inside the folder.
+
+    Returns:
+        ``Path(path)``.
+
+    Examples:
+        >>> import tempfile
+        >>> from brittle.arguments import file_path
+        >>> file_path(tempfile.gettempdir(), "the ONNX file", "m.onnx")
+        Traceback (most recent call last):
+            ...
+        IsADirectoryError: '...' is a directory; give the ONNX file's path, such as '...m.onnx'.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(
+            f"{str(path)!r} is a directory; give {what}'s path, such as {str(path / example)!r}."
+        )
+    return path

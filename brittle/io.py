@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from brittle.arguments import file_path
 from brittle.identity import model_identity
 
 if TYPE_CHECKING:
@@ -98,12 +99,7 @@ def save(monitor: MonitorProtocol, path: str | Path) -> Path:
         IsADirectoryError: if ``path`` is a directory.
     """
     _check_savable(monitor)
-    path = Path(path)
-    if path.is_dir():
-        raise IsADirectoryError(
-            f"{str(path)!r} is a directory; give the monitor file's path, such as "
-            f"{str(path / 'monitor.pt')!r}."
-        )
+    path = file_path(path, "the monitor file", "monitor.pt")
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v for k, v in monitor.state_dict().items() if not k.startswith(_MODEL_PREFIX)}
     model = model_identity(monitor.model, monitor.input_shape)

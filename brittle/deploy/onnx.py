@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from brittle._modes import eval_mode
-from brittle.arguments import positive_int
+from brittle.arguments import file_path, positive_int
 from brittle.deploy.onnx_monitor import INPUT_NAME, OUTPUT_NAMES, OnnxMonitor
 from brittle.errors import NotFittedError
 from brittle.scores.head import NO_HEAD_HINT
@@ -176,12 +176,7 @@ def export_onnx(
     x = monitor.check_input(example_input)
     if x.shape[0] == 0:
         raise ValueError("example_input must hold at least one sample. Got an empty batch.")
-    path = Path(path)
-    if path.is_dir():
-        raise IsADirectoryError(
-            f"{str(path)!r} is a directory; give the ONNX file's path, such as "
-            f"{str(path / 'monitor.onnx')!r}."
-        )
+    path = file_path(path, "the ONNX file", "monitor.onnx")
     with torch.no_grad(), eval_mode(monitor):
         if not monitor.discovered:
             monitor(x)  # finds the head and records the input shape
