@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +74,16 @@ def test_two_processes_give_the_same_fit_as_one(
         assert got["with_nan"][2].isnan()
 
 
+def _record(path: str, call: Callable[[], object], done: str) -> None:
+    """Write ``done`` to ``path`` when ``call`` returns, or its ``RuntimeError``'s message."""
+    try:
+        call()
+        outcome = done
+    except RuntimeError as err:
+        outcome = str(err)
+    Path(path).write_text(outcome)
+
+
 def _sampler_worker(rank: int, world: int, tmp: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{tmp}/pg", rank=rank, world_size=world)
@@ -83,20 +94,15 @@ def _sampler_worker(rank: int, world: int, tmp: str) -> None:
         # The misuse the docs warn about: each rank reads its own half of the holdout.
         sampler = DistributedSampler(TensorDataset(x), num_replicas=world, rank=rank, shuffle=False)
         loader = DataLoader(TensorDataset(x), batch_size=10, sampler=sampler)
-        try:
-            brittle.wrap(model.eval(), eps=DIGITS_EPS).fit(loader, **FIT)
-            outcome = "fitted"
-        except RuntimeError as err:
-            outcome = str(err)
-        Path(f"{tmp}/rank{rank}.txt").write_text(outcome)
+        fit = brittle.wrap(model.eval(), eps=DIGITS_EPS).fit
+        _record(f"{tmp}/rank{rank}.txt", lambda: fit(loader, **FIT), "fitted")
         # Before, input_margins assembled each rank's margins of its own samples into
         # one tensor of the wrong samples' margins, on every rank, without a word.
-        try:
-            brittle.input_margins(model, loader, steps=5)
-            outcome = "measured"
-        except RuntimeError as err:
-            outcome = str(err)
-        Path(f"{tmp}/margins{rank}.txt").write_text(outcome)
+        _record(
+            f"{tmp}/margins{rank}.txt",
+            lambda: brittle.input_margins(model, loader, steps=5),
+            "measured",
+        )
     finally:
         dist.destroy_process_group()
 
@@ -121,12 +127,11 @@ def _order_worker(rank: int, world: int, tmp: str) -> None:
         if rank == 1:
             x[[0, 1]] = x[[1, 0]]  # two neighbours in another order
         index = torch.arange(50_000, 50_000 + x.shape[0])  # deep in a large holdout
-        try:
-            shard().check_same_samples(index, sample_fingerprints(x))
-            outcome = "agreed"
-        except RuntimeError as err:
-            outcome = str(err)
-        Path(f"{tmp}/rank{rank}.txt").write_text(outcome)
+        _record(
+            f"{tmp}/rank{rank}.txt",
+            lambda: shard().check_same_samples(index, sample_fingerprints(x)),
+            "agreed",
+        )
     finally:
         dist.destroy_process_group()
 
