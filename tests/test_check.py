@@ -791,6 +791,48 @@ def test_a_crash_during_the_check_is_not_the_gate(model_file: Path, tmp_path: Pa
     assert stderr.count("\n") == 1 and "Traceback" not in stderr
 
 
+def test_a_sys_exit_in_the_model_code_is_not_a_check_that_ran(tmp_path: Path) -> None:
+    # Before, main() took any SystemExit for argparse's --help: a factory calling
+    # sys.exit(0) ended the command with status 0 and no output, as if the check had
+    # passed, and a training script parsing its own arguments at import time printed
+    # its own usage and exited with its own code.
+    (tmp_path / "exits.py").write_text("import sys\ndef build():\n    sys.exit(0)\n")
+    (tmp_path / "script.py").write_text(
+        "import argparse\n"
+        "parser = argparse.ArgumentParser()\n"
+        "parser.add_argument('--lr', type=float)\n"
+        "args = parser.parse_args()\n"
+        "def build():\n"
+        "    return None\n"
+    )
+    (tmp_path / "forward.py").write_text(
+        "import sys, torch\n"
+        "class Quits(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.fc = torch.nn.Linear(64, 10)\n"
+        "        self.calls = 0\n"
+        "    def forward(self, x):\n"
+        "        self.calls += 1\n"
+        "        if self.calls > 3:\n"
+        "            sys.exit()\n"
+        "        return self.fc(x.flatten(1))\n"
+        "def build():\n"
+        "    return Quits()\n"
+    )
+    base = ["--data", "digits", "--n", "60", "--out", tmp_path / "o", *FAST]
+    for factory, code, needle in (
+        ("exits.py:build", 2, "SystemExit(0)"),
+        ("script.py:build", 2, "SystemExit(2)"),
+        ("forward.py:build", 3, "the check failed: SystemExit"),
+    ):
+        got, _, stderr = run_main(["--model", f"{tmp_path / factory}", *base])
+        assert got == code, (factory, stderr)
+        last = stderr.splitlines()[-1]  # argparse prints the script's own usage first
+        assert last.startswith("brittle-check: error: ") and needle in last, stderr
+    assert run_main(["--help"])[0] == 0
+
+
 def test_console_shows_the_target_tpr_with_its_own_digits() -> None:
     # Before, a target of 0.995 read "guarantee: ... >= 100%" (rounded to whole percent).
     from brittle.check.console import flag_text

@@ -44,19 +44,22 @@ def main(argv: list[str] | None = None) -> int:
 
     """
     try:
-        args = parse_args(argv)
+        try:
+            args = parse_args(argv)
+        except SystemExit as done:  # --help ends here, as argparse intends
+            return done.code if isinstance(done.code, int) else 0
         settings = resolve_settings(args, demo=args.demo)
         check_paths(args)
         return _run(args, settings)
-    except SystemExit as done:  # --help ends here, as argparse intends
-        return done.code if isinstance(done.code, int) else 0
     except UsageError as err:
         print(f"brittle-check: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("brittle-check: interrupted", file=sys.stderr)
         return 130
-    except Exception as err:  # exit 1 is the gate's alone: a crash must not read as one
+    # exit 1 is the gate's alone: a crash must not read as one, and a sys.exit() in the
+    # user's model code must not read as a check that ran (exit 0) either.
+    except (Exception, SystemExit) as err:
         if os.environ.get("BRITTLE_DEBUG"):
             raise
         print(

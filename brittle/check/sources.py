@@ -68,6 +68,11 @@ class DataSource:
 
 
 def _first_line(err: BaseException) -> str:
+    if isinstance(err, SystemExit):
+        return (
+            f"SystemExit({err.code!r}): it called sys.exit() (as argparse does on arguments it "
+            "does not know); keep that under if __name__ == '__main__':"
+        )
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
 
@@ -147,7 +152,9 @@ def _import_file(where: str) -> Any:
     sys.modules[name] = module
     try:
         module_spec.loader.exec_module(module)
-    except Exception as err:  # the user's code: any error is theirs to fix
+    # The user's code: any error is theirs to fix. SystemExit too: a training script that
+    # parses its own arguments at import time exits, and would end the command with its code.
+    except (Exception, SystemExit) as err:
         del sys.modules[name]
         raise UsageError("--model", f"importing {where!r} failed: {_first_line(err)}") from None
     return module
@@ -158,7 +165,7 @@ def _import_module(where: str) -> Any:
         return importlib.import_module(where)
     except ImportError as err:
         raise UsageError("--model", f"cannot import module {where!r}: {_first_line(err)}") from None
-    except Exception as err:
+    except (Exception, SystemExit) as err:
         raise UsageError("--model", f"importing {where!r} failed: {_first_line(err)}") from None
 
 
@@ -171,7 +178,7 @@ def _call_factory(module: Any, where: str, factory: str) -> nn.Module:
         raise UsageError("--model", f"{where!r} has no callable {factory!r}{hint}")
     try:
         model = fn()
-    except Exception as err:
+    except (Exception, SystemExit) as err:
         raise UsageError("--model", f"{where}:{factory}() failed: {_first_line(err)}") from None
     if not isinstance(model, nn.Module):
         raise UsageError(
