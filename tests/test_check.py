@@ -336,29 +336,31 @@ def test_package_module_factory_on_npz_without_matplotlib(
     assert "pip install brittle[plot]" in (out / "report.html").read_text()
     # The saved monitor, evaluated as saved on the same data: same threshold and score.
     saved = tmp_path / "monitor.pt"
-    code, stdout, stderr = run_main(
-        [
-            "--model",
-            f"{saved}@{model_file}:standard",
-            "--data",
-            digits_npz,
-            "--n",
-            "150",
-            "--attack-subset",
-            "50",
-            "--cache-dir",
-            margin_cache,
-            "--out",
-            tmp_path / "again",
-            *FAST,
-        ]
-    )
+    evaluate = [
+        "--model",
+        f"{saved}@{model_file}:standard",
+        "--data",
+        digits_npz,
+        "--n",
+        "150",
+        "--attack-subset",
+        "50",
+        "--cache-dir",
+        margin_cache,
+        "--out",
+        tmp_path / "again",
+        *[a for a in FAST if a not in ("--eps", "0.1")],  # the monitor's own eps
+    ]
+    code, stdout, stderr = run_main(evaluate)
     assert code == 0, stderr
     again = read_report(tmp_path / "again")
     assert again["threshold"] == pytest.approx(payload["threshold"])
     assert again["chosen"] == payload["chosen"]
     assert again["input_margins"] == payload["input_margins"]
     assert "saved in monitor.pt" in again["reason"]
+    # Before, check_settings said eps 8/255 (the Linf default), not the 0.1 it ran at.
+    assert again["check_settings"]["eps"] == again["eps"] == pytest.approx(0.1)
+    assert again["check_settings"]["norm"] == again["norm"] == "Linf"
 
 
 def test_image_folder_of_pngs(model_file: Path, digits: DigitsSplit, tmp_path: Path) -> None:
@@ -630,6 +632,18 @@ def test_usage_errors_exit_2_with_one_line(argv: list[str], option: str, tmp_pat
     assert code == 2
     assert stderr.count("\n") == 1 and "Traceback" not in stderr
     assert stderr.startswith(f"brittle-check: error: {option}")
+
+
+def test_a_saved_monitor_refuses_an_eps_or_norm_it_would_ignore(tmp_path: Path) -> None:
+    # Before, --eps and --norm were silently ignored for MONITOR.pt@SPEC (it runs at
+    # its own), and report.json's check_settings recorded the ignored values.
+    for option, value in (("--eps", "0.05"), ("--norm", "L2")):
+        code, _, stderr = run_main(
+            ["--model", f"{tmp_path / 'm.pt'}@brittle.digits:digits_cnn", "--data", "digits"]
+            + [option, value, "--out", tmp_path / "o"]
+        )
+        assert code == 2 and stderr.startswith(f"brittle-check: error: {option}: a saved monitor")
+        assert stderr.count("\n") == 1
 
 
 def test_data_of_the_wrong_shape_exit_2(model_file: Path, tmp_path: Path) -> None:

@@ -308,6 +308,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise UsageError("--data", "--demo uses scikit-learn's digits; drop --data or --demo")
     if not args.demo and args.model is None:
         raise UsageError("--model", "give a model to check (or --demo for the built-in example)")
+    if args.model is not None and "@" in args.model:
+        # A saved monitor is evaluated as saved: these would be ignored, not applied.
+        for option, value in (("--eps", args.eps), ("--norm", args.norm)):
+            if value is not None:
+                raise UsageError(
+                    option,
+                    "a saved monitor (--model MONITOR.pt@SPEC) is evaluated at the eps and norm "
+                    f"it was fitted with; drop {option}, or fit a new monitor with --model SPEC",
+                )
     return args
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +138,8 @@ def run_check(
     with timed(timings, "fit"):
         check_compatible(model, data, settings.device)
         monitor, report = _monitor_and_report(source, model, data, settings, n)
+    if source.monitor_path is not None:  # the settings it ran at are the saved monitor's
+        settings = replace(settings, eps=report.eps, norm=monitor.norm)
     if report.excluded:
         raise UsageError("--data", f"{report.excluded} holdout samples could not be judged")
     with timed(timings, "analyses"):
