@@ -299,6 +299,51 @@ def test_file_factory_on_digits_and_the_min_tau_gate(
     assert read_report(tmp_path / "pass")["gate"]["passed"] is True
 
 
+def test_a_model_returning_a_dict_of_logits_is_checked(
+    model_file: Path, margin_cache: Path, tmp_path: Path
+) -> None:
+    # brittle.wrap and fit take a model returning a dict with "logits" (or .logits, or a
+    # tuple). Before, the command refused it ("must return logits (batch, classes); got
+    # dict"), and the gradient-norm baseline and the PGD/FGSM examples called the model
+    # for a tensor and failed on it.
+    (tmp_path / "dict_model.py").write_text(
+        "import importlib.util, torch\n"
+        f"spec = importlib.util.spec_from_file_location('digits_models', {str(model_file)!r})\n"
+        "models = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(models)\n"
+        "class AsDict(torch.nn.Module):\n"
+        "    def __init__(self, net):\n"
+        "        super().__init__()\n"
+        "        self.net = net\n"
+        "    def forward(self, x):\n"
+        "        return {'logits': self.net(x), 'aux': x.mean()}\n"
+        "def build():\n"
+        "    return AsDict(models.standard())\n"
+    )
+    out = tmp_path / "out"
+    code, _, stderr = run_main(
+        [
+            "--model",
+            f"{tmp_path / 'dict_model.py'}:build",
+            "--data",
+            "digits",
+            "--n",
+            "120",
+            "--attack-subset",
+            "40",
+            "--cache-dir",
+            margin_cache,
+            "--out",
+            out,
+            *FAST,
+        ]
+    )
+    assert code == 0, stderr
+    payload = read_report(out)
+    assert math.isfinite(payload["baselines"]["gradnorm"]["auroc"])
+    assert payload["adversarial"]["pgd"]["n"] == 40
+
+
 def test_package_module_factory_on_npz_without_matplotlib(
     model_file: Path,
     digits_npz: Path,

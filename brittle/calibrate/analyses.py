@@ -34,6 +34,7 @@ from brittle.calibrate.metrics import (
 )
 from brittle.calibrate.threshold import conformal_threshold
 from brittle.output import flagged
+from brittle.scores.head import LogitsModel, model_output
 from brittle.scores.norms import Norm, dual_order
 
 if TYPE_CHECKING:
@@ -484,7 +485,7 @@ def _input_gradient_norm(
     with eval_mode(model), frozen(model):
         for batch in x.split(batch_size):
             inputs = batch.to(device).detach().requires_grad_(True)
-            logits = model(inputs)
+            logits = model_output(model(inputs))  # a tensor, dict, .logits or tuple
             # Summed loss: each sample's gradient is its own (eval mode, no batch statistics).
             loss = nn.functional.cross_entropy(logits, logits.argmax(dim=1), reduction="sum")
             (grad,) = torch.autograd.grad(loss, inputs)
@@ -598,9 +599,11 @@ def baseline_metrics(
 def _attacks(model: nn.Module, norm: Norm, eps: float, steps: int) -> dict[str, Any]:
     if norm not in ("Linf", "L2"):
         return {}
+    # torchattacks needs a logits tensor; the model may return a dict, .logits or a tuple.
+    logits = LogitsModel(model)
     return {
-        "pgd": torchattacks_pgd(model, norm, eps, steps),
-        "fgsm": torchattacks_fgsm(model, norm, eps),
+        "pgd": torchattacks_pgd(logits, norm, eps, steps),
+        "fgsm": torchattacks_fgsm(logits, norm, eps),
     }
 
 

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from brittle.check.errors import UsageError
+from brittle.scores.head import model_output
 
 __all__ = [
     "ModelSource",
@@ -447,10 +448,11 @@ def check_compatible(model: nn.Module, data: DataSource, device: str) -> int:
             f"the model cannot take inputs of shape {tuple(data.x.shape[1:])} from "
             f"{data.spec!r}: {_first_line(err)}",
         ) from None
-    if not isinstance(out, Tensor) or out.dim() != 2:
-        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-        raise UsageError("--model", f"the model must return logits (batch, classes); got {got}")
-    classes = int(out.shape[1])
+    try:  # a tensor, or a dict, .logits or tuple holding it, as brittle.wrap takes them
+        logits = model_output(out)
+    except ValueError as err:
+        raise UsageError("--model", str(err)) from None
+    classes = int(logits.shape[1])
     if (
         data.y is not None
         and data.y.numel()
