@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -88,6 +89,15 @@ def test_quickstart(tmp_path: Path, brittle_cache: Path) -> None:
     assert "chosen:" in out
     rows = [line.split() for line in out.splitlines()[-8:]]
     assert len(rows) == 8 and all(row[-1] in ("True", "False") for row in rows)
+    # docs/guide.md shows this report: the same lines, but for the numbers. Before, it
+    # showed an older layout (no choice samples, no intervals, no guarantee line).
+    guide = (ROOT / "docs" / "guide.md").read_text()
+    shown = guide[guide.index("## Read the report") :].split("```text\n", 1)[1].split("```")[0]
+    printed = out[out.index("brittle consistency report") :].splitlines()[: shown.count("\n")]
+    number = re.compile(r"\d+(\.\d+)?")
+    assert [number.sub("#", line) for line in shown.splitlines()] == [
+        number.sub("#", line) for line in printed
+    ]
 
 
 @pytest.mark.slow
