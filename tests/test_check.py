@@ -780,6 +780,11 @@ def test_help_explains_every_option() -> None:
     for engine in ENGINES:
         assert engine in result.stdout
     assert "exit status" in result.stdout
+    # Before, --demo said it trained the CNNs "or loads them from the cache directory"
+    # (their weights ship with brittle) and --export-onnx left the graph's pred out.
+    text = " ".join(result.stdout.split())
+    assert "cache directory" not in text and "weights ship with brittle" in text
+    assert "ONNX graph (input -> logits, pred, margin, flag)" in text
 
 
 def test_setup_errors_exit_2_before_any_work(model_file: Path, tmp_path: Path) -> None:

@@ -113,8 +113,9 @@ def build_parser(engines: list[str] | None = None) -> argparse.ArgumentParser:
     what.add_argument(
         "--demo",
         action="store_true",
-        help="train (or load from the cache directory) a standard and a PGD-trained CNN on "
-        "scikit-learn's digits, fit a monitor for each and report both side by side. Uses "
+        help="check a standard and a PGD-trained CNN on scikit-learn's digits (their weights "
+        "ship with brittle: nothing trains or downloads), fit a monitor for each and report "
+        "both side by side. Uses "
         "Linf eps 0.1 and fast attack settings unless --eps, --n, --steps are given; about "
         "two minutes on 2 CPU cores.",
     )
@@ -285,7 +286,8 @@ def build_parser(engines: list[str] | None = None) -> argparse.ArgumentParser:
         type=Path,
         default=None,
         metavar="PATH",
-        help="export the fitted monitor as one ONNX graph (logits, margin, flag). With --demo, "
+        help="export the fitted monitor as one ONNX graph (input -> logits, pred, margin, "
+        "flag), served by python -m brittle.serve or brittle.OnnxMonitor. With --demo, "
         "-standard and -robust are added to the file name.",
     )
     report.add_argument(
