@@ -197,3 +197,16 @@ def test_judged_rows_equals_a_loop(dtype: torch.dtype) -> None:
     assert traced(x, domain).tolist() == expected
     finite = [all(math.isfinite(v) for v in row) for row in flat.double().tolist()]
     assert judged_rows(x).tolist() == finite == finite_rows(x).tolist()
+
+
+def test_the_faq_says_what_the_domain_does(fitted: brittle.Monitor, digits: DigitsSplit) -> None:
+    # Before, the FAQ said the forward pass does not check the range, so that a monitor
+    # fitted on [0, 1] inputs "will score whatever you pass it".
+    faq = " ".join((Path(__file__).resolve().parents[1] / "docs" / "faq.md").read_text().split())
+    section = faq[faq.index("## My inputs are not in [0, 1]") : faq.index("## Many classes")]
+    assert "does not check the range" not in section
+    assert f"{DOMAIN_TOLERANCE * 100:.0f} % of that width" in section and "input_domain" in section
+    # Its example: digits passed as 0-255 values are all flagged, none judged.
+    with torch.inference_mode():
+        out = fitted(digits.x_holdout[CALIBRATION : CALIBRATION + 20] * 255)
+    assert bool(out.flag.all()) and bool(out.margin.isnan().all())
