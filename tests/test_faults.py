@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import brittle
 import brittle.calibrate.holdout
-from brittle.calibrate.cache import MarginCache
+from brittle.calibrate.cache import MarginCache, model_fingerprint
 from brittle.digits import DigitsSplit
 from tests.conftest import DIGITS_EPS
 
@@ -180,3 +180,21 @@ def test_margins_cached_by_an_earlier_engine_version_are_not_reused(
     current = MarginCache(tmp_path, robust_model, settings, "brittle").key
     monkeypatch.setitem(brittle.calibrate.cache.ENGINE_VERSIONS, "brittle", 1)
     assert MarginCache(tmp_path, robust_model, settings, "brittle").key != current
+
+
+def test_models_with_scalar_buffers_fit_with_a_margin_cache(
+    robust_model: nn.Module, digits: DigitsSplit, tmp_path: Path
+) -> None:
+    # Batch norm keeps a 0-d num_batches_tracked buffer; the fingerprint failed on it
+    # ("self.dim() cannot be 0 to view Long as Byte").
+    norm = nn.BatchNorm2d(1).eval()
+    model = nn.Sequential(norm, robust_model)
+    before = model_fingerprint(model)
+    norm.num_batches_tracked += 1
+    assert model_fingerprint(model) != before
+    x = digits.x_holdout[:100]
+    fit = {"steps": 5, "progress": False, "target_tpr": 0.8, "pseudo": False}
+    cached = brittle.wrap(model, eps=DIGITS_EPS).fit(x, cache_dir=tmp_path, **fit)
+    assert len(list(tmp_path.glob("*.pt"))) == 1
+    fresh = brittle.wrap(model, eps=DIGITS_EPS).fit(x, **fit)
+    np.testing.assert_array_equal(cached.report.input_margins, fresh.report.input_margins)

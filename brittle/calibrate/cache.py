@@ -19,7 +19,9 @@ __all__ = ["MarginCache", "model_fingerprint"]
 def _tensor_digest(h: hashlib._Hash, tensor: Tensor) -> None:
     t = tensor.detach().cpu().contiguous()
     h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    # Flattened first: a 0-d tensor (batch norm's num_batches_tracked, a scalar
+    # parameter) cannot be viewed as bytes of another element size.
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
 
 
 def _digest(tensor: Tensor) -> str:
