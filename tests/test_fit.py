@@ -125,6 +125,32 @@ def test_conformal_threshold_refuses_too_few_positives() -> None:
         BF.conformal_threshold(np.arange(10.0), 0.95)
 
 
+def test_min_positives_matches_exact_arithmetic_and_is_quick_near_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from fractions import Fraction
+
+    import brittle.calibrate.threshold as threshold
+
+    for target in (0.1, 0.5, 0.8, 0.9, 0.95, 0.975, 0.99, 0.995, 0.9999):
+        exact = Fraction(str(target))
+        n = 1
+        while math.ceil((n + 1) * exact) > n:
+            n += 1
+        assert BF.min_positives(target) == n, target
+    # fit() reports it for every target; counting up from 1 took about a day at 1 - 1e-12.
+    calls = []
+    rank = threshold._rank
+
+    def counted(n: int, target_tpr: float) -> int:
+        calls.append(n)
+        assert len(calls) < 1000, "min_positives counted up"
+        return rank(n, target_tpr)
+
+    monkeypatch.setattr(threshold, "_rank", counted)
+    assert BF.min_positives(1 - 1e-12) == pytest.approx(1e12, rel=1e-3)
+
+
 class _ScaledLogits(nn.Module):
     """The robust CNN with its logits times a positive factor that depends on the input.
 

@@ -27,10 +27,19 @@ def min_positives(target_tpr: float) -> int:
         (19, 9)
     """
     check_target_tpr(target_tpr)
-    n = 1
-    while _rank(n, target_tpr) > n:
-        n += 1
-    return n
+    # The first n with _rank(n) <= n, by bisection: n * (1 - t) grows with n, so
+    # the test turns true once and stays true (counting up from 1 took minutes
+    # for a target near 1, as fit() does for its report).
+    low, high = 0, 1  # _rank(low) > low, unless low is 0
+    while _rank(high, target_tpr) > high:
+        low, high = high, 2 * high
+    while high - low > 1:
+        middle = (low + high) // 2
+        if _rank(middle, target_tpr) > middle:
+            low = middle
+        else:
+            high = middle
+    return high
 
 
 def check_target_tpr(target_tpr: float) -> None:
