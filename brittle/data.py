@@ -81,7 +81,12 @@ def check_labels(y: Tensor, n: int, num_classes: int) -> None:
         ValueError: labels must be class indices of shape (batch,) = (3,). Got shape (3, 3) ...
     """
     if y.dim() != 1 or y.shape[0] != n:
-        hint = " (one-hot? pass y.argmax(dim=1))" if y.dim() == 2 and y.shape[0] == n else ""
+        hint = ""
+        if y.dim() == 2 and y.shape[0] == n and y.shape[1] == 1:
+            # A column of indices is no one-hot: its argmax would make every label 0.
+            hint = " (a column? pass y.squeeze(1))"
+        elif y.dim() == 2 and y.shape[0] == n:
+            hint = " (one-hot? pass y.argmax(dim=1))"
         raise ValueError(
             f"labels must be class indices of shape (batch,) = ({n},). "
             f"Got shape {tuple(y.shape)}{hint}."

@@ -85,6 +85,9 @@ def test_bad_labels_fail_before_any_attack(
     one_hot = DataLoader(TensorDataset(x, nn.functional.one_hot(y, 10).float()), batch_size=20)
     with pytest.raises(ValueError, match="one-hot"):
         monitor.fit(one_hot, **FIT)
+    # Labels as a column: argmax (the one-hot advice) would turn every label into 0.
+    with pytest.raises(ValueError, match=r"\(20, 1\) \(a column\? pass y.squeeze\(1\)\)"):
+        monitor.fit([(x[:20], y[:20, None])], **FIT)
     short = [(x[:20], y[:10])]
     with pytest.raises(ValueError, match=r"shape \(batch,\) = \(20,\)"):
         monitor.fit(short, **FIT)
