@@ -556,31 +556,61 @@ class Monitor(nn.Module):
 
         ``brittle.calibrate.fit.calibrate`` computes the calibration without touching the
         monitor, and ``apply_calibration`` installs it in one step: a fit that
-        raises or is interrupted leaves the monitor as it was. See ``calibrate``
-        for the arguments. Returns ``self``.
+        raises or is interrupted leaves the monitor as it was (a head found on the
+        first holdout batch is forgotten again). See ``calibrate`` for the
+        arguments. Returns ``self``.
         """
         from brittle.calibrate.fit import calibrate
 
-        calibration = calibrate(
-            self,
-            loader,
-            target_tpr=target_tpr,
-            eps=eps,
-            n_samples=n_samples,
-            steps=steps,
-            restarts=restarts,
-            pseudo=pseudo,
-            pseudo_data=pseudo_data,
-            min_tau=min_tau,
-            engine=engine,
-            progress=progress,
-            cache_dir=cache_dir,
-            seed=seed,
-            distributed=distributed,
-            pseudo_boundary=pseudo_boundary,
-        )
+        # What the first holdout batch discovers (head, shapes, the pair-norm table)
+        # is undone too when the fit fails.
+        discovery = self._discovery()
+        try:
+            calibration = calibrate(
+                self,
+                loader,
+                target_tpr=target_tpr,
+                eps=eps,
+                n_samples=n_samples,
+                steps=steps,
+                restarts=restarts,
+                pseudo=pseudo,
+                pseudo_data=pseudo_data,
+                min_tau=min_tau,
+                engine=engine,
+                progress=progress,
+                cache_dir=cache_dir,
+                seed=seed,
+                distributed=distributed,
+                pseudo_boundary=pseudo_boundary,
+            )
+        except BaseException:
+            self._restore_discovery(discovery)
+            raise
         self.apply_calibration(calibration)
         return self
+
+    def _discovery(self) -> tuple[Any, ...]:
+        """The attributes head discovery writes (``_adopt``), to restore after a failed fit."""
+        return (
+            self.head_name,
+            self.head_exact,
+            self.num_classes,
+            self.feature_dim,
+            self.input_shape,
+            self.pair_norms,
+        )
+
+    def _restore_discovery(self, state: tuple[Any, ...]) -> None:
+        """Put back what ``_discovery`` returned."""
+        (
+            self.head_name,
+            self.head_exact,
+            self.num_classes,
+            self.feature_dim,
+            self.input_shape,
+            self.pair_norms,
+        ) = state
 
     def apply_calibration(self, calibration: Calibration) -> None:
         """Install a calibration from ``brittle.calibrate.fit.calibrate`` (what ``fit`` does last).

@@ -72,6 +72,25 @@ def test_a_failed_refit_leaves_the_monitor_as_it_was(
     torch.testing.assert_close(monitor(x).margin, pseudo_monitor(x).margin)
 
 
+def test_a_failed_first_fit_undoes_the_head_discovery(
+    standard_model: nn.Module, digits: DigitsSplit
+) -> None:
+    monitor = brittle.wrap(standard_model, eps=DIGITS_EPS)
+    before = {k: v.clone() for k, v in monitor.state_dict().items() if isinstance(v, torch.Tensor)}
+    extra = copy.deepcopy(monitor.get_extra_state())
+    x = digits.x_holdout[:60]
+    with pytest.raises(ValueError, match="none of the"):
+        monitor.fit(x, eps=1e-6, pseudo=False, **FIT)  # fails after the first batch was read
+    with pytest.raises(KeyboardInterrupt):
+        monitor.fit(_interrupted(DataLoader(x, batch_size=20), after=1), **FIT)
+    after = {k: v for k, v in monitor.state_dict().items() if isinstance(v, torch.Tensor)}
+    assert before.keys() == after.keys()
+    for key, value in before.items():  # the pair-norm table was left filled in
+        torch.testing.assert_close(after[key], value, rtol=0, atol=0, equal_nan=True)
+    assert monitor.get_extra_state() == extra  # head, shapes
+    assert not monitor.discovered and monitor.head_name is None
+
+
 def test_bad_labels_fail_before_any_attack(
     standard_model: nn.Module, digits: DigitsSplit, monkeypatch: pytest.MonkeyPatch
 ) -> None:
