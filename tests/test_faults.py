@@ -220,3 +220,23 @@ def test_models_with_scalar_buffers_fit_with_a_margin_cache(
     assert len(list(tmp_path.glob("*.pt"))) == 1
     fresh = brittle.wrap(model, eps=DIGITS_EPS).fit(x, **fit)
     np.testing.assert_array_equal(cached.report.input_margins, fresh.report.input_margins)
+
+
+def test_a_changed_non_persistent_buffer_changes_the_cache_key(robust_model: nn.Module) -> None:
+    # A buffer left out of the state_dict (persistent=False) still changes the margins:
+    # halving this input scale moved the median margin from 0.17 to 0.14, and the cache
+    # served the old model's margins.
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = robust_model
+            self.register_buffer("scale", torch.ones(1), persistent=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.inner(x * self.scale)
+
+    model = Scaled()
+    before = model_fingerprint(model)
+    model.scale.fill_(0.5)
+    assert model_fingerprint(model) != before
+    assert model_fingerprint(robust_model) == model_fingerprint(copy.deepcopy(robust_model))

@@ -31,9 +31,16 @@ def _digest(tensor: Tensor) -> str:
 
 
 def model_fingerprint(model: nn.Module) -> str:
-    """SHA-256 over the names, shapes and bytes of every parameter and buffer."""
+    """SHA-256 over the names, shapes and bytes of every parameter and buffer.
+
+    Buffers registered with ``persistent=False`` (often a normalisation's mean and
+    std) are left out of the ``state_dict`` but change the model's outputs: they
+    are hashed too, after it.
+    """
     h = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
+    state = model.state_dict()
+    hidden = [(name, t) for name, t in model.named_buffers() if name not in state]
+    for name, tensor in [*state.items(), *hidden]:
         h.update(name.encode())
         if isinstance(tensor, Tensor):
             _tensor_digest(h, tensor)
