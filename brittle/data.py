@@ -55,15 +55,17 @@ def batches(
     else:
         source = data
     seen = 0
+    if limit is not None and limit <= 0:
+        return
     for batch in source:
         x, y = split_batch(batch)
         if limit is not None:
-            if seen >= limit:
-                return
             x, y = x[: limit - seen], None if y is None else y[: limit - seen]
         seen += x.shape[0]
         if x.shape[0]:
             yield x, y
+        if limit is not None and seen >= limit:
+            return  # before the loader reads (and maybe fails on) a batch nobody uses
 
 
 def check_labels(y: Tensor, n: int, num_classes: int) -> None:

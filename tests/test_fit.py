@@ -6,6 +6,7 @@ import copy
 import json
 import math
 import warnings
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import brittle
+import brittle.data
 import brittle.functional as BF
 from brittle.attacks import attack
 from brittle.digits import DigitsSplit
@@ -240,6 +242,19 @@ def test_loader_forms(standard_model: nn.Module, digits: DigitsSplit, form: str)
     report = monitor.fit(data, steps=8, pseudo=False, progress=False, target_tpr=0.8).report
     assert report.n == 80
     assert (report.accuracy is None) == (form in ("x", "tensor"))
+
+
+def test_fit_reads_no_batch_past_n_samples(standard_model: nn.Module, digits: DigitsSplit) -> None:
+    x = digits.x_holdout[:80]
+
+    def stream() -> Iterator[torch.Tensor]:
+        yield from (x[:40], x[40:])
+        raise RuntimeError("a batch past n_samples was read")  # a stream that ends badly
+
+    monitor = brittle.wrap(standard_model, eps=DIGITS_EPS)
+    report = monitor.fit(stream(), n_samples=80, steps=8, pseudo=False, progress=False).report
+    assert report.n == 80
+    assert [len(b) for b, _ in brittle.data.batches(stream(), limit=60)] == [40, 20]
 
 
 def test_unjudgeable_holdout_samples_are_excluded(
