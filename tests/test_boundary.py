@@ -130,15 +130,15 @@ def test_attack_points_lie_on_the_boundary_at_the_margin(norm: str) -> None:
 def test_cache_keeps_points_beside_margins(tmp_path) -> None:  # type: ignore[no-untyped-def]
     model = _two_class_linear()
     settings = AttackSettings(steps=5)
-    x = torch.rand(4, 4)
+    x, at = torch.rand(4, 4), torch.arange(4)
     cache = MarginCache(tmp_path, model, settings, "brittle")
     margins = torch.tensor([0.1, 0.2, math.inf, 0.3], dtype=torch.float64)
-    cache.put(x, margins)
-    assert cache.get_points(x) is None  # stored without points: the attack runs again
-    torch.testing.assert_close(cache.get(x), margins)
+    cache.put(x, at, margins)
+    assert cache.get_points(x, at) is None  # stored without points: the attack runs again
+    torch.testing.assert_close(cache.get(x, at), margins)
     points = torch.rand(4, 4)
-    cache.put(x, margins, points)
-    got = cache.get_points(x)
+    cache.put(x, at, margins, points)
+    got = cache.get_points(x, at)
     assert got is not None
     torch.testing.assert_close(got[0], margins)
     torch.testing.assert_close(got[1], points)
@@ -147,7 +147,7 @@ def test_cache_keeps_points_beside_margins(tmp_path) -> None:  # type: ignore[no
     saved = torch.load(entry, weights_only=True)
     saved["points"] = points + 1
     torch.save(saved, entry)
-    assert cache.get_points(x) is None and cache.damaged == 1
+    assert cache.get_points(x, at) is None and cache.damaged == 1
     assert not entry.exists()
 
 

@@ -177,11 +177,11 @@ def test_a_damaged_cache_entry_is_recomputed_never_trusted(
 ) -> None:
     from brittle.attacks.settings import AttackSettings
 
-    x = digits.x_holdout[:10]
+    x, at = digits.x_holdout[:10], torch.arange(10)
     cache = MarginCache(tmp_path, robust_model, AttackSettings(steps=5), "brittle")
     margins = torch.linspace(0.1, 1.0, 10, dtype=torch.float64)
-    cache.put(x, margins)
-    torch.testing.assert_close(cache.get(x), margins)
+    cache.put(x, at, margins)
+    torch.testing.assert_close(cache.get(x, at), margins)
     (entry,) = tmp_path.glob("*.pt")
     data = bytearray(entry.read_bytes())
     # Flip bytes inside the stored tensor: the file still loads, the checksum does not match.
@@ -189,10 +189,10 @@ def test_a_damaged_cache_entry_is_recomputed_never_trusted(
     assert start > 0
     data[start : start + 8] = np.float64(0.0).tobytes()
     entry.write_bytes(bytes(data))
-    assert cache.get(x) is None and cache.damaged == 1 and not entry.exists()
-    cache.put(x, margins)
+    assert cache.get(x, at) is None and cache.damaged == 1 and not entry.exists()
+    cache.put(x, at, margins)
     entry.write_bytes(entry.read_bytes()[:50])  # truncated
-    assert cache.get(x) is None and cache.damaged == 2
+    assert cache.get(x, at) is None and cache.damaged == 2
 
 
 def test_margins_cached_by_an_earlier_engine_version_are_not_reused(
@@ -240,3 +240,20 @@ def test_a_changed_non_persistent_buffer_changes_the_cache_key(robust_model: nn.
     model.scale.fill_(0.5)
     assert model_fingerprint(model) != before
     assert model_fingerprint(robust_model) == model_fingerprint(copy.deepcopy(robust_model))
+
+
+def test_cached_margins_are_keyed_by_position_as_restarts_are_drawn(
+    robust_model: nn.Module, digits: DigitsSplit, tmp_path: Path
+) -> None:
+    # A sample's random restarts are drawn from its holdout position, so the same
+    # batches in another order get other margins: a fit over the reordered batches
+    # must not reuse the first order's entries. Before the positions were in the key,
+    # 13-18 of 100 margins came from the other order (L2, restarts=4).
+    x = digits.x_holdout[:40]
+    first, second = x[:20], x[20:]
+    fit = {"steps": 2, "restarts": 4, "progress": False, "target_tpr": 0.8}
+    brittle.wrap(robust_model, eps=0.5, norm="L2").fit([first, second], cache_dir=tmp_path, **fit)
+    swapped = [second, first]
+    cached = brittle.wrap(robust_model, eps=0.5, norm="L2").fit(swapped, cache_dir=tmp_path, **fit)
+    fresh = brittle.wrap(robust_model, eps=0.5, norm="L2").fit(swapped, **fit)
+    np.testing.assert_array_equal(cached.report.input_margins, fresh.report.input_margins)

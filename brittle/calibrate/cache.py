@@ -48,7 +48,11 @@ def model_fingerprint(model: nn.Module) -> str:
 
 
 class MarginCache:
-    """Margins per batch, keyed by model weights, attack settings and the batch's bytes.
+    """Margins per batch, keyed by model weights, attack settings, the batch's bytes and positions.
+
+    A sample's random restarts are drawn from its position in the holdout, so the
+    same bytes at other positions may get other margins: the positions are part
+    of the key.
 
     Each batch is one small file ``<key>-<batch digest>.pt`` written atomically,
     so a fit killed mid-way loses at most the batch in flight.
@@ -68,32 +72,37 @@ class MarginCache:
         self.misses = 0
         self.damaged = 0
 
-    def _path(self, x: Tensor) -> Path:
+    def _path(self, x: Tensor, index: Tensor) -> Path:
         h = hashlib.sha256()
         _tensor_digest(h, x)
+        _tensor_digest(h, index.long())
         return self.directory / f"{self.key}-{h.hexdigest()[:20]}.pt"
 
-    def get(self, x: Tensor) -> Tensor | None:
-        """Cached margins of batch ``x``, or ``None`` when absent or damaged.
+    def get(self, x: Tensor, index: Tensor) -> Tensor | None:
+        """Cached margins of batch ``x`` at holdout positions ``index``, or ``None``.
+
+        ``None`` when absent or damaged.
 
         An entry that does not load, has the wrong shape or fails its checksum
         is removed and recomputed, never trusted.
         """
-        entry = self._load(x, points=False)
+        entry = self._load(x, index, points=False)
         return None if entry is None else entry[0]
 
-    def get_points(self, x: Tensor) -> tuple[Tensor, Tensor] | None:
-        """Cached margins of batch ``x`` and the adversarial points behind them.
+    def get_points(self, x: Tensor, index: Tensor) -> tuple[Tensor, Tensor] | None:
+        """Cached margins of batch ``x`` at positions ``index``, and their adversarial points.
 
         ``None`` when absent or damaged, and when the entry was stored without
         points (a fit that did not train the pseudo-margin): the attack then
         runs again and the entry is rewritten with them.
         """
-        entry = self._load(x, points=True)
+        entry = self._load(x, index, points=True)
         return None if entry is None or entry[1] is None else (entry[0], entry[1])
 
-    def _load(self, x: Tensor, *, points: bool) -> tuple[Tensor, Tensor | None] | None:
-        path = self._path(x)
+    def _load(
+        self, x: Tensor, index: Tensor, *, points: bool
+    ) -> tuple[Tensor, Tensor | None] | None:
+        path = self._path(x, index)
         if not path.is_file():
             self.misses += 1
             return None
@@ -127,12 +136,12 @@ class MarginCache:
         self.hits += 1
         return margins, adv
 
-    def put(self, x: Tensor, margins: Tensor, points: Tensor | None = None) -> None:
-        """Store the margins of batch ``x``, and their adversarial points when given.
+    def put(self, x: Tensor, index: Tensor, margins: Tensor, points: Tensor | None = None) -> None:
+        """Store the margins of batch ``x`` at positions ``index``, and their points when given.
 
         Written whole, then renamed into place.
         """
-        path = self._path(x)
+        path = self._path(x, index)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         margins = margins.detach().cpu()
         entry = {"margins": margins, "sha256": _digest(margins)}

@@ -161,7 +161,7 @@ def collect_holdout(
                 x_mine = x[keep.to(device)][mine.to(device)]
                 pred_mine = pred[mine.to(device)]
                 if boundary is None or view.features is None:
-                    result = cache.get(x_mine) if cache is not None else None
+                    result = cache.get(x_mine, index[mine]) if cache is not None else None
                     if result is None:
                         result = attack_batch(
                             monitor.model,
@@ -173,16 +173,16 @@ def collect_holdout(
                             counter=counter,
                         ).cpu()
                         if cache is not None:
-                            cache.put(x_mine, result)
+                            cache.put(x_mine, index[mine], result)
                 else:
-                    hit = cache.get_points(x_mine) if cache is not None else None
+                    hit = cache.get_points(x_mine, index[mine]) if cache is not None else None
                     if hit is None:
                         result, points = attack_points(
                             monitor.model, x_mine, pred_mine, settings, index[mine], counter=counter
                         )
                         result = result.cpu()
                         if cache is not None:
-                            cache.put(x_mine, result, points)
+                            cache.put(x_mine, index[mine], result, points)
                     else:
                         result, points = hit
                     points = points.to(x_mine)
