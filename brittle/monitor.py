@@ -143,6 +143,10 @@ class Monitor(nn.Module):
         self.register_buffer("threshold", torch.tensor(math.nan))
         self.register_buffer("fitted", torch.tensor(False))
         self.register_buffer("pair_norms", torch.empty(0, 0))
+        # The head weight the table was computed from, and its version counter: an
+        # in-place change (an optimizer step, model.load_state_dict) or a new weight
+        # makes the table stale, and the next eager call recomputes it.
+        self._table_stamp: tuple[Tensor, int] | None = None
         # The accepted input values (low, high) from fit(): the holdout's range with a
         # tolerance. NaN until fitted; samples outside are rejected like NaN ones.
         self.register_buffer("domain", torch.full((2,), math.nan))
@@ -173,6 +177,22 @@ class Monitor(nn.Module):
             self.pair_norms = pair_norm_table(head.weight, self.norm)
         else:
             self.pair_norms = head.weight.new_empty(0, 0)
+        self._table_stamp = _stamp(head.weight)
+
+    def _pair_norm_table(self, head: nn.Linear) -> Tensor | None:
+        """The pair-norm table of the head's current weight; ``None`` when none is stored.
+
+        Recomputed when the weight changed since the table was (a model trained or
+        given a checkpoint after ``wrap``). Traced or compiled, the stored table is
+        used as it is: ``graph()`` brings it up to date before an export traces.
+        """
+        if not self.pair_norms.numel():
+            return None
+        if not torch.compiler.is_compiling() and _changed(head.weight, self._table_stamp):
+            table = pair_norm_table(head.weight, self.norm)
+            self.pair_norms = table.to(self.pair_norms)
+            self._table_stamp = _stamp(head.weight)
+        return self.pair_norms
 
     @property
     def discovered(self) -> bool:
@@ -337,7 +357,7 @@ class Monitor(nn.Module):
                 raise ValueError(
                     f"score='feature' needs the model's last linear layer. {NO_HEAD_HINT}"
                 )
-            table = self.pair_norms if self.pair_norms.numel() else None
+            table = self._pair_norm_table(head)
             output = run.logits if self.head_exact else self._captured(run).output
             return feature_margin(output, head.weight, self.norm, table)  # type: ignore[arg-type]
         if self.pseudo is None:
@@ -472,6 +492,9 @@ class Monitor(nn.Module):
                 "the monitor's graph needs a flag threshold: call monitor.fit(holdout_loader) "
                 "(or monitor.set_threshold(value)) first."
             )
+        head = self.head
+        if head is not None:
+            self._pair_norm_table(head)  # an export traces the table as it stands
         return _Graph(self, self.score)
 
     @property
@@ -876,6 +899,21 @@ class _Graph(nn.Module):
         if out.flag is None:  # graph() checked the threshold; this keeps the type exact
             raise NotFittedError("the monitor lost its threshold.")
         return out.logits, out.pred, out.margin, out.flag
+
+
+def _stamp(weight: Tensor) -> tuple[Tensor, int] | None:
+    """A weight and its version counter; ``None`` for an inference tensor, which has none."""
+    if torch.is_inference(weight):
+        return None
+    return weight, weight._version
+
+
+def _changed(weight: Tensor, stamp: tuple[Tensor, int] | None) -> bool:
+    """Whether ``weight`` is another tensor than ``stamp``'s, or was changed in place since."""
+    now = _stamp(weight)
+    if now is None or stamp is None:
+        return now is not stamp
+    return now[0] is not stamp[0] or now[1] != stamp[1]
 
 
 def _looks_like_probabilities(logits: Tensor) -> bool:

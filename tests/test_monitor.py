@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -56,6 +57,32 @@ def test_head_is_found_and_feature_margin_is_exact(
     scores = monitor.scores(x)
     assert set(scores) == {"logit", "feature"}
     torch.testing.assert_close(scores["feature"], out.margin)
+
+
+def test_the_feature_margin_follows_head_weights_changed_after_wrap(tmp_path: Path) -> None:
+    # Wrapping before training, or before model.load_state_dict(checkpoint), must not
+    # leave the pair-norm table of the first weights in the forward pass or an export.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    monitor = brittle.wrap(model, score="feature", norm="L2", example_input=torch.rand(2, 6))
+    x = torch.rand(16, 6)
+    with torch.no_grad():
+        model[2].weight.mul_(10.0)  # in place, as an optimizer step
+        torch.testing.assert_close(
+            monitor(x).margin, BF.feature_margin(model(x), model[2].weight, "L2")
+        )
+        trained = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4))
+        model.load_state_dict(trained.state_dict())
+        monitor.set_threshold(0.1)
+        served = brittle.OnnxMonitor(
+            monitor.export_onnx(tmp_path / "m.onnx", x[:2]), providers=["CPUExecutionProvider"]
+        )
+        want = BF.feature_margin(model(x), model[2].weight, "L2")
+        torch.testing.assert_close(torch.from_numpy(served(x.numpy()).margin), want)
+        model[2].weight = nn.Parameter(torch.randn(4, 8))  # a new weight tensor
+        torch.testing.assert_close(
+            monitor(x).margin, BF.feature_margin(model(x), model[2].weight, "L2")
+        )
 
 
 def test_example_input_discovers_now_and_restores_mode(standard_model: nn.Module) -> None:
