@@ -44,6 +44,21 @@ def test_feature_margin_matches_pairwise_loop(norm: str, table: bool) -> None:
     np.testing.assert_allclose(got.numpy(), brute_feature_margin(logits, weight, norm), rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_feature_margin_without_a_table(dtype: torch.dtype) -> None:
+    # The path of heads too large for a table (a half-precision 21k-class model):
+    # torch.cdist has no half kernel, so the rows must be measured wider.
+    torch.manual_seed(0)
+    weight, logits = torch.randn(12, 20).to(dtype), torch.randn(40, 12).to(dtype)
+    got = BF.feature_margin(logits, weight, "L2")
+    assert got.dtype == dtype
+    with_table = BF.feature_margin(logits, weight, "L2", BF.pair_norm_table(weight, "L2"))
+    torch.testing.assert_close(got, with_table)
+    # Half precision rounds each gap and norm once: 1 % covers bfloat16's 8 bits.
+    want = brute_feature_margin(logits, weight, "L2")
+    np.testing.assert_allclose(got.double().numpy(), want, rtol=1e-2)
+
+
 @pytest.mark.parametrize("norm", ["Linf", "L2", "L1"])
 def test_pair_norm_table_matches_numpy(norm: str) -> None:
     weight = torch.randn(6, 9)

@@ -70,14 +70,25 @@ def pair_norm_rows(weight: Tensor, classes: Tensor, norm: Norm = "Linf") -> Tens
     """Rows ``classes`` of ``pair_norm_table``, without building the whole table.
 
     For heads with so many classes that a ``(K, K)`` table does not fit in memory.
+    A half-precision weight is measured in float32 (``torch.cdist`` has no float16
+    or bfloat16 kernel) and the rows are cast back, as the table is.
+
+    Examples:
+        >>> import torch
+        >>> from brittle.functional import pair_norm_rows
+        >>> w = torch.tensor([[0.0, 0.0], [3.0, 4.0]], dtype=torch.bfloat16)
+        >>> pair_norm_rows(w, torch.tensor([1]), norm="L2")
+        tensor([[5., 0.]], dtype=torch.bfloat16)
     """
     w = weight.detach()
-    return torch.cdist(
-        w.index_select(0, classes),
-        w,
+    wide = w.float() if w.element_size() < 4 else w
+    rows = torch.cdist(
+        wide.index_select(0, classes),
+        wide,
         p=dual_order(norm),
         compute_mode="donot_use_mm_for_euclid_dist",
     )
+    return rows.to(weight.dtype)
 
 
 def feature_margin(
