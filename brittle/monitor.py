@@ -200,6 +200,12 @@ class Monitor(nn.Module):
         return self.input_shape is not None
 
     def _adopt(self, x: Tensor, logits: Tensor, found: str | None, exact: bool) -> None:
+        if logits.shape[1] < 2:
+            raise ValueError(
+                f"the model returns {logits.shape[1]} logit per sample; a margin needs at "
+                "least 2 classes. For a binary classifier with one logit z, wrap a model "
+                "returning torch.cat([torch.zeros_like(z), z], dim=1)."
+            )
         head = self.head
         if head is not None and head.out_features != logits.shape[1]:
             raise ValueError(

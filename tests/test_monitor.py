@@ -187,6 +187,17 @@ def test_wrong_shapes_and_dtypes_raise(standard_model: nn.Module) -> None:
         monitor([[1.0]])  # type: ignore[arg-type]
 
 
+def test_a_model_with_one_logit_is_refused_when_its_output_is_first_seen() -> None:
+    # It was adopted (head, 1 x 1 table, input shape) and failed only when scored.
+    model = nn.Linear(4, 1)
+    with pytest.raises(ValueError, match="returns 1 logit per sample.*at least 2 classes"):
+        brittle.wrap(model, example_input=torch.rand(2, 4))
+    monitor = brittle.wrap(model, score="feature")
+    with pytest.raises(ValueError, match="torch.zeros_like"):
+        monitor(torch.rand(2, 4))
+    assert not monitor.discovered and monitor.head_name is None
+
+
 def test_empty_batch_gives_empty_outputs(standard_model: nn.Module) -> None:
     monitor = brittle.wrap(standard_model, example_input=torch.rand(1, 1, 8, 8))
     monitor.set_threshold(1.0)
