@@ -6,6 +6,7 @@ import copy
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -13,6 +14,7 @@ from torch import nn
 import brittle
 import brittle.functional as BF
 from brittle.digits import DigitsSplit
+from brittle.scores.pseudo import PseudoMargin
 
 
 def _calls(module: nn.Module) -> list[int]:
@@ -169,6 +171,33 @@ def test_non_finite_samples_fail_closed(
     torch.testing.assert_close(out.margin[keep], clean.margin[keep])
     assert not out.flag[keep].any()
     assert torch.isnan(monitor.scores(x)["logit"][2])
+
+
+@pytest.mark.parametrize("kind", ["logit", "feature", "pseudo"])
+def test_logits_that_overflow_fail_closed_in_torch_and_onnx(kind: str, tmp_path: Path) -> None:
+    # A finite input whose logits the model makes non-finite (float overflow here) is
+    # rejected like a NaN input. The pseudo-margin cast the NaN rank to an index and
+    # failed the whole batch with an IndexError (onnxruntime: a Gather out of bounds).
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    with torch.no_grad():
+        model[0].weight.fill_(2.0)  # 4 inputs of 5e37 (sum 2e38) overflow float32's 3.4e38
+    monitor = brittle.wrap(model, score=kind, example_input=torch.rand(2, 4))  # type: ignore[arg-type]
+    monitor.pseudo = PseudoMargin(8, 3, hidden=8)  # an untrained network is enough here
+    monitor.set_threshold(0.05)
+    x = torch.rand(4, 4)
+    x[1] = 5e37
+    with torch.no_grad():
+        assert not torch.isfinite(model(x)[1]).all()
+        out = monitor(x)
+    assert out.flag is not None and out.flag[1] and int(out.pred[1]) == -1
+    assert torch.isnan(out.margin[1]) and not torch.isnan(out.margin[[0, 2, 3]]).any()
+    served = brittle.OnnxMonitor(
+        monitor.export_onnx(tmp_path / "m.onnx", x[:2]), providers=["CPUExecutionProvider"]
+    )(x.numpy())
+    np.testing.assert_array_equal(served.flag, out.flag.numpy())
+    np.testing.assert_array_equal(served.pred, out.pred.numpy())
+    np.testing.assert_allclose(served.margin, out.margin.numpy(), rtol=1e-5)
 
 
 def test_wrong_shapes_and_dtypes_raise(standard_model: nn.Module) -> None:

@@ -122,10 +122,19 @@ def rank_to_margin(rank: Tensor, quantiles: Tensor) -> Tensor:
     """Piecewise-linear interpolation of ``quantiles`` (evenly spaced knots on ``[0, 1]``).
 
     Written with ``floor`` and indexing (no ``searchsorted``) so that it exports to ONNX.
+    A NaN rank (from logits the model made non-finite) gives a NaN margin: it reads
+    knot 0 and its NaN fraction carries through, where casting NaN to an index
+    would read far outside the knots.
+
+    Examples:
+        >>> import torch
+        >>> from brittle.scores.pseudo import rank_to_margin
+        >>> rank_to_margin(torch.tensor([0.25, float("nan")]), torch.tensor([0.0, 1.0, 3.0]))
+        tensor([0.5000,    nan])
     """
     segments = quantiles.numel() - 1
     position = rank.clamp(0.0, 1.0) * segments
-    low = position.floor().clamp(max=segments - 1)
+    low = position.floor().nan_to_num(0.0).clamp(max=segments - 1)
     frac = position - low
     index = low.long()
     start, end = quantiles[index], quantiles[index + 1]
