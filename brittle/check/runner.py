@@ -145,6 +145,8 @@ def run_check(
     with timed(timings, "analyses"):
         found = _analyses(monitor, model, data, report, settings, n)
     subset = analyses.subset_indices(n, settings.attack_subset, settings.seed, _trained(report))
+    # The report records the subset that ran: at most the n samples, less those excluded.
+    settings = replace(settings, attack_subset=int(subset.size))
     attacked = data.x[:n][torch.from_numpy(subset)]
     with timed(timings, "adversarial"):
         adversarial = analyses.adversarial_flags(
