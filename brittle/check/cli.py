@@ -356,6 +356,8 @@ def _device(name: str | None) -> str:
         raise UsageError("--device", f"{name!r} is not a torch device ({err})") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device", f"{name!r} asked for, but CUDA is not available here")
+    if device.type == "meta":  # tensors without data: no attack or forward pass can run
+        raise UsageError("--device", "'meta' holds no data; give cpu or cuda")
     return str(device)
 
 

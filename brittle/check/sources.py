@@ -143,7 +143,8 @@ def _looks_like_file(where: str) -> bool:
 def _import_file(where: str) -> Any:
     path = Path(where)
     if not path.is_file():
-        raise UsageError("--model", f"no such file: {where!r}")
+        what = "a directory, not a file" if path.is_dir() else "no such file"
+        raise UsageError("--model", f"{what}: {where!r}")
     # A name unique per path, so two model files called models.py do not clash.
     name = f"_brittle_check_model_{abs(hash(str(path.resolve())))}"
     module_spec = importlib.util.spec_from_file_location(name, path)
@@ -286,7 +287,8 @@ def load_data(
     path = Path(spec)
     if path.suffix == ".npz":
         if not path.is_file():
-            raise UsageError("--data", f"no such file: {spec!r}")
+            what = "a directory, not a file" if path.is_dir() else "no such file"
+            raise UsageError("--data", f"{what}: {spec!r}")
         return _npz(path, spec)
     if path.is_dir():
         return _image_folder(path, spec, image_size)
