@@ -90,7 +90,7 @@ def main() -> int:
     ]
     print("python -m brittle.check " + " ".join(argv), end="\n\n", flush=True)
     status = check(argv)
-    if status == 2:  # a usage error, already explained on stderr
+    if status not in (0, 1):  # a usage error (2) or a crash (3), explained on stderr: no report
         return status
 
     # report.json holds everything the table shows, for tools and dashboards.

@@ -297,6 +297,14 @@ def test_file_factory_on_digits_and_the_min_tau_gate(
     code, stdout, _ = run_main([*args, "--min-tau", "0.1", "--out", tmp_path / "pass"])
     assert code == 0 and "gate passed" in stdout
     assert read_report(tmp_path / "pass")["gate"]["passed"] is True
+    # A subset asked larger than --n: the report records the subset that ran (it
+    # recorded 1000 before, beside a robust-accuracy subset of at most 120).
+    args[args.index("--attack-subset") + 1] = "1000"
+    code, _, stderr = run_main([*args, "--out", tmp_path / "all"])
+    report = read_report(tmp_path / "all")
+    ran = report["robust_accuracy_estimate"]["subset_size"]
+    assert code == 0, stderr
+    assert ran <= 120 and report["check_settings"]["attack_subset"] == ran
 
 
 def test_a_model_returning_a_dict_of_logits_is_checked(
@@ -649,6 +657,10 @@ def test_too_few_brittle_calibration_samples_say_where_the_others_went(
         (["--model", "robustbench:Wong2020Fast", "--model-dir", "/nonexistent"], "--model-dir"),
         (["--model", "brittle.digits:digits_cnn", "--data", "missing.npz"], "--data"),
         (
+            ["--model", "brittle.digits:digits_cnn", "--device", "meta", "--data", "digits"],
+            "--device",
+        ),
+        (
             [
                 "--model",
                 "brittle.digits:digits_cnn",
@@ -689,6 +701,18 @@ def test_a_saved_monitor_refuses_an_eps_or_norm_it_would_ignore(tmp_path: Path) 
         )
         assert code == 2 and stderr.startswith(f"brittle-check: error: {option}: a saved monitor")
         assert stderr.count("\n") == 1
+
+
+def test_a_folder_named_like_a_file_is_called_a_folder(tmp_path: Path) -> None:
+    # Before, a folder called x.npz (or model.py) was "no such file".
+    for option, name in (("--data", "x.npz"), ("--model", "model.py")):
+        (tmp_path / name).mkdir()
+        argv = ["--model", "brittle.digits:digits_cnn", "--data", "digits"]
+        argv[argv.index(option) + 1] = str(tmp_path / name) + (
+            ":build" if name == "model.py" else ""
+        )
+        code, _, stderr = run_main([*argv, "--out", tmp_path / "o"])
+        assert code == 2 and stderr.startswith(f"brittle-check: error: {option}: a directory")
 
 
 def test_data_of_the_wrong_shape_exit_2(model_file: Path, tmp_path: Path) -> None:
