@@ -103,6 +103,12 @@ def test_restarts_never_make_a_margin_larger(robust_model: nn.Module, digits: Di
 def test_inputs_outside_unit_range_are_rejected(robust_model: nn.Module) -> None:
     with pytest.raises(ValueError, match=r"inputs in \[0, 1\]"):
         brittle.input_margins(robust_model, torch.rand(2, 1, 8, 8) * 3)
+    # Pixels as stored (0-255) are told how to scale; a range no image has is not.
+    with pytest.raises(ValueError, match="Divide by 255"):
+        brittle.input_margins(robust_model, torch.full((2, 1, 8, 8), 255.0))
+    with pytest.raises(ValueError) as negative:
+        brittle.input_margins(robust_model, torch.full((2, 1, 8, 8), -2.0))
+    assert "255" not in str(negative.value)
 
 
 def test_conformal_threshold_keeps_its_guarantee_by_simulation() -> None:

@@ -20,15 +20,20 @@ def check_unit_range(x: Tensor, what: str = "input margins are measured") -> Non
     Examples:
         >>> import torch
         >>> from brittle.attacks.verify import check_unit_range
-        >>> check_unit_range(torch.tensor([0.0, 2.0]))
+        >>> check_unit_range(torch.tensor([0.0, 255.0]))
         Traceback (most recent call last):
         ...
-        ValueError: input margins are measured for inputs in [0, 1]; got values in [0, 2]. ...
+        ValueError: input margins are measured for inputs in [0, 1]; got values in [0, 255]. ...
     """
     if x.numel() and (float(x.min()) < 0.0 or float(x.max()) > 1.0):
+        low, high = float(x.min()), float(x.max())
+        # Pixel values as stored (0-255) are the common case: say how to scale them.
+        hint = (
+            " Images in 0-255? Divide by 255 (and eps too)." if low >= 0.0 and high <= 255.0 else ""
+        )
         raise ValueError(
             f"{what} for inputs in [0, 1]; got values in "
-            f"[{float(x.min()):.4g}, {float(x.max()):.4g}]. Put normalisation inside the model."
+            f"[{low:.4g}, {high:.4g}]. Put normalisation inside the model.{hint}"
         )
 
 
