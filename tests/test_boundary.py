@@ -237,3 +237,23 @@ def test_pseudo_boundary_must_be_a_bool() -> None:
     monitor = brittle.wrap(_two_class_linear(), eps=0.1)
     with pytest.raises(ValueError, match="pseudo_boundary"):
         monitor.fit(torch.rand(8, 4), pseudo_boundary="yes")  # type: ignore[arg-type]
+
+
+def test_the_progress_bar_counts_what_the_loader_yields(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # The bar's total was len(loader.dataset): 12 of 100 samples drawn by a sampler
+    # showed as 12/100, and a list of batches as 1 sample.
+    from torch.utils.data import DataLoader, SubsetRandomSampler, TensorDataset
+
+    model = _two_class_linear()
+    data = TensorDataset(torch.rand(100, 4, generator=torch.Generator().manual_seed(0)))
+    settings = AttackSettings(steps=2)
+    for loader, shown in (
+        (DataLoader(data, batch_size=5, sampler=SubsetRandomSampler(range(12))), "12/12"),
+        (DataLoader(data, batch_size=40, drop_last=True), "80/80"),
+        ([torch.rand(6, 4)], ": 6sample ["),  # no total: the count alone
+    ):
+        monitor = brittle.wrap(model, eps=0.1)
+        collect_holdout(monitor, loader, settings, progress=True)
+        assert shown in capsys.readouterr().err

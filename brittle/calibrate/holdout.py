@@ -74,10 +74,24 @@ class Holdout:
 
 
 def _length(data: Any) -> int | None:
+    """Samples ``data`` yields, for the progress bar; ``None`` when it cannot tell.
+
+    A ``DataLoader`` yields what its sampler draws (a subset, one rank's share),
+    less the last partial batch under ``drop_last``, not its whole dataset. A list
+    of batches does not say how many samples its batches hold.
+    """
+    if isinstance(data, Tensor):
+        return int(data.shape[0])
+    batches = getattr(data, "batch_sampler", None)
+    sampler = getattr(batches, "sampler", None)
     try:
-        dataset = getattr(data, "dataset", data)
-        return len(dataset)
-    except TypeError:
+        if batches is not None and sampler is not None:
+            if getattr(batches, "drop_last", False):
+                return len(batches) * int(batches.batch_size)
+            return len(sampler)
+        dataset = getattr(data, "dataset", None)
+        return None if dataset is None else len(dataset)
+    except TypeError:  # an iterable dataset: no length
         return None
 
 
@@ -121,7 +135,8 @@ def collect_holdout(
     param = next(monitor.model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None else torch.float32
-    total = n_samples if n_samples is not None else _length(data)
+    length = _length(data)
+    total = length if n_samples is None else min(n_samples, length or n_samples)
     scores: dict[str, list[Tensor]] = {}
     preds, labels, feats, logits, kept = [], [], [], [], []
     attacked: list[Tensor] = []
