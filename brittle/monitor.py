@@ -786,6 +786,9 @@ class Monitor(nn.Module):
         unexpected_keys: list[str],
         error_msgs: list[str],
     ) -> None:
+        config = state_dict.get(prefix + "_extra_state")
+        if not self.discovered and isinstance(config, dict):
+            self._size_as_saved(config, error_msgs)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
@@ -802,6 +805,31 @@ class Monitor(nn.Module):
                     "Refit it with monitor.fit(holdout) and save it again.",
                     stacklevel=2,
                 )
+
+    def _size_as_saved(self, config: dict[str, Any], error_msgs: list[str]) -> None:
+        """Give a monitor that has not seen an input the saved head table and pseudo network.
+
+        A plain ``load_state_dict`` into a fresh ``wrap(model)`` then works as
+        ``brittle.load`` does; a head the model lacks is reported, not attached.
+        """
+        name, features = config.get("head"), config.get("pseudo_features")
+        if isinstance(name, str) and self.head_name is None:
+            try:
+                head = resolve_head(self.model, name)
+            except ValueError as err:
+                error_msgs.append(f"the monitor was saved for a head named {name!r}: {err}")
+                return
+            saved = (config.get("num_classes"), config.get("feature_dim"))
+            if tuple(head.weight.shape) != saved:
+                error_msgs.append(
+                    f"the monitor was saved for a head {name!r} of shape {saved}; this model's "
+                    f"head has shape {tuple(head.weight.shape)}."
+                )
+                return
+            self._attach_head(name)
+        if isinstance(features, int) and self.pseudo is None:
+            pseudo = PseudoMargin(features, int(config["num_classes"]))
+            self.pseudo = pseudo.to(self.threshold.device)
 
     @classmethod
     def from_state(cls, model: nn.Module, state: dict[str, Tensor | Any]) -> Monitor:
