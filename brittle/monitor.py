@@ -619,27 +619,25 @@ class Monitor(nn.Module):
         self.apply_calibration(calibration)
         return self
 
+    # What head discovery (``_adopt``, ``_attach_head``) writes: restored after a failed fit.
+    _DISCOVERED = (
+        "head_name",
+        "head_exact",
+        "num_classes",
+        "feature_dim",
+        "input_shape",
+        "pair_norms",
+        "_table_stamp",
+    )
+
     def _discovery(self) -> tuple[Any, ...]:
-        """The attributes head discovery writes (``_adopt``), to restore after a failed fit."""
-        return (
-            self.head_name,
-            self.head_exact,
-            self.num_classes,
-            self.feature_dim,
-            self.input_shape,
-            self.pair_norms,
-        )
+        """The attributes head discovery writes, to restore after a failed fit."""
+        return tuple(getattr(self, name) for name in self._DISCOVERED)
 
     def _restore_discovery(self, state: tuple[Any, ...]) -> None:
         """Put back what ``_discovery`` returned."""
-        (
-            self.head_name,
-            self.head_exact,
-            self.num_classes,
-            self.feature_dim,
-            self.input_shape,
-            self.pair_norms,
-        ) = state
+        for name, value in zip(self._DISCOVERED, state, strict=True):
+            setattr(self, name, value)
 
     def apply_calibration(self, calibration: Calibration) -> None:
         """Install a calibration from ``brittle.calibrate.fit.calibrate`` (what ``fit`` does last).
