@@ -888,7 +888,8 @@ def test_a_sys_exit_in_the_model_code_is_not_a_check_that_ran(tmp_path: Path) ->
     (tmp_path / "script.py").write_text(
         "import argparse\n"
         "parser = argparse.ArgumentParser()\n"
-        "parser.add_argument('--lr', type=float)\n"
+        # Required: it exits whatever arguments pytest itself was given.
+        "parser.add_argument('--lr', type=float, required=True)\n"
         "args = parser.parse_args()\n"
         "def build():\n"
         "    return None\n"
