@@ -656,6 +656,9 @@ def test_openapi_states_the_contract(server: Server) -> None:
         "/v2/models/{model}",
         "/v2/models/{model}/ready",
         "/v2/models/{model}/infer",
+        "/v2/models/{model}/versions/{version}",
+        "/v2/models/{model}/versions/{version}/ready",
+        "/v2/models/{model}/versions/{version}/infer",
     } <= set(spec["paths"])
     parameter = spec["paths"]["/v2/models/{model}/infer"]["post"]["parameters"][0]
     assert parameter["schema"]["enum"] == [name]
@@ -733,6 +736,43 @@ def test_open_inference_protocol_with_tritonclient(server: Server, digits: Digit
     assert _metrics(server.url)["brittle_samples_total"] == before + 20
 
 
+def test_open_inference_version_routes_with_tritonclient(
+    server: Server, digits: DigitsSplit
+) -> None:
+    """The metadata lists version "1" and each response names it, so a client may ask for
+    it in the path (``/v2/models/{name}/versions/1/...``): those routes answered 404
+    ``{"detail": "Not Found"}``, which tritonclient could not even decode."""
+    import tritonclient.http as triton
+
+    x = digits.x_holdout[CALIBRATION : CALIBRATION + 3].numpy()
+    name = server.path.stem
+    client = triton.InferenceServerClient(url=server.url.removeprefix("http://"))
+    try:
+        meta = client.get_model_metadata(name)
+        assert meta["versions"] == ["1"]
+        assert client.get_model_metadata(name, model_version="1") == meta
+        assert client.is_model_ready(name, model_version="1")
+        tensor = triton.InferInput("input", list(x.shape), "FP32")
+        tensor.set_data_from_numpy(x)
+        result = client.infer(name, [tensor], model_version="1")
+        assert result.get_response()["model_version"] == "1"
+        assert (
+            result.as_numpy("pred").tolist()
+            == client.infer(name, [tensor]).as_numpy("pred").tolist()
+        )
+        # Another version: the protocol's error body, which the client reads.
+        assert not client.is_model_ready(name, model_version="2")
+        with pytest.raises(triton.InferenceServerException, match="no version") as caught:
+            client.get_model_metadata(name, model_version="2")
+        assert caught.value.status() == "404"
+        with pytest.raises(triton.InferenceServerException, match="no version"):
+            client.infer(name, [tensor], model_version="2")
+    finally:
+        client.close()
+        del client  # collected on this thread, as in the test above
+        gc.collect()
+
+
 # Schemathesis expects 400 or 422 for a schema-violating body; a batch above
 # --max-batch is one, and this server answers it with 413 as the issue of size it is.
 # An Open Inference tensor whose data do not fill its shape is schema-valid (JSON
@@ -745,6 +785,10 @@ expected-statuses = [
 
 [[operations]]
 include-path = "/v2/models/{model}/infer"
+checks.positive_data_acceptance.expected-statuses = ["200", "400", "413"]
+
+[[operations]]
+include-path = "/v2/models/{model}/versions/{version}/infer"
 checks.positive_data_acceptance.expected-statuses = ["200", "400", "413"]
 """
 

@@ -2,12 +2,14 @@
 
 ``/v2/health/live``, ``/v2/health/ready``, ``/v2`` (server metadata),
 ``/v2/models/{name}``, ``/v2/models/{name}/ready`` and
-``/v2/models/{name}/infer``, so that KServe, Triton (``tritonclient.http``) and
-MLServer clients talk to the monitor. The model takes one tensor ``input`` and
-answers ``logits``, ``pred``, ``margin`` (NaN, as JSON ``null``, where a sample
-was rejected) and ``flag``. Inputs come as JSON tensors or with the binary tensor
-extension (``Inference-Header-Content-Length``); outputs are always JSON.
-Errors follow the protocol: ``{"error": "one line"}``.
+``/v2/models/{name}/infer``, each model route also under
+``/v2/models/{name}/versions/1`` (the one version the metadata lists), so that
+KServe, Triton (``tritonclient.http``) and MLServer clients talk to the monitor.
+The model takes one tensor ``input`` and answers ``logits``, ``pred``,
+``margin`` (NaN, as JSON ``null``, where a sample was rejected) and ``flag``.
+Inputs come as JSON tensors or with the binary tensor extension
+(``Inference-Header-Content-Length``); outputs are always JSON. Errors follow
+the protocol: ``{"error": "one line"}``.
 """
 
 from __future__ import annotations
@@ -171,12 +173,17 @@ def add_open_inference_routes(
         ],
     }
 
-    # The one model's name as an enum: clients (and fuzzers) see which name exists.
+    # The one model's name and version as enums: clients (and fuzzers) see which exist.
     model_name = Path(json_schema_extra={"enum": [name]})
+    model_version = Path(json_schema_extra={"enum": [MODEL_VERSION]})
 
-    def known(model: str) -> None:
+    def known(model: str, model_version: str = MODEL_VERSION) -> None:
         if model != name:
             raise Refusal(404, f"no model of that name; this server serves {name!r}.")
+        if model_version != MODEL_VERSION:
+            raise Refusal(
+                404, f"no version of that name; this server serves version {MODEL_VERSION!r}."
+            )
 
     @app.api_route("/v2/health/live", methods=["GET", "HEAD"], tags=["open inference"])
     def live() -> dict[str, bool]:
@@ -193,18 +200,33 @@ def add_open_inference_routes(
         """Open Inference Protocol: server metadata."""
         return {"name": "brittle", "version": version, "extensions": ["binary_tensor_data"]}
 
-    @app.get(
-        "/v2/models/{model}",
-        tags=["open inference"],
-        responses={404: _ERRORS[404]},
-    )
-    def model_metadata(model: str = model_name) -> Response:
-        """Open Inference Protocol: the model's input and output tensors."""
+    def metadata_of(model: str, version: str = MODEL_VERSION) -> Response:
         try:
-            known(model)
+            known(model, version)
         except Refusal as err:
             return _error(err)
         return JSONResponse(metadata)
+
+    def ready_of(model: str, version: str = MODEL_VERSION) -> Response:
+        try:
+            known(model, version)
+        except Refusal as err:
+            return _error(err)
+        return JSONResponse({"name": name, "ready": True})
+
+    @app.get("/v2/models/{model}", tags=["open inference"], responses={404: _ERRORS[404]})
+    def model_metadata(model: str = model_name) -> Response:
+        """Open Inference Protocol: the model's input and output tensors."""
+        return metadata_of(model)
+
+    @app.get(
+        "/v2/models/{model}/versions/{version}",
+        tags=["open inference"],
+        responses={404: _ERRORS[404]},
+    )
+    def model_version_metadata(model: str = model_name, version: str = model_version) -> Response:
+        """Open Inference Protocol: the input and output tensors of the model's version."""
+        return metadata_of(model, version)
 
     @app.api_route(
         "/v2/models/{model}/ready",
@@ -214,11 +236,17 @@ def add_open_inference_routes(
     )
     def model_ready(model: str = model_name) -> Response:
         """Open Inference Protocol: the model is ready."""
-        try:
-            known(model)
-        except Refusal as err:
-            return _error(err)
-        return JSONResponse({"name": name, "ready": True})
+        return ready_of(model)
+
+    @app.api_route(
+        "/v2/models/{model}/versions/{version}/ready",
+        methods=["GET", "HEAD"],
+        tags=["open inference"],
+        responses={404: _ERRORS[404]},
+    )
+    def model_version_ready(model: str = model_name, version: str = model_version) -> Response:
+        """Open Inference Protocol: the model's version is ready."""
+        return ready_of(model, version)
 
     def infer_body(headers: Any, body: bytes) -> JSONResponse:
         header, binary = _split_binary(headers, body)
@@ -245,24 +273,35 @@ def add_open_inference_routes(
             content["id"] = request["id"]
         return JSONResponse(content)
 
-    @app.post(
-        "/v2/models/{model}/infer",
-        tags=["open inference"],
-        openapi_extra=schemas.json_body(schemas.infer_request(list(OUTPUT_NAMES))),
-        responses={
+    async def infer_of(request: Request, model: str, version: str = MODEL_VERSION) -> Response:
+        with admission.hold() as hold:
+            try:
+                known(model, version)
+                body = await read_body(request.headers, request.stream(), max_body, hold)
+                return await admission.run(infer_body, request.headers, body)
+            except Refusal as err:
+                return _error(err)
+
+    infer_route: dict[str, Any] = {
+        "tags": ["open inference"],
+        "openapi_extra": schemas.json_body(schemas.infer_request(list(OUTPUT_NAMES))),
+        "responses": {
             200: {
                 "description": "The outputs logits, pred, margin and flag.",
                 "content": {"application/json": {"schema": schemas.infer_response()}},
             },
             **_ERRORS,
         },
-    )
+    }
+
+    @app.post("/v2/models/{model}/infer", **infer_route)
     async def infer(request: Request, model: str = model_name) -> Response:
         """Open Inference Protocol: logits, pred, margin and flag for the ``input`` tensor."""
-        with admission.hold() as hold:
-            try:
-                known(model)
-                body = await read_body(request.headers, request.stream(), max_body, hold)
-                return await admission.run(infer_body, request.headers, body)
-            except Refusal as err:
-                return _error(err)
+        return await infer_of(request, model)
+
+    @app.post("/v2/models/{model}/versions/{version}/infer", **infer_route)
+    async def infer_version(
+        request: Request, model: str = model_name, version: str = model_version
+    ) -> Response:
+        """Open Inference Protocol: ``infer``, of the model's version."""
+        return await infer_of(request, model, version)
