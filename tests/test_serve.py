@@ -773,6 +773,30 @@ def test_open_inference_version_routes_with_tritonclient(
         gc.collect()
 
 
+def test_open_inference_routes_not_served_answer_the_protocol_error(server: Server) -> None:
+    """Triton's client reads ``{"error": ...}`` from every failed request; FastAPI's own 404
+    and 405 answered ``{"detail": ...}``, which it could not decode."""
+    import tritonclient.http as triton
+
+    name = server.path.stem
+    client = triton.InferenceServerClient(url=server.url.removeprefix("http://"))
+    try:
+        with pytest.raises(triton.InferenceServerException, match="Not Found") as caught:
+            client.get_model_config(name)  # a Triton extension this server does not serve
+        assert caught.value.status() == "404"
+    finally:
+        client.close()
+        del client  # collected on this thread, as in the tests above
+        gc.collect()
+    assert _request(f"{server.url}/v2/models/{name}/infer") == (
+        405,
+        {"error": "Method Not Allowed"},
+    )
+    assert _request(f"{server.url}/v2/repository/index", b"{}") == (404, {"error": "Not Found"})
+    # Outside the protocol, FastAPI's body as before.
+    assert _request(f"{server.url}/nothing") == (404, {"detail": "Not Found"})
+
+
 # Schemathesis expects 400 or 422 for a schema-violating body; a batch above
 # --max-batch is one, and this server answers it with 413 as the issue of size it is.
 # An Open Inference tensor whose data do not fill its shape is schema-valid (JSON

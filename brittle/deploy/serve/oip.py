@@ -20,7 +20,9 @@ from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Path, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
 
 from brittle.deploy.onnx_monitor import INPUT_NAME, OUTPUT_NAMES, OnnxMonitor
 from brittle.deploy.serve import schemas
@@ -48,6 +50,23 @@ def _error(err: Refusal) -> JSONResponse:
     # The protocol answers every malformed request with 400.
     status = 400 if err.status == 422 else err.status
     return JSONResponse({"error": err.detail}, status_code=status, headers=err.headers)
+
+
+async def _protocol_errors(request: Request, exc: Exception) -> Response:
+    """The router's own errors (404, 405) as ``{"error": ...}`` under ``/v2``.
+
+    Clients of the protocol read the ``error`` key of a failed request: Triton's
+    cannot decode FastAPI's ``{"detail": ...}`` (``get_model_config``, a route this
+    server does not serve, raised "an exception occurred in the client while
+    decoding the response"). The other routes keep FastAPI's body.
+    """
+    if not isinstance(exc, HTTPException):  # registered for HTTPException alone
+        raise exc
+    path = request.url.path
+    if not (path == "/v2" or path.startswith("/v2/")) or exc.status_code < 400:
+        return await http_exception_handler(request, exc)
+    status, headers = exc.status_code, exc.headers
+    return JSONResponse({"error": str(exc.detail)}, status_code=status, headers=headers)
 
 
 def _values(array: np.ndarray) -> list[Any]:
@@ -173,6 +192,7 @@ def add_open_inference_routes(
         ],
     }
 
+    app.add_exception_handler(HTTPException, _protocol_errors)
     # The one model's name and version as enums: clients (and fuzzers) see which exist.
     model_name = Path(json_schema_extra={"enum": [name]})
     model_version = Path(json_schema_extra={"enum": [MODEL_VERSION]})
