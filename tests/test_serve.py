@@ -603,6 +603,25 @@ def test_open_inference_data_that_are_not_numbers_are_told_what_numbers_are(
     assert "nested lists of equal lengths" in answer["error"] and "null" in answer["error"]
 
 
+@pytest.mark.parametrize(
+    ("datatype", "value"), [("INT32", 0.9), ("UINT8", 1.0), ("INT8", -0.5), ("INT64", 1e3)]
+)
+def test_open_inference_integer_tensors_refuse_fractions(
+    server: Server, datatype: str, value: float
+) -> None:
+    """numpy truncated a JSON number for an integer datatype: 0.9 was judged as 0."""
+    data = [0] * 63 + [value]
+    tensor = {"name": "input", "shape": [1, 1, 8, 8], "datatype": datatype, "data": data}
+    body = json.dumps({"inputs": [tensor]}).encode()
+    status, answer = _request(f"{server.url}/v2/models/{server.path.stem}/infer", body)
+    assert status == 400, answer
+    assert answer["error"] == f"the tensor's data must be integers for datatype {datatype}."
+    # Integers are judged.
+    tensor["data"] = [0] * 64
+    body = json.dumps({"inputs": [tensor]}).encode()
+    assert _request(f"{server.url}/v2/models/{server.path.stem}/infer", body)[0] == 200
+
+
 def test_errors_never_quote_the_input(server: Server) -> None:
     secret = "a" * 100_000
     status, answer = _request(f"{server.url}/predict", json.dumps({"inputs": [secret]}).encode())

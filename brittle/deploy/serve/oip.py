@@ -140,6 +140,9 @@ def _tensor(
                 "the tensor's data must be numbers, flat or in nested lists of equal "
                 "lengths (not strings, booleans, null or objects).",
             )
+        if dtype.kind in "iu" and float in kinds:
+            # numpy would truncate 0.9 to 0 without a word.
+            raise Refusal(400, f"the tensor's data must be integers for datatype {datatype}.")
         values = to_batch(found.reshape(-1).tolist(), dtype, (None,))
     if values.size != count:
         raise Refusal(400, "the tensor's data do not fill its shape.")
