@@ -622,6 +622,20 @@ def test_open_inference_integer_tensors_refuse_fractions(
     assert _request(f"{server.url}/v2/models/{server.path.stem}/infer", body)[0] == 200
 
 
+@pytest.mark.parametrize(
+    ("datatype", "value"), [("UINT8", 256), ("UINT8", -1), ("INT64", 2**63), ("FP32", 10**400)]
+)
+def test_open_inference_numbers_out_of_range_are_told_the_datatype(
+    server: Server, datatype: str, value: int
+) -> None:
+    """The refusal spoke of /predict's "inputs ... of shape (batch)", not of the tensor."""
+    tensor = {"name": "input", "shape": [1, 1, 8, 8], "datatype": datatype, "data": [0] * 63}
+    body = json.dumps({"inputs": [tensor]}).encode()[:-4] + f", {value}]}}]}}".encode()
+    status, answer = _request(f"{server.url}/v2/models/{server.path.stem}/infer", body)
+    assert status == 400, answer
+    assert answer["error"] == f"the tensor's data hold a number out of the range of {datatype}."
+
+
 def test_errors_never_quote_the_input(server: Server) -> None:
     secret = "a" * 100_000
     status, answer = _request(f"{server.url}/predict", json.dumps({"inputs": [secret]}).encode())

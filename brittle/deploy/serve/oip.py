@@ -143,7 +143,12 @@ def _tensor(
         if dtype.kind in "iu" and float in kinds:
             # numpy would truncate 0.9 to 0 without a word.
             raise Refusal(400, f"the tensor's data must be integers for datatype {datatype}.")
-        values = to_batch(found.reshape(-1).tolist(), dtype, (None,))
+        try:
+            values = to_batch(found.reshape(-1).tolist(), dtype, (None,))
+        except Refusal:  # its words are /predict's, of inputs nested as samples
+            raise Refusal(
+                400, f"the tensor's data hold a number out of the range of {datatype}."
+            ) from None
     if values.size != count:
         raise Refusal(400, "the tensor's data do not fill its shape.")
     try:
