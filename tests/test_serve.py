@@ -636,6 +636,21 @@ def test_open_inference_numbers_out_of_range_are_told_the_datatype(
     assert answer["error"] == f"the tensor's data hold a number out of the range of {datatype}."
 
 
+@pytest.mark.parametrize("request_id", ["r-1", "", 42, None, ["r-1"]])
+def test_open_inference_id_is_echoed_or_refused(server: Server, request_id: Any) -> None:
+    """The protocol's id is a string that must come back; another was silently dropped,
+    so a client matching responses to requests by id found none."""
+    tensor = {"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.5] * 64}
+    body = json.dumps({"id": request_id, "inputs": [tensor]}).encode()
+    status, answer = _request(f"{server.url}/v2/models/{server.path.stem}/infer", body)
+    if isinstance(request_id, str):
+        assert status == 200 and answer["id"] == request_id
+    elif request_id is None:  # as pydantic clients send no id
+        assert status == 200 and "id" not in answer
+    else:
+        assert status == 400 and answer == {"error": 'the request\'s "id" must be a string.'}
+
+
 def test_errors_never_quote_the_input(server: Server) -> None:
     secret = "a" * 100_000
     status, answer = _request(f"{server.url}/predict", json.dumps({"inputs": [secret]}).encode())

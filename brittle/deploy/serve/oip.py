@@ -93,6 +93,10 @@ def _tensor(
     """The request's input tensor as an array of the model's dtype, and its outputs spec."""
     if not isinstance(request, dict) or not isinstance(request.get("inputs"), list):
         raise Refusal(400, 'the body must be a JSON object {"inputs": [tensor]}.')
+    if request.get("id") is not None and not isinstance(request["id"], str):
+        # The protocol's id is a string, echoed in the response (null, as pydantic
+        # clients send for none, is none); another was dropped without a word.
+        raise Refusal(400, 'the request\'s "id" must be a string.')
     inputs = request["inputs"]
     if len(inputs) != 1 or not isinstance(inputs[0], dict):
         raise Refusal(400, f"the model takes exactly one input tensor, {INPUT_NAME!r}.")
@@ -297,7 +301,7 @@ def add_open_inference_routes(
             "model_version": MODEL_VERSION,
             "outputs": outputs,
         }
-        if isinstance(request.get("id"), str):
+        if request.get("id") is not None:
             content["id"] = request["id"]
         return JSONResponse(content)
 
