@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-import pickle
 import warnings
-import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -132,7 +130,11 @@ def read(path: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"no monitor file at {str(path)!r}.")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as err:
+    except OSError:  # the file cannot be read (permissions, I/O): not a verdict on its bytes
+        raise
+    # Damaged bytes surface from the unpickler as whatever it tripped on: RuntimeError,
+    # EOFError, UnpicklingError, KeyError, IndexError, struct.error, AssertionError, ...
+    except Exception as err:
         raise ValueError(
             f"{str(path)!r} is damaged or not a brittle monitor file: it does not load as a "
             f"monitor saved by brittle ({type(err).__name__})."

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import copy
 import math
+import pickletools
 import struct
+import zipfile
 
 import numpy as np
 import pytest
@@ -132,6 +134,33 @@ def test_truncated_and_foreign_files_say_damaged(standard_model: nn.Module, tmp_
     for name in ("cut.pt", "text.pt"):
         with pytest.raises(ValueError, match="damaged or not a brittle monitor file"):
             brittle.load(tmp_path / name, standard_model)
+
+
+def _damage_memo_reference(path) -> None:
+    """Point the pickle's first memo look-up at an entry that does not exist, in place.
+
+    torch.save stores the pickle uncompressed and torch.load checks no CRC, so
+    this is what one flipped byte on disk can do.
+    """
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        name = next(n for n in archive.namelist() if n.endswith("data.pkl"))
+        pkl = archive.read(name)
+    assert data.count(pkl) == 1
+    at = next(pos for op, _, pos in pickletools.genops(pkl) if op.name == "BINGET")
+    data[data.index(pkl) + at + 1] = 250  # BINGET's one-byte memo index
+    path.write_bytes(bytes(data))
+
+
+def test_a_damaged_pickle_says_damaged(standard_model: nn.Module, tmp_path) -> None:
+    # torch.load raised KeyError (IndexError, struct.error, AssertionError for other
+    # bytes) through brittle.load instead of the documented ValueError.
+    monitor = brittle.wrap(standard_model, example_input=torch.rand(2, 1, 8, 8))
+    monitor.set_threshold(0.3)
+    path = monitor.save(tmp_path / "m.pt")
+    _damage_memo_reference(path)
+    with pytest.raises(ValueError, match="damaged or not a brittle monitor file"):
+        brittle.load(path, standard_model)
 
 
 def _threshold_offset(path, value: float) -> int:
