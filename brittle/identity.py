@@ -9,7 +9,10 @@ shape) is compared first, since it needs no forward pass and names what differs.
 
 from __future__ import annotations
 
+import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -27,6 +30,18 @@ _PROBE_SEED = 20240229
 # by their 8- or 11-bit mantissas.
 _TOLERANCE = {torch.float16: 5e-2, torch.bfloat16: 5e-2}
 _DEFAULT_TOLERANCE = 1e-3
+# The backends whose float32 arithmetic a process may lower (TF32 on CUDA, bf16 in oneDNN).
+_FLOAT32_BACKENDS = (
+    ("cuda", "matmul"),
+    ("cudnn", "conv"),
+    ("cudnn", "rnn"),
+    ("mkldnn", "matmul"),
+    ("mkldnn", "conv"),
+    ("mkldnn", "rnn"),
+)
+# The precision settings are process-wide: two probes at once must not restore each
+# other's values.
+_PRECISION = threading.Lock()
 
 
 def _structure(model: nn.Module) -> list[list[Any]]:
@@ -35,13 +50,52 @@ def _structure(model: nn.Module) -> list[list[Any]]:
     ]
 
 
+@contextmanager
+def _ieee_float32() -> Iterator[None]:
+    """Float32 arithmetic as IEEE float32 inside the block, whatever the process set.
+
+    cuDNN convolutions use TF32 by default on recent GPUs, and
+    ``torch.set_float32_matmul_precision("high"/"medium")`` lowers matrix products
+    to TF32 or bf16 (on CUDA, and on CPUs with bf16 units): the same float32 model's
+    probe logits then differ between the machine that saved a monitor and the one
+    that loads it by more than the tolerance (TF32 rounding, emulated on a CPU, moves
+    a randomly initialised ResNet-18's by 2.7e-3 of their scale).
+    """
+    backends: list[Any] = [
+        getattr(getattr(torch.backends, name, None), op, None) for name, op in _FLOAT32_BACKENDS
+    ]
+    with _PRECISION:
+        if all(hasattr(backend, "fp32_precision") for backend in backends):  # torch >= 2.9
+            saved = [backend.fp32_precision for backend in backends]
+            try:
+                for backend in backends:
+                    backend.fp32_precision = "ieee"
+                yield
+            finally:
+                for backend, value in zip(backends, saved, strict=True):
+                    backend.fp32_precision = value
+        else:
+            cudnn, matmul = torch.backends.cudnn, torch.get_float32_matmul_precision()
+            try:
+                torch.set_float32_matmul_precision("highest")
+                with cudnn.flags(
+                    enabled=cudnn.enabled,
+                    benchmark=cudnn.benchmark,
+                    deterministic=cudnn.deterministic,
+                    allow_tf32=False,
+                ):
+                    yield
+            finally:
+                torch.set_float32_matmul_precision(matmul)
+
+
 def _probe(model: nn.Module, input_shape: tuple[int, ...]) -> Tensor:
     param = next(model.parameters(), None)
     dtype = param.dtype if param is not None else torch.float32
     device = param.device if param is not None else torch.device("cpu")
     generator = torch.Generator().manual_seed(_PROBE_SEED)
     x = torch.rand(PROBE_SIZE, *input_shape, generator=generator).to(device, dtype)
-    with torch.no_grad(), eval_mode(model):
+    with torch.no_grad(), eval_mode(model), _ieee_float32():
         return model_output(model(x)).detach().to("cpu", torch.float64)
 
 

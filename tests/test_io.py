@@ -327,3 +327,52 @@ def test_load_state_dict_into_a_fresh_wrap(
     other = brittle.wrap(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)))
     with pytest.raises(RuntimeError, match="head named '8'"):
         other.load_state_dict(fitted_pseudo.state_dict())
+
+
+class _RecordsPrecision(nn.Module):
+    """A linear model that records the float32 precision its matrix products ran at."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 3)
+        self.seen: list[tuple[str, ...]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        backends = torch.backends
+        self.seen.append(
+            (
+                backends.cuda.matmul.fp32_precision,
+                backends.cudnn.conv.fp32_precision,
+                backends.mkldnn.matmul.fp32_precision,
+            )
+        )
+        return self.linear(x)
+
+
+def test_the_probe_runs_in_ieee_float32_whatever_the_process_set(tmp_path) -> None:
+    # The probe ran at the process's precision: TF32 convolutions (cuDNN's default on
+    # recent GPUs) or TF32/bf16 matrix products after set_float32_matmul_precision, so
+    # a monitor saved on a GPU could be refused on a CPU as "a model with other weights".
+    if not hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        pytest.skip("the per-backend fp32_precision settings need torch >= 2.9")
+    model = _RecordsPrecision()
+    monitor = brittle.wrap(model, example_input=torch.rand(2, 4))
+    monitor.set_threshold(0.1)
+    backends = (
+        torch.backends.cuda.matmul,
+        torch.backends.cudnn.conv,
+        torch.backends.mkldnn.matmul,
+    )
+    before = [backend.fp32_precision for backend in backends]
+    lowered = ["tf32", "tf32", "bf16"]
+    try:
+        for backend, value in zip(backends, lowered, strict=True):
+            backend.fp32_precision = value
+        model.seen.clear()
+        brittle.load(monitor.save(tmp_path / "m.pt"), model)
+        after = [backend.fp32_precision for backend in backends]
+    finally:
+        for backend, value in zip(backends, before, strict=True):
+            backend.fp32_precision = value
+    assert model.seen == [("ieee", "ieee", "ieee")] * 2  # the probe at save, then at load
+    assert after == lowered  # and the process's settings are back
