@@ -102,6 +102,22 @@ def test_a_pseudo_monitor_loads_onto_another_dtype(
         torch.testing.assert_close(got, expected, rtol=0, atol=tol)
 
 
+def test_a_monitor_saved_on_a_bfloat16_model_loads_onto_its_float32_original(
+    standard_model: nn.Module, tmp_path
+) -> None:
+    # The tolerance was the loading model's dtype's alone: the bfloat16 probe logits,
+    # 2.4e-3 of their scale from the float32 model's here, were held to float32's 1e-3
+    # and the original model was refused as "a model with other weights".
+    half = copy.deepcopy(standard_model).to(torch.bfloat16)
+    monitor = brittle.wrap(half, example_input=torch.rand(2, 1, 8, 8, dtype=torch.bfloat16))
+    monitor.set_threshold(0.3)
+    path = monitor.save(tmp_path / "m.pt")
+    for model in (half, standard_model, copy.deepcopy(standard_model).double()):
+        assert float(brittle.load(path, model).threshold) == pytest.approx(0.3)
+    with pytest.raises(ValueError, match="other weights"):
+        brittle.load(path, digits_cnn())  # another model stays refused
+
+
 def test_load_recognises_the_whole_model(standard_model: nn.Module, tmp_path) -> None:
     monitor = brittle.wrap(standard_model, score="feature", example_input=torch.rand(2, 1, 8, 8))
     monitor.set_threshold(0.3)
