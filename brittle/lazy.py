@@ -41,7 +41,14 @@ def lazy_exports(
     def __getattr__(name: str) -> Any:
         if name in where:
             value = getattr(importlib.import_module(where[name]), name)
-        elif not name.startswith("_") and importlib.util.find_spec(f"{package}.{name}"):
+        # A dotted or otherwise odd name is no submodule: find_spec would import its
+        # "parent" and raise ModuleNotFoundError where getattr(pkg, name, None) expects
+        # an AttributeError.
+        elif (
+            name.isidentifier()
+            and not name.startswith("_")
+            and importlib.util.find_spec(f"{package}.{name}")
+        ):
             value = importlib.import_module(f"{package}.{name}")
         else:
             raise AttributeError(f"module {package!r} has no attribute {name!r}")
@@ -49,6 +56,7 @@ def lazy_exports(
         return value
 
     def __dir__() -> list[str]:
-        return sorted(set(namespace) | set(where))
+        # __all__ also names submodules (brittle.functional) not yet imported.
+        return sorted(set(namespace) | set(where) | set(namespace.get("__all__", ())))
 
     return __getattr__, __dir__

@@ -51,3 +51,21 @@ def test_import_brittle_alone_loads_nothing_heavy() -> None:
 def test_onnx_monitor_needs_no_torch() -> None:
     loaded = _loaded("import brittle.deploy.onnx_monitor")
     assert "torch" not in loaded and "numpy" in loaded
+
+
+def test_every_public_name_is_listed_by_dir_and_a_dotted_name_is_an_attribute_error() -> None:
+    # dir(brittle) left out brittle.functional (in __all__, but a submodule rather than
+    # a name of _WHERE) until its first use, and getattr(brittle, "a.b", None) raised
+    # ModuleNotFoundError instead of returning the default.
+    code = (
+        "import brittle, brittle.attacks, brittle.calibrate, brittle.deploy, brittle.scores\n"
+        "packages = [brittle, brittle.attacks, brittle.calibrate, brittle.deploy, brittle.scores]\n"
+        "missing = [(p.__name__, n) for p in packages for n in p.__all__ if n not in dir(p)]\n"
+        "assert not missing, missing\n"
+        "assert getattr(brittle, 'no_such.module', None) is None\n"
+        "assert not hasattr(brittle.attacks, 'fab.x')\n"
+        "names = {}\n"
+        "exec('from brittle import *', names)\n"
+        "assert set(brittle.__all__) <= set(names), set(brittle.__all__) - set(names)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, timeout=120, check=True)
