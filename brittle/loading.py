@@ -33,7 +33,8 @@ def load(path: str | Path, model: nn.Module) -> Monitor:
         TypeError: if ``model`` is not an ``nn.Module``.
         ValueError: if the file is damaged (its checksum differs) or not a monitor
             file, holds a state no monitor could have saved (a tensor of another
-            shape, an input domain that is not two finite bounds in order), holds a
+            shape, an input domain that is not two finite bounds in order, a score
+            choice, network size or input shape no monitor makes), holds a
             fitted monitor without a finite threshold, or ``model`` is not the model
             the monitor was fitted for.
 
@@ -52,6 +53,12 @@ def load(path: str | Path, model: nn.Module) -> Monitor:
     payload = read(path)
     try:
         monitor = Monitor.from_state(model, payload["state"])
+        shape = None if monitor.input_shape is None else list(monitor.input_shape)
+        if payload["model"]["input_shape"] != shape:  # save() records the same shape twice
+            raise ValueError(
+                f"{str(path)!r} is damaged: the input shape its model was probed with "
+                f"({payload['model']['input_shape']}) is not the monitor's ({shape})."
+            )
         check_identity(model, payload["model"])
     except (KeyError, TypeError) as err:
         raise ValueError(f"{str(path)!r} is damaged or not a brittle monitor file.") from err

@@ -840,6 +840,7 @@ class Monitor(nn.Module):
         config = state.get("_extra_state")
         if not isinstance(config, dict):
             raise ValueError("the state holds no brittle.Monitor configuration.")
+        _check_config(config)
         monitor = cls(model, score=config["score"], norm=config["norm"], eps=config["eps"])
         name = config["head"]
         if name is not None:
@@ -1002,6 +1003,35 @@ def wrap(
         example_input=example_input,
         min_tau=min_tau,
     )
+
+
+def _check_config(config: dict[str, Any]) -> None:
+    """Refuse a configuration that no monitor could have written, before anything is built.
+
+    The pseudo-margin network is allocated from the recorded sizes before any tensor's
+    shape is compared, and a choice of score or an input shape no monitor makes would
+    load and then fail every forward pass.
+    """
+    chosen, features = config["chosen"], config["pseudo_features"]
+    if chosen not in (None, *get_args(ScoreKind)) or (chosen == "pseudo" and features is None):
+        raise ValueError(
+            f"the state's chosen score {chosen!r} is not one this monitor can compute."
+        )
+    if features is not None and (config["head"] is None or features != config["feature_dim"]):
+        raise ValueError(
+            f"the state's pseudo-margin network takes {features!r} features, not the "
+            f"{config['feature_dim']!r} of the head {config['head']!r}."
+        )
+    shape = config["input_shape"]
+    if shape is not None and not (
+        isinstance(shape, list) and shape and all(isinstance(s, int) and s > 0 for s in shape)
+    ):
+        raise ValueError(f"the state's input shape {shape!r} is not a list of positive sizes.")
+    counts = config.get("reference_counts")
+    if counts is not None and not (isinstance(counts, list) and len(counts) == 2):
+        raise ValueError(
+            f"the state's reference counts {counts!r} are not (flagged, accepted) counts."
+        )
 
 
 def _check_domain(domain: Tensor) -> None:

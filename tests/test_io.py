@@ -298,6 +298,46 @@ def test_a_state_that_could_not_have_been_saved_is_refused(
         brittle.load(path, robust_model)
 
 
+def _set_config(key: str, value: object):
+    return lambda payload: payload["state"]["_extra_state"].__setitem__(key, value)
+
+
+def _set_identity(key: str, value: object):
+    return lambda payload: payload["model"].__setitem__(key, value)
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        # Loaded, and every forward pass then raised NotFittedError or picked no score.
+        (_set_config("chosen", "bogus"), "chosen score"),
+        # Allocated the network (2 PB here) before any shape was compared: RuntimeError.
+        (_set_config("pseudo_features", 10**12), "pseudo-margin"),
+        (_set_config("reference_counts", [1]), "reference counts"),  # IndexError
+        # Loaded, and every input was then refused as of the wrong shape.
+        (_set_config("input_shape", [3, 32, 32]), "input shape"),
+        (_set_config("input_shape", [-1, 8, 8]), "input shape"),
+        # The probe ran on a batch the model cannot take: RuntimeError.
+        (_set_identity("input_shape", [1, 9, 9]), "input shape"),
+    ],
+    ids=[
+        "unknown-choice",
+        "huge-network",
+        "one-count",
+        "other-input-shape",
+        "negative-input-shape",
+        "probe-shape",
+    ],
+)
+def test_a_configuration_no_monitor_could_have_written_is_refused(
+    fitted_pseudo: brittle.Monitor, robust_model: nn.Module, tmp_path, edit, match
+) -> None:
+    path = fitted_pseudo.save(tmp_path / "monitor.pt")
+    _rewritten(path, edit)
+    with pytest.raises(ValueError, match=match):
+        brittle.load(path, robust_model)
+
+
 @pytest.mark.parametrize("table", [torch.full((10, 10), math.nan), torch.zeros(10, 10)])
 def test_the_pair_norm_table_comes_from_the_model_not_the_file(
     standard_model: nn.Module, digits: DigitsSplit, tmp_path, table: torch.Tensor
