@@ -785,7 +785,7 @@ class Monitor(nn.Module):
         error_msgs: list[str],
     ) -> None:
         config = state_dict.get(prefix + "_extra_state")
-        if not self.discovered and isinstance(config, dict):
+        if isinstance(config, dict):
             self._size_as_saved(config, error_msgs)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
@@ -805,10 +805,11 @@ class Monitor(nn.Module):
                 )
 
     def _size_as_saved(self, config: dict[str, Any], error_msgs: list[str]) -> None:
-        """Give a monitor that has not seen an input the saved head table and pseudo network.
+        """Give this monitor the saved head table and pseudo network, where it has none.
 
-        A plain ``load_state_dict`` into a fresh ``wrap(model)`` then works as
-        ``brittle.load`` does; a head the model lacks is reported, not attached.
+        A plain ``load_state_dict`` into a fresh ``wrap(model)`` (with or without
+        ``example_input``) then works as ``brittle.load`` does; a head the model
+        lacks is reported, not attached.
         """
         name, features = config.get("head"), config.get("pseudo_features")
         if isinstance(name, str) and self.head_name is None:

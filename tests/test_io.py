@@ -373,12 +373,12 @@ def test_load_state_dict_into_a_fresh_wrap(
 ) -> None:
     # A monitor that has not seen an input had an empty table and no pseudo network:
     # load_state_dict failed ("size mismatch for pair_norms", unexpected "pseudo.*").
-    fresh = brittle.wrap(robust_model)
-    fresh.load_state_dict(fitted_pseudo.state_dict())
     x = digits.x_holdout[:20]
-    a, b = fitted_pseudo(x), fresh(x)
-    torch.testing.assert_close(b.margin, a.margin)
-    assert torch.equal(b.flag, a.flag) and fresh.score == "pseudo"
+    for fresh in (brittle.wrap(robust_model), brittle.wrap(robust_model, example_input=x)):
+        fresh.load_state_dict(fitted_pseudo.state_dict())
+        a, b = fitted_pseudo(x), fresh(x)
+        torch.testing.assert_close(b.margin, a.margin)
+        assert torch.equal(b.flag, a.flag) and fresh.score == "pseudo"
     # Onto a model without the saved head: PyTorch's error, naming the head.
     other = brittle.wrap(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)))
     with pytest.raises(RuntimeError, match="head named '8'"):
