@@ -144,10 +144,16 @@ def read(path: str | Path) -> dict[str, Any]:
             f"{str(path)!r} is not a monitor saved by brittle (Monitor.save): it is damaged or "
             "not a brittle monitor file."
         )
-    if payload.get("version") != _FORMAT_VERSION:
-        raise ValueError(
-            f"{str(path)!r} was written by another version of brittle; fit and save it again."
+    version = payload.get("version")
+    if version != _FORMAT_VERSION:
+        newer = isinstance(version, int) and version > _FORMAT_VERSION
+        advice = (
+            f"upgrade brittle (this one reads format {_FORMAT_VERSION}, the file is format "
+            f"{version})"
+            if newer
+            else "fit and save it again"
         )
+        raise ValueError(f"{str(path)!r} was written by another version of brittle; {advice}.")
     saved = payload.get("checksum")
     if saved is None:
         warnings.warn(
