@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from brittle._modes import eval_mode
 from brittle.scores.head import model_output
 
-__all__ = ["model_identity", "check_identity", "PROBE_SIZE"]
+__all__ = ["model_identity", "check_identity", "wrapper_hint", "PROBE_SIZE"]
 
 PROBE_SIZE = 4
 _PROBE_SEED = 20240229
@@ -30,6 +30,8 @@ _PROBE_SEED = 20240229
 # by their 8- or 11-bit mantissas.
 _TOLERANCE = {str(torch.float16): 5e-2, str(torch.bfloat16): 5e-2}
 _DEFAULT_TOLERANCE = 1e-3
+# Name prefixes of wrappers around the same model (nn.DataParallel, torch.compile).
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 # The backends whose float32 arithmetic a process may lower (TF32 on CUDA, bf16 in oneDNN).
 _FLOAT32_BACKENDS = (
     ("cuda", "matmul"),
@@ -42,6 +44,28 @@ _FLOAT32_BACKENDS = (
 # The precision settings are process-wide: two probes at once must not restore each
 # other's values.
 _PRECISION = threading.Lock()
+
+
+def wrapper_hint(model: nn.Module) -> str:
+    """A sentence for refusals, when ``model`` is another model behind a wrapper; else ``""``.
+
+    ``nn.DataParallel`` and ``torch.compile`` prefix every parameter's name
+    (``module.``, ``_orig_mod.``): a monitor fitted for the model inside is refused
+    on the wrapper, and the fix is to load onto the model inside.
+
+    Examples:
+        >>> import torch
+        >>> wrapper_hint(torch.nn.DataParallel(torch.nn.Linear(2, 2)))[:31]
+        " Its names start with 'module.'"
+    """
+    names = [name for name, _ in model.named_parameters()]
+    prefix = next((p for p in _WRAPPER_PREFIXES if all(n.startswith(p) for n in names)), None)
+    if not names or prefix is None:
+        return ""
+    return (
+        f" Its names start with {prefix!r}: load onto the model inside the wrapper "
+        "(model.module, or the model before torch.compile)."
+    )
 
 
 def _structure(model: nn.Module) -> list[list[Any]]:
@@ -148,7 +172,7 @@ def check_identity(model: nn.Module, saved: dict[str, Any]) -> None:
         differ = [name for name in names if mine.get(name) != theirs.get(name)][:3]
         raise ValueError(
             "the monitor was fitted for a model of another structure (parameters and buffers "
-            f"differ, e.g. {differ}). Fit a monitor for this model."
+            f"differ, e.g. {differ}). Fit a monitor for this model.{wrapper_hint(model)}"
         )
     if saved["probe_logits"] is None:
         warnings.warn(

@@ -17,6 +17,7 @@ from brittle.attacks.settings import DEFAULT_ENGINE
 from brittle.calibrate.calibration import Calibration, ScoreKind
 from brittle.deploy.alarm import OLD_REFERENCE_WARNING
 from brittle.errors import NotFittedError
+from brittle.identity import wrapper_hint
 from brittle.output import MonitorOutput, MonitorPass, flagged
 from brittle.scores.finite import domain_bounds, finite_rows, judged_rows, zero_rows
 from brittle.scores.head import (
@@ -849,7 +850,8 @@ class Monitor(nn.Module):
                 head = resolve_head(model, name)
             except ValueError as err:
                 raise ValueError(
-                    f"the monitor was saved for a model with a head named {name!r}: {err}"
+                    f"the monitor was saved for a model with a head named {name!r}: "
+                    f"{err}{wrapper_hint(model)}"
                 ) from err
             saved = (config["num_classes"], config["feature_dim"])
             if tuple(head.weight.shape) != saved:

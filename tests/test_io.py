@@ -130,6 +130,9 @@ def test_load_recognises_the_whole_model(standard_model: nn.Module, tmp_path) ->
     wider = nn.Sequential(*copy.deepcopy(standard_model), nn.Linear(10, 10))
     with pytest.raises(ValueError, match="another structure"):
         brittle.load(path, wider)
+    # The same model behind DataParallel: told to load onto the model inside.
+    with pytest.raises(ValueError, match=r"start with 'module\.'.*model\.module"):
+        brittle.load(path, nn.DataParallel(standard_model))
     # The same model in another dtype is the same model: its outputs still match.
     for dtype in (torch.float64, torch.bfloat16):
         moved = copy.deepcopy(standard_model).to(dtype)
@@ -432,3 +435,15 @@ def test_the_probe_runs_in_ieee_float32_whatever_the_process_set(tmp_path) -> No
             backend.fp32_precision = value
     assert model.seen == [("ieee", "ieee", "ieee")] * 2  # the probe at save, then at load
     assert after == lowered  # and the process's settings are back
+
+
+def test_a_file_of_a_newer_format_says_to_upgrade(standard_model: nn.Module, tmp_path) -> None:
+    monitor = brittle.wrap(standard_model, example_input=torch.rand(2, 1, 8, 8))
+    path = monitor.save(tmp_path / "m.pt")
+    _rewritten(path, lambda payload: payload.__setitem__("version", payload["version"] + 1))
+    # Before, it was told to "fit and save it again", which an older brittle cannot read.
+    with pytest.raises(ValueError, match="upgrade brittle"):
+        brittle.load(path, standard_model)
+    _rewritten(path, lambda payload: payload.__setitem__("version", 1))
+    with pytest.raises(ValueError, match="fit and save it again"):
+        brittle.load(path, standard_model)
