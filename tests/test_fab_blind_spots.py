@@ -82,6 +82,22 @@ def test_a_sample_exactly_on_a_boundary_gets_a_tiny_finite_margin(norm: str) -> 
     assert (brittle.input_margins(model, x, norm=norm) < 1e-6).all()
 
 
+@pytest.mark.parametrize("norm", ["Linf", "L2", "L1"])
+def test_a_model_with_tiny_gradients_gets_its_margins(norm: str) -> None:
+    # Logits 1e-9 (x_0 - x_1): gradients of 1e-9, as a model whose outputs are
+    # probabilities near 0 and 1 has. The boundary x_0 == x_1 is the scale-free one
+    # of test_linear_model_hits_the_exact_boundary. Before: inf for L2 and L1.
+    model = nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(1e-9 * torch.tensor([[1.0, -1.0], [-1.0, 1.0]]))
+    x = torch.tensor([[0.9, 0.1], [0.6, 0.5], [0.2, 0.7]])
+    gap = torch.tensor([0.8, 0.1, 0.5])  # |x_0 - x_1|
+    exact = {"Linf": gap / 2, "L2": gap / math.sqrt(2), "L1": gap}[norm]
+    margin = brittle.input_margins(model, x, norm=norm, steps=20)
+    # The final bisection leaves 1e-3 relative at most (ten halvings).
+    torch.testing.assert_close(margin, exact, rtol=2e-3, atol=0)
+
+
 def _with_a_duplicated_unit(seed: int) -> tuple[nn.Module, nn.Module]:
     torch.manual_seed(seed)
     base = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 5))

@@ -139,3 +139,15 @@ def test_float32_steps_match_the_float64_ones(norm: str) -> None:
     assert d32.dtype == torch.float32
     # 3.4e-7 apart at most, measured.
     torch.testing.assert_close(d32.double(), d64, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("norm", ["Linf", "L2", "L1"])
+@pytest.mark.parametrize("scale", [1e-12, 1e-9, 1e9])
+def test_the_step_does_not_depend_on_the_scale_of_the_hyperplane(norm: str, scale: float) -> None:
+    # w . x = b and (s w) . x = s b are one hyperplane. Before: the L2 and L1 steps
+    # dropped weights below 1e-8 as zero, so that at s = 1e-9 they were all zero and
+    # a model with small gradients (probabilities as outputs) kept every margin censored.
+    t, w, b = _problems(8)
+    d = project(t, w * scale, b * scale, norm)
+    # 8.9e-16 apart at most, measured (the rows are rescaled to a largest weight of 1).
+    torch.testing.assert_close(d, project(t, w, b, norm), rtol=0, atol=1e-12)

@@ -43,6 +43,13 @@ def project(t: Tensor, w: Tensor, b: Tensor, norm: Norm) -> Tensor:
         >>> project(t, w, b, "Linf")  # both coordinates move by 0.25
         tensor([[0.2500, 0.2500]])
     """
+    # The hyperplane, not its scale, decides the step: each row is rescaled so that its
+    # largest weight is 1. The L2 and L1 projections drop weights below 1e-8 as zero,
+    # so that, unscaled, the boundary of a model with small gradients (probabilities
+    # near 0 or 1 as outputs) vanished and its margins came back censored.
+    scale = w.abs().amax(dim=1, keepdim=True)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    w, b = w / scale, b / scale.squeeze(1)
     if norm == "Linf":
         return project_linf(t, w, b)
     if norm == "L2":

@@ -24,7 +24,9 @@ DEFAULT_ENGINE = "brittle"
 # of models with finite logits everywhere are unchanged.
 # brittle 5: projections without bisection loops (ties sorted in another order) and the
 # targeted runs started per sample: margins move in their last digits.
-ENGINE_VERSIONS = {"brittle": 5, "torchattacks": 2}
+# brittle 6: each projected hyperplane rescaled to a largest weight of 1: the L2 and L1
+# margins of models with gradients below 1e-8 are no longer censored.
+ENGINE_VERSIONS = {"brittle": 6, "torchattacks": 2}
 
 
 @dataclass(frozen=True)
