@@ -98,6 +98,26 @@ def test_a_model_with_tiny_gradients_gets_its_margins(norm: str) -> None:
     torch.testing.assert_close(margin, exact, rtol=2e-3, atol=0)
 
 
+class _OneHot(nn.Module):
+    """A classifier that returns its decision one-hot: no gradient reaches the input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.one_hot(self.linear(x).argmax(dim=1), 3).float()
+
+
+@pytest.mark.parametrize("engine", ["brittle", "torchattacks"])
+def test_a_model_without_input_gradients_is_named(engine: str) -> None:
+    # Before: torch's "element 0 of tensors does not require grad and does not have a
+    # grad_fn" from deep inside the attack.
+    x = torch.rand(4, 6, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="no gradient with respect to its input"):
+        brittle.input_margins(_OneHot(), x, steps=5, engine=engine)
+
+
 def _with_a_duplicated_unit(seed: int) -> tuple[nn.Module, nn.Module]:
     torch.manual_seed(seed)
     base = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 5))

@@ -47,7 +47,12 @@ from brittle._modes import eval_mode, frozen
 from brittle.attacks.ball import steepest
 from brittle.attacks.projection import project
 from brittle.attacks.settings import AttackSettings
-from brittle.attacks.verify import check_unit_range, decision_changes, verified_margins
+from brittle.attacks.verify import (
+    check_differentiable,
+    check_unit_range,
+    decision_changes,
+    verified_margins,
+)
 from brittle.attacks.walk import boundary_walk
 from brittle.scores.head import model_output
 from brittle.scores.norms import START_RADIUS, Norm, check_norm, dual_order, norm_order
@@ -521,6 +526,7 @@ class _Fab:
         grad_out = torch.zeros_like(logits)
         grad_out.scatter_(1, cls[rows, rank][:, None], 1.0)
         grad_out.scatter_add_(1, c[rows][:, None], -torch.ones_like(grad_out[:, :1]))
+        check_differentiable(logits)
         (grads,) = torch.autograd.grad(logits, xr, grad_out)
 
         # Pad to (n, kmax): dg = grad(f_j - f_c), df = f_j - f_c at xa.

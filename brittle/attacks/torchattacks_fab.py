@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from brittle._modes import seeded
 from brittle.attacks.settings import AttackSettings
-from brittle.attacks.verify import verified_margins
+from brittle.attacks.verify import check_differentiable, verified_margins
 from brittle.scores.head import LogitsModel
 from brittle.scores.norms import START_RADIUS
 
@@ -30,8 +30,10 @@ def torchattacks_engine(
 
     # torchattacks' FAB casts its inputs to float32; a float64 model gets its own dtype.
     logits = LogitsModel(model, x.dtype)
-    with torch.no_grad():  # every class of the model, not only the predicted ones
-        n_classes = int(logits(x[:1]).shape[1])
+    with torch.enable_grad():  # every class of the model, not only the predicted ones
+        probe = logits(x[:1].clone().requires_grad_(True))
+    check_differentiable(probe)
+    n_classes = int(probe.shape[1])
     fab = torchattacks.FAB(
         logits,
         norm=settings.norm,

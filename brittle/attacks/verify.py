@@ -11,7 +11,13 @@ from torch import Tensor, nn
 from brittle.scores.head import model_output
 from brittle.scores.norms import Norm, per_sample_norm
 
-__all__ = ["verified_margins", "decision_changes", "check_unit_range", "model_device"]
+__all__ = [
+    "verified_margins",
+    "decision_changes",
+    "check_unit_range",
+    "check_differentiable",
+    "model_device",
+]
 
 
 def check_unit_range(x: Tensor, what: str = "input margins are measured") -> None:
@@ -34,6 +40,30 @@ def check_unit_range(x: Tensor, what: str = "input margins are measured") -> Non
         raise ValueError(
             f"{what} for inputs in [0, 1]; got values in "
             f"[{low:.4g}, {high:.4g}]. Put normalisation inside the model.{hint}"
+        )
+
+
+def check_differentiable(logits: Tensor) -> None:
+    """Raise ``ValueError`` unless ``logits`` (of an input requiring a gradient) carry one.
+
+    The minimum-norm attacks step along the logits' gradient with respect to the
+    input; a model that cuts it (an argmax or a rounding to integers inside
+    ``forward``, ``.detach()``, ``torch.no_grad()``) has none to give.
+
+    Examples:
+        >>> import torch
+        >>> from brittle.attacks.verify import check_differentiable
+        >>> x = torch.rand(2, 3, requires_grad=True)
+        >>> check_differentiable(torch.nn.functional.one_hot(x.argmax(dim=1), 3).float())
+        Traceback (most recent call last):
+        ...
+        ValueError: the model's logits carry no gradient with respect to its input ...
+    """
+    if not logits.requires_grad:
+        raise ValueError(
+            "the model's logits carry no gradient with respect to its input (an argmax or "
+            "a rounding to integers inside forward, .detach(), torch.no_grad()): input "
+            "margins are measured by gradient-based attacks. Return differentiable logits."
         )
 
 

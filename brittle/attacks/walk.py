@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from brittle.attacks.ball import project_ball, steepest
-from brittle.attacks.verify import decision_changes
+from brittle.attacks.verify import check_differentiable, decision_changes
 from brittle.scores.norms import Norm, norm_order
 
 __all__ = ["boundary_walk"]
@@ -82,6 +82,7 @@ def boundary_walk(
         point = (x0 + delta).requires_grad_(True)
         with torch.enable_grad():
             z = logits_of(point)
+            check_differentiable(z)
             # Classes tied exactly with ``pred`` are passed over: a duplicated output
             # unit ties everywhere, and its zero gradient would stall the walk.
             zd = z.detach()
