@@ -201,6 +201,22 @@ def test_nan_rows_get_nan_margins_and_the_others_are_unchanged(engine: str) -> N
     assert torch.equal(result.adv[[2, 5]].isnan(), bad[[2, 5]].isnan())
 
 
+@pytest.mark.parametrize("engine", ["brittle", "torchattacks"])
+def test_inf_rows_get_nan_margins_and_other_rows_stay_checked(engine: str) -> None:
+    # Before: a row holding Inf (no NaN beside it) raised "inputs in [0, 1]" instead
+    # of getting its NaN margin; and beside a NaN row, whose NaN made x.min() NaN, a
+    # row outside [0, 1] went unchecked: the torchattacks engine returned 4.88 for it.
+    model = nn.Linear(2, 2)
+    pred, settings = torch.tensor([0, 0]), AttackSettings(steps=5)
+    for bad in (math.inf, -math.inf):
+        x = torch.tensor([[bad, 0.5], [0.2, 0.5]])
+        assert attack_batch(model, x, pred, settings, engine).isnan().tolist() == [True, False]
+    assert fab_attack(model, torch.tensor([[math.inf, 0.5]]), steps=5).margin.isnan().all()
+    beside_nan = torch.tensor([[math.nan, 0.5], [5.0, 0.5]])
+    with pytest.raises(ValueError, match=r"inputs in \[0, 1\]; got values in \[0.5, 5\]"):
+        attack_batch(model, beside_nan, pred, settings, engine)
+
+
 class _NanWhereFirstPixelIsHigh(nn.Module):
     """A model whose logits are NaN wherever the first input value exceeds 0.5."""
 

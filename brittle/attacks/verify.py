@@ -21,7 +21,11 @@ __all__ = [
 
 
 def check_unit_range(x: Tensor, what: str = "input margins are measured") -> None:
-    """Raise ``ValueError`` unless every value of ``x`` lies in ``[0, 1]``.
+    """Raise ``ValueError`` unless every finite value of ``x`` lies in ``[0, 1]``.
+
+    NaN and Inf are the callers' to handle: the engines give a row holding one a
+    NaN margin. (``x.min()`` is NaN wherever one NaN is: the range of the other
+    rows went unchecked, and a row holding Inf raised instead of getting NaN.)
 
     Examples:
         >>> import torch
@@ -31,8 +35,9 @@ def check_unit_range(x: Tensor, what: str = "input margins are measured") -> Non
         ...
         ValueError: input margins are measured for inputs in [0, 1]; got values in [0, 255]. ...
     """
-    if x.numel() and (float(x.min()) < 0.0 or float(x.max()) > 1.0):
-        low, high = float(x.min()), float(x.max())
+    values = x[torch.isfinite(x)] if x.is_floating_point() else x
+    if values.numel() and (float(values.min()) < 0.0 or float(values.max()) > 1.0):
+        low, high = float(values.min()), float(values.max())
         # Pixel values as stored (0-255) are the common case: say how to scale them.
         hint = (
             " Images in 0-255? Divide by 255 (and eps too)." if low >= 0.0 and high <= 255.0 else ""
