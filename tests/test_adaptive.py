@@ -12,6 +12,7 @@ from torch import nn
 
 import brittle
 from brittle.attacks.adaptive import ATTACKS, AttackOutcome, adaptive_attacks, adaptive_pgd
+from brittle.attacks.pgd import torchattacks_fgsm, torchattacks_pgd
 from brittle.digits import DigitsSplit
 from brittle.scores.margins import logit_margin
 from brittle.scores.norms import per_sample_norm
@@ -127,3 +128,25 @@ def test_bad_arguments_are_named(standard_model: nn.Module, digits: DigitsSplit)
         adaptive_pgd(monitor, x, eps=-1.0)
     with pytest.raises(ValueError, match="steps must be"):
         adaptive_pgd(monitor, x, steps=0)
+
+
+@pytest.mark.parametrize("shape", [(12,), (3, 4)])
+def test_l2_attacks_take_inputs_that_are_not_images(shape: tuple[int, ...]) -> None:
+    # Before: torchattacks' PGDL2 scaled by norms viewed as (N, 1, 1, 1) and raised
+    # "output with shape [16, 12] doesn't match the broadcast shape [16, 1, 16, 12]"
+    # on tabular rows, in adaptive_attacks and in the check's PGD and FGSM rows.
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 4))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.randn(4, 12, generator=torch.Generator().manual_seed(0)))
+        model[1].bias.zero_()
+    x = torch.rand(16, *shape, generator=torch.Generator().manual_seed(1))
+    monitor = brittle.wrap(model, eps=0.5, norm="L2", score="logit")
+    monitor.set_threshold(0.5)
+    result = adaptive_attacks(monitor, x, steps=10, cw_steps=5)
+    # Every L2 margin is below 0.45 (brittle's FAB): PGD changed all 16, measured.
+    assert result.attacks["pgd"].n_successful >= 12
+    labels = model(x).argmax(dim=1)
+    for attack in (torchattacks_pgd(model, "L2", 0.5, 10), torchattacks_fgsm(model, "L2", 0.5)):
+        adv = attack(x, labels)
+        assert adv.shape == x.shape
+        assert bool((per_sample_norm(adv - x, "L2") <= 0.5 + 1e-5).all())
