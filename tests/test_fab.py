@@ -82,6 +82,8 @@ def test_deterministic_for_a_fixed_seed(robust_model: nn.Module, digits: DigitsS
     first = run(0)
     torch.testing.assert_close(run(0), first, rtol=0, atol=0)
     assert not torch.equal(run(1), first)  # the seed does reach the restarts
+    # Every bit of it: only the low 32 bits were used, so seed 2**32 drew seed 0's restarts.
+    assert not torch.equal(run(2**32), first)
 
 
 @pytest.mark.parametrize("norm", ["Linf", "L1"])

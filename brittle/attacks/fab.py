@@ -727,6 +727,12 @@ def _hash_uniform(seed: int, index: Tensor, restart: int, dim: int) -> Tensor:
     for the whole batch, the same numbers on every device and in every batch.
     """
     key = _mix(torch.tensor(seed & _MASK32, device=index.device, dtype=torch.long))
+    # Each further 32 bits of a large seed are mixed in (seeds below 2**32 draw as they
+    # always have), so that seed and seed + 2**32 do not draw the same restarts.
+    high = seed >> 32
+    while high:
+        key = _mix(key ^ (high & _MASK32))
+        high >>= 32
     key = _mix((key + restart * 0x9E3779B9) & _MASK32)
     key = _mix((key[None] ^ (index.long() & _MASK32)) & _MASK32)
     counter = torch.arange(2 * dim, device=index.device, dtype=torch.long)
