@@ -1031,10 +1031,26 @@ def _check_config(config: dict[str, Any]) -> None:
     ):
         raise ValueError(f"the state's input shape {shape!r} is not a list of positive sizes.")
     counts = config.get("reference_counts")
-    if counts is not None and not (isinstance(counts, list) and len(counts) == 2):
+    if counts is not None and not _are_reference_counts(counts):
         raise ValueError(
-            f"the state's reference counts {counts!r} are not (flagged, accepted) counts."
+            f"the state's reference counts {counts!r} are not (flagged, accepted) counts: "
+            "two integers with 0 <= flagged <= accepted and accepted >= 1."
         )
+
+
+def _are_reference_counts(counts: Any) -> bool:
+    """Whether ``counts`` is a ``[flagged, accepted]`` list that ``fit`` could have saved.
+
+    As strict as ``OnnxMonitor`` with the same counts in an exported file: integers
+    only (``int()`` would truncate 1.5, read ``"3"`` and take ``True`` as 1), and
+    counts the flag-rate alarm accepts.
+    """
+    if not (isinstance(counts, list) and len(counts) == 2):
+        return False
+    if not all(isinstance(c, int) and not isinstance(c, bool) for c in counts):
+        return False
+    flagged, accepted = counts
+    return 0 <= flagged <= accepted and accepted >= 1
 
 
 def _check_domain(domain: Tensor) -> None:

@@ -317,6 +317,14 @@ def _set_identity(key: str, value: object):
         # Allocated the network (2 PB here) before any shape was compared: RuntimeError.
         (_set_config("pseudo_features", 10**12), "pseudo-margin"),
         (_set_config("reference_counts", [1]), "reference counts"),  # IndexError
+        # Loaded, and the flag-rate alarm then silently read (1, 10) or (3, 10) (int()
+        # truncates 1.5 and reads "3"), or Telemetry.from_monitor raised later, at the
+        # server's start: what an exported file with these counts is refused for.
+        (_set_config("reference_counts", [1.5, 10]), "reference counts"),
+        (_set_config("reference_counts", ["3", 10]), "reference counts"),
+        (_set_config("reference_counts", [True, 10]), "reference counts"),
+        (_set_config("reference_counts", [5, 3]), "reference counts"),
+        (_set_config("reference_counts", [0, 0]), "reference counts"),
         # Loaded, and every input was then refused as of the wrong shape.
         (_set_config("input_shape", [3, 32, 32]), "input shape"),
         (_set_config("input_shape", [-1, 8, 8]), "input shape"),
@@ -327,6 +335,11 @@ def _set_identity(key: str, value: object):
         "unknown-choice",
         "huge-network",
         "one-count",
+        "fractional-count",
+        "string-count",
+        "boolean-count",
+        "more-flagged-than-judged",
+        "no-judged-sample",
         "other-input-shape",
         "negative-input-shape",
         "probe-shape",
