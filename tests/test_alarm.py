@@ -186,6 +186,24 @@ def test_increments_follow_the_likelihood_ratio(p0: float) -> None:
     assert down / (up + down) == pytest.approx(gamma, rel=0.03)
 
 
+@pytest.mark.parametrize(
+    ("p0", "odds_ratio"), [(0.95, 32.0), (0.94, 64.0), (0.9, 1000.0), (0.87, 1e4), (0.95, 4.0)]
+)
+def test_increments_of_a_large_rise_of_a_common_flag(p0: float, odds_ratio: float) -> None:
+    """A gamma near 1 is not rounded to 1 / 1 (which made the steps 1 and 1).
+
+    With ``up == down`` the chart's drift on clean traffic at ``p0 = 0.95`` was
+    ``0.95 - 0.05 = +0.9`` a sample: it climbed to its threshold on clean traffic
+    and fired after about ``threshold / 0.9`` samples whatever the stream.
+    """
+    up, down = cusum_increments(p0, odds_ratio=odds_ratio)
+    p1 = odds_ratio * p0 / (1 - p0 + odds_ratio * p0)
+    gamma = math.log((1 - p0) / (1 - p1)) / math.log(odds_ratio)
+    assert down / (up + down) == pytest.approx(gamma, rel=0.03)
+    # The statistic falls on average at p0 and rises at p1.
+    assert up * p0 - down * (1 - p0) < 0 < up * p1 - down * (1 - p1)
+
+
 def _sliding_window_run_lengths(
     window: int, critical: np.ndarray, p: float, t_max: int, seed: int
 ) -> np.ndarray:

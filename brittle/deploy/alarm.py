@@ -266,11 +266,14 @@ def cusum_increments(
     scale a flag adds ``up`` and a clean sample takes ``down`` away, with
     ``down / (up + down)`` the closest fraction to ``gamma`` whose denominator is
     at most ``resolution`` (or about ``1 / gamma`` for a rare flag, so that
-    ``down`` is never rounded to zero).
+    ``down`` is never rounded to zero, and ``1 / (1 - gamma)`` for a large rise
+    of a common flag, so that ``up`` is not).
 
     Examples:
         >>> cusum_increments(0.1)  # p1 = 0.2 / 1.1; gamma = 0.1375
         (25, 4)
+        >>> cusum_increments(0.95, odds_ratio=32)  # gamma = 0.9857: not 1 / 1
+        (1, 69)
     """
     if not 0.0 < p0 < 1.0:
         raise ValueError(f"p0 must be in (0, 1). Got {p0}.")
@@ -278,7 +281,10 @@ def cusum_increments(
         raise ValueError(f"odds_ratio must be above 1 and finite. Got {odds_ratio}.")
     p1 = _risen(p0, odds_ratio)
     gamma = math.log((1.0 - p0) / (1.0 - p1)) / math.log(odds_ratio)
-    limit = max(resolution, round(1.0 / gamma))
+    # On the coarse grid a gamma within 1 / (2 * resolution) of 0 or 1 would round to
+    # 0 / 1 or 1 / 1, and the step clamped to 1 would then be as large as the other:
+    # 1 / 2, below p0 when p0 is high, a chart that climbs on clean traffic.
+    limit = max(resolution, round(1.0 / gamma), round(1.0 / (1.0 - gamma)))
     fraction = Fraction(gamma).limit_denominator(limit)
     down = max(fraction.numerator, 1)
     return max(fraction.denominator - down, 1), down
