@@ -742,8 +742,8 @@ class FlagRateAlarm:
                 held.extend(pending)
                 pending.clear()
                 self._episode_length, self._long = 0, False
-            elif statistic == 0:
-                if firing and not self._long:
+            elif statistic == 0 and firing:
+                if not self._long:
                     # A short episode (a false alarm, most often) is learned whole: dropping
                     # the flag-heavy stretches of clean traffic would bias the reference low.
                     pending.extend(held)
