@@ -94,6 +94,8 @@ def main() -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     cuda = args.device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: no CUDA device is available on this machine")
     if args.quick:
         args.n10, args.n100 = max(8, args.n10 // 4), max(8, args.n100 // 4)
         args.nresnet, args.resnet_steps = max(4, args.nresnet // 2), max(5, args.resnet_steps // 2)

@@ -264,6 +264,8 @@ def main() -> None:
         args.plot = f"docs/img/margins_{'scale' if scale else 'budget'}.png"
     ref_steps = _ref_steps(args.ref_steps)
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: no CUDA device is available on this machine")
     results: dict[tuple[str, str], dict[str, dict]] = {}
     print(f"device={device} threads={torch.get_num_threads()} quick={args.quick}")
     header = (

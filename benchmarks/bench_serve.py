@@ -353,11 +353,23 @@ def main() -> None:
         return
     if args.quick:
         args.seconds, args.rounds = 2.0, 2
+    if args.provider == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("--provider cuda: no CUDA device is available on this machine")
 
     import onnxruntime as ort
 
     folder = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     models = build_models(folder, args.size, args.models)
+    if args.provider == "cuda":
+        # onnxruntime falls back to the CPU, with a warning in the servers' logs only,
+        # when its CUDA provider cannot start: the table would be CPU figures.
+        bare = str(next(iter(models.values()))["bare"])
+        used = ort.InferenceSession(bare, providers=PROVIDERS["cuda"]).get_providers()
+        if used[0] != "CUDAExecutionProvider":
+            raise SystemExit(f"--provider cuda: onnxruntime cannot start CUDA here (got {used})")
     variants = ["bare", "monitor"]
     baseline_env: dict[str, str] = {}
     if args.baseline is not None:

@@ -1,0 +1,50 @@
+"""The benchmark scripts' own behaviour: what they refuse, what they leave behind.
+
+The scripts' figures are not tested here (they are timings, recorded in
+``benchmarks/README.md``); these tests run each script in a mode that costs
+seconds and check what it tells a user who asks for something it cannot do.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "benchmarks"
+
+
+def _run(script: str, *args: str, timeout: float = 120, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), *args],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+@pytest.mark.parametrize(
+    ("script", "args"),
+    [
+        ("bench_fab.py", ("--device", "cuda", "--quick")),
+        ("bench_margins.py", ("--device", "cuda", "--quick", "--n", "2", "--plot", "")),
+        ("bench_serve.py", ("--provider", "cuda", "--quick", "--models", "digits")),
+        ("bench_overhead_gpu.py", ("--repeats", "1")),
+    ],
+)
+def test_a_gpu_benchmark_says_there_is_no_gpu(script: str, args: tuple[str, ...]) -> None:
+    # Before, --device cuda failed deep inside torch with a traceback, and
+    # bench_serve's --provider cuda fell back to the CPU in its servers and
+    # printed CPU figures under the heading "cuda".
+    result = _run(script, *args)
+    assert result.returncode != 0, result.stdout[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "CUDA device" in result.stderr, result.stderr[-2000:]
