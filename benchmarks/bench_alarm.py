@@ -66,6 +66,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -429,6 +430,12 @@ def main() -> None:
         help="expected clean run length of every detector in the delay part",
     )
     args = parser.parse_args()
+    if args.part in ("all", "delay") and not args.no_fet and find_spec("alibi_detect") is None:
+        # Checked before any part runs: the delay part comes after minutes of the others.
+        raise SystemExit(
+            "alibi-detect is not installed in this Python: install it in a venv of its "
+            "own (see this script's docstring), or pass --no-fet"
+        )
     DELAY_RUN_LENGTH = int(args.delay_run_length)
     folder = Path(__file__).resolve().parents[1] / "docs" / "img"
     P0S = tuple(args.p0)

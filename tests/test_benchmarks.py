@@ -7,6 +7,7 @@ seconds and check what it tells a user who asks for something it cannot do.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -48,3 +49,16 @@ def test_a_gpu_benchmark_says_there_is_no_gpu(script: str, args: tuple[str, ...]
     assert result.returncode != 0, result.stdout[-2000:]
     assert "Traceback" not in result.stderr, result.stderr[-2000:]
     assert "CUDA device" in result.stderr, result.stderr[-2000:]
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("alibi_detect") is not None, reason="alibi-detect is installed"
+)
+def test_the_alarm_benchmark_asks_for_alibi_detect_before_it_starts() -> None:
+    # Before, the default run spent minutes on the promise and learning parts and
+    # then stopped with a ModuleNotFoundError traceback in the delay part.
+    result = _run("bench_alarm.py", "--holdouts", "2", "--paths", "1", "--check-streams", "0")
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "--no-fet" in result.stderr
+    assert result.stdout == ""  # no part ran
