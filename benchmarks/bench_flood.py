@@ -116,7 +116,12 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, help="send each body chunked, in this many bytes")
     parser.add_argument("--baseline", type=Path, help="another brittle checkout")
     args = parser.parse_args()
-    folder = Path(tempfile.mkdtemp(prefix="bench-flood-"))
+    with tempfile.TemporaryDirectory(prefix="bench-flood-") as tmp:
+        run(args, Path(tmp))
+
+
+def run(args: argparse.Namespace, folder: Path) -> None:
+    """Export the monitor into ``folder`` and flood its servers."""
     monitor = build_models(folder, 32, only="digits")["digits CNN (8x8, logit margin)"]["monitor"]
     rng = np.random.default_rng(0)
     body = json.dumps({"inputs": rng.random((args.batch, 1, 8, 8)).tolist()}).encode()

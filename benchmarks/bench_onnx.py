@@ -47,6 +47,12 @@ def main() -> None:
     # stable numbers on a CPU that other jobs share (see bench_overhead.py).
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-onnx-") as tmp:
+        run(args, Path(tmp))
+
+
+def run(args: argparse.Namespace, folder: Path) -> None:
+    """Export the models into ``folder`` and print the tables."""
     torch.set_num_threads(args.threads)
     options = ort.SessionOptions()
     options.intra_op_num_threads = args.threads
@@ -56,7 +62,6 @@ def main() -> None:
     torch.manual_seed(0)
     model = resnet18(num_classes=args.classes).eval()
     example = torch.rand(2, 3, args.size, args.size)
-    folder = Path(tempfile.mkdtemp(prefix="bench-onnx-"))
     monitors, served = {}, {}
     for kind in ("logit", "feature"):
         monitor = brittle.wrap(model, score=kind, eps=8 / 255, example_input=example)

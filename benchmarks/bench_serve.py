@@ -359,9 +359,14 @@ def main() -> None:
         if not torch.cuda.is_available():
             raise SystemExit("--provider cuda: no CUDA device is available on this machine")
 
+    with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
+        compare(args, Path(tmp))
+
+
+def compare(args: argparse.Namespace, folder: Path) -> None:
+    """Export the models into ``folder``, serve them and print the table."""
     import onnxruntime as ort
 
-    folder = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     models = build_models(folder, args.size, args.models)
     if args.provider == "cuda":
         # onnxruntime falls back to the CPU, with a warning in the servers' logs only,

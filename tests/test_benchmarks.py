@@ -62,3 +62,24 @@ def test_the_alarm_benchmark_asks_for_alibi_detect_before_it_starts() -> None:
     assert "Traceback" not in result.stderr, result.stderr[-2000:]
     assert "--no-fet" in result.stderr
     assert result.stdout == ""  # no part ran
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("script", "args"),
+    [
+        ("bench_onnx.py", ("--classes", "10", "--size", "32", "--repeats", "1")),
+        ("bench_flood.py", ("--clients", "1", "--batch", "4", "--rounds", "1")),
+    ],
+)
+def test_a_benchmark_leaves_no_files_behind(
+    script: str, args: tuple[str, ...], tmp_path: Path
+) -> None:
+    # Before, bench_onnx.py, bench_flood.py and bench_serve.py exported their models
+    # into tempfile.mkdtemp() folders and never removed them (129 MB a run of
+    # bench_onnx.py at 10 classes, more at 1000).
+    result = _run(script, *args, timeout=240, TMPDIR=str(tmp_path))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "|" in result.stdout  # it printed its table
+    # torch and onnxscript keep their caches there too (torchinductor_*, .ses): not ours.
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("bench-")] == []
