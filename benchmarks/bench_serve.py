@@ -391,6 +391,15 @@ def compare(args: argparse.Namespace, folder: Path) -> None:
         for name, path in json.loads(out.strip().splitlines()[-1]).items():
             models[name]["baseline"] = path
         variants.append("baseline")
+    common = ["--provider", args.provider, "--threads", str(args.threads)]
+    if args.asgi:
+        print(
+            f"onnxruntime {ort.__version__} ({args.provider}, {args.threads} intra-op "
+            f"thread(s)), requests in-process through each ASGI app: per process the minimum "
+            f"CPU time over 7 blocks of 1,000, medians of {args.rounds} interleaved processes"
+        )
+        asgi_table(models, variants, baseline_env, common, folder, args.rounds)
+        return
     print(
         f"onnxruntime {ort.__version__} ({args.provider}, {args.threads} intra-op thread(s) per "
         f"server), {args.clients} closed-loop clients, {args.rounds} interleaved rounds (fresh "
@@ -403,10 +412,6 @@ def compare(args: argparse.Namespace, folder: Path) -> None:
         "| fixed cost µs/request (CPU, vs bare) |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    common = ["--provider", args.provider, "--threads", str(args.threads)]
-    if args.asgi:
-        asgi_table(models, variants, baseline_env, common, folder, args.rounds)
-        return
     for name, spec in models.items():
         http_table(
             name, spec, variants, baseline_env, common, args.rounds, args.seconds, args.clients
