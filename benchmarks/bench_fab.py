@@ -106,14 +106,14 @@ def main() -> None:
     cases: list[tuple[str, Callable[[], tuple[nn.Module, Tensor]], int, AttackSettings]] = [
         ("digits CNN, PGD, 10 classes", _robust_digits, args.n10, settings),
         ("digits CNN, 100 classes", hundred_class_digits, args.n100, settings),
-        ("ResNet-18 32x32, random", partial(resnet18, 10), nresnet, resnet),
+        ("ResNet-18 32x32, random", partial(resnet18, 10, 32, nresnet + 8), nresnet, resnet),
     ]
     if cuda:  # torchattacks takes one backward pass per class and step: GPU only
         cases += [
-            ("ResNet-18 32x32, 100 cl.", partial(resnet18, 100), nresnet, resnet),
+            ("ResNet-18 32x32, 100 cl.", partial(resnet18, 100, 32, nresnet + 8), nresnet, resnet),
             (
                 "ResNet-18 64x64, 1000 cl.",
-                partial(resnet18, 1000, 64),
+                partial(resnet18, 1000, 64, nresnet + 8),
                 max(4, nresnet // 2),
                 resnet,
             ),
@@ -131,10 +131,11 @@ def main() -> None:
     print("-" * len(header))
     for name, build, n, case_settings in cases:
         model, x = build()
-        model, warmup, x = model.to(args.device), x[-8:].to(args.device), x[:n].to(args.device)
-        row = _compare(model, x, warmup, case_settings, args.repeats)
+        # The warm-up samples are the last 8, never among the timed ones.
+        warmup, x = x[-8:].to(args.device), x[: min(n, len(x) - 8)].to(args.device)
+        row = _compare(model.to(args.device), x, warmup, case_settings, args.repeats)
         print(
-            f"{name:<28} {n:>4} {case_settings.steps:>5} {row['ta_s']:>11.1f}s "
+            f"{name:<28} {row['n']:>4} {case_settings.steps:>5} {row['ta_s']:>11.1f}s "
             f"{row['br_s']:>7.1f}s {row['speedup']:>6.1f}x {row['cpu_speedup']:>4.1f}x "
             f"{row['ta_broke']:>5.0%}/{row['br_broke']:<5.0%} {row['median']:>9.4f} "
             f"{row['p95']:>6.3f} {row['worse5']:>4}",

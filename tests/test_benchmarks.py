@@ -97,3 +97,27 @@ def test_the_in_process_serving_benchmark_prints_one_table() -> None:
     assert "closed-loop clients" not in result.stdout
     rows = [line for line in result.stdout.splitlines() if line.startswith("| digits")]
     assert len(rows) == 4, result.stdout  # bare and monitor, batch 1 and 16
+
+
+@pytest.mark.slow
+def test_the_fab_benchmark_prints_how_many_samples_it_attacked() -> None:
+    # Before, each row printed the number asked for: --n10 1000 printed 1000 for the
+    # 719 holdout digits (whose last 8 were also the warm-up samples), and --nresnet
+    # above 72 printed more ResNet inputs than were made. The warm-up takes 8.
+    result = _run(
+        "bench_fab.py",
+        *("--n10", "1000", "--n100", "2", "--nresnet", "80"),
+        *("--steps", "2", "--resnet-steps", "1", "--threads", "1", "--device", "cpu"),
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    counts = {
+        line[:28].strip(): int(line[28:33])
+        for line in result.stdout.splitlines()
+        if line.startswith(("digits", "ResNet"))
+    }
+    assert counts == {
+        "digits CNN, PGD, 10 classes": 719 - 8,
+        "digits CNN, 100 classes": 2,
+        "ResNet-18 32x32, random": 80,
+    }, result.stdout
