@@ -10,8 +10,9 @@ the share of margins within 1 % of the per-sample best, the 90th percentile of t
 ratio to the best, Kendall tau of the logit margin against the attack's margins
 minus tau against the best margins, and the CPU-time speedup over torchattacks' FAB.
 The plot (``--plot``, default ``docs/img/margins_budget.png``,
-``docs/img/margins_scale.png`` at scale) draws the share within 1 % against passes
-per sample.
+``docs/img/margins_scale.png`` at scale, in this checkout; none with ``--quick``,
+whose shortened references must not replace the figures the docs show) draws the
+share within 1 % against passes per sample.
 
 At scale (issue 21), ``--models digits100,resnet1000`` adds two cases: the digits
 CNN with a 100-class head (the PGD-trained body, trained briefly on a 100-way
@@ -54,6 +55,8 @@ from brittle.attacks.fab_references import REFERENCES, reference_margins
 from brittle.attacks.verify import verified_margins
 from brittle.digits import digits_model, load_digits_split
 
+# Where the plots the docs show live, whatever the working directory.
+DOCS_IMG = Path(__file__).resolve().parents[1] / "docs" / "img"
 # brittle's engine at a few budgets: fab_attack keyword arguments. "default" is
 # what fit() and input_margins() run (100 steps, one restart).
 BUDGETS: dict[str, dict[str, int]] = {
@@ -249,8 +252,8 @@ def main() -> None:
     parser.add_argument(
         "--plot",
         default=None,
-        help="plot path ('' for none; default docs/img/margins_budget.png, "
-        "docs/img/margins_scale.png when a 100- or 1000-class model runs)",
+        help="plot path ('' for none; default this checkout's docs/img/margins_budget.png, "
+        "docs/img/margins_scale.png when a 100- or 1000-class model runs; none with --quick)",
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -259,9 +262,11 @@ def main() -> None:
     if len(counts) not in (1, len(models)):
         raise SystemExit("--n: one number, or one per model")
     counts = [min(c, 48) if args.quick else c for c in counts] * (len(models) // len(counts))
-    if args.plot is None:
+    if args.plot is None and args.quick:
+        args.plot = ""
+    elif args.plot is None:
         scale = any(m in SCALE_MODELS for m in models)
-        args.plot = f"docs/img/margins_{'scale' if scale else 'budget'}.png"
+        args.plot = str(DOCS_IMG / f"margins_{'scale' if scale else 'budget'}.png")
     ref_steps = _ref_steps(args.ref_steps)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():

@@ -20,10 +20,12 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
 
 
-def _run(script: str, *args: str, timeout: float = 120, **env: str) -> subprocess.CompletedProcess:
+def _run(
+    script: str, *args: str, timeout: float = 120, cwd: Path = ROOT, **env: str
+) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(BENCHMARKS / script), *args],
-        cwd=ROOT,
+        cwd=cwd,
         env={**os.environ, "PYTHONPATH": str(ROOT), **env},
         capture_output=True,
         text=True,
@@ -121,3 +123,18 @@ def test_the_fab_benchmark_prints_how_many_samples_it_attacked() -> None:
         "digits CNN, 100 classes": 2,
         "ResNet-18 32x32, random": 80,
     }, result.stdout
+
+
+def test_a_quick_margins_run_leaves_the_docs_figure_alone(tmp_path: Path) -> None:
+    # Before, every run without --plot wrote docs/img/margins_budget.png relative to
+    # the working directory: from the checkout, a --quick smoke test (48 images at
+    # most, shortened references) replaced the figure docs/margins.md shows; from
+    # anywhere else, it made a docs/img folder there.
+    figure = ROOT / "docs" / "img" / "margins_budget.png"
+    before = figure.read_bytes()
+    args = ("--quick", "--n", "2", "--models", "robust", "--norms", "Linf")
+    result = _run("bench_margins.py", *args, timeout=240, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "plot:" not in result.stdout
+    assert list(tmp_path.iterdir()) == []
+    assert figure.read_bytes() == before
