@@ -10,6 +10,7 @@ import pytest
 from scipy.stats import beta, binom
 
 from brittle.deploy.alarm import (
+    LAG_DELAYS,
     MAX_RUN_LENGTH,
     MIN_REFERENCE_RATE,
     FlagRateAlarm,
@@ -390,6 +391,29 @@ def test_a_rise_is_not_learned() -> None:
     alarm.reset(forget=True)
     assert alarm.state.learned == 0
     assert alarm.design == FlagRateAlarm((40, 400), run_length=1e4).design
+
+
+def test_the_lag_follows_the_learned_chart() -> None:
+    """``lag`` is 20 times the expected delay of the chart in use, not of the holdout's.
+
+    A holdout flagged at 0.3, a promise of 10^5 and a stream at 0.001: the learned
+    chart pages a doubling in about 2,800 samples, while the lag had stayed at the
+    holdout chart's 2,638, so a rise was learned before it could be paged.
+    """
+    alarm = FlagRateAlarm((300, 1000), run_length=1e5)
+    rng = np.random.default_rng(0)
+    stream = rng.random(200_000) < 0.001
+    alarm.feed(stream)
+    design = alarm.design
+    assert design.rate < 0.01  # redesigned from the stream
+    odds = 2 * design.rate / (1 - design.rate)
+    delay = cusum_run_length(design.up, design.down, design.threshold, odds / (1 + odds))
+    assert alarm.lag >= LAG_DELAYS * delay
+    # In one batch or sample by sample, the same chart and the same learned samples.
+    one_by_one = FlagRateAlarm((300, 1000), run_length=1e5)
+    for i in range(0, len(stream), 997):
+        one_by_one.feed(stream[i : i + 997])
+    assert one_by_one.design == design and one_by_one.state.learned == alarm.state.learned
 
 
 def test_false_alarms_do_not_bias_the_learned_reference() -> None:

@@ -24,7 +24,7 @@ So the chart learns (a self-starting chart, as Hawkins's): a sample joins the
 reference once ``lag`` later samples have passed without an alarm, and each
 time the reference has doubled the chart is designed again at the new bound.
 A rise is caught within its first ``lag`` samples (``lag`` is 20 times the
-chart's expected delay for the rise it is tuned to), before it could be
+expected delay of the chart in use for the rise it is tuned to), before it could be
 learned as normal. The samples waiting when the alarm switches on wait with
 the episode's: all are learned once the alarm clears if it was on for at most
 ``lag`` samples (a false alarm is short, and dropping its flag-heavy stretch
@@ -594,7 +594,7 @@ class FlagRateAlarm:
         learn: Whether the reference learns from the stream (counts only).
         lag: Samples a sample waits before it is learned; by default ``LAG_DELAYS``
             times the chart's expected delay for a rise of ``odds_ratio``, at
-            least ``MIN_LAG``.
+            least ``MIN_LAG``, computed again at each redesign.
 
     Examples:
         >>> import numpy as np
@@ -644,6 +644,8 @@ class FlagRateAlarm:
             self.reference_rate = ref
             design = design_cusum(max(ref, MIN_REFERENCE_RATE), self.run_length, self.odds_ratio)
         self.learn = bool(learn) and self.reference_counts is not None
+        # A lag not given follows the chart: each redesign changes its delay.
+        self._given_lag = lag
         self.lag = _default_lag(design, self.odds_ratio) if lag is None else lag
         self._holdout_design = design
         self._lock = threading.Lock()
@@ -658,6 +660,8 @@ class FlagRateAlarm:
         self.design = design
         self._up, self._down = design.up, design.down
         self._threshold = design.threshold
+        if self._given_lag is None:
+            self.lag = _default_lag(design, self.odds_ratio)
 
     def _forget(self) -> None:
         """Back to the holdout's reference and chart; nothing learned or waiting."""
@@ -766,7 +770,7 @@ class FlagRateAlarm:
                 self._pool_n += 1
                 if self._pool_n >= self._next_design:
                     statistic = self._redesign(statistic)
-                    up, down, threshold = self._up, self._down, self._threshold
+                    up, down, threshold, lag = self._up, self._down, self._threshold, self.lag
         self._statistic, self._firing, self._episodes = statistic, firing, episodes
         self._samples += len(values)
         self._flagged += flagged
