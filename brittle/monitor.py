@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from brittle._modes import changes_in_train_mode, eval_mode
 from brittle.attacks.settings import DEFAULT_ENGINE
 from brittle.calibrate.calibration import Calibration, ScoreKind
-from brittle.deploy.alarm import OLD_REFERENCE_WARNING
+from brittle.deploy.alarm import OLD_REFERENCE_WARNING, parse_reference
 from brittle.errors import NotFittedError
 from brittle.identity import wrapper_hint
 from brittle.output import MonitorOutput, MonitorPass, flagged
@@ -787,7 +787,10 @@ class Monitor(nn.Module):
     ) -> None:
         config = state_dict.get(prefix + "_extra_state")
         if isinstance(config, dict):
-            self._size_as_saved(config, error_msgs)
+            try:
+                self._size_as_saved(config)
+            except ValueError as err:  # PyTorch's way: reported with the other errors
+                error_msgs.append(str(err))
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
@@ -805,27 +808,32 @@ class Monitor(nn.Module):
                     stacklevel=2,
                 )
 
-    def _size_as_saved(self, config: dict[str, Any], error_msgs: list[str]) -> None:
+    def _size_as_saved(self, config: dict[str, Any]) -> None:
         """Give this monitor the saved head table and pseudo network, where it has none.
 
-        A plain ``load_state_dict`` into a fresh ``wrap(model)`` (with or without
-        ``example_input``) then works as ``brittle.load`` does; a head the model
-        lacks is reported, not attached.
+        ``from_state`` builds a loaded monitor so, and a plain ``load_state_dict`` into
+        a fresh ``wrap(model)`` (with or without ``example_input``) then works as
+        ``brittle.load`` does.
+
+        Raises:
+            ValueError: if the model has no head of the saved name and shape.
         """
         name, features = config.get("head"), config.get("pseudo_features")
         if isinstance(name, str) and self.head_name is None:
             try:
                 head = resolve_head(self.model, name)
             except ValueError as err:
-                error_msgs.append(f"the monitor was saved for a head named {name!r}: {err}")
-                return
+                raise ValueError(
+                    f"the monitor was saved for a model with a head named {name!r}: "
+                    f"{err}{wrapper_hint(self.model)}"
+                ) from err
             saved = (config.get("num_classes"), config.get("feature_dim"))
             if tuple(head.weight.shape) != saved:
-                error_msgs.append(
-                    f"the monitor was saved for a head {name!r} of shape {saved}; this model's "
-                    f"head has shape {tuple(head.weight.shape)}."
+                raise ValueError(
+                    f"the monitor was saved for a head {name!r} of shape {saved} (classes, "
+                    f"features); this model's head has shape {tuple(head.weight.shape)}. Fit a "
+                    "monitor for this model."
                 )
-                return
             self._attach_head(name)
         if isinstance(features, int) and self.pseudo is None:
             pseudo = PseudoMargin(features, int(config["num_classes"]))
@@ -844,25 +852,7 @@ class Monitor(nn.Module):
             raise ValueError("the state holds no brittle.Monitor configuration.")
         _check_config(config)
         monitor = cls(model, score=config["score"], norm=config["norm"], eps=config["eps"])
-        name = config["head"]
-        if name is not None:
-            try:
-                head = resolve_head(model, name)
-            except ValueError as err:
-                raise ValueError(
-                    f"the monitor was saved for a model with a head named {name!r}: "
-                    f"{err}{wrapper_hint(model)}"
-                ) from err
-            saved = (config["num_classes"], config["feature_dim"])
-            if tuple(head.weight.shape) != saved:
-                raise ValueError(
-                    f"the monitor was saved for a head {name!r} of shape {saved} (classes, "
-                    f"features); this model's head has shape {tuple(head.weight.shape)}. Fit a "
-                    "monitor for this model."
-                )
-            monitor._attach_head(name)
-        if config["pseudo_features"] is not None:
-            monitor.pseudo = PseudoMargin(config["pseudo_features"], config["num_classes"])
+        monitor._size_as_saved(config)
         param = next(model.parameters(), None)
         if param is not None:
             monitor.to(param.device)
@@ -1041,16 +1031,17 @@ def _check_config(config: dict[str, Any]) -> None:
 def _are_reference_counts(counts: Any) -> bool:
     """Whether ``counts`` is a ``[flagged, accepted]`` list that ``fit`` could have saved.
 
-    As strict as ``OnnxMonitor`` with the same counts in an exported file: integers
-    only (``int()`` would truncate 1.5, read ``"3"`` and take ``True`` as 1), and
-    counts the flag-rate alarm accepts.
+    Integers only (``int()`` would truncate 1.5, read ``"3"`` and take ``True`` as 1),
+    then the alarm's own check of counts, as ``OnnxMonitor`` applies to the same
+    counts in an exported file.
     """
-    if not (isinstance(counts, list) and len(counts) == 2):
+    if not (isinstance(counts, list) and all(type(c) is int for c in counts)):
         return False
-    if not all(isinstance(c, int) and not isinstance(c, bool) for c in counts):
+    try:
+        parse_reference(counts)
+    except ValueError:
         return False
-    flagged, accepted = counts
-    return 0 <= flagged <= accepted and accepted >= 1
+    return True
 
 
 def _check_domain(domain: Tensor) -> None:
