@@ -33,6 +33,24 @@ REPO = Path(__file__).resolve().parents[1]
 FAST = ["--eps", "0.1", "--steps", "3", "--no-progress", "--seed", "0"]
 
 
+def digits_check(
+    model: str,
+    margin_cache: Path,
+    data: str | Path = "digits",
+    n: int = 120,
+    subset: int = 40,
+    fast: list[str] = FAST,
+) -> list[str | Path]:
+    """The arguments of a fast check of ``model`` on ``n`` digits (``subset`` attacked)."""
+    return [
+        "--model",
+        model,
+        *("--data", data, "--n", str(n), "--attack-subset", str(subset)),
+        *("--cache-dir", margin_cache),
+        *fast,
+    ]
+
+
 def run_main(argv: list[str]) -> tuple[int, str, str]:
     """``main(argv)`` in-process, with its stdout and stderr."""
     out, err = io.StringIO(), io.StringIO()
@@ -276,19 +294,7 @@ def test_robust_accuracy_estimate_reproduces_the_subset_figure() -> None:
 def test_file_factory_on_digits_and_the_min_tau_gate(
     model_file: Path, margin_cache: Path, tmp_path: Path
 ) -> None:
-    args = [
-        "--model",
-        f"{model_file}:standard",
-        "--data",
-        "digits",
-        "--n",
-        "120",
-        "--attack-subset",
-        "40",
-        "--cache-dir",
-        margin_cache,
-        *FAST,
-    ]
+    args = digits_check(f"{model_file}:standard", margin_cache)
     code, stdout, stderr = run_main([*args, "--min-tau", "0.99", "--out", tmp_path / "fail"])
     assert code == 1, stderr
     assert "gate FAILED" in stdout and "--min-tau 0.99" in stderr
@@ -330,21 +336,7 @@ def test_a_model_returning_a_dict_of_logits_is_checked(
     )
     out = tmp_path / "out"
     code, _, stderr = run_main(
-        [
-            "--model",
-            f"{tmp_path / 'dict_model.py'}:build",
-            "--data",
-            "digits",
-            "--n",
-            "120",
-            "--attack-subset",
-            "40",
-            "--cache-dir",
-            margin_cache,
-            "--out",
-            out,
-            *FAST,
-        ]
+        [*digits_check(f"{tmp_path / 'dict_model.py'}:build", margin_cache), "--out", out]
     )
     assert code == 0, stderr
     payload = read_report(out)
@@ -364,21 +356,8 @@ def test_package_module_factory_on_npz_without_matplotlib(
     out = tmp_path / "out"
     code, stdout, stderr = run_main(
         [
-            "--model",
-            "digits_models:standard",
-            "--data",
-            digits_npz,
-            "--n",
-            "150",
-            "--attack-subset",
-            "50",
-            "--cache-dir",
-            margin_cache,
-            "--out",
-            out,
-            "--save-monitor",
-            tmp_path / "monitor.pt",
-            *FAST,
+            *digits_check("digits_models:standard", margin_cache, digits_npz, n=150, subset=50),
+            *("--out", out, "--save-monitor", tmp_path / "monitor.pt"),
         ]
     )
     assert code == 0, stderr
@@ -389,20 +368,10 @@ def test_package_module_factory_on_npz_without_matplotlib(
     assert "pip install brittle[plot]" in (out / "report.html").read_text()
     # The saved monitor, evaluated as saved on the same data: same threshold and score.
     saved = tmp_path / "monitor.pt"
+    own_eps = [a for a in FAST if a not in ("--eps", "0.1")]  # the monitor's own eps
     evaluate = [
-        "--model",
-        f"{saved}@{model_file}:standard",
-        "--data",
-        digits_npz,
-        "--n",
-        "150",
-        "--attack-subset",
-        "50",
-        "--cache-dir",
-        margin_cache,
-        "--out",
-        tmp_path / "again",
-        *[a for a in FAST if a not in ("--eps", "0.1")],  # the monitor's own eps
+        *digits_check(f"{saved}@{model_file}:standard", margin_cache, digits_npz, 150, 50, own_eps),
+        *("--out", tmp_path / "again"),
     ]
     code, stdout, stderr = run_main(evaluate)
     assert code == 0, stderr
@@ -611,21 +580,8 @@ def test_export_onnx_when_available(model_file: Path, margin_cache: Path, tmp_pa
     path = tmp_path / "monitor.onnx"
     code, stdout, stderr = run_main(
         [
-            "--model",
-            f"{model_file}:standard",
-            "--data",
-            "digits",
-            "--n",
-            "120",
-            "--attack-subset",
-            "40",
-            "--cache-dir",
-            margin_cache,
-            "--out",
-            tmp_path / "out",
-            "--export-onnx",
-            path,
-            *FAST,
+            *digits_check(f"{model_file}:standard", margin_cache),
+            *("--out", tmp_path / "out", "--export-onnx", path),
         ]
     )
     assert code == 0, stderr
@@ -846,10 +802,11 @@ def test_setup_errors_exit_2_before_any_work(model_file: Path, tmp_path: Path) -
     assert "no weights here" in run_main(cases[-1][0])[2]
 
 
-def test_a_crash_during_the_check_is_not_the_gate(model_file: Path, tmp_path: Path) -> None:
-    (tmp_path / "bad.py").write_text(
-        "import torch\n"
-        "class Bad(torch.nn.Module):\n"
+def model_that_stops(statement: str) -> str:
+    """The source of a digits model whose fourth forward pass runs ``statement``."""
+    return (
+        "import sys, torch\n"
+        "class Stops(torch.nn.Module):\n"
         "    def __init__(self):\n"
         "        super().__init__()\n"
         "        self.fc = torch.nn.Linear(64, 10)\n"
@@ -857,11 +814,16 @@ def test_a_crash_during_the_check_is_not_the_gate(model_file: Path, tmp_path: Pa
         "    def forward(self, x):\n"
         "        self.calls += 1\n"
         "        if self.calls > 3:\n"
-        "            raise ArithmeticError('model broke mid-way')\n"
+        f"            {statement}\n"
         "        return self.fc(x.flatten(1))\n"
         "def build():\n"
-        "    return Bad()\n"
+        "    return Stops()\n"
     )
+
+
+def test_a_crash_during_the_check_is_not_the_gate(model_file: Path, tmp_path: Path) -> None:
+    broken = model_that_stops("raise ArithmeticError('model broke mid-way')")
+    (tmp_path / "bad.py").write_text(broken)
     code, _, stderr = run_main(
         [
             "--model",
@@ -894,21 +856,7 @@ def test_a_sys_exit_in_the_model_code_is_not_a_check_that_ran(tmp_path: Path) ->
         "def build():\n"
         "    return None\n"
     )
-    (tmp_path / "forward.py").write_text(
-        "import sys, torch\n"
-        "class Quits(torch.nn.Module):\n"
-        "    def __init__(self):\n"
-        "        super().__init__()\n"
-        "        self.fc = torch.nn.Linear(64, 10)\n"
-        "        self.calls = 0\n"
-        "    def forward(self, x):\n"
-        "        self.calls += 1\n"
-        "        if self.calls > 3:\n"
-        "            sys.exit()\n"
-        "        return self.fc(x.flatten(1))\n"
-        "def build():\n"
-        "    return Quits()\n"
-    )
+    (tmp_path / "forward.py").write_text(model_that_stops("sys.exit()"))
     base = ["--data", "digits", "--n", "60", "--out", tmp_path / "o", *FAST]
     for factory, code, needle in (
         ("exits.py:build", 2, "SystemExit(0)"),
