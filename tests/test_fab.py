@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import brittle
+from brittle.attacks import fab
 from brittle.attacks.attack import ENGINES, AttackSettings, attack_batch
 from brittle.attacks.fab import fab_attack
 from brittle.digits import DigitsSplit
@@ -127,28 +128,25 @@ def test_runs_that_follow_each_other_per_sample_do_not_depend_on_the_batch(
 
 
 def test_a_step_too_large_for_one_pass_runs_in_parts_with_the_same_result(
-    robust_model: nn.Module, digits: DigitsSplit
+    robust_model: nn.Module, digits: DigitsSplit, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The first step linearises nine classes: 64 samples make 576 model rows, more
-    # than one pass takes (512), so it runs in parts; 32 samples (288 rows) do not.
+    # A FAB step's pass takes at most _MAX_COPIES model rows; with a cap of 24, the
+    # first step (one row per sample, nine backward passes) of 64 samples runs in
+    # three parts.
     x = digits.x_holdout[:64]
     pred = _pred(robust_model, x)
+    whole = fab_attack(robust_model, x, pred, steps=8).margin
+    monkeypatch.setattr(fab, "_MAX_COPIES", 24)
     rows: list[int] = []
     hook = robust_model.register_forward_pre_hook(lambda _, args: rows.append(len(args[0])))
     try:
-        whole = fab_attack(robust_model, x, pred, steps=8).margin
+        parts = fab_attack(robust_model, x, pred, steps=8).margin
     finally:
         hook.remove()
-    assert max(rows) <= 512 and sum(rows[1:3]) == 64 * 9  # x0's logits, then two parts
-    halves = [
-        fab_attack(
-            robust_model, x[i : i + 32], pred[i : i + 32], steps=8, index=torch.arange(i, i + 32)
-        )
-        for i in (0, 32)
-    ]
+    assert rows[1:4] == [24, 24, 16]  # x0's logits, then the first step in three parts
     assert torch.isfinite(whole).all()
     # Bitwise equal on this machine; 1e-4 as for batches of other sizes above.
-    torch.testing.assert_close(torch.cat([h.margin for h in halves]), whole, rtol=1e-4, atol=0)
+    torch.testing.assert_close(parts, whole, rtol=1e-4, atol=0)
 
 
 def test_linear_model_hits_the_exact_boundary() -> None:

@@ -15,7 +15,9 @@ and APGD-based minimum-norm attacks):
   sample: it doubles for the next step whenever the next class's guessed
   distance is close enough to the chosen boundary's that it might be nearer;
 * the ``k`` gradients come from one backward pass over ``k`` copies of each
-  sample, whose forward pass also serves as the label check of the step;
+  sample, whose forward pass also serves as the label check of the step; at a
+  run's first step, where every sample linearises as many classes, from ``k``
+  backward passes of one forward pass instead (half the cost);
 * a sample leaves a run once the run's own best norm has stopped improving
   (patience counted per run, so that every restart gets its chance);
 * after the runs, a short FMN-style walk along the boundary
@@ -83,9 +85,10 @@ _EXTRA_RESTARTS = 3
 # consistent models); smaller gains are left to the bisection.
 _EXTRA_WALKS = 2
 _WALK_RTOL = 0.05
-# Most model rows per pass: a step that linearises many classes (the first, ten copies
-# of every sample) runs in parts, whose activations stay in the cache. At once, the
-# 1,152 rows of the digits CNN's first step took 82-85 ms; in parts of 576, 53-65 ms.
+# Most model rows per pass: a step that linearises many classes (ka copies of every
+# sample) runs in parts, whose activations stay in the cache. At once, the 1,152 rows
+# of the digits CNN's first step (nine classes) took 82-85 ms; in parts of 576, 53-65 ms.
+# The first step now runs one row per sample and nine backward passes: 23-27 ms.
 _MAX_COPIES = 512
 # A point exactly on a boundary (a logit tie) projects onto itself: FAB's step and its
 # overshoot are both zero. Steps shorter than this many units in the last place of the
@@ -332,13 +335,14 @@ class _Point(NamedTuple):
     x0: Tensor  # their clean points, flat
     c: Tensor  # their predicted classes
     ka: Tensor  # candidate classes to linearise, per sample
-    xr: Tensor  # ka copies of each point (one gradient each)
+    xr: Tensor  # ka copies of each point (one gradient each), or the points if shared
     rows: Tensor  # the sample of each copy
     first: Tensor  # each sample's first copy
     logits: Tensor  # the copies' logits (with the graph when a step follows)
     z: Tensor  # each sample's logits, detached
     is_adv: Tensor  # whether the point is already adversarial
     last: Tensor  # whether the point ends its sample's run (label check only, no step)
+    shared: bool  # one row per sample, ka backward passes (else ka copies, one pass)
 
 
 @dataclass
@@ -360,16 +364,16 @@ class _Runs:
     run_adv: Tensor  # (runs, B, D) each run's best adversarial
 
 
-def _parts(idx: Tensor, copies: Tensor, cap: int) -> list[tuple[Tensor, Tensor]]:
-    """``(idx, copies)`` in consecutive parts of at most ``cap`` copies each.
+def _parts(copies: Tensor, cap: int) -> list[slice]:
+    """Consecutive slices of the samples, of at most ``cap`` ``copies`` each.
 
     One sample may exceed ``cap`` alone.
     """
     if int(copies.sum()) <= cap:
-        return [(idx, copies)]
+        return [slice(None)]
     group = (torch.cumsum(copies, 0) - 1) // cap
-    parts = [group == g for g in torch.unique_consecutive(group).tolist()]
-    return [(idx[part], copies[part]) for part in parts]
+    ends = torch.cumsum(torch.unique_consecutive(group, return_counts=True)[1], 0).tolist()
+    return [slice(start, end) for start, end in zip([0, *ends[:-1]], ends, strict=True)]
 
 
 class _Fab:
@@ -452,27 +456,34 @@ class _Fab:
                 break
             # The last point of a run only needs its label check: one copy.
             ka = torch.where(runs.count[idx] == steps, 1, runs.k[idx])
-            for part, part_ka in _parts(idx, ka, _MAX_COPIES):
-                self._advance(runs, part, part_ka)
+            # A run's first step linearises the same number of classes for every sample:
+            # one forward pass of the points serves all k backward passes.
+            shared = int(ka.min()) > 1 and int(ka.max()) == int(ka.min())
+            shared = shared and bool((runs.count[idx] == 0).all())
+            for part in _parts(torch.ones_like(ka) if shared else ka, _MAX_COPIES):
+                self._advance(runs, idx[part], ka[part], shared)
 
-    def _advance(self, runs: _Runs, idx: Tensor, ka: Tensor) -> None:
+    def _advance(self, runs: _Runs, idx: Tensor, ka: Tensor, shared: bool = False) -> None:
         """One step of the runs of the samples ``idx``: label check, best so far, FAB step.
 
-        ``ka`` is each sample's number of copies: one per class it linearises.
+        ``ka`` is each sample's number of classes to linearise. Each sample gets ``ka``
+        copies, whose one backward pass yields the gradients; with ``shared`` (the same
+        ``ka`` for all) the points go through the model once, and ``ka`` backward passes
+        of that graph yield them, which costs about half as much.
         """
         ph, last = runs.phase[idx], runs.count[idx] == runs.steps
         xa, x0, c = runs.x1[idx], self.x0[idx], self.pred[idx]
         stepping = not bool(last.all())
-        # k copies of each sample: one backward pass yields the k gradients, and the
-        # forward pass that builds them is also the label check of this point.
-        copies = torch.repeat_interleave(torch.arange(len(idx), device=xa.device), ka)
+        # The forward pass that builds the gradients is also the label check of this point.
+        arange = torch.arange(len(idx), device=xa.device)
+        copies = arange if shared else torch.repeat_interleave(arange, ka)
         xr = xa[copies].requires_grad_(stepping)
         with torch.set_grad_enabled(stepping):
             logits = self._logits(xr)
-        first = torch.cumsum(ka, 0) - ka
+        first = arange if shared else torch.cumsum(ka, 0) - ka
         z = logits.detach()[first]
         is_adv = decision_changes(z, c)
-        point = _Point(idx, xa, x0, c, ka, xr, copies, first, logits, z, is_adv, last)
+        point = _Point(idx, xa, x0, c, ka, xr, copies, first, logits, z, is_adv, last, shared)
 
         dist, best, own = _lp(xa - x0, self.norm), self.best[idx], runs.run_best[ph, idx]
         better = is_adv & (dist < best)
@@ -511,7 +522,7 @@ class _Fab:
         where ``target`` (one class per active sample, -1 for none) names one, that
         class only.
         """
-        idx, xa, x0, c, ka, xr, rows, first, logits, z, is_adv, last = point
+        idx, xa, x0, c, ka, xr, rows, first, logits, z, is_adv, last, shared = point
         n, kmax, num_classes = len(xa), int(ka.max()), z.shape[1]
         zc = z.gather(1, c[:, None])
         dual_seen, known = self.dual_seen[idx], self.known[idx]
@@ -522,16 +533,9 @@ class _Fab:
             aimed = target >= 0
             cls = torch.where(aimed[:, None], target[:, None], cls)
 
-        rank = torch.arange(len(rows), device=xa.device) - first[rows]
-        grad_out = torch.zeros_like(logits)
-        grad_out.scatter_(1, cls[rows, rank][:, None], 1.0)
-        grad_out.scatter_add_(1, c[rows][:, None], -torch.ones_like(grad_out[:, :1]))
         check_differentiable(logits)
-        (grads,) = torch.autograd.grad(logits, xr, grad_out)
-
-        # Pad to (n, kmax): dg = grad(f_j - f_c), df = f_j - f_c at xa.
-        dg = xa.new_zeros(n, kmax, xa.shape[1])
-        dg[rows, rank] = grads
+        # dg = grad(f_j - f_c), padded to (n, kmax); df = f_j - f_c at xa.
+        dg = _shared(logits, xr, c, cls) if shared else _gradients(logits, xr, c, cls, rows, first)
         df = z.gather(1, cls) - zc
         valid = torch.arange(kmax, device=xa.device)[None, :] < ka[:, None]
 
@@ -653,6 +657,40 @@ class _Fab:
             hi, lo = torch.where(flipped, mid, hi), torch.where(flipped, lo, mid)
         self.best_adv[idx] = adv
         self.best[idx] = _lp(adv - x0, self.norm)
+
+
+def _gradients(
+    logits: Tensor, xr: Tensor, c: Tensor, cls: Tensor, rows: Tensor, first: Tensor
+) -> Tensor:
+    """``(n, kmax, d)`` gradients of ``f_j - f_c`` from copies of the samples, one pass.
+
+    ``rows`` names each copy's sample, ``first`` each sample's first copy: the
+    ``r``-th copy of a sample takes the gradient of its ``r``-th class in ``cls``.
+    Entries beyond a sample's copies stay zero.
+    """
+    rank = torch.arange(len(rows), device=xr.device) - first[rows]
+    grad_out = torch.zeros_like(logits)
+    grad_out.scatter_(1, cls[rows, rank][:, None], 1.0)
+    grad_out.scatter_add_(1, c[rows][:, None], -torch.ones_like(grad_out[:, :1]))
+    (grads,) = torch.autograd.grad(logits, xr, grad_out)
+    dg = xr.new_zeros(len(first), cls.shape[1], xr.shape[1])
+    dg[rows, rank] = grads
+    return dg
+
+
+def _shared(logits: Tensor, xr: Tensor, c: Tensor, cls: Tensor) -> Tensor:
+    """``(n, k, d)`` gradients of ``f_j - f_c`` for the ``k`` classes ``cls``, one pass each.
+
+    One row per sample: the graph of the forward pass is kept for ``k`` backward passes.
+    """
+    grads = []
+    for j in range(cls.shape[1]):
+        grad_out = torch.zeros_like(logits)
+        grad_out.scatter_(1, cls[:, j : j + 1], 1.0)
+        grad_out.scatter_add_(1, c[:, None], -torch.ones_like(grad_out[:, :1]))
+        last = j == cls.shape[1] - 1
+        grads.append(torch.autograd.grad(logits, xr, grad_out, retain_graph=not last)[0])
+    return torch.stack(grads, dim=1)
 
 
 def _improved(before: Tensor, after: Tensor, rtol: float = _RESTART_RTOL) -> Tensor:
