@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
+from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["positive_int", "is_range", "file_path"]
+__all__ = ["positive_int", "is_range", "file_path", "parent_folders"]
 
 
 def positive_int(name: str, value: object, *, minimum: int = 1, what: str = "") -> int:
@@ -92,3 +94,38 @@ def file_path(path: str | Path, what: str, example: str) -> Path:
             f"{str(path)!r} is a directory; give {what}'s path, such as {str(path / example)!r}."
         )
     return path
+
+
+@contextlib.contextmanager
+def parent_folders(path: Path) -> Iterator[None]:
+    """Create ``path``'s missing parent folders; remove them again if the block fails.
+
+    Only the folders this call created are removed (innermost first, each only if
+    it is still empty): a folder that existed before is never touched, and a
+    failed write leaves the file system as it was.
+
+    Args:
+        path: The file about to be written.
+
+    Examples:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from brittle.arguments import parent_folders
+        >>> root = Path(tempfile.mkdtemp())
+        >>> try:
+        ...     with parent_folders(root / "a" / "b" / "m.pt"):
+        ...         raise OSError("disk full")
+        ... except OSError:
+        ...     pass
+        >>> (root / "a").exists()
+        False
+    """
+    created = [folder for folder in (path.parent, *path.parent.parents) if not folder.exists()]
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        yield
+    except BaseException:
+        for folder in created:  # innermost first; each is empty unless someone wrote there
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from brittle.arguments import file_path
+from brittle.arguments import file_path, parent_folders
 from brittle.identity import model_identity
 
 if TYPE_CHECKING:
@@ -89,7 +89,8 @@ def save(monitor: MonitorProtocol, path: str | Path) -> Path:
     The file also identifies the model (its structure and its logits on a probe
     batch), so that ``load`` can refuse another one, and carries a checksum of
     all it holds. It is written under a temporary name and renamed, so a crash
-    never leaves half a file at ``path``.
+    never leaves half a file at ``path``. Missing parent folders are created; a
+    failed save removes those it created (never a folder that existed before).
 
     Raises:
         ValueError: if the monitor has never seen an input (nothing would identify
@@ -98,7 +99,6 @@ def save(monitor: MonitorProtocol, path: str | Path) -> Path:
     """
     _check_savable(monitor)
     path = file_path(path, "the monitor file", "monitor.pt")
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v for k, v in monitor.state_dict().items() if not k.startswith(_MODEL_PREFIX)}
     model = model_identity(monitor.model, monitor.input_shape)
     payload = {
@@ -109,12 +109,13 @@ def save(monitor: MonitorProtocol, path: str | Path) -> Path:
         "checksum": checksum(state, model),
     }
     tmp = path.with_name(path.name + ".tmp")
-    try:
-        torch.save(payload, tmp)
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # no half-written copy left beside the target
-        raise
+    with parent_folders(path):
+        try:
+            torch.save(payload, tmp)
+            tmp.replace(path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # no half-written copy left beside the target
+            raise
     return path
 
 

@@ -253,6 +253,30 @@ def test_save_to_a_directory_says_so_and_leaves_nothing_behind(
     assert list(folder.iterdir()) == []
 
 
+def test_a_failed_save_removes_only_the_folders_it_created(
+    standard_model: nn.Module, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before, save created the missing parent folders first and left them behind when
+    # the write failed.
+    monitor = brittle.wrap(standard_model, example_input=torch.rand(2, 1, 8, 8))
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise OSError("no space left on device (for the test)")
+
+    monkeypatch.setattr(torch, "save", refuse)  # brittle.io calls torch.save
+    with pytest.raises(OSError, match="no space left"):
+        monitor.save(tmp_path / "a" / "b" / "m.pt")
+    assert not (tmp_path / "a").exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    with pytest.raises(OSError, match="no space left"):
+        monitor.save(kept / "new" / "m.pt")
+    assert kept.is_dir() and list(kept.iterdir()) == []
+    monkeypatch.undo()
+    path = monitor.save(kept / "new" / "m.pt")  # the same call succeeds once it can write
+    assert sorted(p.name for p in path.parent.iterdir()) == ["m.pt"]
+
+
 def _rewritten(path, edit) -> None:
     """Apply ``edit`` to a saved monitor file's payload and write it back with a valid checksum."""
     payload = torch.load(path, weights_only=True)

@@ -16,7 +16,6 @@ plain ``onnxruntime.InferenceSession``) in the serving process.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import shutil
@@ -28,7 +27,7 @@ import torch
 from torch import Tensor
 
 from brittle._modes import eval_mode
-from brittle.arguments import file_path, positive_int
+from brittle.arguments import file_path, parent_folders, positive_int
 from brittle.deploy.onnx_monitor import INPUT_NAME, OUTPUT_NAMES, OnnxMonitor
 from brittle.errors import NotFittedError
 from brittle.scores.head import NO_HEAD_HINT
@@ -214,24 +213,16 @@ def export_onnx(
     if program is None:  # only the TorchScript exporter returns None
         raise RuntimeError("torch.onnx.export returned no ONNX program.")
     program.model.metadata_props.update(_metadata(monitor, kind))
-    created = [folder for folder in (path.parent, *path.parent.parents) if not folder.exists()]
-    staging: Path | None = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    with parent_folders(path):
         # Written and checked in a folder of its own beside the target (with its external
         # data, if any, under the names the graph gives them), then moved in place.
         staging = Path(tempfile.mkdtemp(prefix=".brittle-export-", dir=path.parent))
-        program.save(staging / path.name)
-        # A path (not a loaded proto) lets the checker handle files with external data.
-        onnx.checker.check_model(str(staging / path.name), full_check=True)
-        for written in sorted(staging.iterdir(), key=lambda f: f.name == path.name):
-            written.replace(path.parent / written.name)  # the graph itself last
-    except BaseException:
-        if staging is not None:
+        try:
+            program.save(staging / path.name)
+            # A path (not a loaded proto) lets the checker handle files with external data.
+            onnx.checker.check_model(str(staging / path.name), full_check=True)
+            for written in sorted(staging.iterdir(), key=lambda f: f.name == path.name):
+                written.replace(path.parent / written.name)  # the graph itself last
+        finally:
             shutil.rmtree(staging, ignore_errors=True)
-        for folder in created:  # innermost first; each is empty unless someone wrote there
-            with contextlib.suppress(OSError):
-                folder.rmdir()
-        raise
-    shutil.rmtree(staging, ignore_errors=True)
     return path
