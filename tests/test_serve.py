@@ -535,6 +535,53 @@ def test_bodies_that_crashed_the_server_get_a_4xx(server: Server, body: bytes, s
     assert _metrics(server.url).get('brittle_requests_total{code="500"}', 0.0) == 0
 
 
+@pytest.mark.parametrize("coding", ["gzip", "br", "GZip, identity"])
+def test_an_encoded_body_gets_415_with_the_codings_accepted(
+    server: Server, digits: DigitsSplit, coding: str
+) -> None:
+    # Before, the server parsed the compressed bytes as JSON and answered 400 "not valid
+    # JSON"; HTTP answers a content coding it does not support with 415 and names the
+    # ones it accepts in Accept-Encoding (RFC 9110, 15.5.16).
+    import gzip
+
+    x = digits.x_holdout[CALIBRATION : CALIBRATION + 1].numpy()
+    predict = gzip.compress(json.dumps({"inputs": x.tolist()}).encode())
+    tensor = {"name": "input", "shape": list(x.shape), "datatype": "FP32"}
+    infer = gzip.compress(json.dumps({"inputs": [{**tensor, "data": x.tolist()}]}).encode())
+    name = server.path.stem
+    before = _metrics(server.url)
+    answers = []
+    for path, body in [("/predict", predict), (f"/v2/models/{name}/infer", infer)]:
+        request = urllib.request.Request(f"{server.url}{path}", data=body, method="POST")
+        request.add_header("Content-Type", "application/json")
+        request.add_header("Content-Encoding", coding)
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(request, timeout=TIMEOUT)
+        assert caught.value.code == 415
+        assert caught.value.headers["Accept-Encoding"] == "identity"
+        answers.append(json.loads(caught.value.read()))
+    assert list(answers[0]) == ["detail"] and list(answers[1]) == ["error"], answers
+    assert (
+        "Content-Encoding" in answers[0]["detail"] and answers[0]["detail"] == answers[1]["error"]
+    )
+    after = _metrics(server.url)
+    assert after.get('brittle_requests_total{code="415"}', 0.0) == (
+        before.get('brittle_requests_total{code="415"}', 0.0) + 2
+    )
+    assert after["brittle_samples_total"] == before["brittle_samples_total"]
+    # The identity coding is no coding: such a body is judged.
+    plain = json.dumps({"inputs": x.tolist()}).encode()
+    status, answer = _request(f"{server.url}/predict", plain, {"Content-Encoding": "identity"})
+    assert status == 200 and len(answer["flag"]) == 1, answer
+    spec = _request(f"{server.url}/openapi.json")[1]["paths"]
+    for path in (
+        "/predict",
+        "/v2/models/{model}/infer",
+        "/v2/models/{model}/versions/{version}/infer",
+    ):
+        assert "415" in spec[path]["post"]["responses"], path
+
+
 def _binary_infer(shape: list[int], data: bytes) -> tuple[bytes, str]:
     """An Open Inference body with binary tensor data, and its header-length header."""
     tensor = {"name": "input", "shape": shape, "datatype": "FP32"}

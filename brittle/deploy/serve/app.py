@@ -50,6 +50,9 @@ _PREDICT_KEYS = frozenset({"inputs", "logits"})
 _PREDICT_ERRORS: dict[int | str, dict[str, Any]] = {
     400: schemas.error_response("detail", "The body is not JSON (one line, never the input)."),
     413: schemas.error_response("detail", "Body or batch larger than this server's limit."),
+    415: schemas.error_response(
+        "detail", "A body in a Content-Encoding other than identity (see Accept-Encoding)."
+    ),
     422: schemas.error_response("detail", "Inputs that are not numbers of the model's shape."),
     503: schemas.error_response(
         "detail", "The server holds as many request bodies as it can: retry after Retry-After."

@@ -76,6 +76,16 @@ def byte_count(text: str) -> int | None:
     return int(figures or "0") if len(figures) <= 18 else None
 
 
+def _identity(coding: str) -> bool:
+    """Whether a Content-Encoding header names no coding but ``identity`` (any case).
+
+    Examples:
+        >>> _identity("identity"), _identity("Identity, identity"), _identity("gzip")
+        (True, True, False)
+    """
+    return all(c.strip().lower() in ("identity", "") for c in coding.split(","))
+
+
 def _too_large(limit: int) -> Refusal:
     return Refusal(413, f"the body exceeds this server's limit of {limit} bytes.")
 
@@ -85,8 +95,11 @@ async def read_body(
 ) -> bytes:
     """The body's bytes, refused with 413 as soon as it is known to exceed ``limit``.
 
-    A body announced larger than the limit is refused before a byte of it is read;
-    one without a Content-Length (chunked) is counted while it streams in. With a
+    A body in a content coding (``Content-Encoding: gzip``, or any but ``identity``)
+    gets 415 with ``Accept-Encoding: identity`` before a byte of it is read: the
+    server reads plain JSON only (RFC 9110, 15.5.16). A body announced larger than
+    the limit is refused before a byte of it is read; one without a Content-Length
+    (chunked) is counted while it streams in. With a
     ``hold`` on the server's budget of body bytes (``brittle.deploy.serve.admission``),
     each chunk is held as it arrives, and a body that does not fit gets 503: before
     a byte is read when its Content-Length says so. A connection that closes before
@@ -94,6 +107,13 @@ async def read_body(
     closed it: ``brittle.deploy.serve.connections``) is a 400, counted like any
     other, instead of a logged traceback.
     """
+    coding = headers.get("content-encoding")
+    if coding is not None and not _identity(coding):
+        raise Refusal(
+            415,
+            "the body's Content-Encoding is not one this server reads; send it uncompressed.",
+            accept_encoding="identity",
+        )
     header = headers.get("content-length")
     if header is not None:
         length = byte_count(header)

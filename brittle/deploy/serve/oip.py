@@ -40,6 +40,9 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     400: schemas.error_response("error", "Malformed request (one line, never the input)."),
     404: schemas.error_response("error", "No model of that name."),
     413: schemas.error_response("error", "Body or batch larger than this server's limit."),
+    415: schemas.error_response(
+        "error", "A body in a Content-Encoding other than identity (see Accept-Encoding)."
+    ),
     503: schemas.error_response(
         "error", "The server holds as many request bodies as it can: retry after Retry-After."
     ),
