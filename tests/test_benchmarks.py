@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -51,6 +52,25 @@ def test_a_gpu_benchmark_says_there_is_no_gpu(script: str, args: tuple[str, ...]
     assert result.returncode != 0, result.stdout[-2000:]
     assert "Traceback" not in result.stderr, result.stderr[-2000:]
     assert "CUDA device" in result.stderr, result.stderr[-2000:]
+
+
+def test_the_feature_margin_methods_are_timed_side_by_side(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Before, bench_overhead.py interleaved the table and the vectorised minimum and
+    # then timed the Python loop alone, three runs after them, so the loop's ratio
+    # was not measured side by side.
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    bench = importlib.import_module("bench_overhead")
+    timed: list[list[str]] = []
+    interleaved = bench.interleaved
+
+    def recorded(fns: dict[str, Any], repeats: int, **kwargs: Any) -> Any:
+        timed.append(sorted(fns))
+        return interleaved(fns, repeats, **kwargs)
+
+    monkeypatch.setattr(bench, "interleaved", recorded)
+    rows = bench.feature_margin_speed(batch=4, repeats=1, loop_samples=1)
+    assert timed == [["loop", "table", "vectorised"]]
+    assert len(rows) == 3 and "scaled from 1 samples" in rows[2], rows
 
 
 @pytest.mark.skipif(
