@@ -113,8 +113,13 @@ def _ieee_float32() -> Iterator[None]:
                 torch.set_float32_matmul_precision(matmul)
 
 
+def _first_parameter(model: nn.Module) -> Tensor | None:
+    """The model's first parameter, whose dtype and device it computes in; ``None`` without one."""
+    return next(model.parameters(), None)
+
+
 def _probe(model: nn.Module, input_shape: tuple[int, ...]) -> Tensor:
-    param = next(model.parameters(), None)
+    param = _first_parameter(model)
     dtype = param.dtype if param is not None else torch.float32
     device = param.device if param is not None else torch.device("cpu")
     generator = torch.Generator().manual_seed(_PROBE_SEED)
@@ -125,7 +130,7 @@ def _probe(model: nn.Module, input_shape: tuple[int, ...]) -> Tensor:
 
 def _dtype(model: nn.Module) -> str | None:
     """The dtype the model computes in (its first parameter's), as text; ``None`` without one."""
-    param = next(model.parameters(), None)
+    param = _first_parameter(model)
     return None if param is None else str(param.dtype)
 
 
