@@ -306,3 +306,22 @@ def test_extra_restarts_never_raise_a_margin() -> None:
     without = fab_attack(base, x, norm="Linf", steps=30, extra_restarts=0).margin
     with_extra = fab_attack(base, x, norm="Linf", steps=30, extra_restarts=3).margin
     assert (with_extra <= without).all()
+
+
+def test_a_sample_without_an_adversarial_gets_every_extra_restart() -> None:
+    # A model whose logits do not depend on the input: no run ever finds an
+    # adversarial. Before, the first extra restart that found none ended the extra
+    # restarts (inf is not 0.5 % below inf): extra_restarts=1 and 3 cost the same.
+    model = nn.Linear(4, 3)
+    with torch.no_grad():
+        model.weight.zero_()
+        model.bias.copy_(torch.tensor([1.0, 0.0, -1.0]))
+    x = torch.full((1, 4), 0.5)
+    rows = {}
+    for extra in (1, 3):
+        counter = PassCounter()
+        margin = fab_attack(counter.counted(model), x, steps=5, extra_restarts=extra).margin
+        assert torch.isinf(margin).all()
+        rows[extra] = counter.forward
+    # Each extra restart is a run of 5 steps: at least 5 forward rows more apiece.
+    assert rows[3] >= rows[1] + 2 * 5

@@ -288,7 +288,7 @@ def fab_attack(
             attack.run(start, steps, candidates, rows=busy)
             attack.walk(walk_steps)
             attack.refine(refine_steps, rows=busy)
-            busy = busy & _improved(before, attack.best)
+            busy = (busy & _improved(before, attack.best)) | ~torch.isfinite(attack.best)
         return FabResult(attack.best_adv.view_as(x).clone(), attack.best.clone())
 
 
