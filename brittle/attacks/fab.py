@@ -79,6 +79,10 @@ _WALK_STEPS = 20
 # its margin by more than this (relative), up to _EXTRA_RESTARTS extra restarts.
 _RESTART_RTOL = 0.005
 _EXTRA_RESTARTS = 3
+# A run's adversarial still more than 1.2x its sample's nearest after 40 % of the walk
+# stops walking. Lossless on the three digits CNNs (Linf, all 719 holdout digits:
+# the same shares within 1 % of the references), 3-6 % fewer passes per sample.
+_WALK_CUTOFF = (0.4, 1.2)
 # Most extra boundary walks, each from the best point, while the last one still
 # lowered the margin by more than _WALK_RTOL. A walk that gained 5 % marks a FAB
 # run that stopped far from the nearest point of its boundary (the tail of weakly
@@ -161,7 +165,8 @@ def fab_attack(
             class of the best adversarial so far.
         walk_steps: Steps of the boundary walk (0: none; default ``min(20, steps)``),
             taken after the runs by every run's adversarial at once; the nearest
-            point seen is kept.
+            point seen is kept. A run's adversarial still more than 1.2 times its
+            sample's nearest after 40 % of the steps stops walking.
         extra_restarts: Most random restarts added per sample, one at a time, while it
             has no adversarial yet, or while the last random restart (of ``restarts``,
             then of these) still lowered its margin by more than 0.5 %.
@@ -627,7 +632,14 @@ class _Fab:
             return
         sample = rows % n
         adv, dist = boundary_walk(
-            self._logits, self.x0[sample], advs[rows], self.pred[sample], self.norm, steps
+            self._logits,
+            self.x0[sample],
+            advs[rows],
+            self.pred[sample],
+            self.norm,
+            steps,
+            group=sample,
+            cutoff=_WALK_CUTOFF,
         )
         dists[rows], advs[rows] = dist, adv
         nearest, run = dists.view(-1, n).min(dim=0)
