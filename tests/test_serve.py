@@ -128,11 +128,27 @@ class Server:
     path: Path
     proc: subprocess.Popen[str]
     report: Path
+    banner: str = ""  # the server's first line on stdout (read to learn its port)
     tally: dict[str, int] = field(default_factory=lambda: {"samples": 0, "flagged": 0})
 
     def count(self, response: dict[str, Any]) -> None:
         self.tally["samples"] += len(response["flag"])
         self.tally["flagged"] += sum(response["flag"])
+
+
+def _banner(proc: subprocess.Popen[str], deadline: float) -> str:
+    """The server's first line on stdout, printed once it has bound its port."""
+    assert proc.stdout is not None
+    while not select.select([proc.stdout], [], [], 0.2)[0]:
+        if proc.poll() is not None:
+            pytest.fail(f"the server exited with {proc.returncode}: {proc.communicate()}")
+        if time.monotonic() > deadline:
+            pytest.fail("the server printed no banner within 90 s")
+    line = proc.stdout.readline()
+    if not line:
+        proc.wait(timeout=30)
+        pytest.fail(f"the server exited with {proc.returncode}: {proc.communicate()}")
+    return line
 
 
 @contextmanager
@@ -142,12 +158,14 @@ def _serve(
     """``python -m brittle.serve`` in a subprocess, until the block ends (SIGTERM).
 
     ``extra`` arguments go to the command line; ``descriptors`` limits the server's
-    open files (``RLIMIT_NOFILE``), as an operator's ``ulimit -n`` would.
+    open files (``RLIMIT_NOFILE``), as an operator's ``ulimit -n`` would. The server
+    binds a port the kernel picks (``--port 0``) and names it in its banner: a port
+    picked here and released would stay free only until the server bound it, seconds
+    later, and another process (another pytest run's server) could take it meanwhile.
     """
-    port = _free_port()
     args = [
         str(onnx_path),
-        *("--port", str(port), "--max-batch", "32", "--run-length", str(RUN_LENGTH)),
+        *("--port", "0", "--max-batch", "32", "--run-length", str(RUN_LENGTH)),
         *("--provider", "cpu", "--threads", "1", *extra),
     ]
 
@@ -162,9 +180,12 @@ def _serve(
         text=True,
         preexec_fn=limit,
     )
-    url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 90
     try:
+        banner = _banner(proc, deadline)
+        port = re.search(r" on http://127\.0\.0\.1:(\d+) ", banner)
+        assert port is not None, banner
+        url = f"http://127.0.0.1:{port[1]}"
         while True:
             if proc.poll() is not None:
                 pytest.fail(f"the server exited with {proc.returncode}: {proc.communicate()}")
@@ -176,7 +197,7 @@ def _serve(
             if time.monotonic() > deadline:
                 pytest.fail("the server did not answer /healthz within 90 s")
             time.sleep(0.2)
-        yield Server(url, onnx_path, proc, report)
+        yield Server(url, onnx_path, proc, report, banner)
     finally:
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGTERM)
@@ -951,9 +972,27 @@ def test_no_torch_in_the_server_and_sigterm_stops_it(fresh: Server, digits: Digi
     os.kill(fresh.proc.pid, signal.SIGTERM)
     # A graceful shutdown, and exit status 0: what an orchestrator expects of SIGTERM.
     assert fresh.proc.wait(timeout=30) == 0
-    out, err = fresh.proc.communicate(timeout=30)
-    assert "brittle.serve: digits.onnx on http://127.0.0.1:" in out
-    assert "fires at" in out and "run length 1e+06" in out and "Traceback" not in err
+    _, err = fresh.proc.communicate(timeout=30)
+    banner = fresh.banner
+    assert banner.startswith("brittle.serve: digits.onnx on http://127.0.0.1:")
+    assert "fires at" in banner and "run length 1e+06" in banner and "Traceback" not in err
+
+
+def test_a_server_of_the_tests_binds_its_own_port(
+    onnx_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Another process (another pytest run's server) takes the port a free-port probe
+    # offered in the seconds before our server binds it. Before, the server was given
+    # that port and exited "address already in use", while the test's requests went to
+    # the other process (here a listener that never answers: a 30 s timeout).
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = int(busy.getsockname()[1])
+        monkeypatch.setattr(sys.modules[__name__], "_free_port", lambda: taken)
+        with _serve(onnx_path, tmp_path / "modules.txt") as served:
+            assert _port(served) != taken
+            assert _request(f"{served.url}/healthz")[0] == 200
 
 
 def _connect(server: Server, data: bytes = b"") -> socket.socket:
