@@ -108,7 +108,7 @@ def parent_folders(path: Path) -> Iterator[None]:
         path: The file about to be written.
 
     Examples:
-        >>> import tempfile
+        >>> import shutil, tempfile
         >>> from pathlib import Path
         >>> from brittle.arguments import parent_folders
         >>> root = Path(tempfile.mkdtemp())
@@ -119,6 +119,7 @@ def parent_folders(path: Path) -> Iterator[None]:
         ...     pass
         >>> (root / "a").exists()
         False
+        >>> shutil.rmtree(root)
     """
     created = [folder for folder in (path.parent, *path.parent.parents) if not folder.exists()]
     try:

@@ -39,13 +39,15 @@ def load(path: str | Path, model: nn.Module) -> Monitor:
             the monitor was fitted for.
 
     Examples:
-        >>> import tempfile, torch, brittle
+        >>> import shutil, tempfile, torch, brittle
         >>> model = torch.nn.Linear(4, 3)
         >>> monitor = brittle.wrap(model, example_input=torch.rand(2, 4))
         >>> monitor.set_threshold(0.25)
-        >>> path = monitor.save(tempfile.mkdtemp() + "/monitor.pt")
+        >>> folder = tempfile.mkdtemp()
+        >>> path = monitor.save(folder + "/monitor.pt")
         >>> brittle.load(path, model).threshold
         tensor(0.2500)
+        >>> shutil.rmtree(folder)
     """
     if not isinstance(model, nn.Module):
         # Checked first: Monitor's own TypeError would be read below as a damaged file.

@@ -154,7 +154,7 @@ def export_onnx(
         IsADirectoryError: if ``path`` is a directory.
 
     Examples:
-        >>> import tempfile, torch, brittle
+        >>> import shutil, tempfile, torch, brittle
         >>> monitor = brittle.wrap(torch.nn.Linear(8, 4), score="feature", norm="L2", eps=0.1)
         >>> monitor.set_threshold(0.2)
         >>> folder = tempfile.mkdtemp()
@@ -162,6 +162,7 @@ def export_onnx(
         >>> import onnx
         >>> [o.name for o in onnx.load(path).graph.output]
         ['logits', 'pred', 'margin', 'flag']
+        >>> shutil.rmtree(folder)
 
     """
     import onnx

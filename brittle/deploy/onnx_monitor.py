@@ -142,10 +142,11 @@ class OnnxMonitor:
             histogram buckets, input domain) that no export could have written.
 
     Examples:
-        >>> import tempfile, numpy as np, torch, brittle
+        >>> import shutil, tempfile, numpy as np, torch, brittle
         >>> monitor = brittle.wrap(torch.nn.Linear(8, 4), eps=0.1)
         >>> monitor.set_threshold(0.5)
-        >>> path = monitor.export_onnx(tempfile.mkdtemp() + "/m.onnx", torch.rand(2, 8))
+        >>> folder = tempfile.mkdtemp()
+        >>> path = monitor.export_onnx(folder + "/m.onnx", torch.rand(2, 8))
         >>> served = brittle.OnnxMonitor(path)
         >>> served(np.full((1, 8), np.nan, dtype=np.float32)).flag
         array([ True])
@@ -153,6 +154,7 @@ class OnnxMonitor:
         Traceback (most recent call last):
         ...
         ValueError: input must have shape (batch, 8). Got (1, 9).
+        >>> shutil.rmtree(folder)
 
     """
 

@@ -170,12 +170,13 @@ def create_app(
             ``body_budget`` smaller than ``max_body``.
 
     Examples:
-        >>> import tempfile, torch, brittle
+        >>> import shutil, tempfile, torch, brittle
         >>> from fastapi.testclient import TestClient
         >>> from brittle.deploy.serve.app import create_app
         >>> monitor = brittle.wrap(torch.nn.Linear(4, 3), eps=0.1)
         >>> monitor.set_threshold(0.2)
-        >>> path = monitor.export_onnx(tempfile.mkdtemp() + "/m.onnx", torch.rand(2, 4))
+        >>> folder = tempfile.mkdtemp()
+        >>> path = monitor.export_onnx(folder + "/m.onnx", torch.rand(2, 4))
         >>> served = brittle.OnnxMonitor(path, ["CPUExecutionProvider"])
         >>> telemetry = brittle.Telemetry.from_monitor(served, warn=False)
         >>> client = TestClient(create_app(served, telemetry=telemetry))
@@ -183,6 +184,7 @@ def create_app(
         [...]
         >>> client.post("/predict", json={"inputs": [[0.1, 0.2]]}).status_code
         422
+        >>> shutil.rmtree(folder)
     """
     max_batch = positive_int("max_batch", max_batch)
     if max_body is None:
