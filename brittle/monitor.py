@@ -376,6 +376,22 @@ class Monitor(nn.Module):
 
     def _captured(self, run: _Run) -> HeadCapture:
         capture = run.capture
+        if capture is not None and capture.calls > 1:
+            # A head called again after producing the logits (a shared classifier also
+            # applied to other features): its latest call's input is not the features.
+            single = None
+            if self.head_exact:
+                by_value = not torch.compiler.is_compiling()
+                single = capture.call_producing(run.logits, by_value=by_value)
+            if single is None:
+                raise RuntimeError(
+                    f"head {self.head_name!r} was called {capture.calls} times in one forward "
+                    "pass and none of its outputs is the model's logits tensor, so which call's "
+                    "input are the features is ambiguous. Name with head= an nn.Linear called "
+                    "once per forward pass, return that call's output as the logits, or use "
+                    "score='logit'."
+                )
+            capture = single
         if capture is None or capture.calls == 0 or capture.features is None:
             raise RuntimeError(
                 f"head {self.head_name!r} did not receive (batch, features) inputs during the "

@@ -13,6 +13,7 @@ from torch import nn
 import brittle
 import brittle.functional as BF
 from brittle.digits import DigitsSplit
+from brittle.scores.pseudo import PseudoMargin
 from tests.conftest import DIGITS_EPS
 
 
@@ -138,3 +139,52 @@ def test_train_mode_without_batch_norm_or_dropout_is_quiet(standard_model: nn.Mo
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         monitor(torch.rand(4, 1, 8, 8))
+
+
+class _SharedHead(nn.Module):
+    """A classifier whose head is applied again, to other features, after the logits."""
+
+    def __init__(self, scale: float = 1.0) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU())
+        self.fc = nn.Linear(16, 10)
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.body(x)
+        logits = self.fc(h)
+        self.fc(h.flip(0) * 2)  # an auxiliary output the model does not return
+        return logits if self.scale == 1 else logits / self.scale
+
+
+def test_a_head_called_twice_gives_the_features_of_the_call_that_made_the_logits(
+    digits: DigitsSplit, tmp_path
+) -> None:
+    # Before, the hook kept the head's latest call: from the second forward pass on
+    # (the first discovers the head), the features were the auxiliary call's, and the
+    # pseudo-margin was trained, served and exported on other samples' features.
+    model = _SharedHead().eval()
+    x = digits.x_holdout[:6]
+    monitor = brittle.wrap(model, norm="L2")
+    with torch.no_grad():
+        features = model.body(x)
+        for _ in range(3):
+            seen = monitor.inspect(x, features=True)
+            assert monitor.head_name == "fc"
+            torch.testing.assert_close(seen.features, features, rtol=0, atol=0)
+        torch.manual_seed(0)
+        monitor.pseudo = PseudoMargin(16, 10)
+        monitor.requested_score = "pseudo"
+        monitor.set_threshold(0.5)
+        expected = monitor.pseudo(features, model(x))
+        torch.testing.assert_close(monitor(x).margin, expected)
+    served = brittle.OnnxMonitor(monitor.export_onnx(tmp_path / "m.onnx", x[:2]))(x.numpy())
+    torch.testing.assert_close(torch.from_numpy(served.margin), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_a_named_head_called_twice_that_is_not_the_logits_is_refused(digits: DigitsSplit) -> None:
+    model = _SharedHead(scale=2.0).eval()  # a temperature: no call's output is the logits
+    monitor = brittle.wrap(model, head="fc", score="feature", norm="L2")
+    with pytest.raises(RuntimeError, match="called 2 times in one forward pass"):
+        monitor(digits.x_holdout[:6])

@@ -33,21 +33,46 @@ class HeadCapture:
 
     The hook sits on a module that other threads may be running at the same
     time (a server's worker pool sharing one model), so it records only the
-    calls made by the thread that created the capture.
+    calls made by the thread that created the capture. ``features`` and
+    ``output`` are the latest call's; ``records`` holds every call's, for a
+    head the model calls more than once (``call_producing``).
     """
 
     features: Tensor | None = None
     output: Tensor | None = None
     calls: int = 0
     thread: int = field(default_factory=threading.get_ident)
+    records: list[tuple[Tensor, Tensor]] = field(default_factory=list)
 
     def hook(self, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
-        """Forward hook: keep the head's input and output of this thread's latest call."""
+        """Forward hook: record the head's input and output of this thread's call."""
         if threading.get_ident() != self.thread:
             return
         self.features = args[0]
         self.output = output
         self.calls += 1
+        self.records.append((args[0], output))
+
+    def call_producing(self, logits: Tensor, *, by_value: bool = True) -> HeadCapture | None:
+        """The recorded call whose output is ``logits``, alone; ``None`` when no call's is.
+
+        A model may call its head more than once in a forward pass (a shared
+        classifier also applied to other features) and return one call's output:
+        the latest call is then not the one that produced the logits. The output
+        tensor itself is looked for first (no comparison of values, so no host
+        synchronisation), then, with ``by_value`` (not while a graph is traced: the
+        values are unknown there), the latest call whose output equals the logits,
+        as ``discover_head`` chooses.
+        """
+        for features, output in reversed(self.records):
+            if output is logits:
+                return HeadCapture(features=features, output=output, calls=1)
+        if not by_value:
+            return None
+        for features, output in reversed(self.records):
+            if output.shape == logits.shape and torch.equal(output, logits):
+                return HeadCapture(features=features, output=output, calls=1)
+        return None
 
 
 @dataclass
