@@ -332,3 +332,15 @@ def test_a_graph_onnxruntime_cannot_run_is_not_called_damaged(tmp_path: Path) ->
     with pytest.raises(ValueError, match="onnxruntime cannot run .* NOT_IMPLEMENTED") as err:
         brittle.OnnxMonitor(path, providers=CPU)
     assert "damaged" not in str(err.value)
+
+
+def test_a_bfloat16_model_is_refused_with_what_to_export_instead(tmp_path: Path) -> None:
+    # Before, the trace went through and onnx.checker refused the graph with a raw
+    # shape-inference error (ConstantOfShape has no bfloat16 output type).
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 3))
+    monitor = brittle.wrap(model.to(torch.bfloat16).eval(), score="feature", norm="L2")
+    monitor.set_threshold(0.1)
+    x = torch.rand(2, 1, 8, 8, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="bfloat16 model cannot be exported to ONNX.*float16"):
+        monitor.export_onnx(tmp_path / "m.onnx", x)
+    assert list(tmp_path.iterdir()) == []

@@ -38,6 +38,9 @@ if TYPE_CHECKING:
 
 __all__ = ["export_onnx", "OnnxMonitor", "INPUT_NAME", "OUTPUT_NAMES", "DEFAULT_OPSET"]
 
+# The input dtypes an export takes: those ONNX operators and numpy arrays share
+# (OnnxMonitor's inputs).
+EXPORT_DTYPES = (torch.float32, torch.float16, torch.float64)
 # The dynamo exporter's own default; 17 is the oldest opset the design promises.
 DEFAULT_OPSET = 18
 MIN_OPSET = 17
@@ -149,8 +152,9 @@ def export_onnx(
 
     Raises:
         NotFittedError: if the monitor has no threshold.
-        ValueError: for a bad ``opset`` or ``example_input``, or a feature or
-            pseudo score without a linear head.
+        ValueError: for a bad ``opset`` or ``example_input`` (empty, or of a
+            bfloat16 model, which ONNX cannot express), or a feature or pseudo
+            score without a linear head.
         IsADirectoryError: if ``path`` is a directory.
 
     Examples:
@@ -176,6 +180,15 @@ def export_onnx(
     x = monitor.check_input(example_input)
     if x.shape[0] == 0:
         raise ValueError("example_input must hold at least one sample. Got an empty batch.")
+    if x.dtype not in EXPORT_DTYPES:
+        # ONNX has no bfloat16 for operators every graph holds (ConstantOfShape, Conv):
+        # onnx.checker refused the traced graph with a shape-inference error.
+        raise ValueError(
+            f"a {x.dtype} model cannot be exported to ONNX (ONNX operators and numpy arrays "
+            f"have no such type; an export takes {', '.join(str(d) for d in EXPORT_DTYPES)}). "
+            "Save the monitor and load it onto a float16 or float32 copy of the model, "
+            "brittle.load(path, copy.deepcopy(model).half()), to export that."
+        )
     path = file_path(path, "the ONNX file", "monitor.onnx")
     with torch.no_grad(), eval_mode(monitor):
         if not monitor.discovered:
