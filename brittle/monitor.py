@@ -166,6 +166,12 @@ class Monitor(nn.Module):
 
     def _attach_head(self, name: str) -> None:
         head = resolve_head(self.model, name)
+        if torch.nn.parameter.is_lazy(head.weight):
+            raise ValueError(
+                f"head {name!r} is a lazy module whose weight is not created yet (an "
+                "nn.LazyLinear before its first call). Run the model once on a batch before "
+                "wrapping it with head=, or leave head= out: the first call finds the head."
+            )
         if self.num_classes is not None and head.out_features != self.num_classes:
             raise ValueError(
                 f"head {name!r} has {head.out_features} outputs but the model returns "

@@ -188,3 +188,18 @@ def test_a_named_head_called_twice_that_is_not_the_logits_is_refused(digits: Dig
     monitor = brittle.wrap(model, head="fc", score="feature", norm="L2")
     with pytest.raises(RuntimeError, match="called 2 times in one forward pass"):
         monitor(digits.x_holdout[:6])
+
+
+def test_a_lazy_head_named_before_its_first_call_is_refused_clearly() -> None:
+    # Before, wrap(model, head=...) read the uninitialised weight and torch raised
+    # "Attempted to use an uninitialized parameter in <method 'element_size' ...>".
+    model = nn.Sequential(nn.Flatten(), nn.LazyLinear(3)).eval()
+    with pytest.raises(ValueError, match="head '1' is a lazy module.*leave head= out"):
+        brittle.wrap(model, head="1")
+    x = torch.rand(2, 1, 8, 8)
+    monitor = brittle.wrap(model, score="feature", example_input=x)  # found once created
+    assert monitor.head_name == "1"
+    torch.testing.assert_close(
+        monitor(x).margin, BF.feature_margin(model(x), model[1].weight, "Linf")
+    )
+    assert brittle.wrap(model, head="1").head_name == "1"  # and named once created
