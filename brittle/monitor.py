@@ -222,9 +222,24 @@ class Monitor(nn.Module):
         if self.head_name is None and found is not None:
             self._attach_head(found)
         if self.head_name is None and self.requested_score in ("feature", "pseudo"):
+            k = logits.shape[1]
+            names = [
+                n
+                for n, m in self.model.named_modules()
+                if isinstance(m, nn.Linear) and m.out_features == k
+            ]
+            # NO_HEAD_HINT's example name, 'fc', is seldom this model's.
+            hint = (
+                f"Pass head='<module name>' naming one of its nn.Linear modules with {k} "
+                f"outputs, {names}, or use score='logit'."
+                if names
+                else f"It has no nn.Linear with {k} outputs (the logits come from a "
+                "convolution or a functional layer): use score='logit', or give the model an "
+                "nn.Linear head and pass head='<module name>' naming it (see the FAQ)."
+            )
             raise ValueError(
                 f"score={self.requested_score!r} needs the model's last linear layer, and no "
-                f"nn.Linear output equals the model's output. {NO_HEAD_HINT}"
+                f"nn.Linear output equals the model's output. {hint}"
             )
         if _looks_like_probabilities(logits):
             warnings.warn(

@@ -115,8 +115,12 @@ def test_model_without_linear_head() -> None:
     out = monitor(x)
     assert monitor.head_name is None and monitor.available_scores == ("logit",)
     torch.testing.assert_close(out.margin, BF.logit_margin(out.logits))
-    with pytest.raises(ValueError, match="head='<module name>'"):
+    # Before, the message's only example was head='fc', for a model with no nn.Linear.
+    with pytest.raises(ValueError, match="no nn.Linear with 10 outputs.*head='<module name>'"):
         brittle.wrap(_no_linear_head(), score="feature")(x)
+    tempered = nn.Sequential(nn.Flatten(), nn.Linear(64, 10), nn.Tanh())
+    with pytest.raises(ValueError, match=r"nn.Linear modules with 10 outputs, \['1'\]"):
+        brittle.wrap(tempered, score="pseudo")(x)
 
 
 def test_linear_followed_by_a_transform_is_not_the_head() -> None:
