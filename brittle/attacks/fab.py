@@ -85,7 +85,7 @@ _PATIENCE = 3
 # with the 3 highest logits at x0 (after the prediction and the class already found). At
 # x0 the gradients misjudge far boundaries of weakly consistent models; among all
 # classes, the nearest by guessed distance missed the class the references crossed into.
-# On the certified (IBP) digits CNN, Linf: 670 -> 682 of the 719 holdout digits within
+# On the certified (IBP) digits CNN, Linf: 671 -> 683 of the 719 holdout digits within
 # 1 % of the references (and 562 -> 573 of 600 training digits), at the same cost.
 _POOL = 3
 # Default length of the boundary walk (at most ``steps``: a small budget stays small).
@@ -96,7 +96,7 @@ _RESTART_RTOL = 0.005
 _EXTRA_RESTARTS = 3
 # A run's adversarial still more than 1.2x its sample's nearest after 40 % of the walk
 # stops walking. Lossless on the three digits CNNs (Linf, all 719 holdout digits:
-# the same shares within 1 % of the references), 3-6 % fewer passes per sample.
+# the same shares within 1 % of the references), 3-6 % fewer model rows per sample.
 _WALK_CUTOFF = (0.4, 1.2)
 # Most extra boundary walks, each from the best point, while the last one still
 # lowered the margin by more than _WALK_RTOL. A walk that gained 5 % marks a FAB
@@ -556,7 +556,11 @@ class _Fab:
 
         check_differentiable(logits)
         # dg = grad(f_j - f_c), padded to (n, kmax); df = f_j - f_c at xa.
-        dg = _shared(logits, xr, c, cls) if shared else _gradients(logits, xr, c, cls, rows, first)
+        dg = (
+            _shared_gradients(logits, xr, c, cls)
+            if shared
+            else _gradients(logits, xr, c, cls, rows, first)
+        )
         df = z.gather(1, cls) - zc
         valid = torch.arange(kmax, device=xa.device)[None, :] < ka[:, None]
 
@@ -705,7 +709,7 @@ def _gradients(
     return dg
 
 
-def _shared(logits: Tensor, xr: Tensor, c: Tensor, cls: Tensor) -> Tensor:
+def _shared_gradients(logits: Tensor, xr: Tensor, c: Tensor, cls: Tensor) -> Tensor:
     """``(n, k, d)`` gradients of ``f_j - f_c`` for the ``k`` classes ``cls``, one pass each.
 
     One row per sample: the graph of the forward pass is kept for ``k`` backward passes.
