@@ -27,8 +27,7 @@ DEFAULT_ENGINE = "brittle"
 # brittle 6: each projected hyperplane rescaled to a largest weight of 1: the L2 and L1
 # margins of models with gradients below 1e-8 are no longer censored.
 # brittle 7: a sample without an adversarial gets every extra restart (it got one); the
-# walk stops a run's adversarial far behind its sample's nearest; the targeted run's class
-# comes from the three highest logits.
+# walk stops a run's adversarial far behind its sample's nearest.
 ENGINE_VERSIONS = {"brittle": 7, "torchattacks": 2}
 
 
