@@ -873,7 +873,10 @@ class Monitor(nn.Module):
                 )
             self._attach_head(name)
         if isinstance(features, int) and self.pseudo is None:
-            pseudo = PseudoMargin(features, int(config["num_classes"]))
+            # The random initial weights are overwritten by the saved ones: drawn from a
+            # fork of the CPU generator, they leave the caller's random state as it was.
+            with torch.random.fork_rng(devices=[]):
+                pseudo = PseudoMargin(features, int(config["num_classes"]))
             self.pseudo = pseudo.to(self.threshold.device)
 
     @classmethod

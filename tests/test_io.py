@@ -425,6 +425,23 @@ def test_load_state_dict_into_a_fresh_wrap(
         other.load_state_dict(fitted_pseudo.state_dict())
 
 
+def test_loading_a_pseudo_monitor_leaves_the_global_random_state_alone(
+    fitted_pseudo: brittle.Monitor, robust_model: nn.Module, tmp_path
+) -> None:
+    # Loading built the pseudo-margin network with nn.Linear's random initialisation
+    # (overwritten at once by the saved weights) from the global generator: a seeded
+    # script drew other numbers after brittle.load than without it.
+    path = fitted_pseudo.save(tmp_path / "monitor.pt")
+    state = fitted_pseudo.state_dict()
+    for load in (
+        lambda: brittle.load(path, robust_model),
+        lambda: brittle.wrap(robust_model).load_state_dict(state),
+    ):
+        before = torch.random.get_rng_state()
+        load()
+        assert torch.equal(torch.random.get_rng_state(), before)
+
+
 class _RecordsPrecision(nn.Module):
     """A linear model that records the float32 precision its matrix products ran at."""
 
