@@ -879,6 +879,19 @@ class Monitor(nn.Module):
                 pseudo = PseudoMargin(features, int(config["num_classes"]))
             self.pseudo = pseudo.to(self.threshold.device)
 
+    def _own_state_to(self, device: torch.device) -> None:
+        """Move the monitor's buffers and pseudo network to ``device``, and not the model.
+
+        ``self.to(device)`` would move the wrapped model too: one split over devices
+        (a pipeline over two GPUs, layers offloaded to the CPU) would end up whole on
+        ``device``.
+        """
+        for name, buffer in self._buffers.items():
+            if buffer is not None:
+                self._buffers[name] = buffer.to(device)
+        if self.pseudo is not None:
+            self.pseudo = self.pseudo.to(device)
+
     @classmethod
     def from_state(cls, model: nn.Module, state: dict[str, Tensor | Any]) -> Monitor:
         """A monitor on ``model`` with the state of another's ``state_dict`` (no model keys).
@@ -895,7 +908,7 @@ class Monitor(nn.Module):
         monitor._size_as_saved(config)
         param = next(model.parameters(), None)
         if param is not None:
-            monitor.to(param.device)
+            monitor._own_state_to(param.device)
         derived = monitor.pair_norms.clone()  # from this model's head
         try:
             missing, unexpected = monitor.load_state_dict(state, strict=False)

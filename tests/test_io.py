@@ -7,6 +7,7 @@ import math
 import pickletools
 import struct
 import zipfile
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -440,6 +441,33 @@ def test_loading_a_pseudo_monitor_leaves_the_global_random_state_alone(
         before = torch.random.get_rng_state()
         load()
         assert torch.equal(torch.random.get_rng_state(), before)
+
+
+class _Placed(nn.Linear):
+    """A layer that counts device or dtype conversions applied to it (``Module._apply``)."""
+
+    conversions = 0
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> nn.Module:
+        self.conversions += 1
+        return super()._apply(fn, recurse)
+
+
+def test_load_moves_the_monitor_onto_the_models_device_but_not_the_model(tmp_path) -> None:
+    # from_state called monitor.to(first parameter's device), which applies to the
+    # wrapped model too: a model split over devices (a pipeline over two GPUs, layers
+    # offloaded to the CPU) was moved whole. Counting the conversions shows it on a CPU.
+    torch.manual_seed(0)
+    placed = _Placed(6, 8)
+    model = nn.Sequential(placed, nn.ReLU(), nn.Linear(8, 3)).eval()
+    x = torch.rand(5, 6)
+    monitor = brittle.wrap(model, example_input=x)
+    monitor.set_threshold(0.25)
+    path = monitor.save(tmp_path / "monitor.pt")
+    loaded = brittle.load(path, model)
+    assert placed.conversions == 0
+    assert loaded.threshold.device == placed.weight.device
+    assert torch.equal(loaded(x).flag, monitor(x).flag)
 
 
 class _RecordsPrecision(nn.Module):
