@@ -81,6 +81,54 @@ def test_the_model_is_left_as_it_was(robust_model: nn.Module, digits: DigitsSpli
         assert torch.equal(value, before[name]), name
 
 
+def test_the_attacks_run_under_no_grad_as_outside_it(
+    standard_model: nn.Module, digits: DigitsSplit
+) -> None:
+    # Under torch.no_grad() (an evaluation script's usual context) they raised
+    # "element 0 of tensors does not require grad", where fit and input_margins work.
+    x = digits.x_holdout[:16]
+    monitor = _monitor(standard_model, x)
+    expected = adaptive_attacks(monitor, x, steps=3, cw_steps=3)
+    with torch.no_grad():
+        got = adaptive_attacks(monitor, x, steps=3, cw_steps=3)
+        assert not torch.is_grad_enabled()
+    assert got == expected  # seeded: the same figures
+    assert expected.attacks["pgd"].n_successful > 0
+
+
+def test_the_check_analyses_attack_under_no_grad_as_outside_it(
+    standard_model: nn.Module, digits: DigitsSplit
+) -> None:
+    # The command line's PGD/FGSM flag share and input-gradient baseline raised under
+    # torch.no_grad() for the same reason.
+    from brittle.calibrate.analyses import adversarial_flags, baseline_scores
+
+    x = digits.x_holdout[:16]
+    monitor = _monitor(standard_model, x)
+    probs = torch.softmax(standard_model(x), dim=1).detach().numpy()
+
+    def both() -> tuple[object, object]:
+        flags = adversarial_flags(
+            monitor, x, norm="Linf", eps=0.1, batch_size=8, device="cpu", steps=3
+        )
+        scores = baseline_scores(
+            standard_model,
+            x,
+            probs=probs,
+            features=None,
+            preds_all=probs.argmax(1),
+            norm="Linf",
+            batch_size=8,
+            device="cpu",
+        )
+        return flags.attacks, scores["gradnorm"].tolist()
+
+    expected = both()
+    with torch.no_grad():
+        got = both()
+    assert got == expected
+
+
 def test_flagged_share_is_measured_on_the_successful_examples(
     robust_model: nn.Module, digits: DigitsSplit
 ) -> None:

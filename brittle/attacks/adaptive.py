@@ -177,7 +177,8 @@ def adaptive_pgd(
         raise ValueError(f"steps must be a positive integer. Got {steps}.")
     alpha = float(alpha) if alpha is not None else pgd_step_size(eps, steps)
     x = x.detach()
-    with _borrowed(monitor, seed):
+    # Gradients are needed even when the caller runs under torch.no_grad().
+    with _borrowed(monitor, seed), torch.enable_grad():
         with torch.no_grad():
             clean = monitor(x).pred
         best = x.clone()
@@ -308,7 +309,7 @@ def adaptive_attacks(
                     monitor, batch, eps=eps, norm=norm_, steps=steps, seed=batch_seed
                 )
             else:
-                with _borrowed(monitor, batch_seed):
+                with _borrowed(monitor, batch_seed), torch.enable_grad():
                     attack = _torchattacks(
                         name, monitor.model, eps, norm_, steps if name == "pgd" else cw_steps, cw
                     )

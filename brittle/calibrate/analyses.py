@@ -482,7 +482,8 @@ def _input_gradient_norm(
     written into it and no parameter gradient is computed.
     """
     out = []
-    with eval_mode(model), frozen(model):
+    # Gradients are needed even when the caller runs under torch.no_grad().
+    with eval_mode(model), frozen(model), torch.enable_grad():
         for batch in x.split(batch_size):
             inputs = batch.to(device).detach().requires_grad_(True)
             logits = model_output(model(inputs))  # a tensor, dict, .logits or tuple
@@ -645,7 +646,7 @@ def adversarial_flags(
             for batch, before in zip(batches, clean, strict=True):
                 # The model is borrowed with frozen parameters: torchattacks differentiates
                 # with respect to the input only and writes no .grad into the model.
-                with eval_mode(model), frozen(model):
+                with eval_mode(model), frozen(model), torch.enable_grad():
                     adv = attack(batch, before.pred)
                 with torch.no_grad():
                     after = monitor(adv)
