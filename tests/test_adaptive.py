@@ -96,6 +96,20 @@ def test_the_attacks_run_under_no_grad_as_outside_it(
     assert expected.attacks["pgd"].n_successful > 0
 
 
+def test_the_attacks_inside_inference_mode_say_so(
+    standard_model: nn.Module, digits: DigitsSplit
+) -> None:
+    # Inference mode, which the attacks cannot switch off, raised "element 0 of
+    # tensors does not require grad".
+    x = digits.x_holdout[:8]
+    monitor = _monitor(standard_model, x)
+    with torch.inference_mode():
+        with pytest.raises(ValueError, match=r"torch\.inference_mode\(\) turns autograd off"):
+            adaptive_attacks(monitor, x, steps=2, cw_steps=2)
+        with pytest.raises(ValueError, match=r"torch\.inference_mode\(\) turns autograd off"):
+            adaptive_pgd(monitor, x, steps=2)
+
+
 def test_the_check_analyses_attack_under_no_grad_as_outside_it(
     standard_model: nn.Module, digits: DigitsSplit
 ) -> None:

@@ -503,3 +503,16 @@ def test_a_holdout_that_requires_grad_is_read_as_data(
         warnings.simplefilter("error")
         monitor.fit(x, steps=8, pseudo=False, progress=False, target_tpr=0.8)
     assert monitor.has_threshold and x.grad is None
+
+
+def test_fit_inside_inference_mode_says_so(robust_model: nn.Module, digits: DigitsSplit) -> None:
+    # Inference mode turns autograd off: the attacks found no input gradient, and the
+    # error blamed the model ("an argmax or a rounding to integers inside forward").
+    x = digits.x_holdout[:40]
+    monitor = brittle.wrap(robust_model, eps=DIGITS_EPS)
+    with torch.inference_mode():
+        with pytest.raises(ValueError, match=r"torch\.inference_mode\(\) turns autograd off"):
+            monitor.fit(x, steps=2, pseudo=False, progress=False, target_tpr=0.8)
+        with pytest.raises(ValueError, match=r"torch\.inference_mode\(\) turns autograd off"):
+            brittle.input_margins(robust_model, x[:4], steps=2, progress=False)
+    assert not monitor.has_threshold

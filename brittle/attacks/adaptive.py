@@ -36,7 +36,7 @@ from brittle._modes import eval_mode, frozen, seeded
 from brittle.attacks.ball import project_ball, steepest
 from brittle.attacks.outcome import AttackOutcome
 from brittle.attacks.pgd import pgd_step_size, torchattacks_pgd
-from brittle.attacks.verify import model_device
+from brittle.attacks.verify import check_autograd, model_device
 from brittle.scores.head import LogitsModel
 from brittle.scores.norms import Norm, check_norm, per_sample_norm
 
@@ -173,6 +173,7 @@ def adaptive_pgd(
         (torch.Size([5, 4]), torch.bool)
     """
     eps, norm_ = _settings(monitor, eps, norm)
+    check_autograd("adaptive PGD's examples are")
     if steps < 1:
         raise ValueError(f"steps must be a positive integer. Got {steps}.")
     alpha = float(alpha) if alpha is not None else pgd_step_size(eps, steps)
@@ -267,7 +268,8 @@ def adaptive_attacks(
         ``"adaptive_pgd"`` and ``"cw"``.
 
     Raises:
-        ValueError: If the monitor has no threshold, or on an unsupported norm.
+        ValueError: If the monitor has no threshold, on an unsupported norm, or when
+            called inside ``torch.inference_mode()`` (``torch.no_grad()`` is fine).
 
     Examples:
         >>> import torch, brittle
@@ -279,6 +281,7 @@ def adaptive_attacks(
         (['adaptive_pgd', 'cw', 'pgd'], 8)
     """
     eps, norm_ = _settings(monitor, eps, norm)
+    check_autograd("adversarial examples are")
     threshold = float(monitor.threshold)
     if not math.isfinite(threshold):
         raise ValueError(

@@ -16,6 +16,7 @@ __all__ = [
     "decision_changes",
     "check_unit_range",
     "check_differentiable",
+    "check_autograd",
     "model_device",
 ]
 
@@ -65,10 +66,35 @@ def check_differentiable(logits: Tensor) -> None:
         ValueError: the model's logits carry no gradient with respect to its input ...
     """
     if not logits.requires_grad:
+        check_autograd()
         raise ValueError(
             "the model's logits carry no gradient with respect to its input (an argmax or "
             "a rounding to integers inside forward, .detach(), torch.no_grad()): input "
             "margins are measured by gradient-based attacks. Return differentiable logits."
+        )
+
+
+def check_autograd(what: str = "input margins are") -> None:
+    """Raise ``ValueError`` inside ``torch.inference_mode()``, where no gradient can be taken.
+
+    The attacks differentiate the model with respect to its input. ``torch.no_grad()``
+    they switch off for themselves; inference mode they cannot, and without this
+    check the model looked like one that cuts its gradient (an argmax inside).
+
+    Examples:
+        >>> import torch
+        >>> from brittle.attacks.verify import check_autograd
+        >>> with torch.inference_mode():
+        ...     check_autograd()
+        Traceback (most recent call last):
+        ...
+        ValueError: input margins are measured by gradient-based attacks, ...
+    """
+    if torch.is_inference_mode_enabled():
+        raise ValueError(
+            f"{what} measured by gradient-based attacks, and torch.inference_mode() turns "
+            "autograd off: call this outside the inference_mode block (torch.no_grad() "
+            "is fine)."
         )
 
 
