@@ -32,11 +32,30 @@ _MODE_DEPENDENT = (
     nn.Dropout3d,
     nn.AlphaDropout,
     nn.FeatureAlphaDropout,
+    nn.RReLU,
 )
 
 
+# Layers whose output depends on train mode only with some settings: instance norm
+# with running statistics, attention with dropout.
+_INSTANCE_NORMS = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+
+
+def _depends_on_mode(module: nn.Module) -> bool:
+    if isinstance(module, _MODE_DEPENDENT):
+        return True
+    if isinstance(module, _INSTANCE_NORMS):
+        return bool(module.track_running_stats)
+    if isinstance(module, nn.MultiheadAttention):
+        return module.dropout > 0
+    return False
+
+
 def changes_in_train_mode(model: nn.Module) -> bool:
-    """Whether some batch-norm or dropout layer of ``model`` is in train mode.
+    """Whether some layer of ``model`` whose output depends on train mode is in it.
+
+    Those are batch norm, instance norm with running statistics, dropout, RReLU
+    (random slopes) and multi-head attention with dropout.
 
     Examples:
         >>> from torch import nn
@@ -45,8 +64,10 @@ def changes_in_train_mode(model: nn.Module) -> bool:
         True
         >>> changes_in_train_mode(nn.Sequential(nn.Linear(2, 2), nn.ReLU()).train())
         False
+        >>> changes_in_train_mode(nn.MultiheadAttention(4, 2, dropout=0.1).train())
+        True
     """
-    return any(m.training and isinstance(m, _MODE_DEPENDENT) for m in model.modules())
+    return any(m.training and _depends_on_mode(m) for m in model.modules())
 
 
 @contextmanager

@@ -132,6 +132,56 @@ def test_the_first_call_of_a_model_in_train_mode_warns(standard_model: nn.Module
     assert model.training
 
 
+@pytest.mark.parametrize(
+    "layer",
+    [
+        nn.InstanceNorm1d(1, track_running_stats=True),
+        nn.RReLU(),
+    ],
+    ids=["instance-norm-with-running-stats", "rrelu"],
+)
+def test_other_layers_that_change_in_train_mode_warn(
+    standard_model: nn.Module, layer: nn.Module
+) -> None:
+    # Only batch norm and dropout were looked for: these layers' outputs depend on the
+    # mode too (running statistics against the batch's own; random slopes), and a
+    # model holding them was served in train mode without a word.
+    model = nn.Sequential(copy.deepcopy(standard_model), nn.Unflatten(1, (1, 10)), layer)
+    model.append(nn.Flatten())
+    monitor = brittle.wrap(model, example_input=torch.rand(2, 1, 8, 8))
+    model.train()
+    with pytest.warns(UserWarning, match="train mode"):
+        monitor(torch.rand(4, 1, 8, 8))
+
+
+class _Attention(nn.Module):
+    """Self-attention over a sequence of 8-vectors, then a linear head."""
+
+    def __init__(self, dropout: float) -> None:
+        super().__init__()
+        self.attention = nn.MultiheadAttention(8, 2, dropout=dropout, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y, _ = self.attention(x, x, x)
+        return self.head(y.mean(dim=1))
+
+
+def test_attention_with_dropout_in_train_mode_warns() -> None:
+    x = torch.rand(4, 5, 8)
+    model = _Attention(dropout=0.1)
+    monitor = brittle.wrap(model, example_input=x)
+    model.train()
+    with pytest.warns(UserWarning, match="train mode"):
+        monitor(x)
+    quiet = _Attention(dropout=0.0)
+    monitor = brittle.wrap(quiet, example_input=x)
+    quiet.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        monitor(x)
+
+
 def test_train_mode_without_batch_norm_or_dropout_is_quiet(standard_model: nn.Module) -> None:
     model = copy.deepcopy(standard_model)
     monitor = brittle.wrap(model, example_input=torch.rand(2, 1, 8, 8))
