@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import Tensor, nn
 
@@ -53,3 +54,8 @@ def test_without_a_group_the_cutoff_changes_nothing() -> None:
     cut = _walk(cut_rows, cutoff=(0.4, 1.2))
     assert plain_rows == cut_rows == [3] * 20
     torch.testing.assert_close(cut, plain, rtol=0, atol=0)
+
+
+def test_a_cutoff_that_would_stop_every_row_is_refused() -> None:
+    with pytest.raises(ValueError, match="cutoff"):
+        _walk([], group=torch.tensor([0, 0, 1]), cutoff=(0.4, 0.9))

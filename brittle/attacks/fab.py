@@ -463,8 +463,10 @@ class _Fab:
             ka = torch.where(runs.count[idx] == steps, 1, runs.k[idx])
             # A run's first step linearises the same number of classes for every sample:
             # one forward pass of the points serves all k backward passes.
-            shared = int(ka.min()) > 1 and int(ka.max()) == int(ka.min())
-            shared = shared and bool((runs.count[idx] == 0).all())
+            low, high, starting = torch.stack(
+                (ka.min(), ka.max(), (runs.count[idx] == 0).all().long())
+            ).tolist()  # one device synchronisation
+            shared = 1 < low == high and bool(starting)
             for part in _parts(torch.ones_like(ka) if shared else ka, _MAX_COPIES):
                 self._advance(runs, idx[part], ka[part], shared)
 

@@ -75,6 +75,8 @@ def boundary_walk(
         >>> round(float(dist), 2)  # the boundary x0 == x1 is 0.2 away
         0.2
     """
+    if cutoff is not None and not (0 <= cutoff[0] <= 1 and cutoff[1] >= 1):
+        raise ValueError(f"cutoff must be (share in [0, 1], ratio >= 1). Got {cutoff}.")
     order = norm_order(norm)
     best_adv = adv.clone()
     best = torch.linalg.vector_norm(adv - x0, ord=order, dim=1)
