@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import threading
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
@@ -30,7 +31,7 @@ from brittle.scores.head import (
 )
 from brittle.scores.margins import feature_margin, logit_margin, pair_norm_table
 from brittle.scores.norms import Norm, check_eps, check_norm
-from brittle.scores.pseudo import PseudoMargin
+from brittle.scores.pseudo import HIDDEN, PseudoMargin
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -825,7 +826,7 @@ class Monitor(nn.Module):
         config = state_dict.get(prefix + "_extra_state")
         if isinstance(config, dict):
             try:
-                self._size_as_saved(config)
+                self._size_as_saved(config, _pseudo_width(state_dict, prefix))
             except ValueError as err:  # PyTorch's way: reported with the other errors
                 error_msgs.append(str(err))
         super()._load_from_state_dict(
@@ -845,12 +846,12 @@ class Monitor(nn.Module):
                     stacklevel=2,
                 )
 
-    def _size_as_saved(self, config: dict[str, Any]) -> None:
+    def _size_as_saved(self, config: dict[str, Any], hidden: int) -> None:
         """Give this monitor the saved head table and pseudo network, where it has none.
 
         ``from_state`` builds a loaded monitor so, and a plain ``load_state_dict`` into
         a fresh ``wrap(model)`` (with or without ``example_input``) then works as
-        ``brittle.load`` does.
+        ``brittle.load`` does. ``hidden`` is the saved pseudo network's width.
 
         Raises:
             ValueError: if the model has no head of the saved name and shape.
@@ -876,7 +877,7 @@ class Monitor(nn.Module):
             # The random initial weights are overwritten by the saved ones: drawn from a
             # fork of the CPU generator, they leave the caller's random state as it was.
             with torch.random.fork_rng(devices=[]):
-                pseudo = PseudoMargin(features, int(config["num_classes"]))
+                pseudo = PseudoMargin(features, int(config["num_classes"]), hidden)
             self.pseudo = pseudo.to(self.threshold.device)
 
     def _own_state_to(self, device: torch.device) -> None:
@@ -905,7 +906,7 @@ class Monitor(nn.Module):
             raise ValueError("the state holds no brittle.Monitor configuration.")
         _check_config(config)
         monitor = cls(model, score=config["score"], norm=config["norm"], eps=config["eps"])
-        monitor._size_as_saved(config)
+        monitor._size_as_saved(config, _pseudo_width(state, ""))
         param = next(model.parameters(), None)
         if param is not None:
             monitor._own_state_to(param.device)
@@ -1004,6 +1005,21 @@ def _looks_like_probabilities(logits: Tensor) -> bool:
     rows = rows[finite]
     sums = rows.sum(dim=1)
     return bool(((rows >= 0) & (rows <= 1)).all() and torch.allclose(sums, torch.ones_like(sums)))
+
+
+def _pseudo_width(state: Mapping[str, Any], prefix: str) -> int:
+    """Width of the pseudo network saved in ``state`` (the default where it holds none).
+
+    Read from its first and second layers' weights, which must agree: a network
+    built to this width takes no more memory than those weights already do.
+    """
+    first = state.get(prefix + "pseudo.net.0.weight")
+    second = state.get(prefix + "pseudo.net.2.weight")
+    if isinstance(first, Tensor) and isinstance(second, Tensor) and first.dim() == 2:
+        width = first.shape[0]
+        if width >= 1 and tuple(second.shape) == (width, width):
+            return int(width)
+    return HIDDEN
 
 
 def wrap(

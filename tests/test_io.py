@@ -17,6 +17,7 @@ from torch import nn
 import brittle
 from brittle.digits import DigitsSplit, digits_cnn
 from brittle.io import checksum
+from brittle.scores.pseudo import PseudoMargin
 
 
 @pytest.fixture(scope="module")
@@ -529,3 +530,23 @@ def test_a_file_of_a_newer_format_says_to_upgrade(standard_model: nn.Module, tmp
     _rewritten(path, lambda payload: payload.__setitem__("version", 1))
     with pytest.raises(ValueError, match="fit and save it again"):
         brittle.load(path, standard_model)
+
+
+@pytest.mark.parametrize("route", ["load", "load_state_dict"])
+def test_a_pseudo_network_of_another_width_loads(route: str, tmp_path) -> None:
+    # train_pseudo_margin(hidden=...) makes networks of any width; loading built a
+    # 512-wide one and refused the saved weights ("size mismatch for pseudo.net").
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    x = torch.rand(4, 6)
+    monitor = brittle.wrap(model, score="pseudo", example_input=x)
+    monitor.pseudo = PseudoMargin(5, 3, hidden=16)
+    monitor.set_threshold(0.5)
+    path = monitor.save(tmp_path / "monitor.pt")
+    if route == "load":
+        loaded = brittle.load(path, model)
+    else:
+        loaded = brittle.wrap(model, score="pseudo")
+        loaded.load_state_dict(monitor.state_dict())
+    assert loaded.pseudo is not None and loaded.pseudo.net[0].out_features == 16
+    torch.testing.assert_close(loaded(x).margin, monitor(x).margin, rtol=0, atol=0)

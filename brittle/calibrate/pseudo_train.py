@@ -34,7 +34,7 @@ from torch import Tensor
 
 from brittle._modes import seeded
 from brittle.calibrate.metrics import kendall_tau
-from brittle.scores.pseudo import QUANTILES, PseudoMargin
+from brittle.scores.pseudo import HIDDEN, QUANTILES, PseudoMargin
 
 __all__ = ["PseudoTraining", "train_pseudo_margin", "rank_targets", "MIN_TRAIN_SAMPLES"]
 
@@ -147,7 +147,7 @@ def train_pseudo_margin(
     margins: Tensor,
     *,
     seed: int = 0,
-    hidden: int = 512,
+    hidden: int = HIDDEN,
     loss: Loss = "both",
     lr: float = 1e-3,
     weight_decay: float = 1e-4,

@@ -5,8 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["PseudoMargin", "QUANTILES"]
+__all__ = ["PseudoMargin", "QUANTILES", "HIDDEN"]
 
+# Width of the hidden layers unless given (the paper's).
+HIDDEN = 512
 # Points of the piecewise-linear map from the network's rank estimate back to
 # input-margin units (a quantile function of the training margins).
 QUANTILES = 64
@@ -47,7 +49,7 @@ class PseudoMargin(nn.Module):
     logit_std: Tensor
     quantiles: Tensor
 
-    def __init__(self, in_features: int, num_classes: int, hidden: int = 512) -> None:
+    def __init__(self, in_features: int, num_classes: int, hidden: int = HIDDEN) -> None:
         super().__init__()
         if in_features < 1 or num_classes < 2 or hidden < 1:
             raise ValueError(
