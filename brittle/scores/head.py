@@ -33,25 +33,33 @@ class HeadCapture:
 
     The hook sits on a module that other threads may be running at the same
     time (a server's worker pool sharing one model), so it records only the
-    calls made by the thread that created the capture. ``features`` and
-    ``output`` are the latest call's; ``records`` holds every call's, for a
-    head the model calls more than once (``call_producing``).
+    calls made by the thread that created the capture. ``records`` holds every
+    call's ``(features, output)``; ``features`` and ``output`` are the latest
+    call's, for a head the model calls more than once (``call_producing``).
     """
 
-    features: Tensor | None = None
-    output: Tensor | None = None
-    calls: int = 0
-    thread: int = field(default_factory=threading.get_ident)
     records: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+    thread: int = field(default_factory=threading.get_ident)
+
+    @property
+    def calls(self) -> int:
+        """How many times the head ran on this thread."""
+        return len(self.records)
+
+    @property
+    def features(self) -> Tensor | None:
+        """The latest call's input, ``None`` before any call."""
+        return self.records[-1][0] if self.records else None
+
+    @property
+    def output(self) -> Tensor | None:
+        """The latest call's output, ``None`` before any call."""
+        return self.records[-1][1] if self.records else None
 
     def hook(self, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
         """Forward hook: record the head's input and output of this thread's call."""
-        if threading.get_ident() != self.thread:
-            return
-        self.features = args[0]
-        self.output = output
-        self.calls += 1
-        self.records.append((args[0], output))
+        if threading.get_ident() == self.thread:
+            self.records.append((args[0], output))
 
     def call_producing(self, logits: Tensor, *, by_value: bool = True) -> HeadCapture | None:
         """The recorded call whose output is ``logits``, alone; ``None`` when no call's is.
@@ -66,12 +74,12 @@ class HeadCapture:
         """
         for features, output in reversed(self.records):
             if output is logits:
-                return HeadCapture(features=features, output=output, calls=1)
+                return HeadCapture([(features, output)])
         if not by_value:
             return None
         for features, output in reversed(self.records):
             if output.shape == logits.shape and torch.equal(output, logits):
-                return HeadCapture(features=features, output=output, calls=1)
+                return HeadCapture([(features, output)])
         return None
 
 
@@ -213,6 +221,6 @@ def discover_head(model: nn.Module, x: Tensor) -> tuple[Tensor, str | None, Head
     for rec_name, features, output in reversed(probe.records):
         if output.shape == logits.shape and torch.equal(output, logits):
             name = rec_name
-            capture = HeadCapture(features=features, output=output, calls=1)
+            capture = HeadCapture([(features, output)])
             break
     return logits, name, capture
