@@ -84,46 +84,46 @@ def boundary_walk(
         return best_adv, best
     eps = best.clone()
     delta = adv - x0
-    # The walking rows: all of them, until the cutoff leaves the ones far behind.
-    live = torch.arange(x0.shape[0], device=x0.device)
-    x0_live, pred_live, best_live, adv_live = x0, pred, best, best_adv
+    # Every row walks until the cutoff; then only ``live`` does, and the rows it left
+    # keep their results in ``stopped``.
+    live, stopped = None, None
     stop, ratio = (-1, math.inf) if cutoff is None else (round(cutoff[0] * steps), cutoff[1])
     for i in range(steps):
         if i == stop and group is not None:
             nearest = best.new_full((int(group.max()) + 1,), math.inf)
             nearest = nearest.scatter_reduce(0, group, best, "amin")[group]
-            keep = (best <= ratio * nearest).nonzero().squeeze(1)
-            live, eps, delta = keep, eps[keep], delta[keep]
-            x0_live, pred_live = x0[keep], pred[keep]
-            best_live, adv_live = best[keep], best_adv[keep]
-        rows = torch.arange(len(live), device=x0.device)
+            live = (best <= ratio * nearest).nonzero().squeeze(1)
+            stopped = best, best_adv
+            x0, pred, eps, delta = x0[live], pred[live], eps[live], delta[live]
+            best, best_adv = best[live], best_adv[live]
+        rows = torch.arange(x0.shape[0], device=x0.device)
         cosine = (1 + math.cos(math.pi * i / steps)) / 2
         g_rate = gamma[1] + (gamma[0] - gamma[1]) * cosine
         a_rate = alpha[1] + (alpha[0] - alpha[1]) * cosine
-        point = (x0_live + delta).requires_grad_(True)
+        point = (x0 + delta).requires_grad_(True)
         with torch.enable_grad():
             z = logits_of(point)
             check_differentiable(z)
             # Classes tied exactly with ``pred`` are passed over: a duplicated output
             # unit ties everywhere, and its zero gradient would stall the walk.
             zd = z.detach()
-            ties = zd == zd.gather(1, pred_live[:, None])
+            ties = zd == zd.gather(1, pred[:, None])
             other = zd.masked_fill(ties, -math.inf).argmax(dim=1)
-            diff = z[rows, pred_live] - z[rows, other]
+            diff = z[rows, pred] - z[rows, other]
             (grad,) = torch.autograd.grad(diff.sum(), point)
         point = point.detach()
-        is_adv = decision_changes(z.detach(), pred_live)
+        is_adv = decision_changes(z.detach(), pred)
         dist = torch.linalg.vector_norm(delta, ord=order, dim=1)
-        better = is_adv & (dist < best_live)
-        best_live = torch.where(better, dist, best_live)
-        adv_live = torch.where(better[:, None], point, adv_live)
-        if len(live) == x0.shape[0]:
-            best, best_adv = best_live, adv_live
-        else:
-            best[live], best_adv[live] = best_live, adv_live
+        better = is_adv & (dist < best)
+        best = torch.where(better, dist, best)
+        best_adv = torch.where(better[:, None], point, best_adv)
         # FMN's budget: shrink while adversarial (never above the best), grow while not.
-        eps = torch.where(is_adv, torch.minimum(eps * (1 - g_rate), best_live), eps * (1 + g_rate))
+        eps = torch.where(is_adv, torch.minimum(eps * (1 - g_rate), best), eps * (1 + g_rate))
         delta = delta - (a_rate * eps)[:, None] * steepest(grad, norm)
         delta = project_ball(delta, eps, norm)
-        delta = (x0_live + delta).clamp(0, 1) - x0_live
+        delta = (x0 + delta).clamp(0, 1) - x0
+    if live is not None and stopped is not None:
+        all_best, all_adv = stopped
+        all_best[live], all_adv[live] = best, best_adv
+        best, best_adv = all_best, all_adv
     return best_adv, best
