@@ -687,10 +687,7 @@ def _gradients(
     Entries beyond a sample's copies stay zero.
     """
     rank = torch.arange(len(rows), device=xr.device) - first[rows]
-    grad_out = torch.zeros_like(logits)
-    grad_out.scatter_(1, cls[rows, rank][:, None], 1.0)
-    grad_out.scatter_add_(1, c[rows][:, None], -torch.ones_like(grad_out[:, :1]))
-    (grads,) = torch.autograd.grad(logits, xr, grad_out)
+    (grads,) = torch.autograd.grad(logits, xr, _difference(logits, cls[rows, rank], c[rows]))
     dg = xr.new_zeros(len(first), cls.shape[1], xr.shape[1])
     dg[rows, rank] = grads
     return dg
@@ -703,12 +700,17 @@ def _shared_gradients(logits: Tensor, xr: Tensor, c: Tensor, cls: Tensor) -> Ten
     """
     grads = []
     for j in range(cls.shape[1]):
-        grad_out = torch.zeros_like(logits)
-        grad_out.scatter_(1, cls[:, j : j + 1], 1.0)
-        grad_out.scatter_add_(1, c[:, None], -torch.ones_like(grad_out[:, :1]))
         last = j == cls.shape[1] - 1
-        grads.append(torch.autograd.grad(logits, xr, grad_out, retain_graph=not last)[0])
+        seed = _difference(logits, cls[:, j], c)
+        grads.append(torch.autograd.grad(logits, xr, seed, retain_graph=not last)[0])
     return torch.stack(grads, dim=1)
+
+
+def _difference(logits: Tensor, j: Tensor, c: Tensor) -> Tensor:
+    """The backward seed of ``f_j - f_c`` per row of ``logits`` (+1 at ``j``, -1 at ``c``)."""
+    seed = torch.zeros_like(logits)
+    seed.scatter_(1, j[:, None], 1.0)
+    return seed.scatter_add_(1, c[:, None], -torch.ones_like(seed[:, :1]))
 
 
 def _improved(before: Tensor, after: Tensor, rtol: float = _RESTART_RTOL) -> Tensor:
