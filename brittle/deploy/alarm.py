@@ -670,7 +670,7 @@ class FlagRateAlarm:
         self._pending: deque[bool] = deque()
         # An episode's samples (and those that led up to it), learned if it is short.
         self._held: list[bool] = []
-        self._episode_length, self._long = 0, False
+        self._episode_length = 0
         self._install(self._holdout_design)
 
     @classmethod
@@ -733,6 +733,7 @@ class FlagRateAlarm:
         statistic, firing = self._statistic, self._firing
         episodes, flagged = self._episodes, 0
         learn, pending, held, lag = self.learn, self._pending, self._held, self.lag
+        episode = self._episode_length
         for value in values:
             if value:
                 flagged += 1
@@ -745,24 +746,23 @@ class FlagRateAlarm:
                 # The samples that led up to the alarm wait with the episode's.
                 held.extend(pending)
                 pending.clear()
-                self._episode_length, self._long = 0, False
+                episode = 0
             elif statistic == 0 and firing:
-                if not self._long:
-                    # A short episode (a false alarm, most often) is learned whole: dropping
-                    # the flag-heavy stretches of clean traffic would bias the reference low.
-                    pending.extend(held)
+                # A short episode (a false alarm, most often) is learned whole: dropping
+                # the flag-heavy stretches of clean traffic would bias the reference low.
+                # A lasting one has nothing held any more.
+                pending.extend(held)
                 held.clear()
                 firing = False
             if not learn:
                 continue
             if firing:
-                self._episode_length += 1
-                if self._long:
-                    continue
-                held.append(value)
-                if self._episode_length > lag:  # a lasting rise: not learned as normal
+                # Redesigns happen only while the alarm is off: the lag holds for the episode.
+                episode += 1
+                if episode <= lag:
+                    held.append(value)
+                elif episode == lag + 1:  # a lasting rise: not learned as normal
                     held.clear()
-                    self._long = True
                 continue
             pending.append(value)
             while len(pending) > lag:
@@ -772,6 +772,7 @@ class FlagRateAlarm:
                     statistic = self._redesign(statistic)
                     up, down, threshold, lag = self._up, self._down, self._threshold, self.lag
         self._statistic, self._firing, self._episodes = statistic, firing, episodes
+        self._episode_length = episode
         self._samples += len(values)
         self._flagged += flagged
 
@@ -800,7 +801,7 @@ class FlagRateAlarm:
             self._firing = False
             self._pending.clear()
             self._held.clear()
-            self._episode_length, self._long = 0, False
+            self._episode_length = 0
             if forget:
                 self._forget()
 
