@@ -17,7 +17,8 @@ is trained and selected for ranking:
   split also holds each training sample's point on the decision boundary
   (target margin 0) and two perturbed copies of it (target: their distance to
   it), so that features an attacker reaches by crossing the boundary map to
-  small scores. Validation stays on natural samples.
+  small scores. The epoch is then chosen on the mean of two taus: the
+  validation samples' own, and theirs together with their boundary rows.
 """
 
 from __future__ import annotations
@@ -53,7 +54,9 @@ class PseudoTraining:
         n_train: Samples the network was fitted on.
         n_val: Samples held out for early stopping.
         epochs: Epochs run.
-        best_epoch: Epoch whose weights were kept (best validation tau).
+        best_epoch: Epoch whose weights were kept: the best validation tau, or
+            with boundary rows the best mean of it and the tau of the validation
+            samples together with their boundary rows.
         val_tau: Kendall tau between the kept network's score and the input
             margin on the validation samples. Those samples chose the epoch, so
             it is the best of up to ``epochs`` figures: optimistic, not an
@@ -161,7 +164,9 @@ def train_pseudo_margin(
 
     A seeded ``val_fraction`` of the samples is held out; the network fits the
     rest and the weights of the epoch with the best validation Kendall tau
-    (``brittle.calibrate.metrics.kendall_tau``) are kept. The global RNG is left untouched.
+    (``brittle.calibrate.metrics.kendall_tau``) are kept; with ``boundary`` rows, the
+    best mean of that tau and the tau of the validation samples together with their
+    own boundary rows. The global RNG is left untouched.
 
     Args:
         features: ``(n, d)`` inputs of the model's last linear layer, on the
@@ -176,12 +181,13 @@ def train_pseudo_margin(
         weight_decay: Adam's L2 penalty.
         batch_size: Mini-batch size.
         max_epochs: Upper bound on epochs.
-        patience: Epochs without a better validation tau before stopping.
+        patience: Epochs without a better criterion (above) before stopping.
         val_fraction: Share of the samples held out for early stopping.
         boundary: ``(features, logits, margins)`` of shapes ``(n, R, d)``,
             ``(n, R, K)`` and ``(n, R)``: ``R`` rows near the decision boundary
             per sample with their target margins (NaN: none). The rows of the
-            training split's samples join its training data.
+            training split's samples join its training data; those of the
+            validation split's help choose the epoch.
 
     Returns:
         The network (weights of the best validation epoch, eval mode) and a summary.
@@ -235,8 +241,14 @@ def train_pseudo_margin(
     order = torch.randperm(n, generator=generator).to(device)
     n_val = max(2, int(round(n * val_fraction)))
     val, train = order[:n_val], order[n_val:]
-    val_margins = margins[val].cpu().double().numpy()
     extra = _boundary_rows(boundary, train.cpu(), (features, logits, margins))
+    held = _boundary_rows(boundary, val.cpu(), (features, logits, margins))
+    val_margins = margins[val].cpu().double().numpy()
+    # With boundary rows the epoch is chosen on what the network is trained for: the
+    # validation samples alone chose epochs that ranked them well before the boundary
+    # rows were fitted (engine 8, certified digits CNN, seed 0: past-boundary copies
+    # scored below the threshold 75 % of the time, against 99.75 % on seeds 1 and 2).
+    rows_margins = torch.cat((margins[val], held[2])).cpu().double().numpy()
     train_features = torch.cat((features[train], extra[0]))
     train_logits = torch.cat((logits[train], extra[1]))
     train_margins = torch.cat((margins[train], extra[2]))
@@ -251,15 +263,23 @@ def train_pseudo_margin(
     net.logit_std.copy_(ordered.std(dim=0).nan_to_num(1.0).clamp_min(1e-6))
     net.quantiles.copy_(_quantiles(train_margins).to(device))
     inputs_train = net.inputs(train_features, train_logits)
-    inputs_val = net.inputs(features[val], logits[val])
+    inputs_val = net.inputs(torch.cat((features[val], held[0])), torch.cat((logits[val], held[1])))
     body, squash = net.net[:-1], net.net[-1]
     optimiser = torch.optim.Adam(net.net.parameters(), lr=lr, weight_decay=weight_decay)
 
-    def validation_tau() -> float:
+    def validation_taus() -> tuple[float, float]:
+        """Kendall tau on the validation samples, and the criterion the epoch is chosen on.
+
+        Without boundary rows the criterion is that tau; with them, its mean with the
+        tau of the validation samples together with their own boundary rows.
+        """
         net.eval()
         with torch.no_grad():
             score = squash(body(inputs_val)).squeeze(1).cpu().double().numpy()
-        return kendall_tau(score, val_margins)
+        natural = kendall_tau(score[:n_val], val_margins)
+        if not held[2].numel():
+            return natural, natural
+        return natural, 0.5 * (natural + kendall_tau(score, rows_margins))
 
     best_state, best_tau, best_epoch, epoch = copy.deepcopy(net.state_dict()), -math.inf, 0, 0
     # Kendall tau is NaN when the validation margins or the scores all tie; such an
@@ -278,8 +298,8 @@ def train_pseudo_margin(
             optimiser.zero_grad()
             value.backward()
             optimiser.step()
-        tau = validation_tau()
-        rank = tau if math.isfinite(tau) else -1.0
+        tau, chosen = validation_taus()
+        rank = chosen if math.isfinite(chosen) else -1.0
         if rank > best_rank:
             best_state, best_tau, best_epoch = copy.deepcopy(net.state_dict()), tau, epoch
             best_rank = rank
