@@ -11,7 +11,7 @@ from torch import nn
 
 import brittle
 from brittle.attacks.attack import AttackSettings, PassCounter, attack_batch
-from brittle.attacks.fab import fab_attack, guessed_distance
+from brittle.attacks.fab import fab_attack, guessed_distance, runner_up
 from brittle.scores.norms import per_sample_norm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -325,3 +325,16 @@ def test_a_sample_without_an_adversarial_gets_every_extra_restart() -> None:
         rows[extra] = counter.forward
     # Each extra restart is a run of 5 steps: at least 5 forward rows more apiece.
     assert rows[3] >= rows[1] + 2 * 5
+
+
+def test_the_runner_up_comes_from_the_highest_logits_then_the_rest() -> None:
+    logits = torch.tensor([[9.0, 1.0, 8.0, 7.0, 6.0, 2.0]])
+    # Class 1 and 5 look nearest by guessed distance, but their logits are low.
+    guess = torch.tensor([[0.0, 0.1, 0.5, 0.4, 0.3, 0.2]])
+    skip = torch.tensor([[True, False, False, False, True, False]])  # prediction, found
+    order = [int(runner_up(logits, guess, skip, torch.tensor([r]))) for r in range(4)]
+    # Pool of 3 highest logits not skipped: 2, 3, 5 (4 is found); nearest first.
+    assert order == [5, 3, 2, 1]
+    # A pool larger than the classes ranks them all by guessed distance.
+    wide = [int(runner_up(logits, guess, skip, torch.tensor([r]), pool=9)) for r in range(4)]
+    assert wide == [1, 5, 3, 2]

@@ -24,9 +24,10 @@ and APGD-based minimum-norm attacks):
   (``brittle.attacks.walk.boundary_walk``, one forward and one backward pass per
   step whatever the number of classes) slides every run's adversarial towards
   x, all runs in one batch;
-* ``targeted`` extra runs each linearise one runner-up class only (the nearest
-  by guessed distance other than the best adversarial's class): FAB commits to
-  one boundary early, and the nearest one is often another class's. Each sample
+* ``targeted`` extra runs each linearise one runner-up class only (among the
+  three highest logits other than the best adversarial's class, the nearest by
+  guessed distance; ``runner_up``): FAB commits to one boundary early, and the
+  nearest one is often another class's. Each sample
   starts them as soon as its own untargeted run ends, in the same batch;
 * the best adversarial is shrunk along its ray by bisection at the end;
 * random restarts draw from a counter-based hash of ``(seed, index, restart)``,
@@ -59,7 +60,14 @@ from brittle.attacks.walk import boundary_walk
 from brittle.scores.head import model_output
 from brittle.scores.norms import START_RADIUS, Norm, check_norm, dual_order, norm_order
 
-__all__ = ["FabResult", "fab_attack", "guessed_distance", "brittle_engine", "brittle_points"]
+__all__ = [
+    "FabResult",
+    "fab_attack",
+    "guessed_distance",
+    "runner_up",
+    "brittle_engine",
+    "brittle_points",
+]
 
 _MASK32 = 0xFFFFFFFF
 # Widen a sample's candidate classes when the next class's guessed distance is
@@ -73,6 +81,14 @@ _FIRST_WIDTH = 10
 # Default patience: the boundary walk after the runs recovers the small late
 # improvements of FAB far more cheaply than more FAB steps would.
 _PATIENCE = 3
+# The runner-up of the targeted runs is the nearest by guessed distance among the classes
+# with the 3 highest logits at x0 (after the prediction and the class already found). At
+# x0 the gradients misjudge far boundaries of weakly consistent models; among all
+# classes, the nearest by guessed distance missed the class the references crossed into.
+# On the certified (IBP) digits CNN, 671 -> 683 of the 719 holdout digits within 1 % of
+# the references for Linf (562 -> 573 of 600 training digits), 634 -> 655 for L2, at the
+# same cost.
+_POOL = 3
 # Default length of the boundary walk (at most ``steps``: a small budget stays small).
 _WALK_STEPS = 20
 # The adaptive budget: a sample gets another random restart while its last run lowered
@@ -161,8 +177,9 @@ def fab_attack(
         beta: Backward step towards ``x`` after reaching an adversarial (FAB's ``beta``).
         alpha_max: Largest weight of the step projected from ``x`` (FAB's ``alpha_max``).
         targeted: Runs from ``x`` after the untargeted ones, each linearising a single
-            runner-up class: the ``i``-th nearest by guessed distance, skipping the
-            class of the best adversarial so far.
+            runner-up class (``runner_up``): the ``i``-th nearest by guessed distance,
+            the three highest logits first, skipping the class of the best
+            adversarial so far.
         walk_steps: Steps of the boundary walk (0: none; default ``min(20, steps)``),
             taken after the runs by every run's adversarial at once; the nearest
             point seen is kept. A run's adversarial still more than 1.2 times its
@@ -610,16 +627,15 @@ class _Fab:
         return found
 
     def _runner_up(self, rows: Tensor, rank: Tensor, found: Tensor) -> Tensor:
-        """Per sample of ``rows``, the ``rank``-th nearest other class by guessed distance from x0.
+        """Per sample of ``rows``, the ``rank``-th ``runner_up`` class from x0.
 
-        The guess is ``guessed_distance`` at x0 (a class never linearised gets the
-        largest gradient norm seen); the predicted class and ``found``, the class
-        of the best adversarial, are skipped.
+        The predicted class and ``found``, the class of the best adversarial, are
+        skipped; a class never linearised gets the largest gradient norm seen.
         """
         z0, pred = self.z0[rows], self.pred[rows, None]
         guess = guessed_distance(z0 - z0.gather(1, pred), self.dual_seen[rows], self.known[rows])
-        guess = guess.scatter(1, pred, math.inf).scatter(1, found[:, None], math.inf)
-        return guess.argsort(dim=1).gather(1, rank[:, None]).squeeze(1)
+        skip = torch.zeros_like(guess, dtype=torch.bool).scatter(1, pred, True)
+        return runner_up(z0, guess, skip.scatter(1, found[:, None], True), rank)
 
     def walk(self, steps: int) -> None:
         """Slide every run's adversarial along the boundary towards x0 (``boundary_walk``).
@@ -711,6 +727,46 @@ def _difference(logits: Tensor, j: Tensor, c: Tensor) -> Tensor:
     seed = torch.zeros_like(logits)
     seed.scatter_(1, j[:, None], 1.0)
     return seed.scatter_add_(1, c[:, None], -torch.ones_like(seed[:, :1]))
+
+
+def runner_up(
+    logits: Tensor, guess: Tensor, skip: Tensor, rank: Tensor, pool: int = _POOL
+) -> Tensor:
+    """The ``rank``-th runner-up class of each sample, for a targeted run.
+
+    The ``pool`` classes with the highest logits come first, the others after
+    them, each group ordered by guessed distance; classes in ``skip`` come last.
+    At the clean point the gradients misjudge far boundaries of weakly consistent
+    models, so the nearest class by guessed distance alone is often not the one a
+    strong attack crosses into; among the highest logits it more often is.
+
+    Args:
+        logits: ``(n, K)`` logits at the clean point.
+        guess: ``(n, K)`` guessed distances (``guessed_distance``).
+        skip: ``(n, K)`` classes not to choose (the prediction, the class already found).
+        rank: ``(n,)`` which runner-up per sample, from 0.
+        pool: How many of the highest logits come first.
+
+    Returns:
+        ``(n,)`` class indices.
+
+    Examples:
+        >>> import torch
+        >>> from brittle.attacks.fab import runner_up
+        >>> logits = torch.tensor([[5.0, 4.0, 3.0, 0.0]])
+        >>> guess = torch.tensor([[0.0, 0.3, 0.2, 0.1]])  # class 3 looks nearest
+        >>> skip = torch.tensor([[True, False, False, False]])  # the prediction
+        >>> runner_up(logits, guess, skip, torch.tensor([0]), pool=2)  # but its logit is low
+        tensor([2])
+        >>> runner_up(logits, guess, skip, torch.tensor([2]), pool=2)
+        tensor([3])
+    """
+    guess, logits = guess.masked_fill(skip, math.inf), logits.masked_fill(skip, -math.inf)
+    top = logits.topk(min(pool, logits.shape[1]), dim=1).indices
+    pooled = torch.zeros_like(skip).scatter(1, top, True) & ~skip
+    order = guess.argsort(dim=1)
+    order = order.gather(1, (~pooled.gather(1, order)).argsort(dim=1, stable=True))
+    return order.gather(1, rank[:, None]).squeeze(1)
 
 
 def _improved(before: Tensor, after: Tensor, rtol: float = _RESTART_RTOL) -> Tensor:
