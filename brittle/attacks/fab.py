@@ -607,13 +607,19 @@ class _Fab:
         return new, widen
 
     def random_start(self, seed: int, index: Tensor, restart: int) -> Tensor:
-        """Draw a start within half the best norm so far (or the default radius) of ``x0``."""
+        """Draw a start within half the best norm so far (or the default radius) of ``x0``.
+
+        A sample with no adversarial yet may sit in a flat region (every gradient
+        zero, as behind dead ReLUs), which a start too near ``x0`` does not leave:
+        its ``restart``-th start looks ``2 ** (restart - 1)`` times as far.
+        """
         noise = _hash_uniform(seed, index, restart, self.x0.shape[1])
         if self.norm == "Linf":
             t = 2 * noise[..., 0] - 1
         else:  # Box-Muller: Gaussian directions, as torchattacks draws for L2 and L1
             t = torch.sqrt(-2 * torch.log(noise[..., 0])) * torch.cos(2 * math.pi * noise[..., 1])
         radius = self.best.clamp(max=START_RADIUS[self.norm])
+        radius = torch.where(self.best.isfinite(), radius, radius * 2.0 ** (restart - 1))
         t = t / _lp(t, self.norm).clamp_min(1e-12)[:, None]
         return (self.x0 + 0.5 * radius[:, None] * t).clamp(0, 1)
 

@@ -28,7 +28,8 @@ DEFAULT_ENGINE = "brittle"
 # margins of models with gradients below 1e-8 are no longer censored.
 # brittle 7: a sample without an adversarial gets every extra restart (it got one); the
 # walk stops a run's adversarial far behind its sample's nearest.
-# brittle 8: the targeted run's class comes from the three highest logits.
+# brittle 8: the targeted run's class comes from the three highest logits; a sample
+# without an adversarial starts each random restart twice as far out as the last.
 ENGINE_VERSIONS = {"brittle": 8, "torchattacks": 2}
 
 
