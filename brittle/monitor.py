@@ -50,6 +50,16 @@ _DISCOVERY = threading.Lock()
 # batch are computed from the head weight instead.
 TABLE_LIMIT_BYTES = 256 * 2**20
 _STATE_VERSION = 2
+# What head discovery (``_adopt``, ``_attach_head``) writes on a monitor.
+_DISCOVERED_NAMES = (
+    "head_name",
+    "head_exact",
+    "num_classes",
+    "feature_dim",
+    "input_shape",
+    "pair_norms",
+    "_table_stamp",
+)
 
 
 def _check_score(score: str) -> Score:
@@ -659,15 +669,7 @@ class Monitor(nn.Module):
         return self
 
     # What head discovery (``_adopt``, ``_attach_head``) writes: restored after a failed fit.
-    _DISCOVERED = (
-        "head_name",
-        "head_exact",
-        "num_classes",
-        "feature_dim",
-        "input_shape",
-        "pair_norms",
-        "_table_stamp",
-    )
+    _DISCOVERED = _DISCOVERED_NAMES
 
     def _discovery(self) -> tuple[Any, ...]:
         """The attributes head discovery writes, to restore after a failed fit."""
@@ -782,14 +784,13 @@ class Monitor(nn.Module):
         }
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
-        """Restore what ``get_extra_state`` wrote (called by ``load_state_dict``)."""
-        if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
-            raise ValueError("this state was not written by this version of brittle.Monitor.")
-        report = state["report"]
-        if report is not None:
-            from brittle.calibrate.report import ConsistencyReport
+        """Restore what ``get_extra_state`` wrote (called by ``load_state_dict``).
 
-            report = ConsistencyReport.from_dict(report)
+        Raises:
+            ValueError: if no monitor of this version could have written ``state``;
+                nothing is changed then.
+        """
+        report = _checked_config(state)
         self.requested_score = state["score"]
         self.chosen_score = state["chosen"]
         self.norm = state["norm"]
@@ -812,6 +813,109 @@ class Monitor(nn.Module):
         if rate is not None and counts is None:
             warnings.warn(OLD_REFERENCE_WARNING, UserWarning, stacklevel=2)
         self._has_domain = bool(torch.isfinite(self.domain).all())
+
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+    ) -> Any:
+        """Load another monitor's ``state_dict`` (model weights included), all or nothing.
+
+        Everything is checked before anything is copied: the configuration, the
+        threshold and the input domain as ``brittle.load`` checks them, then every
+        tensor's name and shape as PyTorch does, the model's weights included. A
+        load that fails leaves the monitor and its model as they were. (The copy
+        itself is PyTorch's: an exception raised from the model's own load hooks, or
+        an interrupt, while its weights are being copied leaves them part-loaded, as
+        ``nn.Module.load_state_dict`` does; the monitor's own state is put back.)
+
+        Args:
+            state_dict: What ``Monitor.state_dict`` returned.
+            strict: Refuse missing and unexpected keys (as ``nn.Module.load_state_dict``).
+            assign: Take the tensors of ``state_dict`` instead of copying them.
+
+        Returns:
+            PyTorch's ``(missing_keys, unexpected_keys)``.
+
+        Raises:
+            ValueError: if the state holds a configuration, a threshold or an input
+                domain no monitor could have saved.
+            RuntimeError: if a tensor is missing, unexpected (``strict``), not a tensor
+                or of another shape, or the model has no head of the saved name and shape.
+        """
+        saved = self._own_state()
+        try:
+            config = state_dict.get("_extra_state")
+            if config is not None:
+                _checked_config(config)
+            errors: list[str] = []
+            if isinstance(config, dict):
+                # Sizing first: the saved table and pseudo network fix the expected shapes.
+                try:
+                    self._size_as_saved(config, _pseudo_width(state_dict, ""))
+                except ValueError as err:
+                    errors.append(str(err))
+            if not errors:
+                errors = _load_errors(self.state_dict(keep_vars=True), state_dict, strict)
+            if errors:
+                raise RuntimeError(
+                    f"Error(s) in loading state_dict for {type(self).__name__}:\n\t"
+                    + "\n\t".join(errors)
+                )
+            _check_values(state_dict)
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        except BaseException:
+            self._restore_own_state(saved)
+            raise
+
+    # What loading a state writes on the monitor besides its tensors.
+    _LOADED = (
+        *_DISCOVERED_NAMES,
+        "requested_score",
+        "chosen_score",
+        "norm",
+        "eps",
+        "min_tau",
+        "pseudo",
+        "_report",
+        "_has_threshold",
+        "_has_domain",
+        "reference_flag_rate",
+        "reference_counts",
+        "margin_buckets",
+    )
+
+    def _own_state(
+        self,
+    ) -> tuple[tuple[Any, ...], list[tuple[dict[str, Any], str, Tensor, Tensor]]]:
+        """The monitor's attributes, and its own tensors with a copy of their values.
+
+        Each tensor is kept with the dict that holds it (a buffer of the monitor, a
+        parameter or buffer of its pseudo network), so that ``_restore_own_state``
+        puts back the same tensor objects with the same values.
+        """
+        attributes = tuple(getattr(self, name) for name in self._LOADED)
+        modules: list[nn.Module] = [self]
+        if self.pseudo is not None:
+            modules.extend(self.pseudo.modules())
+        tensors = [
+            (held, name, tensor, tensor.detach().clone())
+            for module in modules
+            for held in (module._parameters, module._buffers)
+            for name, tensor in held.items()
+            if tensor is not None
+        ]
+        return attributes, tensors
+
+    def _restore_own_state(
+        self, saved: tuple[tuple[Any, ...], list[tuple[dict[str, Any], str, Tensor, Tensor]]]
+    ) -> None:
+        """Put back what ``_own_state`` returned."""
+        attributes, tensors = saved
+        for name, value in zip(self._LOADED, attributes, strict=True):
+            setattr(self, name, value)
+        with torch.no_grad():
+            for held, name, tensor, values in tensors:
+                tensor.copy_(values)
+                held[name] = tensor
 
     def _load_from_state_dict(
         self,
@@ -854,10 +958,12 @@ class Monitor(nn.Module):
         ``brittle.load`` does. ``hidden`` is the saved pseudo network's width.
 
         Raises:
-            ValueError: if the model has no head of the saved name and shape.
+            ValueError: if the model has no head of the saved name and shape (whether
+                or not this monitor has a head already).
         """
         name, features = config.get("head"), config.get("pseudo_features")
-        if isinstance(name, str) and self.head_name is None:
+        # Checked even when this monitor has a head already: the state names the one it loads.
+        if isinstance(name, str):
             try:
                 head = resolve_head(self.model, name)
             except ValueError as err:
@@ -872,7 +978,8 @@ class Monitor(nn.Module):
                     f"features); this model's head has shape {tuple(head.weight.shape)}. Fit a "
                     "monitor for this model."
                 )
-            self._attach_head(name)
+            if self.head_name is None:
+                self._attach_head(name)
         if isinstance(features, int) and self.pseudo is None:
             # The random initial weights are overwritten by the saved ones: drawn from a
             # fork of the CPU generator, they leave the caller's random state as it was.
@@ -1065,6 +1172,96 @@ def wrap(
         example_input=example_input,
         min_tau=min_tau,
     )
+
+
+def _checked_config(state: Any) -> ConsistencyReport | None:
+    """The report of a ``get_extra_state`` dict, once the whole dict is checked.
+
+    Raises:
+        ValueError: if no monitor of this version could have written ``state``.
+    """
+    if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
+        raise ValueError("this state was not written by this version of brittle.Monitor.")
+    try:
+        _check_config(state)
+        _check_score(state["score"])
+        check_norm(state["norm"])
+        check_eps(state["eps"])
+        report = state["report"]
+        if report is None:
+            return None
+        from brittle.calibrate.report import ConsistencyReport
+
+        return ConsistencyReport.from_dict(report)
+    except (KeyError, TypeError, AttributeError) as err:
+        raise ValueError(
+            f"the state's configuration is damaged ({type(err).__name__}: {err}); it was not "
+            "written by this version of brittle.Monitor."
+        ) from err
+
+
+def _load_errors(expected: Mapping[str, Any], state: Mapping[str, Any], strict: bool) -> list[str]:
+    """PyTorch's ``load_state_dict`` errors for ``state``, found before anything is copied.
+
+    The same checks as ``nn.Module._load_from_state_dict``, in its words: a value that
+    is not a tensor, a tensor of another shape (a 1-element vector loads into a
+    scalar), and with ``strict`` missing and unexpected keys. ``domain`` may be missing
+    (files saved before the monitor recorded its input domain).
+    """
+    errors = []
+    for key, target in expected.items():
+        if not isinstance(target, Tensor) or key not in state:
+            continue
+        value = state[key]
+        if not torch.overrides.is_tensor_like(value):
+            errors.append(
+                f'While copying the parameter named "{key}", expected torch.Tensor or '
+                f"Tensor-like object from checkpoint but received {type(value)}"
+            )
+            continue
+        if torch.nn.parameter.is_lazy(target):
+            continue
+        shape = value.shape
+        if target.dim() == 0 and tuple(shape) == (1,):
+            shape = torch.Size([])
+        if shape != target.shape:
+            errors.append(
+                f"size mismatch for {key}: copying a param with shape {value.shape} from "
+                f"checkpoint, the shape in current model is {target.shape}."
+            )
+    if strict:
+        unexpected = [key for key in state if key not in expected]
+        missing = [key for key in expected if key not in state and key != "domain"]
+        if unexpected:
+            errors.insert(0, f"Unexpected key(s) in state_dict: {_quoted(unexpected)}. ")
+        if missing:
+            errors.insert(0, f"Missing key(s) in state_dict: {_quoted(missing)}. ")
+    return errors
+
+
+def _quoted(keys: list[str]) -> str:
+    return ", ".join(f'"{key}"' for key in keys)
+
+
+def _check_values(state: Mapping[str, Any]) -> None:
+    """Refuse a threshold or an input domain no monitor could have saved.
+
+    Read from a ``state_dict`` whose shapes are already checked. NaN marks "no
+    threshold yet"; an infinite threshold, or a fitted monitor without a finite one,
+    would silently flag nothing (or everything).
+    """
+    threshold, fitted = state.get("threshold"), state.get("fitted")
+    if isinstance(threshold, Tensor):
+        value = float(threshold.reshape(()))
+        is_fitted = isinstance(fitted, Tensor) and bool(fitted.reshape(()))
+        if math.isinf(value) or (is_fitted and not math.isfinite(value)):
+            raise ValueError(
+                f"the state holds a non-finite threshold ({value}): a monitor with it cannot "
+                "judge anything. Fit and save the monitor again."
+            )
+    domain = state.get("domain")
+    if isinstance(domain, Tensor):
+        _check_domain(domain.reshape(-1))
 
 
 def _check_config(config: dict[str, Any]) -> None:

@@ -550,3 +550,90 @@ def test_a_pseudo_network_of_another_width_loads(route: str, tmp_path) -> None:
         loaded.load_state_dict(monitor.state_dict())
     assert loaded.pseudo is not None and loaded.pseudo.net[0].out_features == 16
     torch.testing.assert_close(loaded(x).margin, monitor(x).margin, rtol=0, atol=0)
+
+
+def _two_layer_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).eval()
+
+
+def _set_state(key: str, value: object):
+    return lambda state: state.__setitem__(key, value)
+
+
+def _set_extra(key: str, value: object):
+    return lambda state: state["_extra_state"].__setitem__(key, value)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        _set_state("bogus", torch.zeros(1)),
+        lambda state: state.pop("model.0.bias"),
+        _set_state("threshold", torch.zeros(2)),
+        _set_state("model.2.weight", torch.zeros(4, 5)),
+        _set_state("pair_norms", "a string"),
+        _set_state("pseudo.net.2.weight", torch.zeros(16, 8)),
+        _set_state("threshold", torch.tensor(math.inf)),
+        _set_state("domain", torch.tensor([1.0, 0.0])),
+        _set_extra("chosen", "bogus"),
+        _set_extra("version", 99),
+        _set_extra("report", {"not": "a report"}),
+        _set_extra("reference_counts", [1]),
+        _set_extra("norm", "L3"),
+        _set_extra("head", "7"),
+    ],
+    ids=[
+        "unexpected-key",
+        "missing-key",
+        "threshold-shape",
+        "model-weight-shape",
+        "not-a-tensor",
+        "pseudo-width",
+        "infinite-threshold",
+        "reversed-domain",
+        "unknown-choice",
+        "other-version",
+        "damaged-report",
+        "one-count",
+        "unknown-norm",
+        "no-such-head",
+    ],
+)
+def test_a_failed_load_state_dict_leaves_the_monitor_as_it_was(edit) -> None:
+    # load_state_dict copied tensor after tensor and raised at the end (or from
+    # set_extra_state, half-way): a fitted monitor was left with the other state's
+    # buffers and a pseudo network, or a head its model lacks. Some of these states
+    # (infinite threshold, reversed domain, unknown choice) loaded without an error.
+    x = torch.rand(4, 6)
+    source_model = _two_layer_model()
+    with torch.no_grad():
+        source_model[0].weight.mul_(2.0)
+    source = brittle.wrap(source_model, score="pseudo", example_input=x)
+    source.pseudo = PseudoMargin(5, 3, hidden=16)
+    source.set_threshold(0.5)
+    state = copy.deepcopy(source.state_dict())
+    edit(state)
+    monitor = brittle.wrap(_two_layer_model(), score="feature", example_input=x)
+    monitor.set_threshold(0.1)
+    before, out = copy.deepcopy(monitor.state_dict()), monitor(x)
+    with pytest.raises((ValueError, RuntimeError)):
+        monitor.load_state_dict(state)
+    after = monitor.state_dict()
+    assert after.keys() == before.keys()
+    for key, value in before.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(after[key].nan_to_num(), value.nan_to_num()), key
+        else:
+            assert after[key] == value, key
+    assert monitor.score == "feature" and monitor.pseudo is None
+    assert float(monitor.threshold) == pytest.approx(0.1)
+    again = monitor(x)
+    for name in ("logits", "pred", "margin", "flag"):
+        assert torch.equal(getattr(again, name), getattr(out, name)), name
+    # A fresh monitor keeps nothing either: not the head nor the network sized for the state.
+    fresh = brittle.wrap(_two_layer_model())
+    with pytest.raises((ValueError, RuntimeError)):
+        fresh.load_state_dict(state)
+    assert fresh.head_name is None and fresh.pseudo is None and not fresh.discovered
+    assert fresh.pair_norms.shape == (0, 0)
