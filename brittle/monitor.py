@@ -436,6 +436,36 @@ class Monitor(nn.Module):
             )
         return capture
 
+    def _check_exact(self, run: _Run) -> None:
+        """Refuse a head found exact whose output is no longer the model's logits.
+
+        Exactness is found on the first call, and ``forward`` then takes the feature
+        margin from the logits without a hook: a temperature or a scale applied after
+        the head since then would silently scale every margin. ``inspect`` (behind
+        ``fit``, ``evaluate`` and ``export_onnx``) captures the head's output anyway,
+        so it checks here; the forward pass cannot without a hook.
+
+        Raises:
+            RuntimeError: if no call of the head produced the logits (finite rows compared).
+        """
+        capture = run.capture
+        if not self.head_exact or capture is None or not capture.calls:
+            return
+        finite = finite_rows(run.logits)
+        logits = run.logits[finite]
+        for _, output in capture.records:
+            if output is run.logits or (
+                output.shape == run.logits.shape and torch.equal(output[finite], logits)
+            ):
+                return
+        raise RuntimeError(
+            f"head {self.head_name!r} no longer produces the model's logits: something after "
+            "it changed since the monitor first ran the model (a temperature or a scale set "
+            "after wrap), and the feature margin taken from the logits would be wrong. Wrap "
+            f"the model again naming the head, brittle.wrap(model, head={self.head_name!r}): "
+            "its feature margin is then computed from the head's own output."
+        )
+
     def _flag(self, margin: Tensor, ok: Tensor) -> tuple[Tensor, Tensor | None]:
         margin = torch.where(ok, margin, math.nan)
         if not self._has_threshold:
@@ -505,8 +535,14 @@ class Monitor(nn.Module):
                 torch.empty(0, dtype=torch.bool, device=x.device),
                 torch.empty(0, dtype=torch.bool, device=x.device) if self._has_threshold else None,
             )
-        want = features or any(self._needs_features(kind) for kind in self.available_scores)
+        # An exact head's output is captured too, to check that it still is exact.
+        want = (
+            features
+            or self.head_exact
+            or any(self._needs_features(kind) for kind in self.available_scores)
+        )
         run = self._run(x, features=want, domain=domain)
+        self._check_exact(run)
         kinds = self.available_scores  # the first call may have found the head
         scores: dict[str, Tensor] = {
             kind: torch.where(run.ok, self._score(kind, run), math.nan) for kind in kinds

@@ -87,6 +87,52 @@ def test_the_feature_margin_follows_head_weights_changed_after_wrap(tmp_path: Pa
         )
 
 
+class _Tempered(nn.Module):
+    """A classifier whose logits are its head's output divided by a temperature."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(6, 8), nn.ReLU())
+        self.fc = nn.Linear(8, 4)
+        self.temperature = 1.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.body(x)) / self.temperature
+
+
+def test_a_head_no_longer_exact_is_refused_where_its_output_is_seen(tmp_path: Path) -> None:
+    # The head was found exact on the first call (temperature 1) and never checked
+    # again: a temperature set later divided every "exact" feature margin by it, and
+    # fit calibrated, and export_onnx traced, those margins without a word.
+    torch.manual_seed(0)
+    model = _Tempered().eval()
+    x = torch.rand(16, 6)
+    monitor = brittle.wrap(model, score="feature", norm="L2", example_input=x)
+    with torch.no_grad():  # inf - inf on the row of 10s: NaN logits, which must not
+        model.body[0].weight[0, :2] = torch.tensor([1e38, -1e38])  # read as a changed head
+    x[3] = 10.0
+    assert monitor.head_exact and bool(model(x)[3].isnan().any())
+    torch.testing.assert_close(
+        monitor.inspect(x).scores["feature"], monitor(x).margin, equal_nan=True
+    )
+    model.temperature = 4.0
+    monitor.set_threshold(0.1)
+    with torch.no_grad():
+        for use in (
+            lambda: monitor.inspect(x),
+            lambda: monitor.fit(x[:8], steps=2, progress=False),
+            lambda: monitor.export_onnx(tmp_path / "m.onnx", x[:2]),
+        ):
+            with pytest.raises(RuntimeError, match="head 'fc' no longer produces the model's"):
+                use()
+        assert monitor.head_exact and not monitor.is_fitted  # the failed fit changed nothing
+        # What the message says to do: the margin from the head's own output, both ways.
+        named = brittle.wrap(model, score="feature", norm="L2", head="fc", example_input=x)
+        want = BF.feature_margin(model.fc(model.body(x)), model.fc.weight, "L2")
+        for got in (named(x).margin, named.inspect(x).scores["feature"]):
+            torch.testing.assert_close(got[~want.isnan()], want[~want.isnan()])
+
+
 def test_example_input_discovers_now_and_restores_mode(standard_model: nn.Module) -> None:
     model = copy.deepcopy(standard_model).train()
     model[0].eval()  # a mixed state must survive too

@@ -191,8 +191,9 @@ def export_onnx(
         )
     path = file_path(path, "the ONNX file", "monitor.onnx")
     with torch.no_grad(), eval_mode(monitor):
-        if not monitor.discovered:
-            monitor(x)  # finds the head and records the input shape
+        # Finds the head on a first call; after it, checks that a head found exact
+        # still produces the logits (the traced graph takes the margin from them).
+        monitor.inspect(x)
         kind = monitor.score
         if kind != "logit" and monitor.head is None:
             raise ValueError(f"score={kind!r} needs the model's last linear layer. {NO_HEAD_HINT}")
