@@ -28,6 +28,7 @@ from brittle.scores.head import (
     discover_head,
     model_output,
     resolve_head,
+    same_values,
 )
 from brittle.scores.margins import feature_margin, logit_margin, pair_norm_table
 from brittle.scores.norms import Norm, check_eps, check_norm
@@ -446,18 +447,15 @@ class Monitor(nn.Module):
         so it checks here; the forward pass cannot without a hook.
 
         Raises:
-            RuntimeError: if no call of the head produced the logits (finite rows compared).
+            RuntimeError: if no call of the head produced the logits.
         """
         capture = run.capture
         if not self.head_exact or capture is None or not capture.calls:
             return
-        finite = finite_rows(run.logits)
-        logits = run.logits[finite]
-        for _, output in capture.records:
-            if output is run.logits or (
-                output.shape == run.logits.shape and torch.equal(output[finite], logits)
-            ):
-                return
+        if any(
+            output is run.logits or same_values(output, run.logits) for _, output in capture.records
+        ):
+            return
         raise RuntimeError(
             f"head {self.head_name!r} no longer produces the model's logits: something after "
             "it changed since the monitor first ran the model (a temperature or a scale set "

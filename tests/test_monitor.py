@@ -87,6 +87,27 @@ def test_the_feature_margin_follows_head_weights_changed_after_wrap(tmp_path: Pa
         )
 
 
+def test_the_head_is_found_on_a_first_batch_with_nan_logits() -> None:
+    # Discovery compared each linear output with the logits by torch.equal, for which
+    # NaN differs from NaN: one sample whose logits overflowed in the first batch hid
+    # the head, and score="auto" then lost the feature and pseudo scores for good.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    with torch.no_grad():  # inf - inf on the row of 10s: that row's logits are NaN
+        model[0].weight[0, :2] = torch.tensor([1e38, -1e38])
+    x = torch.rand(16, 6)
+    x[3] = 10.0
+    assert bool(model(x)[3].isnan().all()) and bool(model(x)[:3].isfinite().all())
+    auto = brittle.wrap(model, norm="L2")
+    out = auto(x)
+    assert auto.head_name == "2" and auto.available_scores == ("logit", "feature")
+    assert int(out.pred[3]) == -1 and bool(out.margin[3].isnan())
+    feature = brittle.wrap(model, score="feature", norm="L2", example_input=x)
+    keep = torch.arange(16) != 3
+    want = BF.feature_margin(model(x)[keep], model[2].weight, "L2")
+    torch.testing.assert_close(feature(x).margin[keep], want)
+
+
 class _Tempered(nn.Module):
     """A classifier whose logits are its head's output divided by a temperature."""
 

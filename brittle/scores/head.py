@@ -19,12 +19,30 @@ __all__ = [
     "model_output",
     "LogitsModel",
     "NO_HEAD_HINT",
+    "same_values",
 ]
 
 NO_HEAD_HINT = (
     "Pass head='<module name>' naming the nn.Linear that produces the logits, "
     "for example brittle.wrap(model, head='fc')."
 )
+
+
+def same_values(a: Tensor, b: Tensor) -> bool:
+    """Whether ``a`` and ``b`` have the same shape and values, NaN equal to NaN.
+
+    ``torch.equal`` calls two tensors with a NaN anywhere different: one sample
+    whose logits overflowed to NaN would hide the head that produced them all.
+
+    Examples:
+        >>> import math, torch
+        >>> a = torch.tensor([[1.0, math.nan]])
+        >>> same_values(a, a.clone()), torch.equal(a, a.clone())
+        (True, False)
+    """
+    if a.shape != b.shape:
+        return False
+    return bool(((a == b) | (a.isnan() & b.isnan())).all())
 
 
 @dataclass
@@ -78,7 +96,7 @@ class HeadCapture:
         if not by_value:
             return None
         for features, output in reversed(self.records):
-            if output.shape == logits.shape and torch.equal(output, logits):
+            if same_values(output, logits):
                 return HeadCapture([(features, output)])
         return None
 
@@ -219,7 +237,7 @@ def discover_head(model: nn.Module, x: Tensor) -> tuple[Tensor, str | None, Head
     capture = HeadCapture()
     name = None
     for rec_name, features, output in reversed(probe.records):
-        if output.shape == logits.shape and torch.equal(output, logits):
+        if same_values(output, logits):
             name = rec_name
             capture = HeadCapture([(features, output)])
             break
