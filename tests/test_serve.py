@@ -780,14 +780,21 @@ def test_openapi_states_the_contract(server: Server) -> None:
     assert parameter["schema"]["enum"] == [name]
 
 
-def test_openapi_is_generated_without_warnings(tmp_path: Path) -> None:
+def test_openapi_is_generated_without_warnings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Each operation has its own operationId (GET and HEAD routes shared one, and FastAPI
-    warned four times in the server's log)."""
+    warned four times in the server's log), and the process's warning filters stay
+    whole: the warning was silenced under ``warnings.catch_warnings``, which swaps the
+    filters of every thread while requests are served."""
     import warnings
 
     from fastapi.testclient import TestClient
 
     from brittle.deploy.serve.app import create_app
+
+    def swap_filters(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("warnings.catch_warnings swaps every thread's filters")
 
     monitor = brittle.wrap(nn.Linear(4, 3), eps=0.1)
     monitor.set_threshold(0.2)
@@ -796,7 +803,9 @@ def test_openapi_is_generated_without_warnings(tmp_path: Path) -> None:
     app = create_app(served, telemetry=brittle.Telemetry.from_monitor(served, warn=False))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        spec = TestClient(app).get("/openapi.json").json()
+        with monkeypatch.context() as patched:
+            patched.setattr(warnings, "catch_warnings", swap_filters)
+            spec = TestClient(app).get("/openapi.json").json()
     assert [str(w.message) for w in caught] == []
     ids = [op["operationId"] for item in spec["paths"].values() for op in item.values()]
     assert len(ids) == len(set(ids))

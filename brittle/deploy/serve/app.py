@@ -9,15 +9,19 @@ document the contract without enforcing it float by float.
 
 from __future__ import annotations
 
+import copy
 import math
 import sys
-import warnings
 from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request, Response
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.routing import APIRoute
+from fastapi.utils import generate_unique_id
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from brittle.arguments import positive_int
@@ -298,17 +302,44 @@ def create_app(
 
 
 def _unique_operation_ids(app: FastAPI) -> None:
-    """``app.openapi`` with one operationId per operation and no warning about the rest."""
-    generate = app.openapi
+    """``app.openapi`` with one operationId per operation, and no warning to silence.
+
+    FastAPI gives every method of a route (``GET`` and ``HEAD /healthz``) the
+    route's one id and warns about each duplicate while it writes the schema.
+    Silencing that warning swapped the process's warning filters
+    (``warnings.catch_warnings``) under requests, which no thread can do safely:
+    the schema is written from one copy of such a route per method instead, each
+    with an id of its own. Requests still go through the routes themselves, so the
+    ``Allow`` of a 405 lists every method of a path.
+    """
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", "Duplicate Operation ID", UserWarning)
-                app.openapi_schema = schemas.unique_operation_ids(generate())
+            app.openapi_schema = get_openapi(
+                title=app.title,
+                version=app.version,
+                openapi_version=app.openapi_version,
+                description=app.description,
+                routes=_one_method_each(app.routes),
+            )
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _one_method_each(routes: list[BaseRoute]) -> list[BaseRoute]:
+    """``routes`` with each API route of several methods as one copy per method."""
+    out: list[BaseRoute] = []
+    for route in routes:
+        if not isinstance(route, APIRoute) or len(route.methods or ()) < 2:
+            out.append(route)
+            continue
+        for method in sorted(route.methods or ()):
+            one = copy.copy(route)
+            one.methods = {method}
+            one.unique_id = generate_unique_id(one)
+            out.append(one)
+    return out
 
 
 def _version() -> str:

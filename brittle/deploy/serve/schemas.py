@@ -18,7 +18,6 @@ __all__ = [
     "infer_request",
     "infer_response",
     "json_body",
-    "unique_operation_ids",
     "PROMETHEUS_TEXT",
     "DATATYPES",
 ]
@@ -45,7 +44,6 @@ PROMETHEUS_TEXT: dict[int | str, dict[str, Any]] = {
     }
 }
 _NUMBER_OR_NULL = {"anyOf": [{"type": "number"}, {"type": "null"}]}
-_METHODS = ("get", "head", "post", "put", "patch", "delete", "options", "trace")
 
 
 def sample_schema(dims: tuple[int | None, ...]) -> dict[str, Any]:
@@ -200,31 +198,3 @@ def infer_response() -> dict[str, Any]:
             },
         },
     }
-
-
-def unique_operation_ids(schema: dict[str, Any]) -> dict[str, Any]:
-    """``schema`` with one operationId per operation, changed in place.
-
-    FastAPI gives every method of a route (``GET`` and ``HEAD /healthz``) the route's
-    one id, named after its first method, and warns about each duplicate; OpenAPI
-    wants ids unique. A route's operations then end in their own method instead.
-
-    Examples:
-        >>> item = {"get": {"operationId": "healthz_get"}, "head": {"operationId": "healthz_get"}}
-        >>> spec = unique_operation_ids({"paths": {"/healthz": item}})
-        >>> [op["operationId"] for op in spec["paths"]["/healthz"].values()]
-        ['healthz_get', 'healthz_head']
-    """
-    for item in schema.get("paths", {}).values():
-        methods = [m for m in item if m in _METHODS]
-        ids = [item[m].get("operationId") for m in methods]
-        if None in ids or len(set(ids)) == len(ids):
-            continue
-        for method in methods:
-            base = item[method]["operationId"]
-            for other in methods:
-                if base.endswith(f"_{other}"):
-                    base = base[: -len(other) - 1]
-                    break
-            item[method]["operationId"] = f"{base}_{method}"
-    return schema
