@@ -842,7 +842,12 @@ def test_open_inference_protocol_with_tritonclient(server: Server, digits: Digit
                 [m for i, m in enumerate(expected["margin"]) if i != 2],
                 rtol=1e-6,
             )
-            assert result.as_numpy("logits").shape == (5, 10)
+            # NaN travels as JSON null (JSON has no NaN), which the client reads back as
+            # NaN of the tensor's dtype: the rejected sample's logits and margin.
+            logits = result.as_numpy("logits")
+            assert logits.shape == (5, 10) and logits.dtype == np.float32
+            assert np.isnan(logits[2]).all() and np.isfinite(np.delete(logits, 2, 0)).all()
+            assert result.as_numpy("margin").dtype == np.float32
         # Only the margin returned; the server still counts the flags it did not send.
         only = client.infer(name, [tensor], outputs=[triton.InferRequestedOutput("margin")])
         assert only.as_numpy("flag") is None and only.as_numpy("margin").shape == (5,)
@@ -859,6 +864,43 @@ def test_open_inference_protocol_with_tritonclient(server: Server, digits: Digit
         gc.collect()
     # Four batches of 5: /predict, JSON tensors, binary tensors, the margin alone.
     assert _metrics(server.url)["brittle_samples_total"] == before + 20
+
+
+def test_an_infinite_margin_is_judged_not_rejected_in_both_protocols(tmp_path: Path) -> None:
+    """Logits of 3e38 and -3e38 are finite, their difference is not: the margin is +inf,
+    the sample judged and not flagged, and /metrics counts no rejection. Both protocols
+    wrote that margin as null, which they document as a rejected sample (and a client
+    of the Open Inference Protocol reads as NaN)."""
+    import tritonclient.http as triton
+
+    linear = nn.Linear(1, 2)
+    with torch.no_grad():
+        linear.weight.copy_(torch.tensor([[1.0], [-1.0]]))
+        linear.bias.zero_()
+    monitor = brittle.wrap(linear, eps=0.1)
+    monitor.set_threshold(0.5)
+    path = monitor.export_onnx(tmp_path / "wide.onnx", torch.rand(2, 1))
+    x = np.array([[3e38], [1.0], [math.nan]], dtype=np.float32)
+    with _serve(path, tmp_path / "modules.txt") as served:
+        status, body = _predict(served.url, [[3e38], [1.0], [None]])
+        assert status == 200 and body["flag"] == [False, False, True]
+        assert body["margin"][0] is not None and body["margin"][0] > 1e38
+        assert body["margin"][1:] == [2.0, None]
+        client = triton.InferenceServerClient(url=served.url.removeprefix("http://"))
+        try:
+            tensor = triton.InferInput("input", list(x.shape), "FP32")
+            tensor.set_data_from_numpy(x, binary_data=False)
+            result = client.infer("wide", [tensor])
+            with pytest.warns(RuntimeWarning, match="overflow"):  # numpy's, of 6.8e38 to inf
+                margin = result.as_numpy("margin")
+        finally:
+            client.close()
+            del client  # collected on this thread, as in the tests above
+            gc.collect()
+        assert margin.dtype == np.float32 and margin[0] == np.inf and margin[1] == 2.0
+        assert math.isnan(margin[2])
+        metrics = _metrics(served.url)
+    assert metrics["brittle_samples_total"] == 6 and _rejected(metrics) == 2
 
 
 def test_open_inference_version_routes_with_tritonclient(

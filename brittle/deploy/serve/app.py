@@ -10,7 +10,6 @@ document the contract without enforcing it float by float.
 from __future__ import annotations
 
 import copy
-import math
 import sys
 from typing import Any
 
@@ -42,6 +41,7 @@ from brittle.deploy.serve.metrics import (
     RequestCounter,
     TelemetryCollector,
 )
+from brittle.deploy.serve.numbers import json_floats
 from brittle.deploy.serve.oip import add_open_inference_routes
 from brittle.deploy.serve.refusal import Refusal
 from brittle.deploy.telemetry import Telemetry
@@ -62,11 +62,6 @@ _PREDICT_ERRORS: dict[int | str, dict[str, Any]] = {
         "detail", "The server holds as many request bodies as it can: retry after Retry-After."
     ),
 }
-
-
-def _floats(values: np.ndarray) -> list[Any]:
-    # JSON has no NaN: a sample that could not be judged gets null.
-    return [v if math.isfinite(v) else None for v in values.tolist()]
 
 
 def _predict_batch(monitor: OnnxMonitor, body: bytes, max_batch: int) -> tuple[np.ndarray, bool]:
@@ -237,12 +232,12 @@ def create_app(
         out = judge(x)
         content: dict[str, Any] = {
             "pred": out.pred.tolist(),
-            "margin": _floats(out.margin),
+            "margin": json_floats(out.margin),
             "flag": np.asarray(out.flag).tolist(),
             "threshold": threshold,
         }
         if want_logits:
-            content["logits"] = [_floats(row) for row in out.logits]
+            content["logits"] = [json_floats(row) for row in out.logits]
         return JSONResponse(content)
 
     @app.post(

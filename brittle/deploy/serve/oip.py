@@ -6,7 +6,12 @@
 ``/v2/models/{name}/versions/1`` (the one version the metadata lists), so that
 KServe, Triton (``tritonclient.http``) and MLServer clients talk to the monitor.
 The model takes one tensor ``input`` and answers ``logits``, ``pred``,
-``margin`` (NaN, as JSON ``null``, where a sample was rejected) and ``flag``.
+``margin`` and ``flag``; a rejected sample's margin and logits are NaN, written
+as JSON ``null`` (JSON has no NaN; MLServer writes ``null`` too, Triton a bare
+``NaN`` that strict JSON parsers refuse). Clients that build the tensor with
+numpy, as ``tritonclient.http`` and MLServer's codecs do
+(``np.array(data, dtype=np.float32)``), read ``null`` back as NaN, and an
+infinite margin (``brittle.deploy.serve.numbers``) back as infinity.
 Inputs come as JSON tensors or with the binary tensor extension
 (``Inference-Header-Content-Length``); outputs are always JSON. Errors follow
 the protocol: ``{"error": "one line"}``.
@@ -28,6 +33,7 @@ from brittle.deploy.onnx_monitor import INPUT_NAME, OUTPUT_NAMES, OnnxMonitor
 from brittle.deploy.serve import schemas
 from brittle.deploy.serve.admission import Admission
 from brittle.deploy.serve.body import byte_count, decode_json, read_body, to_batch
+from brittle.deploy.serve.numbers import json_floats
 from brittle.deploy.serve.refusal import Refusal
 from brittle.output import MonitorOutput
 
@@ -73,11 +79,9 @@ async def _protocol_errors(request: Request, exc: Exception) -> Response:
 
 
 def _values(array: np.ndarray) -> list[Any]:
-    flat = array.reshape(-1)
-    if flat.dtype.kind != "f":
-        return flat.tolist()
-    # JSON has no NaN: a sample that could not be judged gets null.
-    return [v if math.isfinite(v) else None for v in flat.tolist()]
+    if array.dtype.kind != "f":
+        return array.reshape(-1).tolist()
+    return json_floats(array)
 
 
 def _split_binary(request_headers: Any, body: bytes) -> tuple[bytes, bytes]:
