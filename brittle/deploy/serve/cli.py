@@ -20,6 +20,9 @@ from brittle.deploy.serve.connections import MAX_CONNECTIONS, REQUEST_TIMEOUT
 
 __all__ = ["main", "build_parser", "PROVIDERS"]
 
+# uvicorn's log levels (uvicorn.config.LOG_LEVELS, read case-insensitively); another
+# name was a KeyError traceback after the banner.
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
     "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
@@ -157,7 +160,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="HTTP parser, as uvicorn's --http (default: httptools when installed, as the "
         "serve extra does; h11 otherwise)",
     )
-    parser.add_argument("--log-level", default="warning", help="uvicorn's log level")
+    parser.add_argument(
+        "--log-level",
+        type=str.lower,
+        choices=LOG_LEVELS,
+        default="warning",
+        help="uvicorn's log level (default warning)",
+    )
     return parser
 
 
