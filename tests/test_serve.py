@@ -1512,6 +1512,36 @@ def test_start_up_errors_are_one_line_and_exit_2(onnx_path: Path, tmp_path: Path
         assert "brittle.serve:" not in result.stdout, (name, result.stdout)  # no banner
 
 
+def test_the_banner_names_an_ipv6_address_in_brackets(onnx_path: Path) -> None:
+    """``--host ::1``: the banner's URL was ``http://::1:PORT``, which no client can open."""
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback on this host")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "brittle.serve", str(onnx_path), "--host", "::1", "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        banner = _banner(proc, time.monotonic() + 90)
+        url = re.search(r" on (http://\[::1\]:\d+) ", banner)
+        assert url is not None, banner
+        deadline = time.monotonic() + 90  # the banner comes once bound, before listening
+        while True:
+            try:
+                assert _request(f"{url[1]}/healthz")[0] == 200
+                break
+            except (urllib.error.URLError, ConnectionError):
+                assert time.monotonic() < deadline, "no answer on /healthz within 90 s"
+                time.sleep(0.2)
+    finally:
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.communicate(timeout=30)
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [{"request_timeout": 0}, {"request_timeout": math.nan}, {"max_connections": 0}],

@@ -222,8 +222,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{alarm.run_length:g}" + (f", learns after {alarm.lag} samples" if alarm.learn else "")
     )
     port = sock.getsockname()[1]
+    # An IPv6 address goes in brackets in a URL (RFC 3986): http://[::1]:8000.
+    host = f"[{args.host}]" if ":" in args.host else args.host
     print(
-        f"brittle.serve: {monitor.path.name} on http://{args.host}:{port} "
+        f"brittle.serve: {monitor.path.name} on http://{host}:{port} "
         f"({', '.join(monitor.providers)}; score {monitor.score}, threshold "
         f"{monitor.threshold:.4g}; {alarm_text})",
         flush=True,
