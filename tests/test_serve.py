@@ -1487,6 +1487,11 @@ def test_start_up_errors_are_one_line_and_exit_2(onnx_path: Path, tmp_path: Path
         "no deadline": ([str(onnx_path), "--request-timeout", "inf"], "finite number of seconds"),
         "no connections": ([str(onnx_path), "--max-connections", "0"], "a positive number"),
         "no workers": ([str(onnx_path), "--max-concurrent", "0"], "a positive number"),
+        # onnxruntime started every thread before reading the graph: no line, a hang.
+        "threads beyond the CPUs": (
+            [str(onnx_path), "--threads", "100000"],
+            f"at most the {os.cpu_count()} logical CPUs",
+        ),
         # uvicorn's KeyError, after the banner: a 20-line traceback and exit 1.
         "unknown log level": (
             [str(onnx_path), "--log-level", "loud", "--port", "0"],

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import socket
 import sys
 import warnings
@@ -57,6 +58,20 @@ def _positive(text: str) -> int:
     value = _count(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive number. Got {value}.")
+    return value
+
+
+def _threads(text: str) -> int:
+    # onnxruntime starts every thread it is given, without a bound, before it reads the
+    # graph: 1000 took 6 s and 100000 hung start-up with nothing printed. More threads
+    # than the machine's logical CPUs can never run at once.
+    value = _count(text)
+    cpus = os.cpu_count() or 1
+    if value > cpus:
+        raise argparse.ArgumentTypeError(
+            f"expected at most the {cpus} logical CPUs of this machine (0: onnxruntime's "
+            f"default). Got {value}."
+        )
     return value
 
 
@@ -136,7 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="onnxruntime execution provider (default: CUDA when a GPU is present)",
     )
     parser.add_argument(
-        "--threads", type=_count, default=0, help="onnxruntime intra-op threads (0: its default)"
+        "--threads",
+        type=_threads,
+        default=0,
+        help="onnxruntime intra-op threads, at most the machine's logical CPUs (0: its default)",
     )
     parser.add_argument(
         "--request-timeout",
