@@ -657,18 +657,53 @@ def test_open_inference_tensors_of_another_shape_are_told_the_shape(
 
 @pytest.mark.parametrize(
     "data",
-    [[[0.5] * 8] * 7 + [[0.5] * 7], [0.5] * 63 + [None], [0.5] * 63 + [{}], [0.5] * 63 + ["1"]],
-    ids=["ragged", "null", "object", "string"],
+    [[[0.5] * 8] * 7 + [[0.5] * 7], [0.5] * 63 + [{}], [0.5] * 63 + ["1"]],
+    ids=["ragged", "object", "string"],
 )
 def test_open_inference_data_that_are_not_numbers_are_told_what_numbers_are(
     server: Server, data: list[Any]
 ) -> None:
-    """Ragged lists and null were refused as if they were strings or booleans."""
+    """Ragged lists were refused as if they were strings or booleans."""
     tensor = {"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": data}
     body = json.dumps({"inputs": [tensor]}).encode()
     status, answer = _request(f"{server.url}/v2/models/{server.path.stem}/infer", body)
     assert status == 400, answer
-    assert "nested lists of equal lengths" in answer["error"] and "null" in answer["error"]
+    assert "nested lists of equal lengths" in answer["error"]
+
+
+def test_open_inference_null_is_nan_and_rejects_its_sample_alone(
+    server: Server, digits: DigitsSplit
+) -> None:
+    """``null`` in an FP32 tensor is NaN, as in /predict and MLServer: that sample is
+    rejected (reason nan), the others judged as /predict judges them. The whole request
+    got 400, so a client whose JSON library writes NaN as null lost its batch."""
+    x = digits.x_holdout[CALIBRATION : CALIBRATION + 3].numpy()
+    data: list[Any] = x.reshape(-1).tolist()
+    data[64 + 10] = None  # one pixel of the second sample
+    url = f"{server.url}/v2/models/{server.path.stem}/infer"
+    tensor = {"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": data}
+    before = _metrics(server.url)
+    status, answer = _request(url, json.dumps({"inputs": [tensor]}).encode())
+    assert status == 200, answer
+    out = {o["name"]: o["data"] for o in answer["outputs"]}
+    status, expected = _predict(server.url, [x[0].tolist(), x[2].tolist()])
+    assert status == 200, expected
+    assert out["flag"][1] is True and out["pred"][1] == -1 and out["margin"][1] is None
+    assert out["logits"][10:20] == [None] * 10
+    assert [out["pred"][0], out["pred"][2]] == expected["pred"]
+    assert [out["flag"][0], out["flag"][2]] == expected["flag"]
+    np.testing.assert_allclose([out["margin"][0], out["margin"][2]], expected["margin"], rtol=1e-6)
+    after = _metrics(server.url)
+    assert after["brittle_samples_total"] == before["brittle_samples_total"] + 5
+    assert _rejected(after, "nan") == _rejected(before, "nan") + 1
+    assert _rejected(after) == _rejected(before) + 1
+    # An integer tensor has no NaN: null there is refused, and nothing is counted.
+    tensor = {"name": "input", "shape": [1, 1, 8, 8], "datatype": "INT32", "data": [0] * 63}
+    tensor["data"].append(None)
+    status, answer = _request(url, json.dumps({"inputs": [tensor]}).encode())
+    assert status == 400, answer
+    assert answer["error"] == "the tensor's data must be integers for datatype INT32."
+    assert _metrics(server.url)["brittle_samples_total"] == after["brittle_samples_total"]
 
 
 @pytest.mark.parametrize(

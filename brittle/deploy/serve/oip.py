@@ -13,7 +13,9 @@ numpy, as ``tritonclient.http`` and MLServer's codecs do
 (``np.array(data, dtype=np.float32)``), read ``null`` back as NaN, and an
 infinite margin (``brittle.deploy.serve.numbers``) back as infinity.
 Inputs come as JSON tensors or with the binary tensor extension
-(``Inference-Header-Content-Length``); outputs are always JSON. Errors follow
+(``Inference-Header-Content-Length``); outputs are always JSON. A ``null`` in a
+floating-point input tensor is NaN, as in ``/predict``: that sample is rejected
+(reason ``nan``) and the others are judged. Errors follow
 the protocol: ``{"error": "one line"}``.
 """
 
@@ -144,16 +146,19 @@ def _tensor(
         # numpy would otherwise convert silently.
         found = to_batch(data, np.dtype(object), (None,)) if data else np.empty(0, dtype)
         kinds = {type(v) for v in found.reshape(-1).tolist()}
-        if not kinds <= {int, float}:
+        if not kinds <= {int, float, type(None)}:
             # Ragged lists leave lists among the values: they are not strings either.
             raise Refusal(
                 400,
                 "the tensor's data must be numbers, flat or in nested lists of equal "
-                "lengths (not strings, booleans, null or objects).",
+                "lengths (not strings, booleans or objects).",
             )
-        if dtype.kind in "iu" and float in kinds:
-            # numpy would truncate 0.9 to 0 without a word.
+        if dtype.kind in "iu" and not kinds <= {int}:
+            # numpy would truncate 0.9 to 0 without a word, and an integer has no NaN.
             raise Refusal(400, f"the tensor's data must be integers for datatype {datatype}.")
+        # null in a floating-point tensor is NaN, as in /predict and MLServer (and as
+        # this server writes NaN): the sample is rejected, the others judged. Clients
+        # whose JSON library writes NaN as null (orjson, pydantic) lost whole batches.
         try:
             values = to_batch(found.reshape(-1).tolist(), dtype, (None,))
         except Refusal:  # its words are /predict's, of inputs nested as samples

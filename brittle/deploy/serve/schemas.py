@@ -158,7 +158,11 @@ def infer_request(outputs: list[str]) -> dict[str, Any]:
                 "maxItems": 1,
                 "items": _tensor(
                     {"type": "integer", "minimum": 0},
-                    {"type": "array", "description": "Row-major values, flat or nested."},
+                    {
+                        "type": "array",
+                        "description": "Row-major values, flat or nested; null is NaN "
+                        "(a floating-point tensor only), which rejects its sample.",
+                    },
                     ["input"],
                     numeric,
                 ),
