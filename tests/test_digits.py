@@ -73,11 +73,19 @@ def test_training_code_still_trains_a_good_model(digits: DigitsSplit) -> None:
 
 @pytest.mark.slow
 def test_demo_trains_nothing_and_repeats_its_figures(tmp_path: Path) -> None:
-    cache = tmp_path / "cache"
-    cache.mkdir()
+    """Twice the same figures, and no file outside ``--out``: nothing trained or cached
+    under HOME, the XDG folders or the working directory (matplotlib's font cache has
+    a folder of its own)."""
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir()
+    cwd.mkdir()
     env = {
         **os.environ,
-        "BRITTLE_CACHE": str(cache),
+        "HOME": str(home),
+        "XDG_CACHE_HOME": str(home / ".cache"),
+        "XDG_CONFIG_HOME": str(home / ".config"),
+        "XDG_DATA_HOME": str(home / ".local" / "share"),
+        "MPLCONFIGDIR": str(tmp_path / "matplotlib"),
         "OMP_NUM_THREADS": "1",
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
     }
@@ -98,6 +106,7 @@ def test_demo_trains_nothing_and_repeats_its_figures(tmp_path: Path) -> None:
         subprocess.run(
             [sys.executable, "-m", "brittle.check", *args, "--no-progress", "--out", str(out)],
             env=env,
+            cwd=cwd,
             check=True,
             capture_output=True,
             timeout=900,
@@ -110,5 +119,6 @@ def test_demo_trains_nothing_and_repeats_its_figures(tmp_path: Path) -> None:
             payload["settings"].get("passes", {}).pop("attack_seconds", None)
             runs[name] = payload
         figures.append(runs)
-    assert list(cache.iterdir()) == []  # nothing trained, nothing cached
+    written = sorted(str(p.relative_to(tmp_path)) for p in [*home.rglob("*"), *cwd.rglob("*")])
+    assert written == []
     assert figures[0] == figures[1]

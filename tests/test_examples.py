@@ -1,8 +1,8 @@
 """Every script in examples/ runs to completion, so none of them rots.
 
 Each example runs as a subprocess, one thread per process, on small settings
-where its command line has them. The digits CNNs ship with brittle, so no example
-trains a model.
+where its command line has them, with an empty HOME under which it must write
+nothing: the digits CNNs ship with brittle, so no example trains or caches a model.
 """
 
 from __future__ import annotations
@@ -17,10 +17,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
+# Folders under HOME that other libraries write when imported: onnxruntime its
+# device id and telemetry database, gdown (robustbench's downloader) its cache.
+THEIRS = (Path(".cache/Microsoft/DeveloperTools/.onnxruntime"), Path(".cache/gdown"))
 TESTED = {
     "quickstart.py",
     "fit_digits.py",
@@ -32,27 +34,31 @@ TESTED = {
 }
 
 
-@pytest.fixture(scope="session")
-def brittle_cache(
-    tmp_path_factory: pytest.TempPathFactory,
-    model_cache: Path,
-    standard_model: nn.Module,
-    robust_model: nn.Module,
-) -> Path:
-    """An empty ``BRITTLE_CACHE`` root: the digits CNNs ship with brittle, nothing trains."""
-    root = tmp_path_factory.mktemp("brittle-cache")
-    (root / "brittle").mkdir()
-    return root
+@pytest.fixture
+def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty HOME (and XDG cache and config folders in it) for one example."""
+    return tmp_path_factory.mktemp("home")
 
 
 def _run(
-    args: list[str], cwd: Path, cache: Path, timeout: float = 300
+    args: list[str], cwd: Path, home: Path, timeout: float = 300
 ) -> subprocess.CompletedProcess[str]:
+    """Run ``python *args`` in ``cwd``; it must succeed and write nothing under ``home``.
+
+    The digits CNNs ship with brittle: an example that trained one, or cached
+    anything, in the user's folders would leave a file under ``home``. matplotlib's
+    font cache goes to a folder of its own, outside it; ``THEIRS`` are other
+    libraries' folders.
+    """
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
         "MKL_NUM_THREADS": "1",
-        "BRITTLE_CACHE": str(cache),
+        "HOME": str(home),
+        "XDG_CACHE_HOME": str(home / ".cache"),
+        "XDG_CONFIG_HOME": str(home / ".config"),
+        "XDG_DATA_HOME": str(home / ".local" / "share"),
+        "MPLCONFIGDIR": str(home.parent / f"{home.name}-matplotlib"),
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
     }
     result = subprocess.run(
@@ -62,6 +68,14 @@ def _run(
         f"{' '.join(args)} exited with {result.returncode}\n"
         f"--- stdout\n{result.stdout[-3000:]}\n--- stderr\n{result.stderr[-3000:]}"
     )
+    paths = [p.relative_to(home) for p in home.rglob("*")]
+    above = {q for folder in THEIRS for q in folder.parents}
+    written = sorted(
+        str(p)
+        for p in paths
+        if p not in above and not any(p == f or f in p.parents for f in THEIRS)
+    )
+    assert written == [], f"{' '.join(args)} wrote under HOME: {written[:10]}"
     return result
 
 
@@ -83,8 +97,8 @@ def test_every_example_is_run_here() -> None:
 
 
 @pytest.mark.slow
-def test_quickstart(tmp_path: Path, brittle_cache: Path) -> None:
-    out = _run([str(_example("quickstart.py"))], tmp_path, brittle_cache).stdout
+def test_quickstart(tmp_path: Path, home: Path) -> None:
+    out = _run([str(_example("quickstart.py"))], tmp_path, home).stdout
     assert "brittle consistency report: n=300" in out
     assert "chosen:" in out
     rows = [line.split() for line in out.splitlines()[-8:]]
@@ -101,10 +115,10 @@ def test_quickstart(tmp_path: Path, brittle_cache: Path) -> None:
 
 
 @pytest.mark.slow
-def test_fit_digits(tmp_path: Path, brittle_cache: Path) -> None:
+def test_fit_digits(tmp_path: Path, home: Path) -> None:
     script = _example("fit_digits.py")
     args = [str(script), "--samples", "200", "--steps", "10", "--pseudo", "false"]
-    out = _run(args, tmp_path, brittle_cache).stdout
+    out = _run(args, tmp_path, home).stdout
     assert "=== standard digits CNN ===" in out and "=== robust digits CNN ===" in out
     table = out[out.index("model     score") :].splitlines()[1:]
     kinds = {(row.split()[0], row.split()[1]) for row in table if row.strip()}
@@ -112,7 +126,7 @@ def test_fit_digits(tmp_path: Path, brittle_cache: Path) -> None:
 
 
 @pytest.mark.slow
-def test_distributed_fit_on_two_processes(tmp_path: Path, brittle_cache: Path) -> None:
+def test_distributed_fit_on_two_processes(tmp_path: Path, home: Path) -> None:
     script = _example("distributed_fit.py")
     args = [
         "-m",
@@ -127,7 +141,7 @@ def test_distributed_fit_on_two_processes(tmp_path: Path, brittle_cache: Path) -
         "--steps",
         "10",
     ]
-    out = _run(args, tmp_path, brittle_cache).stdout
+    out = _run(args, tmp_path, home).stdout
     assert "brittle consistency report: n=200" in out
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["n"] == 200 and len(report["input_margins"]) == 200
@@ -135,10 +149,10 @@ def test_distributed_fit_on_two_processes(tmp_path: Path, brittle_cache: Path) -
 
 
 @pytest.mark.slow
-def test_deploy_onnx(tmp_path: Path, brittle_cache: Path) -> None:
+def test_deploy_onnx(tmp_path: Path, home: Path) -> None:
     script = _example("deploy_onnx.py", "brittle.deploy.onnx", "onnxruntime")
-    args = [str(script), "--cache-dir", str(brittle_cache / "brittle"), "--out", str(tmp_path)]
-    out = _run(args, tmp_path, brittle_cache).stdout
+    args = [str(script), "--cache-dir", str(tmp_path / "margins"), "--out", str(tmp_path)]
+    out = _run(args, tmp_path, home).stdout
     assert (tmp_path / "digits-monitor.onnx").is_file()
     assert "torch imported by the server: False" in out
     served = out[out.index("sample  pred  margin  brittle") :].splitlines()[1:7]
@@ -146,9 +160,9 @@ def test_deploy_onnx(tmp_path: Path, brittle_cache: Path) -> None:
 
 
 @pytest.mark.slow
-def test_fastapi_app(tmp_path: Path, brittle_cache: Path) -> None:
+def test_fastapi_app(tmp_path: Path, home: Path) -> None:
     script = _example("fastapi_app.py", "fastapi", "prometheus_client")
-    lines = _run([str(script)], tmp_path, brittle_cache).stdout.splitlines()
+    lines = _run([str(script)], tmp_path, home).stdout.splitlines()
     assert lines[0].startswith("clean: 519 digits") and lines[0].endswith("alarm False")
     assert lines[1].startswith("washed-out: 519 digits") and lines[1].endswith("alarm True")
     assert "brittle_samples_total 1038.0" in lines and "brittle_flag_rate_alarm 1.0" in lines
@@ -156,28 +170,26 @@ def test_fastapi_app(tmp_path: Path, brittle_cache: Path) -> None:
 
 
 @pytest.mark.slow
-def test_cli_on_an_npz(tmp_path: Path, brittle_cache: Path) -> None:
+def test_cli_on_an_npz(tmp_path: Path, home: Path) -> None:
     script = _example("cli_npz.py", "brittle.check")
     args = [str(script), "--samples", "200", "--steps", "10", "--out", str(tmp_path / "report")]
-    out = _run(args, tmp_path, brittle_cache).stdout
+    out = _run(args, tmp_path, home).stdout
     assert "exit status 0" in out
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert report["n"] == 200 and report["gate"]["passed"] is True
     assert (tmp_path / "report" / "monitor.pt").is_file()
 
 
-def test_robustbench_example_skips_without_a_checkpoint(
-    tmp_path: Path, brittle_cache: Path
-) -> None:
+def test_robustbench_example_skips_without_a_checkpoint(tmp_path: Path, home: Path) -> None:
     script = _example("robustbench_model.py")
     args = [str(script), "--model-dir", str(tmp_path / "models")]
-    out = _run(args, tmp_path, brittle_cache).stdout
+    out = _run(args, tmp_path, home).stdout
     assert out.startswith("skipped: no checkpoint at")
     assert "load_model('Wong2020Fast'" in out
 
 
 @pytest.mark.slow
-def test_robustbench_example_loads_a_local_checkpoint(tmp_path: Path, brittle_cache: Path) -> None:
+def test_robustbench_example_loads_a_local_checkpoint(tmp_path: Path, home: Path) -> None:
     script = _example("robustbench_model.py")
     from brittle.compat import import_robustbench
 
@@ -191,7 +203,7 @@ def test_robustbench_example_loads_a_local_checkpoint(tmp_path: Path, brittle_ca
     folder.mkdir(parents=True)
     torch.save({"state_dict": entry["model"]().state_dict()}, folder / "Wong2020Fast.pt")
     args = [str(script), "--model-dir", str(tmp_path / "models"), "--data-dir", str(tmp_path)]
-    out = _run(args, tmp_path, brittle_cache).stdout
+    out = _run(args, tmp_path, home).stdout
     assert "loaded Wong2020Fast" in out
     assert "head 'linear': 10 classes, 512 features" in out
     assert "skipped fit: no cifar10 test set" in out
