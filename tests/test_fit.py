@@ -308,6 +308,56 @@ def test_report_serialises(fitted: brittle.Monitor, tmp_path) -> None:
     assert "tau" in text and "AUROC" in text and f"chosen: {report.chosen}" in text
 
 
+def test_a_report_with_infinities_and_nan_reads_back_exactly(tmp_path) -> None:
+    """±inf and NaN come back as they were, from the JSON file and from a monitor's state.
+    Infinite scores were written as null and read back as NaN; a NaN margin (a sample
+    with NaN logits) came back as a censored one (inf); and a rate without samples to
+    count (NaN TPR: no non-robust sample) made to_json raise ValueError."""
+    from brittle.calibrate.calibration import Calibration
+    from brittle.calibrate.metrics import ScoreMetrics
+
+    inf, nan = math.inf, math.nan
+    metrics = ScoreMetrics(tau=0.5, tau_ci=(0.1, 0.9), auroc=nan, aupr=nan, fpr_at_tpr=nan, n=5)
+    report = brittle.ConsistencyReport(
+        n=5,
+        eps=0.1,
+        norm="Linf",
+        accuracy=None,
+        nonrobust_fraction=0.0,
+        censored=1,
+        input_margins=np.array([0.5, inf, 0.2, nan, 0.3]),
+        score_values={"logit": np.array([1.0, inf, -inf, nan, 0.5])},
+        metrics={"logit": metrics},
+        chosen="logit",
+        reason="requested",
+        threshold=0.4,
+        target_tpr=0.9,
+        tpr=nan,
+        fpr=0.25,
+        tpr_ci=(nan, nan),
+        fpr_ci=(0.0, 0.8),
+        timings={},
+        predictions=np.zeros(5, dtype=np.int64),
+        labels=None,
+        calibration=np.ones(5, dtype=bool),
+    )
+    path = report.to_json(tmp_path / "report.json")
+    again = brittle.ConsistencyReport.from_dict(json.loads(path.read_text()))
+    monitor = brittle.wrap(nn.Sequential(nn.Flatten(), nn.Linear(4, 3)), eps=0.1)
+    monitor.apply_calibration(
+        Calibration(eps=0.1, min_tau=0.0, chosen="logit", threshold=0.4, pseudo=None, report=report)
+    )
+    restored = brittle.wrap(nn.Sequential(nn.Flatten(), nn.Linear(4, 3)), eps=0.1)
+    restored.load_state_dict(monitor.state_dict())
+    for back in (again, restored.report):
+        np.testing.assert_array_equal(back.input_margins, report.input_margins)
+        np.testing.assert_array_equal(back.score_values["logit"], report.score_values["logit"])
+        assert math.isnan(back.tpr) and back.fpr == 0.25 and back.threshold == 0.4
+        assert back.metrics["logit"].tau_ci == (0.1, 0.9) and math.isnan(
+            back.metrics["logit"].auroc
+        )
+
+
 def test_fit_leaves_the_model_as_it_was(robust_model: nn.Module, digits: DigitsSplit) -> None:
     model = copy.deepcopy(robust_model).train()
     before = copy.deepcopy(model.state_dict())

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from brittle._modes import eval_mode, frozen, seeded
 from brittle.attacks.outcome import AttackOutcome
 from brittle.attacks.pgd import torchattacks_fgsm, torchattacks_pgd
+from brittle.calibrate.jsonfloat import dump_float
 from brittle.calibrate.metrics import (
     ScoreMetrics,
     clopper_pearson,
@@ -73,12 +74,12 @@ BASELINES: dict[str, str] = {
 
 
 def jsonable(value: Any) -> Any:
-    """``value`` with numpy scalars made Python and NaN / inf made ``None`` (strict JSON).
+    """``value`` with numpy scalars made Python, for strict JSON (``jsonfloat.dump_float``).
 
     Examples:
         >>> from brittle.calibrate.analyses import jsonable
         >>> jsonable({"a": float("nan"), "b": [1.5, float("inf")]})
-        {'a': None, 'b': [1.5, None]}
+        {'a': None, 'b': [1.5, 'Infinity']}
 
     """
     if isinstance(value, dict):
@@ -92,7 +93,7 @@ def jsonable(value: Any) -> Any:
     if isinstance(value, (np.integer, int)):
         return int(value)
     if isinstance(value, (np.floating, float)):
-        return float(value) if math.isfinite(value) else None
+        return dump_float(float(value))
     return value
 
 

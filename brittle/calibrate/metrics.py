@@ -8,7 +8,8 @@ Thin, tested wrappers over scipy (Kendall tau, bootstrap) and scikit-learn
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -16,6 +17,7 @@ from scipy import stats
 from sklearn import metrics as skm
 
 from brittle.arguments import positive_int
+from brittle.calibrate.jsonfloat import dump_float, dump_floats, load_float
 from brittle.output import flagged
 
 __all__ = [
@@ -53,30 +55,28 @@ class ScoreMetrics:
     n: int
 
     def to_dict(self) -> dict[str, object]:
-        """Plain dictionary (NaN kept as ``None``)."""
-        out = asdict(self)
-        out["tau_ci"] = list(self.tau_ci)
-        return {k: _none_if_nan(v) for k, v in out.items()}
+        """Strict-JSON dictionary (NaN as ``None``, ±inf as ``"Infinity"``/``"-Infinity"``)."""
+        return {
+            "tau": dump_float(self.tau),
+            "tau_ci": dump_floats(self.tau_ci),
+            "auroc": dump_float(self.auroc),
+            "aupr": dump_float(self.aupr),
+            "fpr_at_tpr": dump_float(self.fpr_at_tpr),
+            "n": self.n,
+        }
 
     @classmethod
-    def from_dict(cls, data: dict[str, object]) -> ScoreMetrics:
+    def from_dict(cls, data: dict[str, Any]) -> ScoreMetrics:
         """Inverse of ``to_dict``."""
-        values = {k: (math.nan if v is None else v) for k, v in data.items()}
-        interval: list[float | None] = list(data["tau_ci"])  # type: ignore[call-overload]
-        values["tau_ci"] = (_nan_if_none(interval[0]), _nan_if_none(interval[1]))
-        return cls(**values)  # type: ignore[arg-type]
-
-
-def _none_if_nan(value: object) -> object:
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, list):
-        return [_none_if_nan(v) for v in value]
-    return value
-
-
-def _nan_if_none(value: object) -> float:
-    return math.nan if value is None else float(value)  # type: ignore[arg-type]
+        low, high = (load_float(v) for v in data["tau_ci"])
+        return cls(
+            tau=load_float(data["tau"]),
+            tau_ci=(low, high),
+            auroc=load_float(data["auroc"]),
+            aupr=load_float(data["aupr"]),
+            fpr_at_tpr=load_float(data["fpr_at_tpr"]),
+            n=int(data["n"]),
+        )
 
 
 def _pair(score: ArrayLike, margin: ArrayLike) -> tuple[np.ndarray, np.ndarray]:

@@ -11,32 +11,19 @@ from typing import Any
 
 import numpy as np
 
+from brittle.calibrate.jsonfloat import dump_float, dump_floats, load_float, load_floats
 from brittle.calibrate.metrics import ScoreMetrics
 
 __all__ = ["ConsistencyReport", "percent"]
 
-
-def _array_to_list(values: np.ndarray) -> list[float | None]:
-    """JSON-safe list: ``inf`` (censored) and NaN become ``None``."""
-    return [float(v) if math.isfinite(v) else None for v in np.asarray(values, dtype=np.float64)]
+# How to_dict writes an infinity; reports written before it wrote them as null.
+_INFINITE_AS = "Infinity"
 
 
-def _margins_from_list(values: list[float | None]) -> np.ndarray:
-    return np.array([math.inf if v is None else v for v in values], dtype=np.float64)
-
-
-def _scores_from_list(values: list[float | None]) -> np.ndarray:
-    return np.array([math.nan if v is None else v for v in values], dtype=np.float64)
-
-
-def _interval_to_list(interval: tuple[float, float]) -> list[float | None]:
-    return [float(v) if math.isfinite(v) else None for v in interval]
-
-
-def _interval_from_list(values: list[float | None] | None) -> tuple[float, float]:
-    if values is None:
+def _interval(values: list[float | str | None] | None) -> tuple[float, float]:
+    if values is None:  # a report saved before the intervals
         return (math.nan, math.nan)
-    low, high = (math.nan if v is None else float(v) for v in values)
+    low, high = (load_float(v) for v in values)
     return (low, high)
 
 
@@ -145,25 +132,29 @@ class ConsistencyReport:
         return 0 if self.choice is None else int(self.choice.sum())
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-safe dictionary; censored margins and NaN scores become ``None``."""
+        """Strict-JSON dictionary: NaN is ``None``, ±inf ``"Infinity"``/``"-Infinity"``.
+
+        ``from_dict`` reads it back exactly (``brittle.calibrate.jsonfloat``).
+        """
         return {
             "n": self.n,
             "eps": self.eps,
             "norm": self.norm,
             "accuracy": self.accuracy,
-            "nonrobust_fraction": self.nonrobust_fraction,
+            "nonrobust_fraction": dump_float(self.nonrobust_fraction),
             "censored": self.censored,
-            "input_margins": _array_to_list(self.input_margins),
-            "score_values": {k: _array_to_list(v) for k, v in self.score_values.items()},
+            "infinite_as": _INFINITE_AS,
+            "input_margins": dump_floats(self.input_margins),
+            "score_values": {k: dump_floats(v) for k, v in self.score_values.items()},
             "metrics": {k: m.to_dict() for k, m in self.metrics.items()},
             "chosen": self.chosen,
             "reason": self.reason,
-            "threshold": self.threshold,
+            "threshold": dump_float(self.threshold),
             "target_tpr": self.target_tpr,
-            "tpr": self.tpr,
-            "fpr": self.fpr,
-            "tpr_ci": _interval_to_list(self.tpr_ci),
-            "fpr_ci": _interval_to_list(self.fpr_ci),
+            "tpr": dump_float(self.tpr),
+            "fpr": dump_float(self.fpr),
+            "tpr_ci": dump_floats(self.tpr_ci),
+            "fpr_ci": dump_floats(self.fpr_ci),
             "n_calibration": self.n_calibration,
             "n_choice": self.n_choice,
             "timings": dict(self.timings),
@@ -177,8 +168,13 @@ class ConsistencyReport:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ConsistencyReport:
-        """Inverse of ``to_dict``; a report saved before the intervals loads with a warning."""
+        """Inverse of ``to_dict``; a report saved before the intervals loads with a warning.
+
+        A report written before infinities were ``"Infinity"`` wrote a censored
+        margin as ``null``: there ``null`` is read as ``inf``, elsewhere as NaN.
+        """
         labels = data["labels"]
+        null_margin = math.nan if data.get("infinite_as") == _INFINITE_AS else math.inf
         if "tpr_ci" not in data:
             warnings.warn(
                 "this report was saved before brittle reported exact TPR/FPR intervals and "
@@ -191,25 +187,25 @@ class ConsistencyReport:
             eps=data["eps"],
             norm=data["norm"],
             accuracy=data["accuracy"],
-            nonrobust_fraction=data["nonrobust_fraction"],
+            nonrobust_fraction=load_float(data["nonrobust_fraction"]),
             censored=data["censored"],
-            input_margins=_margins_from_list(data["input_margins"]),
-            score_values={k: _scores_from_list(v) for k, v in data["score_values"].items()},
+            input_margins=load_floats(data["input_margins"], null=null_margin),
+            score_values={k: load_floats(v) for k, v in data["score_values"].items()},
             metrics={k: ScoreMetrics.from_dict(m) for k, m in data["metrics"].items()},
             chosen=data["chosen"],
             reason=data["reason"],
-            threshold=data["threshold"],
+            threshold=load_float(data["threshold"]),
             target_tpr=data["target_tpr"],
-            tpr=data["tpr"],
-            fpr=data["fpr"],
+            tpr=load_float(data["tpr"]),
+            fpr=load_float(data["fpr"]),
             timings=dict(data["timings"]),
             predictions=np.asarray(data["predictions"], dtype=np.int64),
             labels=None if labels is None else np.asarray(labels, dtype=np.int64),
             calibration=np.asarray(data["calibration"], dtype=bool),
             excluded=data.get("excluded", 0),
             settings=dict(data.get("settings", {})),
-            tpr_ci=_interval_from_list(data.get("tpr_ci")),
-            fpr_ci=_interval_from_list(data.get("fpr_ci")),
+            tpr_ci=_interval(data.get("tpr_ci")),
+            fpr_ci=_interval(data.get("fpr_ci")),
             choice=None if choice is None else np.asarray(choice, dtype=bool),
         )
 

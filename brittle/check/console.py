@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from brittle.calibrate.jsonfloat import load_float
 from brittle.calibrate.report import percent
 
 __all__ = [
@@ -22,16 +23,18 @@ ADAPTIVE_NAMES = {"pgd": "PGD", "adaptive_pgd": "adaptive PGD", "cw": "Carlini-W
 
 
 def fmt(value: Any, spec: str = ".3f") -> str:
-    """``value`` formatted with ``spec``, ``-`` for ``None``.
+    """``value`` formatted with ``spec``, ``-`` for ``None`` (NaN in a ``report.json``).
 
     Examples:
         >>> from brittle.check.console import fmt
-        >>> fmt(0.12345), fmt(None), fmt(0.5, ".0%")
-        ('0.123', '-', '50%')
+        >>> fmt(0.12345), fmt(None), fmt(0.5, ".0%"), fmt("Infinity", ".4g")
+        ('0.123', '-', '50%', 'inf')
 
     """
     if value is None:
         return "-"
+    if isinstance(value, str):  # an infinity in a report.json
+        value = load_float(value)
     return format(value, spec)
 
 

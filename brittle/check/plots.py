@@ -8,11 +8,13 @@ backend and figure registry of the calling process are left alone.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from brittle.calibrate.jsonfloat import load_floats
+from brittle.calibrate.report import ConsistencyReport
 
 __all__ = ["write_plots", "plots_available", "PLOT_HINT", "PLOT_FILES"]
 
@@ -36,11 +38,11 @@ def plots_available() -> bool:
 
 
 def _margins(payload: dict[str, Any]) -> np.ndarray:
-    return np.array([math.inf if v is None else v for v in payload["input_margins"]], dtype=float)
+    return ConsistencyReport.from_dict(payload).input_margins
 
 
-def _values(values: list[float | None]) -> np.ndarray:
-    return np.array([math.nan if v is None else v for v in values], dtype=float)
+def _values(values: list[float | str | None]) -> np.ndarray:
+    return load_floats(values)
 
 
 def write_plots(payload: dict[str, Any], out_dir: Path) -> list[Path]:
