@@ -864,6 +864,8 @@ class Monitor(nn.Module):
         Args:
             state_dict: What ``Monitor.state_dict`` returned.
             strict: Refuse missing and unexpected keys (as ``nn.Module.load_state_dict``).
+                With ``False``, a state saved without a pseudo network drops this
+                monitor's, as the loaded configuration says.
             assign: Take the tensors of ``state_dict`` instead of copying them.
 
         Returns:
@@ -887,6 +889,8 @@ class Monitor(nn.Module):
                     self._size_as_saved(config, _pseudo_width(state_dict, ""))
                 except ValueError as err:
                     errors.append(str(err))
+                if not strict:
+                    self._drop_unsaved_pseudo(config)
             if not errors:
                 errors = _load_errors(self.state_dict(keep_vars=True), state_dict, strict)
             if errors:
@@ -1020,6 +1024,18 @@ class Monitor(nn.Module):
             with torch.random.fork_rng(devices=[]):
                 pseudo = PseudoMargin(features, int(config["num_classes"]), hidden)
             self.pseudo = pseudo.to(self.threshold.device)
+
+    def _drop_unsaved_pseudo(self, config: dict[str, Any]) -> None:
+        """Drop the pseudo network when the saved monitor had none (``strict=False``).
+
+        The missing keys ``strict=False`` ignores are the network's own; kept, it
+        would score with weights of another fit while the loaded configuration says
+        there is no network. (``strict=True`` refuses them as missing.) Only
+        ``Monitor.load_state_dict`` knows ``strict``: PyTorch calls a submodule's
+        ``_load_from_state_dict`` with ``strict=True`` whatever its caller asked.
+        """
+        if config.get("pseudo_features") is None and self.pseudo is not None:
+            self.pseudo = None
 
     def _own_state_to(self, device: torch.device) -> None:
         """Move the monitor's buffers and pseudo network to ``device``, and not the model.

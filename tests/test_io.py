@@ -552,6 +552,27 @@ def test_a_pseudo_network_of_another_width_loads(route: str, tmp_path) -> None:
     torch.testing.assert_close(loaded(x).margin, monitor(x).margin, rtol=0, atol=0)
 
 
+def test_a_state_without_a_pseudo_network_drops_it_under_strict_false() -> None:
+    """``strict=False`` ignored the missing keys of the network and kept it: the loaded
+    configuration said there was none while the monitor still scored with it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    x = torch.rand(4, 6)
+    with_net = brittle.wrap(model, score="pseudo", example_input=x)
+    with_net.pseudo = PseudoMargin(5, 3, hidden=16)
+    with_net.set_threshold(0.5)
+    without = brittle.wrap(model, score="logit", example_input=x)
+    without.set_threshold(0.25)
+    with pytest.raises(RuntimeError, match="Missing key"):
+        with_net.load_state_dict(without.state_dict())
+    assert with_net.pseudo is not None  # a refused load changes nothing
+    result = with_net.load_state_dict(without.state_dict(), strict=False)
+    assert with_net.pseudo is None and with_net.get_extra_state()["pseudo_features"] is None
+    assert not [k for k in result.missing_keys if "pseudo" in k]
+    assert "pseudo" not in with_net.scores(x) and with_net.score == "logit"
+    torch.testing.assert_close(with_net(x).margin, without(x).margin, rtol=0, atol=0)
+
+
 def _two_layer_model() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).eval()
