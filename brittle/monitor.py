@@ -131,6 +131,7 @@ class Monitor(nn.Module):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module. Got {type(model).__name__}.")
+        _refuse_monitors(model)
         self.model = model
         self.norm: Norm = check_norm(norm)
         self.eps = check_eps(eps)
@@ -1177,6 +1178,21 @@ def _pseudo_width(state: Mapping[str, Any], prefix: str) -> int:
         if width >= 1 and tuple(second.shape) == (width, width):
             return int(width)
     return HIDDEN
+
+
+def _refuse_monitors(model: nn.Module) -> None:
+    """Raise ``TypeError`` when ``model`` is, or holds, a ``Monitor``.
+
+    A monitor's forward returns a ``MonitorOutput``, not logits, and the first
+    call of two nested monitors waited forever on the discovery lock.
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, Monitor):
+            where = "model" if not name else f"model.{name}"
+            raise TypeError(
+                f"{where} is already a brittle.Monitor; wrap the classifier it monitors "
+                f"instead: brittle.wrap({where}.model, ...)."
+            )
 
 
 def wrap(

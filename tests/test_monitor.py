@@ -322,6 +322,16 @@ def test_bad_arguments_raise(standard_model: nn.Module) -> None:
             monitor.fit(torch.rand(4, 1, 8, 8), n_samples=n, progress=False)  # type: ignore[arg-type]
 
 
+def test_wrapping_a_monitor_is_refused_and_names_its_model() -> None:
+    """``wrap(monitor)`` was accepted silently, and its first forward pass waited forever
+    on the discovery lock (the inner monitor discovers its head under the same lock)."""
+    monitor = brittle.wrap(nn.Sequential(nn.Flatten(), nn.Linear(4, 3)))
+    with pytest.raises(TypeError, match=r"model is already a brittle.Monitor.*wrap\(model\.model"):
+        brittle.wrap(monitor)
+    with pytest.raises(TypeError, match=r"model\.1 is already a brittle.Monitor"):
+        brittle.wrap(nn.Sequential(nn.Identity(), monitor))
+
+
 def test_unfitted_monitor_says_to_fit(standard_model: nn.Module) -> None:
     monitor = brittle.wrap(standard_model, score="pseudo")
     with pytest.raises(brittle.NotFittedError, match="fit"):
