@@ -338,6 +338,9 @@ def main() -> None:
         "--time-asgi", nargs=3, metavar=("KIND", "ONNX", "BODY"), help=argparse.SUPPRESS
     )
     args = parser.parse_args()
+    if args.baseline is not None and not (args.baseline / "brittle" / "__init__.py").is_file():
+        # Its PYTHONPATH would point nowhere and the "baseline" would be this checkout.
+        parser.error(f"--baseline: {args.baseline} is not a brittle checkout (no brittle/).")
     if args.time_asgi:
         kind, path, body_path = args.time_asgi
         body = Path(body_path).read_bytes()

@@ -54,6 +54,15 @@ def test_a_gpu_benchmark_says_there_is_no_gpu(script: str, args: tuple[str, ...]
     assert "CUDA device" in result.stderr, result.stderr[-2000:]
 
 
+def test_a_baseline_that_is_not_a_checkout_is_refused(tmp_path: Path) -> None:
+    # Before, --baseline took any path: its PYTHONPATH pointed nowhere, the installed
+    # brittle served as the "baseline", and the table compared this code with itself.
+    result = _run("bench_serve.py", "--quick", "--baseline", str(tmp_path / "no-such"))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "is not a brittle checkout" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_the_feature_margin_methods_are_timed_side_by_side(monkeypatch: pytest.MonkeyPatch) -> None:
     # Before, bench_overhead.py interleaved the table and the vectorised minimum and
     # then timed the Python loop alone, three runs after them, so the loop's ratio
