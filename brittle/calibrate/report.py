@@ -14,10 +14,26 @@ import numpy as np
 from brittle.calibrate.jsonfloat import dump_float, dump_floats, load_float, load_floats
 from brittle.calibrate.metrics import ScoreMetrics
 
-__all__ = ["ConsistencyReport", "percent"]
+__all__ = ["ConsistencyReport", "percent", "report_margins"]
 
 # How to_dict writes an infinity; reports written before it wrote them as null.
 _INFINITE_AS = "Infinity"
+
+
+def report_margins(data: dict[str, Any]) -> np.ndarray:
+    """The input margins of a ``ConsistencyReport.to_dict`` dictionary (a ``report.json``).
+
+    ``null`` is NaN; in a report written before infinities were ``"Infinity"``, it
+    is a censored margin, ``inf``.
+
+    Examples:
+        >>> report_margins({"input_margins": [0.1, "Infinity", None], "infinite_as": "Infinity"})
+        array([0.1, inf, nan])
+        >>> report_margins({"input_margins": [0.1, None]})  # an older report
+        array([0.1, inf])
+    """
+    null = math.nan if data.get("infinite_as") == _INFINITE_AS else math.inf
+    return load_floats(data["input_margins"], null=null)
 
 
 def _interval(values: list[float | str | None] | None) -> tuple[float, float]:
@@ -174,7 +190,6 @@ class ConsistencyReport:
         margin as ``null``: there ``null`` is read as ``inf``, elsewhere as NaN.
         """
         labels = data["labels"]
-        null_margin = math.nan if data.get("infinite_as") == _INFINITE_AS else math.inf
         if "tpr_ci" not in data:
             warnings.warn(
                 "this report was saved before brittle reported exact TPR/FPR intervals and "
@@ -189,7 +204,7 @@ class ConsistencyReport:
             accuracy=data["accuracy"],
             nonrobust_fraction=load_float(data["nonrobust_fraction"]),
             censored=data["censored"],
-            input_margins=load_floats(data["input_margins"], null=null_margin),
+            input_margins=report_margins(data),
             score_values={k: load_floats(v) for k, v in data["score_values"].items()},
             metrics={k: ScoreMetrics.from_dict(m) for k, m in data["metrics"].items()},
             chosen=data["chosen"],

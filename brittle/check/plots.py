@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from brittle.calibrate.jsonfloat import load_floats
-from brittle.calibrate.report import ConsistencyReport
+from brittle.calibrate.report import report_margins
 
 __all__ = ["write_plots", "plots_available", "PLOT_HINT", "PLOT_FILES"]
 
@@ -37,14 +37,6 @@ def plots_available() -> bool:
     return True
 
 
-def _margins(payload: dict[str, Any]) -> np.ndarray:
-    return ConsistencyReport.from_dict(payload).input_margins
-
-
-def _values(values: list[float | str | None]) -> np.ndarray:
-    return load_floats(values)
-
-
 def write_plots(payload: dict[str, Any], out_dir: Path) -> list[Path]:
     """Write the four PNGs of one model into ``out_dir``; ``[]`` without matplotlib.
 
@@ -60,7 +52,7 @@ def write_plots(payload: dict[str, Any], out_dir: Path) -> list[Path]:
         return []
     from matplotlib.figure import Figure
 
-    margins = _margins(payload)
+    margins = report_margins(payload)
     mask = np.asarray(payload["calibration"], dtype=bool)
     eps = float(payload["eps"])
     positive = margins <= eps
@@ -93,7 +85,7 @@ def _scatter(
     cap = float(finite.max()) * 1.1 if finite.size else 1.0
     shown = np.where(np.isfinite(margins), margins, cap)
     for ax, name in zip(axes, scores, strict=True):
-        values = _values(payload["score_values"][name])
+        values = load_floats(payload["score_values"][name])
         tau = payload["metrics"][name]["tau"]
         for sel, colour, label in (
             (positive & mask, "tab:red", "non-robust"),
@@ -135,7 +127,7 @@ def _curves(
     series.update({k: (f"{k} (baseline)", v["values"]) for k, v in payload["baselines"].items()})
     if y.any() and not y.all():
         for key, (label, raw) in series.items():
-            values = _values(raw)[mask]
+            values = load_floats(raw)[mask]
             ok = ~np.isnan(values)
             # Low scores mean brittle, so -score ranks the positive (non-robust) class first.
             fpr, tpr, _ = roc_curve(y[ok], -values[ok])
