@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 from torch import nn
@@ -64,12 +63,5 @@ def load(path: str | Path, model: nn.Module) -> Monitor:
         check_identity(model, payload["model"])
     except (KeyError, TypeError) as err:
         raise ValueError(f"{str(path)!r} is damaged or not a brittle monitor file.") from err
-    threshold = float(monitor.threshold)
-    # NaN marks "no threshold yet"; a fitted monitor without a finite one, or an
-    # infinite one, would silently flag nothing (or everything).
-    if math.isinf(threshold) or (monitor.is_fitted and not math.isfinite(threshold)):
-        raise ValueError(
-            f"{str(path)!r} holds a fitted monitor with a non-finite threshold ({threshold}): "
-            "it cannot judge anything. Fit and save the monitor again."
-        )
+    # A non-finite threshold is refused by Monitor.load_state_dict, inside from_state.
     return monitor

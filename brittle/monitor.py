@@ -28,7 +28,6 @@ from brittle.scores.head import (
     discover_head,
     model_output,
     resolve_head,
-    same_values,
 )
 from brittle.scores.margins import feature_margin, logit_margin, pair_norm_table
 from brittle.scores.norms import Norm, check_eps, check_norm
@@ -51,16 +50,6 @@ _DISCOVERY = threading.Lock()
 # batch are computed from the head weight instead.
 TABLE_LIMIT_BYTES = 256 * 2**20
 _STATE_VERSION = 2
-# What head discovery (``_adopt``, ``_attach_head``) writes on a monitor.
-_DISCOVERED_NAMES = (
-    "head_name",
-    "head_exact",
-    "num_classes",
-    "feature_dim",
-    "input_shape",
-    "pair_norms",
-    "_table_stamp",
-)
 
 
 def _check_score(score: str) -> Score:
@@ -453,9 +442,7 @@ class Monitor(nn.Module):
         capture = run.capture
         if not self.head_exact or capture is None or not capture.calls:
             return
-        if any(
-            output is run.logits or same_values(output, run.logits) for _, output in capture.records
-        ):
+        if capture.call_producing(run.logits) is not None:
             return
         raise RuntimeError(
             f"head {self.head_name!r} no longer produces the model's logits: something after "
@@ -704,7 +691,15 @@ class Monitor(nn.Module):
         return self
 
     # What head discovery (``_adopt``, ``_attach_head``) writes: restored after a failed fit.
-    _DISCOVERED = _DISCOVERED_NAMES
+    _DISCOVERED = (
+        "head_name",
+        "head_exact",
+        "num_classes",
+        "feature_dim",
+        "input_shape",
+        "pair_norms",
+        "_table_stamp",
+    )
 
     def _discovery(self) -> tuple[Any, ...]:
         """The attributes head discovery writes, to restore after a failed fit."""
@@ -907,7 +902,7 @@ class Monitor(nn.Module):
 
     # What loading a state writes on the monitor besides its tensors.
     _LOADED = (
-        *_DISCOVERED_NAMES,
+        *_DISCOVERED,
         "requested_score",
         "chosen_score",
         "norm",
@@ -1084,7 +1079,6 @@ class Monitor(nn.Module):
             )
         # The table is computed from the head's weights: this model's, not a copy in the file.
         monitor.pair_norms = derived
-        _check_domain(monitor.domain)
         return monitor
 
     def save(self, path: str | Path) -> Path:
