@@ -532,16 +532,22 @@ def test_a_file_of_a_newer_format_says_to_upgrade(standard_model: nn.Module, tmp
         brittle.load(path, standard_model)
 
 
-@pytest.mark.parametrize("route", ["load", "load_state_dict"])
-def test_a_pseudo_network_of_another_width_loads(route: str, tmp_path) -> None:
-    # train_pseudo_margin(hidden=...) makes networks of any width; loading built a
-    # 512-wide one and refused the saved weights ("size mismatch for pseudo.net").
+def _narrow_pseudo_monitor() -> tuple[nn.Module, torch.Tensor, brittle.Monitor]:
+    """A small model, an input, and a monitor of it with a 16-wide pseudo network."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
     x = torch.rand(4, 6)
     monitor = brittle.wrap(model, score="pseudo", example_input=x)
     monitor.pseudo = PseudoMargin(5, 3, hidden=16)
     monitor.set_threshold(0.5)
+    return model, x, monitor
+
+
+@pytest.mark.parametrize("route", ["load", "load_state_dict"])
+def test_a_pseudo_network_of_another_width_loads(route: str, tmp_path) -> None:
+    # train_pseudo_margin(hidden=...) makes networks of any width; loading built a
+    # 512-wide one and refused the saved weights ("size mismatch for pseudo.net").
+    model, x, monitor = _narrow_pseudo_monitor()
     path = monitor.save(tmp_path / "monitor.pt")
     if route == "load":
         loaded = brittle.load(path, model)
@@ -555,12 +561,7 @@ def test_a_pseudo_network_of_another_width_loads(route: str, tmp_path) -> None:
 def test_a_state_without_a_pseudo_network_drops_it_under_strict_false() -> None:
     """``strict=False`` ignored the missing keys of the network and kept it: the loaded
     configuration said there was none while the monitor still scored with it."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
-    x = torch.rand(4, 6)
-    with_net = brittle.wrap(model, score="pseudo", example_input=x)
-    with_net.pseudo = PseudoMargin(5, 3, hidden=16)
-    with_net.set_threshold(0.5)
+    model, x, with_net = _narrow_pseudo_monitor()
     without = brittle.wrap(model, score="logit", example_input=x)
     without.set_threshold(0.25)
     with pytest.raises(RuntimeError, match="Missing key"):
