@@ -30,7 +30,9 @@ DEFAULT_ENGINE = "brittle"
 # walk stops a run's adversarial far behind its sample's nearest.
 # brittle 8: the targeted run's class comes from the three highest logits; a sample
 # without an adversarial starts each random restart twice as far out as the last.
-ENGINE_VERSIONS = {"brittle": 8, "torchattacks": 2}
+# brittle 9: a sample whose targeted run ended nearer than half its untargeted run's
+# distance takes the extra restarts too.
+ENGINE_VERSIONS = {"brittle": 9, "torchattacks": 2}
 
 
 @dataclass(frozen=True)
