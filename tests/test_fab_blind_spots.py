@@ -368,9 +368,9 @@ def test_a_sample_in_a_flat_region_is_reached_from_farther_starts() -> None:
 
 def test_a_sample_whose_first_run_went_far_takes_the_extra_restarts() -> None:
     # Holdout digit 601 of the certified digits CNN (Linf): FAB's untargeted run from x
-    # ends 0.683 away, the targeted run 0.208; the walk brings both to 0.1905, where
-    # adv-lib's FMN (1,000 steps) also stops (0.19049) and where engine version 8 left
-    # the digit. A targeted run ending nearer than half the first run's distance marks
+    # ends 0.683 away, the targeted run 0.208; after the walk and the bisection engine
+    # version 8 left the digit at 0.1905, where adv-lib's FMN (1,000 steps) also stops
+    # (0.19049). A targeted run ending nearer than half the first run's distance marks
     # a sample whose boundaries the first linearisation misjudged: it now takes the
     # extra random restarts, the first of which finds 0.1418 (the same on one and two
     # threads and under ATEN_CPU_CAPABILITY=default or avx2).

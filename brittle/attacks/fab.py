@@ -95,7 +95,7 @@ _WALK_STEPS = 20
 # its margin by more than this (relative), up to _EXTRA_RESTARTS extra restarts.
 _RESTART_RTOL = 0.005
 _EXTRA_RESTARTS = 3
-# A sample whose runner-up run ended nearer than half its first run's distance
+# A sample whose targeted run ended nearer than half its untargeted run's distance
 # enters the extra restarts too: its first run went to a far boundary, and random
 # restarts are what closes such a tail. On the certified (IBP) digits CNN, 683 -> 685
 # of the 719 holdout digits within 1 % of the references (Linf; L2: 656 -> 659), at
@@ -193,8 +193,8 @@ def fab_attack(
         extra_restarts: Most random restarts added per sample, one at a time, while it
             has no adversarial yet, or while the last random restart (of ``restarts``,
             then of these) still lowered its margin by more than 0.5 %. A sample whose
-            targeted run ended nearer than half the untargeted run's distance takes the
-            first of them whatever ``restarts`` is.
+            targeted run ended nearer than half the untargeted run's distance enters
+            them too, whatever ``restarts`` is.
         extra_walks: Most extra boundary walks per sample, each from the best point,
             while the last walk still lowered its margin by more than 5 %.
         resolution: Relative precision in which the model reads its inputs (default:
