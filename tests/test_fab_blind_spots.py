@@ -370,7 +370,7 @@ def test_a_sample_whose_first_run_went_far_takes_the_extra_restarts() -> None:
     # Holdout digit 601 of the certified digits CNN (Linf): FAB's untargeted run from x
     # ends 0.683 away, the targeted run 0.208; after the walk and the bisection engine
     # version 8 left the digit at 0.1905, where adv-lib's FMN (1,000 steps) also stops
-    # (0.19049). A targeted run ending nearer than half the first run's distance marks
+    # (0.19049). A targeted run whose best is nearer than half the first run's marks
     # a sample whose boundaries the first linearisation misjudged: it now takes the
     # extra random restarts, the first of which finds 0.1418 (the same on one and two
     # threads and under ATEN_CPU_CAPABILITY=default or avx2).
@@ -384,5 +384,5 @@ def test_a_sample_whose_first_run_went_far_takes_the_extra_restarts() -> None:
     ours = brittle.input_margins(model, x, norm="Linf")
     fmn = reference_margins("adv-lib FMN", model, x, pred, "Linf")
     assert torch.isfinite(fmn).all()
-    # 0.745 x FMN here, 1.000 x before; 0.9 leaves room for another CPU's rounding.
+    # 0.744 x FMN here, 1.000 x before; 0.9 leaves room for another CPU's rounding.
     assert float(ours) <= 0.9 * float(fmn), (float(ours), float(fmn))

@@ -95,7 +95,7 @@ _WALK_STEPS = 20
 # its margin by more than this (relative), up to _EXTRA_RESTARTS extra restarts.
 _RESTART_RTOL = 0.005
 _EXTRA_RESTARTS = 3
-# A sample whose targeted run ended nearer than half its untargeted run's distance
+# A sample where a targeted run's best was nearer than half the untargeted run's
 # enters the extra restarts too: its first run went to a far boundary, and random
 # restarts are what closes such a tail. On the certified (IBP) digits CNN, 683 -> 685
 # of the 719 holdout digits within 1 % of the references (Linf; L2: 656 -> 659), at
@@ -192,8 +192,8 @@ def fab_attack(
             sample's nearest after 40 % of the steps stops walking.
         extra_restarts: Most random restarts added per sample, one at a time, while it
             has no adversarial yet, or while the last random restart (of ``restarts``,
-            then of these) still lowered its margin by more than 0.5 %. A sample whose
-            targeted run ended nearer than half the untargeted run's distance enters
+            then of these) still lowered its margin by more than 0.5 %. A sample where
+            a targeted run's best was nearer than half the untargeted run's enters
             them too, whatever ``restarts`` is.
         extra_walks: Most extra boundary walks per sample, each from the best point,
             while the last walk still lowered its margin by more than 5 %.
@@ -307,8 +307,8 @@ def fab_attack(
             busy = _improved(before, attack.best)
         # The adaptive budget: more restarts only where the last random restart still
         # improved the margin, or where no run has found an adversarial yet, so that
-        # the cost lands on the tail; and where the targeted run ended at less than half
-        # the first run's distance (``_RUGGED``). (Whether it beat the first run at all
+        # the cost lands on the tail; and where a targeted run's best was nearer than
+        # half the untargeted run's (``_rugged``). (Whether it beat the first run at all
         # predicted too little: on the PGD-trained digits CNN it cost 20 % more passes
         # for one sample in a hundred within 1 % of the references.)
         busy = busy | rugged | ~torch.isfinite(attack.best)
@@ -786,10 +786,13 @@ def runner_up(
 
 
 def _rugged(runs: list[tuple[Tensor, Tensor]]) -> Tensor:
-    """Samples whose targeted runs ended nearer than ``_RUGGED`` times the first run.
+    """``(B,)`` mask: a targeted run's best norm below ``_RUGGED`` times the untargeted run's.
 
-    ``runs`` is ``_Fab.runs`` after ``_Fab.run`` from x0: the untargeted run's
-    ``(adversarial, norm)`` first, then the targeted runs'.
+    ``runs`` is ``_Fab.runs`` right after the first ``_Fab.run`` from x0, before
+    ``walk`` clears it: the untargeted run's ``(adversarial, best norm)`` first, then
+    one entry per targeted run (none for 2 classes or ``targeted=0``: no sample is
+    marked). The nearest targeted run counts. A sample whose untargeted run found no
+    adversarial is not marked, even where a targeted run found one.
     """
     first = runs[0][1]
     nearest = torch.stack([dist for _, dist in runs[1:]]).amin(0) if len(runs) > 1 else first

@@ -30,8 +30,8 @@ DEFAULT_ENGINE = "brittle"
 # walk stops a run's adversarial far behind its sample's nearest.
 # brittle 8: the targeted run's class comes from the three highest logits; a sample
 # without an adversarial starts each random restart twice as far out as the last.
-# brittle 9: a sample whose targeted run ended nearer than half its untargeted run's
-# distance takes the extra restarts too.
+# brittle 9: a sample where a targeted run's best was nearer than half the untargeted
+# run's takes the extra restarts too.
 ENGINE_VERSIONS = {"brittle": 9, "torchattacks": 2}
 
 
