@@ -158,7 +158,9 @@ def test_boundary_training_flags_where_an_attacker_crosses(
     # (the runner-up among the highest logits), epoch chosen on the validation samples
     # with their boundary rows, seeds 0-2, attacks on 1 and 2 threads: 0.9975-1.0 and
     # 0.57, tau 0.61-0.65 and 0.78 (choosing on the natural samples alone, seed 0 caught
-    # 0.75; on the mean of both taus, 0.77 or 0.96 by the attack's threads).
+    # 0.75; on the mean of both taus, 0.77 or 0.96 by the attack's threads). Engine 9
+    # (extra restarts where a targeted run went twice as near), seeds 0-2, attacks on 1
+    # and 2 threads: 0.9975 and 0.57, tau 0.61-0.66 and 0.78.
     assert shares["boundary"] >= 0.9, shares
     assert shares["natural"] <= 0.8, shares
     assert taus["boundary"] >= logit_tau + 0.05, (taus, logit_tau)
