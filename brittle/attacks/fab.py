@@ -54,7 +54,7 @@ from brittle.attacks.verify import (
     check_differentiable,
     check_unit_range,
     decision_changes,
-    verified_margins,
+    verified_points,
 )
 from brittle.attacks.walk import boundary_walk
 from brittle.scores.head import model_output
@@ -339,8 +339,9 @@ def brittle_points(
 ) -> tuple[Tensor, Tensor]:
     """``brittle_engine``'s margins and the adversarial point that realises each one.
 
-    The points are ``fab_attack``'s best adversarials: where the margin is
-    censored (``inf``) the point is ``x`` itself.
+    The points are ``fab_attack``'s best adversarials, pushed farther out along their
+    ray where another batch's rounding undoes them (``verified_points``): where the
+    margin is censored (``inf``) the point is ``x`` itself.
     """
     # A half-precision model behind a float32 view (``LogitsModel``) names its dtype.
     dtype = getattr(model, "dtype", None)
@@ -355,8 +356,7 @@ def brittle_points(
         index=index,
         resolution=torch.finfo(dtype if isinstance(dtype, torch.dtype) else x.dtype).eps,
     ).adv
-    margins = verified_margins(model, x, adv, pred, settings.norm)
-    return margins, torch.where(torch.isfinite(margins).view(-1, *[1] * (x.dim() - 1)), adv, x)
+    return verified_points(model, x, adv, pred, settings.norm)
 
 
 class _Point(NamedTuple):
