@@ -877,3 +877,45 @@ def test_console_shows_the_target_tpr_with_its_own_digits() -> None:
     payload = {"threshold": 0.25, "tpr": 1.0, "tpr_ci": [0.9, 1.0], "fpr": 0.5}
     payload |= {"fpr_ci": [0.4, 0.6], "n_calibration": 140, "target_tpr": 0.995}
     assert flag_text(payload).endswith(">= 99.5%")
+
+
+def test_plots_of_a_report_with_infinite_scores(tmp_path: Path) -> None:
+    # A report reads an infinite score back as inf ("Infinity" in report.json), as the
+    # metrics rank it; the ROC and precision-recall plot handed it to scikit-learn, which
+    # refuses infinities: the check died after its attacks with a ValueError.
+    pytest.importorskip("matplotlib")
+    from brittle.calibrate.metrics import ScoreMetrics
+    from brittle.check.plots import PLOT_FILES, write_plots
+
+    inf = math.inf
+    metrics = ScoreMetrics(tau=0.8, tau_ci=(0.1, 1.0), auroc=1.0, aupr=1.0, fpr_at_tpr=0.0, n=6)
+    report = ConsistencyReport(
+        n=6,
+        eps=0.25,
+        norm="Linf",
+        accuracy=None,
+        nonrobust_fraction=0.5,
+        censored=1,
+        input_margins=np.array([0.1, 0.2, 0.3, 0.5, 0.6, inf]),
+        score_values={"logit": np.array([-inf, 0.2, 0.4, 0.5, 1.0, inf])},
+        metrics={"logit": metrics},
+        chosen="logit",
+        reason="requested",
+        threshold=0.4,
+        target_tpr=0.9,
+        tpr=1.0,
+        fpr=0.0,
+        tpr_ci=(0.3, 1.0),
+        fpr_ci=(0.0, 0.7),
+        timings={},
+        predictions=np.zeros(6, dtype=np.int64),
+        labels=None,
+        calibration=np.ones(6, dtype=bool),
+    )
+    payload = json.loads(json.dumps(report.to_dict(), allow_nan=False))
+    assert payload["score_values"]["logit"][-1] == "Infinity"
+    rows = [{"class": 0, "nonrobust_by_margin": 0.5, "nonrobust_by_flag": 0.5}]
+    payload |= {"baselines": {}, "per_class": {"by": "prediction", "classes": rows}}
+    written = write_plots(payload, tmp_path)
+    assert [p.stem for p in written] == list(PLOT_FILES)
+    assert all(p.stat().st_size > 0 for p in written)

@@ -119,6 +119,7 @@ def _curves(
     positive: np.ndarray,
     eps: float,
 ) -> None:
+    from scipy.stats import rankdata
     from sklearn.metrics import precision_recall_curve, roc_curve
 
     roc_ax, pr_ax = fig.subplots(1, 2)
@@ -129,9 +130,12 @@ def _curves(
         for key, (label, raw) in series.items():
             values = load_floats(raw)[mask]
             ok = ~np.isnan(values)
-            # Low scores mean brittle, so -score ranks the positive (non-robust) class first.
-            fpr, tpr, _ = roc_curve(y[ok], -values[ok])
-            precision, recall, _ = precision_recall_curve(y[ok], -values[ok])
+            # Low scores mean brittle, so -rank ranks the positive (non-robust) class first.
+            # Ranks, not scores: scikit-learn refuses an infinite score (a report reads
+            # them back as inf), and both curves depend on the order alone.
+            ranks = -rankdata(values[ok])
+            fpr, tpr, _ = roc_curve(y[ok], ranks)
+            precision, recall, _ = precision_recall_curve(y[ok], ranks)
             style = "-" if key in payload["score_values"] else ":"
             metrics = payload["metrics"].get(key) or payload["baselines"].get(key, {})
             auroc = metrics.get("auroc")
