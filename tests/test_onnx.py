@@ -344,3 +344,35 @@ def test_a_bfloat16_model_is_refused_with_what_to_export_instead(tmp_path: Path)
     with pytest.raises(ValueError, match="bfloat16 model cannot be exported to ONNX.*float16"):
         monitor.export_onnx(tmp_path / "m.onnx", x)
     assert list(tmp_path.iterdir()) == []
+
+
+class _HeadTwice(nn.Module):
+    """Logits averaged over two calls of one head: no call's output is the logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(6, 5)
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.body(x))
+        return (self.fc(h) + self.fc(h.flip(1))) / 2
+
+
+def test_a_logit_monitor_exports_whatever_its_named_head_gives(tmp_path: Path) -> None:
+    # export_onnx ran inspect, which computes every available score: a logit-score
+    # monitor with a head named that gives no features (called twice per pass) served
+    # its margins but its export raised the feature score's RuntimeError.
+    torch.manual_seed(0)
+    model = _HeadTwice().eval()
+    x = torch.rand(4, 6)
+    monitor = brittle.wrap(model, head="fc", score="logit")
+    monitor.set_threshold(0.1)
+    path = monitor.export_onnx(tmp_path / "m.onnx", x)
+    served = brittle.OnnxMonitor(path)(x.numpy())
+    np.testing.assert_allclose(served.margin, monitor(x).margin.detach().numpy(), rtol=1e-5)
+    # The feature score cannot be computed there, and says so, as it did.
+    feature = brittle.wrap(model, head="fc", score="feature")
+    feature.set_threshold(0.1)
+    with pytest.raises(RuntimeError, match="called 2 times"):
+        feature.export_onnx(tmp_path / "f.onnx", x)

@@ -191,10 +191,15 @@ def export_onnx(
         )
     path = file_path(path, "the ONNX file", "monitor.onnx")
     with torch.no_grad(), eval_mode(monitor):
-        # Finds the head on a first call; after it, checks that a head found exact
-        # still produces the logits (the traced graph takes the margin from them).
-        monitor.inspect(x)
+        if not monitor.discovered:
+            monitor(x)  # finds the head and records the input shape
         kind = monitor.score
+        if kind == "feature":
+            # The traced graph takes an exact head's margin from the logits: inspect
+            # checks that the head still produces them. For this score alone: inspect
+            # computes every available score, and a head named for another use may
+            # give no features (called twice, say) to a monitor that exports another.
+            monitor.inspect(x)
         if kind != "logit" and monitor.head is None:
             raise ValueError(f"score={kind!r} needs the model's last linear layer. {NO_HEAD_HINT}")
         if kind == "feature" and monitor.pair_norms.numel() == 0:
