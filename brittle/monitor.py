@@ -855,7 +855,11 @@ class Monitor(nn.Module):
         load that fails leaves the monitor and its model as they were. (The copy
         itself is PyTorch's: an exception raised from the model's own load hooks, or
         an interrupt, while its weights are being copied leaves them part-loaded, as
-        ``nn.Module.load_state_dict`` does; the monitor's own state is put back.)
+        ``nn.Module.load_state_dict`` does; the monitor's own state is put back. The
+        keys of a model's module that loads its own way, with a load hook or its own
+        ``_load_from_state_dict`` (batch norm reads states without
+        ``num_batches_tracked``, weight norm renames old keys), are left to PyTorch's
+        checks during the copy, so that every state PyTorch loads still loads.)
 
         Args:
             state_dict: What ``Monitor.state_dict`` returned.
@@ -888,7 +892,9 @@ class Monitor(nn.Module):
                 if not strict:
                     self._drop_unsaved_pseudo(config)
             if not errors:
-                errors = _load_errors(self.state_dict(keep_vars=True), state_dict, strict)
+                errors = _load_errors(
+                    self.state_dict(keep_vars=True), state_dict, strict, _own_loaders(self.model)
+                )
             if errors:
                 raise RuntimeError(
                     f"Error(s) in loading state_dict for {type(self).__name__}:\n\t"
@@ -1260,15 +1266,42 @@ def _checked_config(state: Any) -> ConsistencyReport | None:
         ) from err
 
 
-def _load_errors(expected: Mapping[str, Any], state: Mapping[str, Any], strict: bool) -> list[str]:
+def _own_loaders(model: nn.Module, prefix: str = "model.") -> tuple[str, ...]:
+    """State-dict key prefixes of ``model``'s modules that do not load as ``nn.Module`` does.
+
+    A module with its own ``_load_from_state_dict`` (batch norm, which reads states
+    saved without ``num_batches_tracked``) or with load hooks (weight norm, which
+    renames the keys of older states) may accept keys a plain check calls missing
+    or unexpected.
+    """
+    default = nn.Module._load_from_state_dict
+    return tuple(
+        f"{prefix}{name}." if name else prefix
+        for name, module in model.named_modules()
+        if type(module)._load_from_state_dict is not default
+        or module._load_state_dict_pre_hooks
+        or module._load_state_dict_post_hooks
+    )
+
+
+def _load_errors(
+    expected: Mapping[str, Any],
+    state: Mapping[str, Any],
+    strict: bool,
+    skip: tuple[str, ...] = (),
+) -> list[str]:
     """PyTorch's ``load_state_dict`` errors for ``state``, found before anything is copied.
 
     The same checks as ``nn.Module._load_from_state_dict``, in its words: a value that
     is not a tensor, a tensor of another shape (a 1-element vector loads into a
     scalar), and with ``strict`` missing and unexpected keys. ``domain`` may be missing
-    (files saved before the monitor recorded its input domain).
+    (files saved before the monitor recorded its input domain). Keys that start with
+    a prefix in ``skip`` (modules that load their own way: ``_own_loaders``) are left
+    to PyTorch.
     """
     errors = []
+    expected = {key: value for key, value in expected.items() if not key.startswith(skip)}
+    state = {key: value for key, value in state.items() if not key.startswith(skip)}
     for key, target in expected.items():
         if not isinstance(target, Tensor) or key not in state:
             continue

@@ -579,6 +579,47 @@ def _two_layer_model() -> nn.Module:
     return nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).eval()
 
 
+def _norm_layers_model() -> nn.Module:
+    torch.manual_seed(0)
+    linear = nn.utils.parametrizations.weight_norm(nn.Linear(5, 3))
+    return nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.ReLU(), linear).eval()
+
+
+@pytest.mark.parametrize("old_keys", ["weight-norm-g-v", "no-num-batches-tracked"])
+def test_load_state_dict_takes_what_the_models_own_loaders_take(old_keys: str) -> None:
+    # The check made before anything is copied refused these states, which
+    # nn.Module.load_state_dict loads: weight norm renames the weight_g / weight_v keys
+    # of older states (a load hook), batch norm reads states saved without
+    # num_batches_tracked (its own _load_from_state_dict).
+    x = torch.rand(4, 6)
+    source = brittle.wrap(_norm_layers_model(), example_input=x)
+    with torch.no_grad():
+        source.model[0].weight.mul_(2.0)
+    source.set_threshold(0.3)
+    state = dict(source.state_dict())
+    if old_keys == "weight-norm-g-v":
+        state["model.3.weight_g"] = state.pop("model.3.parametrizations.weight.original0")
+        state["model.3.weight_v"] = state.pop("model.3.parametrizations.weight.original1")
+    else:
+        state.pop("model.1.num_batches_tracked")
+    plain = brittle.wrap(_norm_layers_model(), example_input=x)
+    nn.Module.load_state_dict(plain, state)  # what PyTorch itself takes
+    monitor = brittle.wrap(_norm_layers_model(), example_input=x)
+    monitor.load_state_dict(state)
+    assert torch.equal(monitor.model[0].weight, source.model[0].weight)
+    assert float(monitor.threshold) == pytest.approx(0.3)
+    assert torch.equal(monitor(x).margin, source(x).margin)
+    # A shape error in a module that loads the plain way is still refused before the copy.
+    state["model.0.weight"] = torch.zeros(5, 7)
+    fresh = brittle.wrap(_norm_layers_model(), example_input=x)
+    before = copy.deepcopy(fresh.state_dict())
+    with pytest.raises(RuntimeError, match="size mismatch for model.0.weight"):
+        fresh.load_state_dict(state)
+    for key, value in before.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(fresh.state_dict()[key].nan_to_num(), value.nan_to_num()), key
+
+
 def _set_state(key: str, value: object):
     return lambda state: state.__setitem__(key, value)
 
