@@ -60,9 +60,11 @@ class PseudoTraining:
             with their boundary rows.
         val_tau: Kendall tau between the kept network's score and the input
             margin on the validation samples. Those samples chose the epoch, so
-            it is the best of up to ``epochs`` figures: optimistic, not an
-            out-of-sample estimate (``fit`` reports the pseudo-margin's tau on
-            calibration samples it never saw). NaN when no epoch had one (the
+            it is optimistic, not an out-of-sample estimate: without boundary
+            rows it is the best of up to ``epochs`` figures (with them, the
+            epoch's natural tau, chosen on the tau with the boundary rows);
+            ``fit`` reports the pseudo-margin's tau on calibration samples it
+            never saw. NaN when no epoch had one (the
             validation margins, or the network's scores, all equal).
         loss: The training loss (``"rank"``, ``"pairwise"`` or ``"both"``).
         n_boundary: Boundary rows (points on the boundary and their copies)
