@@ -1279,8 +1279,8 @@ def _own_loaders(model: nn.Module, prefix: str = "model.") -> tuple[str, ...]:
         f"{prefix}{name}." if name else prefix
         for name, module in model.named_modules()
         if type(module)._load_from_state_dict is not default
-        or module._load_state_dict_pre_hooks
-        or module._load_state_dict_post_hooks
+        or getattr(module, "_load_state_dict_pre_hooks", None)
+        or getattr(module, "_load_state_dict_post_hooks", None)
     )
 
 
