@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from brittle.attacks.outcome import AttackOutcome
     from brittle.attacks.settings import DEFAULT_ENGINE, AttackSettings
     from brittle.attacks.torchattacks_fab import torchattacks_engine
-    from brittle.attacks.verify import verified_margins
+    from brittle.attacks.verify import verified_margins, verified_points
     from brittle.attacks.walk import boundary_walk
 
 _WHERE = {
@@ -43,6 +43,7 @@ _WHERE = {
     "AdaptiveResult": "brittle.attacks.adaptive",
     "AttackOutcome": "brittle.attacks.outcome",
     "verified_margins": "brittle.attacks.verify",
+    "verified_points": "brittle.attacks.verify",
     "shard": "brittle.attacks.distributed",
     "Shard": "brittle.attacks.distributed",
     "is_distributed": "brittle.attacks.distributed",
@@ -67,6 +68,7 @@ __all__ = [
     "AdaptiveResult",
     "AttackOutcome",
     "verified_margins",
+    "verified_points",
     "shard",
     "Shard",
     "is_distributed",
