@@ -1379,6 +1379,11 @@ def _check_config(config: dict[str, Any]) -> None:
         isinstance(shape, list) and shape and all(isinstance(s, int) and s > 0 for s in shape)
     ):
         raise ValueError(f"the state's input shape {shape!r} is not a list of positive sizes.")
+    min_tau = config["min_tau"]
+    if type(min_tau) not in (int, float) or not -1.0 <= min_tau <= 1.0:
+        raise ValueError(f"the state's min_tau {min_tau!r} is not a number in [-1, 1].")
+    if type(config["head_exact"]) is not bool:
+        raise ValueError(f"the state's head_exact {config['head_exact']!r} is not true or false.")
     counts = config.get("reference_counts")
     if counts is not None and not _are_reference_counts(counts):
         raise ValueError(

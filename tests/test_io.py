@@ -645,6 +645,8 @@ def _set_extra(key: str, value: object):
         _set_extra("reference_counts", [1]),
         _set_extra("norm", "L3"),
         _set_extra("head", "7"),
+        _set_extra("min_tau", math.nan),
+        _set_extra("head_exact", "yes"),
     ],
     ids=[
         "unexpected-key",
@@ -661,6 +663,8 @@ def _set_extra(key: str, value: object):
         "one-count",
         "unknown-norm",
         "no-such-head",
+        "nan-min-tau",
+        "head-exact-not-bool",
     ],
 )
 def test_a_failed_load_state_dict_leaves_the_monitor_as_it_was(edit) -> None:
