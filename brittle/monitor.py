@@ -32,6 +32,14 @@ from brittle.scores.head import (
 from brittle.scores.margins import feature_margin, logit_margin, pair_norm_table
 from brittle.scores.norms import Norm, check_eps, check_norm
 from brittle.scores.pseudo import HIDDEN, PseudoMargin
+from brittle.state_dicts import (
+    SavedTensors,
+    load_errors,
+    load_own_loaders,
+    own_loaders,
+    put_back,
+    saved_tensors,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -852,14 +860,15 @@ class Monitor(nn.Module):
         Everything is checked before anything is copied: the configuration, the
         threshold and the input domain as ``brittle.load`` checks them, then every
         tensor's name and shape as PyTorch does, the model's weights included. A
-        load that fails leaves the monitor and its model as they were. (The copy
-        itself is PyTorch's: an exception raised from the model's own load hooks, or
-        an interrupt, while its weights are being copied leaves them part-loaded, as
-        ``nn.Module.load_state_dict`` does; the monitor's own state is put back. The
-        keys of a model's module that loads its own way, with a load hook or its own
+        load that fails leaves the monitor and its model as they were. A module of
+        the model that loads its own way, with a load hook or its own
         ``_load_from_state_dict`` (batch norm reads states without
-        ``num_batches_tracked``, weight norm renames old keys), are left to PyTorch's
-        checks during the copy, so that every state PyTorch loads still loads.)
+        ``num_batches_tracked``, weight norm renames old keys), accepts keys no plain
+        check can judge, so that every state PyTorch loads still loads: each such
+        module loads its part first, on its own, and is put back if PyTorch refuses
+        it or a hook raises (``brittle.state_dicts``). Only an interrupt during the
+        final copy can leave the model's weights part-loaded, as
+        ``nn.Module.load_state_dict`` would; the monitor's own state is put back.
 
         Args:
             state_dict: What ``Monitor.state_dict`` returned.
@@ -892,8 +901,8 @@ class Monitor(nn.Module):
                 if not strict:
                     self._drop_unsaved_pseudo(config)
             if not errors:
-                errors = _load_errors(
-                    self.state_dict(keep_vars=True), state_dict, strict, _own_loaders(self.model)
+                errors = load_errors(
+                    self.state_dict(keep_vars=True), state_dict, strict, own_loaders(self.model)
                 )
             if errors:
                 raise RuntimeError(
@@ -901,6 +910,7 @@ class Monitor(nn.Module):
                     + "\n\t".join(errors)
                 )
             _check_values(state_dict)
+            load_own_loaders(self.model, state_dict, strict, assign)
             return super().load_state_dict(state_dict, strict=strict, assign=assign)
         except BaseException:
             self._restore_own_state(saved)
@@ -923,39 +933,25 @@ class Monitor(nn.Module):
         "margin_buckets",
     )
 
-    def _own_state(
-        self,
-    ) -> tuple[tuple[Any, ...], list[tuple[dict[str, Any], str, Tensor, Tensor]]]:
+    def _own_state(self) -> tuple[tuple[Any, ...], SavedTensors]:
         """The monitor's attributes, and its own tensors with a copy of their values.
 
-        Each tensor is kept with the dict that holds it (a buffer of the monitor, a
-        parameter or buffer of its pseudo network), so that ``_restore_own_state``
-        puts back the same tensor objects with the same values.
+        Its own tensors are its buffers and its pseudo network's (``saved_tensors``),
+        so that ``_restore_own_state`` puts back the same tensor objects with the
+        same values.
         """
         attributes = tuple(getattr(self, name) for name in self._LOADED)
         modules: list[nn.Module] = [self]
         if self.pseudo is not None:
             modules.extend(self.pseudo.modules())
-        tensors = [
-            (held, name, tensor, tensor.detach().clone())
-            for module in modules
-            for held in (module._parameters, module._buffers)
-            for name, tensor in held.items()
-            if tensor is not None
-        ]
-        return attributes, tensors
+        return attributes, saved_tensors(modules)
 
-    def _restore_own_state(
-        self, saved: tuple[tuple[Any, ...], list[tuple[dict[str, Any], str, Tensor, Tensor]]]
-    ) -> None:
+    def _restore_own_state(self, saved: tuple[tuple[Any, ...], SavedTensors]) -> None:
         """Put back what ``_own_state`` returned."""
         attributes, tensors = saved
         for name, value in zip(self._LOADED, attributes, strict=True):
             setattr(self, name, value)
-        with torch.no_grad():
-            for held, name, tensor, values in tensors:
-                tensor.copy_(values)
-                held[name] = tensor
+        put_back(tensors)
 
     def _load_from_state_dict(
         self,
@@ -1264,76 +1260,6 @@ def _checked_config(state: Any) -> ConsistencyReport | None:
             f"the state's configuration is damaged ({type(err).__name__}: {err}); it was not "
             "written by this version of brittle.Monitor."
         ) from err
-
-
-def _own_loaders(model: nn.Module, prefix: str = "model.") -> tuple[str, ...]:
-    """State-dict key prefixes of ``model``'s modules that do not load as ``nn.Module`` does.
-
-    A module with its own ``_load_from_state_dict`` (batch norm, which reads states
-    saved without ``num_batches_tracked``) or with load hooks (weight norm, which
-    renames the keys of older states) may accept keys a plain check calls missing
-    or unexpected.
-    """
-    default = nn.Module._load_from_state_dict
-    return tuple(
-        f"{prefix}{name}." if name else prefix
-        for name, module in model.named_modules()
-        if type(module)._load_from_state_dict is not default
-        or getattr(module, "_load_state_dict_pre_hooks", None)
-        or getattr(module, "_load_state_dict_post_hooks", None)
-    )
-
-
-def _load_errors(
-    expected: Mapping[str, Any],
-    state: Mapping[str, Any],
-    strict: bool,
-    skip: tuple[str, ...] = (),
-) -> list[str]:
-    """PyTorch's ``load_state_dict`` errors for ``state``, found before anything is copied.
-
-    The same checks as ``nn.Module._load_from_state_dict``, in its words: a value that
-    is not a tensor, a tensor of another shape (a 1-element vector loads into a
-    scalar), and with ``strict`` missing and unexpected keys. ``domain`` may be missing
-    (files saved before the monitor recorded its input domain). Keys that start with
-    a prefix in ``skip`` (modules that load their own way: ``_own_loaders``) are left
-    to PyTorch.
-    """
-    errors = []
-    expected = {key: value for key, value in expected.items() if not key.startswith(skip)}
-    state = {key: value for key, value in state.items() if not key.startswith(skip)}
-    for key, target in expected.items():
-        if not isinstance(target, Tensor) or key not in state:
-            continue
-        value = state[key]
-        if not torch.overrides.is_tensor_like(value):
-            errors.append(
-                f'While copying the parameter named "{key}", expected torch.Tensor or '
-                f"Tensor-like object from checkpoint but received {type(value)}"
-            )
-            continue
-        if torch.nn.parameter.is_lazy(target):
-            continue
-        shape = value.shape
-        if target.dim() == 0 and tuple(shape) == (1,):
-            shape = torch.Size([])
-        if shape != target.shape:
-            errors.append(
-                f"size mismatch for {key}: copying a param with shape {value.shape} from "
-                f"checkpoint, the shape in current model is {target.shape}."
-            )
-    if strict:
-        unexpected = [key for key in state if key not in expected]
-        missing = [key for key in expected if key not in state and key != "domain"]
-        if unexpected:
-            errors.insert(0, f"Unexpected key(s) in state_dict: {_quoted(unexpected)}. ")
-        if missing:
-            errors.insert(0, f"Missing key(s) in state_dict: {_quoted(missing)}. ")
-    return errors
-
-
-def _quoted(keys: list[str]) -> str:
-    return ", ".join(f'"{key}"' for key in keys)
 
 
 def _check_values(state: Mapping[str, Any]) -> None:

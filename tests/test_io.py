@@ -620,6 +620,43 @@ def test_load_state_dict_takes_what_the_models_own_loaders_take(old_keys: str) -
             assert torch.equal(fresh.state_dict()[key].nan_to_num(), value.nan_to_num()), key
 
 
+def _hook_that_raises(*args: object) -> None:
+    raise KeyError("a hook that refuses the state")
+
+
+@pytest.mark.parametrize("fault", ["batch-norm-shape", "weight-norm-shape", "load-hook-raises"])
+def test_a_refused_own_loader_leaves_the_model_as_it_was(fault: str) -> None:
+    # The keys of modules that load their own way are left to PyTorch, which copied
+    # every other weight (model.0's among them) before raising: the refused load left
+    # the model part-loaded. Each such module now loads its part first, on its own.
+    x = torch.rand(4, 6)
+    source = brittle.wrap(_norm_layers_model(), example_input=x)
+    with torch.no_grad():
+        source.model[0].weight.mul_(2.0)
+        source.model[1].running_mean.add_(1.0)
+    source.set_threshold(0.3)
+    state = dict(source.state_dict())
+    model = _norm_layers_model()
+    if fault == "batch-norm-shape":
+        state["model.1.running_mean"] = torch.zeros(7)
+        error, match = RuntimeError, r"size mismatch for running_mean.*'model\.1'"
+    elif fault == "weight-norm-shape":
+        state["model.3.parametrizations.weight.original1"] = torch.zeros(3, 9)
+        error, match = RuntimeError, r"size mismatch.*'model\.3'"
+    else:
+        model[1]._register_load_state_dict_pre_hook(_hook_that_raises)
+        error, match = KeyError, "refuses the state"
+    monitor = brittle.wrap(model, example_input=x)
+    before = copy.deepcopy(monitor.state_dict())
+    with pytest.raises(error, match=match):
+        monitor.load_state_dict(state)
+    after = monitor.state_dict()
+    for key, value in before.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(after[key].nan_to_num(), value.nan_to_num()), key
+    assert not monitor.has_threshold
+
+
 def _set_state(key: str, value: object):
     return lambda state: state.__setitem__(key, value)
 
