@@ -989,6 +989,8 @@ class Monitor(nn.Module):
     def _size_as_saved(self, config: dict[str, Any], hidden: int) -> None:
         """Give this monitor the saved head table and pseudo network, where it has none.
 
+        A state saved with no head empties this monitor's table instead.
+
         ``from_state`` builds a loaded monitor so, and a plain ``load_state_dict`` into
         a fresh ``wrap(model)`` (with or without ``example_input``) then works as
         ``brittle.load`` does. ``hidden`` is the saved pseudo network's width.
@@ -1016,6 +1018,11 @@ class Monitor(nn.Module):
                 )
             if self.head_name is None:
                 self._attach_head(name)
+        elif name is None and self.pair_norms.numel():
+            # Saved with no head (before its first input, or for a model without a
+            # linear head): the table is the head's, and the loaded monitor has none.
+            self.pair_norms = self.pair_norms.new_empty(0, 0)
+            self._table_stamp = None
         if isinstance(features, int) and self.pseudo is None:
             # The random initial weights are overwritten by the saved ones: drawn from a
             # fork of the CPU generator, they leave the caller's random state as it was.

@@ -741,3 +741,23 @@ def test_a_failed_load_state_dict_leaves_the_monitor_as_it_was(edit) -> None:
         fresh.load_state_dict(state)
     assert fresh.head_name is None and fresh.pseudo is None and not fresh.discovered
     assert fresh.pair_norms.shape == (0, 0)
+
+
+def test_a_state_saved_before_the_first_input_loads_into_a_monitor_that_has_run() -> None:
+    # The empty pair-norm table of a monitor that had not seen an input was refused by
+    # a monitor that had ("size mismatch for pair_norms"): the loaded monitor is the
+    # saved one, which finds its head at its first input.
+    torch.manual_seed(0)
+    x = torch.rand(4, 6)
+    model = _two_layer_model()
+    unseen = brittle.wrap(model, score="feature", eps=0.1)
+    unseen.set_threshold(0.2)
+    state = unseen.state_dict()
+    ran = brittle.wrap(_two_layer_model(), score="feature", eps=0.1, example_input=x)
+    assert ran.pair_norms.shape == (3, 3)
+    ran.load_state_dict(state)
+    assert not ran.discovered and ran.head is None and ran.pair_norms.numel() == 0
+    assert float(ran.threshold) == pytest.approx(0.2)
+    out = ran(x)
+    assert ran.pair_norms.shape == (3, 3)
+    torch.testing.assert_close(out.margin, unseen(x).margin, rtol=0, atol=0)
