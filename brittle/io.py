@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import sys
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,30 +31,50 @@ _FORMAT_VERSION = 2
 _MODEL_PREFIX = "model."
 
 
-def _digest(h: Any, value: Any) -> None:
+def _little_endian(t: Tensor, byteorder: str) -> bytes:
+    """A CPU tensor's raw bytes, each element little-endian whatever ``byteorder`` holds it in."""
+    if t.is_complex():
+        t = torch.view_as_real(t)  # each part swapped on its own
+    raw = t.reshape(-1).view(torch.uint8)
+    if byteorder == "big" and t.element_size() > 1:
+        raw = raw.view(-1, t.element_size()).flip(1).reshape(-1)
+    return raw.numpy().tobytes()
+
+
+def _digest(h: Any, value: Any, byteorder: str) -> None:
     # A canonical byte stream: type tags, sorted keys, each tensor's dtype, shape and
-    # raw bytes (repr() would abbreviate a large tensor), repr() of plain values
-    # (exact for floats).
+    # raw bytes, little-endian (repr() would abbreviate a large tensor), repr() of
+    # plain values (exact for floats).
     if isinstance(value, Tensor):
         t = value.detach().to("cpu").contiguous()
         h.update(f"T{t.dtype}{list(t.shape)}:".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(_little_endian(t, byteorder))
     elif isinstance(value, dict):
         h.update(f"D{len(value)}:".encode())
         for key in sorted(value, key=repr):
-            _digest(h, key)
-            _digest(h, value[key])
+            _digest(h, key, byteorder)
+            _digest(h, value[key], byteorder)
     elif isinstance(value, (list, tuple)):
         h.update(f"L{len(value)}:".encode())
         for item in value:
-            _digest(h, item)
+            _digest(h, item, byteorder)
     else:
         text = repr(value)
         h.update(f"V{len(text)}:{text}".encode())
 
 
-def checksum(state: dict[str, Any], model: dict[str, Any]) -> str:
+def checksum(state: dict[str, Any], model: dict[str, Any], *, byteorder: str | None = None) -> str:
     """SHA-256 (hex) of a monitor file's state and model identity, byte for byte.
+
+    Every tensor is read little-endian, so that a file written on a big-endian
+    machine (``torch.load`` hands its tensors over in this machine's order) checks
+    on a little-endian one, and the other way round.
+
+    Args:
+        state: The file's monitor state.
+        model: The file's model identity.
+        byteorder: ``"little"`` or ``"big"``: the order this machine holds tensors in
+            (``sys.byteorder``, the default).
 
     Examples:
         >>> import torch
@@ -63,8 +84,11 @@ def checksum(state: dict[str, Any], model: dict[str, Any]) -> str:
         >>> a == checksum({"threshold": torch.tensor(1.0)}, {})
         False
     """
+    byteorder = sys.byteorder if byteorder is None else byteorder
+    if byteorder not in ("little", "big"):
+        raise ValueError(f'byteorder must be "little" or "big". Got {byteorder!r}.')
     h = hashlib.sha256()
-    _digest(h, {"state": state, "model": model})
+    _digest(h, {"state": state, "model": model}, byteorder)
     return h.hexdigest()
 
 

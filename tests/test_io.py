@@ -209,6 +209,38 @@ def test_a_flipped_byte_in_the_threshold_says_damaged(standard_model: nn.Module,
     assert float(brittle.load(path, standard_model).threshold) == pytest.approx(0.2534)
 
 
+def _as_big_endian_holds_it(value: object) -> object:
+    """The same values, in the bytes a big-endian machine holds them in."""
+    if isinstance(value, torch.Tensor) and value.element_size() > 1:
+        t = value.detach().contiguous()
+        size = t.element_size()
+        return t.reshape(-1).view(torch.uint8).view(-1, size).flip(1).view(t.dtype).view(t.shape)
+    if isinstance(value, dict):
+        return {key: _as_big_endian_holds_it(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_as_big_endian_holds_it(item) for item in value]
+    return value
+
+
+def test_a_file_checks_on_machines_of_either_byte_order(
+    standard_model: nn.Module, tmp_path
+) -> None:
+    # The checksum hashed each tensor's bytes in this machine's order: torch.load hands
+    # a big-endian machine the same values in its own order, and it called every file
+    # written on a little-endian one damaged. Tensors are now read little-endian.
+    monitor = brittle.wrap(standard_model, example_input=torch.rand(2, 1, 8, 8))
+    monitor.set_threshold(0.2534)
+    payload = torch.load(monitor.save(tmp_path / "m.pt"), weights_only=True)
+    state, model = payload["state"], payload["model"]
+    held = _as_big_endian_holds_it(state), _as_big_endian_holds_it(model)
+    assert not torch.equal(held[0]["threshold"], state["threshold"])  # other bytes
+    assert checksum(*held, byteorder="big") == payload["checksum"]
+    assert checksum(state, model, byteorder="little") == payload["checksum"]
+    assert checksum(*held, byteorder="little") != payload["checksum"]
+    with pytest.raises(ValueError, match="byteorder"):
+        checksum(state, model, byteorder="middle")
+
+
 def test_a_file_without_checksum_loads_with_a_warning(standard_model: nn.Module, tmp_path) -> None:
     monitor = brittle.wrap(standard_model, example_input=torch.rand(2, 1, 8, 8))
     monitor.set_threshold(0.3)
