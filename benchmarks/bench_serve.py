@@ -4,7 +4,8 @@ Two HTTP servers of the same model on 127.0.0.1, each in its own process, with t
 same stack (uvicorn, FastAPI, JSON bodies ``{"inputs": [...]}``, onnxruntime with
 the same provider and threads):
 
-- **bare**: the model alone exported to ONNX; answers ``pred``;
+- **bare**: the model alone exported to ONNX; answers ``pred``; judged where the
+  monitor would judge it (the event loop or a worker thread, ``Admission.run``);
 - **monitor**: ``python -m brittle.serve`` on the monitor's ONNX file; answers
   ``pred``, ``margin`` and ``flag`` and counts every sample into its telemetry
   (counters, margin histogram, flag-rate alarm) behind ``/metrics``.
@@ -76,7 +77,8 @@ def bare_app(path: str, provider: str, threads: int) -> Any:
     import onnxruntime as ort
     from fastapi import FastAPI, HTTPException, Request
     from fastapi.responses import JSONResponse
-    from starlette.concurrency import run_in_threadpool
+
+    from brittle.deploy.serve.admission import Admission, max_concurrent_default
 
     options = ort.SessionOptions()
     if threads > 0:
@@ -92,9 +94,14 @@ def bare_app(path: str, provider: str, threads: int) -> Any:
         logits = session.run(None, {"input": x})[0]
         return JSONResponse({"pred": logits.argmax(axis=1).tolist()})
 
+    # The monitor's worker places: a small quick request is judged on the event loop,
+    # every other one in a worker thread (brittle.deploy.serve.admission).
+    admission = Admission(2**40, max_concurrent_default())
+
     @app.post("/predict")
     async def predict(request: Request) -> JSONResponse:
-        return await run_in_threadpool(judge, await request.body())
+        body = await request.body()
+        return await admission.run(judge, body, size=len(body))
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:

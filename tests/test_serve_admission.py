@@ -9,7 +9,13 @@ from collections.abc import AsyncIterator
 import anyio
 import pytest
 
-from brittle.deploy.serve.admission import Admission, max_bytes_default, max_concurrent_default
+from brittle.deploy.serve.admission import (
+    INLINE_BYTES,
+    RECENT,
+    Admission,
+    max_bytes_default,
+    max_concurrent_default,
+)
 from brittle.deploy.serve.body import read_body
 from brittle.deploy.serve.refusal import Refusal
 
@@ -84,6 +90,87 @@ def test_at_most_max_concurrent_requests_are_judged_at_once() -> None:
 
     anyio.run(main)
     assert most == 2
+
+
+def _where_run(admission: Admission, calls: int, size: int | None, seconds: float) -> list[bool]:
+    """For each of ``calls`` requests in turn, whether it ran on the event loop's thread."""
+    on_loop: list[bool] = []
+
+    def judge(where: list[int]) -> None:
+        where.append(threading.get_ident())
+        time.sleep(seconds)
+
+    async def main() -> None:
+        loop = threading.get_ident()
+        for _ in range(calls):
+            where: list[int] = []
+            await admission.run(judge, where, size=size)
+            on_loop.append(where == [loop])
+
+    anyio.run(main)
+    return on_loop
+
+
+def test_small_quick_requests_are_judged_on_the_event_loop() -> None:
+    # The hand-over to a worker thread and back cost about 140 us of CPU per request,
+    # half of a small model's whole request in the server.
+    admission = Admission(max_bytes=10, max_concurrent=2)
+    on_loop = _where_run(admission, RECENT + 4, size=1000, seconds=0.0)
+    # The first RECENT run in threads (nothing measured yet), then on the loop.
+    assert on_loop == [False] * RECENT + [True] * 4
+    assert admission.quick()
+
+
+@pytest.mark.parametrize(
+    ("size", "seconds"),
+    [
+        (INLINE_BYTES + 1, 0.0),  # a large body: its parse may take long
+        (None, 0.0),  # size unknown
+        (1000, 0.005),  # a slow model: 5 ms per request, above INLINE_SECONDS
+    ],
+)
+def test_large_unknown_or_slow_requests_are_judged_in_worker_threads(
+    size: int | None, seconds: float
+) -> None:
+    admission = Admission(max_bytes=10, max_concurrent=2)
+    assert _where_run(admission, RECENT + 4, size, seconds) == [False] * (RECENT + 4)
+    assert not admission.quick()
+
+
+def test_a_model_turned_slow_goes_back_to_the_worker_threads() -> None:
+    admission = Admission(max_bytes=10, max_concurrent=2)
+    assert _where_run(admission, RECENT + 1, 1000, 0.0)[-1]
+    # Once the last RECENT took longer than INLINE_SECONDS, requests leave the loop.
+    slow = _where_run(admission, RECENT + 3, 1000, 0.005)
+    assert slow == [True] * RECENT + [False] * 3
+
+
+def test_a_small_request_takes_a_free_place_or_waits_for_a_thread() -> None:
+    # Judged on the event loop, a request still holds one of max_concurrent places: with
+    # the only place taken, a small quick one waits in the thread queue.
+    admission = Admission(max_bytes=10, max_concurrent=1)
+    assert _where_run(admission, RECENT + 1, 1000, 0.0)[-1]
+    lock = threading.Lock()
+    running, most = 0, 0
+
+    def judge(seconds: float) -> None:
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        time.sleep(seconds)
+        with lock:
+            running -= 1
+
+    async def main() -> None:
+        async with anyio.create_task_group() as group:
+            group.start_soon(admission.run, judge, 0.2)  # holds the place in a thread
+            await anyio.sleep(0.05)
+            for _ in range(3):
+                await admission.run(judge, 0.0, size=1000)
+
+    anyio.run(main)
+    assert most == 1
 
 
 @pytest.mark.parametrize(

@@ -134,7 +134,9 @@ def create_app(
     (``brittle.deploy.serve.oip``); ``GET /metrics`` (Prometheus text);
     ``GET``/``HEAD /healthz``. A body larger than ``max_body`` bytes gets 413 before
     it is parsed; parsing and the model run in a worker thread, so the health
-    routes answer while a request is being refused or judged. Every malformed
+    routes answer while a request is being refused or judged (a body of at most
+    64 KiB is judged on the event loop while such requests take at most a
+    millisecond: ``brittle.deploy.serve.admission``). Every malformed
     body gets a one-line 4xx that never quotes the input. The server holds at most
     ``body_budget`` bytes of bodies at once and judges at most ``max_concurrent``
     requests at once; a request beyond the budget gets 503 with ``Retry-After``
@@ -256,7 +258,7 @@ def create_app(
         with admission.hold() as hold:
             try:
                 body = await read_body(request.headers, request.stream(), max_body, hold)
-                return await admission.run(predict_body, body)
+                return await admission.run(predict_body, body, size=len(body))
             except Refusal as err:
                 return JSONResponse(
                     {"detail": err.detail}, status_code=err.status, headers=err.headers

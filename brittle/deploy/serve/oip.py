@@ -322,7 +322,7 @@ def add_open_inference_routes(
             try:
                 known(model, version)
                 body = await read_body(request.headers, request.stream(), max_body, hold)
-                return await admission.run(infer_body, request.headers, body)
+                return await admission.run(infer_body, request.headers, body, size=len(body))
             except Refusal as err:
                 return _error(err)
 
