@@ -866,9 +866,10 @@ class Monitor(nn.Module):
         ``num_batches_tracked``, weight norm renames old keys), accepts keys no plain
         check can judge, so that every state PyTorch loads still loads: each such
         module loads its part first, on its own, and is put back if PyTorch refuses
-        it or a hook raises (``brittle.state_dicts``). Only an interrupt during the
-        final copy can leave the model's weights part-loaded, as
-        ``nn.Module.load_state_dict`` would; the monitor's own state is put back.
+        it, a hook raises, or the final copy fails (``brittle.state_dicts``). Only an
+        interrupt during the final copy of the model's other weights can leave them
+        part-loaded, as ``nn.Module.load_state_dict`` would; the monitor's own state
+        is put back.
 
         Args:
             state_dict: What ``Monitor.state_dict`` returned.
@@ -887,6 +888,7 @@ class Monitor(nn.Module):
                 or of another shape, or the model has no head of the saved name and shape.
         """
         saved = self._own_state()
+        loaded: SavedTensors = []  # the model's own-loading modules, as they were
         try:
             config = state_dict.get("_extra_state")
             if config is not None:
@@ -910,9 +912,10 @@ class Monitor(nn.Module):
                     + "\n\t".join(errors)
                 )
             _check_values(state_dict)
-            load_own_loaders(self.model, state_dict, strict, assign)
+            loaded = load_own_loaders(self.model, state_dict, strict, assign)
             return super().load_state_dict(state_dict, strict=strict, assign=assign)
         except BaseException:
+            put_back(loaded)
             self._restore_own_state(saved)
             raise
 

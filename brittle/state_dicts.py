@@ -9,7 +9,7 @@ avoids that in two parts:
 - the modules that load their own way (``own_loaders``: batch norm, weight norm,
   any module with a load hook), whose keys no plain check can judge, are loaded
   first, each on its own, by ``load_own_loaders``, and put back as they were if
-  PyTorch refuses their part.
+  PyTorch refuses their part, or if the rest of the load fails afterwards.
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def load_own_loaders(
     strict: bool,
     assign: bool,
     prefix: str = "model.",
-) -> None:
+) -> SavedTensors:
     """Load the parts of ``state`` that ``model``'s own-loading modules hold, one module at a time.
 
     Each module that loads its own way (``own_loaders``; the outermost, where they
@@ -141,6 +141,10 @@ def load_own_loaders(
     back as they were, and the error is raised again. Once this returns, the caller
     can load the whole state knowing these parts load; loading them twice is
     harmless, as the same values are copied.
+
+    Returns:
+        These modules' tensors as they were before (``saved_tensors``): the caller
+        puts them back (``put_back``) if the rest of its load fails.
 
     Raises:
         RuntimeError: PyTorch's error for a module's part, the module named by its
@@ -170,3 +174,4 @@ def load_own_loaders(
             if isinstance(err, RuntimeError):
                 raise RuntimeError(f"{err} (in the model's module {part[:-1]!r})") from err
             raise
+    return saved

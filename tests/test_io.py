@@ -657,6 +657,50 @@ def test_a_refused_own_loader_leaves_the_model_as_it_was(fault: str) -> None:
     assert not monitor.has_threshold
 
 
+def _tensors(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor, bool]]:
+    """Each parameter and buffer of ``model``: the object, a copy of its values, requires_grad."""
+    held = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    return {k: (t, t.detach().clone(), t.requires_grad) for k, t in held.items()}
+
+
+def _assert_as_it_was(model: nn.Module, before: dict) -> None:
+    after = _tensors(model)
+    assert after.keys() == before.keys()
+    for key, (tensor, values, grad) in before.items():
+        assert after[key][0] is tensor, key
+        assert torch.equal(after[key][1].nan_to_num(), values.nan_to_num()), key
+        assert after[key][2] == grad, key
+
+
+@pytest.mark.parametrize("assign", [False, True])
+@pytest.mark.parametrize("interrupt", [RuntimeError, KeyboardInterrupt])
+def test_a_load_that_fails_after_the_own_loaders_puts_them_back(
+    monkeypatch: pytest.MonkeyPatch, assign: bool, interrupt: type[BaseException]
+) -> None:
+    # The modules that load their own way load first; a failure in the final copy
+    # (here in the monitor's own configuration, which PyTorch sets before it copies
+    # the model's weights) left them loaded, though the model's other weights and
+    # the monitor were as they had been.
+    x = torch.rand(4, 6)
+    source = brittle.wrap(_norm_layers_model(), example_input=x)
+    with torch.no_grad():
+        source.model[1].running_mean.add_(1.0)
+        source.model[3].parametrizations.weight.original1.mul_(2.0)
+    source.set_threshold(0.3)
+    state = source.state_dict()
+    monitor = brittle.wrap(_norm_layers_model(), example_input=x)
+    before = _tensors(monitor.model)
+
+    def refuse(self: brittle.Monitor, config: dict) -> None:
+        raise interrupt("refused in the final copy")
+
+    monkeypatch.setattr(brittle.Monitor, "set_extra_state", refuse)
+    with pytest.raises(interrupt, match="final copy"):
+        monitor.load_state_dict(state, assign=assign)
+    _assert_as_it_was(monitor.model, before)
+    assert not monitor.has_threshold
+
+
 def _set_state(key: str, value: object):
     return lambda state: state.__setitem__(key, value)
 
