@@ -1326,6 +1326,27 @@ def _check_config(config: dict[str, Any]) -> None:
             f"the state's reference counts {counts!r} are not (flagged, accepted) counts: "
             "two integers with 0 <= flagged <= accepted and accepted >= 1."
         )
+    rate = config.get("reference_flag_rate")
+    if rate is not None and not (type(rate) in (int, float) and 0.0 <= rate <= 1.0):
+        raise ValueError(f"the state's reference flag rate {rate!r} is not a number in [0, 1].")
+    buckets = config.get("margin_buckets")
+    if buckets is not None and not _are_margin_buckets(buckets):
+        raise ValueError(
+            f"the state's margin buckets {buckets!r} are not finite, strictly increasing numbers."
+        )
+
+
+def _are_margin_buckets(buckets: Any) -> bool:
+    """Whether ``buckets`` is a list of histogram bounds that ``fit`` could have saved.
+
+    Finite, strictly increasing numbers (``brittle.deploy.telemetry.margin_buckets``),
+    as ``OnnxMonitor`` requires of the same bounds in an exported file.
+    """
+    if not (isinstance(buckets, list) and all(type(b) in (int, float) for b in buckets)):
+        return False
+    return all(math.isfinite(b) for b in buckets) and all(
+        b < c for b, c in zip(buckets, buckets[1:], strict=False)
+    )
 
 
 def _are_reference_counts(counts: Any) -> bool:

@@ -351,6 +351,16 @@ def _set_identity(key: str, value: object):
         (_set_config("reference_counts", [True, 10]), "reference counts"),
         (_set_config("reference_counts", [5, 3]), "reference counts"),
         (_set_config("reference_counts", [0, 0]), "reference counts"),
+        # Raised TypeError or a bare "could not convert string to float" from
+        # set_extra_state, half-way through the load; or loaded a rate or histogram
+        # bounds that an exported file with them is refused for.
+        (_set_config("reference_flag_rate", "0.1"), "reference flag rate"),
+        (_set_config("reference_flag_rate", [0.1]), "reference flag rate"),
+        (_set_config("reference_flag_rate", 1.5), "reference flag rate"),
+        (_set_config("margin_buckets", 3), "margin buckets"),
+        (_set_config("margin_buckets", ["a"]), "margin buckets"),
+        (_set_config("margin_buckets", [0.2, math.nan]), "margin buckets"),
+        (_set_config("margin_buckets", [0.2, 0.1]), "margin buckets"),
         # Loaded, and every input was then refused as of the wrong shape.
         (_set_config("input_shape", [3, 32, 32]), "input shape"),
         (_set_config("input_shape", [-1, 8, 8]), "input shape"),
@@ -366,6 +376,13 @@ def _set_identity(key: str, value: object):
         "boolean-count",
         "more-flagged-than-judged",
         "no-judged-sample",
+        "string-rate",
+        "list-rate",
+        "rate-above-one",
+        "buckets-not-a-list",
+        "string-bucket",
+        "nan-bucket",
+        "decreasing-buckets",
         "other-input-shape",
         "negative-input-shape",
         "probe-shape",
@@ -728,6 +745,7 @@ def _set_extra(key: str, value: object):
         _set_extra("head", "7"),
         _set_extra("min_tau", math.nan),
         _set_extra("head_exact", "yes"),
+        _set_extra("margin_buckets", 3),
     ],
     ids=[
         "unexpected-key",
@@ -746,6 +764,7 @@ def _set_extra(key: str, value: object):
         "no-such-head",
         "nan-min-tau",
         "head-exact-not-bool",
+        "buckets-not-a-list",
     ],
 )
 def test_a_failed_load_state_dict_leaves_the_monitor_as_it_was(edit) -> None:
