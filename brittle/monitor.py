@@ -859,7 +859,8 @@ class Monitor(nn.Module):
 
         Everything is checked before anything is copied: the configuration, the
         threshold and the input domain as ``brittle.load`` checks them, then every
-        tensor's name and shape as PyTorch does, the model's weights included. A
+        tensor's name and shape, and whether PyTorch can copy it (not out of a meta
+        or sparse tensor), as PyTorch does, the model's weights included. A
         load that fails leaves the monitor and its model as they were. A module of
         the model that loads its own way, with a load hook or its own
         ``_load_from_state_dict`` (batch norm reads states without
@@ -884,8 +885,9 @@ class Monitor(nn.Module):
         Raises:
             ValueError: if the state holds a configuration, a threshold or an input
                 domain no monitor could have saved.
-            RuntimeError: if a tensor is missing, unexpected (``strict``), not a tensor
-                or of another shape, or the model has no head of the saved name and shape.
+            RuntimeError: if a tensor is missing, unexpected (``strict``), not a tensor,
+                of another shape or not one PyTorch can copy, or the model has no head of
+                the saved name and shape.
         """
         saved = self._own_state()
         loaded: SavedTensors = []  # the model's own-loading modules, as they were
@@ -904,7 +906,11 @@ class Monitor(nn.Module):
                     self._drop_unsaved_pseudo(config)
             if not errors:
                 errors = load_errors(
-                    self.state_dict(keep_vars=True), state_dict, strict, own_loaders(self.model)
+                    self.state_dict(keep_vars=True),
+                    state_dict,
+                    strict,
+                    own_loaders(self.model),
+                    assign,
                 )
             if errors:
                 raise RuntimeError(

@@ -5,7 +5,8 @@ state with one wrong shape leaves the model part-loaded. ``Monitor.load_state_di
 avoids that in two parts:
 
 - ``load_errors`` finds, before anything is copied, every error PyTorch would
-  report for modules that load the plain way, in PyTorch's words;
+  report for modules that load the plain way, in PyTorch's words (a value it
+  cannot copy among them: ``copy_error``);
 - the modules that load their own way (``own_loaders``: batch norm, weight norm,
   any module with a load hook), whose keys no plain check can judge, are loaded
   first, each on its own, by ``load_own_loaders``, and put back as they were if
@@ -21,7 +22,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["own_loaders", "load_errors", "load_own_loaders", "saved_tensors", "put_back"]
+__all__ = [
+    "own_loaders",
+    "load_errors",
+    "copy_error",
+    "load_own_loaders",
+    "saved_tensors",
+    "put_back",
+]
 
 # (the dict that holds it, its name, the tensor, a copy of its values)
 SavedTensors = list[tuple[dict[str, Any], str, Tensor, Tensor]]
@@ -55,12 +63,14 @@ def load_errors(
     state: Mapping[str, Any],
     strict: bool,
     skip: tuple[str, ...] = (),
+    assign: bool = False,
 ) -> list[str]:
     """PyTorch's ``load_state_dict`` errors for ``state``, found before anything is copied.
 
     The same checks as ``nn.Module._load_from_state_dict``, in its words: a value that
     is not a tensor, a tensor of another shape (a 1-element vector loads into a
-    scalar), and with ``strict`` missing and unexpected keys. ``domain`` may be missing
+    scalar), one PyTorch cannot copy or, with ``assign``, take (``copy_error``), and
+    with ``strict`` missing and unexpected keys. ``domain`` may be missing
     (files saved before the monitor recorded its input domain). Keys that start with
     a prefix in ``skip`` (modules that load their own way: ``own_loaders``) are left
     to PyTorch.
@@ -88,6 +98,14 @@ def load_errors(
                 f"size mismatch for {key}: copying a param with shape {value.shape} from "
                 f"checkpoint, the shape in current model is {target.shape}."
             )
+            continue
+        refused = copy_error(target, value, assign)
+        if refused is not None:
+            errors.append(
+                f'While copying the parameter named "{key}", whose dimensions in the model '
+                f"are {target.size()} and whose dimensions in the checkpoint are "
+                f"{value.size()}, an exception occurred : {refused.args}."
+            )
     if strict:
         unexpected = [key for key in state if key not in expected]
         missing = [key for key in expected if key not in state and key != "domain"]
@@ -96,6 +114,32 @@ def load_errors(
         if missing:
             errors.insert(0, f"Missing key(s) in state_dict: {_quoted(missing)}. ")
     return errors
+
+
+def copy_error(target: Tensor, value: Tensor, assign: bool) -> Exception | None:
+    """The exception PyTorch's load would meet putting ``value`` in ``target``'s place.
+
+    Tried on no elements, so it costs nothing: a copy out of a meta tensor (it has
+    no data) or a sparse one (``copy_`` takes dense tensors), or, with ``assign``, an
+    integer tensor for a parameter that requires gradients (which PyTorch makes a
+    ``Parameter`` of). ``None`` when the value loads. Shapes are checked apart.
+
+    Examples:
+        >>> import torch
+        >>> copy_error(torch.zeros(2), torch.ones(2, dtype=torch.long), assign=False) is None
+        True
+        >>> copy_error(torch.zeros(2), torch.empty(2, device="meta"), assign=False)
+        NotImplementedError('Cannot copy out of meta tensor; no data!')
+    """
+    try:
+        with torch.no_grad():
+            if not assign:
+                target.new_empty(0).copy_(value.new_empty(0))
+            elif isinstance(target, nn.Parameter) and target.requires_grad:
+                torch.empty(0, dtype=value.dtype).requires_grad_(True)
+    except Exception as err:  # PyTorch's own load catches any, and reports it
+        return err
+    return None
 
 
 def _quoted(keys: list[str]) -> str:

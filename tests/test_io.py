@@ -718,6 +718,40 @@ def test_a_load_that_fails_after_the_own_loaders_puts_them_back(
     assert not monitor.has_threshold
 
 
+@pytest.mark.parametrize(
+    ("value", "assign"),
+    [
+        (torch.empty(5, device="meta"), False),
+        (torch.zeros(5).to_sparse(), False),
+        (torch.zeros(5, dtype=torch.long), True),  # no gradient for an integer parameter
+    ],
+    ids=["meta", "sparse", "integer-assigned"],
+)
+def test_a_value_pytorch_cannot_copy_is_refused_before_the_copy(
+    value: torch.Tensor, assign: bool
+) -> None:
+    # Of the right shape, these passed the checks made before the copy, and PyTorch
+    # refused them only after it had copied (or, with assign, taken) every other
+    # tensor: model.0.weight and the own-loading modules' parts stayed loaded.
+    x = torch.rand(4, 6)
+    source = brittle.wrap(_norm_layers_model(), example_input=x)
+    with torch.no_grad():
+        source.model[0].weight.mul_(2.0)
+        source.model[1].running_mean.add_(1.0)
+    source.set_threshold(0.3)
+    state = dict(source.state_dict())
+    state["model.0.bias"] = value
+    plain = brittle.wrap(_norm_layers_model(), example_input=x)
+    with pytest.raises(RuntimeError, match="model.0.bias"):
+        nn.Module.load_state_dict(plain, state, assign=assign)  # PyTorch refuses it too
+    monitor = brittle.wrap(_norm_layers_model(), example_input=x)
+    before = _tensors(monitor.model)
+    with pytest.raises(RuntimeError, match="model.0.bias"):
+        monitor.load_state_dict(state, assign=assign)
+    _assert_as_it_was(monitor.model, before)
+    assert not monitor.has_threshold
+
+
 def _set_state(key: str, value: object):
     return lambda state: state.__setitem__(key, value)
 
