@@ -862,12 +862,14 @@ class Monitor(nn.Module):
         tensor's name and shape, and whether PyTorch can copy it (not out of a meta
         or sparse tensor), as PyTorch does, the model's weights included. A
         load that fails leaves the monitor and its model as they were. A module of
-        the model that loads its own way, with a load hook or its own
+        the model that loads its own way, with a load hook, its own
         ``_load_from_state_dict`` (batch norm reads states without
-        ``num_batches_tracked``, weight norm renames old keys), accepts keys no plain
-        check can judge, so that every state PyTorch loads still loads: each such
-        module loads its part first, on its own, and is put back if PyTorch refuses
-        it, a hook raises, or the final copy fails (``brittle.state_dicts``). Only an
+        ``num_batches_tracked``, weight norm renames old keys) or its own
+        ``set_extra_state``, accepts (or refuses) keys no plain check can judge, so
+        that every state PyTorch loads still loads: each such module loads its part
+        first, on its own, and its tensors are put back if PyTorch refuses it, a hook
+        or ``set_extra_state`` raises, or the rest of the load fails
+        (``brittle.state_dicts``); an extra state it took is not set back. Only an
         interrupt during the final copy of the model's other weights can leave them
         part-loaded, as ``nn.Module.load_state_dict`` would; the monitor's own state
         is put back.

@@ -8,9 +8,10 @@ avoids that in two parts:
   report for modules that load the plain way, in PyTorch's words (a value it
   cannot copy among them: ``copy_error``);
 - the modules that load their own way (``own_loaders``: batch norm, weight norm,
-  any module with a load hook), whose keys no plain check can judge, are loaded
-  first, each on its own, by ``load_own_loaders``, and put back as they were if
-  PyTorch refuses their part, or if the rest of the load fails afterwards.
+  any module with a load hook or extra state), whose keys no plain check can
+  judge, are loaded first, each on its own, by ``load_own_loaders``, and their
+  tensors put back as they were if PyTorch refuses their part, or if the rest of
+  the load fails afterwards.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ def own_loaders(model: nn.Module, prefix: str = "model.") -> tuple[str, ...]:
     A module with its own ``_load_from_state_dict`` (batch norm, which reads states
     saved without ``num_batches_tracked``) or with load hooks (weight norm, which
     renames the keys of older states) may accept keys a plain check calls missing
-    or unexpected.
+    or unexpected; one with its own ``set_extra_state`` may refuse its extra state,
+    which no plain check can judge either.
 
     Examples:
         >>> from torch import nn
@@ -53,6 +55,7 @@ def own_loaders(model: nn.Module, prefix: str = "model.") -> tuple[str, ...]:
         f"{prefix}{name}." if name else prefix
         for name, module in model.named_modules()
         if type(module)._load_from_state_dict is not default
+        or type(module).set_extra_state is not nn.Module.set_extra_state
         or getattr(module, "_load_state_dict_pre_hooks", None)
         or getattr(module, "_load_state_dict_post_hooks", None)
     )
@@ -181,10 +184,12 @@ def load_own_loaders(
     Each module that loads its own way (``own_loaders``; the outermost, where they
     nest) gets its keys through its own ``load_state_dict``, with the state's
     metadata (batch norm reads its version there). If PyTorch refuses a module's
-    part, or a load hook raises, that module and those loaded before it are put
-    back as they were, and the error is raised again. Once this returns, the caller
-    can load the whole state knowing these parts load; loading them twice is
-    harmless, as the same values are copied.
+    part, or a load hook or ``set_extra_state`` raises, the tensors of that module
+    and of those loaded before it are put back as they were, and the error is
+    raised again. (Tensors only: an extra state that a module's
+    ``set_extra_state`` took stays set when a later part is refused.) Once this
+    returns, the caller can load the whole state knowing these parts load; loading
+    them twice is harmless, as the same values are copied.
 
     Returns:
         These modules' tensors as they were before (``saved_tensors``): the caller

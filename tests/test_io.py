@@ -752,6 +752,50 @@ def test_a_value_pytorch_cannot_copy_is_refused_before_the_copy(
     assert not monitor.has_threshold
 
 
+class _Tagged(nn.Module):
+    """A layer with extra state that refuses tags it does not know."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear, self.tag = nn.Linear(5, 5), "a"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)
+
+    def get_extra_state(self) -> dict[str, str]:
+        return {"tag": self.tag}
+
+    def set_extra_state(self, state: dict[str, str]) -> None:
+        if state["tag"] not in ("a", "b"):
+            raise ValueError(f"unknown tag {state['tag']!r}")
+        self.tag = state["tag"]
+
+
+def test_a_model_module_that_refuses_its_extra_state_leaves_the_model_as_it_was() -> None:
+    # PyTorch sets a module's extra state while it copies the model's weights, and
+    # set_extra_state's error propagated from there: model.0's weights were loaded.
+    x = torch.rand(4, 6)
+
+    def tagged() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(6, 5), _Tagged(), nn.ReLU(), nn.Linear(5, 3)).eval()
+
+    source = brittle.wrap(tagged(), example_input=x)
+    with torch.no_grad():
+        source.model[0].weight.mul_(2.0)
+    state = dict(source.state_dict())
+    monitor = brittle.wrap(tagged(), example_input=x)
+    monitor.load_state_dict(state)  # a known tag loads
+    assert torch.equal(monitor.model[0].weight, source.model[0].weight)
+    state["model.1._extra_state"] = {"tag": "z"}
+    monitor = brittle.wrap(tagged(), example_input=x)
+    before = _tensors(monitor.model)
+    with pytest.raises(ValueError, match="unknown tag"):
+        monitor.load_state_dict(state)
+    _assert_as_it_was(monitor.model, before)
+    assert monitor.model[1].tag == "a"
+
+
 def _set_state(key: str, value: object):
     return lambda state: state.__setitem__(key, value)
 
