@@ -165,9 +165,13 @@ def saved_tensors(modules: list[nn.Module]) -> SavedTensors:
 
 
 def put_back(saved: SavedTensors) -> None:
-    """Restore what ``saved_tensors`` saved."""
+    """Restore what ``saved_tensors`` saved, the latest first.
+
+    A tensor saved twice (a weight two modules share, saved again after the first
+    had loaded it) ends with its first copy: the values it had before anything.
+    """
     with torch.no_grad():
-        for held, name, tensor, values in saved:
+        for held, name, tensor, values in reversed(saved):
             tensor.copy_(values)
             held[name] = tensor
 

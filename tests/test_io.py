@@ -796,6 +796,30 @@ def test_a_model_module_that_refuses_its_extra_state_leaves_the_model_as_it_was(
     assert monitor.model[1].tag == "a"
 
 
+def test_a_refused_own_loader_puts_back_a_weight_it_shares_with_one_loaded_before() -> None:
+    # Put back in the order they were saved, the second module's copy (taken after
+    # the first had loaded their shared weight) was the last word: the weight stayed
+    # loaded.
+    x = torch.rand(4, 6)
+
+    def tied() -> nn.Module:
+        torch.manual_seed(0)
+        first, second = nn.BatchNorm1d(6), nn.BatchNorm1d(6)
+        second.weight = first.weight
+        return nn.Sequential(first, second, nn.Linear(6, 3)).eval()
+
+    source = brittle.wrap(tied(), example_input=x)
+    with torch.no_grad():
+        source.model[0].weight.mul_(2.0)
+    state = dict(source.state_dict())
+    state["model.1.running_mean"] = torch.zeros(7)
+    monitor = brittle.wrap(tied(), example_input=x)
+    before = _tensors(monitor.model)
+    with pytest.raises(RuntimeError, match="size mismatch for running_mean"):
+        monitor.load_state_dict(state)
+    _assert_as_it_was(monitor.model, before)
+
+
 def _set_state(key: str, value: object):
     return lambda state: state.__setitem__(key, value)
 
