@@ -43,7 +43,8 @@ def own_loaders(model: nn.Module, prefix: str = "model.") -> tuple[str, ...]:
     saved without ``num_batches_tracked``) or with load hooks (weight norm, which
     renames the keys of older states) may accept keys a plain check calls missing
     or unexpected; one with its own ``set_extra_state`` may refuse its extra state,
-    which no plain check can judge either.
+    which no plain check can judge either. A module the model holds under two names
+    has both prefixes: its state is saved, and loaded, under each.
 
     Examples:
         >>> from torch import nn
@@ -53,7 +54,7 @@ def own_loaders(model: nn.Module, prefix: str = "model.") -> tuple[str, ...]:
     default = nn.Module._load_from_state_dict
     return tuple(
         f"{prefix}{name}." if name else prefix
-        for name, module in model.named_modules()
+        for name, module in model.named_modules(remove_duplicate=False)
         if type(module)._load_from_state_dict is not default
         or type(module).set_extra_state is not nn.Module.set_extra_state
         or getattr(module, "_load_state_dict_pre_hooks", None)

@@ -820,6 +820,33 @@ def test_a_refused_own_loader_puts_back_a_weight_it_shares_with_one_loaded_befor
     _assert_as_it_was(monitor.model, before)
 
 
+def test_a_module_the_model_holds_twice_loads_its_own_way_under_both_names() -> None:
+    # Only the first name of a module held twice was left to its own loader: under
+    # the second, an older batch-norm state (no num_batches_tracked), which PyTorch
+    # loads, was refused as missing a key.
+    x = torch.rand(4, 6)
+
+    def shared() -> nn.Module:
+        torch.manual_seed(0)
+        norm = nn.BatchNorm1d(6)
+        return nn.Sequential(norm, nn.Linear(6, 6), nn.Sequential(norm), nn.Linear(6, 3)).eval()
+
+    source = brittle.wrap(shared(), example_input=x)
+    with torch.no_grad():
+        source.model[0].running_mean.add_(1.0)
+    state = {k: v for k, v in source.state_dict().items() if "num_batches" not in k}
+    nn.Module.load_state_dict(brittle.wrap(shared(), example_input=x), state)
+    monitor = brittle.wrap(shared(), example_input=x)
+    monitor.load_state_dict(state)
+    assert torch.equal(monitor.model[0].running_mean, source.model[0].running_mean)
+    state["model.2.0.running_var"] = torch.zeros(7)
+    monitor = brittle.wrap(shared(), example_input=x)
+    before = _tensors(monitor.model)
+    with pytest.raises(RuntimeError, match="size mismatch for running_var"):
+        monitor.load_state_dict(state)
+    _assert_as_it_was(monitor.model, before)
+
+
 def _set_state(key: str, value: object):
     return lambda state: state.__setitem__(key, value)
 
