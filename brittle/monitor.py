@@ -859,16 +859,20 @@ class Monitor(nn.Module):
 
         Everything is checked before anything is copied: the configuration, the
         threshold and the input domain as ``brittle.load`` checks them, then every
-        tensor's name and shape as PyTorch does, the model's weights included. A
+        tensor's name and shape, and whether PyTorch can copy it (not out of a meta
+        or sparse tensor), as PyTorch does, the model's weights included. A
         load that fails leaves the monitor and its model as they were. A module of
-        the model that loads its own way, with a load hook or its own
+        the model that loads its own way, with a load hook, its own
         ``_load_from_state_dict`` (batch norm reads states without
-        ``num_batches_tracked``, weight norm renames old keys), accepts keys no plain
-        check can judge, so that every state PyTorch loads still loads: each such
-        module loads its part first, on its own, and is put back if PyTorch refuses
-        it or a hook raises (``brittle.state_dicts``). Only an interrupt during the
-        final copy can leave the model's weights part-loaded, as
-        ``nn.Module.load_state_dict`` would; the monitor's own state is put back.
+        ``num_batches_tracked``, weight norm renames old keys) or its own
+        ``set_extra_state``, accepts (or refuses) keys no plain check can judge, so
+        that every state PyTorch loads still loads: each such module loads its part
+        first, on its own, and its tensors are put back if PyTorch refuses it, a hook
+        or ``set_extra_state`` raises, or the rest of the load fails
+        (``brittle.state_dicts``); an extra state it took is not set back. Only an
+        interrupt during the final copy of the model's other weights can leave them
+        part-loaded, as ``nn.Module.load_state_dict`` would; the monitor's own state
+        is put back.
 
         Args:
             state_dict: What ``Monitor.state_dict`` returned.
@@ -883,10 +887,12 @@ class Monitor(nn.Module):
         Raises:
             ValueError: if the state holds a configuration, a threshold or an input
                 domain no monitor could have saved.
-            RuntimeError: if a tensor is missing, unexpected (``strict``), not a tensor
-                or of another shape, or the model has no head of the saved name and shape.
+            RuntimeError: if a tensor is missing, unexpected (``strict``), not a tensor,
+                of another shape or not one PyTorch can copy, or the model has no head of
+                the saved name and shape.
         """
         saved = self._own_state()
+        loaded: SavedTensors = []  # the model's own-loading modules, as they were
         try:
             config = state_dict.get("_extra_state")
             if config is not None:
@@ -902,7 +908,11 @@ class Monitor(nn.Module):
                     self._drop_unsaved_pseudo(config)
             if not errors:
                 errors = load_errors(
-                    self.state_dict(keep_vars=True), state_dict, strict, own_loaders(self.model)
+                    self.state_dict(keep_vars=True),
+                    state_dict,
+                    strict,
+                    own_loaders(self.model),
+                    assign,
                 )
             if errors:
                 raise RuntimeError(
@@ -910,9 +920,10 @@ class Monitor(nn.Module):
                     + "\n\t".join(errors)
                 )
             _check_values(state_dict)
-            load_own_loaders(self.model, state_dict, strict, assign)
+            loaded = load_own_loaders(self.model, state_dict, strict, assign)
             return super().load_state_dict(state_dict, strict=strict, assign=assign)
         except BaseException:
+            put_back(loaded)
             self._restore_own_state(saved)
             raise
 
@@ -1323,6 +1334,27 @@ def _check_config(config: dict[str, Any]) -> None:
             f"the state's reference counts {counts!r} are not (flagged, accepted) counts: "
             "two integers with 0 <= flagged <= accepted and accepted >= 1."
         )
+    rate = config.get("reference_flag_rate")
+    if rate is not None and not (type(rate) in (int, float) and 0.0 <= rate <= 1.0):
+        raise ValueError(f"the state's reference flag rate {rate!r} is not a number in [0, 1].")
+    buckets = config.get("margin_buckets")
+    if buckets is not None and not _are_margin_buckets(buckets):
+        raise ValueError(
+            f"the state's margin buckets {buckets!r} are not finite, strictly increasing numbers."
+        )
+
+
+def _are_margin_buckets(buckets: Any) -> bool:
+    """Whether ``buckets`` is a list of histogram bounds that ``fit`` could have saved.
+
+    Finite, strictly increasing numbers (``brittle.deploy.telemetry.margin_buckets``),
+    as ``OnnxMonitor`` requires of the same bounds in an exported file.
+    """
+    if not (isinstance(buckets, list) and all(type(b) in (int, float) for b in buckets)):
+        return False
+    return all(math.isfinite(b) for b in buckets) and all(
+        b < c for b, c in zip(buckets, buckets[1:], strict=False)
+    )
 
 
 def _are_reference_counts(counts: Any) -> bool:

@@ -383,6 +383,16 @@ def _set_identity(key: str, value: object):
         (_set_config("reference_counts", [True, 10]), "reference counts"),
         (_set_config("reference_counts", [5, 3]), "reference counts"),
         (_set_config("reference_counts", [0, 0]), "reference counts"),
+        # Raised TypeError or a bare "could not convert string to float" from
+        # set_extra_state, half-way through the load; or loaded a rate or histogram
+        # bounds that an exported file with them is refused for.
+        (_set_config("reference_flag_rate", "0.1"), "reference flag rate"),
+        (_set_config("reference_flag_rate", [0.1]), "reference flag rate"),
+        (_set_config("reference_flag_rate", 1.5), "reference flag rate"),
+        (_set_config("margin_buckets", 3), "margin buckets"),
+        (_set_config("margin_buckets", ["a"]), "margin buckets"),
+        (_set_config("margin_buckets", [0.2, math.nan]), "margin buckets"),
+        (_set_config("margin_buckets", [0.2, 0.1]), "margin buckets"),
         # Loaded, and every input was then refused as of the wrong shape.
         (_set_config("input_shape", [3, 32, 32]), "input shape"),
         (_set_config("input_shape", [-1, 8, 8]), "input shape"),
@@ -398,6 +408,13 @@ def _set_identity(key: str, value: object):
         "boolean-count",
         "more-flagged-than-judged",
         "no-judged-sample",
+        "string-rate",
+        "list-rate",
+        "rate-above-one",
+        "buckets-not-a-list",
+        "string-bucket",
+        "nan-bucket",
+        "decreasing-buckets",
         "other-input-shape",
         "negative-input-shape",
         "probe-shape",
@@ -689,6 +706,179 @@ def test_a_refused_own_loader_leaves_the_model_as_it_was(fault: str) -> None:
     assert not monitor.has_threshold
 
 
+def _tensors(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor, bool]]:
+    """Each parameter and buffer of ``model``: the object, a copy of its values, requires_grad."""
+    held = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    return {k: (t, t.detach().clone(), t.requires_grad) for k, t in held.items()}
+
+
+def _assert_as_it_was(model: nn.Module, before: dict) -> None:
+    after = _tensors(model)
+    assert after.keys() == before.keys()
+    for key, (tensor, values, grad) in before.items():
+        assert after[key][0] is tensor, key
+        assert torch.equal(after[key][1].nan_to_num(), values.nan_to_num()), key
+        assert after[key][2] == grad, key
+
+
+@pytest.mark.parametrize("assign", [False, True])
+@pytest.mark.parametrize("interrupt", [RuntimeError, KeyboardInterrupt])
+def test_a_load_that_fails_after_the_own_loaders_puts_them_back(
+    monkeypatch: pytest.MonkeyPatch, assign: bool, interrupt: type[BaseException]
+) -> None:
+    # The modules that load their own way load first; a failure in the final copy
+    # (here in the monitor's own configuration, which PyTorch sets before it copies
+    # the model's weights) left them loaded, though the model's other weights and
+    # the monitor were as they had been.
+    x = torch.rand(4, 6)
+    source = brittle.wrap(_norm_layers_model(), example_input=x)
+    with torch.no_grad():
+        source.model[1].running_mean.add_(1.0)
+        source.model[3].parametrizations.weight.original1.mul_(2.0)
+    source.set_threshold(0.3)
+    state = source.state_dict()
+    monitor = brittle.wrap(_norm_layers_model(), example_input=x)
+    before = _tensors(monitor.model)
+
+    def refuse(self: brittle.Monitor, config: dict) -> None:
+        raise interrupt("refused in the final copy")
+
+    monkeypatch.setattr(brittle.Monitor, "set_extra_state", refuse)
+    with pytest.raises(interrupt, match="final copy"):
+        monitor.load_state_dict(state, assign=assign)
+    _assert_as_it_was(monitor.model, before)
+    assert not monitor.has_threshold
+
+
+@pytest.mark.parametrize(
+    ("value", "assign"),
+    [
+        (torch.empty(5, device="meta"), False),
+        (torch.zeros(5).to_sparse(), False),
+        (torch.zeros(5, dtype=torch.long), True),  # no gradient for an integer parameter
+    ],
+    ids=["meta", "sparse", "integer-assigned"],
+)
+def test_a_value_pytorch_cannot_copy_is_refused_before_the_copy(
+    value: torch.Tensor, assign: bool
+) -> None:
+    # Of the right shape, these passed the checks made before the copy, and PyTorch
+    # refused them only after it had copied (or, with assign, taken) every other
+    # tensor: model.0.weight and the own-loading modules' parts stayed loaded.
+    x = torch.rand(4, 6)
+    source = brittle.wrap(_norm_layers_model(), example_input=x)
+    with torch.no_grad():
+        source.model[0].weight.mul_(2.0)
+        source.model[1].running_mean.add_(1.0)
+    source.set_threshold(0.3)
+    state = dict(source.state_dict())
+    state["model.0.bias"] = value
+    plain = brittle.wrap(_norm_layers_model(), example_input=x)
+    with pytest.raises(RuntimeError, match="model.0.bias"):
+        nn.Module.load_state_dict(plain, state, assign=assign)  # PyTorch refuses it too
+    monitor = brittle.wrap(_norm_layers_model(), example_input=x)
+    before = _tensors(monitor.model)
+    with pytest.raises(RuntimeError, match="model.0.bias"):
+        monitor.load_state_dict(state, assign=assign)
+    _assert_as_it_was(monitor.model, before)
+    assert not monitor.has_threshold
+
+
+class _Tagged(nn.Module):
+    """A layer with extra state that refuses tags it does not know."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear, self.tag = nn.Linear(5, 5), "a"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)
+
+    def get_extra_state(self) -> dict[str, str]:
+        return {"tag": self.tag}
+
+    def set_extra_state(self, state: dict[str, str]) -> None:
+        if state["tag"] not in ("a", "b"):
+            raise ValueError(f"unknown tag {state['tag']!r}")
+        self.tag = state["tag"]
+
+
+def test_a_model_module_that_refuses_its_extra_state_leaves_the_model_as_it_was() -> None:
+    # PyTorch sets a module's extra state while it copies the model's weights, and
+    # set_extra_state's error propagated from there: model.0's weights were loaded.
+    x = torch.rand(4, 6)
+
+    def tagged() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(6, 5), _Tagged(), nn.ReLU(), nn.Linear(5, 3)).eval()
+
+    source = brittle.wrap(tagged(), example_input=x)
+    with torch.no_grad():
+        source.model[0].weight.mul_(2.0)
+    state = dict(source.state_dict())
+    monitor = brittle.wrap(tagged(), example_input=x)
+    monitor.load_state_dict(state)  # a known tag loads
+    assert torch.equal(monitor.model[0].weight, source.model[0].weight)
+    state["model.1._extra_state"] = {"tag": "z"}
+    monitor = brittle.wrap(tagged(), example_input=x)
+    before = _tensors(monitor.model)
+    with pytest.raises(ValueError, match="unknown tag"):
+        monitor.load_state_dict(state)
+    _assert_as_it_was(monitor.model, before)
+    assert monitor.model[1].tag == "a"
+
+
+def test_a_refused_own_loader_puts_back_a_weight_it_shares_with_one_loaded_before() -> None:
+    # Put back in the order they were saved, the second module's copy (taken after
+    # the first had loaded their shared weight) was the last word: the weight stayed
+    # loaded.
+    x = torch.rand(4, 6)
+
+    def tied() -> nn.Module:
+        torch.manual_seed(0)
+        first, second = nn.BatchNorm1d(6), nn.BatchNorm1d(6)
+        second.weight = first.weight
+        return nn.Sequential(first, second, nn.Linear(6, 3)).eval()
+
+    source = brittle.wrap(tied(), example_input=x)
+    with torch.no_grad():
+        source.model[0].weight.mul_(2.0)
+    state = dict(source.state_dict())
+    state["model.1.running_mean"] = torch.zeros(7)
+    monitor = brittle.wrap(tied(), example_input=x)
+    before = _tensors(monitor.model)
+    with pytest.raises(RuntimeError, match="size mismatch for running_mean"):
+        monitor.load_state_dict(state)
+    _assert_as_it_was(monitor.model, before)
+
+
+def test_a_module_the_model_holds_twice_loads_its_own_way_under_both_names() -> None:
+    # Only the first name of a module held twice was left to its own loader: under
+    # the second, an older batch-norm state (no num_batches_tracked), which PyTorch
+    # loads, was refused as missing a key.
+    x = torch.rand(4, 6)
+
+    def shared() -> nn.Module:
+        torch.manual_seed(0)
+        norm = nn.BatchNorm1d(6)
+        return nn.Sequential(norm, nn.Linear(6, 6), nn.Sequential(norm), nn.Linear(6, 3)).eval()
+
+    source = brittle.wrap(shared(), example_input=x)
+    with torch.no_grad():
+        source.model[0].running_mean.add_(1.0)
+    state = {k: v for k, v in source.state_dict().items() if "num_batches" not in k}
+    nn.Module.load_state_dict(brittle.wrap(shared(), example_input=x), state)
+    monitor = brittle.wrap(shared(), example_input=x)
+    monitor.load_state_dict(state)
+    assert torch.equal(monitor.model[0].running_mean, source.model[0].running_mean)
+    state["model.2.0.running_var"] = torch.zeros(7)
+    monitor = brittle.wrap(shared(), example_input=x)
+    before = _tensors(monitor.model)
+    with pytest.raises(RuntimeError, match="size mismatch for running_var"):
+        monitor.load_state_dict(state)
+    _assert_as_it_was(monitor.model, before)
+
+
 def _set_state(key: str, value: object):
     return lambda state: state.__setitem__(key, value)
 
@@ -716,6 +906,7 @@ def _set_extra(key: str, value: object):
         _set_extra("head", "7"),
         _set_extra("min_tau", math.nan),
         _set_extra("head_exact", "yes"),
+        _set_extra("margin_buckets", 3),
     ],
     ids=[
         "unexpected-key",
@@ -734,6 +925,7 @@ def _set_extra(key: str, value: object):
         "no-such-head",
         "nan-min-tau",
         "head-exact-not-bool",
+        "buckets-not-a-list",
     ],
 )
 def test_a_failed_load_state_dict_leaves_the_monitor_as_it_was(edit) -> None:
