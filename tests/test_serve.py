@@ -847,6 +847,26 @@ def test_openapi_is_generated_without_warnings(
     assert set(spec["paths"]["/healthz"]) == {"get", "head"}
 
 
+@pytest.mark.parametrize(
+    ("method", "route"),
+    [("POST", "/predict/"), ("GET", "/healthz/"), ("POST", "/v2/models/{name}/infer/")],
+)
+def test_a_route_with_a_trailing_slash_is_not_redirected_to_the_host_sent(
+    server: Server, method: str, route: str
+) -> None:
+    """A path with a trailing slash got 307 to the path without it, at the client's own
+    Host header and query ("Location: http://evil.example/predict?..."): the server
+    wrote what the client sent into its answer, a redirect to wherever that named."""
+    path = route.format(name=server.path.stem) + "?q=%0d%0aX"
+    head = (
+        f"{method} {path} HTTP/1.1\r\nHost: evil.example\r\nContent-Length: 2\r\n"
+        "Connection: close\r\n\r\n{}"
+    ).encode()
+    status, answer, _ = _raw_exchange(_port(server), head, iter(()))
+    assert status == 404, answer
+    assert b"evil.example" not in answer and b"%0d" not in answer.lower()
+
+
 def test_open_inference_protocol_with_tritonclient(server: Server, digits: DigitsSplit) -> None:
     """Triton's own HTTP client: health, metadata and inference equal to ``/predict``."""
     import tritonclient.http as triton

@@ -213,7 +213,9 @@ def create_app(
     closed_connections = ClosedConnections()
     registry.register(closed_connections)
     version = _version()
-    app = FastAPI(title="brittle monitor", version=version)
+    # Starlette answers a path with a trailing slash by a 307 to the path without it,
+    # built from the client's Host header and query: an answer that quotes the request.
+    app = FastAPI(title="brittle monitor", version=version, redirect_slashes=False)
     app.add_middleware(_CountResponses, counter=requests)
     app.state.monitor, app.state.telemetry, app.state.registry = monitor, telemetry, registry
     app.state.requests, app.state.closed_connections = requests, closed_connections
