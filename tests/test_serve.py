@@ -772,11 +772,17 @@ def test_errors_never_quote_the_input(server: Server) -> None:
     assert status == 413 and b"aaaa" not in raw and len(raw) < 1000
 
 
-def test_head_on_the_health_routes(server: Server) -> None:
-    for route in ("/healthz", "/v2/health/live", "/v2/health/ready"):
+def test_head_on_every_get_route(server: Server) -> None:
+    """HEAD is GET without the content (RFC 9110, 9.1: every server supports both); the
+    metrics and the metadata routes answered it 405."""
+    name = server.path.stem
+    routes = ["/healthz", "/v2/health/live", "/v2/health/ready", "/metrics", "/v2"]
+    routes += [f"/v2/models/{name}", f"/v2/models/{name}/versions/1"]
+    routes += [f"/v2/models/{name}/ready", f"/v2/models/{name}/versions/1/ready"]
+    for route in routes:
         request = urllib.request.Request(f"{server.url}{route}", method="HEAD")
         with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
-            assert response.status == 200 and response.read() == b""
+            assert response.status == 200 and response.read() == b"", route
 
 
 def test_openapi_states_the_contract(server: Server) -> None:
