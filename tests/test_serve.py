@@ -772,11 +772,17 @@ def test_errors_never_quote_the_input(server: Server) -> None:
     assert status == 413 and b"aaaa" not in raw and len(raw) < 1000
 
 
-def test_head_on_the_health_routes(server: Server) -> None:
-    for route in ("/healthz", "/v2/health/live", "/v2/health/ready"):
+def test_head_on_every_get_route(server: Server) -> None:
+    """HEAD is GET without the content (RFC 9110, 9.1: every server supports both); the
+    metrics and the metadata routes answered it 405."""
+    name = server.path.stem
+    routes = ["/healthz", "/v2/health/live", "/v2/health/ready", "/metrics", "/v2"]
+    routes += [f"/v2/models/{name}", f"/v2/models/{name}/versions/1"]
+    routes += [f"/v2/models/{name}/ready", f"/v2/models/{name}/versions/1/ready"]
+    for route in routes:
         request = urllib.request.Request(f"{server.url}{route}", method="HEAD")
         with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
-            assert response.status == 200 and response.read() == b""
+            assert response.status == 200 and response.read() == b"", route
 
 
 def test_openapi_states_the_contract(server: Server) -> None:
@@ -845,6 +851,26 @@ def test_openapi_is_generated_without_warnings(
     ids = [op["operationId"] for item in spec["paths"].values() for op in item.values()]
     assert len(ids) == len(set(ids))
     assert set(spec["paths"]["/healthz"]) == {"get", "head"}
+
+
+@pytest.mark.parametrize(
+    ("method", "route"),
+    [("POST", "/predict/"), ("GET", "/healthz/"), ("POST", "/v2/models/{name}/infer/")],
+)
+def test_a_route_with_a_trailing_slash_is_not_redirected_to_the_host_sent(
+    server: Server, method: str, route: str
+) -> None:
+    """A path with a trailing slash got 307 to the path without it, at the client's own
+    Host header and query ("Location: http://evil.example/predict?..."): the server
+    wrote what the client sent into its answer, a redirect to wherever that named."""
+    path = route.format(name=server.path.stem) + "?q=%0d%0aX"
+    head = (
+        f"{method} {path} HTTP/1.1\r\nHost: evil.example\r\nContent-Length: 2\r\n"
+        "Connection: close\r\n\r\n{}"
+    ).encode()
+    status, answer, _ = _raw_exchange(_port(server), head, iter(()))
+    assert status == 404, answer
+    assert b"evil.example" not in answer and b"%0d" not in answer.lower()
 
 
 def test_open_inference_protocol_with_tritonclient(server: Server, digits: DigitsSplit) -> None:

@@ -325,6 +325,32 @@ def test_the_400_for_a_request_the_parser_refuses_is_counted(parser: type[Any], 
     assert answers == [400]
 
 
+# A body framed twice: chunked, and by a Content-Length a proxy in front may read
+# instead, which then takes the chunks for a request of its own (request smuggling).
+FRAMED_TWICE = {
+    "length-first": b"Content-Length: 0\r\nTransfer-Encoding: chunked\r\n",
+    "chunked-first": b"Transfer-Encoding: chunked\r\nContent-Length: 0\r\n",
+}
+
+
+@pytest.mark.parametrize("parser", PARSERS, ids=lambda p: p.__name__)
+@pytest.mark.parametrize("order", list(FRAMED_TWICE))
+def test_a_body_framed_by_length_and_chunks_gets_400_and_a_close(
+    parser: type[Any], order: str
+) -> None:
+    # RFC 9112, 6.3: a server may refuse such a request or read it by its chunks, and
+    # either way must close the connection after answering. httptools refused it; h11
+    # read it by its chunks and kept the connection, so the request behind it (what
+    # the proxy took for a body) was answered too.
+    head = b"POST /predict HTTP/1.1\r\nHost: test\r\n" + FRAMED_TWICE[order] + b"\r\n"
+    answers: list[int] = []
+    wire = head + _chunked(b"7" * 10, 10) + b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n"
+    app, transport, _, _ = asyncio.run(_exchange(parser, [wire], answers))
+    assert transport.written.startswith(b"HTTP/1.1 400 ") and transport.closing
+    assert b"200 OK" not in transport.written and app.bodies == []
+    assert answers == [400]
+
+
 REFUSED = {  # a request the parser refuses, in its head or in its body
     "head": MALFORMED["header-without-colon"],
     "body": HEAD + b"zz\r\n",

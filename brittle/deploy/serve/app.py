@@ -132,15 +132,15 @@ def create_app(
 
     Routes: ``POST /predict``; the Open Inference Protocol (KServe v2) under ``/v2``
     (``brittle.deploy.serve.oip``); ``GET /metrics`` (Prometheus text);
-    ``GET``/``HEAD /healthz``. A body larger than ``max_body`` bytes gets 413 before
-    it is parsed; parsing and the model run in a worker thread, so the health
-    routes answer while a request is being refused or judged (a body of at most
-    64 KiB is judged on the event loop while such requests take at most a
-    millisecond: ``brittle.deploy.serve.admission``). Every malformed
-    body gets a one-line 4xx that never quotes the input. The server holds at most
-    ``body_budget`` bytes of bodies at once and judges at most ``max_concurrent``
-    requests at once; a request beyond the budget gets 503 with ``Retry-After``
-    (``brittle.deploy.serve.admission``).
+    ``GET /healthz``; every ``GET`` route answers ``HEAD`` too. A body larger than
+    ``max_body`` bytes gets 413 before it is parsed; parsing and the model run in a
+    worker thread, so the health routes answer while a request is being refused or
+    judged (a body of at most 64 KiB is judged on the event loop while such
+    requests take at most a millisecond: ``brittle.deploy.serve.admission``). Every
+    malformed body gets a one-line 4xx that never quotes the input. The server holds
+    at most ``body_budget`` bytes of bodies at once and judges at most
+    ``max_concurrent`` requests at once; a request beyond the budget gets 503 with
+    ``Retry-After`` (``brittle.deploy.serve.admission``).
 
     Args:
         monitor: The exported monitor, opened with ``brittle.OnnxMonitor``; it must
@@ -215,7 +215,9 @@ def create_app(
     closed_connections = ClosedConnections()
     registry.register(closed_connections)
     version = _version()
-    app = FastAPI(title="brittle monitor", version=version)
+    # Starlette answers a path with a trailing slash by a 307 to the path without it,
+    # built from the client's Host header and query: an answer that quotes the request.
+    app = FastAPI(title="brittle monitor", version=version, redirect_slashes=False)
     app.add_middleware(_CountResponses, counter=requests)
     app.state.monitor, app.state.telemetry, app.state.registry = monitor, telemetry, registry
     app.state.requests, app.state.closed_connections = requests, closed_connections
@@ -264,7 +266,12 @@ def create_app(
                     {"detail": err.detail}, status_code=err.status, headers=err.headers
                 )
 
-    @app.get("/metrics", response_class=PlainTextResponse, responses=schemas.PROMETHEUS_TEXT)
+    @app.api_route(
+        "/metrics",
+        methods=["GET", "HEAD"],
+        response_class=PlainTextResponse,
+        responses=schemas.PROMETHEUS_TEXT,
+    )
     def metrics() -> Response:
         """Prometheus text format."""
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

@@ -40,6 +40,11 @@ whichever uvicorn picked) so that:
   nothing but head or trailer bytes (no body, no end of its head or of the
   request) add up to more than ``MAX_HEAD_BYTES``: with the read in which the
   head began (at most 256 KiB), that bounds what one connection holds;
+- a request whose body is framed both by ``Transfer-Encoding`` and by
+  ``Content-Length`` gets uvicorn's 400, with either parser. httptools refused
+  it; h11 read it by its chunks and kept the connection open, which RFC 9112
+  (6.3) forbids: a proxy in front that read the length took the chunks for a
+  request of its own, and the server answered that one too (request smuggling);
 - with httptools, a client may pipeline at most ``MAX_PIPELINED`` requests
   behind the one being answered; one more gets uvicorn's 400 once those are
   answered, and the connection is closed. uvicorn parses every request of a
@@ -178,6 +183,17 @@ class _HeadTooLarge(Exception):
 def _field_bytes(name: bytes, value: bytes) -> int:
     """Bytes a header or trailer field takes on the wire: ``name: value`` and its line end."""
     return len(name) + len(value) + 4
+
+
+def _framed_twice(headers: Any) -> bool:
+    """Whether a request head frames its body both by Transfer-Encoding and Content-Length.
+
+    RFC 9112 (6.3) lets a server read such a body by its chunks only if it then
+    closes the connection: a proxy in front that read the Content-Length instead
+    takes the rest for another request (request smuggling). httptools refuses it.
+    """
+    names = {name.lower() for name, _ in headers}
+    return b"transfer-encoding" in names and b"content-length" in names
 
 
 def bounded_protocol(
@@ -381,6 +397,9 @@ def bounded_protocol(
                     if isinstance(event, h11.Request):
                         self.pieces = self.piece_bytes = 0
                         self.field_bytes = len(event.target) + size
+                        if _framed_twice(event.headers):
+                            # h11 read it by its chunks and kept the connection open.
+                            raise h11.RemoteProtocolError("a body framed twice")
                     else:
                         self.field_bytes += size
                     if self.field_bytes > MAX_HEAD_BYTES:

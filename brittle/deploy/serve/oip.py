@@ -239,7 +239,7 @@ def add_open_inference_routes(
         """Open Inference Protocol: the server is ready (its one model is loaded)."""
         return {"ready": True}
 
-    @app.get("/v2", tags=["open inference"])
+    @app.api_route("/v2", methods=["GET", "HEAD"], tags=["open inference"])
     def server_metadata() -> dict[str, Any]:
         """Open Inference Protocol: server metadata."""
         return {"name": "brittle", "version": version, "extensions": ["binary_tensor_data"]}
@@ -258,13 +258,19 @@ def add_open_inference_routes(
             return _error(err)
         return JSONResponse({"name": name, "ready": True})
 
-    @app.get("/v2/models/{model}", tags=["open inference"], responses={404: _ERRORS[404]})
+    @app.api_route(
+        "/v2/models/{model}",
+        methods=["GET", "HEAD"],
+        tags=["open inference"],
+        responses={404: _ERRORS[404]},
+    )
     def model_metadata(model: str = model_name) -> Response:
         """Open Inference Protocol: the model's input and output tensors."""
         return metadata_of(model)
 
-    @app.get(
+    @app.api_route(
         "/v2/models/{model}/versions/{version}",
+        methods=["GET", "HEAD"],
         tags=["open inference"],
         responses={404: _ERRORS[404]},
     )
