@@ -136,7 +136,7 @@ def create_app(
     ``max_body`` bytes gets 413 before it is parsed; parsing and the model run in a
     worker thread, so the health routes answer while a request is being refused or
     judged (a body of at most 64 KiB is judged on the event loop while such
-    requests take at most a millisecond: ``brittle.deploy.serve.admission``). Every
+    requests take at most half a millisecond: ``brittle.deploy.serve.admission``). Every
     malformed body gets a one-line 4xx that never quotes the input. The server holds
     at most ``body_budget`` bytes of bodies at once and judges at most
     ``max_concurrent`` requests at once; a request beyond the budget gets 503 with
