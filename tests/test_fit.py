@@ -405,6 +405,30 @@ def test_rates_come_with_exact_intervals_from_the_calibration_samples(
     assert report.to_dict()["tpr_ci"] == pytest.approx(list(report.tpr_ci))
 
 
+def test_the_threshold_of_a_float64_model_is_the_one_the_monitor_flags_with() -> None:
+    """The float32 threshold buffer keeps the fitted threshold exactly or rounds it up.
+
+    Before, a float64 model's threshold (the k-th smallest float64 score) was
+    rounded to the nearest float32: about one fit in two rounded it down, so the
+    monitor no longer flagged the k-th non-robust calibration sample, its TPR fell
+    below the report's, and the guarantee lost a rank.
+    """
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)).double()
+    x = torch.rand(600, 8, dtype=torch.float64)
+    monitor = brittle.wrap(model, score="logit", norm="L2", eps=0.1)
+    monitor.fit(x, target_tpr=0.9, steps=20, progress=False, pseudo=False)
+    report = monitor.report
+    assert float(monitor.threshold) == report.threshold
+    assert report.threshold >= BF.conformal_threshold(
+        report.score_values["logit"][report.calibration & (report.input_margins <= 0.1)], 0.9
+    )
+    with torch.no_grad():
+        flag = monitor(x).flag.numpy()
+    positive = report.calibration & (report.input_margins <= report.eps)
+    assert flag[positive].mean() == report.tpr >= 0.9
+
+
 def test_pseudo_auto_splits_the_holdout_only_to_train_what_is_used(
     robust_model: nn.Module, holdout_loader: DataLoader
 ) -> None:

@@ -332,6 +332,20 @@ def _choose_and_threshold(
         raise ValueError(_split_hint(str(err), plan.parts.choice, plan.parts.train)) from None
 
 
+def _stored_threshold(value: float, dtype: torch.dtype) -> float:
+    """The smallest value of ``dtype`` (the monitor's threshold buffer) at or above ``value``.
+
+    A float64 model's scores are float64 while the buffer is float32: rounded to
+    the nearest float32, the threshold could fall below the k-th score and leave
+    that non-robust sample unflagged. Rounded up, every sample the fitted
+    threshold flags is still flagged, and the report shows the threshold in use.
+    """
+    stored = torch.tensor(value, dtype=torch.float64).to(dtype)
+    if float(stored) < value:
+        stored = torch.nextafter(stored, torch.tensor(math.inf, dtype=dtype))
+    return float(stored)
+
+
 def alarm_reference(scores: np.ndarray, threshold: float) -> tuple[int, int] | None:
     """The flag-rate alarm's reference: ``(flagged, judged)`` of the calibration samples.
 
@@ -524,7 +538,8 @@ def calibrate(
 
     with timed(timings, "metrics"):
         outcome = _choose_and_threshold(monitor, scores, margins, plan, eps, target_tpr, min_tau)
-        chosen, threshold = cast(ScoreKind, outcome.chosen), outcome.threshold
+        chosen = cast(ScoreKind, outcome.chosen)
+        threshold = _stored_threshold(outcome.threshold, monitor.threshold.dtype)
         metrics = {
             k: score_metrics(v[calibration], margins[calibration], eps, target_tpr, seed=seed)
             for k, v in scores.items()
