@@ -539,7 +539,8 @@ def test_from_monitor_uses_the_counts_and_a_bare_rate_is_exact() -> None:
         ("0.1", {}, ValueError, r"reference must be \(flagged, n\) counts or a rate. Got '0.1'"),
         (None, {}, ValueError, r"reference must be \(flagged, n\) counts or a rate. Got None"),
         (np.False_, {}, ValueError, r"reference must be \(flagged, n\) counts or a rate."),
-        (1.5, {}, ValueError, r"rate must be in \[0, 1\). Got 1.5"),
+        (1.5, {}, ValueError, r"rate must be in \[0, 1\]. Got 1.5"),
+        (1.0, {}, UndetectableRiseError, "no rise to detect"),
         ((1, 10), {"run_length": 0}, ValueError, r"run_length must be a number of samples in \[1"),
         # Before: 1e16 got the chart of about 1e15 and called the promise kept (its
         # design said run_length=inf); inf failed on converting NaN to an integer.

@@ -475,7 +475,8 @@ def parse_reference(reference: Any) -> tuple[int, int] | float:
     """An alarm's reference as ``(flagged, n)`` counts or a rate; ``ValueError`` for anything else.
 
     Counts are whole numbers with ``0 <= flagged <= n`` and ``n >= 1``; a rate lies in
-    ``[0, 1)``.
+    ``[0, 1]``, as the counts' ``flagged / n`` does (the alarm then refuses a rate
+    above ``MAX_REFERENCE_RATE`` with ``UndetectableRiseError``, as it refuses ``(n, n)``).
 
     Examples:
         >>> from brittle.deploy.alarm import parse_reference
@@ -502,8 +503,8 @@ def parse_reference(reference: Any) -> tuple[int, int] | float:
         raise ValueError(
             f"reference must be (flagged, n) counts or a rate. Got {reference!r}."
         ) from None
-    if not 0.0 <= rate < 1.0:
-        raise ValueError(f"a reference rate must be in [0, 1). Got {reference}.")
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"a reference rate must be in [0, 1]. Got {reference}.")
     return rate
 
 
