@@ -205,6 +205,29 @@ def test_increments_of_a_large_rise_of_a_common_flag(p0: float, odds_ratio: floa
     assert up * p0 - down * (1 - p0) < 0 < up * p1 - down * (1 - p1)
 
 
+@pytest.mark.parametrize(
+    ("p0", "odds_ratio"),
+    [(0.04768335923061286, 1.05), (0.05002834324088217, 1.05), (0.0100004768, 1.01), (0.5, 1.01)],
+)
+def test_increments_of_a_small_rise_keep_the_drifts_apart(p0: float, odds_ratio: float) -> None:
+    """Near an odds ratio of 1, p0 and p1 are closer than the grid of 32: it is made finer.
+
+    The steps' ratio was rounded onto the grid at or below p0 (19 and 1 at
+    p0 = 0.05003 and odds 1.05: a ratio of 0.05), so the chart climbed on clean
+    traffic, a timer rather than a test. Its threshold grew as the promise times
+    that drift: 583,621 states and 2 s for a promise of 10^9 (about 10^9 states
+    at the largest, 10^12), where a ratio between p0 and p1 needs 8,310; and a
+    rise to p1 took 1.2e7 samples to page, against 1.7e5.
+    """
+    up, down = cusum_increments(p0, odds_ratio=odds_ratio)
+    p1 = odds_ratio * p0 / (1 - p0 + odds_ratio * p0)
+    # The statistic falls on average at p0 and rises at p1.
+    assert up * p0 - down * (1 - p0) < 0 < up * p1 - down * (1 - p1)
+    # A rise too small for floating point to place gamma between p0 and p1 is refused.
+    with pytest.raises(UndetectableRiseError, match="too close to 1"):
+        cusum_increments(p0, odds_ratio=1 + 1e-12)
+
+
 def _sliding_window_run_lengths(
     window: int, critical: np.ndarray, p: float, t_max: int, seed: int
 ) -> np.ndarray:
@@ -539,7 +562,8 @@ def test_from_monitor_uses_the_counts_and_a_bare_rate_is_exact() -> None:
         ("0.1", {}, ValueError, r"reference must be \(flagged, n\) counts or a rate. Got '0.1'"),
         (None, {}, ValueError, r"reference must be \(flagged, n\) counts or a rate. Got None"),
         (np.False_, {}, ValueError, r"reference must be \(flagged, n\) counts or a rate."),
-        (1.5, {}, ValueError, r"rate must be in \[0, 1\). Got 1.5"),
+        (1.5, {}, ValueError, r"rate must be in \[0, 1\]. Got 1.5"),
+        (1.0, {}, UndetectableRiseError, "no rise to detect"),
         ((1, 10), {"run_length": 0}, ValueError, r"run_length must be a number of samples in \[1"),
         # Before: 1e16 got the chart of about 1e15 and called the promise kept (its
         # design said run_length=inf); inf failed on converting NaN to an integer.

@@ -300,6 +300,35 @@ def test_too_high_a_reference_leaves_the_alarm_unavailable() -> None:
     assert telemetry.alarm is None and "no rise to detect" in (telemetry.alarm_unavailable or "")
 
 
+def test_an_old_file_flagged_everywhere_serves_without_the_alarm(
+    fitted: brittle.Monitor, digits: DigitsSplit, tmp_path: Path
+) -> None:
+    """An old file whose holdout was all flagged: the rate 1.0, no counts, loads and serves.
+
+    Before, ``Telemetry.from_monitor`` raised the alarm's "a reference rate must be in
+    [0, 1)" on the rate that ``OnnxMonitor`` (and ``load_state_dict``) take, so such a
+    file stopped ``python -m brittle.serve`` from starting; a rate of 0.999 or the
+    counts ``(n, n)`` got a server without the alarm and the reason.
+    """
+    import onnx
+
+    onnx_path = fitted.export_onnx(tmp_path / "old.onnx", digits.x_holdout[:2])
+    graph = onnx.load(str(onnx_path))
+    kept = [p for p in graph.metadata_props if p.key != "reference_counts"]
+    for prop in kept:
+        if prop.key == "reference_flag_rate":
+            prop.value = "1.0"
+    del graph.metadata_props[:]
+    graph.metadata_props.extend(kept)
+    onnx.save(graph, str(onnx_path))
+    with pytest.warns(UserWarning, match="not its counts"):
+        served = brittle.OnnxMonitor(onnx_path, ["CPUExecutionProvider"])
+    assert served.reference_flag_rate == 1.0
+    with pytest.warns(UserWarning, match="alarm unavailable.*no rise to detect"):
+        telemetry = Telemetry.from_monitor(served)
+    assert telemetry.alarm is None
+
+
 def test_a_bfloat16_monitor_is_observed(fitted: brittle.Monitor, digits: DigitsSplit) -> None:
     """The documented half-precision deployment: numpy has no bfloat16 to take its tensors.
 

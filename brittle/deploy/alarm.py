@@ -108,6 +108,8 @@ OLD_REFERENCE_WARNING = (
 # Largest up + down for references whose ratio needs no finer grid: the number of
 # Markov states, and so the start-up cost, grows with it.
 _RESOLUTION = 32
+# The finest grid cusum_increments refines to: far past any chart that can be solved.
+_FINEST_GRID = 2**20
 
 
 class UndetectableRiseError(ValueError):
@@ -271,7 +273,9 @@ def cusum_increments(
     ``down / (up + down)`` the closest fraction to ``gamma`` whose denominator is
     at most ``resolution`` (or about ``1 / gamma`` for a rare flag, so that
     ``down`` is never rounded to zero, and ``1 / (1 - gamma)`` for a large rise
-    of a common flag, so that ``up`` is not).
+    of a common flag, so that ``up`` is not), on a grid made finer until that
+    fraction lies between ``p0`` and ``p1``, within a quarter of their distance
+    of ``gamma``: the statistic then falls on average at ``p0`` and rises at ``p1``.
 
     Examples:
         >>> cusum_increments(0.1)  # p1 = 0.2 / 1.1; gamma = 0.1375
@@ -290,6 +294,19 @@ def cusum_increments(
     # 1 / 2, below p0 when p0 is high, a chart that climbs on clean traffic.
     limit = max(resolution, round(1.0 / gamma), round(1.0 / (1.0 - gamma)))
     fraction = Fraction(gamma).limit_denominator(limit)
+    # Near an odds ratio of 1, p0 and p1 can be closer than the grid: a ratio at or
+    # below p0 climbs on clean traffic, one at or above p1 never rises, and one at a
+    # hair from either barely moves. gamma lies between them, so a finer grid brings
+    # the ratio within a quarter of their distance of it (never needed at odds of 1.2
+    # and above; at 1.1, for 1 % of the rates).
+    while not (p0 < fraction < p1 and abs(fraction - gamma) <= (p1 - p0) / 4):
+        if limit > _FINEST_GRID:  # gamma itself rounded out of (p0, p1): odds of 1 + 1e-9
+            raise UndetectableRiseError(
+                f"odds_ratio {odds_ratio!r} is too close to 1 to tell its rise of the flag "
+                f"rate from {p0:.4g} apart on the chart's integer scale."
+            )
+        limit *= 2
+        fraction = Fraction(gamma).limit_denominator(limit)
     down = max(fraction.numerator, 1)
     return max(fraction.denominator - down, 1), down
 
@@ -475,7 +492,8 @@ def parse_reference(reference: Any) -> tuple[int, int] | float:
     """An alarm's reference as ``(flagged, n)`` counts or a rate; ``ValueError`` for anything else.
 
     Counts are whole numbers with ``0 <= flagged <= n`` and ``n >= 1``; a rate lies in
-    ``[0, 1)``.
+    ``[0, 1]``, as the counts' ``flagged / n`` does (the alarm then refuses a rate
+    above ``MAX_REFERENCE_RATE`` with ``UndetectableRiseError``, as it refuses ``(n, n)``).
 
     Examples:
         >>> from brittle.deploy.alarm import parse_reference
@@ -502,8 +520,8 @@ def parse_reference(reference: Any) -> tuple[int, int] | float:
         raise ValueError(
             f"reference must be (flagged, n) counts or a rate. Got {reference!r}."
         ) from None
-    if not 0.0 <= rate < 1.0:
-        raise ValueError(f"a reference rate must be in [0, 1). Got {reference}.")
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"a reference rate must be in [0, 1]. Got {reference}.")
     return rate
 
 
