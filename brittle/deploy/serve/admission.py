@@ -29,9 +29,10 @@ per request on a 2-core VM, half of all a small model's server spends on it. So 
 request whose body is at most ``INLINE_BYTES`` is judged on the event loop itself
 (still holding one of the ``max_concurrent`` places, taken only when one is free
 at once) as long as judging such requests has been quick: each of the last
-``RECENT`` took at most ``INLINE_SECONDS`` of its thread's CPU time (a request
-that waited for the cores or the interpreter lock was not slow). A slow model, a
-large body, or a full house sends requests to the worker threads. A small body
+``RECENT`` took at most ``INLINE_SECONDS`` of the process's CPU time (a request
+that waited for the cores or the interpreter lock was not slow; the work of
+onnxruntime's own threads counts). A slow model, a large body, or a full house
+sends requests to the worker threads. A small body
 can still take longer than those before it (a large batch of short numbers: 64
 KiB of zeros held the loop for 4 ms with the digits CNN and ``--max-batch
 4096``): it holds the event loop once, and the next ``RECENT`` such requests go
@@ -186,13 +187,16 @@ class Admission:
     def _timed(self, small: bool, fn: Callable[..., T], *args: object) -> T:
         # CPU time: with each of RECENT bounding it, wall time would send every small
         # request to the threads for a while whenever one was preempted on a busy host.
-        start = time.thread_time()
+        # The process's, not the thread's: onnxruntime's intra-op threads (--threads)
+        # run part of the model, and the loop waits for them too. Work of other
+        # requests' threads meanwhile counts as well, which only errs towards threads.
+        start = time.process_time()
         try:
             return fn(*args)
         finally:
             if small:
                 with self._lock:
-                    self._recent.append(time.thread_time() - start)
+                    self._recent.append(time.process_time() - start)
 
 
 class Hold:
