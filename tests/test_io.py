@@ -669,6 +669,16 @@ def test_load_state_dict_takes_what_the_models_own_loaders_take(old_keys: str) -
             assert torch.equal(fresh.state_dict()[key].nan_to_num(), value.nan_to_num()), key
 
 
+def _changed_norm_layers_state(x: torch.Tensor) -> dict[str, object]:
+    """The state of a monitor of ``_norm_layers_model`` whose weights moved, threshold 0.3."""
+    source = brittle.wrap(_norm_layers_model(), example_input=x)
+    with torch.no_grad():
+        source.model[0].weight.mul_(2.0)
+        source.model[1].running_mean.add_(1.0)
+    source.set_threshold(0.3)
+    return dict(source.state_dict())
+
+
 def _hook_that_raises(*args: object) -> None:
     raise KeyError("a hook that refuses the state")
 
@@ -679,12 +689,7 @@ def test_a_refused_own_loader_leaves_the_model_as_it_was(fault: str) -> None:
     # every other weight (model.0's among them) before raising: the refused load left
     # the model part-loaded. Each such module now loads its part first, on its own.
     x = torch.rand(4, 6)
-    source = brittle.wrap(_norm_layers_model(), example_input=x)
-    with torch.no_grad():
-        source.model[0].weight.mul_(2.0)
-        source.model[1].running_mean.add_(1.0)
-    source.set_threshold(0.3)
-    state = dict(source.state_dict())
+    state = _changed_norm_layers_state(x)
     model = _norm_layers_model()
     if fault == "batch-norm-shape":
         state["model.1.running_mean"] = torch.zeros(7)
@@ -766,12 +771,7 @@ def test_a_value_pytorch_cannot_copy_is_refused_before_the_copy(
     # refused them only after it had copied (or, with assign, taken) every other
     # tensor: model.0.weight and the own-loading modules' parts stayed loaded.
     x = torch.rand(4, 6)
-    source = brittle.wrap(_norm_layers_model(), example_input=x)
-    with torch.no_grad():
-        source.model[0].weight.mul_(2.0)
-        source.model[1].running_mean.add_(1.0)
-    source.set_threshold(0.3)
-    state = dict(source.state_dict())
+    state = _changed_norm_layers_state(x)
     state["model.0.bias"] = value
     plain = brittle.wrap(_norm_layers_model(), example_input=x)
     with pytest.raises(RuntimeError, match="model.0.bias"):
