@@ -5,10 +5,10 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-__all__ = ["positive_int", "is_range", "file_path", "parent_folders"]
+__all__ = ["positive_int", "is_range", "are_bounds", "file_path", "parent_folders"]
 
 
 def positive_int(name: str, value: object, *, minimum: int = 1, what: str = "") -> int:
@@ -67,6 +67,19 @@ def is_range(low: float, high: float) -> bool:
         (True, False, False)
     """
     return math.isfinite(low) and math.isfinite(high) and low <= high
+
+
+def are_bounds(values: Sequence[float]) -> bool:
+    """Whether ``values`` are histogram bounds: finite and strictly increasing.
+
+    Examples:
+        >>> from brittle.arguments import are_bounds
+        >>> are_bounds([0.1, 0.2]), are_bounds([0.2, 0.1]), are_bounds([0.1, float("inf")])
+        (True, False, False)
+    """
+    return all(math.isfinite(v) for v in values) and all(
+        a < b for a, b in zip(values, values[1:], strict=False)
+    )
 
 
 def file_path(path: str | Path, what: str, example: str) -> Path:

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from brittle._modes import changes_in_train_mode, eval_mode
+from brittle.arguments import are_bounds
 from brittle.attacks.settings import DEFAULT_ENGINE
 from brittle.calibrate.calibration import Calibration, ScoreKind
 from brittle.deploy.alarm import OLD_REFERENCE_WARNING, parse_reference
@@ -1352,9 +1353,7 @@ def _are_margin_buckets(buckets: Any) -> bool:
     """
     if not (isinstance(buckets, list) and all(type(b) in (int, float) for b in buckets)):
         return False
-    return all(math.isfinite(b) for b in buckets) and all(
-        b < c for b, c in zip(buckets, buckets[1:], strict=False)
-    )
+    return are_bounds(buckets)
 
 
 def _are_reference_counts(counts: Any) -> bool:

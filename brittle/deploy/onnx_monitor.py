@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from brittle.arguments import is_range
+from brittle.arguments import are_bounds, is_range
 from brittle.deploy.alarm import OLD_REFERENCE_WARNING, parse_reference
 from brittle.output import MonitorOutput
 
@@ -61,8 +61,7 @@ def _in_range(key: str, value: Any) -> bool:
         return isinstance(parse_reference(value), tuple)
     if key == "margin_buckets":
         # margin_buckets (brittle.deploy.telemetry) writes finite, strictly increasing bounds.
-        finite = all(math.isfinite(b) for b in value)
-        return finite and all(b < c for b, c in zip(value, value[1:], strict=False))
+        return are_bounds(value)
     if key == "input_domain":
         low, high = value
         return is_range(low, high)
