@@ -206,13 +206,13 @@ def load_own_loaders(
     """
     prefixes = own_loaders(model, prefix)
     outermost = [p for p in prefixes if not any(p != q and p.startswith(q) for q in prefixes)]
+    metadata = getattr(state, "_metadata", None)
     saved: SavedTensors = []
     for part in outermost:
         module = model.get_submodule(part[len(prefix) : -1]) if part != prefix else model
         sub: OrderedDict[str, Any] = OrderedDict(
             (key[len(part) :], value) for key, value in state.items() if key.startswith(part)
         )
-        metadata = getattr(state, "_metadata", None)
         if metadata is not None:
             own = part[:-1]
             sub._metadata = OrderedDict(  # type: ignore[attr-defined]
