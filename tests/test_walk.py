@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from brittle.attacks.attack import PassCounter
 from brittle.attacks.walk import boundary_walk
 
 
@@ -59,3 +60,14 @@ def test_without_a_group_the_cutoff_changes_nothing() -> None:
 def test_a_cutoff_that_would_stop_every_row_is_refused() -> None:
     with pytest.raises(ValueError, match="cutoff"):
         _walk([], group=torch.tensor([0, 0, 1]), cutoff=(0.4, 0.9))
+
+
+def test_the_last_step_is_checked_without_a_backward_pass() -> None:
+    # The step after the last point would never be tried: its gradient was wasted work,
+    # a twentieth of the walk's backward passes.
+    counter = PassCounter()
+    model = counter.counted(_two_classes())
+    x0, adv = torch.tensor([[0.7, 0.3]]), torch.tensor([[0.45, 0.55]])
+    _, dist = boundary_walk(model, x0, adv, torch.zeros(1, dtype=torch.long), "Linf", 20)
+    assert (counter.forward, counter.backward) == (20, 19)
+    assert torch.allclose(dist, torch.tensor([0.2]), atol=1e-3)

@@ -47,7 +47,8 @@ def boundary_walk(
         adv: ``(n, d)`` adversarials of ``x0`` (their prediction differs from ``pred``).
         pred: ``(n,)`` the class to move away from.
         norm: ``"Linf"``, ``"L2"`` or ``"L1"``.
-        steps: Iterations (one forward and one backward pass each).
+        steps: Iterations: one forward and one backward pass each, but the last, whose
+            point is only checked (one forward pass).
         gamma: First and last relative change of the norm budget (cosine schedule).
         alpha: First and last step length, relative to the budget (cosine schedule).
         group: ``(n,)`` the sample each row walks for, when several rows start from
@@ -100,9 +101,19 @@ def boundary_walk(
         cosine = (1 + math.cos(math.pi * i / steps)) / 2
         g_rate = gamma[1] + (gamma[0] - gamma[1]) * cosine
         a_rate = alpha[1] + (alpha[0] - alpha[1]) * cosine
-        point = (x0 + delta).requires_grad_(True)
-        with torch.enable_grad():
+        # The last step's point is only checked: the step it would take is never tried.
+        last = i == steps - 1
+        point = (x0 + delta).requires_grad_(not last)
+        with torch.set_grad_enabled(not last):
             z = logits_of(point)
+        is_adv = decision_changes(z.detach(), pred)
+        dist = torch.linalg.vector_norm(delta, ord=order, dim=1)
+        better = is_adv & (dist < best)
+        best = torch.where(better, dist, best)
+        best_adv = torch.where(better[:, None], point.detach(), best_adv)
+        if last:
+            break
+        with torch.enable_grad():
             check_differentiable(z)
             # Classes tied exactly with ``pred`` are passed over: a duplicated output
             # unit ties everywhere, and its zero gradient would stall the walk.
@@ -111,12 +122,6 @@ def boundary_walk(
             other = zd.masked_fill(ties, -math.inf).argmax(dim=1)
             diff = z[rows, pred] - z[rows, other]
             (grad,) = torch.autograd.grad(diff.sum(), point)
-        point = point.detach()
-        is_adv = decision_changes(z.detach(), pred)
-        dist = torch.linalg.vector_norm(delta, ord=order, dim=1)
-        better = is_adv & (dist < best)
-        best = torch.where(better, dist, best)
-        best_adv = torch.where(better[:, None], point, best_adv)
         # FMN's budget: shrink while adversarial (never above the best), grow while not.
         eps = torch.where(is_adv, torch.minimum(eps * (1 - g_rate), best), eps * (1 + g_rate))
         delta = delta - (a_rate * eps)[:, None] * steepest(grad, norm)
