@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from brittle._modes import eval_mode, frozen
 from brittle.attacks.fab import brittle_engine, brittle_points
+from brittle.attacks.heap import settle_heap
 from brittle.attacks.pooling import FastPooling
 from brittle.attacks.settings import DEFAULT_ENGINE, AttackSettings
 from brittle.attacks.torchattacks_fab import torchattacks_engine
@@ -228,6 +229,9 @@ def _attack(
         # A compiled model (torch.compile keeps the original as _orig_mod) pools with
         # its compiler's kernels, and tracing through the routing only costs compile time.
         target = FastPooling(target)
+    if x.device.type == "cpu":
+        # The passes' freed memory stays in the heap instead of being faulted in again.
+        settle_heap()
     if counter is not None:
         target = counter.counted(target)
         counter.samples += x.shape[0]
