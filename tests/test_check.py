@@ -22,7 +22,7 @@ from torch import nn
 
 import brittle
 from brittle.calibrate.analyses import estimate_threshold, robust_accuracy_estimate
-from brittle.calibrate.report import ConsistencyReport
+from brittle.calibrate.report import ConsistencyReport, percent
 from brittle.check import main
 from brittle.check.errors import UsageError
 from brittle.check.sources import load_data, load_model
@@ -657,6 +657,29 @@ def test_a_saved_monitor_refuses_an_eps_or_norm_it_would_ignore(tmp_path: Path) 
         )
         assert code == 2 and stderr.startswith(f"brittle-check: error: {option}: a saved monitor")
         assert stderr.count("\n") == 1
+
+
+def test_a_saved_monitor_reads_its_figures_at_the_target_tpr_asked(
+    model_file: Path, digits_npz: Path, margin_cache: Path, tmp_path: Path
+) -> None:
+    # Before, --target-tpr was silently ignored for a saved monitor with a report (its
+    # FPR@TPR figures were read at the fitted target), while check_settings recorded the
+    # ignored value: report.json said 0.95 and 0.8 side by side.
+    model = load_model(f"{model_file}:standard").model
+    monitor = brittle.wrap(model, eps=0.1)
+    monitor.fit(load_data(str(digits_npz)).x[:120], steps=3, pseudo=False, progress=False)
+    saved = monitor.save(tmp_path / "monitor.pt")
+    own_eps = [a for a in FAST if a not in ("--eps", "0.1")]  # the monitor's own eps
+    check = digits_check(
+        f"{saved}@{model_file}:standard", margin_cache, digits_npz, 60, 10, own_eps
+    )
+    for asked, used in ((["--target-tpr", "0.8"], 0.8), ([], monitor.report.target_tpr)):
+        out = tmp_path / f"out{len(asked)}"
+        code, stdout, stderr = run_main([*check, *asked, "--out", out])
+        assert code == 0, stderr
+        payload = read_report(out)
+        assert payload["target_tpr"] == payload["check_settings"]["target_tpr"] == used
+        assert f"FPR@{percent(used)}" in stdout
 
 
 def test_a_folder_named_like_a_file_is_called_a_folder(tmp_path: Path) -> None:

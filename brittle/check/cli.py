@@ -24,11 +24,14 @@ __all__ = [
     "resolve_settings",
     "check_paths",
     "DEFAULT_EPS",
+    "DEFAULT_TARGET_TPR",
 ]
 
 # Budgets used when --eps is not given: the RobustBench leaderboards' CIFAR budgets
 # (8/255 in Linf, 0.5 in L2) and the usual L1 budget of 12.
 DEFAULT_EPS: dict[str, float] = {"Linf": 8 / 255, "L2": 0.5, "L1": 12.0}
+# The target TPR of a fit when --target-tpr is not given.
+DEFAULT_TARGET_TPR = 0.95
 
 _DESCRIPTION = """\
 Check whether a classifier's cheap margin scores rank its decisions as the input-space
@@ -202,9 +205,11 @@ def build_parser(engines: list[str] | None = None) -> argparse.ArgumentParser:
     fit.add_argument(
         "--target-tpr",
         type=_rate,
-        default=0.95,
+        default=None,
         help="share of non-robust decisions the flag must catch; the threshold is the "
-        "split-conformal one for this rate (default: 0.95).",
+        "split-conformal one for this rate (default: 0.95). A saved monitor "
+        "(--model MONITOR.pt@SPEC) keeps its threshold: its FPR figures are read at this "
+        "rate (default: the target it was fitted at).",
     )
     fit.add_argument(
         "--steps",
@@ -324,12 +329,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 @dataclass(frozen=True)
 class Settings:
-    """What a check needs besides the model and the data, defaults resolved."""
+    """What a check needs besides the model and the data, defaults resolved.
+
+    ``target_tpr`` is ``None`` only for a saved monitor without ``--target-tpr``: its
+    figures are then read at the target it was fitted at.
+    """
 
     eps: float
     norm: Norm
     n: int
-    target_tpr: float
+    target_tpr: float | None
     steps: int
     engine: str
     batch_size: int
@@ -366,6 +375,10 @@ def resolve_settings(args: argparse.Namespace, *, demo: bool = False) -> Setting
     from brittle.digits import ROBUST_EPS
 
     norm: Norm = args.norm or args.threat_model or "Linf"
+    saved = args.model is not None and "@" in args.model  # evaluated at its own target
+    target_tpr = args.target_tpr
+    if target_tpr is None and not saved:
+        target_tpr = DEFAULT_TARGET_TPR
     if demo:
         eps = args.eps if args.eps is not None else ROBUST_EPS
         n = args.n if args.n is not None else 400
@@ -378,7 +391,7 @@ def resolve_settings(args: argparse.Namespace, *, demo: bool = False) -> Setting
         eps=float(eps),
         norm=norm,
         n=n,
-        target_tpr=args.target_tpr,
+        target_tpr=target_tpr,
         steps=steps,
         engine=args.engine,
         batch_size=args.batch_size or (512 if demo else 128),

@@ -21,7 +21,8 @@ def evaluate_saved(
 
     Unlike ``fit()``, nothing is recalibrated: the report shows how the saved
     score and threshold do on this data (the question a CI job asks of a monitor
-    already deployed).
+    already deployed). Its FPR figures are read at ``settings.target_tpr`` when
+    given, else at the monitor's fitted target.
     """
     if not monitor.has_threshold:
         raise UsageError(
@@ -34,7 +35,7 @@ def evaluate_saved(
         progress=settings.progress,
         cache_dir=settings.cache_dir,
         seed=settings.seed,
-        target_tpr=None if monitor.has_report else settings.target_tpr,
+        target_tpr=settings.target_tpr,  # None: the fitted target, else 0.95
     )
     report.reason = f"saved in {source.name}; its score and threshold, evaluated on this data"
     report.settings["evaluated_saved_monitor"] = str(source)

@@ -17,7 +17,7 @@ from brittle.attacks.adaptive import adaptive_attacks
 from brittle.calibrate import analyses
 from brittle.calibrate.report import ConsistencyReport
 from brittle.calibrate.timing import timed
-from brittle.check.cli import Settings
+from brittle.check.cli import DEFAULT_TARGET_TPR, Settings
 from brittle.check.errors import UsageError
 from brittle.check.evaluate import evaluate_saved
 from brittle.check.sources import DataSource, ModelSource, check_compatible
@@ -75,7 +75,7 @@ def _fit(monitor: Monitor, loader: DataLoader, settings: Settings, n: int) -> No
         monitor.fit(
             loader,
             pseudo="auto",  # trained only when needed and the holdout is large enough
-            target_tpr=settings.target_tpr,
+            target_tpr=DEFAULT_TARGET_TPR if settings.target_tpr is None else settings.target_tpr,
             eps=settings.eps,
             steps=settings.steps,
             engine=settings.engine,
@@ -139,7 +139,9 @@ def run_check(
         check_compatible(model, data, settings.device)
         monitor, report = _monitor_and_report(source, model, data, settings, n)
     if source.monitor_path is not None:  # the settings it ran at are the saved monitor's
-        settings = replace(settings, eps=report.eps, norm=monitor.norm)
+        settings = replace(
+            settings, eps=report.eps, norm=monitor.norm, target_tpr=report.target_tpr
+        )
     if report.excluded:
         raise UsageError("--data", f"{report.excluded} holdout samples could not be judged")
     with timed(timings, "analyses"):
