@@ -166,6 +166,24 @@ def test_half_precision_models_are_attacked_through_a_float32_view(
         attack_batch(half, x.to(dtype), pred, AttackSettings(norm=norm), engine="torchattacks")
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_precision_tie_on_the_cpu_takes_steps_of_the_models_precision(
+    dtype: torch.dtype,
+) -> None:
+    # Before: on the CPU the float32 view was wrapped for fast pooling, which hid the
+    # model's dtype from the engine; its tie steps were float32-sized, rounded away
+    # by the model, and the L1 margin of a sample exactly on the boundary was inf.
+    model = nn.Linear(2, 2, bias=False).to(dtype)
+    with torch.no_grad():
+        model.weight.copy_(torch.eye(2))
+    x = torch.tensor([[0.5, 0.5], [0.75, 0.75]], dtype=dtype)
+    pred = torch.tensor([0, 0])
+    for norm in ("Linf", "L2", "L1"):
+        margins = attack_batch(model, x, pred, AttackSettings(norm=norm, steps=10))  # type: ignore[arg-type]
+        # A few units in the last place of the model's dtype (eps 9.8e-4 and 7.8e-3).
+        assert (margins < 4 * torch.finfo(dtype).eps).all(), (norm, margins)
+
+
 def test_a_monitor_loaded_onto_a_half_precision_model_evaluates(tmp_path) -> None:
     # The deployment path of the guide: fit a float32 copy, load it onto the half
     # model, evaluate(). Before: "value cannot be converted to type c10::Half".
