@@ -36,7 +36,9 @@ DEFAULT_ENGINE = "brittle"
 # check's (rounding by batch) is pushed farther out along its ray instead of censored.
 # brittle 11: a half-precision model on a CPU steps in units of its own precision (the
 # pooling wrapper had hidden its dtype): its margins move; float32 and float64 unchanged.
-ENGINE_VERSIONS = {"brittle": 11, "torchattacks": 2}
+# brittle 12: each random restart is walked and bisected before the next one starts, so
+# that more restarts never give a larger margin: margins with restarts >= 3 move.
+ENGINE_VERSIONS = {"brittle": 12, "torchattacks": 2}
 
 
 @dataclass(frozen=True)
