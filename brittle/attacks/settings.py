@@ -38,7 +38,8 @@ DEFAULT_ENGINE = "brittle"
 # pooling wrapper had hidden its dtype): its margins move; float32 and float64 unchanged.
 # brittle 12: each random restart is walked and bisected before the next one starts, so
 # that more restarts never give a larger margin: margins with restarts >= 3 move.
-ENGINE_VERSIONS = {"brittle": 12, "torchattacks": 2}
+# torchattacks 3: a float64 model's margins are no longer rounded to float32.
+ENGINE_VERSIONS = {"brittle": 12, "torchattacks": 3}
 
 
 @dataclass(frozen=True)
