@@ -212,3 +212,18 @@ def test_l2_attacks_take_inputs_that_are_not_images(shape: tuple[int, ...]) -> N
         adv = attack(x, labels)
         assert adv.shape == x.shape
         assert bool((per_sample_norm(adv - x, "L2") <= 0.5 + 1e-5).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_models_are_refused_with_the_way_out(
+    standard_model: nn.Module, digits: DigitsSplit, dtype: torch.dtype
+) -> None:
+    # Before: "Index put requires the source and destination dtypes match" from deep
+    # inside adaptive PGD, for a monitor loaded onto a half-precision model.
+    x = digits.x_holdout[:4].to(dtype)
+    monitor = brittle.wrap(copy.deepcopy(standard_model).to(dtype), eps=0.1, score="logit")
+    monitor.set_threshold(0.5)
+    with pytest.raises(ValueError, match=r"float32 copy .*brittle.load"):
+        adaptive_attacks(monitor, x, steps=2, cw_steps=2)
+    with pytest.raises(ValueError, match=r"float32 copy .*brittle.load"):
+        adaptive_pgd(monitor, x, steps=2)

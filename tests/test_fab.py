@@ -205,3 +205,17 @@ def test_a_class_no_sample_predicts_can_hold_the_nearest_boundary(engine: str) -
     x = torch.tensor([[0.6, 0.4], [0.3, 0.7]])
     margins = brittle.input_margins(model, x, norm="L2", steps=30, engine=engine)
     torch.testing.assert_close(margins, torch.tensor([0.05, 0.15]), atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("engine", ["brittle", "torchattacks"])
+def test_a_float64_model_gets_its_margins_in_float64(engine: str) -> None:
+    # Before: the torchattacks engine kept its best margins in float32, so a float64
+    # model's verified distances were rounded to float32 (one in 1.7e7 relative): a
+    # margin just below eps could come back as eps itself.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3)).double()
+    x = torch.rand(8, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    pred = model(x).argmax(dim=1)
+    margins = attack_batch(model, x, pred, AttackSettings(norm="L2", steps=10), engine)
+    assert torch.isfinite(margins).all()
+    assert (margins != margins.float().double()).all()

@@ -109,6 +109,22 @@ def _settings(monitor: Monitor, eps: float | None, norm: str | None) -> tuple[fl
     return eps, norm
 
 
+def _check_precision(monitor: Monitor) -> None:
+    """Raise ``ValueError`` for a float16 or bfloat16 model, with the way out.
+
+    The attacks step in the model's dtype, torchattacks' in float32 (which such a
+    model does not take), and an example rounded to half precision can land outside
+    the eps-ball by more than the check's slack.
+    """
+    param = next(monitor.model.parameters(), None)
+    if param is not None and param.dtype in (torch.float16, torch.bfloat16):
+        raise ValueError(
+            f"the adaptive attacks need a float32 or float64 model; this one is {param.dtype}. "
+            "Load the saved monitor onto a float32 copy (copy.deepcopy(model).float()) "
+            "with brittle.load and attack that."
+        )
+
+
 def _project(x: Tensor, x_adv: Tensor, eps: float, norm: Norm) -> Tensor:
     """Nearest point to ``x_adv`` in the eps-ball around ``x``, then clipped to ``[0, 1]``."""
     return (x + project_ball(x_adv - x, eps, norm)).clamp(0.0, 1.0)
@@ -164,6 +180,10 @@ def adaptive_pgd(
         ``(x_adv, success)``: the kept points (``x`` itself where no adversarial
         was found) and a boolean mask of the samples with a verified adversarial.
 
+    Raises:
+        ValueError: For a float16 or bfloat16 model (attack a float32 copy), or
+            inside ``torch.inference_mode()``.
+
     Examples:
         >>> import torch, brittle
         >>> from brittle.attacks.adaptive import adaptive_pgd
@@ -174,6 +194,7 @@ def adaptive_pgd(
     """
     eps, norm_ = _settings(monitor, eps, norm)
     check_autograd("adaptive PGD's examples are")
+    _check_precision(monitor)
     if steps < 1:
         raise ValueError(f"steps must be a positive integer. Got {steps}.")
     alpha = float(alpha) if alpha is not None else pgd_step_size(eps, steps)
@@ -268,8 +289,9 @@ def adaptive_attacks(
         ``"adaptive_pgd"`` and ``"cw"``.
 
     Raises:
-        ValueError: If the monitor has no threshold, on an unsupported norm, or when
-            called inside ``torch.inference_mode()`` (``torch.no_grad()`` is fine).
+        ValueError: If the monitor has no threshold, on an unsupported norm, for a
+            float16 or bfloat16 model, or when called inside ``torch.inference_mode()``
+            (``torch.no_grad()`` is fine).
 
     Examples:
         >>> import torch, brittle
@@ -282,6 +304,7 @@ def adaptive_attacks(
     """
     eps, norm_ = _settings(monitor, eps, norm)
     check_autograd("adversarial examples are")
+    _check_precision(monitor)
     threshold = float(monitor.threshold)
     if not math.isfinite(threshold):
         raise ValueError(

@@ -214,6 +214,11 @@ def _attack(
     if index is None:
         index = torch.arange(x.shape[0], device=x.device)
     target: nn.Module = model
+    if engine == "brittle" and x.device.type == "cpu" and not hasattr(model, "_orig_mod"):
+        # The same logits and gradients, with max-pooling several times faster on a CPU.
+        # A compiled model (torch.compile keeps the original as _orig_mod) pools with
+        # its compiler's kernels, and tracing through the routing only costs compile time.
+        target = FastPooling(model)
     dtype = _half_dtype(model)
     view = x
     if dtype is not None:
@@ -223,12 +228,10 @@ def _attack(
                 "to the model's rounding and small margins come back censored. Use "
                 "engine='brittle', which attacks half-precision models through a float32 view."
             )
-        target, view = LogitsModel(model, dtype), x.float()
-    if engine == "brittle" and x.device.type == "cpu" and not hasattr(model, "_orig_mod"):
-        # The same logits and gradients, with max-pooling several times faster on a CPU.
-        # A compiled model (torch.compile keeps the original as _orig_mod) pools with
-        # its compiler's kernels, and tracing through the routing only costs compile time.
-        target = FastPooling(target)
+        # Outermost, so that the engine reads the dtype the view names (the precision
+        # of its steps); inside the pooling wrapper it was hidden, and a tie's steps
+        # were float32-sized, rounded away by the model.
+        target, view = LogitsModel(target, dtype), x.float()
     if x.device.type == "cpu":
         # The passes' freed memory stays in the heap instead of being faulted in again.
         settle_heap()

@@ -171,7 +171,8 @@ def fab_attack(
         steps: FAB iterations per restart.
         restarts: Untargeted runs per sample; the first starts at ``x``, later ones
             (after the targeted runs and the walk) at a random point within half the
-            best norm so far. The smallest norm is kept.
+            best norm so far, each followed by its own walk and bisection. The
+            smallest norm is kept; more restarts never give a larger one.
         seed: Seed of the random restarts.
         index: ``(B,)`` global position of each sample (default ``0..B-1``); a
             sample's restarts depend on ``(seed, index)`` only.
@@ -295,13 +296,17 @@ def fab_attack(
             attack.walk(walk_steps)
             attack.refine(refine_steps, rows=walking)
             walking = walking & _improved(before, attack.best, _WALK_RTOL)
-        # Random restarts come last and only ever lower a margin: the runs above are
-        # the same whatever ``restarts`` is, so more restarts never give a larger one.
-        before = attack.best.clone()
+        # Random restarts come last and only ever lower a margin. Each is a run, a walk
+        # and a bisection of its own, so that the ``r``-th restart starts from the same
+        # point whatever ``restarts`` is, and the extra restarts below continue the
+        # same sequence: more restarts never give a larger margin. (Run back to back
+        # before one walk, the second restart drew its start from a best the first
+        # restart's walk had not yet lowered, and went elsewhere than the same restart
+        # drawn as an extra one after that walk.)
         busy = torch.zeros_like(attack.pred, dtype=torch.bool)
         for restart in range(1, restarts):
+            before = attack.best.clone()
             attack.run(attack.random_start(seed, index, restart), steps, candidates)
-        if restarts > 1:
             attack.walk(walk_steps)
             attack.refine(refine_steps)
             busy = _improved(before, attack.best)

@@ -34,7 +34,12 @@ DEFAULT_ENGINE = "brittle"
 # run's takes the extra restarts too.
 # brittle 10: a point that changed the decision in the engine's pass but not in the
 # check's (rounding by batch) is pushed farther out along its ray instead of censored.
-ENGINE_VERSIONS = {"brittle": 10, "torchattacks": 2}
+# brittle 11: a half-precision model on a CPU steps in units of its own precision (the
+# pooling wrapper had hidden its dtype): its margins move; float32 and float64 unchanged.
+# brittle 12: each random restart is walked and bisected before the next one starts, so
+# that more restarts never give a larger margin: margins with restarts >= 3 move.
+# torchattacks 3: a float64 model's margins are no longer rounded to float32.
+ENGINE_VERSIONS = {"brittle": 12, "torchattacks": 3}
 
 
 @dataclass(frozen=True)

@@ -42,15 +42,15 @@ def torchattacks_engine(
         n_classes=n_classes,
         seed=settings.seed,
     )
-    best = torch.full((x.shape[0],), math.inf, device=x.device)
+    # float64, as verified_margins returns them: a float64 model's margins keep their digits.
+    best = torch.full((x.shape[0],), math.inf, device=x.device, dtype=torch.float64)
     default = START_RADIUS[settings.norm]
     for restart in range(settings.restarts):
         # attack_single_run's random start has radius min(eps, ...)/2; a per-sample
-        # eps puts restarts near the best adversarial found so far.
-        fab.eps = torch.where(torch.isfinite(best), best, torch.full_like(best, default))
+        # eps puts restarts near the best adversarial found so far (float32, as
+        # torchattacks computes).
+        fab.eps = torch.where(torch.isfinite(best), best, torch.full_like(best, default)).float()
         with seeded(settings.seed + restart, x.device):
             adv = fab.attack_single_run(x, pred, use_rand_start=restart > 0).to(x.dtype)
-        best = torch.minimum(
-            best, verified_margins(model, x, adv, pred, settings.norm).to(best.dtype)
-        )
+        best = torch.minimum(best, verified_margins(model, x, adv, pred, settings.norm))
     return best
