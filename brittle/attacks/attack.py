@@ -127,8 +127,10 @@ def attack_batch(
     A float16 or bfloat16 model is attacked through a float32 view of it
     (``LogitsModel``): the attack runs in float32, the model sees each point
     rounded to its own dtype, and the margin is the float32 distance to the point
-    whose (rounded) prediction was checked; it can differ from the distance of
-    the rounded point by half a unit in the last place of that dtype. Only the
+    whose (rounded) prediction was checked. Rounding moves each coordinate by at
+    most half a unit in the last place of that dtype, so the rounded point's
+    distance differs by at most that in Linf, and by up to ``sqrt(d)`` (L2) or
+    ``d`` (L1) times that over ``d`` coordinates. Only the
     ``"brittle"`` engine takes such models (a ``ValueError`` says so otherwise).
 
     A row of ``x`` holding NaN or Inf is not attacked: its margin is NaN. The
