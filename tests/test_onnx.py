@@ -376,3 +376,29 @@ def test_a_logit_monitor_exports_whatever_its_named_head_gives(tmp_path: Path) -
     feature.set_threshold(0.1)
     with pytest.raises(RuntimeError, match="called 2 times"):
         feature.export_onnx(tmp_path / "f.onnx", x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_an_exact_tie_of_identical_head_rows_has_margin_zero_in_every_dtype(
+    tmp_path: Path, dtype: torch.dtype
+) -> None:
+    # Classes 0 and 1 have identical weight rows and biases, so their logits tie exactly:
+    # the sample is on the decision boundary (margin 0, flagged). The feature margin
+    # divides by the pair norm clamped to finfo(dtype).tiny; a float64 export held that
+    # constant as a float32 scalar, 0, so 0/0 gave NaN, which onnxruntime's ReduceMin
+    # skips: the graph reported the margin to class 2 (about 140) and no flag.
+    head = nn.Linear(8, 3).to(dtype)
+    with torch.no_grad():
+        head.weight[1] = head.weight[0]
+        head.bias[:2] = 100.0
+        head.bias[2] = 0.0
+    monitor = brittle.wrap(head, score="feature", norm="L2")
+    monitor.set_threshold(0.5)
+    x = torch.randn(4, 8).to(dtype)
+    served = brittle.OnnxMonitor(monitor.export_onnx(tmp_path / "m.onnx", x[:2]), providers=CPU)
+    with torch.no_grad():
+        expected = monitor(x)
+    got = served(x.numpy())
+    assert (expected.margin == 0).all()
+    np.testing.assert_array_equal(got.margin, np.zeros(4, dtype=got.margin.dtype))
+    assert got.flag.all() and (got.pred == 0).all()

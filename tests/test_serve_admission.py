@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -16,7 +17,7 @@ from brittle.deploy.serve.admission import (
     max_bytes_default,
     max_concurrent_default,
 )
-from brittle.deploy.serve.body import read_body
+from brittle.deploy.serve.body import decode_json, read_body
 from brittle.deploy.serve.refusal import Refusal
 
 
@@ -187,6 +188,28 @@ def test_a_small_request_takes_a_free_place_or_waits_for_a_thread() -> None:
 
     anyio.run(main)
     assert most == 1
+
+
+def test_a_body_too_deep_for_the_event_loops_stack_is_parsed_in_a_worker_thread() -> None:
+    # The event loop's stack under a server is deeper than a worker thread's: JSON
+    # nested 960 levels got 400 (nested too deeply) on the loop and 422 (not of the
+    # model's shape) in a thread, depending on the requests before it.
+    admission = Admission(max_bytes=10, max_concurrent=1)
+    assert _where_run(admission, RECENT + 1, 1000, 0.0)[-1]
+    depth = sys.getrecursionlimit() - 100  # a thread parses it; 200 frames more do not
+    body = b"[" * depth + b"]" * depth
+    assert len(body) <= INLINE_BYTES
+
+    async def deep(frames: int) -> object:
+        if frames:
+            return await deep(frames - 1)
+        return await admission.run(decode_json, body, size=len(body))
+
+    parsed = anyio.run(deep, 200)
+    for _ in range(depth - 1):
+        assert isinstance(parsed, list) and len(parsed) == 1
+        parsed = parsed[0]
+    assert parsed == []
 
 
 @pytest.mark.parametrize(

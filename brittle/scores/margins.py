@@ -16,6 +16,23 @@ from brittle.scores.norms import Norm, dual_order
 __all__ = ["logit_margin", "feature_margin", "pair_norm_table", "pair_norm_rows"]
 
 
+def _smallest_norm(dtype: torch.dtype) -> float:
+    """The least pair norm ``feature_margin`` divides by: a normal number of ``dtype``.
+
+    At least float32's smallest normal number: the ONNX exporter holds a Python
+    scalar as a float32 constant, and float64's (2.2e-308) became 0 there, so a
+    tie of identical weight rows gave 0/0 = NaN in a float64 graph, which
+    onnxruntime's ``ReduceMin`` skips: the margin to another class instead of 0.
+
+    Examples:
+        >>> _smallest_norm(torch.float64) == torch.finfo(torch.float32).tiny
+        True
+        >>> _smallest_norm(torch.float16) == torch.finfo(torch.float16).tiny
+        True
+    """
+    return max(torch.finfo(dtype).tiny, torch.finfo(torch.float32).tiny)
+
+
 def _check_logits(logits: Tensor) -> None:
     if logits.dim() != 2:
         raise ValueError(f"logits must have shape (batch, classes). Got {tuple(logits.shape)}.")
@@ -136,6 +153,6 @@ def feature_margin(
         denom = pair_norms.index_select(0, pred)
     # Identical weight rows give 0/0 for a tie and gap/0 otherwise; the clamp turns
     # these into 0 and a huge value, while a NaN logit still gives NaN.
-    ratio = gaps / denom.clamp_min(torch.finfo(denom.dtype).tiny)
+    ratio = gaps / denom.clamp_min(_smallest_norm(denom.dtype))
     ratio = ratio.scatter(1, pred[:, None], math.inf)
     return ratio.amin(dim=1)

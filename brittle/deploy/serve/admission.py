@@ -169,7 +169,12 @@ class Admission:
         A request of ``size`` bytes, at most ``INLINE_BYTES``, runs on the event loop
         while such requests are ``quick`` and a place is free at once; every other
         call (``size`` unknown among them) waits for a place and runs in a worker
-        thread.
+        thread. A call that runs out of stack on the event loop (a ``RecursionError``,
+        or an error raised from one, such as the 400 of JSON nested too deeply) runs
+        again in a worker thread, whose stack starts far shallower: else a body nested
+        a little less deeply than a thread can parse got a 400 on the loop and a 422
+        (its inputs not of the model's shape) in a thread. ``fn`` must then have
+        changed nothing, as parsing a body changes nothing.
         """
         small = size is not None and size <= INLINE_BYTES
         if small and self.quick():
@@ -180,6 +185,9 @@ class Admission:
             else:
                 try:
                     return self._timed(small, fn, *args)
+                except Exception as err:
+                    if not _out_of_stack(err):
+                        raise
                 finally:
                     self._workers.release()
         return await anyio.to_thread.run_sync(self._timed, small, fn, *args, limiter=self._workers)
@@ -197,6 +205,29 @@ class Admission:
             if small:
                 with self._lock:
                     self._recent.append(time.process_time() - start)
+
+
+def _out_of_stack(error: BaseException) -> bool:
+    """Whether ``error`` is a ``RecursionError`` or was raised from one.
+
+    Examples:
+        >>> try:
+        ...     try:
+        ...         raise RecursionError
+        ...     except RecursionError as err:
+        ...         raise ValueError("nested too deeply") from err
+        ... except ValueError as err:
+        ...     print(_out_of_stack(err), _out_of_stack(ValueError()))
+        True False
+    """
+    seen: set[int] = set()
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, RecursionError):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 class Hold:
