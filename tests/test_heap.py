@@ -21,14 +21,14 @@ pytestmark = pytest.mark.skipif(
 )
 
 # A fresh process attacks 64 inputs of a digits-shaped CNN twice; the faults of the
-# second attack are printed. ``settled`` False marks the heap settled before the
-# attack, so that the attack leaves glibc's thresholds as they start.
+# second attack are printed. ``settled`` False sets ``SETTLED`` before the attack (the
+# opt-out), so that the attack leaves glibc's thresholds as they start.
 _ATTACK = """
 import resource, torch
 from torch import nn
 import brittle.attacks.heap as heap
 if not {settled}:
-    heap._settled.set()
+    heap.SETTLED.set()
 from brittle.attacks.attack import AttackSettings, attack_batch
 torch.set_num_threads(1)
 torch.manual_seed(0)

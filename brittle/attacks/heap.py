@@ -16,7 +16,8 @@ process: what such a process would have done, with the same effect. The
 process may then keep up to 64 MiB of freed memory for its next allocations
 instead of handing it back. Nothing is set: a threshold fixed by the user
 (``mallopt``, ``GLIBC_TUNABLES``) stays as it is, and on other C libraries the
-block is allocated and freed, and that is all.
+block is allocated and freed, and that is all. A process that must hand freed
+memory back at once sets ``SETTLED`` before its first attack.
 """
 
 from __future__ import annotations
@@ -26,13 +27,15 @@ import threading
 
 import torch
 
-__all__ = ["settle_heap", "BLOCK_BYTES"]
+__all__ = ["settle_heap", "BLOCK_BYTES", "SETTLED"]
 
 # Just under glibc's largest dynamic mmap threshold (DEFAULT_MMAP_THRESHOLD_MAX,
 # 32 MiB on 64-bit systems): a freed mapped block raises the threshold only when
 # its size, page-rounded with its header, is at most that.
 BLOCK_BYTES = 32 * 2**20 - 2 * 4096
-_settled = threading.Event()
+# Set once the block was freed. Set it before the first attack to leave glibc's
+# thresholds as they are (a process that must hand freed memory back at once).
+SETTLED = threading.Event()
 
 
 def _glibc() -> bool:
@@ -55,9 +58,9 @@ def settle_heap() -> bool:
         >>> settle_heap()
         False
     """
-    if _settled.is_set() or not _glibc():
+    if SETTLED.is_set() or not _glibc():
         return False
-    _settled.set()
+    SETTLED.set()
     block = torch.empty(BLOCK_BYTES, dtype=torch.uint8)  # mapped, never touched
     del block
     return True
