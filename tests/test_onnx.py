@@ -237,6 +237,27 @@ def test_unfitted_and_bad_arguments(tmp_path: Path) -> None:
         brittle.OnnxMonitor(tmp_path / "missing.onnx")
 
 
+def test_a_file_has_the_opset_asked_for_or_none_is_written(
+    exported: dict, digits: DigitsSplit, tmp_path: Path
+) -> None:
+    # torch's exporter writes opset 18 and converts the graph to the opset asked for; a
+    # conversion that fails leaves opset 18 behind a logged traceback. Before, a fitted
+    # monitor exported with opset=17 (onnx's converter fails on its reduction nodes,
+    # which share one axes constant), and any monitor with opset=99, was written at
+    # opset 18 without an error.
+    small = brittle.wrap(nn.Sequential(nn.Flatten(), nn.Linear(16, 3)), eps=0.1)
+    small.set_threshold(0.1)
+    x = torch.rand(4, 1, 4, 4)
+    path = small.export_onnx(tmp_path / "small.onnx", x, opset=17)
+    assert [o.version for o in onnx.load(path).opset_import if o.domain == ""] == [17]
+    fitted = exported["pseudo"][0]
+    for opset, monitor, example in ((17, fitted, digits.x_holdout[:5]), (99, small, x)):
+        path = tmp_path / f"at-{opset}.onnx"
+        with pytest.raises(ValueError, match=f"cannot write this monitor's graph at opset {opset}"):
+            monitor.export_onnx(path, example, opset=opset)
+        assert not path.exists()
+
+
 def test_a_failed_export_leaves_no_file_and_keeps_the_old_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -153,8 +153,10 @@ def export_onnx(
     Raises:
         NotFittedError: if the monitor has no threshold.
         ValueError: for a bad ``opset`` or ``example_input`` (empty, or of a
-            bfloat16 model, which ONNX cannot express), or a feature or pseudo
-            score without a linear head.
+            bfloat16 model, which ONNX cannot express), an ``opset`` the exporter
+            cannot convert this graph to (it exports at 18 and converts, which
+            fails for some graphs, a fitted monitor's at 17 among them), or a
+            feature or pseudo score without a linear head.
         IsADirectoryError: if ``path`` is a directory.
 
     Examples:
@@ -232,6 +234,15 @@ def export_onnx(
         )
     if program is None:  # only the TorchScript exporter returns None
         raise RuntimeError("torch.onnx.export returned no ONNX program.")
+    exported_opset = program.model.opset_imports.get("")
+    if exported_opset != opset:
+        # The exporter writes opset 18 and converts the graph to the opset asked for;
+        # a conversion that fails only logs, and leaves the graph at 18.
+        raise ValueError(
+            f"torch's ONNX exporter cannot write this monitor's graph at opset {opset} "
+            f"(its conversion left opset {exported_opset}). Export with opset={DEFAULT_OPSET}, "
+            "the default."
+        )
     program.model.metadata_props.update(_metadata(monitor, kind))
     with parent_folders(path):
         # Written and checked in a folder of its own beside the target (with its external
