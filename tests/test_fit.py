@@ -111,6 +111,18 @@ def test_inputs_outside_unit_range_are_rejected(robust_model: nn.Module) -> None
     assert "255" not in str(negative.value)
 
 
+def test_inputs_a_rounding_outside_unit_range_are_told_so(robust_model: nn.Module) -> None:
+    # A normalisation round trip leaves pixels a float32 step above 1: the message
+    # must show that value (not "got values in [0, 1]") and not blame 0-255 pixels.
+    x = torch.full((2, 1, 8, 8), 0.5)
+    x[0, 0, 0, 0] = torch.nextafter(torch.tensor(1.0), torch.tensor(2.0))
+    with pytest.raises(ValueError) as above:
+        brittle.input_margins(robust_model, x, steps=2)
+    message = str(above.value)
+    assert "[0.5, 1]" not in message and "1.0000001" in message
+    assert "255" not in message and "clamp" in message
+
+
 def test_conformal_threshold_keeps_its_guarantee_by_simulation() -> None:
     rng = np.random.default_rng(0)
     target, n_pos, trials = 0.9, 30, 4000

@@ -31,6 +31,10 @@ __all__ = [
 # 3.9e-6 away got margin inf. Its point 1.01 times as far passes.
 PUSH_SCALES = (1.001, 1.01, 1.1, 2.0)
 
+# Values at most this far outside [0, 1] are rounding errors of values inside it
+# (check_unit_range then suggests clamping rather than rescaling).
+_ROUNDING = 1e-3
+
 
 def check_unit_range(x: Tensor, what: str = "input margins are measured") -> None:
     """Raise ``ValueError`` unless every finite value of ``x`` lies in ``[0, 1]``.
@@ -50,14 +54,24 @@ def check_unit_range(x: Tensor, what: str = "input margins are measured") -> Non
     values = x[torch.isfinite(x)] if x.is_floating_point() else x
     if values.numel() and (float(values.min()) < 0.0 or float(values.max()) > 1.0):
         low, high = float(values.min()), float(values.max())
-        # Pixel values as stored (0-255) are the common case: say how to scale them.
-        hint = (
-            " Images in 0-255? Divide by 255 (and eps too)." if low >= 0.0 and high <= 255.0 else ""
-        )
+        if low >= -_ROUNDING and high <= 1.0 + _ROUNDING:
+            # A normalisation round trip leaves values a rounding error outside.
+            hint = " Values this close to [0, 1] are rounding errors: pass x.clamp(0, 1)."
+        elif low >= 0.0 and high <= 255.0:
+            # Pixel values as stored (0-255) are the common case: say how to scale them.
+            hint = " Images in 0-255? Divide by 255 (and eps too)."
+        else:
+            hint = ""
         raise ValueError(
-            f"{what} for inputs in [0, 1]; got values in "
-            f"[{low:.4g}, {high:.4g}]. Put normalisation inside the model.{hint}"
+            f"{what} for inputs in [0, 1]; got values in [{_shown(low)}, {_shown(high)}]. "
+            f"Put normalisation inside the model.{hint}"
         )
+
+
+def _shown(value: float) -> str:
+    """``value`` in 4 significant digits, or in full where those would round it into [0, 1]."""
+    text = f"{value:.4g}"
+    return text if (0.0 <= value <= 1.0) == (0.0 <= float(text) <= 1.0) else repr(value)
 
 
 def check_differentiable(logits: Tensor) -> None:
