@@ -555,6 +555,35 @@ def test_input_margins_take_inputs_in_another_dtype_as_fit_does(
         brittle.input_margins(robust_model, (x * 16).to(torch.uint8), steps=5)
 
 
+class _BufferLinear(nn.Module):
+    """A float64 linear classifier whose weights are buffers: a model without parameters."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight.double())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1) @ self.weight.T
+
+
+def test_fit_feeds_a_model_without_parameters_its_buffers_dtype(
+    standard_model: nn.Module, digits: DigitsSplit
+) -> None:
+    # Before, fit() cast the holdout to float32 when the model had no parameter, so
+    # a float64 model holding its weights in buffers failed on its first batch
+    # ("expected m1 and m2 to have the same dtype"), even on float64 data, while
+    # input_margins read the buffers' dtype and measured it.
+    model = _BufferLinear(torch.randn(10, 64, generator=torch.Generator().manual_seed(0)))
+    x = digits.x_holdout[:80]
+    for data in (x, x.double()):
+        monitor = brittle.wrap(model, eps=0.02, score="logit")
+        report = monitor.fit(data, steps=8, pseudo=False, progress=False, target_tpr=0.8).report
+        assert report.n == 80
+    np.testing.assert_array_equal(
+        report.input_margins.astype(np.float32), brittle.input_margins(model, x, steps=8).numpy()
+    )
+
+
 def test_an_evaluation_claims_no_guarantee_of_its_own(
     robust_model: nn.Module, digits: DigitsSplit
 ) -> None:

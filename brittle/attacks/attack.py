@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -17,7 +16,12 @@ from brittle.attacks.heap import settle_heap
 from brittle.attacks.pooling import FastPooling
 from brittle.attacks.settings import DEFAULT_ENGINE, AttackSettings
 from brittle.attacks.torchattacks_fab import torchattacks_engine
-from brittle.attacks.verify import check_unit_range, model_device, verified_margins
+from brittle.attacks.verify import (
+    check_unit_range,
+    model_device,
+    model_dtype,
+    verified_margins,
+)
 from brittle.data import batches
 from brittle.scores.head import LogitsModel, model_output
 from brittle.scores.norms import Norm, check_norm
@@ -255,23 +259,15 @@ def _attack(
     return margins, adv
 
 
-def _float_dtype(model: nn.Module) -> torch.dtype | None:
-    """The dtype of the model's first floating parameter (or buffer); ``None`` if it has none."""
-    for tensor in itertools.chain(model.parameters(), model.buffers()):
-        if tensor.is_floating_point():
-            return tensor.dtype
-    return None
-
-
 def _half_dtype(model: nn.Module) -> torch.dtype | None:
     """float16 or bfloat16 when the model's first floating parameter is, else ``None``."""
-    dtype = _float_dtype(model)
+    dtype = model_dtype(model)
     return dtype if dtype in (torch.float16, torch.bfloat16) else None
 
 
 def _input_dtype(model: nn.Module, x: Tensor) -> torch.dtype:
-    """The model's floating dtype (``_float_dtype``); else ``x``'s, if floating."""
-    dtype = _float_dtype(model)
+    """The model's floating dtype (``model_dtype``); else ``x``'s, if floating."""
+    dtype = model_dtype(model)
     if dtype is not None:
         return dtype
     return x.dtype if x.is_floating_point() else torch.get_default_dtype()

@@ -20,6 +20,7 @@ __all__ = [
     "check_differentiable",
     "check_autograd",
     "model_device",
+    "model_dtype",
 ]
 
 
@@ -127,6 +128,24 @@ def model_device(model: nn.Module) -> torch.device:
     """Device of the model's first parameter, else of its first buffer, else the CPU."""
     tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
     return tensor.device if tensor is not None else torch.device("cpu")
+
+
+def model_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype of the model's first floating parameter, else buffer; ``None`` if it has none.
+
+    The dtype the model takes its inputs in: a model without parameters (its
+    weights held in buffers) reads its buffers' dtype.
+
+    Examples:
+        >>> import torch
+        >>> from brittle.attacks.verify import model_dtype
+        >>> model_dtype(torch.nn.Linear(2, 2).double()), model_dtype(torch.nn.ReLU())
+        (torch.float64, None)
+    """
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return None
 
 
 def decision_changes(logits: Tensor, pred: Tensor) -> Tensor:

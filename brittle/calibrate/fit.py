@@ -23,6 +23,7 @@ from brittle.arguments import positive_int
 from brittle.attacks.attack import ENGINES
 from brittle.attacks.distributed import shard
 from brittle.attacks.settings import DEFAULT_ENGINE, AttackSettings
+from brittle.attacks.verify import model_dtype
 from brittle.calibrate.cache import MarginCache
 from brittle.calibrate.calibration import Calibration, ScoreKind
 from brittle.calibrate.holdout import BoundaryRows, Holdout, collect_holdout, holdout_report
@@ -136,10 +137,10 @@ def _validate(
         raise ValueError(f"pseudo must be True, False or 'auto'. Got {pseudo!r}.")
     if not -1.0 <= min_tau <= 1.0:
         raise ValueError(f"min_tau must be in [-1, 1]. Got {min_tau}.")
-    param = next(monitor.model.parameters(), None)
-    if param is not None and param.dtype not in (torch.float32, torch.float64):
+    dtype = model_dtype(monitor.model)  # the buffers' of a model without parameters
+    if dtype is not None and dtype not in (torch.float32, torch.float64):
         raise ValueError(
-            f"fit() needs a float32 or float64 model; this one is {param.dtype}, whose "
+            f"fit() needs a float32 or float64 model; this one is {dtype}, whose "
             "precision is too coarse for minimum-norm attacks. Fit a float32 copy "
             "(copy.deepcopy(model).float()), save the monitor, and load it onto this model "
             "with brittle.load: the same model in another dtype is accepted."

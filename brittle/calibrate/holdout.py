@@ -17,6 +17,7 @@ from brittle._modes import eval_mode
 from brittle.attacks.attack import PassCounter, attack_batch, attack_points
 from brittle.attacks.distributed import Shard, sample_fingerprints
 from brittle.attacks.settings import DEFAULT_ENGINE, AttackSettings
+from brittle.attacks.verify import model_device, model_dtype
 from brittle.calibrate.boundary import COPIES, boundary_copies
 from brittle.calibrate.cache import MarginCache
 from brittle.calibrate.metrics import nonrobust
@@ -132,9 +133,9 @@ def collect_holdout(
         )
     if boundary is not None and not boundary > 0:
         raise ValueError(f"boundary must be a positive radius. Got {boundary}.")
-    param = next(monitor.model.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
-    dtype = param.dtype if param is not None else torch.float32
+    # A model without parameters (weights in buffers) takes its buffers' dtype and device.
+    device = model_device(monitor.model)
+    dtype = model_dtype(monitor.model) or torch.float32
     length = _length(data)
     total = length if n_samples is None else min(n_samples, length or n_samples)
     scores: dict[str, list[Tensor]] = {}
