@@ -36,7 +36,7 @@ from brittle._modes import eval_mode, frozen, seeded
 from brittle.attacks.ball import project_ball, steepest
 from brittle.attacks.outcome import AttackOutcome
 from brittle.attacks.pgd import pgd_step_size, torchattacks_pgd
-from brittle.attacks.verify import check_autograd, model_device
+from brittle.attacks.verify import check_autograd, model_device, model_dtype
 from brittle.scores.head import LogitsModel
 from brittle.scores.norms import Norm, check_norm, per_sample_norm
 
@@ -116,10 +116,10 @@ def _check_precision(monitor: Monitor) -> None:
     model does not take), and an example rounded to half precision can land outside
     the eps-ball by more than the check's slack.
     """
-    param = next(monitor.model.parameters(), None)
-    if param is not None and param.dtype in (torch.float16, torch.bfloat16):
+    dtype = model_dtype(monitor.model)  # fit's rule: a parameterless model's buffers
+    if dtype in (torch.float16, torch.bfloat16):
         raise ValueError(
-            f"the adaptive attacks need a float32 or float64 model; this one is {param.dtype}. "
+            f"the adaptive attacks need a float32 or float64 model; this one is {dtype}. "
             "Load the saved monitor onto a float32 copy (copy.deepcopy(model).float()) "
             "with brittle.load and attack that."
         )
