@@ -15,8 +15,8 @@ in page faults (55,000-60,000 on 128 digits; ``benchmarks/README.md``).
 process: what such a process would have done, with the same effect. The
 process may then keep up to 64 MiB of freed memory for its next allocations
 instead of handing it back. Nothing is set: a threshold fixed by the user
-(``mallopt``, ``GLIBC_TUNABLES``) stays as it is, and on other C libraries the
-block is allocated and freed, and that is all. A process that must hand freed
+(``mallopt``, ``GLIBC_TUNABLES``) stays as it is, and on other C libraries
+nothing is done. A process that must hand freed
 memory back at once sets ``SETTLED`` before its first attack.
 """
 
