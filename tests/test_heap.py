@@ -57,10 +57,10 @@ def _faults(settled: bool) -> int:
 
 
 def test_an_attack_does_not_fault_its_freed_memory_in_again() -> None:
-    # Measured on the 2-core VM, three runs each: 4,400-9,800 faults in the second
-    # attack with glibc's starting thresholds (the control: the pages the heap handed
-    # back and took again), 260-780 with the heap settled.
-    assert _faults(settled=False) > 3000
+    # Measured on the 2-core VM: 2,600-9,800 faults in the second attack with glibc's
+    # starting thresholds (the control: the pages the heap handed back and took again;
+    # four runs, one of them CI's at 2,632), 260-780 with the heap settled (three runs).
+    assert _faults(settled=False) > 2000
     assert _faults(settled=True) < 1500
 
 
