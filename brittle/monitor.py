@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from brittle._modes import changes_in_train_mode, eval_mode
 from brittle.arguments import are_bounds
 from brittle.attacks.settings import DEFAULT_ENGINE
+from brittle.attacks.verify import model_device
 from brittle.calibrate.calibration import Calibration, ScoreKind
 from brittle.deploy.alarm import OLD_REFERENCE_WARNING, parse_reference
 from brittle.errors import NotFittedError
@@ -152,16 +153,20 @@ class Monitor(nn.Module):
         # (flagged, accepted) calibration samples: the alarm bounds the rate from them.
         self.reference_counts: tuple[int, int] | None = None
         self.margin_buckets: tuple[float, ...] | None = None
-        self.register_buffer("threshold", torch.tensor(math.nan))
-        self.register_buffer("fitted", torch.tensor(False))
-        self.register_buffer("pair_norms", torch.empty(0, 0))
+        # The monitor's own state starts on the model's device, so that a monitor of a
+        # model on a GPU is on that GPU: fit trains the pseudo-margin network there,
+        # and the network lands beside the features it scores.
+        device = model_device(model)
+        self.register_buffer("threshold", torch.tensor(math.nan, device=device))
+        self.register_buffer("fitted", torch.tensor(False, device=device))
+        self.register_buffer("pair_norms", torch.empty(0, 0, device=device))
         # The head weight the table was computed from, and its version counter: an
         # in-place change (an optimizer step, model.load_state_dict) or a new weight
         # makes the table stale, and the next eager call recomputes it.
         self._table_stamp: tuple[Tensor, int] | None = None
         # The accepted input values (low, high) from fit(): the holdout's range with a
         # tolerance. NaN until fitted; samples outside are rejected like NaN ones.
-        self.register_buffer("domain", torch.full((2,), math.nan))
+        self.register_buffer("domain", torch.full((2,), math.nan, device=device))
         self._has_domain = False
         if head is not None:
             self._attach_head(head)

@@ -364,3 +364,12 @@ def test_state_lives_in_the_state_dict(standard_model: nn.Module) -> None:
     assert state["_extra_state"]["head"] == "8"
     double = copy.deepcopy(monitor).double()
     assert double.pair_norms.dtype == torch.float64 and double.threshold.dtype == torch.float64
+
+
+def test_the_monitor_state_starts_on_the_model_device() -> None:
+    # A model on a GPU gets a monitor on that GPU (tests/test_cuda.py fits one); the
+    # meta device stands in for it here. Before, the buffers stayed on the CPU, and
+    # fit placed the pseudo-margin network there, away from the features it scores.
+    monitor = brittle.wrap(nn.Linear(4, 3, device="meta"))
+    assert {buffer.device.type for buffer in monitor.buffers()} == {"meta"}
+    assert {buffer.device.type for buffer in brittle.wrap(nn.Linear(4, 3)).buffers()} == {"cpu"}
