@@ -93,11 +93,12 @@ def test_margins_are_verified_and_match_the_cpu(
         assert (model(adv).argmax(dim=1) != pred).all()
     assert adv.min() >= 0 and adv.max() <= 1
     torch.testing.assert_close(per_sample_norm(adv - x.to(CUDA), norm), margin)
-    # The two devices round differently, so the attacks take different paths to
-    # margins of nearly the same size.
+    # The two devices round differently, so the attacks may take other paths. On an
+    # H200 against a 2-core AMD EPYC, five sets of 48 digits per norm gave a median
+    # ratio of 1.0000 and at most 0.04 % apart (one digit of 240 per norm).
     ratio = margin.cpu() / brittle.input_margins(robust_model, x, norm=norm)
-    assert abs(float(ratio.median()) - 1) <= 0.01, ratio
-    assert float((ratio - 1).abs().quantile(0.9)) <= 0.05, ratio
+    assert abs(float(ratio.median()) - 1) <= 0.002, ratio
+    assert float((ratio - 1).abs().quantile(0.9)) <= 0.01, ratio
 
 
 @pytest.mark.parametrize("score", ["logit", "pseudo"])

@@ -81,8 +81,10 @@ def _autoattack_fab(model: nn.Module, x: Tensor, pred: Tensor, norm: Norm, steps
     fab = FABAttack_PT(model, norm=norm, n_iter=steps, device=x.device, seed=0)
     for restart in range(3):
         radius = torch.where(torch.isfinite(best), best, torch.full_like(best, START_RADIUS[norm]))
-        fab.eps = radius.cpu()  # per sample: its random start lies within half of it
-        with seeded(restart, x.device):
+        fab.eps = radius  # per sample: its random start lies within half of it
+        # Its random start multiplies eps by a tensor it makes on the default device:
+        # both on x's device, or a GPU run stops there.
+        with seeded(restart, x.device), torch.device(x.device):
             adv = fab.attack_single_run(x, pred, use_rand_start=restart > 0)
         margin = verified_margins(model, x, adv, pred, norm).to(best.dtype)
         better = margin < best
