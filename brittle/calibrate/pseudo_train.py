@@ -124,7 +124,12 @@ def _boundary_rows(
 
 
 def _quantiles(margins: Tensor) -> Tensor:
-    """Strictly increasing knots of the training margins' quantile function."""
+    """Strictly increasing knots of the training margins' quantile function, on the CPU.
+
+    A few hundred numbers: computed on the CPU whatever the training device (the
+    caller moves the knots), so the knots' own tensors need no device.
+    """
+    margins = margins.detach().cpu()
     finite = margins[torch.isfinite(margins)]
     top = float(finite.max()) if finite.numel() else 1.0
     top = top if top > 0 else 1.0
