@@ -26,7 +26,7 @@ from collections.abc import Callable
 from functools import partial
 
 import torch
-from models import hundred_class_digits, resnet18  # benchmarks/models.py, beside this script
+from models import gpu_precision, hundred_class_digits, resnet18  # beside this script
 from torch import Tensor, nn
 
 from brittle.attacks.attack import AttackSettings, attack_batch
@@ -86,6 +86,11 @@ def main() -> None:
     parser.add_argument("--resnet-steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=1, help="timed runs; medians shown")
     parser.add_argument("--threads", type=int, default=None, help="PyTorch CPU threads")
+    parser.add_argument(
+        "--tf32",
+        action="store_true",
+        help="on a GPU, keep PyTorch's TF32 convolutions (default: float32; docs/margins.md)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
         "--quick", action="store_true", help="a quarter of the samples, half the ResNet steps"
@@ -123,8 +128,9 @@ def main() -> None:
         f"{'speedup':>7} {'cpu':>5} {'broke ta/br':>11} {'ratio med':>9} {'p95':>6} "
         f"{'>5%':>4}"
     )
+    precision = gpu_precision(args.tf32) if cuda else "float32"
     print(
-        f"norm={args.norm} device={args.device} threads={torch.get_num_threads()} "
+        f"norm={args.norm} device={args.device} ({precision}) threads={torch.get_num_threads()} "
         f"repeats={args.repeats} (times: medians)"
     )
     print(header)

@@ -44,7 +44,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from models import hundred_class_digits, resnet18  # benchmarks/models.py, beside this script
+from models import gpu_precision, hundred_class_digits, resnet18  # beside this script
 from scipy.stats import kendalltau
 from torch import Tensor, nn
 
@@ -248,6 +248,11 @@ def main() -> None:
     parser.add_argument("--norms", default="Linf,L2")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="48 images, shortened references")
+    parser.add_argument(
+        "--tf32",
+        action="store_true",
+        help="on a GPU, keep PyTorch's TF32 convolutions (default: float32; docs/margins.md)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="PyTorch CPU threads")
     parser.add_argument(
         "--ref-steps",
@@ -278,7 +283,8 @@ def main() -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"--device {args.device}: no CUDA device is available on this machine")
     results: dict[tuple[str, str], dict[str, dict]] = {}
-    print(f"device={device} threads={torch.get_num_threads()} quick={args.quick}")
+    precision = gpu_precision(args.tf32) if device.type == "cuda" else "float32"
+    print(f"device={device} ({precision}) threads={torch.get_num_threads()} quick={args.quick}")
     clock_name = "wall s" if device.type == "cuda" else "CPU s"
     header = (
         f"{'attack':<40} {'fwd':>6} {'bwd':>6} {clock_name:>7} {'found':>5} {'within 1%':>9} "

@@ -1,4 +1,4 @@
-"""Models the benchmark scripts share: a 100-class digits CNN and random ResNet-18s.
+"""Models the benchmark scripts share: a 100-class digits CNN, random ResNet-18s, GPU precision.
 
 Imported by ``bench_fab.py`` and ``bench_margins.py`` as ``models`` (this file
 sits beside them, and a script's own folder is the first entry of
@@ -75,3 +75,18 @@ def resnet18(num_classes: int = 10, size: int = 32, n: int = 72) -> tuple[nn.Mod
         model = torchvision.models.resnet18(num_classes=num_classes).eval()
         x = torch.rand(n, 3, size, size)
     return model, x
+
+
+def gpu_precision(tf32: bool) -> str:
+    """Allow or forbid TF32 in CUDA convolutions and matrix products; name the choice.
+
+    PyTorch runs cuDNN convolutions in TF32 (10-bit mantissas) by default on
+    Ampere and later GPUs. On an H200 that censored one image of 32 of the random
+    ResNet-18 (its top two logits 5e-6 apart) and loosened brittle's margins on the
+    1,000-class one (``benchmarks/README.md``, "On a GPU"): margins within TF32's
+    rounding are not resolved. The attack benchmarks measure the float32 model
+    unless ``--tf32`` keeps PyTorch's default.
+    """
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    return "TF32 allowed" if tf32 else "float32 (TF32 off)"
