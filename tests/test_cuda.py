@@ -143,3 +143,22 @@ def test_the_onnx_graph_of_a_gpu_monitor_gives_its_outputs(
     torch.testing.assert_close(
         torch.from_numpy(served.margin), expected.margin.cpu(), rtol=1e-4, atol=1e-5
     )
+
+
+def test_evaluate_and_the_adaptive_attacks_run_on_the_gpu(
+    robust_model: nn.Module, digits: DigitsSplit
+) -> None:
+    from brittle.attacks.adaptive import adaptive_attacks
+    from brittle.calibrate.evaluate import evaluate
+
+    x = digits.x_holdout[:64]
+    monitors = [brittle.wrap(m, eps=DIGITS_EPS) for m in (robust_model, _on_cuda(robust_model))]
+    for monitor in monitors:
+        monitor.set_threshold(2.0)
+    reports = [evaluate(m, x, steps=20, progress=False) for m in monitors]
+    cpu, gpu = (r.metrics[r.chosen] for r in reports)
+    assert abs(gpu.tau - cpu.tau) <= 0.02, (gpu.tau, cpu.tau)
+    assert reports[1].tpr == pytest.approx(reports[0].tpr, abs=0.05)
+
+    result = adaptive_attacks(monitors[1], x[:16].to(CUDA), steps=10, cw_steps=20)
+    assert result.n == 16 and set(result.attacks) and 0 <= result.clean_flagged <= 1
