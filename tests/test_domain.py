@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from torch import nn
@@ -197,6 +198,28 @@ def test_judged_rows_equals_a_loop(dtype: torch.dtype) -> None:
     assert traced(x, domain).tolist() == expected
     finite = [all(math.isfinite(v) for v in row) for row in flat.double().tolist()]
     assert judged_rows(x).tolist() == finite == finite_rows(x).tolist()
+
+
+def test_the_checks_read_a_channels_last_batch_where_it_lies(
+    fitted: brittle.Monitor, digits: DigitsSplit, tmp_path: Path
+) -> None:
+    # Flattening a channels-last batch to (B, -1) copied it: a 64-image ImageNet batch
+    # took 28-33 ms on one CPU thread, against 1.6-1.9 ms for the sum itself.
+    x = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    x = x.contiguous(memory_format=torch.channels_last)
+    x[1, 2, 3, 4], x[2, 0, 0, 0] = math.nan, 5.0
+    domain = torch.tensor([0.0, 1.0])
+    cpu = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=cpu, record_shapes=True) as prof:
+        finite, rejected = finite_rows(x), rejected_rows(x, domain)
+    copies = [e.input_shapes for e in prof.events() if e.name in ("aten::copy_", "aten::clone")]
+    assert not [shapes for shapes in copies if list(x.shape) in shapes], copies
+    assert finite.tolist() == [True, False, True, True]
+    assert rejected.tolist() == [False, True, True, False]
+    # The exported graph's first node reads the input itself: no reshape before the check.
+    path = fitted.export_onnx(tmp_path / "m.onnx", digits.x_holdout[:2])
+    first = onnx.load(str(path)).graph.node[0]
+    assert first.op_type != "Reshape" and list(first.input)[0] == "input"
 
 
 def test_the_faq_says_what_the_domain_does(fitted: brittle.Monitor, digits: DigitsSplit) -> None:

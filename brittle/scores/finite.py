@@ -25,6 +25,19 @@ __all__ = [
 DOMAIN_TOLERANCE = 0.1
 
 
+def _per_sample(x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+    """``x`` with at least two dimensions, and the dimensions of one sample's values.
+
+    The reductions run over those dimensions as they lie in memory: flattening a
+    channels-last batch to ``(B, -1)`` copied it (a 64-image ImageNet batch: 28-33
+    ms on one CPU thread, against 1.6-1.9 ms for the sum itself), and an exported
+    graph spends a node on the reshape.
+    """
+    if x.dim() < 2:
+        x = x.reshape(x.shape[0], -1)
+    return x, tuple(range(1, x.dim()))
+
+
 def finite_rows(x: Tensor) -> Tensor:
     """``(B,)`` mask of the samples whose values are all finite.
 
@@ -44,9 +57,9 @@ def finite_rows(x: Tensor) -> Tensor:
         >>> finite_rows(torch.tensor([[0.0, 1.0], [float("nan"), 0.0], [0.0, -float("inf")]]))
         tensor([ True, False, False])
     """
-    flat = x if x.dim() == 2 else x.reshape(x.shape[0], -1)
-    wide = torch.float32 if flat.element_size() < 4 else None
-    total = flat.sum(dim=1, dtype=wide)
+    x, dims = _per_sample(x)
+    wide = torch.float32 if x.element_size() < 4 else None
+    total = x.sum(dim=dims, dtype=wide)
     return (total - total) == 0
 
 
@@ -70,13 +83,13 @@ def judged_rows(x: Tensor, domain: Tensor | None = None) -> Tensor:
         >>> judged_rows(x, torch.tensor([-0.1, 1.1]))
         tensor([ True, False, False, False])
     """
-    flat = x if x.dim() == 2 else x.reshape(x.shape[0], -1)
     if domain is None:
-        return finite_rows(flat)
+        return finite_rows(x)
     if not torch.compiler.is_compiling():
-        return ~rejected_rows(flat, domain)
-    outside = flat - flat.clamp(domain[0], domain[1])
-    return torch.linalg.vector_norm(outside, ord=1, dim=1) == 0
+        return ~rejected_rows(x, domain)
+    x, dims = _per_sample(x)
+    outside = x - x.clamp(domain[0], domain[1])
+    return torch.linalg.vector_norm(outside, ord=1, dim=dims) == 0
 
 
 def zero_rows(x: Tensor, ok: Tensor) -> Tensor:
@@ -128,9 +141,9 @@ def nonfinite_rows(x: Tensor) -> Tensor:
         >>> nonfinite_rows(torch.tensor([[0.0, 1.0], [float("nan"), 0.0], [0.0, -float("inf")]]))
         tensor([False,  True,  True])
     """
-    flat = x if x.dim() == 2 else x.reshape(x.shape[0], -1)
-    wide = torch.float32 if flat.element_size() < 4 else None
-    total = flat.sum(dim=1, dtype=wide)
+    x, dims = _per_sample(x)
+    wide = torch.float32 if x.element_size() < 4 else None
+    total = x.sum(dim=dims, dtype=wide)
     return torch.isnan(total - total)
 
 
@@ -148,9 +161,9 @@ def rejected_rows(x: Tensor, domain: Tensor | None = None) -> Tensor:
         >>> rejected_rows(x, torch.tensor([-0.1, 1.1]))
         tensor([False,  True,  True])
     """
-    flat = x if x.dim() == 2 else x.reshape(x.shape[0], -1)
-    bad = nonfinite_rows(flat)
+    x, dims = _per_sample(x)
+    bad = nonfinite_rows(x)
     if domain is None:
         return bad
     # NaN rows are caught above whatever the reductions make of NaN.
-    return bad | (flat.amin(dim=1) < domain[0]) | (flat.amax(dim=1) > domain[1])
+    return bad | (x.amin(dim=dims) < domain[0]) | (x.amax(dim=dims) > domain[1])
