@@ -111,12 +111,15 @@ def bare_app(path: str, provider: str, threads: int) -> Any:
 
 
 # ------------------------------------------------------- in-process ASGI timing
-def time_asgi(kind: str, path: str, body: bytes, provider: str, threads: int) -> float:
+def time_asgi(
+    kind: str, path: str, body: bytes, provider: str, threads: int, blocks: tuple[int, int]
+) -> float:
     """CPU µs per ``POST /predict`` through the whole ASGI app, without a network.
 
     Middleware, routing, body reading, the worker-thread hop, parsing, the graph,
     the telemetry and the answer: all a server's fixed cost but the sockets. The
     minimum over blocks of requests is robust to other jobs on a shared machine.
+    ``blocks`` is (requests per block, blocks).
     """
     import asyncio
 
@@ -173,7 +176,7 @@ def time_asgi(kind: str, path: str, body: bytes, provider: str, threads: int) ->
 
         await app(dict(scope), receive, send)
 
-    async def blocks(n: int, repeat: int) -> float:
+    async def timed_blocks(n: int, repeat: int) -> float:
         for _ in range(200):  # warm-up
             await one()
         best = float("inf")
@@ -184,7 +187,7 @@ def time_asgi(kind: str, path: str, body: bytes, provider: str, threads: int) ->
             best = min(best, (time.process_time() - start) / n)
         return best
 
-    best = asyncio.run(blocks(1000, 7))
+    best = asyncio.run(timed_blocks(*blocks))
     if set(statuses) != {200}:
         raise RuntimeError(f"statuses {sorted(set(statuses))}")
     return 1e6 * best
@@ -329,7 +332,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0, help="per round")
     parser.add_argument("--rounds", type=int, default=5, help="per variant, interleaved")
     parser.add_argument("--size", type=int, default=32, help="ResNet-18 input size")
-    parser.add_argument("--quick", action="store_true", help="2 rounds of 2 s")
+    parser.add_argument(
+        "--quick", action="store_true", help="at most 2 rounds of 2 s (ASGI: blocks of 200)"
+    )
     parser.add_argument("--models", choices=["all", "digits"], default="all")
     parser.add_argument(
         "--baseline", type=Path, help="another brittle checkout whose monitor joins the rounds"
@@ -344,6 +349,9 @@ def main() -> None:
     parser.add_argument(
         "--time-asgi", nargs=3, metavar=("KIND", "ONNX", "BODY"), help=argparse.SUPPRESS
     )
+    parser.add_argument(
+        "--asgi-blocks", nargs=2, type=int, default=(1000, 7), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     if args.baseline is not None and not (args.baseline / "brittle" / "__init__.py").is_file():
         # Its PYTHONPATH would point nowhere and the "baseline" would be this checkout.
@@ -351,7 +359,7 @@ def main() -> None:
     if args.time_asgi:
         kind, path, body_path = args.time_asgi
         body = Path(body_path).read_bytes()
-        print(time_asgi(kind, path, body, args.provider, args.threads))
+        print(time_asgi(kind, path, body, args.provider, args.threads, tuple(args.asgi_blocks)))
         return
     if args.bare_server:
         serve_bare(args.bare_server[0], int(args.bare_server[1]), args.provider, args.threads)
@@ -362,7 +370,8 @@ def main() -> None:
         print(json.dumps({name: str(spec["monitor"]) for name, spec in built.items()}))
         return
     if args.quick:
-        args.seconds, args.rounds = 2.0, 2
+        # ASGI: blocks of 200 requests, 3 per process (a smoke test, not a figure).
+        args.seconds, args.rounds, args.asgi_blocks = 2.0, min(args.rounds, 2), (200, 3)
     if args.provider == "cuda":
         import torch
 
@@ -406,9 +415,11 @@ def compare(args: argparse.Namespace, folder: Path) -> None:
         print(
             f"onnxruntime {ort.__version__} ({args.provider}, {args.threads} intra-op "
             f"thread(s)), requests in-process through each ASGI app: per process the minimum "
-            f"CPU time over 7 blocks of 1,000, medians of {args.rounds} interleaved processes"
+            f"CPU time over {args.asgi_blocks[1]} blocks of {args.asgi_blocks[0]:,}, medians of "
+            f"{args.rounds} interleaved processes"
         )
-        asgi_table(models, variants, baseline_env, common, folder, args.rounds)
+        blocks = (args.asgi_blocks[0], args.asgi_blocks[1])
+        asgi_table(models, variants, baseline_env, common, folder, args.rounds, blocks)
         return
     print(
         f"onnxruntime {ort.__version__} ({args.provider}, {args.threads} intra-op thread(s) per "
@@ -532,6 +543,7 @@ def asgi_table(
     common: list[str],
     folder: Path,
     rounds: int,
+    blocks: tuple[int, int],
 ) -> None:
     """Each variant timed in its own process, the processes interleaved ``rounds`` times."""
     print(
@@ -552,7 +564,8 @@ def asgi_table(
                         env.update(baseline_env)
                     out = subprocess.run(
                         [sys.executable, str(HERE), "--time-asgi", kind, str(spec[variant])]
-                        + [str(body_path), *common],
+                        + [str(body_path), *common]
+                        + ["--asgi-blocks", *map(str, blocks)],
                         env=env,
                         capture_output=True,
                         text=True,

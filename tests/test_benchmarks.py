@@ -120,7 +120,9 @@ def test_a_benchmark_leaves_no_files_behind(
 def test_the_in_process_serving_benchmark_prints_one_table() -> None:
     # Before, --asgi printed the HTTP table's header (requests/s, p50, p99, ...) with
     # no rows, and "4 closed-loop clients ... of 5 s per variant", before its own table.
-    result = _run("bench_serve.py", "--asgi", "--rounds", "1", "--models", "digits", timeout=240)
+    result = _run(
+        "bench_serve.py", "--asgi", "--quick", "--rounds", "1", "--models", "digits", timeout=240
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     headers = [line for line in result.stdout.splitlines() if line.startswith("| model |")]
     assert len(headers) == 1, result.stdout
