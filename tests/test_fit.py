@@ -262,6 +262,20 @@ def test_loader_forms(standard_model: nn.Module, digits: DigitsSplit, form: str)
     assert (report.accuracy is None) == (form in ("x", "tensor"))
 
 
+def test_a_loader_of_unstacked_samples_is_refused(
+    standard_model: nn.Module, digits: DigitsSplit
+) -> None:
+    # collate_fn=list yields lists of samples: the first sample was taken for the batch
+    # and the second for its labels (a crash inside the model, or too few margins).
+    loader = DataLoader(digits.x_holdout[:20], batch_size=10, collate_fn=list)
+    with pytest.raises(ValueError, match="collate_fn=list"):
+        brittle.input_margins(standard_model, loader, steps=2)
+    monitor = brittle.wrap(standard_model, eps=DIGITS_EPS)
+    with pytest.raises(ValueError, match="collate_fn=list"):
+        monitor.fit(loader, steps=2, progress=False)
+    assert not monitor.is_fitted
+
+
 def test_fit_reads_no_batch_past_n_samples(standard_model: nn.Module, digits: DigitsSplit) -> None:
     x = digits.x_holdout[:80]
 
