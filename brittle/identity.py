@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from brittle._modes import eval_mode
+from brittle.attacks.verify import model_device, model_dtype
 from brittle.scores.head import model_output
 
 __all__ = ["model_identity", "check_identity", "wrapper_hint", "PROBE_SIZE"]
@@ -119,9 +120,9 @@ def _first_parameter(model: nn.Module) -> Tensor | None:
 
 
 def _probe(model: nn.Module, input_shape: tuple[int, ...]) -> Tensor:
-    param = _first_parameter(model)
-    dtype = param.dtype if param is not None else torch.float32
-    device = param.device if param is not None else torch.device("cpu")
+    # In the model's dtype and on its device, read from its buffers where it has no
+    # parameters (the dtype it takes its inputs in, as check_input asks).
+    dtype, device = model_dtype(model) or torch.float32, model_device(model)
     generator = torch.Generator().manual_seed(_PROBE_SEED)
     x = torch.rand(PROBE_SIZE, *input_shape, generator=generator).to(device, dtype)
     with torch.no_grad(), eval_mode(model), _ieee_float32():

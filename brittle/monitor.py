@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from brittle._modes import changes_in_train_mode, eval_mode
 from brittle.arguments import are_bounds
 from brittle.attacks.settings import DEFAULT_ENGINE
-from brittle.attacks.verify import model_device
+from brittle.attacks.verify import model_device, model_dtype
 from brittle.calibrate.calibration import Calibration, ScoreKind
 from brittle.deploy.alarm import OLD_REFERENCE_WARNING, parse_reference
 from brittle.errors import NotFittedError
@@ -300,10 +300,11 @@ class Monitor(nn.Module):
             x.dim() != len(self.input_shape) + 1 or x.shape[1] != self.input_shape[0]
         ):
             raise ValueError(f"input must have shape {expected}. Got {tuple(x.shape)}.")
-        param = next(self.model.parameters(), None)
-        if param is not None and (param.dtype != x.dtype or param.device != x.device):
+        # A model without parameters (its weights in buffers) is read from its buffers.
+        dtype, device = model_dtype(self.model), model_device(self.model)
+        if dtype is not None and (dtype != x.dtype or device != x.device):
             raise ValueError(
-                f"input must be a {param.dtype} tensor on {param.device} like the model. "
+                f"input must be a {dtype} tensor on {device} like the model. "
                 f"Got {x.dtype} on {x.device}."
             )
         return x

@@ -7,6 +7,7 @@ import json
 import math
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -596,6 +597,21 @@ def test_fit_feeds_a_model_without_parameters_its_buffers_dtype(
     np.testing.assert_array_equal(
         report.input_margins.astype(np.float32), brittle.input_margins(model, x, steps=8).numpy()
     )
+
+
+def test_a_model_without_parameters_is_called_saved_and_loaded_in_its_buffers_dtype(
+    digits: DigitsSplit, tmp_path: Path
+) -> None:
+    # Before, the monitor read the dtype from parameters only: a float32 batch reached
+    # the float64 model and failed inside it, and save() probed it with float32 inputs.
+    model = _BufferLinear(torch.randn(10, 64, generator=torch.Generator().manual_seed(0)))
+    x = digits.x_holdout[:80].double()
+    monitor = brittle.wrap(model, eps=0.02, score="logit")
+    monitor.fit(x, steps=8, pseudo=False, progress=False, target_tpr=0.8)
+    with pytest.raises(ValueError, match="torch.float64 tensor on cpu like the model"):
+        monitor(x.float())
+    loaded = brittle.load(monitor.save(tmp_path / "m.pt"), model)
+    torch.testing.assert_close(loaded(x).margin, monitor(x).margin)
 
 
 def test_an_evaluation_claims_no_guarantee_of_its_own(
