@@ -1230,6 +1230,8 @@ def wrap(
 
     Args:
         model: A PyTorch classifier returning ``(B, K)`` logits. It is not modified.
+            The monitor's own state starts on the model's device (first parameter,
+            else buffer); ``.to()`` moves both.
         score: ``"auto"``, ``"logit"``, ``"feature"`` or ``"pseudo"``.
         norm: ``"Linf"``, ``"L2"`` or ``"L1"``, the threat model of the input margin.
         eps: Perturbation budget: a decision is non-robust if its input margin is ``<= eps``.
