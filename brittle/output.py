@@ -75,7 +75,7 @@ class MonitorPass:
         features: ``(B, d)`` the head's input when asked for and available, else ``None``.
         scores: Each available score kind's ``(B,)`` values (NaN where ``bad``).
         bad: ``(B,)`` True for samples that could not be judged (NaN or Inf in the
-            input or the logits).
+            input or the logits, or values outside the monitor's fitted input domain).
         flag: ``(B,)`` the flag ``forward`` serves, ``None`` without a threshold.
     """
 

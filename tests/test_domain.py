@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import brittle
+from brittle.calibrate.evaluate import evaluate
 from brittle.digits import DigitsSplit
 from brittle.scores.finite import (
     DOMAIN_TOLERANCE,
@@ -80,6 +81,23 @@ def test_torch_and_onnx_reject_values_outside_the_domain(
     got = served(x.numpy())
     assert got.flag.tolist() == out.flag.tolist() and got.pred.tolist() == out.pred.tolist()
     np.testing.assert_allclose(got.margin, out.margin.numpy(), rtol=1e-4, equal_nan=True)
+
+
+def test_evaluate_counts_the_samples_the_monitor_rejects(
+    robust_model: nn.Module, digits: DigitsSplit
+) -> None:
+    # Digits squeezed into [0.25, 0.75]: the fitted domain is [0.2, 0.8], and plain
+    # digits (0 and 1 in most images) lie outside it while inside [0, 1]. Before,
+    # evaluate attacked and scored them as if the monitor judged them, so its flag
+    # figures described samples the served monitor rejects.
+    squeezed = digits.x_holdout * 0.5 + 0.25
+    monitor = brittle.wrap(robust_model, score="logit", eps=DIGITS_EPS / 2)
+    monitor.fit(squeezed, n_samples=160, steps=5, pseudo=False, progress=False)
+    assert monitor.input_domain == pytest.approx((0.2, 0.8))
+    x = torch.cat([squeezed[CALIBRATION : CALIBRATION + 40], digits.x_holdout[:4]])
+    assert rejected_rows(x, monitor.domain).sum() == 4
+    report = evaluate(monitor, x, steps=5, progress=False)
+    assert (report.n, report.excluded) == (40, 4)
 
 
 def test_telemetry_counts_the_reasons(fitted: brittle.Monitor, digits: DigitsSplit) -> None:

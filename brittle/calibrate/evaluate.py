@@ -49,6 +49,9 @@ def evaluate(
     score's tau and detection figures there and the TPR/FPR of the monitor's own
     flag. The monitor's calibration is not modified (a monitor that has not yet
     seen an input discovers its head on the first batch, as any forward pass does).
+    Samples the monitor rejects as it serves (NaN, Inf, values outside its fitted
+    input domain: flagged, margin NaN) are not judged here either; the report
+    counts them in ``excluded``.
 
     Args:
         monitor: A monitor with a threshold (fitted, loaded, or ``set_threshold``).
@@ -93,6 +96,7 @@ def evaluate(
         cache=cache,
         part=shard(distributed),
         desc="evaluate: input margins",
+        domain=True,  # the samples the served monitor rejects are not judged here either
     )
     timings = {"attack": time.perf_counter() - start}
     margins, eps = holdout.margins, monitor.eps

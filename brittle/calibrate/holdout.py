@@ -109,13 +109,17 @@ def collect_holdout(
     part: Shard | None = None,
     desc: str = "fit: input margins",
     boundary: float | None = None,
+    domain: bool = False,
 ) -> Holdout:
     """Stream ``data`` once: the model's scores, features, predictions, labels and margins.
 
     Memory stays bounded by one batch of inputs plus the per-sample results.
     Every batch is checked (inputs, labels and, under a process group, that all
     ranks hold the same samples in the same order) *before* it is attacked.
-    Samples with NaN or Inf are skipped and counted in ``excluded``. Under a
+    Samples with NaN or Inf are skipped and counted in ``excluded``; with
+    ``domain`` (``evaluate``), so are samples outside the monitor's fitted input
+    domain, which the monitor rejects as it serves (``fit`` measures the new
+    holdout's range instead). Under a
     process group (``part``), each rank attacks only the samples it owns and the
     margins are assembled on every rank.
 
@@ -156,7 +160,7 @@ def collect_holdout(
             index = torch.arange(seen, seen + x.shape[0])
             part.check_same_samples(index, sample_fingerprints(x))
             with torch.no_grad(), eval_mode(monitor.model):
-                view = monitor.inspect(x, features=keep_features, domain=False)
+                view = monitor.inspect(x, features=keep_features, domain=domain)
             if y is not None:
                 check_labels(y, x.shape[0], view.logits.shape[1])
             keep = (~view.bad).cpu()

@@ -108,7 +108,8 @@ class ConsistencyReport:
         calibration: ``(n,)`` booleans, True for calibration samples.
         choice: ``(n,)`` booleans, True for the samples the score was chosen on
             (all False when the score was fixed or had no rival).
-        excluded: Holdout samples skipped because they contain NaN or Inf.
+        excluded: Holdout samples skipped because they contain NaN or Inf (and, in
+            ``evaluate``, samples outside the monitor's fitted input domain).
         settings: Attack and fit settings (engine, steps, restarts, seed, ...).
     """
 

@@ -143,7 +143,11 @@ def run_check(
             settings, eps=report.eps, norm=monitor.norm, target_tpr=report.target_tpr
         )
     if report.excluded:
-        raise UsageError("--data", f"{report.excluded} holdout samples could not be judged")
+        raise UsageError(
+            "--data",
+            f"{report.excluded} holdout samples could not be judged (NaN, Inf, or outside a "
+            "saved monitor's fitted input domain)",
+        )
     with timed(timings, "analyses"):
         found = _analyses(monitor, model, data, report, settings, n)
     subset = analyses.subset_indices(n, settings.attack_subset, settings.seed, _trained(report))
