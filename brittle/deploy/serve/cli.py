@@ -208,7 +208,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            monitor = OnnxMonitor(args.monitor, providers, session_options=options)
+            if args.provider == "cuda":
+                # Where its CUDA provider cannot load, onnxruntime logs several lines and
+                # runs on the CPU; the operator who asked for CUDA gets one line and exit 2.
+                ort.set_default_logger_severity(4)
+            try:
+                monitor = OnnxMonitor(args.monitor, providers, session_options=options)
+            finally:
+                ort.set_default_logger_severity(2)  # onnxruntime's default: warnings
+            if args.provider == "cuda" and "CUDAExecutionProvider" not in monitor.providers:
+                raise ValueError(
+                    "--provider cuda: onnxruntime cannot run this graph on CUDA here (its "
+                    "CUDA provider did not load: no GPU, or a CUDA or cuDNN library it needs "
+                    "is missing); pass --provider cpu, or install onnxruntime-gpu for this "
+                    "machine's CUDA"
+                )
             telemetry = Telemetry.from_monitor(
                 monitor,
                 run_length=args.run_length,
