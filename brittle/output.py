@@ -5,10 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+import numpy as np
+
 if TYPE_CHECKING:  # this module stays free of torch: OnnxMonitor returns MonitorOutput too
     from torch import Tensor
 
-__all__ = ["MonitorOutput", "MonitorPass", "flagged", "rejected"]
+__all__ = ["MonitorOutput", "MonitorPass", "flagged", "rejected", "as_array"]
 
 
 def rejected(margin: Any) -> Any:
@@ -42,6 +44,30 @@ def flagged(margin: Any, threshold: Any) -> Any:
         (True, False)
     """
     return (margin > threshold) ^ True
+
+
+def as_array(values: Any) -> np.ndarray:
+    """``values`` as a numpy array; a torch tensor from any device, with or without gradients.
+
+    A tensor is detached and copied to the CPU first, and a bfloat16 one, a type
+    numpy lacks, is widened to float32 (exactly). Arrays, lists and numbers go to
+    ``np.asarray`` as they are. Needs no torch import: a tensor is known by its
+    ``detach``.
+
+    Examples:
+        >>> import torch
+        >>> as_array(torch.tensor([0.5, 1.0], requires_grad=True))
+        array([0.5, 1. ], dtype=float32)
+        >>> as_array(torch.tensor([0.5], dtype=torch.bfloat16)).dtype
+        dtype('float32')
+    """
+    if hasattr(values, "detach"):
+        values = values.detach().cpu()
+        try:
+            values = values.numpy()
+        except TypeError:  # bfloat16, which numpy lacks
+            values = values.float().numpy()
+    return np.asarray(values)
 
 
 class MonitorOutput(NamedTuple):

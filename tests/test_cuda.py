@@ -162,3 +162,24 @@ def test_evaluate_and_the_adaptive_attacks_run_on_the_gpu(
 
     result = adaptive_attacks(monitors[1], x[:16].to(CUDA), steps=10, cw_steps=20)
     assert result.n == 16 and set(result.attacks) and 0 <= result.clean_flagged <= 1
+
+
+def test_the_functional_metrics_take_gpu_tensors() -> None:
+    # The guide's functional API on the scores of a GPU model: numpy refused a CUDA
+    # tensor ("can't convert cuda:0 device type tensor to numpy").
+    import brittle.functional as BF
+
+    generator = torch.Generator().manual_seed(0)
+    logits, margins = torch.randn(80, 4, generator=generator), torch.rand(80, generator=generator)
+    scores = BF.logit_margin(logits)
+    on_gpu = BF.logit_margin(logits.to(CUDA))
+    positive = margins <= 0.3
+    tau = BF.kendall_tau(on_gpu, margins.to(CUDA))
+    assert tau == pytest.approx(BF.kendall_tau(scores, margins))
+    assert BF.detection_metrics(on_gpu, margins.to(CUDA), eps=0.3) == pytest.approx(
+        BF.detection_metrics(scores, margins, eps=0.3)
+    )
+    assert BF.rates(on_gpu, positive.to(CUDA), 0.5) == BF.rates(scores, positive, 0.5)
+    assert BF.conformal_threshold(on_gpu[positive.to(CUDA)], 0.5) == pytest.approx(
+        BF.conformal_threshold(scores[positive], 0.5)
+    )

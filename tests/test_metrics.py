@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 import brittle.functional as BF
 from brittle.calibrate.fit import choose_score
@@ -107,3 +108,41 @@ def test_fpr_at_tpr_refuses_a_target_outside_the_unit_interval(target: float) ->
     # Before: 1.5 raised IndexError (no point of the ROC curve reaches it).
     with pytest.raises(ValueError, match=r"target_tpr must be in \(0, 1\]"):
         BF.fpr_at_tpr([0.1, 0.2, 0.3, 0.4], [True, False, True, False], target)
+
+
+def test_the_functions_take_the_tensors_a_model_gives() -> None:
+    """The guide's functional API, on tensors as ``BF.logit_margin`` returns them.
+
+    Before, numpy converted the arguments: a score computed with gradients on
+    (``BF.logit_margin(model(x))`` outside ``torch.no_grad``) raised "Can't call
+    numpy() on Tensor that requires grad", a bfloat16 one "unsupported ScalarType
+    BFloat16", and a GPU one "can't convert cuda:0 device type tensor to numpy"
+    (tests/test_cuda.py).
+    """
+    generator = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(6, 4)
+    scores = BF.logit_margin(head(torch.rand(80, 6, generator=generator)))
+    margins = torch.rand(80, generator=generator)
+    assert scores.requires_grad
+    values = margins.double().numpy()
+    positive = margins <= 0.3
+    for score in (scores, scores.detach().bfloat16()):
+        exact = score.detach().double().numpy()  # bfloat16 rounds the scores themselves
+        assert BF.kendall_tau(score, margins) == BF.kendall_tau(exact, values)
+        assert BF.kendall_tau_ci(score, margins, n_resamples=50) == BF.kendall_tau_ci(
+            exact, values, n_resamples=50
+        )
+        assert BF.detection_metrics(score, margins, eps=0.3) == BF.detection_metrics(
+            exact, values, eps=0.3
+        )
+        assert BF.fpr_at_tpr(score, positive, 0.9) == BF.fpr_at_tpr(exact, positive.numpy(), 0.9)
+        assert BF.score_metrics(score, margins, 0.3, 0.9, n_resamples=50) == BF.score_metrics(
+            exact, values, 0.3, 0.9, n_resamples=50
+        )
+        assert BF.rates(score, positive, 0.5) == BF.rates(exact, positive.numpy(), 0.5)
+        assert BF.conformal_threshold(score[positive], 0.5) == BF.conformal_threshold(
+            exact[positive.numpy()], 0.5
+        )
+    np.testing.assert_array_equal(
+        BF.nonrobust(margins.bfloat16(), 0.3), margins.bfloat16().double().numpy() <= 0.3
+    )

@@ -18,7 +18,7 @@ from sklearn import metrics as skm
 
 from brittle.arguments import positive_int
 from brittle.calibrate.jsonfloat import dump_float, dump_floats, load_float
-from brittle.output import flagged
+from brittle.output import as_array, flagged
 
 __all__ = [
     "ScoreMetrics",
@@ -80,8 +80,8 @@ class ScoreMetrics:
 
 
 def _pair(score: ArrayLike, margin: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
-    s = np.asarray(score, dtype=np.float64).ravel()
-    m = np.asarray(margin, dtype=np.float64).ravel()
+    s = np.asarray(as_array(score), dtype=np.float64).ravel()
+    m = np.asarray(as_array(margin), dtype=np.float64).ravel()
     if s.shape != m.shape:
         raise ValueError(f"score and margin must have the same length. Got {s.size} and {m.size}.")
     return s, m
@@ -160,12 +160,12 @@ def _ranks(score: ArrayLike) -> np.ndarray:
     reach, ``brittle.output.rejected``) and ranks above every finite one. A NaN
     score makes every rank NaN (scipy), which scikit-learn refuses.
     """
-    return stats.rankdata(np.asarray(score, dtype=np.float64).ravel())
+    return stats.rankdata(np.asarray(as_array(score), dtype=np.float64).ravel())
 
 
 def nonrobust(margin: ArrayLike, eps: float) -> np.ndarray:
     """Boolean mask of non-robust samples: input margin ``<= eps``."""
-    return np.asarray(margin, dtype=np.float64) <= eps
+    return np.asarray(as_array(margin), dtype=np.float64) <= eps
 
 
 def fpr_at_tpr(score: ArrayLike, positive: ArrayLike, target_tpr: float) -> float:
@@ -181,7 +181,7 @@ def fpr_at_tpr(score: ArrayLike, positive: ArrayLike, target_tpr: float) -> floa
     """
     if not 0.0 < target_tpr <= 1.0:
         raise ValueError(f"target_tpr must be in (0, 1]. Got {target_tpr}.")
-    y = np.asarray(positive, dtype=bool)
+    y = np.asarray(as_array(positive), dtype=bool)
     if y.all() or not y.any():
         return math.nan
     # Every distinct threshold is a point (drop_intermediate=False): with tied
@@ -287,8 +287,8 @@ def rate_intervals(
         >>> round(tpr_ci[0], 3), fpr_ci[1] > 0.8
         (0.158, True)
     """
-    flag = flagged(np.asarray(score, dtype=np.float64), threshold)
-    y = np.asarray(positive, dtype=bool)
+    flag = flagged(np.asarray(as_array(score), dtype=np.float64), threshold)
+    y = np.asarray(as_array(positive), dtype=bool)
     return (
         clopper_pearson(int(flag[y].sum()), int(y.sum()), confidence),
         clopper_pearson(int(flag[~y].sum()), int((~y).sum()), confidence),

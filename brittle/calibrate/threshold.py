@@ -8,7 +8,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from brittle.errors import CalibrationError
-from brittle.output import flagged
+from brittle.output import as_array, flagged
 
 __all__ = ["conformal_threshold", "min_positives", "rates", "check_target_tpr"]
 
@@ -70,7 +70,7 @@ def conformal_threshold(positive_scores: ArrayLike, target_tpr: float) -> float:
         19.0
     """
     check_target_tpr(target_tpr)
-    scores = np.sort(np.asarray(positive_scores, dtype=np.float64).ravel())
+    scores = np.sort(np.asarray(as_array(positive_scores), dtype=np.float64).ravel())
     if np.isnan(scores).any():
         raise ValueError("positive_scores contain NaN.")
     n = scores.size
@@ -87,8 +87,8 @@ def conformal_threshold(positive_scores: ArrayLike, target_tpr: float) -> float:
 
 def rates(score: ArrayLike, positive: ArrayLike, threshold: float) -> tuple[float, float]:
     """True- and false-positive rates of the flag ``score <= threshold``."""
-    s = np.asarray(score, dtype=np.float64)
-    y = np.asarray(positive, dtype=bool)
+    s = np.asarray(as_array(score), dtype=np.float64)
+    y = np.asarray(as_array(positive), dtype=bool)
     flag = flagged(s, threshold)
     tpr = float(flag[y].mean()) if y.any() else math.nan
     fpr = float(flag[~y].mean()) if (~y).any() else math.nan

@@ -37,7 +37,7 @@ from brittle.deploy.alarm import (
     monitor_reference,
 )
 from brittle.deploy.rejects import REASONS, Reason, reject_reasons
-from brittle.output import MonitorOutput, rejected
+from brittle.output import MonitorOutput, as_array, rejected
 
 __all__ = ["Telemetry", "TelemetrySnapshot", "margin_buckets", "BUCKET_QUANTILES"]
 
@@ -86,17 +86,6 @@ def _fallback_buckets(threshold: float | None) -> tuple[float, ...]:
         float(threshold) if m == 1.0 else float(f"{threshold * m:.4g}")
         for m in _THRESHOLD_MULTIPLES
     )
-
-
-def _numpy(value: Any) -> np.ndarray:
-    # A torch tensor (on any device) without importing torch here.
-    if hasattr(value, "detach"):
-        value = value.detach().cpu()
-        try:
-            value = value.numpy()
-        except TypeError:  # bfloat16, which numpy lacks: widened to float32, exactly
-            value = value.float().numpy()
-    return np.asarray(value)
 
 
 @dataclass(frozen=True)
@@ -272,8 +261,8 @@ class Telemetry:
                 "telemetry needs flags: the monitor has no threshold; call monitor.fit(holdout) "
                 "or monitor.set_threshold(value) first."
             )
-        margin = _numpy(output.margin).reshape(-1)
-        flag = _numpy(output.flag).astype(bool, copy=False).reshape(-1)
+        margin = as_array(output.margin).reshape(-1)
+        flag = as_array(output.flag).astype(bool, copy=False).reshape(-1)
         n = margin.size
         if flag.size != n or (inputs is not None and len(inputs) != n):
             sizes = f"{flag.size} flags" + ("" if inputs is None else f", {len(inputs)} inputs")
@@ -322,7 +311,7 @@ class Telemetry:
             if inputs is None:
                 reasons = ["other"] * n_rejected
             else:
-                reasons = reject_reasons(_numpy(inputs)[rejected_mask], self.domain)
+                reasons = reject_reasons(as_array(inputs)[rejected_mask], self.domain)
         with self._lock:
             self._samples += n
             self._flagged += flagged
