@@ -302,6 +302,14 @@ class Monitor(nn.Module):
             raise ValueError(f"input must have shape {expected}. Got {tuple(x.shape)}.")
         # A model without parameters (its weights in buffers) is read from its buffers.
         dtype, device = model_dtype(self.model), model_device(self.model)
+        if dtype is not None and self.threshold.device != device:
+            # The model moved without the monitor: the feature margin's table and the
+            # pseudo-margin network would meet the model's tensors on another device.
+            raise ValueError(
+                f"the model is on {device} and the monitor's own state on "
+                f"{self.threshold.device}: move the monitor (monitor.to(device) moves its "
+                "model too), not only the model."
+            )
         if dtype is not None and (dtype != x.dtype or device != x.device):
             raise ValueError(
                 f"input must be a {dtype} tensor on {device} like the model. "

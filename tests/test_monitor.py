@@ -373,3 +373,16 @@ def test_the_monitor_state_starts_on_the_model_device() -> None:
     monitor = brittle.wrap(nn.Linear(4, 3, device="meta"))
     assert {buffer.device.type for buffer in monitor.buffers()} == {"meta"}
     assert {buffer.device.type for buffer in brittle.wrap(nn.Linear(4, 3)).buffers()} == {"cpu"}
+
+
+def test_a_model_moved_without_its_monitor_is_refused_with_a_clear_error() -> None:
+    # wrap(model), then model.to(device): the monitor's table and pseudo-margin network
+    # stayed behind, and a GPU forward failed inside index_select or the network (the
+    # meta device stands in for the GPU; it let the call through).
+    model = nn.Linear(4, 3)
+    monitor = brittle.wrap(model, example_input=torch.rand(2, 4))
+    model.to("meta")
+    with pytest.raises(ValueError, match=r"move the monitor \(monitor.to\(device\)"):
+        monitor(torch.rand(2, 4, device="meta"))
+    monitor.to("meta")
+    assert monitor(torch.rand(2, 4, device="meta")).margin.device.type == "meta"
