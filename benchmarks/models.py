@@ -78,15 +78,16 @@ def resnet18(num_classes: int = 10, size: int = 32, n: int = 72) -> tuple[nn.Mod
 
 
 def gpu_precision(tf32: bool) -> str:
-    """Allow or forbid TF32 in CUDA convolutions and matrix products; name the choice.
+    """Allow or forbid TF32 in cuDNN convolutions; name the choice.
 
     PyTorch runs cuDNN convolutions in TF32 (10-bit mantissas) by default on
     Ampere and later GPUs. On an H200 that censored one image of 32 of the random
     ResNet-18 (its top two logits 5e-6 apart) and loosened brittle's margins on the
     1,000-class one (``benchmarks/README.md``, "On a GPU"): margins within TF32's
     rounding are not resolved. The attack benchmarks measure the float32 model
-    unless ``--tf32`` keeps PyTorch's default.
+    unless ``--tf32`` keeps PyTorch's default. Matrix products stay in float32 either
+    way, as PyTorch leaves them: ``--tf32`` had turned TF32 on for them too.
     """
     torch.backends.cudnn.allow_tf32 = tf32
-    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
     return "TF32 allowed" if tf32 else "float32 (TF32 off)"

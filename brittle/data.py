@@ -27,13 +27,16 @@ def split_batch(batch: Any) -> tuple[Tensor, Tensor | None]:
         y = next((batch[k] for k in _Y_KEYS if k in batch), None)
         return _tensor(x, "inputs"), None if y is None else _tensor(y, "labels")
     if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
+        first = batch[0]
         if len(batch) > 1 and all(
-            isinstance(t, Tensor) and t.shape == batch[0].shape for t in batch[1:]
+            isinstance(t, Tensor) and t.shape == first.shape and t.dtype == first.dtype
+            for t in batch[1:]
         ):
-            # (x, y) never has labels of the inputs' shape; a loader with
-            # collate_fn=list yields its samples unstacked, and x would be one sample.
+            # A loader with collate_fn=list yields its samples unstacked, all of one
+            # shape and dtype, and x would be one sample. (x, y) with integer labels of
+            # the inputs' shape (one-hot, a column) differs in dtype: read as (x, y).
             raise ValueError(
-                f"a batch of {len(batch)} tensors of one shape {tuple(batch[0].shape)} is a "
+                f"a batch of {len(batch)} tensors of one shape {tuple(first.shape)} is a "
                 "list of samples, not (x, y): a DataLoader with collate_fn=list yields "
                 "those. Use the default collate_fn, which stacks them into one tensor."
             )

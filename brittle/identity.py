@@ -114,11 +114,6 @@ def _ieee_float32() -> Iterator[None]:
                 torch.set_float32_matmul_precision(matmul)
 
 
-def _first_parameter(model: nn.Module) -> Tensor | None:
-    """The model's first parameter, whose dtype and device it computes in; ``None`` without one."""
-    return next(model.parameters(), None)
-
-
 def _probe(model: nn.Module, input_shape: tuple[int, ...]) -> Tensor:
     # In the model's dtype and on its device, read from its buffers where it has no
     # parameters (the dtype it takes its inputs in, as check_input asks).
@@ -130,9 +125,13 @@ def _probe(model: nn.Module, input_shape: tuple[int, ...]) -> Tensor:
 
 
 def _dtype(model: nn.Module) -> str | None:
-    """The dtype the model computes in (its first parameter's), as text; ``None`` without one."""
-    param = _first_parameter(model)
-    return None if param is None else str(param.dtype)
+    """The dtype the model computes in, as text; ``None`` without a floating tensor.
+
+    Read as the probe reads it (``verify.model_dtype``): a model without parameters
+    from its buffers, so that its tolerance is its dtype's and not zero.
+    """
+    dtype = model_dtype(model)
+    return None if dtype is None else str(dtype)
 
 
 def model_identity(model: nn.Module, input_shape: tuple[int, ...] | None) -> dict[str, Any]:

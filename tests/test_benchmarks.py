@@ -169,3 +169,19 @@ def test_a_quick_margins_run_leaves_the_docs_figure_alone(tmp_path: Path) -> Non
     assert "plot:" not in result.stdout
     assert list(tmp_path.iterdir()) == []
     assert figure.read_bytes() == before
+
+
+def test_tf32_keeps_pytorch_default_matrix_products(monkeypatch: pytest.MonkeyPatch) -> None:
+    # --tf32 is documented to keep PyTorch's default (TF32 convolutions, the setting the
+    # GPU tables' TF32 rows were measured at), but it also turned TF32 on for matrix
+    # products, which PyTorch leaves in float32: its runs measured another precision.
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    models = importlib.import_module("models")
+    cudnn, matmul = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        models.gpu_precision(True)
+        assert torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+        models.gpu_precision(False)
+        assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = cudnn, matmul

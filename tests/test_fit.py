@@ -277,6 +277,22 @@ def test_a_loader_of_unstacked_samples_is_refused(
     assert not monitor.is_fitted
 
 
+def test_labels_of_the_inputs_shape_are_not_taken_for_unstacked_samples() -> None:
+    # (x, y) with integer labels shaped like the float inputs (one-hot labels of as many
+    # classes as features, a column of labels beside one feature) came from the default
+    # collate_fn, but were refused as a collate_fn=list batch: input_margins, which reads
+    # no labels, refused a loader it took before, and fit lost its hint on the labels.
+    model = nn.Linear(3, 3)
+    x = torch.rand(8, 3, generator=torch.Generator().manual_seed(0))
+    one_hot = torch.nn.functional.one_hot(torch.arange(8) % 3, 3)
+    loader = DataLoader(TensorDataset(x, one_hot), batch_size=4)
+    assert brittle.input_margins(model, loader, steps=2).shape == (8,)
+    column = DataLoader(TensorDataset(x[:, :1], (torch.arange(8) % 2)[:, None]), batch_size=4)
+    monitor = brittle.wrap(nn.Linear(1, 2), eps=0.1)
+    with pytest.raises(ValueError, match=r"a column\? pass y.squeeze\(1\)"):
+        monitor.fit(column, steps=2, progress=False)
+
+
 def test_fit_reads_no_batch_past_n_samples(standard_model: nn.Module, digits: DigitsSplit) -> None:
     x = digits.x_holdout[:80]
 

@@ -145,6 +145,33 @@ def test_load_recognises_the_whole_model(standard_model: nn.Module, tmp_path) ->
         )
 
 
+class _BufferLinear(nn.Module):
+    """A linear classifier whose weights are buffers: a model without parameters."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1) @ self.weight.T
+
+
+def test_a_model_without_parameters_loads_in_another_dtype(tmp_path) -> None:
+    # The probe read such a model's dtype from its buffers, but the tolerance from its
+    # parameters: it had none, so the tolerance was 0 and the same model moved to
+    # float64 (or to another device, which rounds otherwise) was refused as "a model
+    # with other weights", where a model with parameters loads.
+    model = _BufferLinear(torch.randn(10, 64, generator=torch.Generator().manual_seed(0)))
+    monitor = brittle.wrap(model, score="logit", example_input=torch.rand(2, 1, 8, 8))
+    monitor.set_threshold(0.3)
+    path = monitor.save(tmp_path / "m.pt")
+    loaded = brittle.load(path, copy.deepcopy(model).double())
+    assert float(loaded.threshold) == pytest.approx(0.3)
+    other = _BufferLinear(torch.randn(10, 64, generator=torch.Generator().manual_seed(1)))
+    with pytest.raises(ValueError, match="other weights"):
+        brittle.load(path, other)
+
+
 def test_truncated_and_foreign_files_say_damaged(standard_model: nn.Module, tmp_path) -> None:
     monitor = brittle.wrap(standard_model, example_input=torch.rand(2, 1, 8, 8))
     monitor.set_threshold(0.3)

@@ -1584,6 +1584,50 @@ def test_start_up_errors_are_one_line_and_exit_2(onnx_path: Path, tmp_path: Path
         assert "brittle.serve:" not in result.stdout, (name, result.stdout)  # no banner
 
 
+def test_provider_cuda_leaves_the_served_session_its_warnings(
+    onnx_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    # --provider cuda silences onnxruntime's default logger while the session is
+    # created; a session inherits that severity when created and keeps it. The server's
+    # session then logged nothing below FATAL for its whole life.
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from brittle.deploy import onnx_monitor
+    from brittle.deploy.serve.cli import main
+
+    # A graph whose run warns: its output has another shape than it declares.
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "s"], ["y"])],
+        "g",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 2]),
+            helper.make_tensor_value_info("s", TensorProto.INT64, [2]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 3])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    sessions: list[Any] = []
+
+    def created(path: Any, providers: Any, *, session_options: Any) -> Any:
+        # Where the server's session is created, with its options; then start-up stops.
+        sessions.append(
+            ort.InferenceSession(
+                model.SerializeToString(),
+                session_options,
+                providers=["CPUExecutionProvider"],
+            )
+        )
+        raise ValueError("stopped before serving")
+
+    monkeypatch.setattr(onnx_monitor, "OnnxMonitor", created)
+    assert main([str(onnx_path), "--provider", "cuda", "--port", str(_free_port())]) == 2
+    capfd.readouterr()
+    sessions[0].run(None, {"x": np.ones((3, 2), np.float32), "s": np.array([3, 2])})
+    assert "does not match actual shape" in capfd.readouterr().err
+
+
 def test_the_banner_names_an_ipv6_address_in_brackets(onnx_path: Path) -> None:
     """``--host ::1``: the banner's URL was ``http://::1:PORT``, which no client can open."""
     try:

@@ -202,6 +202,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from brittle.deploy.telemetry import Telemetry
 
     options = ort.SessionOptions()
+    # The session's own logger at onnxruntime's default, warnings: left to inherit, it
+    # takes the default logger's severity when created and keeps it, and --provider
+    # cuda silences that logger meanwhile (the server would log nothing below FATAL).
+    options.log_severity_level = 2
     if args.threads > 0:
         options.intra_op_num_threads = args.threads
     providers = None if args.provider == "auto" else PROVIDERS[args.provider]
