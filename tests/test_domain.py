@@ -98,6 +98,8 @@ def test_evaluate_counts_the_samples_the_monitor_rejects(
     assert rejected_rows(x, monitor.domain).sum() == 4
     report = evaluate(monitor, x, steps=5, progress=False)
     assert (report.n, report.excluded) == (40, 4)
+    with pytest.raises(ValueError, match="outside the monitor's input domain"):
+        evaluate(monitor, digits.x_holdout[:4], steps=5, progress=False)
 
 
 def test_telemetry_counts_the_reasons(fitted: brittle.Monitor, digits: DigitsSplit) -> None:

@@ -224,7 +224,8 @@ def collect_holdout(
                 labels.append(y.cpu()[keep])
     part.check_same_length(seen)
     if not kept:
-        raise ValueError("the holdout yielded no usable samples (empty, or all NaN/Inf).")
+        why = "all NaN/Inf, or outside the monitor's input domain" if domain else "all NaN/Inf"
+        raise ValueError(f"the holdout yielded no usable samples (empty, or {why}).")
     if not attacked:  # this rank owned no sample
         attacked, margins = [torch.empty(0, dtype=torch.long)], [torch.empty(0)]
     full = part.assemble(seen, torch.cat(attacked), torch.cat(margins))
