@@ -86,7 +86,7 @@ def gpu_precision(tf32: bool) -> str:
     1,000-class one (``benchmarks/README.md``, "On a GPU"): margins within TF32's
     rounding are not resolved. The attack benchmarks measure the float32 model
     unless ``--tf32`` keeps PyTorch's default. Matrix products stay in float32 either
-    way, as PyTorch leaves them: ``--tf32`` had turned TF32 on for them too.
+    way, PyTorch's default for them.
     """
     torch.backends.cudnn.allow_tf32 = tf32
     torch.backends.cuda.matmul.allow_tf32 = False
