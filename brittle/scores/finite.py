@@ -38,6 +38,13 @@ def _per_sample(x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
     return x, tuple(range(1, x.dim()))
 
 
+def _row_sums(x: Tensor) -> Tensor:
+    """``(B,)`` sum of each sample's values, half precision summed in float32."""
+    x, dims = _per_sample(x)
+    wide = torch.float32 if x.element_size() < 4 else None
+    return x.sum(dim=dims, dtype=wide)
+
+
 def finite_rows(x: Tensor) -> Tensor:
     """``(B,)`` mask of the samples whose values are all finite.
 
@@ -57,9 +64,7 @@ def finite_rows(x: Tensor) -> Tensor:
         >>> finite_rows(torch.tensor([[0.0, 1.0], [float("nan"), 0.0], [0.0, -float("inf")]]))
         tensor([ True, False, False])
     """
-    x, dims = _per_sample(x)
-    wide = torch.float32 if x.element_size() < 4 else None
-    total = x.sum(dim=dims, dtype=wide)
+    total = _row_sums(x)
     return (total - total) == 0
 
 
@@ -141,9 +146,7 @@ def nonfinite_rows(x: Tensor) -> Tensor:
         >>> nonfinite_rows(torch.tensor([[0.0, 1.0], [float("nan"), 0.0], [0.0, -float("inf")]]))
         tensor([False,  True,  True])
     """
-    x, dims = _per_sample(x)
-    wide = torch.float32 if x.element_size() < 4 else None
-    total = x.sum(dim=dims, dtype=wide)
+    total = _row_sums(x)
     return torch.isnan(total - total)
 
 
