@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from brittle._modes import changes_in_train_mode, eval_mode
 from brittle.arguments import are_bounds
 from brittle.attacks.settings import DEFAULT_ENGINE
-from brittle.attacks.verify import model_device, model_dtype
+from brittle.attacks.verify import first_floating, model_device
 from brittle.calibrate.calibration import Calibration, ScoreKind
 from brittle.deploy.alarm import OLD_REFERENCE_WARNING, parse_reference
 from brittle.errors import NotFittedError
@@ -300,9 +300,13 @@ class Monitor(nn.Module):
             x.dim() != len(self.input_shape) + 1 or x.shape[1] != self.input_shape[0]
         ):
             raise ValueError(f"input must have shape {expected}. Got {tuple(x.shape)}.")
-        # A model without parameters (its weights in buffers) is read from its buffers.
-        dtype, device = model_dtype(self.model), model_device(self.model)
-        if dtype is not None and self.threshold.device != device:
+        # One walk of the model (this runs on every call): its first floating tensor, a
+        # buffer where it has no parameters.
+        tensor = first_floating(self.model)
+        if tensor is None:
+            return x
+        dtype, device = tensor.dtype, tensor.device
+        if self.threshold.device != device:
             # The model moved without the monitor: the feature margin's table and the
             # pseudo-margin network would meet the model's tensors on another device.
             raise ValueError(
@@ -310,7 +314,7 @@ class Monitor(nn.Module):
                 f"{self.threshold.device}: move the monitor (monitor.to(device) moves its "
                 "model too), not only the model."
             )
-        if dtype is not None and (dtype != x.dtype or device != x.device):
+        if dtype != x.dtype or device != x.device:
             raise ValueError(
                 f"input must be a {dtype} tensor on {device} like the model. "
                 f"Got {x.dtype} on {x.device}."

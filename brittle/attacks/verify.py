@@ -21,6 +21,7 @@ __all__ = [
     "check_autograd",
     "model_device",
     "model_dtype",
+    "first_floating",
 ]
 
 
@@ -130,11 +131,22 @@ def model_device(model: nn.Module) -> torch.device:
     return tensor.device if tensor is not None else torch.device("cpu")
 
 
+def first_floating(model: nn.Module) -> Tensor | None:
+    """The model's first floating parameter, else buffer; ``None`` if it has none.
+
+    The tensor whose dtype and device the model takes its inputs in: a model
+    without parameters (its weights held in buffers) is read from its buffers.
+    """
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        if tensor.is_floating_point():
+            return tensor
+    return None
+
+
 def model_dtype(model: nn.Module) -> torch.dtype | None:
     """The dtype of the model's first floating parameter, else buffer; ``None`` if it has none.
 
-    The dtype the model takes its inputs in: a model without parameters (its
-    weights held in buffers) reads its buffers' dtype.
+    The dtype the model takes its inputs in (``first_floating``).
 
     Examples:
         >>> import torch
@@ -142,10 +154,8 @@ def model_dtype(model: nn.Module) -> torch.dtype | None:
         >>> model_dtype(torch.nn.Linear(2, 2).double()), model_dtype(torch.nn.ReLU())
         (torch.float64, None)
     """
-    for tensor in itertools.chain(model.parameters(), model.buffers()):
-        if tensor.is_floating_point():
-            return tensor.dtype
-    return None
+    tensor = first_floating(model)
+    return None if tensor is None else tensor.dtype
 
 
 def decision_changes(logits: Tensor, pred: Tensor) -> Tensor:
