@@ -7,6 +7,7 @@ import threading
 
 import numpy as np
 import pytest
+import torch
 from scipy.stats import beta, binom
 
 from brittle.deploy.alarm import (
@@ -616,3 +617,33 @@ def test_numpy_references_and_empty_numpy_batches_are_taken() -> None:
     before = alarm.state
     alarm.update(np.array([]))
     assert alarm.state == before
+
+
+class _DeviceFlags:
+    """Flags as a tensor on a GPU meets numpy: ``np.asarray`` raises, ``.cpu()`` works.
+
+    A CUDA tensor's ``__array__`` raises "can't convert cuda:0 device type tensor
+    to numpy" (a TypeError); tests/test_cuda.py has the real one.
+    """
+
+    def __init__(self, flags: torch.Tensor) -> None:
+        self.flags = flags
+
+    def __array__(self, *args: object, **kwargs: object) -> np.ndarray:
+        raise TypeError("can't convert cuda:0 device type tensor to numpy.")
+
+    def detach(self) -> _DeviceFlags:
+        return self
+
+    def cpu(self) -> torch.Tensor:
+        return self.flags
+
+
+def test_update_takes_a_monitors_flags_from_any_device() -> None:
+    # Before: a GPU Monitor's out.flag was refused with "flags must be booleans:
+    # can't convert cuda:0 device type tensor to numpy", booleans as they were.
+    flags = torch.tensor([True, False, False, True])
+    alarm, reference = FlagRateAlarm((20, 200), lag=1), FlagRateAlarm((20, 200), lag=1)
+    assert alarm.update(_DeviceFlags(flags)) == reference.update(flags.tolist())
+    alarm.feed(_DeviceFlags(flags))
+    assert alarm.state.samples == 8 and alarm.state.flagged == 4

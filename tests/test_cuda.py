@@ -183,3 +183,12 @@ def test_the_functional_metrics_take_gpu_tensors() -> None:
     assert BF.conformal_threshold(on_gpu[positive.to(CUDA)], 0.5) == pytest.approx(
         BF.conformal_threshold(scores[positive], 0.5)
     )
+
+
+def test_the_alarm_takes_gpu_flags() -> None:
+    # A GPU Monitor's out.flag was refused as "flags must be booleans".
+    from brittle.deploy.alarm import FlagRateAlarm
+
+    flags = torch.tensor([True, False, False, True])
+    alarm, reference = FlagRateAlarm((20, 200), lag=1), FlagRateAlarm((20, 200), lag=1)
+    assert alarm.update(flags.to(CUDA)) == reference.update(flags)

@@ -52,6 +52,7 @@ from typing import Any
 import numpy as np
 
 from brittle.arguments import positive_int
+from brittle.output import as_array
 
 __all__ = [
     "FlagRateAlarm",
@@ -726,6 +727,10 @@ class FlagRateAlarm:
     def update(self, flags: Any) -> AlarmState:
         """Push a batch of flags (oldest first), one CUSUM step each; returns the new state.
 
+        Args:
+            flags: One flag or a batch: a list, a numpy array, or a torch tensor on
+                any device (a ``Monitor``'s ``flag`` as it comes).
+
         Raises:
             ValueError: if ``flags`` are not booleans (or the integers 0 and 1); the
                 alarm is then left as it was.
@@ -863,13 +868,14 @@ def _as_flags(flags: Any) -> list[bool]:
     """A batch of flags as a list of bools, converted before the lock is taken.
 
     Only booleans (or the integers 0 and 1) are flags: NaN, strings or ``None``
-    would otherwise be counted as flagged or clean without a word.
+    would otherwise be counted as flagged or clean without a word. A torch
+    ``Monitor``'s flags are taken from any device, as ``as_array`` gives them.
     """
     if isinstance(flags, list) and all(type(v) is bool for v in flags):
         return flags
     try:
-        array = np.asarray(flags)
-    except (TypeError, ValueError) as err:  # ragged lists, a tensor on a GPU
+        array = as_array(flags)
+    except (TypeError, ValueError) as err:  # ragged lists
         raise ValueError(f"flags must be booleans: {err}") from None
     zeros_and_ones = array.dtype.kind in "iu" and bool(((array == 0) | (array == 1)).all())
     if array.dtype.kind == "b" or array.size == 0 or zeros_and_ones:  # no flags: any dtype
