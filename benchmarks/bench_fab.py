@@ -26,7 +26,12 @@ from collections.abc import Callable
 from functools import partial
 
 import torch
-from models import gpu_precision, hundred_class_digits, resnet18  # beside this script
+from models import (  # beside this script
+    add_device_arguments,
+    gpu_precision,
+    hundred_class_digits,
+    resnet18,
+)
 from torch import Tensor, nn
 
 from brittle.attacks.attack import AttackSettings, attack_batch
@@ -86,12 +91,7 @@ def main() -> None:
     parser.add_argument("--resnet-steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=1, help="timed runs; medians shown")
     parser.add_argument("--threads", type=int, default=None, help="PyTorch CPU threads")
-    parser.add_argument(
-        "--tf32",
-        action="store_true",
-        help="on a GPU, keep PyTorch's TF32 convolutions (default: float32; docs/margins.md)",
-    )
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_arguments(parser)
     parser.add_argument(
         "--quick", action="store_true", help="a quarter of the samples, half the ResNet steps"
     )

@@ -44,7 +44,12 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from models import gpu_precision, hundred_class_digits, resnet18  # beside this script
+from models import (  # beside this script
+    add_device_arguments,
+    gpu_precision,
+    hundred_class_digits,
+    resnet18,
+)
 from scipy.stats import kendalltau
 from torch import Tensor, nn
 
@@ -246,13 +251,8 @@ def main() -> None:
         help="digits CNNs (standard, robust, certified) and/or " + ", ".join(SCALE_MODELS),
     )
     parser.add_argument("--norms", default="Linf,L2")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_arguments(parser)
     parser.add_argument("--quick", action="store_true", help="48 images, shortened references")
-    parser.add_argument(
-        "--tf32",
-        action="store_true",
-        help="on a GPU, keep PyTorch's TF32 convolutions (default: float32; docs/margins.md)",
-    )
     parser.add_argument("--threads", type=int, default=1, help="PyTorch CPU threads")
     parser.add_argument(
         "--ref-steps",

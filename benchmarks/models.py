@@ -7,6 +7,7 @@ sits beside them, and a script's own folder is the first entry of
 
 from __future__ import annotations
 
+import argparse
 import copy
 
 import torch
@@ -75,6 +76,16 @@ def resnet18(num_classes: int = 10, size: int = 32, n: int = 72) -> tuple[nn.Mod
         model = torchvision.models.resnet18(num_classes=num_classes).eval()
         x = torch.rand(n, 3, size, size)
     return model, x
+
+
+def add_device_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--device`` (the GPU where there is one) and ``--tf32`` (see ``gpu_precision``)."""
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--tf32",
+        action="store_true",
+        help="on a GPU, keep PyTorch's TF32 convolutions (default: float32; docs/margins.md)",
+    )
 
 
 def gpu_precision(tf32: bool) -> str:
