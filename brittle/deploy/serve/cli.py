@@ -212,14 +212,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            if args.provider == "cuda":
-                # Where its CUDA provider cannot load, onnxruntime logs several lines and
-                # runs on the CPU; the operator who asked for CUDA gets one line and exit 2.
+            # Where its CUDA provider cannot load, onnxruntime logs several lines and
+            # runs on the CPU; the operator who asked for CUDA gets one line and exit 2.
+            silenced = args.provider == "cuda"
+            if silenced:
                 ort.set_default_logger_severity(4)
             try:
                 monitor = OnnxMonitor(args.monitor, providers, session_options=options)
             finally:
-                ort.set_default_logger_severity(2)  # onnxruntime's default: warnings
+                if silenced:  # back to onnxruntime's default, warnings (it has no getter)
+                    ort.set_default_logger_severity(2)
             if args.provider == "cuda" and "CUDAExecutionProvider" not in monitor.providers:
                 raise ValueError(
                     "--provider cuda: onnxruntime cannot run this graph on CUDA here (its "
