@@ -754,6 +754,27 @@ def test_open_inference_id_is_echoed_or_refused(server: Server, request_id: Any)
         assert status == 400 and answer == {"error": 'the request\'s "id" must be a string.'}
 
 
+@pytest.mark.parametrize("escape", ["\\ud800", "\\udfff", "x\\udc00y"])
+def test_open_inference_id_that_is_no_text_gets_400_before_it_is_judged(
+    server: Server, escape: str
+) -> None:
+    """JSON may escape half of a surrogate pair ("\\ud800"), which decodes to no character
+    UTF-8 can write: echoing such an id failed as the answer was written, a 500 with a
+    traceback in the log, after the samples were judged and counted in /metrics."""
+    tensor = {"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.5] * 64}
+    body = json.dumps({"id": "ID", "inputs": [tensor]}).encode()
+    body = body.replace(b'"ID"', f'"{escape}"'.encode())
+    before = _metrics(server.url)
+    status, answer = _request(f"{server.url}/v2/models/{server.path.stem}/infer", body)
+    assert status == 400 and isinstance(answer, dict), answer
+    assert answer["error"] == 'the request\'s "id" must be Unicode text: no lone surrogate.'
+    after = _metrics(server.url)
+    assert after["brittle_samples_total"] == before["brittle_samples_total"]
+    assert after.get('brittle_requests_total{code="500"}', 0.0) == before.get(
+        'brittle_requests_total{code="500"}', 0.0
+    )
+
+
 def test_errors_never_quote_the_input(server: Server) -> None:
     secret = "a" * 100_000
     status, answer = _request(f"{server.url}/predict", json.dumps({"inputs": [secret]}).encode())

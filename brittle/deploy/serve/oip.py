@@ -86,6 +86,20 @@ def _values(array: np.ndarray) -> list[Any]:
     return json_floats(array)
 
 
+def _text(value: str) -> bool:
+    r"""Whether ``value`` is text UTF-8 can write: no lone surrogate, as JSON's ``"\ud800"``.
+
+    Examples:
+        >>> _text("r-1"), _text("\N{SNOWMAN}"), _text("\ud800")
+        (True, True, False)
+    """
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _split_binary(request_headers: Any, body: bytes) -> tuple[bytes, bytes]:
     header = request_headers.get(_BINARY_HEADER)
     if header is None:
@@ -102,10 +116,15 @@ def _tensor(
     """The request's input tensor as an array of the model's dtype, and its outputs spec."""
     if not isinstance(request, dict) or not isinstance(request.get("inputs"), list):
         raise Refusal(400, 'the body must be a JSON object {"inputs": [tensor]}.')
-    if request.get("id") is not None and not isinstance(request["id"], str):
+    request_id = request.get("id")
+    if request_id is not None and not isinstance(request_id, str):
         # The protocol's id is a string, echoed in the response (null, as pydantic
         # clients send for none, is none); another was dropped without a word.
         raise Refusal(400, 'the request\'s "id" must be a string.')
+    if request_id is not None and not _text(request_id):
+        # JSON escapes half a surrogate pair ("\ud800") into a string UTF-8 cannot
+        # write: the answer echoing it failed (500) after the samples were counted.
+        raise Refusal(400, 'the request\'s "id" must be Unicode text: no lone surrogate.')
     inputs = request["inputs"]
     if len(inputs) != 1 or not isinstance(inputs[0], dict):
         raise Refusal(400, f"the model takes exactly one input tensor, {INPUT_NAME!r}.")
