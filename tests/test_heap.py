@@ -57,10 +57,15 @@ def _faults(settled: bool) -> int:
 
 
 def test_an_attack_does_not_fault_its_freed_memory_in_again() -> None:
-    # Measured on the 2-core VM: 2,600-9,800 faults in the second attack with glibc's
-    # starting thresholds (the control: the pages the heap handed back and took again;
-    # four runs, one of them CI's at 2,632), 260-780 with the heap settled (three runs).
-    assert _faults(settled=False) > 2000
+    # Measured on the 2-core VM: 2,100-16,700 faults in the second attack with glibc's
+    # starting thresholds (the control: the pages the heap handed back and took again),
+    # but 9 and 775 in 2 of 20 runs, where glibc's own dynamic threshold rose during the
+    # first attack; 7-780 with the heap settled (12 runs). So the control is run up to
+    # four times, until it shows the faults the settled heap avoids.
+    controls = []
+    while len(controls) < 4 and max(controls, default=0) <= 2000:
+        controls.append(_faults(settled=False))
+    assert max(controls) > 2000, controls
     assert _faults(settled=True) < 1500
 
 
