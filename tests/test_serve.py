@@ -1721,3 +1721,29 @@ def test_an_answer_stalls_only_while_no_byte_of_it_leaves() -> None:
     assert not stalled_at(4.7, 10)  # a new answer's clock starts now
     assert not stalled_at(6.6, 10)
     assert stalled_at(6.8, 10)
+
+
+def test_open_inference_empty_outputs_list_answers_every_output(server: Server) -> None:
+    # Before: "outputs": [] answered no outputs at all, while the samples were judged
+    # and counted; Triton answers every output when none is requested.
+    tensor = {"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.5] * 64}
+    url = f"{server.url}/v2/models/{server.path.stem}/infer"
+    status, everything = _request(url, json.dumps({"inputs": [tensor]}).encode())
+    assert status == 200, everything
+    status, answer = _request(url, json.dumps({"inputs": [tensor], "outputs": []}).encode())
+    assert status == 200, answer
+    assert answer["outputs"] == everything["outputs"]
+    assert [o["name"] for o in answer["outputs"]] == ["logits", "pred", "margin", "flag"]
+
+
+def test_open_inference_classification_is_refused_before_it_is_judged(server: Server) -> None:
+    # Before: tritonclient's InferRequestedOutput("logits", class_count=3) got the raw
+    # FP32 logits, shape [1, 10], in place of the top-3 labels it asked for.
+    tensor = {"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.5] * 64}
+    output = {"name": "logits", "parameters": {"classification": 3}}
+    body = json.dumps({"inputs": [tensor], "outputs": [output]}).encode()
+    before = _metrics(server.url)
+    status, answer = _request(f"{server.url}/v2/models/{server.path.stem}/infer", body)
+    assert status == 400, answer
+    assert "classification" in answer["error"] and len(answer["error"]) <= 200
+    assert _metrics(server.url)["brittle_samples_total"] == before["brittle_samples_total"]

@@ -13,7 +13,10 @@ numpy, as ``tritonclient.http`` and MLServer's codecs do
 (``np.array(data, dtype=np.float32)``), read ``null`` back as NaN, and an
 infinite margin (``brittle.deploy.serve.numbers``) back as infinity.
 Inputs come as JSON tensors or with the binary tensor extension
-(``Inference-Header-Content-Length``); outputs are always JSON. A ``null`` in a
+(``Inference-Header-Content-Length``); outputs are always JSON, every output
+unless the request names some (an empty list names none: all of them, as Triton
+answers), and an output asked for as classification labels (``class_count``)
+is refused with 400: the server offers no such extension. A ``null`` in a
 floating-point input tensor is NaN, as in ``/predict``: that sample is rejected
 (reason ``nan``) and the others are judged. Errors follow
 the protocol: ``{"error": "one line"}``.
@@ -193,12 +196,22 @@ def _tensor(
     with np.errstate(over="ignore", invalid="ignore"):  # out of range: Inf, rejected
         x = values.astype(monitor.dtype, copy=False)
     outputs = request.get("outputs")
-    if outputs is None:
+    if outputs is None or outputs == []:  # none requested: every output, as Triton answers
         return x, None
     if not isinstance(outputs, list) or not all(
         isinstance(o, dict) and o.get("name") in OUTPUT_NAMES for o in outputs
     ):
         raise Refusal(400, f"requested outputs must be among {list(OUTPUT_NAMES)}.")
+    for output in outputs:
+        parameters = output.get("parameters")
+        if isinstance(parameters, dict) and parameters.get("classification") is not None:
+            # The classification extension answers top-k labels: the raw tensor in its
+            # place would read as an answer of another shape and datatype.
+            raise Refusal(
+                400,
+                "this server does not offer the classification extension: request the "
+                "outputs without class_count (logits are returned whole).",
+            )
     return x, {o["name"]: o for o in outputs}
 
 
