@@ -948,6 +948,60 @@ def test_open_inference_protocol_with_tritonclient(server: Server, digits: Digit
     assert _metrics(server.url)["brittle_samples_total"] == before + 20
 
 
+def test_open_inference_binary_outputs_with_tritonclient(
+    server: Server, digits: DigitsSplit
+) -> None:
+    """Outputs asked for in binary (tritonclient's default, ``InferRequestedOutput``) come
+    as the binary tensor extension, equal to the JSON ones. Before, they came as JSON
+    while ``/v2`` lists the extension, whose outputs asked for in binary must be binary."""
+    import tritonclient.http as triton
+
+    x = digits.x_holdout[CALIBRATION : CALIBRATION + 4].numpy().copy()
+    x[1, 0, 2, 2] = math.nan
+    name, url = server.path.stem, f"{server.url}/v2/models/{server.path.stem}/infer"
+    client = triton.InferenceServerClient(url=server.url.removeprefix("http://"))
+    try:
+        tensor = triton.InferInput("input", list(x.shape), "FP32")
+        tensor.set_data_from_numpy(x)
+        as_json = client.infer(name, [tensor])
+        wanted = [triton.InferRequestedOutput(key) for key in ("logits", "pred", "margin", "flag")]
+        as_bytes = client.infer(name, [tensor], outputs=wanted)
+        sizes = {
+            k: as_bytes.get_output(k)["parameters"]["binary_data_size"] for k in ("pred", "flag")
+        }
+        assert sizes == {"pred": 4 * 8, "flag": 4}  # INT64 and BOOL, in binary
+        for key in ("logits", "pred", "margin", "flag"):
+            np.testing.assert_array_equal(as_bytes.as_numpy(key), as_json.as_numpy(key))
+            assert as_bytes.as_numpy(key).dtype == as_json.as_numpy(key).dtype
+        assert np.isnan(as_bytes.as_numpy("margin")[1]) and as_bytes.as_numpy("flag")[1]
+    finally:
+        client.close()
+        del client  # collected on this thread, as in the tests above
+        gc.collect()
+    # The request's binary_data_output, and an output's own binary_data over it.
+    data = {"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.5] * 64}
+    request = {
+        "inputs": [data],
+        "parameters": {"binary_data_output": True},
+        "outputs": [{"name": "pred"}, {"name": "margin", "parameters": {"binary_data": False}}],
+    }
+    raw = urllib.request.Request(url, data=json.dumps(request).encode(), method="POST")
+    with urllib.request.urlopen(raw, timeout=TIMEOUT) as response:
+        length = int(response.headers["Inference-Header-Content-Length"])
+        body = response.read()
+    header = json.loads(body[:length])
+    assert [o["name"] for o in header["outputs"]] == ["pred", "margin"]
+    assert header["outputs"][0]["parameters"] == {"binary_data_size": 8}
+    status, expected = _predict(server.url, np.full((1, 1, 8, 8), 0.5).tolist())
+    assert status == 200 and np.frombuffer(body[length:], "<i8").tolist() == expected["pred"]
+    assert header["outputs"][1]["data"] == expected["margin"] and len(body) == length + 8
+    before = _metrics(server.url)["brittle_samples_total"]
+    request["parameters"] = {"binary_data_output": "yes"}
+    status, answer = _request(url, json.dumps(request).encode())
+    assert status == 400 and "binary_data_output" in answer["error"], answer
+    assert _metrics(server.url)["brittle_samples_total"] == before
+
+
 def test_an_infinite_margin_is_judged_not_rejected_in_both_protocols(tmp_path: Path) -> None:
     """Logits of 3e38 and -3e38 are finite, their difference is not: the margin is +inf,
     the sample judged and not flagged, and /metrics counts no rejection. Both protocols

@@ -13,7 +13,9 @@ numpy, as ``tritonclient.http`` and MLServer's codecs do
 (``np.array(data, dtype=np.float32)``), read ``null`` back as NaN, and an
 infinite margin (``brittle.deploy.serve.numbers``) back as infinity.
 Inputs come as JSON tensors or with the binary tensor extension
-(``Inference-Header-Content-Length``); outputs are always JSON, every output
+(``Inference-Header-Content-Length``); outputs are JSON tensors, or binary
+where an output's ``binary_data`` (else the request's ``binary_data_output``)
+asks for it, as ``tritonclient.http`` does by default. Every output is answered
 unless the request names some (an empty list names none: all of them, as Triton
 answers), and an output asked for as classification labels (``class_count``)
 is refused with 400: the server offers no such extension. A ``null`` in a
@@ -215,6 +217,43 @@ def _tensor(
     return x, {o["name"]: o for o in outputs}
 
 
+def _flag(parameters: Any, key: str, default: bool) -> bool:
+    """The boolean ``parameters[key]`` (``default`` where absent); 400 for another value."""
+    if not isinstance(parameters, dict) or parameters.get(key) is None:
+        return default
+    value = parameters[key]
+    if not isinstance(value, bool):
+        raise Refusal(400, f'the parameter "{key}" must be true or false.')
+    return value
+
+
+def _binary_outputs(request: dict[str, Any], wanted: dict[str, Any] | None) -> set[str]:
+    """The outputs to answer in binary (the binary tensor extension), checked before judging.
+
+    Each output's own ``binary_data`` decides, else the request's ``binary_data_output``.
+    """
+    default = _flag(request.get("parameters"), "binary_data_output", False)
+    names = OUTPUT_NAMES if wanted is None else tuple(wanted)
+    specs = wanted or {}
+    return {
+        name
+        for name in names
+        if _flag(specs.get(name, {}).get("parameters"), "binary_data", default)
+    }
+
+
+def _answer(content: dict[str, Any], blobs: list[bytes]) -> Response:
+    """The infer response: JSON alone, or its JSON header followed by the binary outputs."""
+    if not blobs:
+        return JSONResponse(content)
+    header = JSONResponse(content).body
+    return Response(
+        bytes(header) + b"".join(blobs),
+        media_type="application/octet-stream",
+        headers={_BINARY_HEADER: str(len(header))},
+    )
+
+
 def add_open_inference_routes(
     app: FastAPI,
     monitor: OnnxMonitor,
@@ -330,22 +369,28 @@ def add_open_inference_routes(
         """Open Inference Protocol: the model's version is ready."""
         return ready_of(model, version)
 
-    def infer_body(headers: Any, body: bytes) -> JSONResponse:
+    def infer_body(headers: Any, body: bytes) -> Response:
         header, binary = _split_binary(headers, body)
         request = decode_json(header)
         x, wanted = _tensor(request, binary, monitor, max_batch)
+        as_bytes = _binary_outputs(request, wanted)
         out = judge(x)
-        arrays = dict(zip(OUTPUT_NAMES, out, strict=True))
-        outputs = [
-            {
+        outputs, blobs = [], []
+        for key, value in zip(OUTPUT_NAMES, out, strict=True):
+            if wanted is not None and key not in wanted:
+                continue
+            array = np.asarray(value)
+            tensor: dict[str, Any] = {
                 "name": key,
-                "datatype": _NUMPY_TO_DATATYPE[np.asarray(value).dtype],
-                "shape": list(np.shape(value)),
-                "data": _values(np.asarray(value)),
+                "datatype": _NUMPY_TO_DATATYPE[array.dtype],
+                "shape": list(array.shape),
             }
-            for key, value in arrays.items()
-            if wanted is None or key in wanted
-        ]
+            if key in as_bytes:  # row-major, little-endian; BOOL one byte each
+                blobs.append(np.ascontiguousarray(array, array.dtype.newbyteorder("<")).tobytes())
+                tensor["parameters"] = {"binary_data_size": len(blobs[-1])}
+            else:
+                tensor["data"] = _values(array)
+            outputs.append(tensor)
         content: dict[str, Any] = {
             "model_name": name,
             "model_version": MODEL_VERSION,
@@ -353,7 +398,7 @@ def add_open_inference_routes(
         }
         if request.get("id") is not None:
             content["id"] = request["id"]
-        return JSONResponse(content)
+        return _answer(content, blobs)
 
     async def infer_of(request: Request, model: str, version: str = MODEL_VERSION) -> Response:
         with admission.hold() as hold:
@@ -370,7 +415,18 @@ def add_open_inference_routes(
         "responses": {
             200: {
                 "description": "The outputs logits, pred, margin and flag.",
-                "content": {"application/json": {"schema": schemas.infer_response()}},
+                "content": {
+                    "application/json": {"schema": schemas.infer_response()},
+                    "application/octet-stream": {
+                        "schema": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "Outputs asked for in binary: the JSON "
+                            "response's first Inference-Header-Content-Length bytes, "
+                            "then each such output's bytes in its order.",
+                        }
+                    },
+                },
             },
             **_ERRORS,
         },
