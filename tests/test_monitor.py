@@ -207,6 +207,28 @@ def test_linear_followed_by_a_transform_is_not_the_head() -> None:
     torch.testing.assert_close(monitor(x).margin, BF.feature_margin(model.fc(x), model.fc.weight))
 
 
+def test_a_head_whose_output_is_changed_in_place_is_not_taken_as_exact() -> None:
+    # The probe compared the head's output tensor with the logits after the forward
+    # pass: a model scaling that very tensor in place (logits /= temperature) made the
+    # two equal, the head counted as exact, and every feature margin was off by the
+    # temperature, where the same model written out of place has no head found.
+    class InPlace(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(5, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            logits = self.fc(x)
+            logits /= 0.5
+            return logits
+
+    torch.manual_seed(0)
+    model, x = InPlace(), torch.rand(4, 5)
+    assert brittle.wrap(model, example_input=x).head_name is None
+    with pytest.raises(ValueError, match=r"nn.Linear modules with 3 outputs, \['fc'\]"):
+        brittle.wrap(model, score="feature")(x)
+
+
 def test_flags_follow_the_threshold(robust_model: nn.Module, digits: DigitsSplit) -> None:
     monitor = brittle.wrap(robust_model)
     x = digits.x_holdout[:64]

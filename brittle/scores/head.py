@@ -103,9 +103,14 @@ class HeadCapture:
 
 @dataclass
 class _Probe:
-    """Every 2-D ``nn.Linear`` output of one forward pass, in call order (this thread's)."""
+    """Every 2-D ``nn.Linear`` output of one forward pass, in call order (this thread's).
 
-    records: list[tuple[str, Tensor, Tensor]] = field(default_factory=list)
+    Each output is recorded with a copy of its values as the layer returned them: a
+    model may change that tensor in place afterwards (``logits /= temperature``), and
+    the tensor itself would then equal the logits although the layer's output does not.
+    """
+
+    records: list[tuple[str, Tensor, Tensor, Tensor]] = field(default_factory=list)
     thread: int = field(default_factory=threading.get_ident)
 
     def hook(self, name: str) -> Any:
@@ -113,7 +118,7 @@ class _Probe:
             if threading.get_ident() != self.thread:
                 return
             if isinstance(output, Tensor) and output.dim() == 2:
-                self.records.append((name, args[0], output))
+                self.records.append((name, args[0], output, output.detach().clone()))
 
         return record
 
@@ -228,6 +233,9 @@ def _probe_linears(model: nn.Module) -> Iterator[_Probe]:
 def discover_head(model: nn.Module, x: Tensor) -> tuple[Tensor, str | None, HeadCapture]:
     """Run ``model(x)`` once and find the ``nn.Linear`` whose output equals the logits.
 
+    The output as the layer returned it, not as the model may have changed it in
+    place since: a head whose output is scaled in place is not the logits' head.
+
     Returns:
         The logits, the head's module name (``None`` when no linear layer produced
         the logits) and the head's captured input and output from the same pass.
@@ -236,8 +244,8 @@ def discover_head(model: nn.Module, x: Tensor) -> tuple[Tensor, str | None, Head
         logits = model_output(model(x))
     capture = HeadCapture()
     name = None
-    for rec_name, features, output in reversed(probe.records):
-        if same_values(output, logits):
+    for rec_name, features, output, returned in reversed(probe.records):
+        if same_values(returned, logits):
             name = rec_name
             capture = HeadCapture([(features, output)])
             break
