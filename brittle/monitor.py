@@ -30,6 +30,7 @@ from brittle.scores.head import (
     discover_head,
     model_output,
     resolve_head,
+    same_values,
 )
 from brittle.scores.margins import feature_margin, logit_margin, pair_norm_table
 from brittle.scores.norms import Norm, check_eps, check_norm
@@ -469,7 +470,14 @@ class Monitor(nn.Module):
         capture = run.capture
         if not self.head_exact or capture is None or not capture.calls:
             return
-        if capture.call_producing(run.logits) is not None:
+        # By value too: a head output that is the logits tensor but was scaled in place
+        # after the head (logits /= temperature) is not the logits' values.
+        single = capture.call_producing(run.logits)
+        if (
+            single is not None
+            and single.output is not None
+            and same_values(single.output, run.logits)
+        ):
             return
         raise RuntimeError(
             f"head {self.head_name!r} no longer produces the model's logits: something after "

@@ -207,6 +207,58 @@ def test_linear_followed_by_a_transform_is_not_the_head() -> None:
     torch.testing.assert_close(monitor(x).margin, BF.feature_margin(model.fc(x), model.fc.weight))
 
 
+def test_a_head_whose_output_is_changed_in_place_is_not_taken_as_exact() -> None:
+    # The probe compared the head's output tensor with the logits after the forward
+    # pass: a model scaling that very tensor in place (logits /= temperature) made the
+    # two equal, the head counted as exact, and every feature margin was off by the
+    # temperature, where the same model written out of place has no head found.
+    class InPlace(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(5, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            logits = self.fc(x)
+            logits /= 0.5
+            return logits
+
+    torch.manual_seed(0)
+    model, x = InPlace(), torch.rand(4, 5)
+    assert brittle.wrap(model, example_input=x).head_name is None
+    with pytest.raises(ValueError, match=r"nn.Linear modules with 3 outputs, \['fc'\]"):
+        brittle.wrap(model, score="feature")(x)
+
+
+def test_a_named_head_whose_output_is_changed_in_place_gives_its_own_margin() -> None:
+    # The hook kept the head's output tensor, which the model then scaled in place:
+    # the named head's feature margin, promised from the head's own output, came out
+    # multiplied by 1 / temperature, and a temperature set in place after wrap passed
+    # the check that the head is still exact.
+    class InPlace(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(5, 3)
+            self.temperature = 0.5
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            logits = self.fc(x)
+            logits /= self.temperature
+            return logits
+
+    torch.manual_seed(0)
+    model, x = InPlace(), torch.rand(4, 5)
+    monitor = brittle.wrap(model, head="fc", score="feature", norm="L2")
+    want = BF.feature_margin(model.fc(x), model.fc.weight, "L2")
+    for got in (monitor(x).margin, monitor.inspect(x).scores["feature"]):
+        torch.testing.assert_close(got, want)
+    model.temperature = 1.0
+    exact = brittle.wrap(model, score="feature", norm="L2", example_input=x)
+    assert exact.head_exact
+    model.temperature = 4.0
+    with pytest.raises(RuntimeError, match="head 'fc' no longer produces the model's"):
+        exact.inspect(x)
+
+
 def test_flags_follow_the_threshold(robust_model: nn.Module, digits: DigitsSplit) -> None:
     monitor = brittle.wrap(robust_model)
     x = digits.x_holdout[:64]

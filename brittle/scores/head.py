@@ -54,10 +54,17 @@ class HeadCapture:
     calls made by the thread that created the capture. ``records`` holds every
     call's ``(features, output)``; ``features`` and ``output`` are the latest
     call's, for a head the model calls more than once (``call_producing``).
+
+    ``output`` is a copy of what the head returned (gradients still flow through
+    it): the model may change the returned tensor in place afterwards (``logits
+    /= temperature``), and the head's own output is what the feature margin needs.
+    ``returned`` holds the tensors the head returned, which the model may have
+    passed on as its logits.
     """
 
     records: list[tuple[Tensor, Tensor]] = field(default_factory=list)
     thread: int = field(default_factory=threading.get_ident)
+    returned: list[Tensor] = field(default_factory=list)
 
     @property
     def calls(self) -> int:
@@ -77,7 +84,8 @@ class HeadCapture:
     def hook(self, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
         """Forward hook: record the head's input and output of this thread's call."""
         if threading.get_ident() == self.thread:
-            self.records.append((args[0], output))
+            self.records.append((args[0], output.clone()))
+            self.returned.append(output)
 
     def call_producing(self, logits: Tensor, *, by_value: bool = True) -> HeadCapture | None:
         """The recorded call whose output is ``logits``, alone; ``None`` when no call's is.
@@ -88,11 +96,18 @@ class HeadCapture:
         tensor itself is looked for first (no comparison of values, so no host
         synchronisation), then, with ``by_value`` (not while a graph is traced: the
         values are unknown there), the latest call whose output equals the logits,
-        as ``discover_head`` chooses.
+        as ``discover_head`` chooses. The call found by its tensor may have had that
+        tensor changed in place since (its ``output`` then differs from the logits).
         """
-        for features, output in reversed(self.records):
-            if output is logits:
-                return HeadCapture([(features, output)])
+        # A capture built from records alone (no returned tensors) is searched by value.
+        returned: list[Tensor | None] = list(self.returned)
+        if len(returned) != len(self.records):
+            returned = [None] * len(self.records)
+        for (features, output), tensor in zip(
+            reversed(self.records), reversed(returned), strict=True
+        ):
+            if tensor is logits:
+                return HeadCapture([(features, output)], returned=[tensor])
         if not by_value:
             return None
         for features, output in reversed(self.records):
@@ -103,9 +118,14 @@ class HeadCapture:
 
 @dataclass
 class _Probe:
-    """Every 2-D ``nn.Linear`` output of one forward pass, in call order (this thread's)."""
+    """Every 2-D ``nn.Linear`` output of one forward pass, in call order (this thread's).
 
-    records: list[tuple[str, Tensor, Tensor]] = field(default_factory=list)
+    Each output is recorded with a copy of its values as the layer returned them: a
+    model may change that tensor in place afterwards (``logits /= temperature``), and
+    the tensor itself would then equal the logits although the layer's output does not.
+    """
+
+    records: list[tuple[str, Tensor, Tensor, Tensor]] = field(default_factory=list)
     thread: int = field(default_factory=threading.get_ident)
 
     def hook(self, name: str) -> Any:
@@ -113,7 +133,7 @@ class _Probe:
             if threading.get_ident() != self.thread:
                 return
             if isinstance(output, Tensor) and output.dim() == 2:
-                self.records.append((name, args[0], output))
+                self.records.append((name, args[0], output, output.clone()))
 
         return record
 
@@ -228,6 +248,9 @@ def _probe_linears(model: nn.Module) -> Iterator[_Probe]:
 def discover_head(model: nn.Module, x: Tensor) -> tuple[Tensor, str | None, HeadCapture]:
     """Run ``model(x)`` once and find the ``nn.Linear`` whose output equals the logits.
 
+    The output as the layer returned it, not as the model may have changed it in
+    place since: a head whose output is scaled in place is not the logits' head.
+
     Returns:
         The logits, the head's module name (``None`` when no linear layer produced
         the logits) and the head's captured input and output from the same pass.
@@ -236,9 +259,9 @@ def discover_head(model: nn.Module, x: Tensor) -> tuple[Tensor, str | None, Head
         logits = model_output(model(x))
     capture = HeadCapture()
     name = None
-    for rec_name, features, output in reversed(probe.records):
+    for rec_name, features, returned, output in reversed(probe.records):
         if same_values(output, logits):
             name = rec_name
-            capture = HeadCapture([(features, output)])
+            capture = HeadCapture([(features, output)], returned=[returned])
             break
     return logits, name, capture
