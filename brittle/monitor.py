@@ -203,16 +203,24 @@ class Monitor(nn.Module):
             self.pair_norms = head.weight.new_empty(0, 0)
         self._table_stamp = _stamp(head.weight)
 
-    def _pair_norm_table(self, head: nn.Linear) -> Tensor | None:
+    def _pair_norm_table(self, head: nn.Linear, *, refresh: bool = False) -> Tensor | None:
         """The pair-norm table of the head's current weight; ``None`` when none is stored.
 
         Recomputed when the weight changed since the table was (a model trained or
         given a checkpoint after ``wrap``). Traced or compiled, the stored table is
-        used as it is: ``graph()`` brings it up to date before an export traces.
+        used as it is: ``graph()`` brings it up to date (``refresh``) before an
+        export traces. An inference tensor (a model built under ``inference_mode``)
+        keeps no version counter, so its change in place cannot be seen: it gets
+        ``None`` (its rows measured at each call), and ``refresh`` recomputes it.
         """
         if not self.pair_norms.numel():
             return None
-        if not torch.compiler.is_compiling() and _changed(head.weight, self._table_stamp):
+        if torch.compiler.is_compiling():
+            return self.pair_norms
+        inference = torch.is_inference(head.weight)
+        if inference and not refresh:
+            return None
+        if inference or _changed(head.weight, self._table_stamp):
             table = pair_norm_table(head.weight, self.norm)
             self.pair_norms = table.to(self.pair_norms)
             self._table_stamp = _stamp(head.weight)
@@ -606,7 +614,7 @@ class Monitor(nn.Module):
             )
         head = self.head
         if head is not None:
-            self._pair_norm_table(head)  # an export traces the table as it stands
+            self._pair_norm_table(head, refresh=True)  # an export traces it as it stands
         return _Graph(self, self.score)
 
     @property

@@ -87,6 +87,34 @@ def test_the_feature_margin_follows_head_weights_changed_after_wrap(tmp_path: Pa
         )
 
 
+def test_the_feature_margin_follows_inference_tensor_weights_changed_in_place(
+    tmp_path: Path,
+) -> None:
+    # A model built under torch.inference_mode() (serving code) has inference-tensor
+    # weights, which keep no version counter: a checkpoint loaded in place under
+    # inference mode left the first weights' pair-norm table in the forward pass
+    # (0.1093 served against 0.1542 for one sample) and in an export.
+    torch.manual_seed(0)
+    x = torch.rand(8, 5)
+    with torch.inference_mode():
+        model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+        assert torch.is_inference(model[2].weight)
+        monitor = brittle.wrap(model, score="feature", norm="L2")
+        first = monitor(x).margin
+        model.load_state_dict(
+            nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3)).state_dict()
+        )
+        served = monitor(x).margin
+        want = BF.feature_margin(model(x), model[2].weight, "L2")
+        monitor.set_threshold(0.1)  # its buffers, made here too, change here alone
+    assert not torch.allclose(first, want)
+    torch.testing.assert_close(served, want)
+    exported = brittle.OnnxMonitor(
+        monitor.export_onnx(tmp_path / "m.onnx", x[:2]), providers=["CPUExecutionProvider"]
+    )
+    torch.testing.assert_close(torch.from_numpy(exported(x.numpy()).margin), want)
+
+
 def test_the_head_is_found_on_a_first_batch_with_nan_logits() -> None:
     # Discovery compared each linear output with the logits by torch.equal, for which
     # NaN differs from NaN: one sample whose logits overflowed in the first batch hid
