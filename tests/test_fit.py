@@ -666,6 +666,19 @@ def test_a_holdout_that_requires_grad_is_read_as_data(
     assert monitor.has_threshold and x.grad is None
 
 
+def test_fit_inside_autocast_is_refused_as_a_half_model_is(
+    robust_model: nn.Module, digits: DigitsSplit
+) -> None:
+    # Before: fit under torch.autocast("cpu", bfloat16) attacked the model in bfloat16
+    # without a word; its FAB margins were up to 3.9 % off the float32 ones on 40
+    # robust digits, while fit refuses a bfloat16 model for that very precision.
+    monitor = brittle.wrap(robust_model, eps=DIGITS_EPS)
+    refused = pytest.raises(ValueError, match=r"inside torch\.autocast .* reduced precision")
+    with torch.autocast("cpu", dtype=torch.bfloat16), refused:
+        monitor.fit(digits.x_holdout[:40], steps=2, pseudo=False, progress=False)
+    assert not monitor.has_threshold
+
+
 def test_fit_inside_inference_mode_says_so(robust_model: nn.Module, digits: DigitsSplit) -> None:
     # Inference mode turns autograd off: the attacks found no input gradient, and the
     # error blamed the model ("an argmax or a rounding to integers inside forward").

@@ -23,7 +23,7 @@ from brittle.arguments import positive_int
 from brittle.attacks.attack import ENGINES
 from brittle.attacks.distributed import shard
 from brittle.attacks.settings import DEFAULT_ENGINE, AttackSettings
-from brittle.attacks.verify import model_dtype
+from brittle.attacks.verify import model_device, model_dtype
 from brittle.calibrate.cache import MarginCache
 from brittle.calibrate.calibration import Calibration, ScoreKind
 from brittle.calibrate.holdout import BoundaryRows, Holdout, collect_holdout, holdout_report
@@ -145,8 +145,22 @@ def _validate(
             "(copy.deepcopy(model).float()), save the monitor, and load it onto this model "
             "with brittle.load: the same model in another dtype is accepted."
         )
+    if _autocast(model_device(monitor.model)):
+        # The model's own ops would run in float16 or bfloat16, as in a half model.
+        raise ValueError(
+            "fit() inside torch.autocast runs the model in reduced precision, too coarse "
+            "for minimum-norm attacks: call fit outside the autocast block."
+        )
     if _pseudo_required(monitor, pseudo) and monitor.head_name is None and monitor.discovered:
         raise ValueError(f"the pseudo-margin needs the model's last linear layer. {NO_HEAD_HINT}")
+
+
+def _autocast(device: torch.device) -> bool:
+    """Whether ``torch.autocast`` is on for ``device``'s type (never for one it has not)."""
+    try:
+        return torch.is_autocast_enabled(device.type)
+    except RuntimeError:  # a device type autocast does not know, as "meta"
+        return False
 
 
 def _pseudo_plan(
