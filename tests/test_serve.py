@@ -1801,3 +1801,18 @@ def test_open_inference_classification_is_refused_before_it_is_judged(server: Se
     assert status == 400, answer
     assert "classification" in answer["error"] and len(answer["error"]) <= 200
     assert _metrics(server.url)["brittle_samples_total"] == before["brittle_samples_total"]
+
+
+def test_open_inference_classification_of_zero_classes_is_the_raw_output(server: Server) -> None:
+    # A class_count of 0 asks for no classification (tritonclient's default, which it
+    # leaves out; Triton answers the raw tensor): it was refused with 400 as if top-k
+    # labels were asked for, where before the refusal it got the output whole.
+    tensor = {"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.5] * 64}
+    url = f"{server.url}/v2/models/{server.path.stem}/infer"
+    output = {"name": "margin", "parameters": {"classification": 0}}
+    status, answer = _request(url, json.dumps({"inputs": [tensor], "outputs": [output]}).encode())
+    assert status == 200, answer
+    status, plain = _request(
+        url, json.dumps({"inputs": [tensor], "outputs": [{"name": "margin"}]}).encode()
+    )
+    assert status == 200 and answer["outputs"] == plain["outputs"], answer

@@ -206,7 +206,8 @@ def _tensor(
         raise Refusal(400, f"requested outputs must be among {list(OUTPUT_NAMES)}.")
     for output in outputs:
         parameters = output.get("parameters")
-        if isinstance(parameters, dict) and parameters.get("classification") is not None:
+        classes = parameters.get("classification") if isinstance(parameters, dict) else None
+        if classes is not None and classes != 0:  # 0 classes: none asked for, the raw tensor
             # The classification extension answers top-k labels: the raw tensor in its
             # place would read as an answer of another shape and datatype.
             raise Refusal(
