@@ -911,10 +911,14 @@ def test_open_inference_protocol_with_tritonclient(server: Server, digits: Digit
         before = _metrics(server.url)["brittle_samples_total"]
         status, expected = _predict(server.url, x.tolist(), logits=True)
         assert status == 200
+        names = ("logits", "pred", "margin", "flag")
+        as_json = [triton.InferRequestedOutput(k, binary_data=False) for k in names]
         for binary in (False, True):  # JSON tensors, then the binary tensor extension
             tensor = triton.InferInput("input", list(x.shape), "FP32")
             tensor.set_data_from_numpy(x, binary_data=binary)
-            result = client.infer(name, [tensor])
+            # With no outputs named, the client asks for all of them in binary.
+            result = client.infer(name, [tensor], outputs=None if binary else as_json)
+            assert (result.get_output("margin").get("data") is None) is binary
             assert result.as_numpy("pred").tolist() == expected["pred"]
             assert result.as_numpy("flag").tolist() == expected["flag"]
             margin = [None if math.isnan(v) else v for v in result.as_numpy("margin").tolist()]
@@ -925,7 +929,8 @@ def test_open_inference_protocol_with_tritonclient(server: Server, digits: Digit
                 rtol=1e-6,
             )
             # NaN travels as JSON null (JSON has no NaN), which the client reads back as
-            # NaN of the tensor's dtype: the rejected sample's logits and margin.
+            # NaN of the tensor's dtype, or as its bytes: the rejected sample's logits
+            # and margin.
             logits = result.as_numpy("logits")
             assert logits.shape == (5, 10) and logits.dtype == np.float32
             assert np.isnan(logits[2]).all() and np.isfinite(np.delete(logits, 2, 0)).all()
@@ -1026,17 +1031,21 @@ def test_an_infinite_margin_is_judged_not_rejected_in_both_protocols(tmp_path: P
         try:
             tensor = triton.InferInput("input", list(x.shape), "FP32")
             tensor.set_data_from_numpy(x, binary_data=False)
-            result = client.infer("wide", [tensor])
+            as_json = triton.InferRequestedOutput("margin", binary_data=False)
+            result = client.infer("wide", [tensor], outputs=[as_json])
             with pytest.warns(RuntimeWarning, match="overflow"):  # numpy's, of 6.8e38 to inf
-                margin = result.as_numpy("margin")
+                in_json = result.as_numpy("margin")
+            # The client's default, every output in binary: the float32 inf itself.
+            in_binary = client.infer("wide", [tensor]).as_numpy("margin")
         finally:
             client.close()
             del client  # collected on this thread, as in the tests above
             gc.collect()
-        assert margin.dtype == np.float32 and margin[0] == np.inf and margin[1] == 2.0
-        assert math.isnan(margin[2])
+        for margin in (in_json, in_binary):
+            assert margin.dtype == np.float32 and margin[0] == np.inf and margin[1] == 2.0
+            assert math.isnan(margin[2])
         metrics = _metrics(served.url)
-    assert metrics["brittle_samples_total"] == 6 and _rejected(metrics) == 2
+    assert metrics["brittle_samples_total"] == 9 and _rejected(metrics) == 3
 
 
 def test_open_inference_version_routes_with_tritonclient(
