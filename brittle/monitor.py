@@ -648,12 +648,27 @@ class Monitor(nn.Module):
             raise ValueError(
                 f"threshold must be a finite number within the monitor's {dtype}. Got {threshold}."
             )
+        self._writable_buffers()
         self.threshold.fill_(value)
         self._has_threshold = True
         # The holdout's flag rate and margin quantiles belonged to the old threshold.
         self.reference_flag_rate = None
         self.reference_counts = None
         self.margin_buckets = None
+
+    def _writable_buffers(self) -> None:
+        """Replace the monitor's inference-tensor buffers by copies it can write in place.
+
+        A monitor built (or moved) under ``torch.inference_mode()`` holds inference
+        tensors, which PyTorch writes in place outside that mode and then refuses,
+        raising after the value changed. Their copies hold the same values. Nothing
+        changes inside inference mode, where they can be written.
+        """
+        if torch.is_inference_mode_enabled():
+            return
+        for name, buffer in self._buffers.items():
+            if buffer is not None and torch.is_inference(buffer):
+                self._buffers[name] = buffer.clone()
 
     # ------------------------------------------------------------------ fit
     @property
@@ -772,6 +787,7 @@ class Monitor(nn.Module):
             raise ValueError("a calibration that chose the pseudo-margin must carry its network.")
         span = calibration.input_range
         bounds = None if span is None else domain_bounds(float(span[0]), float(span[1]))
+        self._writable_buffers()
         self.pseudo = pseudo
         self.eps = eps
         self.min_tau = float(calibration.min_tau)

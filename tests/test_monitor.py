@@ -466,3 +466,23 @@ def test_a_model_moved_without_its_monitor_is_refused_with_a_clear_error() -> No
         monitor(torch.rand(2, 4, device="meta"))
     monitor.to("meta")
     assert monitor(torch.rand(2, 4, device="meta")).margin.device.type == "meta"
+
+
+def test_a_monitor_built_under_inference_mode_takes_a_threshold_and_a_fit_outside() -> None:
+    # Its buffers were inference tensors, which PyTorch writes and then refuses to
+    # write in place outside inference mode: set_threshold left the new value in the
+    # buffer without flags, and fit raised at its very end with eps, score and report
+    # already changed and no threshold.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    x = torch.rand(200, 5)
+    with torch.inference_mode():
+        monitor = brittle.wrap(model, norm="L2", score="logit")
+    monitor.set_threshold(0.1)
+    assert monitor.has_threshold and float(monitor.threshold) == pytest.approx(0.1)
+    assert bool(monitor(x[:4]).flag.any()) == bool((monitor(x[:4]).margin <= 0.1).any())
+    with torch.inference_mode():
+        fresh = brittle.wrap(model, norm="L2", score="logit")
+    fresh.fit(x, n_samples=200, steps=5, progress=False, pseudo=False, eps=0.3)
+    assert fresh.is_fitted and fresh.has_threshold and fresh.eps == 0.3
+    assert math.isfinite(float(fresh.threshold)) and fresh.reference_counts is not None
