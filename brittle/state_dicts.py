@@ -126,7 +126,9 @@ def copy_error(target: Tensor, value: Tensor, assign: bool) -> Exception | None:
     Tried on no elements, so it costs nothing: a copy out of a meta tensor (it has
     no data) or a sparse one (``copy_`` takes dense tensors), or, with ``assign``, an
     integer tensor for a parameter that requires gradients (which PyTorch makes a
-    ``Parameter`` of). ``None`` when the value loads. Shapes are checked apart.
+    ``Parameter`` of). A copy into an inference tensor (made under
+    ``torch.inference_mode()``) outside that mode is refused as well: PyTorch writes
+    it and raises afterwards. ``None`` when the value loads. Shapes are checked apart.
 
     Examples:
         >>> import torch
@@ -135,6 +137,12 @@ def copy_error(target: Tensor, value: Tensor, assign: bool) -> Exception | None:
         >>> copy_error(torch.zeros(2), torch.empty(2, device="meta"), assign=False)
         NotImplementedError('Cannot copy out of meta tensor; no data!')
     """
+    if not assign and torch.is_inference(target) and not torch.is_inference_mode_enabled():
+        return RuntimeError(
+            "it is an inference tensor (made under torch.inference_mode(), e.g. by a first "
+            "call there), which takes no copy outside that mode: load the state inside "
+            "torch.inference_mode()."
+        )
     try:
         with torch.no_grad():
             if not assign:
@@ -173,7 +181,11 @@ def put_back(saved: SavedTensors) -> None:
     """
     with torch.no_grad():
         for held, name, tensor, values in reversed(saved):
-            tensor.copy_(values)
+            if torch.is_inference(tensor) and not torch.is_inference_mode_enabled():
+                with torch.inference_mode():  # the only mode that writes it in place
+                    tensor.copy_(values)
+            else:
+                tensor.copy_(values)
             held[name] = tensor
 
 

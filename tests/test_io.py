@@ -1012,3 +1012,34 @@ def test_a_state_saved_before_the_first_input_loads_into_a_monitor_that_has_run(
     out = ran(x)
     assert ran.pair_norms.shape == (3, 3)
     torch.testing.assert_close(out.margin, unseen(x).margin, rtol=0, atol=0)
+
+
+def test_a_monitor_first_called_under_inference_mode_refuses_a_load_and_keeps_its_model() -> None:
+    # A first call under torch.inference_mode() (serving) made the pair-norm table an
+    # inference tensor, which takes no copy outside that mode: load_state_dict loaded
+    # the model's weights anyway, then crashed putting the table back, and the error
+    # was PyTorch's alone. The load is refused first now; inside the mode it loads.
+    x = torch.rand(4, 6)
+    source_model = _two_layer_model()
+    with torch.no_grad():
+        source_model[0].weight.mul_(2.0)
+    source = brittle.wrap(source_model, score="feature", example_input=x)
+    source.set_threshold(0.5)
+    state = source.state_dict()
+    model = _two_layer_model()
+    monitor = brittle.wrap(model, score="feature")
+    with torch.inference_mode():
+        monitor(x)
+    assert torch.is_inference(monitor.pair_norms)
+    before = copy.deepcopy(monitor.state_dict())
+    with pytest.raises(RuntimeError, match=r"inference tensor.*inside torch\.inference_mode"):
+        monitor.load_state_dict(state)
+    after = monitor.state_dict()
+    for key, value in before.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(after[key].nan_to_num(), value.nan_to_num()), key
+    assert not monitor.has_threshold
+    with torch.inference_mode():
+        monitor.load_state_dict(state)
+    assert monitor.has_threshold and float(monitor.threshold) == pytest.approx(0.5)
+    assert torch.equal(model[0].weight, source_model[0].weight)
