@@ -514,7 +514,9 @@ class Monitor(nn.Module):
         own batch's. After the first call (or ``example_input=``) the forward
         pass has no host synchronisation and, for the logit margin and an exact
         head's feature margin, no hook: ``torch.compile(monitor, fullgraph=True)``
-        compiles it.
+        compiles it. A compiled call keeps the feature margin's pair-norm table as
+        it stands: after changing the head's weights in place, call the monitor
+        itself once, which recomputes it, before the compiled one.
 
         Args:
             x: ``(B, ...)`` floating-point inputs on the model's device and dtype.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -121,3 +122,31 @@ def test_compiles_with_fullgraph(
     torch.testing.assert_close(got.margin, want.margin, equal_nan=True)
     assert torch.equal(got.flag, want.flag) and torch.equal(got.pred, want.pred)
     assert bool(got.flag[3]) and int(got.pred[3]) == -1
+
+
+def test_a_compiled_monitor_takes_new_head_weights_from_one_eager_call() -> None:
+    # A compiled call cannot see the head's weights change in place (no version counter
+    # in a graph): it keeps the pair-norm table, and the guide said every "next call"
+    # recomputes it, so a checkpoint loaded into a compiled server's model served
+    # feature margins divided by the first weights' norms, 3 times too large here.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    monitor = brittle.wrap(model, score="feature", norm="L2", example_input=torch.rand(2, 4))
+    monitor.set_threshold(0.3)
+    torch._dynamo.reset()
+    compiled = torch.compile(monitor, fullgraph=True, backend="eager")
+    x = torch.rand(5, 4)
+    with torch.no_grad():
+        compiled(x)
+        model.load_state_dict({k: v * 3 for k, v in model.state_dict().items()})
+        fresh = brittle.wrap(copy.deepcopy(model), score="feature", norm="L2")
+        want = fresh(x).margin
+        # What the guide now says: the compiled call keeps the table as it stands ...
+        assert not torch.allclose(compiled(x).margin, want)
+        monitor(x)  # ... until one call of the monitor itself recomputes it.
+        torch.testing.assert_close(compiled(x).margin, want)
+    text = (Path(__file__).resolve().parents[1] / "docs" / "guide.md").read_text()
+    guide = " ".join(text.split())
+    section = guide[guide.index("On the first call `wrap` finds the head") :]
+    section = section[: section.index("The wrapper never changes your model")]
+    assert "torch.compile" in section and "call the monitor itself once" in section
