@@ -516,7 +516,8 @@ class Monitor(nn.Module):
         head's feature margin, no hook: ``torch.compile(monitor, fullgraph=True)``
         compiles it. A compiled call keeps the feature margin's pair-norm table as
         it stands: after changing the head's weights in place, call the monitor
-        itself once, which recomputes it, before the compiled one.
+        itself once, which recomputes it, before the compiled one (``graph()``
+        for weights that are inference tensors).
 
         Args:
             x: ``(B, ...)`` floating-point inputs on the model's device and dtype.

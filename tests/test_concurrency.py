@@ -150,3 +150,26 @@ def test_a_compiled_monitor_takes_new_head_weights_from_one_eager_call() -> None
     section = guide[guide.index("On the first call `wrap` finds the head") :]
     section = section[: section.index("The wrapper never changes your model")]
     assert "torch.compile" in section and "call the monitor itself once" in section
+
+
+def test_a_compiled_monitor_of_inference_weights_takes_new_ones_from_graph() -> None:
+    # Weights built under inference mode keep no version counter: the eager call
+    # measures their rows at each call and leaves the stored table alone, so the
+    # compiled one kept the first weights' table after an eager call too.
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+        monitor = brittle.wrap(model, score="feature", norm="L2", example_input=torch.rand(2, 4))
+        monitor.set_threshold(0.3)
+        torch._dynamo.reset()
+        compiled = torch.compile(monitor, fullgraph=True, backend="eager")
+        x = torch.rand(5, 4)
+        compiled(x)
+        model.load_state_dict({k: v * 3 for k, v in model.state_dict().items()})
+        want = monitor(x).margin
+        assert not torch.allclose(compiled(x).margin, want)
+        monitor.graph()  # recomputes the table, as the guide says
+        torch.testing.assert_close(compiled(x).margin, want)
+    text = (Path(__file__).resolve().parents[1] / "docs" / "guide.md").read_text()
+    guide = " ".join(text.split())
+    assert "under `torch.inference_mode()`), call `monitor.graph()` instead" in guide
