@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -124,17 +125,22 @@ def test_compiles_with_fullgraph(
     assert bool(got.flag[3]) and int(got.pred[3]) == -1
 
 
-def test_a_compiled_monitor_takes_new_head_weights_from_one_eager_call() -> None:
-    # A compiled call cannot see the head's weights change in place (no version counter
-    # in a graph): it keeps the pair-norm table, and the guide said every "next call"
-    # recomputes it, so a checkpoint loaded into a compiled server's model served
-    # feature margins divided by the first weights' norms, 3 times too large here.
+def _compiled_feature_monitor() -> tuple[nn.Module, brittle.Monitor, Any]:
+    """A small model, its feature-margin monitor (threshold 0.3) and that monitor compiled."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
     monitor = brittle.wrap(model, score="feature", norm="L2", example_input=torch.rand(2, 4))
     monitor.set_threshold(0.3)
     torch._dynamo.reset()
-    compiled = torch.compile(monitor, fullgraph=True, backend="eager")
+    return model, monitor, torch.compile(monitor, fullgraph=True, backend="eager")
+
+
+def test_a_compiled_monitor_takes_new_head_weights_from_one_eager_call() -> None:
+    # A compiled call cannot see the head's weights change in place (no version counter
+    # in a graph): it keeps the pair-norm table, and the guide said every "next call"
+    # recomputes it, so a checkpoint loaded into a compiled server's model served
+    # feature margins divided by the first weights' norms, 3 times too large here.
+    model, monitor, compiled = _compiled_feature_monitor()
     x = torch.rand(5, 4)
     with torch.no_grad():
         compiled(x)
@@ -156,13 +162,8 @@ def test_a_compiled_monitor_of_inference_weights_takes_new_ones_from_graph() -> 
     # Weights built under inference mode keep no version counter: the eager call
     # measures their rows at each call and leaves the stored table alone, so the
     # compiled one kept the first weights' table after an eager call too.
-    torch.manual_seed(0)
     with torch.inference_mode():
-        model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
-        monitor = brittle.wrap(model, score="feature", norm="L2", example_input=torch.rand(2, 4))
-        monitor.set_threshold(0.3)
-        torch._dynamo.reset()
-        compiled = torch.compile(monitor, fullgraph=True, backend="eager")
+        model, monitor, compiled = _compiled_feature_monitor()
         x = torch.rand(5, 4)
         compiled(x)
         model.load_state_dict({k: v * 3 for k, v in model.state_dict().items()})

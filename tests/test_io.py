@@ -691,9 +691,7 @@ def test_load_state_dict_takes_what_the_models_own_loaders_take(old_keys: str) -
     before = copy.deepcopy(fresh.state_dict())
     with pytest.raises(RuntimeError, match="size mismatch for model.0.weight"):
         fresh.load_state_dict(state)
-    for key, value in before.items():
-        if isinstance(value, torch.Tensor):
-            assert torch.equal(fresh.state_dict()[key].nan_to_num(), value.nan_to_num()), key
+    _assert_same_tensors(before, fresh.state_dict())
 
 
 def _changed_norm_layers_state(x: torch.Tensor) -> dict[str, object]:
@@ -731,10 +729,7 @@ def test_a_refused_own_loader_leaves_the_model_as_it_was(fault: str) -> None:
     before = copy.deepcopy(monitor.state_dict())
     with pytest.raises(error, match=match):
         monitor.load_state_dict(state)
-    after = monitor.state_dict()
-    for key, value in before.items():
-        if isinstance(value, torch.Tensor):
-            assert torch.equal(after[key].nan_to_num(), value.nan_to_num()), key
+    _assert_same_tensors(before, monitor.state_dict())
     assert not monitor.has_threshold
 
 
@@ -742,6 +737,13 @@ def _tensors(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor, bo
     """Each parameter and buffer of ``model``: the object, a copy of its values, requires_grad."""
     held = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     return {k: (t, t.detach().clone(), t.requires_grad) for k, t in held.items()}
+
+
+def _assert_same_tensors(before: dict, after: dict) -> None:
+    """Every tensor of the state dict ``before`` has the same values in ``after`` (NaN equal)."""
+    for key, value in before.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(after[key].nan_to_num(), value.nan_to_num()), key
 
 
 def _assert_as_it_was(model: nn.Module, before: dict) -> None:
@@ -1034,10 +1036,7 @@ def test_a_monitor_first_called_under_inference_mode_refuses_a_load_and_keeps_it
     before = copy.deepcopy(monitor.state_dict())
     with pytest.raises(RuntimeError, match=r"inference tensor.*inside torch\.inference_mode"):
         monitor.load_state_dict(state)
-    after = monitor.state_dict()
-    for key, value in before.items():
-        if isinstance(value, torch.Tensor):
-            assert torch.equal(after[key].nan_to_num(), value.nan_to_num()), key
+    _assert_same_tensors(before, monitor.state_dict())
     assert not monitor.has_threshold
     with torch.inference_mode():
         monitor.load_state_dict(state)

@@ -149,6 +149,20 @@ class _Tempered(nn.Module):
         return self.fc(self.body(x)) / self.temperature
 
 
+class _TemperedInPlace(nn.Module):
+    """A head whose output the model divides by a temperature in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(5, 3)
+        self.temperature = 0.5
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.fc(x)
+        logits /= self.temperature
+        return logits
+
+
 def test_a_head_no_longer_exact_is_refused_where_its_output_is_seen(tmp_path: Path) -> None:
     # The head was found exact on the first call (temperature 1) and never checked
     # again: a temperature set later divided every "exact" feature margin by it, and
@@ -240,18 +254,8 @@ def test_a_head_whose_output_is_changed_in_place_is_not_taken_as_exact() -> None
     # pass: a model scaling that very tensor in place (logits /= temperature) made the
     # two equal, the head counted as exact, and every feature margin was off by the
     # temperature, where the same model written out of place has no head found.
-    class InPlace(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.fc = nn.Linear(5, 3)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            logits = self.fc(x)
-            logits /= 0.5
-            return logits
-
     torch.manual_seed(0)
-    model, x = InPlace(), torch.rand(4, 5)
+    model, x = _TemperedInPlace(), torch.rand(4, 5)
     assert brittle.wrap(model, example_input=x).head_name is None
     with pytest.raises(ValueError, match=r"nn.Linear modules with 3 outputs, \['fc'\]"):
         brittle.wrap(model, score="feature")(x)
@@ -262,19 +266,8 @@ def test_a_named_head_whose_output_is_changed_in_place_gives_its_own_margin() ->
     # the named head's feature margin, promised from the head's own output, came out
     # multiplied by 1 / temperature, and a temperature set in place after wrap passed
     # the check that the head is still exact.
-    class InPlace(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.fc = nn.Linear(5, 3)
-            self.temperature = 0.5
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            logits = self.fc(x)
-            logits /= self.temperature
-            return logits
-
     torch.manual_seed(0)
-    model, x = InPlace(), torch.rand(4, 5)
+    model, x = _TemperedInPlace(), torch.rand(4, 5)
     monitor = brittle.wrap(model, head="fc", score="feature", norm="L2")
     want = BF.feature_margin(model.fc(x), model.fc.weight, "L2")
     for got in (monitor(x).margin, monitor.inspect(x).scores["feature"]):
