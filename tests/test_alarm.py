@@ -10,6 +10,7 @@ import pytest
 import torch
 from scipy.stats import beta, binom
 
+import brittle.deploy.alarm as alarm_module
 from brittle.deploy.alarm import (
     LAG_DELAYS,
     MAX_RUN_LENGTH,
@@ -393,6 +394,41 @@ def test_batches_equal_single_steps(lag: int | None) -> None:
     assert state.learned == learned
     if lag is not None:  # the redesigns happened: the reference passed 3,200 samples
         assert learned >= 2800 and state.design_rate != FlagRateAlarm((40, 400)).design.rate
+
+
+@pytest.mark.parametrize("during", ["redesign", "episode"])
+def test_an_interrupted_batch_leaves_the_alarm_as_it_was(
+    monkeypatch: pytest.MonkeyPatch, during: str
+) -> None:
+    """Ctrl-C (or any error) inside ``update`` changes nothing: the batch can be fed again.
+
+    Before: the waiting samples and the learned counts changed sample by sample,
+    the statistic and counts only at the end, so a batch interrupted at a redesign
+    (the slow step, where an interrupt lands) had learned 100 samples that
+    ``samples`` never counted and skipped the redesign at 800; fed again, they
+    were learned twice.
+    """
+    rng = np.random.default_rng(0)
+    flags = rng.random(6000) < 0.1
+    if during == "episode":  # on, then interrupted at the redesign once it clears
+        flags[600:700] = True
+    alarm = FlagRateAlarm((40, 400), run_length=1e4, lag=300)
+    untouched = FlagRateAlarm((40, 400), run_length=1e4, lag=300)
+    alarm.update(flags[:600])
+    untouched.update(flags[:600])
+    before = alarm.state
+
+    def interrupted(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(alarm_module, "_design_from_counts", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        alarm.update(flags[600:3000])
+    monkeypatch.undo()
+    assert alarm.state == before
+    assert alarm.update(flags[600:3000]) == untouched.update(flags[600:3000])
+    assert alarm.update(flags[3000:]) == untouched.update(flags[3000:])
+    assert alarm.design == untouched.design and alarm.lag == untouched.lag
 
 
 def test_a_rise_is_not_learned() -> None:

@@ -675,22 +675,25 @@ class FlagRateAlarm:
         self._episodes = 0
         self._forget()
 
-    def _install(self, design: CusumDesign) -> None:
+    def _lag_for(self, design: CusumDesign) -> int:
+        """The lag given, else the one that follows ``design``."""
+        return _default_lag(design, self.odds_ratio) if self._given_lag is None else self._given_lag
+
+    def _install(self, design: CusumDesign, lag: int) -> None:
         self.design = design
         self._up, self._down = design.up, design.down
         self._threshold = design.threshold
-        if self._given_lag is None:
-            self.lag = _default_lag(design, self.odds_ratio)
+        self.lag = lag
 
     def _forget(self) -> None:
         """Back to the holdout's reference and chart; nothing learned or waiting."""
         self._pool_flagged, self._pool_n = self.reference_counts or (0, 0)
         self._next_design = 2 * self._pool_n
-        self._pending: deque[bool] = deque()
-        # An episode's samples (and those that led up to it), learned if it is short.
-        self._held: list[bool] = []
+        # The samples waiting to be learned, oldest first: while the alarm is on, an
+        # episode's (and those that led up to it), learned whole if it is short.
+        self._waiting: deque[bool] = deque()
         self._episode_length = 0
-        self._install(self._holdout_design)
+        self._install(self._holdout_design, self._lag_for(self._holdout_design))
 
     @classmethod
     def from_monitor(
@@ -751,12 +754,26 @@ class FlagRateAlarm:
             self._push(values)
 
     def _push(self, values: list[bool]) -> None:
-        """One CUSUM step per value; the caller holds the lock."""
-        up, down, threshold = self._up, self._down, self._threshold
+        """One CUSUM step per value; the caller holds the lock.
+
+        All or nothing: the batch is run on local copies and the alarm changed only
+        at the end, so an error or a ``KeyboardInterrupt`` inside it (a redesign
+        takes up to 0.3 s) leaves the alarm as it was, and the batch can be fed again.
+        """
+        design, lag = self.design, self.lag
+        up, down, threshold = design.up, design.down, design.threshold
         statistic, firing = self._statistic, self._firing
         episodes, flagged = self._episodes, 0
-        learn, pending, held, lag = self.learn, self._pending, self._held, self.lag
-        episode = self._episode_length
+        learn, episode = self.learn, self._episode_length
+        pool_flagged, pool_n, next_design = self._pool_flagged, self._pool_n, self._next_design
+        # The waiting queue is the stored one less its first ``taken`` samples (all of
+        # them once ``dropped``), then ``added[start:]``; nothing stored is changed here.
+        stored = self._waiting
+        left = size = len(stored)  # stored samples not taken; samples waiting
+        oldest = iter(stored)
+        dropped, taken = False, 0
+        added: list[bool] = []
+        start = 0
         for value in values:
             if value:
                 flagged += 1
@@ -765,17 +782,13 @@ class FlagRateAlarm:
             else:
                 statistic = max(statistic - down, 0)
             if statistic >= threshold and not firing:
-                firing, episodes = True, episodes + 1
                 # The samples that led up to the alarm wait with the episode's.
-                held.extend(pending)
-                pending.clear()
+                firing, episodes = True, episodes + 1
                 episode = 0
             elif statistic == 0 and firing:
                 # A short episode (a false alarm, most often) is learned whole: dropping
                 # the flag-heavy stretches of clean traffic would bias the reference low.
-                # A lasting one has nothing held any more.
-                pending.extend(held)
-                held.clear()
+                # A lasting one has nothing waiting any more.
                 firing = False
             if not learn:
                 continue
@@ -783,35 +796,49 @@ class FlagRateAlarm:
                 # Redesigns happen only while the alarm is off: the lag holds for the episode.
                 episode += 1
                 if episode <= lag:
-                    held.append(value)
+                    added.append(value)
+                    size += 1
                 elif episode == lag + 1:  # a lasting rise: not learned as normal
-                    held.clear()
+                    dropped, left, size, added, start = True, 0, 0, [], 0
                 continue
-            pending.append(value)
-            while len(pending) > lag:
-                self._pool_flagged += pending.popleft()
-                self._pool_n += 1
-                if self._pool_n >= self._next_design:
-                    statistic = self._redesign(statistic)
-                    up, down, threshold, lag = self._up, self._down, self._threshold, self.lag
+            added.append(value)
+            size += 1
+            while size > lag:
+                size -= 1
+                if left:
+                    sample = next(oldest)
+                    left, taken = left - 1, taken + 1
+                else:
+                    sample, start = added[start], start + 1
+                pool_flagged += sample
+                pool_n += 1
+                if pool_n >= next_design:
+                    # The chart at the learned reference's bound, the statistic kept in
+                    # nats; below the new threshold, as the alarm is off.
+                    next_design = 2 * pool_n
+                    try:
+                        redesigned = _design_from_counts(
+                            pool_flagged, pool_n, self.confidence, self.run_length, self.odds_ratio
+                        )
+                    except UndetectableRiseError:
+                        continue  # a reference flagged almost everywhere: the last chart stays
+                    nats = statistic * design.nats
+                    design, lag = redesigned, self._lag_for(redesigned)
+                    up, down, threshold = design.up, design.down, design.threshold
+                    statistic = min(round(nats / design.nats), threshold - 1)
+        if dropped:
+            stored.clear()
+        else:
+            for _ in range(taken):
+                stored.popleft()
+        stored.extend(added[start:])
+        if design is not self.design:
+            self._install(design, lag)
+        self._pool_flagged, self._pool_n, self._next_design = pool_flagged, pool_n, next_design
         self._statistic, self._firing, self._episodes = statistic, firing, episodes
         self._episode_length = episode
         self._samples += len(values)
         self._flagged += flagged
-
-    def _redesign(self, statistic: int) -> int:
-        """The chart at the learned reference's bound; ``statistic`` on its scale."""
-        nats = statistic * self.design.nats
-        self._next_design = 2 * self._pool_n
-        try:
-            design = _design_from_counts(
-                self._pool_flagged, self._pool_n, self.confidence, self.run_length, self.odds_ratio
-            )
-        except UndetectableRiseError:
-            return statistic  # a reference flagged almost everywhere: the last chart stays
-        self._install(design)
-        # Called only while the alarm is off: the statistic stays below the new threshold.
-        return min(round(nats / self.design.nats), self._threshold - 1)
 
     def reset(self, *, forget: bool = False) -> None:
         """Clear the statistic and counts (after an incident, or a deliberate change of traffic).
@@ -822,8 +849,7 @@ class FlagRateAlarm:
         with self._lock:
             self._statistic = self._samples = self._flagged = 0
             self._firing = False
-            self._pending.clear()
-            self._held.clear()
+            self._waiting.clear()
             self._episode_length = 0
             if forget:
                 self._forget()
