@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import secrets
 import sys
 import warnings
 from pathlib import Path
@@ -112,8 +113,9 @@ def save(monitor: MonitorProtocol, path: str | Path) -> Path:
 
     The file also identifies the model (its structure and its logits on a probe
     batch), so that ``load`` can refuse another one, and carries a checksum of
-    all it holds. It is written under a temporary name and renamed, so a crash
-    never leaves half a file at ``path``. Missing parent folders are created; a
+    all it holds. It is written under a temporary name of its own and renamed, so a
+    crash never leaves half a file at ``path``, and two saves to one path at once
+    leave one of the two whole files there. Missing parent folders are created; a
     failed save removes those it created (never a folder that existed before).
 
     Raises:
@@ -132,8 +134,8 @@ def save(monitor: MonitorProtocol, path: str | Path) -> Path:
         "model": model,
         "checksum": checksum(state, model),
     }
-    tmp = path.with_name(path.name + ".tmp")
     with parent_folders(path):
+        tmp = _new_temporary(path)
         try:
             torch.save(payload, tmp)
             tmp.replace(path)
@@ -141,6 +143,23 @@ def save(monitor: MonitorProtocol, path: str | Path) -> Path:
             tmp.unlink(missing_ok=True)  # no half-written copy left beside the target
             raise
     return path
+
+
+def _new_temporary(path: Path) -> Path:
+    """Create an empty file of a name no other save uses, beside ``path``, and return it.
+
+    Each save writes its own file (two threads or processes saving to one path at
+    once would otherwise write, rename and delete the same one). It is created as
+    ``open`` creates a file, readable by whom the umask allows, not private as
+    ``tempfile.mkstemp`` makes it, since it becomes the saved file.
+    """
+    while True:
+        tmp = path.with_name(f"{path.name}.{secrets.token_hex(8)}.tmp")
+        try:
+            with open(tmp, "xb"):
+                return tmp
+        except FileExistsError:  # another file of that name: draw again
+            continue
 
 
 def read(path: str | Path) -> dict[str, Any]:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import pickletools
 import struct
+import threading
 import zipfile
 from collections.abc import Callable
 
@@ -312,6 +314,42 @@ def test_save_to_a_directory_says_so_and_leaves_nothing_behind(
         monitor.save(folder)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["monitors"]
     assert list(folder.iterdir()) == []
+
+
+def test_two_saves_to_one_path_at_once_never_collide(standard_model: nn.Module, tmp_path) -> None:
+    # Both saves wrote "<path>.tmp": one save's rename could move the other's half-written
+    # file into place, or the other's failure handler could delete the file the first was
+    # writing, so a save raised FileNotFoundError or left a file that did not load.
+    monitors = [
+        brittle.wrap(standard_model, example_input=torch.rand(2, 1, 8, 8)) for _ in range(2)
+    ]
+    for monitor, threshold in zip(monitors, (0.25, 0.75), strict=True):
+        monitor.set_threshold(threshold)
+    path = tmp_path / "m.pt"
+    errors: list[BaseException] = []
+    start = threading.Barrier(2)
+
+    def keep_saving(monitor: brittle.Monitor) -> None:
+        start.wait()
+        try:
+            for _ in range(40):
+                monitor.save(path)
+        except BaseException as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=keep_saving, args=(m,)) for m in monitors]
+    for thread in threads:
+        thread.start()
+    for _ in range(40):
+        with contextlib.suppress(FileNotFoundError):  # before the first rename
+            assert float(brittle.load(path, standard_model).threshold) in (0.25, 0.75)
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert float(brittle.load(path, standard_model).threshold) in (0.25, 0.75)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]  # no temporary file left
+    (tmp_path / "plain").write_bytes(b"")  # the file is as open() makes one, not private
+    assert path.stat().st_mode == (tmp_path / "plain").stat().st_mode
 
 
 def test_a_failed_save_removes_only_the_folders_it_created(

@@ -97,6 +97,28 @@ def test_identical_weight_rows_never_give_nan() -> None:
     assert float(BF.feature_margin(tie, weight, "L2")) == 0.0
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("table", [True, False])
+def test_a_class_of_an_identical_weight_row_is_never_the_nearest(
+    dtype: torch.dtype, table: bool
+) -> None:
+    # The pair norm 0 was clamped to finfo(dtype).tiny: float16's is 6.1e-5, so a
+    # logit gap of 1e-3 to the class of the same row (a bias apart) gave a "margin"
+    # of 16, reported instead of the 21 to the class that can be reached, and a
+    # two-class head of identical rows gave 16 or 8e34 where the docstring says inf.
+    weight = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]], dtype=dtype)
+    below = 1.0 - torch.finfo(dtype).eps  # the logit next below 1, a bias apart
+    logits = torch.tensor([[1.0, below, -29.0]], dtype=dtype)  # classes 0 and 1 never meet
+    pair = BF.pair_norm_table(weight, "L2") if table else None
+    want = float(logits[0, 0].double() - logits[0, 2].double()) / math.sqrt(2)
+    assert float(BF.feature_margin(logits, weight, "L2", pair)) == pytest.approx(want, rel=1e-2)
+    two = weight[:2]
+    pair = BF.pair_norm_table(two, "L2") if table else None
+    assert float(BF.feature_margin(logits[:, :2], two, "L2", pair)) == math.inf
+    tie = torch.tensor([[3.0, 3.0]], dtype=dtype)
+    assert float(BF.feature_margin(tie, two, "L2", pair)) == 0.0
+
+
 def test_nan_logits_give_nan_margins() -> None:
     logits = torch.tensor([[float("nan"), 1.0], [2.0, 1.0]])
     weight = torch.eye(2)

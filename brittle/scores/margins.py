@@ -151,8 +151,11 @@ def feature_margin(
         denom = pair_norm_rows(weight, pred, norm)
     else:
         denom = pair_norms.index_select(0, pred)
-    # Identical weight rows give 0/0 for a tie and gap/0 otherwise; the clamp turns
-    # these into 0 and a huge value, while a NaN logit still gives NaN.
+    # Identical weight rows give 0/0 for a tie and gap/0 otherwise. The clamp keeps
+    # the division (and its gradient) finite: a tie gives 0, and any other gap, which
+    # no move of the features can close, is set to inf (gap/tiny is only 16384 times
+    # the gap in float16). A NaN logit still gives NaN.
     ratio = gaps / denom.clamp_min(_smallest_norm(denom.dtype))
+    ratio = ratio.masked_fill((denom == 0) & (gaps > 0), math.inf)
     ratio = ratio.scatter(1, pred[:, None], math.inf)
     return ratio.amin(dim=1)
