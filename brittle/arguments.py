@@ -5,10 +5,11 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+import secrets
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-__all__ = ["positive_int", "is_range", "are_bounds", "file_path", "parent_folders"]
+__all__ = ["positive_int", "is_range", "are_bounds", "file_path", "parent_folders", "written_whole"]
 
 
 def positive_int(name: str, value: object, *, minimum: int = 1, what: str = "") -> int:
@@ -142,4 +143,46 @@ def parent_folders(path: Path) -> Iterator[None]:
         for folder in created:  # innermost first; each is empty unless someone wrote there
             with contextlib.suppress(OSError):
                 folder.rmdir()
+        raise
+
+
+@contextlib.contextmanager
+def written_whole(path: Path) -> Iterator[Path]:
+    """A new temporary file beside ``path`` to write in the block, then renamed onto it.
+
+    The file has a name of its own (``<name>.<16 hex>.tmp``, created exclusively),
+    so two writers of one path at once, threads or processes, never write, rename
+    or delete each other's: ``path`` holds one of their files, whole. It is created
+    as ``open`` creates a file, readable by whom the umask allows (not private, as
+    ``tempfile.mkstemp`` makes it), since it becomes the written file. If the block
+    fails, the temporary file is removed and ``path`` is left as it was.
+
+    Args:
+        path: The file to write; its folder must exist.
+
+    Yields:
+        The temporary file's path.
+
+    Examples:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from brittle.arguments import written_whole
+        >>> target = Path(tempfile.mkdtemp()) / "m.txt"
+        >>> with written_whole(target) as tmp:
+        ...     _ = tmp.write_text("whole")
+        >>> target.read_text(), sorted(p.name for p in target.parent.iterdir())
+        ('whole', ['m.txt'])
+    """
+    while True:
+        tmp = path.with_name(f"{path.name}.{secrets.token_hex(8)}.tmp")
+        try:
+            with open(tmp, "xb"):
+                break
+        except FileExistsError:  # another writer's file of that name: draw again
+            continue
+    try:
+        yield tmp
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # no half-written copy left beside the target
         raise

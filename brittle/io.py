@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import secrets
 import sys
 import warnings
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from brittle.arguments import file_path, parent_folders
+from brittle.arguments import file_path, parent_folders, written_whole
 from brittle.identity import model_identity
 
 if TYPE_CHECKING:
@@ -134,32 +133,9 @@ def save(monitor: MonitorProtocol, path: str | Path) -> Path:
         "model": model,
         "checksum": checksum(state, model),
     }
-    with parent_folders(path):
-        tmp = _new_temporary(path)
-        try:
-            torch.save(payload, tmp)
-            tmp.replace(path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)  # no half-written copy left beside the target
-            raise
+    with parent_folders(path), written_whole(path) as tmp:
+        torch.save(payload, tmp)
     return path
-
-
-def _new_temporary(path: Path) -> Path:
-    """Create an empty file of a name no other save uses, beside ``path``, and return it.
-
-    Each save writes its own file (two threads or processes saving to one path at
-    once would otherwise write, rename and delete the same one). It is created as
-    ``open`` creates a file, readable by whom the umask allows, not private as
-    ``tempfile.mkstemp`` makes it, since it becomes the saved file.
-    """
-    while True:
-        tmp = path.with_name(f"{path.name}.{secrets.token_hex(8)}.tmp")
-        try:
-            with open(tmp, "xb"):
-                return tmp
-        except FileExistsError:  # another file of that name: draw again
-            continue
 
 
 def read(path: str | Path) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 
 import pytest
 import torch
@@ -149,6 +150,45 @@ def test_cache_keeps_points_beside_margins(tmp_path) -> None:  # type: ignore[no
     torch.save(saved, entry)
     assert cache.get_points(x, at) is None and cache.damaged == 1
     assert not entry.exists()
+
+
+def test_cache_entries_written_at_once_or_failing_leave_one_whole_file(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    # Each put wrote "<entry>.<pid>.tmp": two threads of one process storing the same
+    # batch wrote, renamed and replaced one file (FileNotFoundError on a rename), and a
+    # failed write left its temporary file in the cache folder.
+    model = _two_class_linear()
+    cache = MarginCache(tmp_path, model, AttackSettings(steps=5), "brittle")
+    x, at = torch.rand(4, 4), torch.arange(4)
+    margins = torch.tensor([0.1, 0.2, math.inf, 0.3], dtype=torch.float64)
+    errors: list[BaseException] = []
+    start = threading.Barrier(2)
+
+    def keep_putting() -> None:
+        start.wait()
+        try:
+            for _ in range(60):
+                cache.put(x, at, margins)
+        except BaseException as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=keep_putting) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    torch.testing.assert_close(cache.get(x, at), margins)
+    assert len(list(tmp_path.iterdir())) == 1  # the entry, no temporary file
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise OSError("no space left on device (for the test)")
+
+    monkeypatch.setattr(torch, "save", refuse)
+    with pytest.raises(OSError, match="no space left"):
+        cache.put(x + 1, at, margins)
+    assert len(list(tmp_path.iterdir())) == 1
 
 
 def test_training_takes_the_boundary_rows_of_its_training_split_only() -> None:

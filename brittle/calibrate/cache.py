@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from brittle.arguments import written_whole
 from brittle.attacks.settings import ENGINE_VERSIONS, AttackSettings
 
 __all__ = ["MarginCache", "model_fingerprint"]
@@ -142,11 +142,10 @@ class MarginCache:
         Written whole, then renamed into place.
         """
         path = self._path(x, index)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         margins = margins.detach().cpu()
         entry = {"margins": margins, "sha256": _digest(margins)}
         if points is not None:
             points = points.detach().cpu()
             entry |= {"points": points, "points_sha256": _digest(points)}
-        torch.save(entry, tmp)
-        tmp.replace(path)
+        with written_whole(path) as tmp:
+            torch.save(entry, tmp)
