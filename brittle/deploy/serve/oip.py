@@ -13,9 +13,11 @@ numpy, as ``tritonclient.http`` and MLServer's codecs do
 (``np.array(data, dtype=np.float32)``), read ``null`` back as NaN, and an
 infinite margin (``brittle.deploy.serve.numbers``) back as infinity.
 Inputs come as JSON tensors or with the binary tensor extension
-(``Inference-Header-Content-Length``); outputs are JSON tensors, or binary
-where an output's ``binary_data`` (else the request's ``binary_data_output``)
-asks for it, as ``tritonclient.http`` does by default. Every output is answered
+(``Inference-Header-Content-Length``); bytes after the JSON header that no
+input's ``binary_data_size`` claims get 400, as Triton answers them. Outputs
+are JSON tensors, or binary where an output's ``binary_data`` (else the
+request's ``binary_data_output``) asks for it, as ``tritonclient.http`` does by
+default. Every output is answered
 unless the request names some (an empty list names none: all of them, as Triton
 answers), and an output asked for as classification labels (``class_count``)
 is refused with 400: the server offers no such extension. A ``null`` in a
@@ -163,6 +165,12 @@ def _tensor(
             raise Refusal(400, "the binary tensor data do not match its shape and datatype.")
         values = np.frombuffer(binary, dtype=dtype)
     else:
+        if binary:
+            # As Triton refuses it: the bytes were dropped without a word, and the
+            # tensor's JSON data judged in their place.
+            raise Refusal(
+                400, "the body holds binary data that no input claims (binary_data_size)."
+            )
         data = tensor.get("data")
         if not isinstance(data, list):
             raise Refusal(400, "the tensor needs its data as a JSON array.")
