@@ -871,6 +871,30 @@ def test_open_inference_id_that_is_no_text_gets_400_before_it_is_judged(
     )
 
 
+@pytest.mark.parametrize("value", [["binary_data_output", True], "binary_data_output", 1, True])
+@pytest.mark.parametrize("holder", ["request", "input", "output"])
+def test_open_inference_parameters_that_are_no_object_get_400(
+    server: Server, holder: str, value: Any
+) -> None:
+    """The protocol's parameters are a JSON object; another was ignored without a word,
+    so a request that meant to ask for binary outputs got JSON ones, and judged."""
+    tensor = {"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.5] * 64}
+    request: dict[str, Any] = {"inputs": [tensor], "outputs": [{"name": "margin"}]}
+    url = f"{server.url}/v2/models/{server.path.stem}/infer"
+    # null is no parameters, as pydantic clients send it.
+    target = {"request": request, "input": tensor, "output": request["outputs"][0]}[holder]
+    target["parameters"] = None
+    status, answer = _request(url, json.dumps(request).encode())
+    assert status == 200, answer
+    target["parameters"] = value
+    before = _metrics(server.url)
+    status, answer = _request(url, json.dumps(request).encode())
+    assert status == 400, answer
+    what = {"request": "the request's", "input": "a tensor's", "output": "an output's"}[holder]
+    assert answer == {"error": f'{what} "parameters" must be a JSON object.'}
+    assert _metrics(server.url)["brittle_samples_total"] == before["brittle_samples_total"]
+
+
 def test_errors_never_quote_the_input(server: Server) -> None:
     secret = "a" * 100_000
     status, answer = _request(f"{server.url}/predict", json.dumps({"inputs": [secret]}).encode())
