@@ -642,6 +642,102 @@ def test_open_inference_bodies_that_crashed_the_server_get_400(server: Server, c
     assert _metrics(server.url).get('brittle_requests_total{code="500"}', 0.0) == 0
 
 
+def _binary_case(case: str) -> tuple[bytes, dict[str, str], int]:
+    """A binary-extension body that does not add up: (body, headers, expected status)."""
+    pixels = np.zeros(64, np.float32).tobytes()
+    body, length = _binary_infer([1, 1, 8, 8], pixels)
+    header = "Inference-Header-Content-Length"
+    json_tensor = {"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.5] * 64}
+    if case.startswith("header-"):
+        value = {
+            "header-absent": None,
+            "header-negative": "-1",
+            "header-not-a-number": "12x",
+            "header-empty": "",
+            "header-zero": "0",
+            "header-one-short": str(int(length) - 1),
+            "header-beyond-the-body": str(len(body) + 1),
+        }[case]
+        return body, {} if value is None else {header: value}, 400
+    if case == "bytes-no-input-claims":
+        # A JSON tensor and bytes after its header that no binary_data_size claims:
+        # the bytes were dropped without a word and the JSON data judged.
+        head = json.dumps({"inputs": [json_tensor]}).encode()
+        return head + pixels, {header: str(len(head))}, 400
+    tensor: dict[str, Any] = {"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32"}
+    data, status = pixels, 400
+    if case == "size-short-of-the-bytes":
+        tensor["parameters"] = {"binary_data_size": 252}
+    elif case == "size-not-a-multiple-of-4":
+        tensor["parameters"] = {"binary_data_size": 255}
+        data = pixels[:255]
+    elif case == "shape-of-other-count":
+        tensor["shape"] = [2, 1, 8, 8]
+        tensor["parameters"] = {"binary_data_size": 256}
+    elif case == "shape-of-2**40-rows":
+        tensor["shape"] = [2**40, 1, 8, 8]
+        tensor["parameters"] = {"binary_data_size": 256}
+        status = 413
+    elif case == "shape-of-2**40-by-2**40":
+        tensor["shape"] = [1, 1, 2**40, 2**40]
+        tensor["parameters"] = {"binary_data_size": 256}
+    elif case == "binary-and-json-data":
+        tensor["parameters"] = {"binary_data_size": 256}
+        tensor["data"] = [0.5] * 64
+    elif case.startswith("size-"):
+        size = {"size-negative": -256, "size-true": True, "size-float": 256.0, "size-text": "256"}
+        tensor["parameters"] = {"binary_data_size": size[case]}
+    elif case in ("BOOL", "BYTES"):
+        tensor["datatype"] = case
+        tensor["parameters"] = {"binary_data_size": 64}
+        data = b"\x01" * 64
+    head = json.dumps({"inputs": [tensor]}).encode()
+    return head + data, {header: str(len(head))}, status
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "header-absent",
+        "header-negative",
+        "header-not-a-number",
+        "header-empty",
+        "header-zero",
+        "header-one-short",
+        "header-beyond-the-body",
+        "bytes-no-input-claims",
+        "size-short-of-the-bytes",
+        "size-not-a-multiple-of-4",
+        "shape-of-other-count",
+        "shape-of-2**40-rows",
+        "shape-of-2**40-by-2**40",
+        "binary-and-json-data",
+        "size-negative",
+        "size-true",
+        "size-float",
+        "size-text",
+        "BOOL",
+        "BYTES",
+    ],
+)
+def test_open_inference_binary_bodies_that_do_not_add_up_get_one_4xx(
+    server: Server, case: str
+) -> None:
+    """Each gets one one-line 4xx, counted once under its code, and judges nothing."""
+    body, headers, expected = _binary_case(case)
+    code = f'brittle_requests_total{{code="{expected}"}}'
+    before = _metrics(server.url)
+    status, answer = _request(f"{server.url}/v2/models/{server.path.stem}/infer", body, headers)
+    assert status == expected and isinstance(answer, dict), answer
+    assert list(answer) == ["error"], answer
+    assert "\n" not in answer["error"] and len(answer["error"]) <= 200
+    after = _metrics(server.url)
+    assert after.get(code, 0.0) == before.get(code, 0.0) + 1
+    assert after["brittle_samples_total"] == before["brittle_samples_total"]
+    assert after.get('brittle_requests_total{code="500"}', 0.0) == 0
+    assert _request(f"{server.url}/healthz")[0] == 200
+
+
 @pytest.mark.parametrize("shape", [[64], [64, 64], [64, 1, 1, 1], [1, 64]])
 def test_open_inference_tensors_of_another_shape_are_told_the_shape(
     server: Server, shape: list[int]
@@ -773,6 +869,30 @@ def test_open_inference_id_that_is_no_text_gets_400_before_it_is_judged(
     assert after.get('brittle_requests_total{code="500"}', 0.0) == before.get(
         'brittle_requests_total{code="500"}', 0.0
     )
+
+
+@pytest.mark.parametrize("value", [["binary_data_output", True], "binary_data_output", 1, True])
+@pytest.mark.parametrize("holder", ["request", "input", "output"])
+def test_open_inference_parameters_that_are_no_object_get_400(
+    server: Server, holder: str, value: Any
+) -> None:
+    """The protocol's parameters are a JSON object; another was ignored without a word,
+    so a request that meant to ask for binary outputs got JSON ones, and judged."""
+    tensor = {"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.5] * 64}
+    request: dict[str, Any] = {"inputs": [tensor], "outputs": [{"name": "margin"}]}
+    url = f"{server.url}/v2/models/{server.path.stem}/infer"
+    # null is no parameters, as pydantic clients send it.
+    target = {"request": request, "input": tensor, "output": request["outputs"][0]}[holder]
+    target["parameters"] = None
+    status, answer = _request(url, json.dumps(request).encode())
+    assert status == 200, answer
+    target["parameters"] = value
+    before = _metrics(server.url)
+    status, answer = _request(url, json.dumps(request).encode())
+    assert status == 400, answer
+    what = {"request": "the request's", "input": "a tensor's", "output": "an output's"}[holder]
+    assert answer == {"error": f'{what} "parameters" must be a JSON object.'}
+    assert _metrics(server.url)["brittle_samples_total"] == before["brittle_samples_total"]
 
 
 def test_errors_never_quote_the_input(server: Server) -> None:

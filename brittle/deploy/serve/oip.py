@@ -13,15 +13,17 @@ numpy, as ``tritonclient.http`` and MLServer's codecs do
 (``np.array(data, dtype=np.float32)``), read ``null`` back as NaN, and an
 infinite margin (``brittle.deploy.serve.numbers``) back as infinity.
 Inputs come as JSON tensors or with the binary tensor extension
-(``Inference-Header-Content-Length``); outputs are JSON tensors, or binary
-where an output's ``binary_data`` (else the request's ``binary_data_output``)
-asks for it, as ``tritonclient.http`` does by default. Every output is answered
-unless the request names some (an empty list names none: all of them, as Triton
-answers), and an output asked for as classification labels (``class_count``)
-is refused with 400: the server offers no such extension. A ``null`` in a
-floating-point input tensor is NaN, as in ``/predict``: that sample is rejected
-(reason ``nan``) and the others are judged. Errors follow
-the protocol: ``{"error": "one line"}``.
+(``Inference-Header-Content-Length``); bytes after the JSON header that no
+input's ``binary_data_size`` claims get 400, as Triton answers them. Outputs
+are JSON tensors, or binary where an output's ``binary_data`` (else the
+request's ``binary_data_output``) asks for it, as ``tritonclient.http`` does by
+default. Every output is answered unless the request names some (an empty list
+names none: all of them, as Triton answers), and an output asked for as
+classification labels (``class_count``) is refused with 400: the server offers
+no such extension. A ``null`` in a floating-point input tensor is NaN, as in
+``/predict``: that sample is rejected (reason ``nan``) and the others are judged.
+``parameters`` (of the request, a tensor or an output) that are not a JSON object
+get 400. Errors follow the protocol: ``{"error": "one line"}``.
 """
 
 from __future__ import annotations
@@ -115,6 +117,19 @@ def _split_binary(request_headers: Any, body: bytes) -> tuple[bytes, bytes]:
     return body[:n], body[n:]
 
 
+def _parameters(holder: dict[str, Any], whose: str) -> dict[str, Any]:
+    """``holder``'s ``parameters`` (``{}`` where absent or null); 400 for another value.
+
+    The protocol's parameters are a JSON object: another was ignored without a word.
+    """
+    parameters = holder.get("parameters")
+    if parameters is None:
+        return {}
+    if not isinstance(parameters, dict):
+        raise Refusal(400, f'{whose} "parameters" must be a JSON object.')
+    return parameters
+
+
 def _tensor(
     request: Any, binary: bytes, monitor: OnnxMonitor, max_batch: int
 ) -> tuple[np.ndarray, dict[str, Any] | None]:
@@ -130,6 +145,7 @@ def _tensor(
         # JSON escapes half a surrogate pair ("\ud800") into a string UTF-8 cannot
         # write: the answer echoing it failed (500) after the samples were counted.
         raise Refusal(400, 'the request\'s "id" must be Unicode text: no lone surrogate.')
+    _parameters(request, "the request's")
     inputs = request["inputs"]
     if len(inputs) != 1 or not isinstance(inputs[0], dict):
         raise Refusal(400, f"the model takes exactly one input tensor, {INPUT_NAME!r}.")
@@ -151,8 +167,7 @@ def _tensor(
         raise Refusal(413, f"a batch exceeds this server's limit of {max_batch}.")
     dtype = np.dtype(schemas.DATATYPES[datatype])
     count = math.prod(shape)
-    parameters = tensor.get("parameters") or {}
-    size = parameters.get("binary_data_size") if isinstance(parameters, dict) else None
+    size = _parameters(tensor, "a tensor's").get("binary_data_size")
     if size is not None:
         if (
             not isinstance(size, int)
@@ -163,6 +178,12 @@ def _tensor(
             raise Refusal(400, "the binary tensor data do not match its shape and datatype.")
         values = np.frombuffer(binary, dtype=dtype)
     else:
+        if binary:
+            # As Triton refuses it: the bytes were dropped without a word, and the
+            # tensor's JSON data judged in their place.
+            raise Refusal(
+                400, "the body holds binary data that no input claims (binary_data_size)."
+            )
         data = tensor.get("data")
         if not isinstance(data, list):
             raise Refusal(400, "the tensor needs its data as a JSON array.")
@@ -205,8 +226,7 @@ def _tensor(
     ):
         raise Refusal(400, f"requested outputs must be among {list(OUTPUT_NAMES)}.")
     for output in outputs:
-        parameters = output.get("parameters")
-        classes = parameters.get("classification") if isinstance(parameters, dict) else None
+        classes = _parameters(output, "an output's").get("classification")
         if classes is not None and classes != 0:  # 0 classes: none asked for, the raw tensor
             # The classification extension answers top-k labels: the raw tensor in its
             # place would read as an answer of another shape and datatype.
