@@ -40,6 +40,8 @@ def _worker(rank: int, world: int, tmp: str, n: int) -> None:
                 "margins": torch.from_numpy(monitor.report.input_margins),
                 "threshold": float(monitor.threshold),
                 "tau": monitor.report.metrics["logit"].tau,
+                "passes": monitor.report.settings["passes"],
+                "per_sample": monitor.report.settings["passes_per_sample"],
                 "single": single,
                 "with_nan": with_nan,
             },
@@ -65,6 +67,11 @@ def test_two_processes_give_the_same_fit_as_one(
     assert alone.report.excluded == 1 and alone.report.n == n - 1
     single = brittle.input_margins(robust_model, x[:1], steps=5)
     with_nan = brittle.input_margins(robust_model, x[5:9], steps=5)
+    got = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+    # The report's attack cost is the whole holdout's, the same on every rank: before,
+    # each rank counted the passes of its own samples ("attacked" 51 and 50 of 101).
+    assert got[0]["per_sample"] == got[1]["per_sample"]
+    assert got[0]["passes"]["attacked"] == got[1]["passes"]["attacked"] == n - 1
     for rank in (0, 1):
         got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         np.testing.assert_allclose(got["margins"].numpy(), alone.report.input_margins, rtol=1e-4)

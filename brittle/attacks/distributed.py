@@ -104,6 +104,15 @@ class Shard:
         dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
         return buffer.cpu()
 
+    def total(self, values: list[float]) -> list[float]:
+        """The sums of ``values`` over the ranks (``values`` itself when not sharded)."""
+        if not self.active:
+            return list(values)
+        buffer = torch.tensor(values, dtype=torch.float64)
+        buffer = buffer.to(self._device(buffer))
+        dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
+        return buffer.cpu().tolist()
+
     def _agree(self, digest: list[float]) -> bool:
         """Whether every rank passed the same ``digest`` (one all-reduce of a few numbers)."""
         values = torch.tensor(digest, dtype=torch.float64)

@@ -225,6 +225,9 @@ def collect_holdout(
             elif has_labels:
                 labels.append(y.cpu()[keep])
     part.check_same_length(seen)
+    # The attack's cost of the whole holdout, as every rank reports it (each counted its own).
+    counts = part.total([counter.forward, counter.backward, counter.samples])
+    counter.forward, counter.backward, counter.samples = (int(c) for c in counts)
     if not kept:
         why = "all NaN/Inf, or outside the monitor's input domain" if domain else "all NaN/Inf"
         raise ValueError(f"the holdout yielded no usable samples (empty, or {why}).")
