@@ -647,6 +647,22 @@ def test_usage_errors_exit_2_with_one_line(argv: list[str], option: str, tmp_pat
     assert stderr.startswith(f"brittle-check: error: {option}")
 
 
+def test_a_seed_torch_cannot_take_is_a_usage_error(tmp_path: Path) -> None:
+    # Before, a seed past 2**64 - 1 passed the parser and the whole fit, and the analyses
+    # after it failed: exit 3, "the check failed: ValueError: Overflow when unpacking long".
+    (tmp_path / "models.py").write_text(
+        "from brittle.digits import digits_model\n\n\n"
+        "def build():\n    return digits_model('robust')\n"
+    )
+    argv = ["--model", f"{tmp_path / 'models.py'}:build", "--data", "digits", *FAST[:4]]
+    argv += ["--n", "200", "--attack-subset", "20", "--target-tpr", "0.8", "--no-progress"]
+    code, _, stderr = run_main([*argv, "--seed", str(2**64), "--out", tmp_path / "o"])
+    assert code == 2 and stderr.count("\n") == 1, stderr
+    assert stderr.startswith("brittle-check: error: --seed: expected an integer in [0, 2**64)")
+    code, _, stderr = run_main([*argv, "--seed", str(2**64 - 1), "--out", tmp_path / "o"])
+    assert code == 0, stderr
+
+
 def test_a_saved_monitor_refuses_an_eps_or_norm_it_would_ignore(tmp_path: Path) -> None:
     # Before, --eps and --norm were silently ignored for MONITOR.pt@SPEC (it runs at
     # its own), and report.json's check_settings recorded the ignored values.

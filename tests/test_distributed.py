@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -39,6 +40,8 @@ def _worker(rank: int, world: int, tmp: str, n: int) -> None:
                 "margins": torch.from_numpy(monitor.report.input_margins),
                 "threshold": float(monitor.threshold),
                 "tau": monitor.report.metrics["logit"].tau,
+                "passes": monitor.report.settings["passes"],
+                "per_sample": monitor.report.settings["passes_per_sample"],
                 "single": single,
                 "with_nan": with_nan,
             },
@@ -64,6 +67,11 @@ def test_two_processes_give_the_same_fit_as_one(
     assert alone.report.excluded == 1 and alone.report.n == n - 1
     single = brittle.input_margins(robust_model, x[:1], steps=5)
     with_nan = brittle.input_margins(robust_model, x[5:9], steps=5)
+    got = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+    # The report's attack cost is the whole holdout's, the same on every rank: before,
+    # each rank counted the passes of its own samples ("attacked" 51 and 50 of 101).
+    assert got[0]["per_sample"] == got[1]["per_sample"]
+    assert got[0]["passes"]["attacked"] == got[1]["passes"]["attacked"] == n - 1
     for rank in (0, 1):
         got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         np.testing.assert_allclose(got["margins"].numpy(), alone.report.input_margins, rtol=1e-4)
@@ -118,6 +126,56 @@ def test_ranks_reading_different_samples_are_caught_before_attacking(
         for name in ("rank", "margins"):
             text = (tmp_path / f"{name}{rank}.txt").read_text()
             assert "other samples" in text and "holdout position 0" in text
+
+
+def _model_worker(rank: int, world: int, tmp: str, change: str) -> None:
+    torch.set_num_threads(1)
+    # A bounded wait: a rank left alone in a collective fails instead of hanging the test.
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{tmp}/pg",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    try:
+        model = digits_cnn()
+        model.load_state_dict(torch.load(f"{tmp}/model.pt", weights_only=True))
+        if rank == 1 and change == "weights":  # rank 0 alone loaded the checkpoint's weights
+            with torch.no_grad():
+                model[0].weight.mul_(1.5)
+        if rank == 1 and change == "classes":  # another head: 11 classes
+            model[-1] = nn.Linear(model[-1].in_features, 11)
+        x = torch.load(f"{tmp}/x.pt", weights_only=True)
+        fit = brittle.wrap(model.eval(), eps=DIGITS_EPS).fit
+        # pseudo=True: the boundary rows' logits are assembled over the ranks.
+        settings = {**FIT, "pseudo": True, "steps": 3}
+        _record(f"{tmp}/rank{rank}.txt", lambda: fit(x, **settings), "fitted")
+        _record(
+            f"{tmp}/margins{rank}.txt",
+            lambda: brittle.input_margins(model, x[:20], steps=3),
+            "measured",
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("change", ["weights", "classes"])
+def test_ranks_holding_different_models_are_caught_before_attacking(
+    robust_model: nn.Module, digits: DigitsSplit, tmp_path: Path, change: str
+) -> None:
+    # Before, ranks whose models differed attacked their samples each with its own model:
+    # the assembled margins mixed the two models and every rank ended with another
+    # threshold, without a word; with another number of classes, the boundary rows'
+    # all-reduce of differently sized logits aborted a process (gloo's size check).
+    torch.save(robust_model.state_dict(), tmp_path / "model.pt")
+    torch.save(digits.x_holdout[:200], tmp_path / "x.pt")
+    mp.spawn(_model_worker, args=(2, str(tmp_path), change), nprocs=2, join=True)
+    for rank in (0, 1):
+        for name in ("rank", "margins"):
+            text = (tmp_path / f"{name}{rank}.txt").read_text()
+            assert "another model" in text, text
 
 
 def _order_worker(rank: int, world: int, tmp: str) -> None:

@@ -308,8 +308,9 @@ def input_margins(
         seed: Seed of the random restarts (the global RNG is left untouched).
         distributed: Shard the attacks across the ranks of the initialised
             torch.distributed process group (``None``: whenever one is initialised).
-            Every rank must pass the same data in the same order (checked before
-            each batch is attacked, as in ``fit``); every rank gets all margins.
+            Every rank must pass the same model and the same data in the same order
+            (checked before each batch is attacked, as in ``fit``); every rank gets
+            all margins.
 
     Returns:
         ``(N,)`` float32 tensor on the CPU; ``inf`` where no adversarial was found,
@@ -338,6 +339,7 @@ def input_margins(
     margins: list[Tensor] = []
     seen = 0
     show = progress and part.is_main
+    part.check_same_model(model)  # each rank attacks with its own: they must be one model
     with tqdm(total=total, unit="sample", disable=not show, desc="input margins") as bar:
         for x, _ in batches(data, batch_size):
             index = torch.arange(seen, seen + x.shape[0])

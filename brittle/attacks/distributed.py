@@ -9,6 +9,7 @@ network come out the same everywhere. Works with NCCL on GPUs and gloo on CPUs.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,9 @@ _DIGEST_RTOL = 1e-9
 # a sample holding them (fit skips it, input_margins gives it NaN) is read on every
 # rank too, and a NaN or infinite digest would never compare equal to itself.
 _NON_FINITE = {"nan": -1.5, "posinf": 2.5, "neginf": -2.5}
+# A model's digest travels as this many 20-bit pieces of its SHA-256: whole numbers far
+# below the ranks' comparison tolerance, so two digests agree only when equal.
+_MODEL_PIECES, _PIECE_BITS = 4, 20
 
 
 def sample_fingerprints(x: Tensor) -> Tensor:
@@ -100,6 +104,15 @@ class Shard:
         dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
         return buffer.cpu()
 
+    def total(self, values: list[float]) -> list[float]:
+        """The sums of ``values`` over the ranks (``values`` itself when not sharded)."""
+        if not self.active:
+            return list(values)
+        buffer = torch.tensor(values, dtype=torch.float64)
+        buffer = buffer.to(self._device(buffer))
+        dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
+        return buffer.cpu().tolist()
+
     def _agree(self, digest: list[float]) -> bool:
         """Whether every rank passed the same ``digest`` (one all-reduce of a few numbers)."""
         values = torch.tensor(digest, dtype=torch.float64)
@@ -141,6 +154,36 @@ class Shard:
                 f"rank at holdout position {int(digest[1])}. Every rank must iterate the same "
                 "holdout in the same order: do not use a DistributedSampler or shuffling for "
                 "fit() or input_margins(); brittle shards the attacks itself."
+            )
+
+    def check_same_model(self, model: nn.Module) -> None:
+        """Fail loudly unless every rank holds the same model, bit for bit.
+
+        Called before the first batch: each rank attacks its samples with its own
+        model, so ranks whose models differ (weights loaded on rank 0 alone, another
+        head) would assemble margins of several models and end with other thresholds.
+        The ranks compare a SHA-256 of every parameter and buffer (names, dtypes,
+        shapes and bytes) in one all-reduce of five numbers, as the batch checks do.
+        """
+        if not self.active:
+            return
+        digest = hashlib.sha256()
+        state = model.state_dict()
+        hidden = [(name, t) for name, t in model.named_buffers() if name not in state]
+        for name, tensor in [*state.items(), *hidden]:
+            if not isinstance(tensor, Tensor):  # extra state: not a tensor
+                continue
+            t = tensor.detach().cpu().contiguous().reshape(-1)
+            digest.update(f"{name}{t.dtype}{tuple(tensor.shape)}".encode())
+            digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        whole = int.from_bytes(digest.digest()[: _MODEL_PIECES * _PIECE_BITS // 8], "big")
+        mask = (1 << _PIECE_BITS) - 1
+        pieces = [float((whole >> (_PIECE_BITS * i)) & mask) for i in range(_MODEL_PIECES)]
+        if not self._agree([2.0, *pieces]):
+            raise RuntimeError(
+                f"rank {self.rank} holds another model than another rank (its parameters or "
+                "buffers differ). Every rank must fit the same model with the same weights: "
+                "load them on every rank, not on rank 0 alone, before fit() or input_margins()."
             )
 
     def check_same_length(self, n: int) -> None:

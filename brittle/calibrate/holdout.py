@@ -115,7 +115,8 @@ def collect_holdout(
 
     Memory stays bounded by one batch of inputs plus the per-sample results.
     Every batch is checked (inputs, labels and, under a process group, that all
-    ranks hold the same samples in the same order) *before* it is attacked.
+    ranks hold the same samples in the same order, and first the same model)
+    *before* it is attacked.
     Samples with NaN or Inf are skipped and counted in ``excluded``; with
     ``domain`` (``evaluate``), so are samples outside the monitor's fitted input
     domain, which the monitor rejects as it serves (``fit`` measures the new
@@ -153,6 +154,7 @@ def collect_holdout(
     low, high = math.inf, -math.inf
     show = progress and part.is_main
     start = time.perf_counter()
+    part.check_same_model(monitor.model)
     with tqdm(total=total, unit="sample", disable=not show, desc=desc) as bar:
         for x, y in batches(data, limit=n_samples):
             # Detached: a holdout is data (a batch that requires grad warned on every read).
@@ -223,6 +225,9 @@ def collect_holdout(
             elif has_labels:
                 labels.append(y.cpu()[keep])
     part.check_same_length(seen)
+    # The attack's cost of the whole holdout, as every rank reports it (each counted its own).
+    counts = part.total([counter.forward, counter.backward, counter.samples])
+    counter.forward, counter.backward, counter.samples = (int(c) for c in counts)
     if not kept:
         why = "all NaN/Inf, or outside the monitor's input domain" if domain else "all NaN/Inf"
         raise ValueError(f"the holdout yielded no usable samples (empty, or {why}).")

@@ -86,7 +86,8 @@ def _checked(
 
 
 _positive_int = _checked(int, lambda v: v >= 1, "a positive integer", "a positive integer")
-_seed = _checked(int, lambda v: v >= 0, "an integer", "a non-negative integer")
+# torch's generators take seeds below 2**64; a larger one failed after the whole fit.
+_seed = _checked(int, lambda v: 0 <= v < 2**64, "an integer", "an integer in [0, 2**64)")
 _positive_float = _checked(
     float,
     lambda v: math.isfinite(v) and v > 0,
