@@ -87,6 +87,31 @@ def test_the_feature_margin_follows_head_weights_changed_after_wrap(tmp_path: Pa
         )
 
 
+def test_the_feature_margin_follows_head_weights_given_new_data() -> None:
+    # Assigning weight.data (nn.utils.vector_to_parameters, model.to(dtype)) changes the
+    # values without bumping the version counter: the table of the first weights stayed
+    # in the forward pass (a margin off by 0.77 for one sample) and a float64 copy kept
+    # the float32 table's rounding.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    monitor = brittle.wrap(model, score="feature", norm="L2", example_input=torch.rand(2, 6))
+    x = torch.rand(16, 6)
+    with torch.no_grad():
+        model[2].weight.data = torch.randn(4, 8)
+        torch.testing.assert_close(
+            monitor(x).margin, BF.feature_margin(model(x), model[2].weight, "L2")
+        )
+        vector = nn.utils.parameters_to_vector(model.parameters())
+        nn.utils.vector_to_parameters(torch.randn_like(vector), model.parameters())
+        torch.testing.assert_close(
+            monitor(x).margin, BF.feature_margin(model(x), model[2].weight, "L2")
+        )
+        monitor.double()
+        assert monitor.pair_norms.dtype == torch.float64
+        want = BF.feature_margin(model(x.double()), model[2].weight, "L2")
+        torch.testing.assert_close(monitor(x.double()).margin, want, rtol=1e-12, atol=0)
+
+
 def test_the_feature_margin_follows_inference_tensor_weights_changed_in_place(
     tmp_path: Path,
 ) -> None:
