@@ -214,7 +214,9 @@ class Monitor(nn.Module):
         Recomputed when the weight changed since the table was (a model trained or
         given a checkpoint after ``wrap``). Traced or compiled, the stored table is
         used as it is: ``graph()`` brings it up to date (``refresh``) before an
-        export traces. An inference tensor (a model built under ``inference_mode``)
+        export traces. Inside a ``torch.func`` transform (``vmap`` or ``grad`` of
+        ``functional_call``) the weight is a wrapped tensor, whose table is computed
+        and not stored. An inference tensor (a model built under ``inference_mode``)
         keeps no version counter, so its change in place cannot be seen: it gets
         ``None`` (its rows measured at each call), and ``refresh`` recomputes it.
         """
@@ -222,6 +224,9 @@ class Monitor(nn.Module):
             return None
         if torch.compiler.is_compiling():
             return self.pair_norms
+        if _transformed(head.weight):
+            # Stored, it would outlive the transform in the monitor's state.
+            return pair_norm_table(head.weight, self.norm)
         inference = torch.is_inference(head.weight)
         if inference and not refresh:
             return None
@@ -1236,6 +1241,11 @@ def _changed(weight: Tensor, stamp: _Stamp | None) -> bool:
     if now[0] is not stamp[0] or now[1] != stamp[1]:
         return True
     return not _same_data(weight, stamp[2])
+
+
+def _transformed(weight: Tensor) -> bool:
+    """Whether ``weight`` is wrapped by a ``torch.func`` transform (``vmap``, ``grad``)."""
+    return bool(torch._C._functorch.is_functorch_wrapped_tensor(weight))
 
 
 def _same_data(a: Tensor, b: Tensor) -> bool:
