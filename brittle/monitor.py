@@ -63,6 +63,10 @@ TABLE_LIMIT_BYTES = 256 * 2**20
 _STATE_VERSION = 2
 
 
+# A head weight, its version counter and an alias of its data (``_stamp``).
+_Stamp = tuple[Tensor, int, Tensor]
+
+
 def _check_score(score: str) -> Score:
     if score not in SCORES:
         raise ValueError(f"score must be one of {SCORES}. Got {score!r}.")
@@ -161,10 +165,11 @@ class Monitor(nn.Module):
         self.register_buffer("threshold", torch.tensor(math.nan, device=device))
         self.register_buffer("fitted", torch.tensor(False, device=device))
         self.register_buffer("pair_norms", torch.empty(0, 0, device=device))
-        # The head weight the table was computed from, and its version counter: an
-        # in-place change (an optimizer step, model.load_state_dict) or a new weight
-        # makes the table stale, and the next eager call recomputes it.
-        self._table_stamp: tuple[Tensor, int] | None = None
+        # The head weight the table was computed from, its version counter and data: an
+        # in-place change (an optimizer step, model.load_state_dict), new data
+        # (weight.data = ...) or a new weight makes the table stale, and the next eager
+        # call recomputes it.
+        self._table_stamp: _Stamp | None = None
         # The accepted input values (low, high) from fit(): the holdout's range with a
         # tolerance. NaN until fitted; samples outside are rejected like NaN ones.
         self.register_buffer("domain", torch.full((2,), math.nan, device=device))
@@ -209,7 +214,9 @@ class Monitor(nn.Module):
         Recomputed when the weight changed since the table was (a model trained or
         given a checkpoint after ``wrap``). Traced or compiled, the stored table is
         used as it is: ``graph()`` brings it up to date (``refresh``) before an
-        export traces. An inference tensor (a model built under ``inference_mode``)
+        export traces. Inside a ``torch.func`` transform (``vmap`` or ``grad`` of
+        ``functional_call``) the weight is a wrapped tensor, whose table is computed
+        and not stored. An inference tensor (a model built under ``inference_mode``)
         keeps no version counter, so its change in place cannot be seen: it gets
         ``None`` (its rows measured at each call), and ``refresh`` recomputes it.
         """
@@ -217,6 +224,9 @@ class Monitor(nn.Module):
             return None
         if torch.compiler.is_compiling():
             return self.pair_norms
+        if _transformed(head.weight):
+            # Stored, it would outlive the transform in the monitor's state.
+            return pair_norm_table(head.weight, self.norm)
         inference = torch.is_inference(head.weight)
         if inference and not refresh:
             return None
@@ -1207,19 +1217,50 @@ class _Graph(nn.Module):
         return out.logits, out.pred, out.margin, out.flag
 
 
-def _stamp(weight: Tensor) -> tuple[Tensor, int] | None:
-    """A weight and its version counter; ``None`` for an inference tensor, which has none."""
+def _stamp(weight: Tensor) -> _Stamp | None:
+    """A weight, its version counter and its data; ``None`` for an inference tensor.
+
+    The data is held by an alias (``weight.detach()``): assigning ``weight.data``
+    (``nn.utils.vector_to_parameters``, ``model.to(dtype)``) gives the weight other
+    values without a new version, and the alias keeps the old memory, so no new data
+    can be placed at its address before the table is recomputed.
+    """
     if torch.is_inference(weight):
         return None
-    return weight, weight._version
+    return weight, weight._version, weight.detach()
 
 
-def _changed(weight: Tensor, stamp: tuple[Tensor, int] | None) -> bool:
-    """Whether ``weight`` is another tensor than ``stamp``'s, or was changed in place since."""
+def _changed(weight: Tensor, stamp: _Stamp | None) -> bool:
+    """Whether ``weight`` is another tensor than ``stamp``'s, or was changed since.
+
+    Changed in place (its version counter) or given new data (``weight.data = ...``).
+    """
     now = _stamp(weight)
     if now is None or stamp is None:
         return now is not stamp
-    return now[0] is not stamp[0] or now[1] != stamp[1]
+    if now[0] is not stamp[0] or now[1] != stamp[1]:
+        return True
+    return not _same_data(weight, stamp[2])
+
+
+def _transformed(weight: Tensor) -> bool:
+    """Whether ``weight`` is wrapped by a ``torch.func`` transform (``vmap``, ``grad``)."""
+    return bool(torch._C._functorch.is_functorch_wrapped_tensor(weight))
+
+
+def _same_data(a: Tensor, b: Tensor) -> bool:
+    """Whether ``a`` and ``b`` view the same memory alike (``True`` for tensors without it)."""
+    try:
+        pointers = a.data_ptr(), b.data_ptr()
+    except RuntimeError:  # a tensor subclass without storage: its version counter decides
+        return True
+    return (
+        pointers[0] == pointers[1]
+        and a.device == b.device
+        and a.dtype == b.dtype
+        and a.shape == b.shape
+        and a.stride() == b.stride()
+    )
 
 
 def _looks_like_probabilities(logits: Tensor) -> bool:

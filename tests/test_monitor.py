@@ -87,6 +87,57 @@ def test_the_feature_margin_follows_head_weights_changed_after_wrap(tmp_path: Pa
         )
 
 
+def test_the_feature_margin_follows_head_weights_given_new_data() -> None:
+    # Assigning weight.data (nn.utils.vector_to_parameters, model.to(dtype)) changes the
+    # values without bumping the version counter: the table of the first weights stayed
+    # in the forward pass (a margin off by 0.77 for one sample) and a float64 copy kept
+    # the float32 table's rounding.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    monitor = brittle.wrap(model, score="feature", norm="L2", example_input=torch.rand(2, 6))
+    x = torch.rand(16, 6)
+    with torch.no_grad():
+        model[2].weight.data = torch.randn(4, 8)
+        torch.testing.assert_close(
+            monitor(x).margin, BF.feature_margin(model(x), model[2].weight, "L2")
+        )
+        vector = nn.utils.parameters_to_vector(model.parameters())
+        nn.utils.vector_to_parameters(torch.randn_like(vector), model.parameters())
+        torch.testing.assert_close(
+            monitor(x).margin, BF.feature_margin(model(x), model[2].weight, "L2")
+        )
+        monitor.double()
+        assert monitor.pair_norms.dtype == torch.float64
+        want = BF.feature_margin(model(x.double()), model[2].weight, "L2")
+        torch.testing.assert_close(monitor(x.double()).margin, want, rtol=1e-12, atol=0)
+
+
+def test_torch_func_over_the_monitor_leaves_no_transformed_tensor_in_its_state() -> None:
+    # Inside torch.func.vmap (or grad) of functional_call the head weight is a wrapped
+    # tensor: its pair-norm table was stored in the monitor's buffer and outlived the
+    # transform, so state_dict, save and copy.deepcopy raised until the next plain call.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    monitor = brittle.wrap(model, score="feature", norm="L2", example_input=torch.rand(2, 6))
+    x = torch.rand(5, 6)
+    weights = torch.randn(3, 4, 8)
+
+    def margin(weight: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(monitor, {"model.2.weight": weight}, (x,)).margin
+
+    margins = torch.func.vmap(margin)(weights)
+    features = model[1](model[0](x))
+    for weight, got in zip(weights, margins, strict=True):
+        want = BF.feature_margin(features @ weight.T + model[2].bias, weight, "L2")
+        torch.testing.assert_close(got, want)
+    torch.func.grad(lambda weight: margin(weight).sum())(weights[0])
+    assert monitor.state_dict()["pair_norms"].shape == (4, 4)
+    copy.deepcopy(monitor)
+    torch.testing.assert_close(
+        monitor(x).margin, BF.feature_margin(model(x), model[2].weight, "L2")
+    )
+
+
 def test_the_feature_margin_follows_inference_tensor_weights_changed_in_place(
     tmp_path: Path,
 ) -> None:
