@@ -65,6 +65,11 @@ _STATE_VERSION = 2
 
 # A head weight, its version counter and an alias of its data (``_stamp``).
 _Stamp = tuple[Tensor, int, Tensor]
+# torch has no public test for a tensor wrapped by a torch.func transform; without
+# this private one (a later torch), transformed weights are taken as plain ones.
+_IS_FUNCTORCH_WRAPPED = getattr(
+    getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None
+)
 
 
 def _check_score(score: str) -> Score:
@@ -1235,17 +1240,17 @@ def _changed(weight: Tensor, stamp: _Stamp | None) -> bool:
 
     Changed in place (its version counter) or given new data (``weight.data = ...``).
     """
-    now = _stamp(weight)
-    if now is None or stamp is None:
-        return now is not stamp
-    if now[0] is not stamp[0] or now[1] != stamp[1]:
+    inference = torch.is_inference(weight)  # stamped None: no version counter
+    if inference or stamp is None:
+        return not (inference and stamp is None)
+    if weight is not stamp[0] or weight._version != stamp[1]:
         return True
     return not _same_data(weight, stamp[2])
 
 
 def _transformed(weight: Tensor) -> bool:
     """Whether ``weight`` is wrapped by a ``torch.func`` transform (``vmap``, ``grad``)."""
-    return bool(torch._C._functorch.is_functorch_wrapped_tensor(weight))
+    return _IS_FUNCTORCH_WRAPPED is not None and bool(_IS_FUNCTORCH_WRAPPED(weight))
 
 
 def _same_data(a: Tensor, b: Tensor) -> bool:
