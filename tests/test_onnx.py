@@ -197,6 +197,30 @@ def test_a_threshold_edited_in_the_metadata_is_refused(exported: dict, tmp_path:
     assert brittle.OnnxMonitor(path, providers=CPU).threshold == graph
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_an_input_domain_edited_in_the_metadata_is_refused(
+    tmp_path: Path, dtype: torch.dtype
+) -> None:
+    # Before, the file opened: its server reported the edited domain (/healthz) and its
+    # telemetry counted the graph's rejects outside the exported domain by the edited
+    # one, while the graph went on rejecting at the exported bounds.
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3)).to(dtype)
+    monitor = brittle.wrap(model.eval(), eps=0.1, example_input=torch.rand(2, 1, 4, 4).to(dtype))
+    state = monitor.state_dict()
+    state["domain"] = torch.tensor([-0.13, 1.17])  # not exact in float16
+    monitor.load_state_dict(state)
+    monitor.set_threshold(0.1)
+    path = monitor.export_onnx(tmp_path / "m.onnx", torch.rand(2, 1, 4, 4).to(dtype))
+    assert brittle.OnnxMonitor(path, providers=CPU).input_domain == monitor.input_domain
+    model_proto = onnx.load(path)
+    props = {p.key: p for p in model_proto.metadata_props}
+    for edited in ("[-10.0, 10.0]", "[-0.13, 1.5]"):
+        props["input_domain"].value = edited
+        onnx.save(model_proto, tmp_path / "edited.onnx")
+        with pytest.raises(ValueError, match=r"rejects inputs outside .* in its graph, but its"):
+            brittle.OnnxMonitor(tmp_path / "edited.onnx", providers=CPU)
+
+
 def test_graph_passes_checker(exported: dict) -> None:
     for _, served in exported.values():
         model = onnx.load(served.path)

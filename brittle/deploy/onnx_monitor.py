@@ -84,13 +84,17 @@ def _json_numbers(text: str, *, count: int | None = None, integers: bool = False
     return value
 
 
-def _graph_threshold(path: Path) -> float | None:
-    """The threshold the graph flags at: its ``monitor.threshold`` constant, if it holds one.
+def _graph_checks(path: Path) -> tuple[float | None, tuple[np.ndarray, np.ndarray] | None]:
+    """What the graph does: the threshold it flags at and the input bounds it rejects outside.
 
-    onnxruntime reads the graph's constants but does not show them; the metadata's
-    threshold is what the file says, this is what it does. ``None`` when the graph
-    holds no such constant (a float64 export folds it into a cast), keeps it as
-    external data, or cannot be parsed by the onnx package.
+    onnxruntime reads the graph's constants but does not show them; the metadata
+    is what the file says, these are what it does. The threshold is the graph's
+    ``monitor.threshold`` constant, ``None`` when it holds none (a float64 export
+    folds it into a cast) or keeps it as external data. The bounds are the
+    constant ``Clip`` of the input (``brittle.scores.finite.judged_rows``), as
+    arrays of the input's dtype, ``None`` when the graph has no such node (no
+    domain, or a brittle that tested the bounds otherwise). Both are ``None``
+    when the onnx package cannot parse the file.
     """
     import onnx
     from onnx import numpy_helper
@@ -98,14 +102,27 @@ def _graph_threshold(path: Path) -> float | None:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception:  # onnxruntime read it: a file the onnx package cannot is left unchecked
-        return None
-    for initializer in model.graph.initializer:
-        if initializer.name == _THRESHOLD_CONSTANT:
-            try:
-                return float(numpy_helper.to_array(initializer).reshape(-1)[0])
-            except Exception:  # stored outside the file (external data): not read here
-                return None
-    return None
+        return None, None
+    constants = {i.name: i for i in model.graph.initializer}
+    threshold = None
+    if _THRESHOLD_CONSTANT in constants:
+        try:
+            threshold = float(numpy_helper.to_array(constants[_THRESHOLD_CONSTANT]).reshape(-1)[0])
+        except Exception:  # stored outside the file (external data): not read here
+            threshold = None
+    clips = [
+        n
+        for n in model.graph.node
+        if n.op_type == "Clip" and n.input[:1] == [INPUT_NAME] and len(n.input) == 3
+    ]
+    bounds = None
+    if len(clips) == 1 and all(name in constants for name in clips[0].input[1:]):
+        try:
+            low, high = (numpy_helper.to_array(constants[name]) for name in clips[0].input[1:])
+            bounds = (low.reshape(-1)[:1], high.reshape(-1)[:1])
+        except Exception:  # stored outside the file (external data): not read here
+            bounds = None
+    return threshold, bounds
 
 
 def _default_providers() -> list[str]:
@@ -138,7 +155,8 @@ class OnnxMonitor:
         FileNotFoundError: if there is no file at ``path``.
         ValueError: if the file is not a readable ONNX file, not a brittle monitor
             graph, or carries metadata (threshold, reference rate and counts,
-            histogram buckets, input domain) that no export could have written.
+            histogram buckets, input domain) that no export could have written, or a
+            threshold or input domain that its graph does not flag or reject by.
 
     Examples:
         >>> import shutil, tempfile, numpy as np, torch, brittle
@@ -209,12 +227,28 @@ class OnnxMonitor:
         self.num_classes: int | None = k if isinstance(k, int) else None
         self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
         self._check_metadata()
-        graph = _graph_threshold(path) if self.has_threshold else None
-        if graph is not None and graph != self.threshold:
+        graph, bounds = _graph_checks(path)
+        if self.has_threshold and graph is not None and graph != self.threshold:
             raise ValueError(
                 f"{str(path)!r} flags at threshold {graph!r} in its graph, but its metadata "
                 f"says {self.threshold!r}: the metadata was edited. Change the threshold with "
                 "Monitor.set_threshold and export the monitor again."
+            )
+        domain = self.input_domain
+        if (
+            domain is not None
+            and bounds is not None
+            and not all(
+                np.array_equal(np.asarray([value], dtype=b.dtype), b)
+                for value, b in zip(domain, bounds, strict=True)
+            )
+        ):
+            shown = [float(b[0]) for b in bounds]
+            raise ValueError(
+                f"{str(path)!r} rejects inputs outside {shown} in its graph, but its metadata "
+                f"says the input domain is {list(domain)}: the metadata was edited. The domain "
+                "is the fit's; refit the monitor on a holdout of the inputs to accept and "
+                "export it again."
             )
         if self.reference_flag_rate is not None and self.reference_counts is None:
             warnings.warn(OLD_REFERENCE_WARNING, UserWarning, stacklevel=2)
