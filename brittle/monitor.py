@@ -27,6 +27,7 @@ from brittle.scores.head import (
     NO_HEAD_HINT,
     HeadCapture,
     capture_head,
+    computes_linear,
     discover_head,
     model_output,
     resolve_head,
@@ -363,6 +364,20 @@ class Monitor(nn.Module):
             logits, found, capture = discover_head(self.model, x)
         exact = found is not None and (self.head_name is None or found == self.head_name)
         if named.calls:  # a head given by name need not produce the logits exactly
+            head, features, output = self.head, named.features, named.output
+            if (
+                self.requested_score in ("feature", "auto")  # the scores that read the weight
+                and head is not None
+                and features is not None
+                and output is not None
+                and not computes_linear(head, features, output)
+            ):
+                raise ValueError(
+                    f"head {self.head_name!r} ({type(head).__name__}) does not compute "
+                    "features @ weight.T + bias (a quantization-aware or normalized linear "
+                    "layer): its weight does not describe its output, which the feature "
+                    "margin needs. Use score='logit', or score='pseudo' (from its input)."
+                )
             capture = named
         self._adopt(x, logits, found, exact)
         return logits, capture

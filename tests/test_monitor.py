@@ -300,6 +300,47 @@ def test_linear_followed_by_a_transform_is_not_the_head() -> None:
     torch.testing.assert_close(monitor(x).margin, BF.feature_margin(model.fc(x), model.fc.weight))
 
 
+class _CosineHead(nn.Linear):
+    """A cosine classifier: an nn.Linear whose output uses its normalized rows."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, nn.functional.normalize(self.weight, dim=1), self.bias)
+
+
+class _CountingHead(nn.Linear):
+    """An nn.Linear subclass with its own forward that computes the same map."""
+
+    calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return super().forward(x)
+
+
+def test_a_linear_layer_whose_weight_does_not_describe_its_output_is_no_head() -> None:
+    # A cosine classifier (or a quantization-aware layer's fake-quantized weight) is an
+    # nn.Linear whose output equals the logits: it was found as an exact head, and its
+    # raw weight rows gave feature margins of another model without a word.
+    torch.manual_seed(0)
+    x = torch.rand(6, 5)
+    cosine = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), _CosineHead(8, 4))
+    monitor = brittle.wrap(cosine, example_input=x)
+    assert monitor.head_name is None and monitor.available_scores == ("logit",)
+    with pytest.raises(ValueError, match=r"nn.Linear modules with 4 outputs, \['2'\]"):
+        brittle.wrap(cosine, score="feature")(x)
+    with pytest.raises(ValueError, match=r"head '2' \(_CosineHead\) does not compute"):
+        brittle.wrap(cosine, head="2", score="feature")(x)
+    # Its input still serves the pseudo-margin network, which reads no weight.
+    assert brittle.wrap(cosine, head="2", score="pseudo", example_input=x).head_name == "2"
+    # A subclass computing the same map stays an exact head.
+    counting = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), _CountingHead(8, 4))
+    exact = brittle.wrap(counting, score="feature", example_input=x)
+    assert exact.head_name == "2" and exact.head_exact
+    head = counting[2]
+    want = BF.feature_margin(counting(x), head.weight)  # type: ignore[arg-type]
+    torch.testing.assert_close(exact(x).margin, want)
+
+
 def test_a_head_whose_output_is_changed_in_place_is_not_taken_as_exact() -> None:
     # The probe compared the head's output tensor with the logits after the forward
     # pass: a model scaling that very tensor in place (logits /= temperature) made the

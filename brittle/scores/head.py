@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "LogitsModel",
     "NO_HEAD_HINT",
     "same_values",
+    "computes_linear",
 ]
 
 NO_HEAD_HINT = (
@@ -43,6 +45,47 @@ def same_values(a: Tensor, b: Tensor) -> bool:
     if a.shape != b.shape:
         return False
     return bool(((a == b) | (a.isnan() & b.isnan())).all())
+
+
+def computes_linear(module: nn.Linear, features: Tensor, output: Tensor) -> bool:
+    """Whether ``module``'s ``output`` of ``features`` is ``features @ weight.T + bias``.
+
+    The feature margin reads the decision boundaries off the head's weight rows, which
+    holds only for a layer that computes its linear map with that weight. An
+    ``nn.Linear`` subclass may compute another (a quantization-aware layer's
+    fake-quantized weight, a cosine classifier's normalized rows): its weight then
+    does not describe its output. A layer whose ``forward`` is ``nn.Linear``'s (a
+    parametrized one too) computes it; another is checked on this call's values, up
+    to float rounding (64 units in the last place of the largest output).
+
+    Examples:
+        >>> import torch
+        >>> from brittle.scores.head import computes_linear
+        >>> class Cosine(torch.nn.Linear):
+        ...     def forward(self, x):
+        ...         w = torch.nn.functional.normalize(self.weight, dim=1)
+        ...         return torch.nn.functional.linear(x, w, self.bias)
+        >>> layer, x = Cosine(4, 3), torch.rand(2, 4)
+        >>> computes_linear(layer, x, layer(x))
+        False
+        >>> plain = torch.nn.Linear(4, 3)
+        >>> computes_linear(plain, x, plain(x))
+        True
+    """
+    if type(module).forward is nn.Linear.forward:
+        return True
+    with torch.no_grad():
+        try:
+            expected = F.linear(features, module.weight, module.bias)
+        except (RuntimeError, TypeError):  # another input than the weight takes
+            return False
+        if expected.shape != output.shape or not output.is_floating_point():
+            return False
+        finite = expected[expected.isfinite()]
+        scale = float(finite.abs().max()) if finite.numel() else 0.0
+        tolerance = 64 * torch.finfo(output.dtype).eps * scale
+        close = ((expected - output).abs() <= tolerance) | (expected == output)
+        return bool((close | (expected.isnan() & output.isnan())).all())
 
 
 @dataclass
@@ -120,6 +163,9 @@ class HeadCapture:
 class _Probe:
     """Every 2-D ``nn.Linear`` output of one forward pass, in call order (this thread's).
 
+    Only layers that compute their linear map are recorded (``computes_linear``): a
+    layer whose weight does not describe its output is no head for the feature margin.
+
     Each output is recorded with a copy of its values as the layer returned them: a
     model may change that tensor in place afterwards (``logits /= temperature``), and
     the tensor itself would then equal the logits although the layer's output does not.
@@ -132,7 +178,11 @@ class _Probe:
         def record(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
             if threading.get_ident() != self.thread:
                 return
-            if isinstance(output, Tensor) and output.dim() == 2:
+            if (
+                isinstance(output, Tensor)
+                and output.dim() == 2
+                and computes_linear(module, args[0], output)  # type: ignore[arg-type]
+            ):
                 self.records.append((name, args[0], output, output.clone()))
 
         return record
