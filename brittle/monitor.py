@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from brittle._modes import changes_in_train_mode, eval_mode
 from brittle.arguments import are_bounds
@@ -64,8 +65,9 @@ TABLE_LIMIT_BYTES = 256 * 2**20
 _STATE_VERSION = 2
 
 
-# A head weight, its version counter and an alias of its data (``_stamp``).
-_Stamp = tuple[Tensor, int, Tensor]
+# The tensors a head weight is made of, each with its version counter and an alias
+# of its data (``_stamp``).
+_Stamp = tuple[tuple[Tensor, int, Tensor], ...]
 # torch has no public test for a tensor wrapped by a torch.func transform; without
 # this private one (a later torch), transformed weights are taken as plain ones.
 _IS_FUNCTORCH_WRAPPED = getattr(
@@ -212,7 +214,7 @@ class Monitor(nn.Module):
             self.pair_norms = pair_norm_table(head.weight, self.norm)
         else:
             self.pair_norms = head.weight.new_empty(0, 0)
-        self._table_stamp = _stamp(head.weight)
+        self._table_stamp = _stamp(head)
 
     def _pair_norm_table(self, head: nn.Linear, *, refresh: bool = False) -> Tensor | None:
         """The pair-norm table of the head's current weight; ``None`` when none is stored.
@@ -230,16 +232,17 @@ class Monitor(nn.Module):
             return None
         if torch.compiler.is_compiling():
             return self.pair_norms
-        if _transformed(head.weight):
+        weight = head.weight  # computed at each access under a parametrization
+        if _transformed(weight):
             # Stored, it would outlive the transform in the monitor's state.
-            return pair_norm_table(head.weight, self.norm)
-        inference = torch.is_inference(head.weight)
+            return pair_norm_table(weight, self.norm)
+        inference = torch.is_inference(weight)
         if inference and not refresh:
             return None
-        if inference or _changed(head.weight, self._table_stamp):
-            table = pair_norm_table(head.weight, self.norm)
+        if inference or _changed(head, self._table_stamp):
+            table = pair_norm_table(weight, self.norm)
             self.pair_norms = table.to(self.pair_norms)
-            self._table_stamp = _stamp(head.weight)
+            self._table_stamp = _stamp(head)
         return self.pair_norms
 
     @property
@@ -1237,30 +1240,48 @@ class _Graph(nn.Module):
         return out.logits, out.pred, out.margin, out.flag
 
 
-def _stamp(weight: Tensor) -> _Stamp | None:
-    """A weight, its version counter and its data; ``None`` for an inference tensor.
+def _weight_sources(head: nn.Linear) -> list[Tensor]:
+    """The tensors the head's weight is made of: its parametrization's, or the weight.
 
-    The data is held by an alias (``weight.detach()``): assigning ``weight.data``
+    A parametrized weight (``torch.nn.utils.parametrizations.weight_norm``,
+    ``spectral_norm``, ``orthogonal``) is a new tensor at each access, computed from
+    the parametrization's parameters and buffers: those say whether it changed.
+    """
+    if parametrize.is_parametrized(head, "weight"):
+        chain = head.get_submodule("parametrizations.weight")
+        return [*chain.parameters(), *chain.buffers()]
+    return [head.weight]
+
+
+def _stamp(head: nn.Linear) -> _Stamp | None:
+    """The head weight's sources, their version counters and data; ``None`` for inference tensors.
+
+    The data is held by an alias (``detach()``): assigning ``weight.data``
     (``nn.utils.vector_to_parameters``, ``model.to(dtype)``) gives the weight other
     values without a new version, and the alias keeps the old memory, so no new data
     can be placed at its address before the table is recomputed.
     """
-    if torch.is_inference(weight):
+    sources = _weight_sources(head)
+    if any(torch.is_inference(t) for t in sources):
         return None
-    return weight, weight._version, weight.detach()
+    return tuple((t, t._version, t.detach()) for t in sources)
 
 
-def _changed(weight: Tensor, stamp: _Stamp | None) -> bool:
-    """Whether ``weight`` is another tensor than ``stamp``'s, or was changed since.
+def _changed(head: nn.Linear, stamp: _Stamp | None) -> bool:
+    """Whether the head's weight sources are other tensors than ``stamp``'s, or changed since.
 
-    Changed in place (its version counter) or given new data (``weight.data = ...``).
+    Changed in place (a version counter) or given new data (``weight.data = ...``).
     """
-    inference = torch.is_inference(weight)  # stamped None: no version counter
+    sources = _weight_sources(head)
+    inference = any(torch.is_inference(t) for t in sources)  # stamped None: no counter
     if inference or stamp is None:
         return not (inference and stamp is None)
-    if weight is not stamp[0] or weight._version != stamp[1]:
+    if len(sources) != len(stamp):
         return True
-    return not _same_data(weight, stamp[2])
+    return any(
+        t is not then or t._version != version or not _same_data(t, data)
+        for t, (then, version, data) in zip(sources, stamp, strict=True)
+    )
 
 
 def _transformed(weight: Tensor) -> bool:
