@@ -232,6 +232,39 @@ def test_observe_refuses_an_output_that_is_not_one_per_sample(size: int) -> None
     assert telemetry.snapshot().samples == size
 
 
+@pytest.mark.parametrize("size", [3, 64])  # the small-request path and numpy's
+def test_a_batch_interrupted_in_the_alarm_is_counted_nowhere(
+    monkeypatch: pytest.MonkeyPatch, size: int
+) -> None:
+    """An interrupt inside the alarm (a redesign takes up to 0.3 s) leaves the counts as they were.
+
+    Before, the counters and the histogram took the batch before the alarm was fed, so
+    a KeyboardInterrupt at a redesign left samples counted that the alarm never saw,
+    and observing the batch again counted them twice.
+    """
+    from brittle.deploy import alarm as alarm_module
+
+    # A third flagged against a holdout's half: the alarm stays off and learns.
+    telemetry = Telemetry([0.5, 1.0], alarm=alarm_module.FlagRateAlarm((100, 200), lag=1))
+    flag = np.arange(size) % 3 == 0
+    margin = np.where(flag, 0.25, 0.75)
+    out = brittle.MonitorOutput(np.zeros((size, 3)), np.zeros(size, dtype=np.int64), margin, flag)
+
+    def interrupted(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(alarm_module, "_design_from_counts", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        for _ in range(1000):  # up to the batch that reaches the first redesign
+            before = telemetry.snapshot()
+            telemetry.observe(out)
+    assert telemetry.snapshot() == before
+    monkeypatch.undo()
+    telemetry.observe(out)
+    snap = telemetry.snapshot()
+    assert snap.alarm is not None and snap.alarm.samples == snap.samples == before.samples + size
+
+
 def test_fitted_monitor_gets_an_alarm_without_warning(fitted: brittle.Monitor) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")

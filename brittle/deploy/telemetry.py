@@ -246,6 +246,9 @@ class Telemetry:
     def observe(self, output: MonitorOutput, inputs: Any = None) -> MonitorOutput:
         """Count one batch's output and return it unchanged.
 
+        An error, or an interrupt while the alarm takes the batch (a redesign takes up
+        to 0.3 s), leaves the counts, the histogram and the alarm as they were.
+
         Args:
             output: What the monitor returned (tensors on any device, or arrays).
             inputs: The batch the output is for; with it, each rejected sample is
@@ -313,6 +316,10 @@ class Telemetry:
             else:
                 reasons = reject_reasons(as_array(inputs)[rejected_mask], self.domain)
         with self._lock:
+            # The alarm first: a batch is all or nothing there, so an error or an
+            # interrupt inside it (a redesign takes up to 0.3 s) leaves nothing counted.
+            if self.alarm is not None:
+                self.alarm.feed(accepted)
             self._samples += n
             self._flagged += flagged
             self._rejected += n_rejected
@@ -324,8 +331,6 @@ class Telemetry:
             self._sum += total
             for reason in reasons:
                 self._reasons[reason] += 1
-            if self.alarm is not None:
-                self.alarm.feed(accepted)
         return output
 
     def snapshot(self) -> TelemetrySnapshot:
