@@ -98,10 +98,13 @@ def rank_targets(margins: Tensor) -> Tensor:
 def _boundary_rows(
     boundary: tuple[Tensor, Tensor, Tensor] | None, train: Tensor, like: tuple[Tensor, ...]
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The training samples' boundary rows, flattened, without the rows that have no target.
+    """The training samples' boundary rows, flattened, without the rows that cannot train.
 
-    ``like`` is the natural ``(features, logits, margins)``: the rows take their
-    device and dtype, and none at all is three empty tensors of their widths.
+    A row without a target (NaN margin) is left out, and so is one whose features
+    or logits are not finite (a copy where the model overflows: ``fit`` gives such
+    rows NaN logits), which would make every weight NaN. ``like`` is the natural
+    ``(features, logits, margins)``: the rows take their device and dtype, and none
+    at all is three empty tensors of their widths.
     """
     n, device = like[0].shape[0], like[0].device
     if boundary is None:
@@ -115,12 +118,17 @@ def _boundary_rows(
     if not feats.shape[0] == logits.shape[0] == margins.shape[0] == n:
         raise ValueError(f"boundary rows must describe the same {n} samples as the features.")
     feats, logits, margins = (t[train].flatten(0, 1) for t in (feats, logits, margins))
-    keep = ~margins.isnan()
+    keep = ~margins.isnan() & _finite_rows(feats) & _finite_rows(logits)
     return (
         feats[keep].to(device, torch.float32),
         logits[keep].to(device, torch.float32),
         margins[keep].to(device, torch.float32),
     )
+
+
+def _finite_rows(values: Tensor) -> Tensor:
+    """``(n,)`` whether each row of the ``(n, w)`` ``values`` is finite throughout."""
+    return values.isfinite().all(dim=1)
 
 
 def _quantiles(margins: Tensor) -> Tensor:
@@ -195,14 +203,16 @@ def train_pseudo_margin(
             ``(n, R, K)`` and ``(n, R)``: ``R`` rows near the decision boundary
             per sample with their target margins (NaN: none). The rows of the
             training split's samples join its training data; those of the
-            validation split's help choose the epoch.
+            validation split's help choose the epoch. Rows whose features or
+            logits are not finite are left out as well.
 
     Returns:
         The network (weights of the best validation epoch, eval mode) and a summary.
 
     Raises:
         ValueError: On mismatched shapes, fewer than ``MIN_TRAIN_SAMPLES``
-            samples, NaN margins, or an unknown ``loss``.
+            samples, NaN margins, features or logits with NaN or Inf, or an
+            unknown ``loss``.
 
     Examples:
         >>> import torch
@@ -236,6 +246,13 @@ def train_pseudo_margin(
             f"{int(margins.isnan().sum())} NaN of {n}: leave out the samples that could "
             "not be judged."
         )
+    for name, values in (("features", features), ("logits", logits)):
+        bad = int((~_finite_rows(values.detach())).sum())
+        if bad:
+            raise ValueError(
+                f"{name} must be finite. Got {bad} row{'s' if bad > 1 else ''} of {n} with "
+                "NaN or Inf: leave out the samples the model could not judge."
+            )
     if loss not in _LOSSES:
         raise ValueError(f"loss must be one of {_LOSSES}. Got {loss!r}.")
     if not 0.0 < val_fraction < 1.0:
