@@ -250,6 +250,37 @@ def test_samples_the_model_could_not_judge_are_refused(which: str, value: float)
         train_pseudo_margin(features, logits, margins, hidden=16, max_epochs=2)
 
 
+def test_a_feature_constant_in_training_does_not_decide_the_score_later() -> None:
+    # Before, a feature that never varied on the training samples (a ReLU unit dead on
+    # all of them) was divided by a std clamped to 1e-6: any later activation, even
+    # 0.001, became an input of 1,000 and sent every score to the top of its range
+    # (the most robust: never flagged), whatever the other features said.
+    features, logits, margins = _synthetic()
+    features[:, 3] = 0.0
+    net, _ = train_pseudo_margin(features, logits, margins, hidden=16, max_epochs=10)
+    woken = features.clone()
+    woken[:, 3] = 0.01
+    with torch.no_grad():
+        before, after = net(features, logits), net(woken, logits)
+    span = float(net.quantiles[-1] - net.quantiles[0])
+    assert float((after - before).abs().max()) < 0.01 * span
+    assert kendall_tau(after.numpy(), before.numpy()) > 0.95
+
+
+@pytest.mark.parametrize("scale", [1e-9, 1e9])
+def test_features_of_any_scale_train_the_same_network(scale: float) -> None:
+    # Before, features of scale 1e-9 were divided by the 1e-6 floor of their std, not
+    # by their std: the network all but lost them (validation tau 0.14 against 0.55).
+    features, logits, margins = _synthetic(300)
+    net, info = train_pseudo_margin(features, logits, margins, hidden=32, max_epochs=20)
+    scaled, again = train_pseudo_margin(features * scale, logits, margins, hidden=32, max_epochs=20)
+    # The same network up to the rounding of the scaled features.
+    assert again.val_tau == pytest.approx(info.val_tau, abs=0.02)
+    with torch.no_grad():
+        expected = net(features, logits)
+        torch.testing.assert_close(scaled(features * scale, logits), expected, rtol=1e-3, atol=0)
+
+
 def test_features_of_another_dtype_are_read_in_the_networks() -> None:
     # Before, float64 features (a float64 model's) failed in the first layer: "mat1 and
     # mat2 must have the same dtype", after fit had paid for every attack.

@@ -131,6 +131,21 @@ def _finite_rows(values: Tensor) -> Tensor:
     return values.isfinite().all(dim=1)
 
 
+def _scale(values: Tensor) -> Tensor:
+    """Each column's standard deviation, or 1 for a column that does not vary.
+
+    A column constant up to rounding (a ReLU unit dead on every training sample)
+    carries nothing to learn from; its scale is 1, as scikit-learn's
+    ``StandardScaler`` sets. A floor on the standard deviation instead turned any
+    later activation of such a unit into a huge input that decided the score, and
+    shrank features of a small scale (``1e-9``) to nothing. One sample: every
+    column is constant.
+    """
+    std = values.std(dim=0).nan_to_num(0.0) if values.shape[0] > 1 else values[0] * 0.0
+    rounding = 10 * torch.finfo(values.dtype).eps * values.abs().amax(dim=0)
+    return torch.where(std > rounding, std, torch.ones_like(std))
+
+
 def _quantiles(margins: Tensor) -> Tensor:
     """Strictly increasing knots of the training margins' quantile function, on the CPU.
 
@@ -284,9 +299,9 @@ def train_pseudo_margin(
         net = PseudoMargin(features.shape[1], logits.shape[1], hidden).to(device)
     ordered = logits[train].sort(dim=1, descending=True).values
     net.feature_mean.copy_(features[train].mean(dim=0))
-    net.feature_std.copy_(features[train].std(dim=0).nan_to_num(1.0).clamp_min(1e-6))
+    net.feature_std.copy_(_scale(features[train]))
     net.logit_mean.copy_(ordered.mean(dim=0))
-    net.logit_std.copy_(ordered.std(dim=0).nan_to_num(1.0).clamp_min(1e-6))
+    net.logit_std.copy_(_scale(ordered))
     net.quantiles.copy_(_quantiles(train_margins).to(device))
     inputs_train = net.inputs(train_features, train_logits)
     inputs_val = net.inputs(torch.cat((features[val], held[0])), torch.cat((logits[val], held[1])))
