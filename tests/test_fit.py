@@ -213,6 +213,37 @@ def test_pseudo_margin_lifts_tau_of_an_inconsistent_model(
     assert metrics["pseudo"].n == 120
 
 
+class _Overflowing(nn.Module):
+    """The robust CNN, whose logits overflow to inf on the brightest inputs."""
+
+    def __init__(self, base: nn.Module, brightest: float) -> None:
+        super().__init__()
+        self.base = base
+        self.brightest = brightest
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hot = x.flatten(1).mean(dim=1, keepdim=True) > self.brightest
+        return self.base(x).masked_fill(hot, math.inf)
+
+
+def test_boundary_rows_where_the_model_overflows_train_no_nan_network(
+    robust_model: nn.Module, digits: DigitsSplit
+) -> None:
+    # Before: the holdout samples whose logits overflow were left out, but the boundary
+    # copies where they did (NaN logits) trained the pseudo-margin: every weight NaN,
+    # and fit failed on the NaN scores after every attack.
+    x = digits.x_holdout[:300]
+    brightest = float(x.flatten(1).mean(dim=1).quantile(0.9))
+    model = _Overflowing(robust_model, brightest)
+    monitor = brittle.wrap(model, eps=DIGITS_EPS, head="base.8", score="pseudo")
+    with pytest.warns(UserWarning, match="trained on only"):
+        monitor.fit(x, steps=5, progress=False, target_tpr=0.9)
+    assert monitor.pseudo is not None and monitor.report.excluded > 0
+    assert all(p.isfinite().all() for p in monitor.pseudo.state_dict().values())
+    assert monitor.report.settings["pseudo"]["n_boundary"] > 0
+    assert np.isfinite(monitor.report.score_values["pseudo"][monitor.report.calibration]).all()
+
+
 def test_resume_from_cache_recomputes_nothing(
     standard_model: nn.Module, holdout_loader: DataLoader, tmp_path, monkeypatch
 ) -> None:

@@ -218,6 +218,69 @@ def test_margins_that_all_tie_have_no_validation_tau(value: float) -> None:
         assert net(features, logits).isfinite().all()
 
 
+@pytest.mark.parametrize("which", ["features", "logits"])
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_boundary_rows_the_model_could_not_judge_are_left_out(which: str, value: float) -> None:
+    # Before, one boundary row with a NaN or Inf feature or logit (a copy where the
+    # model overflows: fit hands such rows NaN logits) made every weight NaN, and the
+    # NaN network was returned; fit then failed in scikit-learn after every attack.
+    features, logits, margins = _synthetic()
+    g = torch.Generator().manual_seed(1)
+    rows = [torch.randn(200, 3, 8, generator=g), torch.randn(200, 3, 3, generator=g)]
+    targets = torch.rand(200, 3, generator=g)
+    rows[0 if which == "features" else 1][::7, 1, 0] = value
+    net, info = train_pseudo_margin(
+        features, logits, margins, hidden=16, max_epochs=3, boundary=(*rows, targets)
+    )
+    assert all(p.isfinite().all() for p in net.state_dict().values())
+    # Only the unjudged rows (one per seventh sample) are left out, not their samples'.
+    assert 3 * info.n_train - 29 <= info.n_boundary < 3 * info.n_train
+    with torch.no_grad():
+        assert net(features, logits).isfinite().all()
+
+
+@pytest.mark.parametrize("which", ["features", "logits"])
+@pytest.mark.parametrize("value", [math.nan, -math.inf])
+def test_samples_the_model_could_not_judge_are_refused(which: str, value: float) -> None:
+    # Before, one sample with a NaN or Inf feature or logit gave a network of NaN
+    # weights without a word.
+    features, logits, margins = _synthetic()
+    (features if which == "features" else logits)[60, 1] = value
+    with pytest.raises(ValueError, match=f"{which} must be finite. Got 1 row of 200"):
+        train_pseudo_margin(features, logits, margins, hidden=16, max_epochs=2)
+
+
+def test_a_feature_constant_in_training_does_not_decide_the_score_later() -> None:
+    # Before, a feature that never varied on the training samples (a ReLU unit dead on
+    # all of them) was divided by a std clamped to 1e-6: any later activation, even
+    # 0.001, became an input of 1,000 and sent every score to the top of its range
+    # (the most robust: never flagged), whatever the other features said.
+    features, logits, margins = _synthetic()
+    features[:, 3] = 0.0
+    net, _ = train_pseudo_margin(features, logits, margins, hidden=16, max_epochs=10)
+    woken = features.clone()
+    woken[:, 3] = 0.01
+    with torch.no_grad():
+        before, after = net(features, logits), net(woken, logits)
+    span = float(net.quantiles[-1] - net.quantiles[0])
+    assert float((after - before).abs().max()) < 0.01 * span
+    assert kendall_tau(after.numpy(), before.numpy()) > 0.95
+
+
+@pytest.mark.parametrize("scale", [1e-9, 1e9])
+def test_features_of_any_scale_train_the_same_network(scale: float) -> None:
+    # Before, features of scale 1e-9 were divided by the 1e-6 floor of their std, not
+    # by their std: the network all but lost them (validation tau 0.14 against 0.55).
+    features, logits, margins = _synthetic(300)
+    net, info = train_pseudo_margin(features, logits, margins, hidden=32, max_epochs=20)
+    scaled, again = train_pseudo_margin(features * scale, logits, margins, hidden=32, max_epochs=20)
+    # The same network up to the rounding of the scaled features.
+    assert again.val_tau == pytest.approx(info.val_tau, abs=0.02)
+    with torch.no_grad():
+        expected = net(features, logits)
+        torch.testing.assert_close(scaled(features * scale, logits), expected, rtol=1e-3, atol=0)
+
+
 def test_features_of_another_dtype_are_read_in_the_networks() -> None:
     # Before, float64 features (a float64 model's) failed in the first layer: "mat1 and
     # mat2 must have the same dtype", after fit had paid for every attack.

@@ -98,10 +98,13 @@ def rank_targets(margins: Tensor) -> Tensor:
 def _boundary_rows(
     boundary: tuple[Tensor, Tensor, Tensor] | None, train: Tensor, like: tuple[Tensor, ...]
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The training samples' boundary rows, flattened, without the rows that have no target.
+    """The training samples' boundary rows, flattened, without the rows that cannot train.
 
-    ``like`` is the natural ``(features, logits, margins)``: the rows take their
-    device and dtype, and none at all is three empty tensors of their widths.
+    A row without a target (NaN margin) is left out, and so is one whose features
+    or logits are not finite (a copy where the model overflows: ``fit`` gives such
+    rows NaN logits), which would make every weight NaN. ``like`` is the natural
+    ``(features, logits, margins)``: the rows take their device and dtype, and none
+    at all is three empty tensors of their widths.
     """
     n, device = like[0].shape[0], like[0].device
     if boundary is None:
@@ -115,12 +118,32 @@ def _boundary_rows(
     if not feats.shape[0] == logits.shape[0] == margins.shape[0] == n:
         raise ValueError(f"boundary rows must describe the same {n} samples as the features.")
     feats, logits, margins = (t[train].flatten(0, 1) for t in (feats, logits, margins))
-    keep = ~margins.isnan()
+    keep = ~margins.isnan() & _finite_rows(feats) & _finite_rows(logits)
     return (
         feats[keep].to(device, torch.float32),
         logits[keep].to(device, torch.float32),
         margins[keep].to(device, torch.float32),
     )
+
+
+def _finite_rows(values: Tensor) -> Tensor:
+    """``(n,)`` whether each row of the ``(n, w)`` ``values`` is finite throughout."""
+    return values.isfinite().all(dim=1)
+
+
+def _scale(values: Tensor) -> Tensor:
+    """Each column's standard deviation, or 1 for a column that does not vary.
+
+    A column constant up to rounding (a ReLU unit dead on every training sample)
+    carries nothing to learn from; its scale is 1, as scikit-learn's
+    ``StandardScaler`` sets. A floor on the standard deviation instead turned any
+    later activation of such a unit into a huge input that decided the score, and
+    shrank features of a small scale (``1e-9``) to nothing. One sample: every
+    column is constant.
+    """
+    std = values.std(dim=0).nan_to_num(0.0) if values.shape[0] > 1 else values[0] * 0.0
+    rounding = 10 * torch.finfo(values.dtype).eps * values.abs().amax(dim=0)
+    return torch.where(std > rounding, std, torch.ones_like(std))
 
 
 def _quantiles(margins: Tensor) -> Tensor:
@@ -195,14 +218,16 @@ def train_pseudo_margin(
             ``(n, R, K)`` and ``(n, R)``: ``R`` rows near the decision boundary
             per sample with their target margins (NaN: none). The rows of the
             training split's samples join its training data; those of the
-            validation split's help choose the epoch.
+            validation split's help choose the epoch. Rows whose features or
+            logits are not finite are left out as well.
 
     Returns:
         The network (weights of the best validation epoch, eval mode) and a summary.
 
     Raises:
         ValueError: On mismatched shapes, fewer than ``MIN_TRAIN_SAMPLES``
-            samples, NaN margins, or an unknown ``loss``.
+            samples, NaN margins, features or logits with NaN or Inf, or an
+            unknown ``loss``.
 
     Examples:
         >>> import torch
@@ -236,6 +261,13 @@ def train_pseudo_margin(
             f"{int(margins.isnan().sum())} NaN of {n}: leave out the samples that could "
             "not be judged."
         )
+    for name, values in (("features", features), ("logits", logits)):
+        bad = int((~_finite_rows(values.detach())).sum())
+        if bad:
+            raise ValueError(
+                f"{name} must be finite. Got {bad} row{'s' if bad > 1 else ''} of {n} with "
+                "NaN or Inf: leave out the samples the model could not judge."
+            )
     if loss not in _LOSSES:
         raise ValueError(f"loss must be one of {_LOSSES}. Got {loss!r}.")
     if not 0.0 < val_fraction < 1.0:
@@ -267,9 +299,9 @@ def train_pseudo_margin(
         net = PseudoMargin(features.shape[1], logits.shape[1], hidden).to(device)
     ordered = logits[train].sort(dim=1, descending=True).values
     net.feature_mean.copy_(features[train].mean(dim=0))
-    net.feature_std.copy_(features[train].std(dim=0).nan_to_num(1.0).clamp_min(1e-6))
+    net.feature_std.copy_(_scale(features[train]))
     net.logit_mean.copy_(ordered.mean(dim=0))
-    net.logit_std.copy_(ordered.std(dim=0).nan_to_num(1.0).clamp_min(1e-6))
+    net.logit_std.copy_(_scale(ordered))
     net.quantiles.copy_(_quantiles(train_margins).to(device))
     inputs_train = net.inputs(train_features, train_logits)
     inputs_val = net.inputs(torch.cat((features[val], held[0])), torch.cat((logits[val], held[1])))
