@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -532,6 +533,37 @@ def test_robustbench_files_are_all_checked_and_nothing_is_downloaded(
         assert stderr.startswith(f"brittle-check: error: {option}:") and needle in stderr, stderr
         assert stderr.count("\n") == 1
     assert downloads == []
+
+
+class _Payload:
+    """A pickled object that, unpickled, writes ``marker``: code hidden in a checkpoint."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        return (Path.write_text, (self.marker, "ran"))
+
+
+def test_robustbench_checkpoint_with_pickled_code_is_refused_not_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # RobustBench loads its checkpoints with torch.load and no weights_only, which is
+    # PyTorch's weights-only default only until TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD is set
+    # (the usual advice for old checkpoints): the pickled code in the file then ran.
+    marker = tmp_path / "marker"
+    path = tmp_path / "models" / "cifar10" / "Linf" / "Wong2020Fast.pt"
+    path.parent.mkdir(parents=True)
+    torch.save({"state_dict": {"conv1.weight": _Payload(marker)}}, path)
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    argv = ["--model", "robustbench:Wong2020Fast", "--model-dir", tmp_path / "models"]
+    code, _, stderr = run_main([*argv, "--data", "digits", "--out", tmp_path / "out"])
+    assert not marker.exists()
+    assert code == 2 and stderr.count("\n") == 1, stderr
+    assert stderr.startswith("brittle-check: error: --model:") and "weights only" in stderr
+    assert "Wong2020Fast.pt" in stderr
+    assert os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] == "1"  # the user's setting is kept
+    assert "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ
 
 
 def test_cifar_files_missing_or_damaged_are_not_downloaded(

@@ -10,7 +10,11 @@ from __future__ import annotations
 import difflib
 import importlib
 import importlib.util
+import os
+import pickle
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -190,6 +194,31 @@ def _call_factory(module: Any, where: str, factory: str) -> nn.Module:
     return model
 
 
+@contextmanager
+def _weights_only() -> Iterator[None]:
+    """Every ``torch.load`` inside the block loads weights only, whatever its caller asked.
+
+    RobustBench (and torchvision's ``load_state_dict_from_url``, which RobustBench's
+    models call) load checkpoints without ``weights_only=True``: PyTorch's default
+    is weights-only, but ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` (the usual advice for
+    old checkpoints) turns it off, and ``load_state_dict_from_url`` asks for the
+    full unpickler itself. A checkpoint's pickled objects would then run their code.
+    ``TORCH_FORCE_WEIGHTS_ONLY_LOAD`` overrides both; the environment is put back after.
+    """
+    names = ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
+    saved = {name: os.environ.get(name) for name in names}
+    os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def _robustbench_model(name: str, dataset: str, threat_model: str, model_dir: Path) -> nn.Module:
     from brittle.compat import import_robustbench
 
@@ -239,7 +268,16 @@ def _robustbench_model(name: str, dataset: str, threat_model: str, model_dir: Pa
             "access, or point --model-dir at the directory holding it",
         )
     try:
-        model = rb.utils.load_model(name, model_dir=str(model_dir), dataset=ds, threat_model=tm)
+        with _weights_only():
+            model = rb.utils.load_model(name, model_dir=str(model_dir), dataset=ds, threat_model=tm)
+    except pickle.UnpicklingError:
+        where = repr(str(single)) if len(files) == 1 else f"{name}.pt_m*.pt in {str(folder)!r}"
+        raise UsageError(
+            "--model",
+            f"RobustBench could not load {where}: it holds more than weights (pickled "
+            "objects, whose code would run when loaded), and brittle loads weights only; "
+            "save the checkpoint's state_dict alone (tensors) and load that",
+        ) from None
     except Exception as err:
         raise UsageError(
             "--model", f"RobustBench could not load {str(single)!r}: {_first_line(err)}"
