@@ -566,6 +566,33 @@ def test_robustbench_checkpoint_with_pickled_code_is_refused_not_run(
     assert "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ
 
 
+@pytest.mark.parametrize("placeholder", [False, True])
+def test_robustbench_model_with_weights_from_elsewhere_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, placeholder: bool
+) -> None:
+    # RobustBench builds ImageNet's Standard_R50 with torchvision's pretrained weights,
+    # read from the torch hub cache (downloaded when missing) and never from --model-dir.
+    # Before, --model-dir had to hold a Standard_R50.pt that nothing read (without it the
+    # advice was to download a file RobustBench never writes), and with one the hub
+    # cache's file was loaded, pickled code and all, or fetched from the internet.
+    marker = tmp_path / "marker"
+    checkpoints = tmp_path / "torch_home" / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    torch.save({"fc.weight": _Payload(marker)}, checkpoints / "resnet50-0676ba61.pth")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    folder = tmp_path / "models" / "imagenet" / "Linf"
+    folder.mkdir(parents=True)
+    if placeholder:
+        (folder / "Standard_R50.pt").write_bytes(b"")
+    argv = ["--model", "robustbench:Standard_R50", "--dataset", "imagenet"]
+    argv += ["--model-dir", tmp_path / "models", "--data", "digits", "--out", tmp_path / "out"]
+    code, _, stderr = run_main(argv)
+    assert not marker.exists()
+    assert code == 2 and stderr.count("\n") == 1, stderr
+    assert stderr.startswith("brittle-check: error: --model:"), stderr
+    assert "not from --model-dir" in stderr and "file.py:factory" in stderr, stderr
+
+
 def test_cifar_files_missing_or_damaged_are_not_downloaded(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -247,9 +247,18 @@ def _robustbench_model(name: str, dataset: str, threat_model: str, model_dir: Pa
             f"instead, for example with timm.create_model({timm_name!r}, "
             "checkpoint_path=LOCAL_WEIGHTS)",
         )
+    parts = known[name].get("gdrive_id")
+    if not parts:
+        # No checkpoint of its own (ImageNet's Standard_R50): RobustBench builds it with
+        # pretrained weights it reads from the torch hub cache, downloading them when missing.
+        raise UsageError(
+            "--model",
+            f"RobustBench builds {name!r} with pretrained weights it downloads itself, not "
+            "from --model-dir, and nothing is downloaded here; build it in a file.py:factory "
+            "instead, loading local weights with torch.load(LOCAL_WEIGHTS, weights_only=True)",
+        )
     folder = Path(model_dir) / ds.value / tm.value
     single = folder / f"{name}.pt"
-    parts = known[name].get("gdrive_id")
     # An ensemble is stored as one file per member: NAME.pt_m0.pt, NAME.pt_m1.pt, ...
     files = (
         [single]
