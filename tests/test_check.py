@@ -865,6 +865,48 @@ def test_help_explains_every_option() -> None:
     assert "ONNX graph (input -> logits, pred, margin, flag)" in text
 
 
+def test_a_factory_whose_weights_do_not_load_says_which(tmp_path: Path) -> None:
+    # PyTorch's load_state_dict error puts what is wrong on the lines after its first,
+    # "Error(s) in loading state_dict for Net:"; the command printed that line alone.
+    source = textwrap.dedent(
+        """
+        import torch
+        from torch import nn
+
+        def net():
+            return nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+
+        def wrong_shape():
+            state = net().state_dict()
+            state["3.weight"] = torch.zeros(5, 16)
+            model = net()
+            model.load_state_dict(state)
+            return model
+
+        def data_parallel():
+            state = {f"module.{k}": v for k, v in net().state_dict().items()}
+            model = net()
+            model.load_state_dict(state)
+            return model
+        """
+    )
+    (tmp_path / "models.py").write_text(source)
+    expected = {
+        "wrong_shape": ["size mismatch for 3.weight", "[5, 16]", "[10, 16]"],
+        "data_parallel": [
+            'Missing key(s) in state_dict: "1.weight", "1.bias", "3.weight" and 1 more',
+            'Unexpected key(s) in state_dict: "module.1.weight"',
+        ],
+    }
+    for factory, needles in expected.items():
+        argv = ["--model", f"{tmp_path / 'models.py'}:{factory}", "--data", "digits"]
+        code, _, stderr = run_main([*argv, "--out", tmp_path / "out"])
+        assert code == 2 and stderr.count("\n") == 1, stderr
+        assert stderr.startswith("brittle-check: error: --model:"), stderr
+        for needle in needles:
+            assert needle in stderr, stderr
+
+
 def test_setup_errors_exit_2_before_any_work(model_file: Path, tmp_path: Path) -> None:
     (tmp_path / "file").write_text("")
     (tmp_path / "raises.py").write_text("def build():\n    raise RuntimeError('no weights here')\n")

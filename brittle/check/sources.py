@@ -79,7 +79,23 @@ def _first_line(err: BaseException) -> str:
             "does not know); keep that under if __name__ == '__main__':"
         )
     text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
+    first = text[0] if text else ""
+    if first.startswith("Error(s) in loading state_dict"):
+        # What is wrong is on the lines after: missing and unexpected keys, shapes.
+        problems = [_shorter_key_list(line.strip()) for line in text[1:] if line.strip()]
+        if problems:
+            first = f"{first.rstrip(':')}: {'; '.join(problems[:3])}"
+    return f"{type(err).__name__}: {first}".rstrip(": ")
+
+
+def _shorter_key_list(line: str, keep: int = 3) -> str:
+    """``Missing key(s) in state_dict: "a", "b", ...`` with its first ``keep`` keys named."""
+    head, colon, keys = line.partition(": ")
+    if not head.endswith("key(s) in state_dict") or not colon:
+        return line
+    names = keys.rstrip(". ").split(", ")
+    more = f" and {len(names) - keep} more" if len(names) > keep else ""
+    return f"{head}: {', '.join(names[:keep])}{more}"
 
 
 # ------------------------------------------------------------------- models
