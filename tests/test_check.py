@@ -439,6 +439,33 @@ def test_image_folder_refuses_16_bit_images(tmp_path: Path) -> None:
         load_data(str(tmp_path))
 
 
+def test_image_folder_of_mixed_sizes_stops_at_the_first_other_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before, every image was decoded and kept at its own size before the sizes were
+    # compared: an ImageNet folder given without --image-size (50,000 images of their
+    # own sizes, some 80 GB as floats) ran out of memory instead of saying so.
+    from PIL import Image
+
+    from brittle.check import sources
+
+    (tmp_path / "a").mkdir()
+    for name, side in (("0.png", 8), ("1.png", 9), ("2.png", 8), ("3.png", 8)):
+        Image.fromarray(np.zeros((side, side), dtype=np.uint8)).save(tmp_path / "a" / name)
+    read: list[str] = []
+    original = sources._rgb_image
+
+    def counting(file: str) -> Any:
+        read.append(Path(file).name)
+        return original(file)
+
+    monkeypatch.setattr(sources, "_rgb_image", counting)
+    with pytest.raises(UsageError, match=r"--image-size: .*0\.png.* 8x8.*1\.png.* 9x9"):
+        load_data(str(tmp_path))
+    assert read == ["0.png", "1.png"]
+    assert tuple(load_data(str(tmp_path), image_size=8).x.shape) == (4, 3, 8, 8)
+
+
 def _robustbench_checkpoint(model_dir: Path) -> nn.Module:
     from brittle.compat import import_robustbench
 

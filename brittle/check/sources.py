@@ -465,6 +465,11 @@ def _rgb_image(file: str) -> Any:
         return image.convert("RGB")
 
 
+def _size(image: Tensor) -> str:
+    """``"HxW"`` of a ``(C, H, W)`` image."""
+    return f"{image.shape[1]}x{image.shape[2]}"
+
+
 def _image_folder(path: Path, spec: str, image_size: int | None) -> DataSource:
     from torchvision import datasets, transforms
 
@@ -474,21 +479,23 @@ def _image_folder(path: Path, spec: str, image_size: int | None) -> DataSource:
         folder = datasets.ImageFolder(str(path), transform=transform, loader=_rgb_image)
     except (FileNotFoundError, RuntimeError) as err:
         raise UsageError("--data", f"{spec!r} is not an ImageFolder: {_first_line(err)}") from None
-    images, labels = [], []
+    images: list[Tensor] = []
+    labels: list[int] = []
     for index in range(len(folder)):
+        file = folder.samples[index][0]
         try:
             image, label = folder[index]
         except Exception as err:
-            file = folder.samples[index][0]
             raise UsageError("--data", f"cannot read image {file!r}: {_first_line(err)}") from None
+        # Compared as they come: a folder of many sizes (ImageNet's) would not fit in memory.
+        if images and image.shape != images[0].shape:
+            raise UsageError(
+                "--image-size",
+                f"images in {spec!r} have different sizes: {folder.samples[0][0]!r} is "
+                f"{_size(images[0])}, {file!r} is {_size(image)}; pass --image-size to resize",
+            )
         images.append(image)
         labels.append(label)
-    shapes = sorted({tuple(image.shape) for image in images})
-    if len(shapes) > 1:
-        raise UsageError(
-            "--image-size",
-            f"images in {spec!r} have different sizes {shapes[:3]}; pass --image-size to resize",
-        )
     x = torch.stack(images)
     _check_range(x, spec)
     return DataSource(x, torch.tensor(labels, dtype=torch.long), spec)
