@@ -749,6 +749,22 @@ def test_a_seed_torch_cannot_take_is_a_usage_error(tmp_path: Path) -> None:
     assert code == 0, stderr
 
 
+def test_model_specs_in_folders_whose_names_hold_an_at_sign(tmp_path: Path) -> None:
+    # Before, the first "@" always split MONITOR.pt@SPEC: a factory in a folder such
+    # as Jenkins' "job@2" workspace was read as the monitor file "job".
+    folder = tmp_path / "job@2"
+    folder.mkdir()
+    (folder / "models.py").write_text("from brittle.digits import digits_cnn as build\n")
+    source = load_model(f"{folder / 'models.py'}:build")
+    assert source.monitor_path is None and type(source.model).__name__ == "Sequential"
+    (folder / "monitor.pt").write_bytes(b"")
+    spec = f"{folder / 'monitor.pt'}@{folder / 'models.py'}:build"
+    source = load_model(spec)
+    assert source.monitor_path == folder / "monitor.pt" and source.spec == spec
+    with pytest.raises(UsageError, match=r"no saved monitor at .*missing\.pt"):
+        load_model(f"{folder / 'missing.pt'}@brittle.digits:digits_cnn")
+
+
 def test_a_saved_monitor_refuses_an_eps_or_norm_it_would_ignore(tmp_path: Path) -> None:
     # Before, --eps and --norm were silently ignored for MONITOR.pt@SPEC (it runs at
     # its own), and report.json's check_settings recorded the ignored values.

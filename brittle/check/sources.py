@@ -126,8 +126,9 @@ def load_model(
 
     """
     spec = spec.strip()
-    if "@" in spec:
-        monitor_text, _, model_spec = spec.partition("@")
+    split = _monitor_split(spec)
+    if split is not None:
+        monitor_text, model_spec = split
         monitor_path = Path(monitor_text)
         if not monitor_path.is_file():
             raise UsageError("--model", f"no saved monitor at {monitor_text!r} (in {spec!r})")
@@ -154,6 +155,27 @@ def load_model(
             f"weights, so give its model too: --model {spec}@MODEL_SPEC",
         )
     raise UsageError("--model", f"unknown model spec {spec!r}; expected {MODEL_FORMS}")
+
+
+def _monitor_split(spec: str) -> tuple[str, str] | None:
+    """``(MONITOR, SPEC)`` of ``MONITOR.pt@SPEC``; ``None`` for a spec without a monitor.
+
+    A folder's name may hold an "@" too (Jenkins' ``job@2`` workspaces): the split is
+    at the "@" after an existing file; a spec naming an existing ``file.py`` whole is no
+    split; else the split is at the first "@" after a name with a suffix (the monitor
+    file that is missing), or at the first "@".
+    """
+    at = [i for i, char in enumerate(spec) if char == "@"]
+    if not at:
+        return None
+    splits = [(spec[:i], spec[i + 1 :]) for i in at]
+    found = next((pair for pair in splits if Path(pair[0]).is_file()), None)
+    if found is not None:
+        return found
+    where = spec.rpartition(":")[0]
+    if where and _looks_like_file(where) and Path(where).is_file():
+        return None
+    return next((pair for pair in splits if Path(pair[0]).suffix), splits[0])
 
 
 def _looks_like_file(where: str) -> bool:
