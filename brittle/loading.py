@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from itertools import chain
 from pathlib import Path
 
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 from brittle.identity import check_identity
 from brittle.io import read
@@ -35,7 +37,8 @@ def load(path: str | Path, model: nn.Module) -> Monitor:
             shape, an input domain that is not two finite bounds in order, a score
             choice, network size or input shape no monitor makes), holds a
             fitted monitor without a finite threshold, or ``model`` is not the model
-            the monitor was fitted for.
+            the monitor was fitted for (a model whose lazy modules have not been
+            initialised among them).
 
     Examples:
         >>> import shutil, tempfile, torch, brittle
@@ -51,6 +54,18 @@ def load(path: str | Path, model: nn.Module) -> Monitor:
     if not isinstance(model, nn.Module):
         # Checked first: Monitor's own TypeError would be read below as a damaged file.
         raise TypeError(f"model must be a torch.nn.Module. Got {type(model).__name__}.")
+    # A lazy module's weights do not exist before its first batch (or a load of its
+    # weights): it is no trained model yet, and nothing about it can be compared.
+    lazy = next(
+        (name for name, t in chain(model.named_parameters(), model.named_buffers()) if is_lazy(t)),
+        None,
+    )
+    if lazy is not None:
+        raise ValueError(
+            f"the model's {lazy!r} is not initialised yet (a lazy module), so it is not the "
+            "model the monitor was fitted for; load its weights (or run it on one batch) "
+            "before brittle.load."
+        )
     payload = read(path)
     try:
         monitor = Monitor.from_state(model, payload["state"])

@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -438,6 +439,33 @@ def test_image_folder_refuses_16_bit_images(tmp_path: Path) -> None:
         load_data(str(tmp_path))
 
 
+def test_image_folder_of_mixed_sizes_stops_at_the_first_other_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before, every image was decoded and kept at its own size before the sizes were
+    # compared: an ImageNet folder given without --image-size (50,000 images of their
+    # own sizes, some 80 GB as floats) ran out of memory instead of saying so.
+    from PIL import Image
+
+    from brittle.check import sources
+
+    (tmp_path / "a").mkdir()
+    for name, side in (("0.png", 8), ("1.png", 9), ("2.png", 8), ("3.png", 8)):
+        Image.fromarray(np.zeros((side, side), dtype=np.uint8)).save(tmp_path / "a" / name)
+    read: list[str] = []
+    original = sources._rgb_image
+
+    def counting(file: str) -> Any:
+        read.append(Path(file).name)
+        return original(file)
+
+    monkeypatch.setattr(sources, "_rgb_image", counting)
+    with pytest.raises(UsageError, match=r"--image-size: .*0\.png.* 8x8.*1\.png.* 9x9"):
+        load_data(str(tmp_path))
+    assert read == ["0.png", "1.png"]
+    assert tuple(load_data(str(tmp_path), image_size=8).x.shape) == (4, 3, 8, 8)
+
+
 def _robustbench_checkpoint(model_dir: Path) -> nn.Module:
     from brittle.compat import import_robustbench
 
@@ -532,6 +560,64 @@ def test_robustbench_files_are_all_checked_and_nothing_is_downloaded(
         assert stderr.startswith(f"brittle-check: error: {option}:") and needle in stderr, stderr
         assert stderr.count("\n") == 1
     assert downloads == []
+
+
+class _Payload:
+    """A pickled object that, unpickled, writes ``marker``: code hidden in a checkpoint."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        return (Path.write_text, (self.marker, "ran"))
+
+
+def test_robustbench_checkpoint_with_pickled_code_is_refused_not_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # RobustBench loads its checkpoints with torch.load and no weights_only, which is
+    # PyTorch's weights-only default only until TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD is set
+    # (the usual advice for old checkpoints): the pickled code in the file then ran.
+    marker = tmp_path / "marker"
+    path = tmp_path / "models" / "cifar10" / "Linf" / "Wong2020Fast.pt"
+    path.parent.mkdir(parents=True)
+    torch.save({"state_dict": {"conv1.weight": _Payload(marker)}}, path)
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    argv = ["--model", "robustbench:Wong2020Fast", "--model-dir", tmp_path / "models"]
+    code, _, stderr = run_main([*argv, "--data", "digits", "--out", tmp_path / "out"])
+    assert not marker.exists()
+    assert code == 2 and stderr.count("\n") == 1, stderr
+    assert stderr.startswith("brittle-check: error: --model:") and "weights only" in stderr
+    assert "Wong2020Fast.pt" in stderr
+    assert os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] == "1"  # the user's setting is kept
+    assert "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ
+
+
+@pytest.mark.parametrize("placeholder", [False, True])
+def test_robustbench_model_with_weights_from_elsewhere_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, placeholder: bool
+) -> None:
+    # RobustBench builds ImageNet's Standard_R50 with torchvision's pretrained weights,
+    # read from the torch hub cache (downloaded when missing) and never from --model-dir.
+    # Before, --model-dir had to hold a Standard_R50.pt that nothing read (without it the
+    # advice was to download a file RobustBench never writes), and with one the hub
+    # cache's file was loaded, pickled code and all, or fetched from the internet.
+    marker = tmp_path / "marker"
+    checkpoints = tmp_path / "torch_home" / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    torch.save({"fc.weight": _Payload(marker)}, checkpoints / "resnet50-0676ba61.pth")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    folder = tmp_path / "models" / "imagenet" / "Linf"
+    folder.mkdir(parents=True)
+    if placeholder:
+        (folder / "Standard_R50.pt").write_bytes(b"")
+    argv = ["--model", "robustbench:Standard_R50", "--dataset", "imagenet"]
+    argv += ["--model-dir", tmp_path / "models", "--data", "digits", "--out", tmp_path / "out"]
+    code, _, stderr = run_main(argv)
+    assert not marker.exists()
+    assert code == 2 and stderr.count("\n") == 1, stderr
+    assert stderr.startswith("brittle-check: error: --model:"), stderr
+    assert "not from --model-dir" in stderr and "file.py:factory" in stderr, stderr
 
 
 def test_cifar_files_missing_or_damaged_are_not_downloaded(
@@ -661,6 +747,22 @@ def test_a_seed_torch_cannot_take_is_a_usage_error(tmp_path: Path) -> None:
     assert stderr.startswith("brittle-check: error: --seed: expected an integer in [0, 2**64)")
     code, _, stderr = run_main([*argv, "--seed", str(2**64 - 1), "--out", tmp_path / "o"])
     assert code == 0, stderr
+
+
+def test_model_specs_in_folders_whose_names_hold_an_at_sign(tmp_path: Path) -> None:
+    # Before, the first "@" always split MONITOR.pt@SPEC: a factory in a folder such
+    # as Jenkins' "job@2" workspace was read as the monitor file "job".
+    folder = tmp_path / "job@2"
+    folder.mkdir()
+    (folder / "models.py").write_text("from brittle.digits import digits_cnn as build\n")
+    source = load_model(f"{folder / 'models.py'}:build")
+    assert source.monitor_path is None and type(source.model).__name__ == "Sequential"
+    (folder / "monitor.pt").write_bytes(b"")
+    spec = f"{folder / 'monitor.pt'}@{folder / 'models.py'}:build"
+    source = load_model(spec)
+    assert source.monitor_path == folder / "monitor.pt" and source.spec == spec
+    with pytest.raises(UsageError, match=r"no saved monitor at .*missing\.pt"):
+        load_model(f"{folder / 'missing.pt'}@brittle.digits:digits_cnn")
 
 
 def test_a_saved_monitor_refuses_an_eps_or_norm_it_would_ignore(tmp_path: Path) -> None:
@@ -804,6 +906,48 @@ def test_help_explains_every_option() -> None:
     text = " ".join(result.stdout.split())
     assert "cache directory" not in text and "weights ship with brittle" in text
     assert "ONNX graph (input -> logits, pred, margin, flag)" in text
+
+
+def test_a_factory_whose_weights_do_not_load_says_which(tmp_path: Path) -> None:
+    # PyTorch's load_state_dict error puts what is wrong on the lines after its first,
+    # "Error(s) in loading state_dict for Net:"; the command printed that line alone.
+    source = textwrap.dedent(
+        """
+        import torch
+        from torch import nn
+
+        def net():
+            return nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+
+        def wrong_shape():
+            state = net().state_dict()
+            state["3.weight"] = torch.zeros(5, 16)
+            model = net()
+            model.load_state_dict(state)
+            return model
+
+        def data_parallel():
+            state = {f"module.{k}": v for k, v in net().state_dict().items()}
+            model = net()
+            model.load_state_dict(state)
+            return model
+        """
+    )
+    (tmp_path / "models.py").write_text(source)
+    expected = {
+        "wrong_shape": ["size mismatch for 3.weight", "[5, 16]", "[10, 16]"],
+        "data_parallel": [
+            'Missing key(s) in state_dict: "1.weight", "1.bias", "3.weight" and 1 more',
+            'Unexpected key(s) in state_dict: "module.1.weight"',
+        ],
+    }
+    for factory, needles in expected.items():
+        argv = ["--model", f"{tmp_path / 'models.py'}:{factory}", "--data", "digits"]
+        code, _, stderr = run_main([*argv, "--out", tmp_path / "out"])
+        assert code == 2 and stderr.count("\n") == 1, stderr
+        assert stderr.startswith("brittle-check: error: --model:"), stderr
+        for needle in needles:
+            assert needle in stderr, stderr
 
 
 def test_setup_errors_exit_2_before_any_work(model_file: Path, tmp_path: Path) -> None:

@@ -585,6 +585,25 @@ def test_load_moves_the_monitor_onto_the_models_device_but_not_the_model(tmp_pat
     assert torch.equal(loaded(x).flag, monitor(x).flag)
 
 
+def test_a_model_with_uninitialised_lazy_modules_is_refused_as_another_model(tmp_path) -> None:
+    # Before, brittle.load raised PyTorch's RuntimeError "Can't access the shape of an
+    # uninitialized parameter", not the ValueError it documents for another model.
+    def lazy() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.LazyLinear(8), nn.ReLU(), nn.LazyLinear(3)).eval()
+
+    x = torch.rand(5, 6)
+    model = lazy()
+    monitor = brittle.wrap(model, example_input=x)  # its first batch initialises the model
+    monitor.set_threshold(0.25)
+    path = monitor.save(tmp_path / "monitor.pt")
+    with pytest.raises(ValueError, match=r"'0\.weight' is not initialised.*lazy"):
+        brittle.load(path, lazy())
+    fresh = lazy()
+    fresh.load_state_dict(model.state_dict())  # loading its weights initialises it
+    assert torch.equal(brittle.load(path, fresh)(x).flag, monitor(x).flag)
+
+
 class _RecordsPrecision(nn.Module):
     """A linear model that records the float32 precision its matrix products ran at."""
 

@@ -10,7 +10,11 @@ from __future__ import annotations
 import difflib
 import importlib
 import importlib.util
+import os
+import pickle
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,7 +79,23 @@ def _first_line(err: BaseException) -> str:
             "does not know); keep that under if __name__ == '__main__':"
         )
     text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
+    first = text[0] if text else ""
+    if first.startswith("Error(s) in loading state_dict"):
+        # What is wrong is on the lines after: missing and unexpected keys, shapes.
+        problems = [_shorter_key_list(line.strip()) for line in text[1:] if line.strip()]
+        if problems:
+            first = f"{first.rstrip(':')}: {'; '.join(problems[:3])}"
+    return f"{type(err).__name__}: {first}".rstrip(": ")
+
+
+def _shorter_key_list(line: str, keep: int = 3) -> str:
+    """``Missing key(s) in state_dict: "a", "b", ...`` with its first ``keep`` keys named."""
+    head, colon, keys = line.partition(": ")
+    if not head.endswith("key(s) in state_dict") or not colon:
+        return line
+    names = keys.rstrip(". ").split(", ")
+    more = f" and {len(names) - keep} more" if len(names) > keep else ""
+    return f"{head}: {', '.join(names[:keep])}{more}"
 
 
 # ------------------------------------------------------------------- models
@@ -106,8 +126,9 @@ def load_model(
 
     """
     spec = spec.strip()
-    if "@" in spec:
-        monitor_text, _, model_spec = spec.partition("@")
+    split = _monitor_split(spec)
+    if split is not None:
+        monitor_text, model_spec = split
         monitor_path = Path(monitor_text)
         if not monitor_path.is_file():
             raise UsageError("--model", f"no saved monitor at {monitor_text!r} (in {spec!r})")
@@ -134,6 +155,27 @@ def load_model(
             f"weights, so give its model too: --model {spec}@MODEL_SPEC",
         )
     raise UsageError("--model", f"unknown model spec {spec!r}; expected {MODEL_FORMS}")
+
+
+def _monitor_split(spec: str) -> tuple[str, str] | None:
+    """``(MONITOR, SPEC)`` of ``MONITOR.pt@SPEC``; ``None`` for a spec without a monitor.
+
+    A folder's name may hold an "@" too (Jenkins' ``job@2`` workspaces): the split is
+    at the "@" after an existing file; a spec naming an existing ``file.py`` whole is no
+    split; else the split is at the first "@" after a name with a suffix (the monitor
+    file that is missing), or at the first "@".
+    """
+    at = [i for i, char in enumerate(spec) if char == "@"]
+    if not at:
+        return None
+    splits = [(spec[:i], spec[i + 1 :]) for i in at]
+    found = next((pair for pair in splits if Path(pair[0]).is_file()), None)
+    if found is not None:
+        return found
+    where = spec.rpartition(":")[0]
+    if where and _looks_like_file(where) and Path(where).is_file():
+        return None
+    return next((pair for pair in splits if Path(pair[0]).suffix), splits[0])
 
 
 def _looks_like_file(where: str) -> bool:
@@ -190,6 +232,31 @@ def _call_factory(module: Any, where: str, factory: str) -> nn.Module:
     return model
 
 
+@contextmanager
+def _weights_only() -> Iterator[None]:
+    """Every ``torch.load`` inside the block loads weights only, whatever its caller asked.
+
+    RobustBench (and torchvision's ``load_state_dict_from_url``, which RobustBench's
+    models call) load checkpoints without ``weights_only=True``: PyTorch's default
+    is weights-only, but ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` (the usual advice for
+    old checkpoints) turns it off, and ``load_state_dict_from_url`` asks for the
+    full unpickler itself. A checkpoint's pickled objects would then run their code.
+    ``TORCH_FORCE_WEIGHTS_ONLY_LOAD`` overrides both; the environment is put back after.
+    """
+    names = ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
+    saved = {name: os.environ.get(name) for name in names}
+    os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def _robustbench_model(name: str, dataset: str, threat_model: str, model_dir: Path) -> nn.Module:
     from brittle.compat import import_robustbench
 
@@ -218,9 +285,18 @@ def _robustbench_model(name: str, dataset: str, threat_model: str, model_dir: Pa
             f"instead, for example with timm.create_model({timm_name!r}, "
             "checkpoint_path=LOCAL_WEIGHTS)",
         )
+    parts = known[name].get("gdrive_id")
+    if not parts:
+        # No checkpoint of its own (ImageNet's Standard_R50): RobustBench builds it with
+        # pretrained weights it reads from the torch hub cache, downloading them when missing.
+        raise UsageError(
+            "--model",
+            f"RobustBench builds {name!r} with pretrained weights it downloads itself, not "
+            "from --model-dir, and nothing is downloaded here; build it in a file.py:factory "
+            "instead, loading local weights with torch.load(LOCAL_WEIGHTS, weights_only=True)",
+        )
     folder = Path(model_dir) / ds.value / tm.value
     single = folder / f"{name}.pt"
-    parts = known[name].get("gdrive_id")
     # An ensemble is stored as one file per member: NAME.pt_m0.pt, NAME.pt_m1.pt, ...
     files = (
         [single]
@@ -239,7 +315,16 @@ def _robustbench_model(name: str, dataset: str, threat_model: str, model_dir: Pa
             "access, or point --model-dir at the directory holding it",
         )
     try:
-        model = rb.utils.load_model(name, model_dir=str(model_dir), dataset=ds, threat_model=tm)
+        with _weights_only():
+            model = rb.utils.load_model(name, model_dir=str(model_dir), dataset=ds, threat_model=tm)
+    except pickle.UnpicklingError:
+        where = repr(str(single)) if len(files) == 1 else f"{name}.pt_m*.pt in {str(folder)!r}"
+        raise UsageError(
+            "--model",
+            f"RobustBench could not load {where}: it holds more than weights (pickled "
+            "objects, whose code would run when loaded), and brittle loads weights only; "
+            "save the checkpoint's state_dict alone (tensors) and load that",
+        ) from None
     except Exception as err:
         raise UsageError(
             "--model", f"RobustBench could not load {str(single)!r}: {_first_line(err)}"
@@ -402,6 +487,11 @@ def _rgb_image(file: str) -> Any:
         return image.convert("RGB")
 
 
+def _size(image: Tensor) -> str:
+    """``"HxW"`` of a ``(C, H, W)`` image."""
+    return f"{image.shape[1]}x{image.shape[2]}"
+
+
 def _image_folder(path: Path, spec: str, image_size: int | None) -> DataSource:
     from torchvision import datasets, transforms
 
@@ -411,21 +501,23 @@ def _image_folder(path: Path, spec: str, image_size: int | None) -> DataSource:
         folder = datasets.ImageFolder(str(path), transform=transform, loader=_rgb_image)
     except (FileNotFoundError, RuntimeError) as err:
         raise UsageError("--data", f"{spec!r} is not an ImageFolder: {_first_line(err)}") from None
-    images, labels = [], []
+    images: list[Tensor] = []
+    labels: list[int] = []
     for index in range(len(folder)):
+        file = folder.samples[index][0]
         try:
             image, label = folder[index]
         except Exception as err:
-            file = folder.samples[index][0]
             raise UsageError("--data", f"cannot read image {file!r}: {_first_line(err)}") from None
+        # Compared as they come: a folder of many sizes (ImageNet's) would not fit in memory.
+        if images and image.shape != images[0].shape:
+            raise UsageError(
+                "--image-size",
+                f"images in {spec!r} have different sizes: {folder.samples[0][0]!r} is "
+                f"{_size(images[0])}, {file!r} is {_size(image)}; pass --image-size to resize",
+            )
         images.append(image)
         labels.append(label)
-    shapes = sorted({tuple(image.shape) for image in images})
-    if len(shapes) > 1:
-        raise UsageError(
-            "--image-size",
-            f"images in {spec!r} have different sizes {shapes[:3]}; pass --image-size to resize",
-        )
     x = torch.stack(images)
     _check_range(x, spec)
     return DataSource(x, torch.tensor(labels, dtype=torch.long), spec)
