@@ -34,7 +34,12 @@ from brittle.scores.head import (
     resolve_head,
     same_values,
 )
-from brittle.scores.margins import feature_margin, logit_margin, pair_norm_table
+from brittle.scores.margins import (
+    feature_margin,
+    has_distinct_rows,
+    logit_margin,
+    pair_norm_table,
+)
 from brittle.scores.norms import Norm, check_eps, check_norm
 from brittle.scores.pseudo import HIDDEN, PseudoMargin
 from brittle.state_dicts import (
@@ -178,6 +183,9 @@ class Monitor(nn.Module):
         # (weight.data = ...) or a new weight makes the table stale, and the next eager
         # call recomputes it.
         self._table_stamp: _Stamp | None = None
+        # Whether the stored table has no two equal weight rows: the feature margin
+        # then skips the step that makes such a class unreachable.
+        self._distinct_rows = False
         # The accepted input values (low, high) from fit(): the holdout's range with a
         # tolerance. NaN until fitted; samples outside are rejected like NaN ones.
         self.register_buffer("domain", torch.full((2,), math.nan, device=device))
@@ -212,6 +220,7 @@ class Monitor(nn.Module):
         k = head.out_features
         if k * k * head.weight.element_size() <= TABLE_LIMIT_BYTES:
             self.pair_norms = pair_norm_table(head.weight, self.norm)
+            self._distinct_rows = has_distinct_rows(self.pair_norms)
         else:
             self.pair_norms = head.weight.new_empty(0, 0)
         self._table_stamp = _stamp(head)
@@ -242,6 +251,7 @@ class Monitor(nn.Module):
         if inference or _changed(head, self._table_stamp):
             table = pair_norm_table(weight, self.norm)
             self.pair_norms = table.to(self.pair_norms)
+            self._distinct_rows = has_distinct_rows(self.pair_norms)
             self._table_stamp = _stamp(head)
         return self.pair_norms
 
@@ -458,7 +468,14 @@ class Monitor(nn.Module):
                 )
             table = self._pair_norm_table(head)
             output = run.logits if self.head_exact else self._captured(run).output
-            return feature_margin(output, head.weight, self.norm, table)  # type: ignore[arg-type]
+            distinct = table is self.pair_norms and self._distinct_rows  # the stored table's
+            return feature_margin(
+                output,  # type: ignore[arg-type]
+                head.weight,
+                self.norm,
+                table,
+                distinct_rows=distinct,
+            )
         if self.pseudo is None:
             raise NotFittedError(
                 "score='pseudo' needs a trained pseudo-margin network: "
@@ -793,6 +810,7 @@ class Monitor(nn.Module):
         "input_shape",
         "pair_norms",
         "_table_stamp",
+        "_distinct_rows",
     )
 
     def _discovery(self) -> tuple[Any, ...]:
@@ -1247,7 +1265,7 @@ def _weight_sources(head: nn.Linear) -> list[Tensor]:
     ``spectral_norm``, ``orthogonal``) is a new tensor at each access, computed from
     the parametrization's parameters and buffers: those say whether it changed.
     """
-    if parametrize.is_parametrized(head, "weight"):
+    if "parametrizations" in head._modules and parametrize.is_parametrized(head, "weight"):
         chain = head.get_submodule("parametrizations.weight")
         return [*chain.parameters(), *chain.buffers()]
     return [head.weight]
@@ -1273,6 +1291,10 @@ def _changed(head: nn.Linear, stamp: _Stamp | None) -> bool:
     Changed in place (a version counter) or given new data (``weight.data = ...``).
     """
     sources = _weight_sources(head)
+    if stamp is not None and len(sources) == len(stamp) == 1:  # a plain weight: the common case
+        (weight,), ((then, version, data),) = sources, stamp
+        if weight is then and weight._version == version:  # stamped: not an inference tensor
+            return not _same_data(weight, data)
     inference = any(torch.is_inference(t) for t in sources)  # stamped None: no counter
     if inference or stamp is None:
         return not (inference and stamp is None)

@@ -8,7 +8,9 @@ import math
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
+import brittle
 import brittle.functional as BF
 
 NORMS = {"Linf": 1, "L2": 2, "L1": math.inf}  # threat model -> dual order of the weights
@@ -117,6 +119,26 @@ def test_a_class_of_an_identical_weight_row_is_never_the_nearest(
     assert float(BF.feature_margin(logits[:, :2], two, "L2", pair)) == math.inf
     tie = torch.tensor([[3.0, 3.0]], dtype=dtype)
     assert float(BF.feature_margin(tie, two, "L2", pair)) == 0.0
+
+
+def test_the_monitor_skips_the_identical_row_step_only_for_distinct_rows() -> None:
+    # The monitor tells feature_margin when its table has no two equal rows, which
+    # skips three operations per call; a head with equal rows must still get inf.
+    torch.manual_seed(0)
+    head = nn.Linear(2, 2)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[1.0, 0.0], [1.0, 0.0]]))
+        head.bias.copy_(torch.tensor([0.0, -1e-3]))  # class 1 never wins
+    x = torch.rand(4, 2)
+    monitor = brittle.wrap(head, score="feature", norm="L2", example_input=x)
+    assert torch.equal(monitor(x).margin, torch.full((4,), math.inf))
+    with torch.no_grad():  # rows made distinct: the table is rebuilt and the step skipped
+        head.weight[1, 1] = 0.5
+    want = BF.feature_margin(head(x).detach(), head.weight, "L2")
+    assert torch.equal(monitor(x).margin, want)
+    assert torch.equal(
+        BF.feature_margin(head(x).detach(), head.weight, "L2", distinct_rows=True), want
+    )
 
 
 def test_nan_logits_give_nan_margins() -> None:

@@ -13,7 +13,13 @@ from torch import Tensor
 
 from brittle.scores.norms import Norm, dual_order
 
-__all__ = ["logit_margin", "feature_margin", "pair_norm_table", "pair_norm_rows"]
+__all__ = [
+    "logit_margin",
+    "feature_margin",
+    "pair_norm_table",
+    "pair_norm_rows",
+    "has_distinct_rows",
+]
 
 
 def _smallest_norm(dtype: torch.dtype) -> float:
@@ -83,6 +89,20 @@ def pair_norm_table(weight: Tensor, norm: Norm = "Linf") -> Tensor:
     return table.to(weight.dtype)
 
 
+def has_distinct_rows(pair_norms: Tensor) -> bool:
+    """Whether a ``pair_norm_table`` has no zero off its diagonal: no two rows are equal.
+
+    Examples:
+        >>> import torch
+        >>> from brittle.scores.margins import has_distinct_rows, pair_norm_table
+        >>> has_distinct_rows(pair_norm_table(torch.tensor([[0.0, 1.0], [1.0, 0.0]])))
+        True
+        >>> has_distinct_rows(pair_norm_table(torch.tensor([[1.0, 1.0], [1.0, 1.0]])))
+        False
+    """
+    return int((pair_norms == 0).sum()) == min(pair_norms.shape)
+
+
 def pair_norm_rows(weight: Tensor, classes: Tensor, norm: Norm = "Linf") -> Tensor:
     """Rows ``classes`` of ``pair_norm_table``, without building the whole table.
 
@@ -113,6 +133,8 @@ def feature_margin(
     weight: Tensor,
     norm: Norm = "Linf",
     pair_norms: Tensor | None = None,
+    *,
+    distinct_rows: bool = False,
 ) -> Tensor:
     """Exact distance in feature space to the nearest decision boundary of a linear head.
 
@@ -128,6 +150,10 @@ def feature_margin(
         norm: Threat-model norm; its dual measures the weight differences.
         pair_norms: Optional precomputed ``pair_norm_table`` of ``weight``.
             With it, the cost is one gather instead of a ``(B, K, d)`` reduction.
+        distinct_rows: Whether no two rows of ``weight`` are equal, as a caller
+            that built the table knows (``Monitor`` does). ``True`` skips the step
+            that makes a class whose row equals the predicted one's unreachable
+            (``inf``): three elementwise operations per call.
 
     Returns:
         ``(B,)`` non-negative margins (``inf`` when no other class can be reached).
@@ -154,8 +180,10 @@ def feature_margin(
     # Identical weight rows give 0/0 for a tie and gap/0 otherwise. The clamp keeps
     # the division (and its gradient) finite: a tie gives 0, and any other gap, which
     # no move of the features can close, is set to inf (gap/tiny is only 16384 times
-    # the gap in float16). A NaN logit still gives NaN.
+    # the gap in float16): gap > denom * max holds for those, and otherwise only where
+    # the ratio overflows to inf anyway. A NaN logit still gives NaN.
     ratio = gaps / denom.clamp_min(_smallest_norm(denom.dtype))
-    ratio = ratio.masked_fill((denom == 0) & (gaps > 0), math.inf)
+    if not distinct_rows:
+        ratio = ratio.masked_fill(gaps > denom * torch.finfo(denom.dtype).max, math.inf)
     ratio = ratio.scatter(1, pred[:, None], math.inf)
     return ratio.amin(dim=1)
