@@ -529,6 +529,9 @@ def test_pseudo_auto_splits_the_holdout_only_to_train_what_is_used(
         ("restarts", 1.0, r"restarts must be a positive integer\. Got 1\.0\."),
         ("seed", -1, r"seed must be a non-negative integer\. Got -1\."),
         ("seed", 1.5, r"seed must be a non-negative integer\. Got 1\.5\."),
+        # torch's generators take seeds below 2**64: a larger one passed, and fit
+        # failed in the pseudo-margin's generator once every attack was paid for.
+        ("seed", 2**64, r"seed must be below 2\*\*64.* Got 18446744073709551616\."),
     ],
 )
 def test_attack_settings_are_checked_before_any_attack(

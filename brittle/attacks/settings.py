@@ -61,3 +61,7 @@ class AttackSettings:
             what = "a non-negative integer" if minimum == 0 else ""
             value = positive_int(name, getattr(self, name), minimum=minimum, what=what)
             object.__setattr__(self, name, value)
+        if self.seed >= 2**64:  # torch.Generator().manual_seed refuses it, after the attacks
+            raise ValueError(
+                f"seed must be below 2**64 (torch's generators take no larger). Got {self.seed}."
+            )
