@@ -105,7 +105,7 @@ class Shard:
         return buffer.cpu()
 
     def total(self, values: list[float]) -> list[float]:
-        """The sums of ``values`` over the ranks (``values`` itself when not sharded)."""
+        """The sums of ``values`` over the ranks (a copy of ``values`` when not sharded)."""
         if not self.active:
             return list(values)
         buffer = torch.tensor(values, dtype=torch.float64)

@@ -227,7 +227,9 @@ class OnnxMonitor:
         self.num_classes: int | None = k if isinstance(k, int) else None
         self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
         self._check_metadata()
-        graph, bounds = _graph_checks(path)
+        # The onnx package parses the whole file: only when there is something to check.
+        checked = self.has_threshold or self.input_domain is not None
+        graph, bounds = _graph_checks(path) if checked else (None, None)
         if self.has_threshold and graph is not None and graph != self.threshold:
             raise ValueError(
                 f"{str(path)!r} flags at threshold {graph!r} in its graph, but its metadata "
