@@ -583,6 +583,9 @@ def test_robustbench_checkpoint_with_pickled_code_is_refused_not_run(
     path.parent.mkdir(parents=True)
     torch.save({"state_dict": {"conv1.weight": _Payload(marker)}}, path)
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    # Unset whatever the environment running the tests holds, so the last line can
+    # check the load's override is put back as it was (absent).
+    monkeypatch.delenv("TORCH_FORCE_WEIGHTS_ONLY_LOAD", raising=False)
     argv = ["--model", "robustbench:Wong2020Fast", "--model-dir", tmp_path / "models"]
     code, _, stderr = run_main([*argv, "--data", "digits", "--out", tmp_path / "out"])
     assert not marker.exists()
