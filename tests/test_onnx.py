@@ -424,6 +424,29 @@ def test_a_logit_monitor_exports_whatever_its_named_head_gives(tmp_path: Path) -
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_a_class_of_an_identical_row_is_unreachable_in_every_dtype(
+    tmp_path: Path, dtype: torch.dtype
+) -> None:
+    # Class 1's row equals class 0's and its bias is lower: it can never win, and the
+    # margin is to class 2 alone (a two-class head of such rows: inf). The step that
+    # says so compares the gap with norm * finfo(dtype).max; a float64 export held that
+    # Python scalar as a float32 constant, inf, and 0 * inf = NaN skipped the step.
+    head = nn.Linear(8, 2).to(dtype)
+    with torch.no_grad():
+        head.weight[1] = head.weight[0]
+        head.bias[0], head.bias[1] = 1.0, 0.0
+    monitor = brittle.wrap(head, score="feature", norm="L2")
+    monitor.set_threshold(0.5)
+    x = torch.randn(4, 8).to(dtype)
+    served = brittle.OnnxMonitor(monitor.export_onnx(tmp_path / "m.onnx", x[:2]), providers=CPU)
+    with torch.no_grad():
+        assert torch.isinf(monitor(x).margin).all()
+    got = served(x.numpy())
+    np.testing.assert_array_equal(got.margin, np.full(4, np.inf, dtype=got.margin.dtype))
+    assert not got.flag.any() and (got.pred == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
 def test_an_exact_tie_of_identical_head_rows_has_margin_zero_in_every_dtype(
     tmp_path: Path, dtype: torch.dtype
 ) -> None:

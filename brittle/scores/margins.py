@@ -39,6 +39,22 @@ def _smallest_norm(dtype: torch.dtype) -> float:
     return max(torch.finfo(dtype).tiny, torch.finfo(torch.float32).tiny)
 
 
+def _largest_scale(dtype: torch.dtype) -> float:
+    """The factor past which ``gap / norm`` overflows: at most float32's largest number.
+
+    The ONNX exporter holds a Python scalar as a float32 constant: float64's largest
+    (1.8e308) became inf there, and ``0 * inf`` is NaN, which skipped the step that
+    makes a class of an identical weight row unreachable in a float64 graph.
+
+    Examples:
+        >>> _largest_scale(torch.float64) == torch.finfo(torch.float32).max
+        True
+        >>> _largest_scale(torch.float16) == torch.finfo(torch.float16).max
+        True
+    """
+    return min(torch.finfo(dtype).max, torch.finfo(torch.float32).max)
+
+
 def _check_logits(logits: Tensor) -> None:
     if logits.dim() != 2:
         raise ValueError(f"logits must have shape (batch, classes). Got {tuple(logits.shape)}.")
@@ -181,9 +197,9 @@ def feature_margin(
     # the division (and its gradient) finite: a tie gives 0, and any other gap, which
     # no move of the features can close, is set to inf (gap/tiny is only 16384 times
     # the gap in float16): gap > denom * max holds for those, and otherwise only where
-    # the ratio overflows to inf anyway. A NaN logit still gives NaN.
+    # the ratio is beyond float32's range. A NaN logit still gives NaN.
     ratio = gaps / denom.clamp_min(_smallest_norm(denom.dtype))
     if not distinct_rows:
-        ratio = ratio.masked_fill(gaps > denom * torch.finfo(denom.dtype).max, math.inf)
+        ratio = ratio.masked_fill(gaps > denom * _largest_scale(denom.dtype), math.inf)
     ratio = ratio.scatter(1, pred[:, None], math.inf)
     return ratio.amin(dim=1)
