@@ -178,7 +178,8 @@ class Monitor(nn.Module):
         self.register_buffer("threshold", torch.tensor(math.nan, device=device))
         self.register_buffer("fitted", torch.tensor(False, device=device))
         self.register_buffer("pair_norms", torch.empty(0, 0, device=device))
-        # The head weight the table was computed from, its version counter and data: an
+        # The tensors the head weight was made of when the table was computed (the
+        # weight, or its parametrization's), their version counters and data: an
         # in-place change (an optimizer step, model.load_state_dict), new data
         # (weight.data = ...) or a new weight makes the table stale, and the next eager
         # call recomputes it.
