@@ -22,37 +22,27 @@ __all__ = [
 ]
 
 
-def _smallest_norm(dtype: torch.dtype) -> float:
-    """The least pair norm ``feature_margin`` divides by: a normal number of ``dtype``.
+def _exportable_range(dtype: torch.dtype) -> tuple[float, float]:
+    """``dtype``'s smallest normal and largest numbers, within float32's.
 
-    At least float32's smallest normal number: the ONNX exporter holds a Python
-    scalar as a float32 constant, and float64's (2.2e-308) became 0 there, so a
-    tie of identical weight rows gave 0/0 = NaN in a float64 graph, which
-    onnxruntime's ``ReduceMin`` skips: the margin to another class instead of 0.
-
-    Examples:
-        >>> _smallest_norm(torch.float64) == torch.finfo(torch.float32).tiny
-        True
-        >>> _smallest_norm(torch.float16) == torch.finfo(torch.float16).tiny
-        True
-    """
-    return max(torch.finfo(dtype).tiny, torch.finfo(torch.float32).tiny)
-
-
-def _largest_scale(dtype: torch.dtype) -> float:
-    """The factor past which ``gap / norm`` overflows: at most float32's largest number.
-
-    The ONNX exporter holds a Python scalar as a float32 constant: float64's largest
-    (1.8e308) became inf there, and ``0 * inf`` is NaN, which skipped the step that
-    makes a class of an identical weight row unreachable in a float64 graph.
+    ``feature_margin`` divides by pair norms of at least the first and compares
+    gaps with norms times the second. The ONNX exporter holds a Python scalar as a
+    float32 constant: float64's smallest normal (2.2e-308) became 0 there, so a
+    tie of identical weight rows gave 0/0 = NaN, which onnxruntime's ``ReduceMin``
+    skips (the margin to another class instead of 0); and float64's largest
+    (1.8e308) became inf, and ``0 * inf`` = NaN skipped the step that makes a
+    class of an identical row unreachable.
 
     Examples:
-        >>> _largest_scale(torch.float64) == torch.finfo(torch.float32).max
+        >>> f32 = torch.finfo(torch.float32)
+        >>> _exportable_range(torch.float64) == (f32.tiny, f32.max)
         True
-        >>> _largest_scale(torch.float16) == torch.finfo(torch.float16).max
+        >>> f16 = torch.finfo(torch.float16)
+        >>> _exportable_range(torch.float16) == (f16.tiny, f16.max)
         True
     """
-    return min(torch.finfo(dtype).max, torch.finfo(torch.float32).max)
+    own, f32 = torch.finfo(dtype), torch.finfo(torch.float32)
+    return max(own.tiny, f32.tiny), min(own.max, f32.max)
 
 
 def _check_logits(logits: Tensor) -> None:
@@ -198,8 +188,9 @@ def feature_margin(
     # no move of the features can close, is set to inf (gap/tiny is only 16384 times
     # the gap in float16): gap > denom * max holds for those, and otherwise only where
     # the ratio is beyond float32's range. A NaN logit still gives NaN.
-    ratio = gaps / denom.clamp_min(_smallest_norm(denom.dtype))
+    smallest, largest = _exportable_range(denom.dtype)
+    ratio = gaps / denom.clamp_min(smallest)
     if not distinct_rows:
-        ratio = ratio.masked_fill(gaps > denom * _largest_scale(denom.dtype), math.inf)
+        ratio = ratio.masked_fill(gaps > denom * largest, math.inf)
     ratio = ratio.scatter(1, pred[:, None], math.inf)
     return ratio.amin(dim=1)
