@@ -423,22 +423,34 @@ def test_a_logit_monitor_exports_whatever_its_named_head_gives(tmp_path: Path) -
         feature.export_onnx(tmp_path / "f.onnx", x)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
-def test_a_class_of_an_identical_row_is_unreachable_in_every_dtype(
-    tmp_path: Path, dtype: torch.dtype
-) -> None:
-    # Class 1's row equals class 0's and its bias is lower: it can never win, and the
-    # margin is to class 2 alone (a two-class head of such rows: inf). The step that
-    # says so compares the gap with norm * finfo(dtype).max; a float64 export held that
-    # Python scalar as a float32 constant, inf, and 0 * inf = NaN skipped the step.
-    head = nn.Linear(8, 2).to(dtype)
+def _identical_rows_served(
+    tmp_path: Path, dtype: torch.dtype, bias: list[float]
+) -> tuple[brittle.Monitor, brittle.OnnxMonitor, torch.Tensor]:
+    """A feature-margin monitor of a linear head whose rows 0 and 1 are equal, exported.
+
+    The head has one class per bias; the monitor flags at 0.5. Returns the monitor,
+    its ONNX file served by onnxruntime, and four inputs.
+    """
+    head = nn.Linear(8, len(bias)).to(dtype)
     with torch.no_grad():
         head.weight[1] = head.weight[0]
-        head.bias[0], head.bias[1] = 1.0, 0.0
+        head.bias.copy_(torch.tensor(bias))
     monitor = brittle.wrap(head, score="feature", norm="L2")
     monitor.set_threshold(0.5)
     x = torch.randn(4, 8).to(dtype)
     served = brittle.OnnxMonitor(monitor.export_onnx(tmp_path / "m.onnx", x[:2]), providers=CPU)
+    return monitor, served, x
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_a_class_of_an_identical_row_is_unreachable_in_every_dtype(
+    tmp_path: Path, dtype: torch.dtype
+) -> None:
+    # Class 1's row equals class 0's and its bias is lower: it can never win, so the
+    # margin of this two-class head is inf. The step that says so compares the gap
+    # with norm * finfo(dtype).max; a float64 export held that Python scalar as a
+    # float32 constant, inf, and 0 * inf = NaN skipped the step.
+    monitor, served, x = _identical_rows_served(tmp_path, dtype, [1.0, 0.0])
     with torch.no_grad():
         assert torch.isinf(monitor(x).margin).all()
     got = served(x.numpy())
@@ -455,15 +467,7 @@ def test_an_exact_tie_of_identical_head_rows_has_margin_zero_in_every_dtype(
     # divides by the pair norm clamped to finfo(dtype).tiny; a float64 export held that
     # constant as a float32 scalar, 0, so 0/0 gave NaN, which onnxruntime's ReduceMin
     # skips: the graph reported the margin to class 2 (about 140) and no flag.
-    head = nn.Linear(8, 3).to(dtype)
-    with torch.no_grad():
-        head.weight[1] = head.weight[0]
-        head.bias[:2] = 100.0
-        head.bias[2] = 0.0
-    monitor = brittle.wrap(head, score="feature", norm="L2")
-    monitor.set_threshold(0.5)
-    x = torch.randn(4, 8).to(dtype)
-    served = brittle.OnnxMonitor(monitor.export_onnx(tmp_path / "m.onnx", x[:2]), providers=CPU)
+    monitor, served, x = _identical_rows_served(tmp_path, dtype, [100.0, 100.0, 0.0])
     with torch.no_grad():
         expected = monitor(x)
     got = served(x.numpy())
