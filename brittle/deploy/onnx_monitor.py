@@ -104,24 +104,28 @@ def _graph_checks(path: Path) -> tuple[float | None, tuple[np.ndarray, np.ndarra
     except Exception:  # onnxruntime read it: a file the onnx package cannot is left unchecked
         return None, None
     constants = {i.name: i for i in model.graph.initializer}
-    threshold = None
-    if _THRESHOLD_CONSTANT in constants:
+
+    def constant(name: str) -> np.ndarray | None:
+        """The first value of the constant ``name``; ``None`` without one (or outside the file)."""
+        if name not in constants:
+            return None
         try:
-            threshold = float(numpy_helper.to_array(constants[_THRESHOLD_CONSTANT]).reshape(-1)[0])
+            return numpy_helper.to_array(constants[name]).reshape(-1)[:1]
         except Exception:  # stored outside the file (external data): not read here
-            threshold = None
+            return None
+
+    found = constant(_THRESHOLD_CONSTANT)
+    threshold = None if found is None or not found.size else float(found[0])
     clips = [
         n
         for n in model.graph.node
         if n.op_type == "Clip" and n.input[:1] == [INPUT_NAME] and len(n.input) == 3
     ]
     bounds = None
-    if len(clips) == 1 and all(name in constants for name in clips[0].input[1:]):
-        try:
-            low, high = (numpy_helper.to_array(constants[name]) for name in clips[0].input[1:])
-            bounds = (low.reshape(-1)[:1], high.reshape(-1)[:1])
-        except Exception:  # stored outside the file (external data): not read here
-            bounds = None
+    if len(clips) == 1:
+        low, high = (constant(name) for name in clips[0].input[1:])
+        if low is not None and high is not None:
+            bounds = (low, high)
     return threshold, bounds
 
 

@@ -238,9 +238,9 @@ def _tensor(
     return x, {o["name"]: o for o in outputs}
 
 
-def _flag(parameters: Any, key: str, default: bool) -> bool:
+def _flag(parameters: dict[str, Any], key: str, default: bool) -> bool:
     """The boolean ``parameters[key]`` (``default`` where absent); 400 for another value."""
-    if not isinstance(parameters, dict) or parameters.get(key) is None:
+    if parameters.get(key) is None:
         return default
     value = parameters[key]
     if not isinstance(value, bool):
@@ -253,13 +253,13 @@ def _binary_outputs(request: dict[str, Any], wanted: dict[str, Any] | None) -> s
 
     Each output's own ``binary_data`` decides, else the request's ``binary_data_output``.
     """
-    default = _flag(request.get("parameters"), "binary_data_output", False)
+    default = _flag(_parameters(request, "the request's"), "binary_data_output", False)
     names = OUTPUT_NAMES if wanted is None else tuple(wanted)
     specs = wanted or {}
     return {
         name
         for name in names
-        if _flag(specs.get(name, {}).get("parameters"), "binary_data", default)
+        if _flag(_parameters(specs.get(name, {}), "an output's"), "binary_data", default)
     }
 
 
