@@ -36,6 +36,7 @@ from torch import Tensor
 
 from brittle._modes import seeded
 from brittle.calibrate.metrics import kendall_tau
+from brittle.scores.finite import finite_rows
 from brittle.scores.pseudo import HIDDEN, QUANTILES, PseudoMargin
 
 __all__ = ["PseudoTraining", "train_pseudo_margin", "rank_targets", "MIN_TRAIN_SAMPLES"]
@@ -118,17 +119,12 @@ def _boundary_rows(
     if not feats.shape[0] == logits.shape[0] == margins.shape[0] == n:
         raise ValueError(f"boundary rows must describe the same {n} samples as the features.")
     feats, logits, margins = (t[train].flatten(0, 1) for t in (feats, logits, margins))
-    keep = ~margins.isnan() & _finite_rows(feats) & _finite_rows(logits)
+    keep = ~margins.isnan() & finite_rows(feats) & finite_rows(logits)
     return (
         feats[keep].to(device, torch.float32),
         logits[keep].to(device, torch.float32),
         margins[keep].to(device, torch.float32),
     )
-
-
-def _finite_rows(values: Tensor) -> Tensor:
-    """``(n,)`` whether each row of the ``(n, w)`` ``values`` is finite throughout."""
-    return values.isfinite().all(dim=1)
 
 
 def _scale(values: Tensor) -> Tensor:
@@ -262,11 +258,12 @@ def train_pseudo_margin(
             "not be judged."
         )
     for name, values in (("features", features), ("logits", logits)):
-        bad = int((~_finite_rows(values.detach())).sum())
+        bad = int((~finite_rows(values.detach())).sum())
         if bad:
             raise ValueError(
                 f"{name} must be finite. Got {bad} row{'s' if bad > 1 else ''} of {n} with "
-                "NaN or Inf: leave out the samples the model could not judge."
+                "NaN or Inf (or values too large to sum): leave out the samples the model "
+                "could not judge."
             )
     if loss not in _LOSSES:
         raise ValueError(f"loss must be one of {_LOSSES}. Got {loss!r}.")
