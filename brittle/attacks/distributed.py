@@ -98,20 +98,19 @@ class Shard:
         """
         full = torch.zeros((n, *values.shape[1:]), dtype=torch.float64)
         full[index.cpu()] = values.to(torch.float64).cpu()
-        if not self.active:
-            return full
-        buffer = full.to(self._device(full))
-        dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
-        return buffer.cpu()
+        return self._summed(full)
 
     def total(self, values: list[float]) -> list[float]:
         """The sums of ``values`` over the ranks (a copy of ``values`` when not sharded)."""
+        return self._summed(torch.tensor(values, dtype=torch.float64)).tolist()
+
+    def _summed(self, values: Tensor) -> Tensor:
+        """The CPU tensor ``values`` summed over the ranks (itself when not sharded)."""
         if not self.active:
-            return list(values)
-        buffer = torch.tensor(values, dtype=torch.float64)
-        buffer = buffer.to(self._device(buffer))
+            return values
+        buffer = values.to(self._device(values))
         dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
-        return buffer.cpu().tolist()
+        return buffer.cpu()
 
     def _agree(self, digest: list[float]) -> bool:
         """Whether every rank passed the same ``digest`` (one all-reduce of a few numbers)."""
